@@ -1,0 +1,153 @@
+"""AdamW in Triton: per-tensor coefficients, then one multi-tensor element-wise kernel.
+
+The math is ``adamw_math``; see ``wdopt/reference/adamw.py`` for the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import (
+    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, div, f64, f64_bits, launch,
+    lr_value, optional, sqrt, to_storage, table_value, tensor_pointer, unscale, work_item,
+)
+
+# Table columns (the element count is the last column, NCOL - 1).
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP = (tl.constexpr(i) for i in range(6))
+NCOL = tl.constexpr(7)
+# Per-tensor coefficients computed once per step, in fp64 (kernels round them once to the compute
+# dtype): decay factor, step size lr/(1−β1^t), sqrt(1−β2^t).
+NCOEF = tl.constexpr(3)
+ROWS_PER_PROGRAM = 128
+
+
+@triton.jit
+def adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
+               one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD: tl.constexpr, COMPUTE: tl.constexpr):
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        v_max = tl.maximum(v_max, v)
+        denom = div(sqrt(v_max, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+    else:
+        denom = div(sqrt(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+    p = p - step_size * div(m, denom, COMPUTE)
+    return p, m, v, v_max
+
+
+@triton.jit
+def _power(base, exponent):
+    """base ** exponent in fp64 by repeated squaring (exact to a few fp64 ulps, no libm)."""
+    result = tl.full(exponent.shape, 1.0, tl.float64)
+    base = tl.full(exponent.shape, 1.0, tl.float64) * base
+    remaining = tl.max(exponent, axis=0)
+    while remaining > 0:
+        result = tl.where((exponent & 1) == 1, result * base, result)
+        base = base * base
+        exponent = exponent >> 1
+        remaining = remaining >> 1
+    return result
+
+
+@triton.jit(do_not_specialize=["rows", "lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
+def _adamw_coefficients_kernel(
+    table_ptr, coef_ptr, found_inf_ptr, lr_ptr, rows,
+    lr_bits, beta1_bits, beta2_bits, weight_decay_bits, decay_lr_scale_bits,
+    LR_ON_DEVICE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Advance each tensor's step (unless GradScaler found an inf) and compute its coefficients."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_range = row < rows
+    step_ptr = tl.load(table_ptr + row * NCOL + STEP, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr, mask=in_range, other=0.0) + 1.0
+    advance = in_range
+    if HAS_FOUND_INF:
+        advance = advance & (tl.load(found_inf_ptr) == 0)
+    tl.store(step_ptr, step, mask=advance)
+
+    t = step.to(tl.int64)
+    lr = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
+    decay = 1.0 - lr * f64(weight_decay_bits) * f64(decay_lr_scale_bits)
+    step_size = lr / (1.0 - _power(f64(beta1_bits), t))
+    bias_correction2_sqrt = tl.sqrt(1.0 - _power(f64(beta2_bits), t))
+    out = coef_ptr + row * NCOEF
+    tl.store(out + 0, tl.full(row.shape, 1.0, tl.float64) * decay, mask=in_range)
+    tl.store(out + 1, step_size, mask=in_range)
+    tl.store(out + 2, bias_correction2_sqrt, mask=in_range)
+
+
+@triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits"])
+def _adamw_kernel(
+    table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    beta1_bits, beta2_bits, eps_bits,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
+    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE)
+    exp_avg_sq_ptr = tensor_pointer(table_ptr, row, EXP_AVG_SQ, NCOL, DTYPE)
+    max_exp_avg_sq_ptr = tensor_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE)
+    decay = tl.load(coef_ptr + row * NCOEF + 0).to(COMPUTE)
+    step_size = tl.load(coef_ptr + row * NCOEF + 1).to(COMPUTE)
+    bias_correction2_sqrt = tl.load(coef_ptr + row * NCOEF + 2).to(COMPUTE)
+    beta1 = f64(beta1_bits)
+    beta2 = f64(beta2_bits)
+    one_minus_beta1 = (1.0 - beta1).to(COMPUTE)
+    one_minus_beta2 = (1.0 - beta2).to(COMPUTE)
+    beta2 = beta2.to(COMPUTE)
+    eps = f64(eps_bits).to(COMPUTE)
+
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        mask = offs < end
+        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
+        m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+        v_max = v
+        if AMSGRAD:
+            v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+        p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
+                                    one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
+        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
+        if AMSGRAD:
+            tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
+
+
+def adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+    *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:
+    """AdamW on tensors of one device and dtype: two launches whatever their number."""
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    table = TensorTable(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps],
+        [p.numel() for p in params], device,
+    )
+    lr_on_device = isinstance(lr, torch.Tensor)
+    coef = torch.empty((table.rows, NCOEF.value), dtype=torch.float64, device=device)
+    launch(
+        _adamw_coefficients_kernel, (triton.cdiv(table.rows, ROWS_PER_PROGRAM),), device,
+        table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.rows,
+        0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
+        f64_bits(weight_decay), f64_bits(decay_lr_scale),
+        LR_ON_DEVICE=lr_on_device, HAS_FOUND_INF=found_inf is not None, ROWS=ROWS_PER_PROGRAM,
+    )
+    launch(
+        _adamw_kernel, (table.programs,), device,
+        table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
+        f64_bits(beta1), f64_bits(beta2), f64_bits(eps),
+        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+    )

@@ -1,0 +1,79 @@
+"""Lion in Triton: one multi-tensor element-wise kernel.
+
+The math is ``lion_math``; see ``wdopt/reference/lion.py`` for the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+import triton
+
+from .multi_tensor import (
+    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, f64, f64_bits, launch, lr_value,
+    optional, to_storage, tensor_pointer, unscale, work_item,
+)
+
+PARAM, GRAD, EXP_AVG = (tl.constexpr(i) for i in range(3))
+NCOL = tl.constexpr(4)
+
+
+@triton.jit
+def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
+    c = m + one_minus_beta1 * (g - m)
+    # sign(c), keeping NaN as torch.sign does (0 stays 0).
+    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))
+    p = p * decay - lr * direction
+    m = m + one_minus_beta2 * (g - m)
+    return p, m
+
+
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
+def _lion_kernel(
+    table_ptr, work_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
+    lr_bits, beta1_bits, beta2_bits, weight_decay_bits, decay_lr_scale_bits,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
+    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE)
+    lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
+    decay = (1.0 - lr64 * f64(weight_decay_bits) * f64(decay_lr_scale_bits)).to(COMPUTE)
+    lr = lr64.to(COMPUTE)
+    one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
+    one_minus_beta2 = (1.0 - f64(beta2_bits)).to(COMPUTE)
+
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        mask = offs < end
+        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
+        m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+        p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
+        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+
+
+def lion(
+    params, grads, exp_avgs,
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None,
+) -> None:
+    """Lion on tensors of one device and dtype: one launch whatever their number."""
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    table = TensorTable([params, grads, exp_avgs], [p.numel() for p in params], device)
+    lr_on_device = isinstance(lr, torch.Tensor)
+    dummy = params[0]
+    launch(
+        _lion_kernel, (table.programs,), device,
+        table.table, table.work, optional(lr if lr_on_device else None, dummy),
+        optional(grad_scale, dummy), optional(found_inf, dummy),
+        0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
+        f64_bits(weight_decay), f64_bits(decay_lr_scale),
+        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+    )

@@ -1,0 +1,196 @@
+"""Memory movement shared by every Triton optimizer kernel.
+
+A step updates many tensors of one (device, dtype) with one launch: the host packs a device-side
+table with one row per tensor (the addresses of its parameter, gradient and state tensors, any
+per-tensor flags, and its element count in the last column), and a list of work items, one per
+(tensor, chunk) pair. Program ``i`` takes work item ``i``; chunks are CHUNK elements, processed
+BLOCK at a time. The launch count is therefore fixed, whatever the number of tensors.
+
+Tables are cached by their content (addresses, flags, sizes): a training loop whose tensors keep
+their addresses (the caching allocator usually returns the same blocks) re-uploads nothing, and
+CUDA-graph capture works once a step has run before capture.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETED
+
+#: Work per program. Interpreted programs cost about a millisecond each, so they take bigger chunks.
+CHUNK = 65536 if INTERPRETED else 16384
+#: Element-wise width of one loop iteration on the GPU (num_warps=4: 8 elements per thread).
+GPU_BLOCK = 1024
+
+_TABLE_CACHE: OrderedDict = OrderedDict()
+_TABLE_CACHE_SIZE = 32
+
+#: Incremented by every kernel launch; tests read it to check the launch count per step.
+launch_count = 0
+
+
+def f64_bits(x: float) -> int:
+    """The bit pattern of a double, so a kernel receives the exact value (Triton floats are fp32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def block_size(max_numel: int) -> int:
+    if not INTERPRETED:
+        return GPU_BLOCK
+    # One interpreted iteration costs the same for 16 or 65536 lanes: cover small tensors in one.
+    return max(16, min(CHUNK, triton.next_power_of_2(max(max_numel, 1))))
+
+
+class TensorTable:
+    """A device-side table of tensor addresses and sizes, with the work items that cover them.
+
+    ``columns`` are lists of equal length, one entry per tensor: a tensor (its address is stored),
+    an int (stored as is: a flag), or None (0). The element count comes from ``numels``.
+    """
+
+    def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device):
+        self.rows = len(numels)
+        self.ncol = len(columns) + 1
+        self.max_numel = max(numels, default=0)
+        values = []
+        for r in range(self.rows):
+            for col in columns:
+                v = col[r]
+                values.append(v.data_ptr() if isinstance(v, torch.Tensor) else int(v or 0))
+            values.append(numels[r])
+        key = (device, self.ncol, CHUNK, tuple(values))
+        buf = _TABLE_CACHE.get(key)
+        if buf is None:
+            counts = torch.tensor([(n + CHUNK - 1) // CHUNK for n in numels], dtype=torch.int64)
+            rows = torch.repeat_interleave(torch.arange(self.rows, dtype=torch.int64), counts)
+            first = torch.cumsum(counts, 0) - counts
+            chunks = torch.arange(rows.numel(), dtype=torch.int64) - first[rows]
+            work = (rows << 32) | chunks
+            host = torch.cat([torch.tensor(values, dtype=torch.int64), work])
+            buf = host.to(device)
+            _TABLE_CACHE[key] = buf
+            if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+                _TABLE_CACHE.popitem(last=False)
+        else:
+            _TABLE_CACHE.move_to_end(key)
+        self.table = buf[: self.rows * self.ncol]
+        self.work = buf[self.rows * self.ncol :]
+        self.programs = self.work.numel()
+
+
+def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
+    """Every launch goes through here: it sets the CUDA device and counts the launch."""
+    global launch_count
+    if grid[0] == 0:
+        return
+    launch_count += 1
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def optional(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Kernels take every pointer argument; an absent one is replaced by a harmless dummy."""
+    return like if t is None else t
+
+
+# ---------------------------------------------------------------- device-side helpers
+
+
+@triton.jit
+def f64(bits):
+    """Undo ``f64_bits``: the exact double the host passed."""
+    return tl.cast(bits.to(tl.int64), tl.float64, bitcast=True)
+
+
+@triton.jit
+def tensor_pointer(table_ptr, row, column, NCOL: tl.constexpr, DTYPE: tl.constexpr):
+    """Address in ``column`` of ``row``, as a pointer to DTYPE."""
+    return tl.load(table_ptr + row * NCOL + column).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def table_value(table_ptr, row, column, NCOL: tl.constexpr):
+    return tl.load(table_ptr + row * NCOL + column)
+
+
+@triton.jit
+def work_item(table_ptr, work_ptr, found_inf_ptr, NCOL: tl.constexpr, CHUNK: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """This program's (row, first element, end) — an empty range when GradScaler found an inf."""
+    item = tl.load(work_ptr + tl.program_id(0))
+    row = item >> 32
+    start = (item & 0xFFFFFFFF) * CHUNK
+    end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * NCOL + NCOL - 1))
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(found_inf_ptr) != 0, start, end)
+    return row, start, end
+
+
+@triton.jit
+def unscale(g, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The gradient as the optimizer sees it: unscaled (GradScaler) and negated (maximize)."""
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(g.dtype)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def lr_value(lr_bits, lr_ptr, LR_ON_DEVICE: tl.constexpr):
+    """The learning rate as a double: from the host, or read from a device tensor (capturable)."""
+    if LR_ON_DEVICE:
+        return tl.load(lr_ptr).to(tl.float64)
+    else:
+        return f64(lr_bits)
+
+
+@triton.jit
+def div(a, b, COMPUTE: tl.constexpr):
+    """Correctly rounded division (Triton's fp32 ``/`` is approximate)."""
+    if COMPUTE == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def sqrt(x, COMPUTE: tl.constexpr):
+    """Correctly rounded square root (Triton's fp32 ``tl.sqrt`` is approximate)."""
+    if COMPUTE == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+def compute_dtype(dtype: torch.dtype):
+    """fp64 math for fp64 tensors, fp32 math for fp32, bf16 and fp16."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+#: The interpreter casts fp32 to bf16 by truncation; compiled Triton rounds to nearest even.
+#: Under the interpreter, storage rounding is done with integer ops so both agree with torch.
+_ROUND_BF16_WITH_BITS = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """Round the fp32/fp64 result once to the storage dtype, to nearest even."""
+    if DTYPE == tl.bfloat16 and _ROUND_BF16_WITH_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

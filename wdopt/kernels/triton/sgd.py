@@ -1,0 +1,102 @@
+"""SGD with momentum (L2 or decoupled decay) in Triton: one multi-tensor element-wise kernel.
+
+The math is ``sgd_math``; see ``wdopt/reference/sgd.py`` for the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import (
+    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, f64, f64_bits, launch, lr_value,
+    optional, to_storage, table_value, tensor_pointer, unscale, work_item,
+)
+
+# Table columns; FIRST_STEP is a flag: the momentum buffer holds no history yet.
+PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP = (tl.constexpr(i) for i in range(4))
+NCOL = tl.constexpr(5)
+
+
+@triton.jit
+def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+             HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED: tl.constexpr):
+    if DECOUPLED:
+        p = p * decay
+    else:
+        g = g + weight_decay * p
+    if HAS_MOMENTUM:
+        b = tl.where(first_step, g, b * momentum + one_minus_dampening * g)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    p = p - lr * g
+    return p, b
+
+
+@triton.jit(do_not_specialize=["lr_bits", "weight_decay_bits", "decay_lr_scale_bits", "momentum_bits", "dampening_bits"])
+def _sgd_kernel(
+    table_ptr, work_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
+    lr_bits, weight_decay_bits, decay_lr_scale_bits, momentum_bits, dampening_bits,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
+    buffer_ptr = tensor_pointer(table_ptr, row, MOMENTUM_BUFFER, NCOL, DTYPE)
+    first_step = table_value(table_ptr, row, FIRST_STEP, NCOL) != 0
+    lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
+    weight_decay64 = f64(weight_decay_bits)
+    decay = (1.0 - lr64 * weight_decay64 * f64(decay_lr_scale_bits)).to(COMPUTE)
+    lr = lr64.to(COMPUTE)
+    weight_decay = weight_decay64.to(COMPUTE)
+    momentum = f64(momentum_bits).to(COMPUTE)
+    one_minus_dampening = (1.0 - f64(dampening_bits)).to(COMPUTE)
+
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        mask = offs < end
+        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
+        b = g
+        if HAS_MOMENTUM:
+            b = tl.load(buffer_ptr + offs, mask=mask & ~first_step).to(COMPUTE)
+        p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                        HAS_MOMENTUM, NESTEROV, DECOUPLED)
+        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+        if HAS_MOMENTUM:
+            tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
+
+
+def sgd(
+    params, grads, momentum_buffers, first_steps,
+    *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
+    maximize, grad_scale=None, found_inf=None,
+) -> None:
+    """SGD on tensors of one device and dtype: one launch whatever their number."""
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    has_momentum = momentum != 0
+    table = TensorTable(
+        [params, grads, momentum_buffers if has_momentum else [None] * len(params),
+         [int(f) for f in first_steps] if has_momentum else [0] * len(params)],
+        [p.numel() for p in params], device,
+    )
+    lr_on_device = isinstance(lr, torch.Tensor)
+    dummy = params[0]
+    launch(
+        _sgd_kernel, (table.programs,), device,
+        table.table, table.work, optional(lr if lr_on_device else None, dummy),
+        optional(grad_scale, dummy), optional(found_inf, dummy),
+        0 if lr_on_device else f64_bits(lr), f64_bits(weight_decay), f64_bits(decay_lr_scale),
+        f64_bits(momentum), f64_bits(dampening),
+        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), HAS_MOMENTUM=has_momentum,
+        NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+    )

@@ -1,0 +1,74 @@
+"""AdamW (decoupled weight decay), as torch.optim.AdamW defines it.
+
+    g ← −g if maximize;  g ← g / grad_scale under GradScaler
+    p ← p·(1 − d)                      d = lr·λ, or λ·lr/initial_lr with decay_scaling="schedule"
+    m ← m + (1−β1)·(g − m)
+    v ← β2·v + (1−β2)·g²
+    v_max ← max(v_max, v)              (amsgrad; v_max replaces v below)
+    p ← p − (lr/(1−β1^t)) · m / (sqrt(v)/sqrt(1−β2^t) + ε)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
+
+
+@torch.no_grad()
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay_lr_scale: float = 1.0,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step on one real tensor, in place. ``step`` is the count after this step (≥ 1)."""
+    dt = compute_dtype(param)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
+    m = lerp(exp_avg.to(dt), g, scalar(1.0 - beta1, dt))
+    v = exp_avg_sq.to(dt) * scalar(beta2, dt) + scalar(1.0 - beta2, dt) * g * g
+    if max_exp_avg_sq is not None:
+        v_max = torch.maximum(max_exp_avg_sq.to(dt), v)
+        max_exp_avg_sq.copy_(v_max)
+    else:
+        v_max = v
+    step_size = lr / (1.0 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = v_max.sqrt() / scalar(bias_correction2_sqrt, dt) + scalar(eps, dt)
+    p = p - scalar(step_size, dt) * (m / denom)
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+    *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
+    grad_scale=None, found_inf=None,
+) -> None:
+    """The reference backend: ``adamw_step`` on each tensor; ``steps`` are advanced here."""
+    if step_skipped(found_inf):
+        return
+    lr = float(lr)
+    for i, param in enumerate(params):
+        steps[i] += 1
+        adamw_step(
+            param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+            int(steps[i].item()), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
+            grad_scale=grad_scale,
+        )

@@ -1,0 +1,53 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), decoupled decay.
+
+    g ← −g if maximize;  g ← g / grad_scale under GradScaler
+    c ← m + (1−β1)·(g − m)               (= β1·m + (1−β1)·g)
+    p ← p·(1 − d) − lr·sign(c)
+    m ← m + (1−β2)·(g − m)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
+
+
+@torch.no_grad()
+def lion_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    decay_lr_scale: float = 1.0,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """One Lion step on one real tensor, in place."""
+    dt = compute_dtype(param)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    m = exp_avg.to(dt)
+    c = lerp(m, g, scalar(1.0 - beta1, dt))
+    p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
+    param.copy_(p - scalar(lr, dt) * torch.sign(c))
+    exp_avg.copy_(lerp(m, g, scalar(1.0 - beta2, dt)))
+
+
+def lion(
+    params, grads, exp_avgs,
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None,
+) -> None:
+    """The reference backend: ``lion_step`` on each tensor."""
+    if step_skipped(found_inf):
+        return
+    lr = float(lr)
+    for i, param in enumerate(params):
+        lion_step(
+            param, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
+            grad_scale=grad_scale,
+        )
