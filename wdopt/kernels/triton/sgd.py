@@ -49,6 +49,7 @@ def _sgd_kernel(
     grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
     buffer_ptr = tensor_pointer(table_ptr, row, MOMENTUM_BUFFER, NCOL, DTYPE)
     first_step = table_value(table_ptr, row, FIRST_STEP, NCOL) != 0
+    history_end = tl.where(first_step, start, end)  # a fresh buffer is not read
     lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     weight_decay64 = f64(weight_decay_bits)
     decay = (1.0 - lr64 * weight_decay64 * f64(decay_lr_scale_bits)).to(COMPUTE)
@@ -64,7 +65,7 @@ def _sgd_kernel(
         g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
         b = g
         if HAS_MOMENTUM:
-            b = tl.load(buffer_ptr + offs, mask=mask & ~first_step).to(COMPUTE)
+            b = tl.load(buffer_ptr + offs, mask=offs < history_end).to(COMPUTE)
         p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
                         HAS_MOMENTUM, NESTEROV, DECOUPLED)
         tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)

@@ -1,0 +1,268 @@
+"""What every wdopt optimizer shares: torch.optim's surface, input checks, and the step driver.
+
+A step runs in two phases so that a failed step changes nothing: first every group is checked
+(gradients, backends, hyperparameters) without touching parameters or state; then state is
+created lazily and each (device, dtype) bucket of each group is handed to its backend. The
+optimizer subclasses hold only their hyperparameters, their state layout and one ``_update``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends
+
+DECAY_SCALINGS = ("lr", "schedule")
+
+
+def check_lr(lr) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_betas(betas) -> tuple[float, float]:
+    """Betas as two floats in [0, 1). One-element tensors are read once, at construction."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair, got {betas!r}")
+    values = []
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            b = b.item()
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        values.append(float(b))
+    return values[0], values[1]
+
+
+def check_common(lr, weight_decay, decay_scaling, backend, differentiable) -> None:
+    check_lr(lr)
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if decay_scaling not in DECAY_SCALINGS:
+        raise ValueError(f"Invalid decay_scaling {decay_scaling!r}; choose 'lr' (torch) or 'schedule'")
+    if backend not in backends.BACKEND_CHOICES:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {backends.BACKEND_CHOICES}")
+    if differentiable:
+        raise ValueError("wdopt optimizers do not support differentiable=True; use torch.optim for that")
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one block of memory in some dim order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class KernelTensors:
+    """One bucket's tensors as kernels see them: real (complex viewed as pairs), with the parameter's
+    dense layout shared by gradient and state, so that element i of each is the same element.
+
+    A dense non-contiguous parameter (channels_last) is used as is. A parameter with gaps, or state
+    whose layout differs, is copied into a dense work tensor and written back by ``write_back``.
+    """
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: dict[str, list]):
+        self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.params, self.grads = [], []
+        self.states = {key: [] for key in states}
+        for i, p in enumerate(params):
+            p = _real(p)
+            if not _is_dense(p):
+                work = p.contiguous()
+                self._write_back.append((p, work))
+                p = work
+            self.params.append(p)
+            self.grads.append(self._like(grads[i], p, writes=False))
+            for key, values in states.items():
+                t = values[i]
+                self.states[key].append(self._like(t, p, writes=True) if t is not None else None)
+
+    def _like(self, t: torch.Tensor, p: torch.Tensor, writes: bool) -> torch.Tensor:
+        t = _real(t)
+        if t.stride() == p.stride():
+            return t
+        work = torch.empty_like(p)  # p is dense: empty_like keeps its strides
+        work.copy_(t)
+        if writes:
+            self._write_back.append((t, work))
+        return work
+
+    def write_back(self) -> None:
+        for original, work in self._write_back:
+            original.copy_(work)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: torch.optim.Optimizer plus wdopt's checked, bucketed, backend-dispatched step."""
+
+    #: GradScaler then hands over ``grad_scale``/``found_inf`` and kernels unscale in place.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            for p in group["params"]:
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(f"{type(self).__name__} needs floating-point or complex parameters, got {p.dtype}")
+                backends.resolve(group["backend"], p.device)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        group.setdefault("decay_initial_lr", _float(group["lr"]))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved by torch.optim or older wdopt versions lack wdopt's options.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("decay_initial_lr", _float(group["lr"]))
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    p_state["step"] = _step_tensor(p_state["step"], p.device)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for invalid hyperparameters of one group."""
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Create any missing state of ``p`` (lazily, at its first step), with torch's names."""
+        raise NotImplementedError
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf) -> None:
+        """Run one step of ``backend`` on a bucket of one device and dtype."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: A closure that reevaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        # Phase 1: check everything, change nothing.
+        plan = []
+        for group_index, group in enumerate(self.param_groups):
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for param_index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                self._check_grad(p, group_index, param_index)
+                buckets[(p.device, p.dtype)].append(p)
+            for (device, dtype), params in buckets.items():
+                backend = backends.resolve(group["backend"], device)
+                real_dtype = _real_dtype(dtype)
+                if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
+                    raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
+                plan.append((group, backend, params))
+            self._check_step_group(group)
+
+        # Phase 2: create state, then update bucket by bucket.
+        for group, backend, params in plan:
+            for p in params:
+                self._init_state(p, group)
+            device = params[0].device
+            self._update(
+                group, backends.load(backend), params, [p.grad for p in params],
+                _on(grad_scale, device), _on(found_inf, device),
+            )
+        return loss
+
+    def _check_step_group(self, group: dict[str, Any]) -> None:
+        """Step-time checks of a group that construction cannot make (e.g. a scheduler's lr)."""
+        if group["decay_scaling"] == "schedule" and not _float(self._initial_lr(group)) > 0:
+            raise ValueError("decay_scaling='schedule' needs a positive initial learning rate")
+
+    def _check_grad(self, p: torch.Tensor, group_index: int, param_index: int) -> None:
+        g = p.grad
+        where = f"parameter {param_index} of param group {group_index} (shape {tuple(p.shape)})"
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match {where}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"gradient dtype {g.dtype} does not match {p.dtype} of {where}")
+        if g.device != p.device:
+            raise RuntimeError(f"gradient on {g.device} but {where} is on {p.device}")
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    @staticmethod
+    def _initial_lr(group: dict[str, Any]):
+        return group.get("initial_lr", group["decay_initial_lr"])
+
+    def _decay_lr_scale(self, group: dict[str, Any]) -> float:
+        """d = lr·λ·scale: 1 for torch's decay, 1/initial_lr when decay follows the schedule."""
+        if group["decay_scaling"] == "schedule":
+            return 1.0 / _float(self._initial_lr(group))
+        return 1.0
+
+    @staticmethod
+    def _lr(group: dict[str, Any], device: torch.device):
+        """The lr handed to kernels: a float, or (capturable) a device tensor read by the kernel."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if group["capturable"]:
+                return lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32).reshape(())
+            return lr.item()
+        return float(lr)
+
+
+def _float(x) -> float:
+    return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}.get(dtype, dtype)
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def _step_tensor(step, device: torch.device) -> torch.Tensor:
+    """Steps live beside the parameter as float32 0-d tensors, as in torch's fused optimizers."""
+    if isinstance(step, torch.Tensor) and step.device == device and step.dtype == torch.float32:
+        return step
+    return torch.tensor(_float(step), dtype=torch.float32, device=device)
+

@@ -1,0 +1,104 @@
+"""FusedAdamW: torch.optim.AdamW's interface and trajectory, on fused multi-tensor kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import FusedOptimizer, KernelTensors, _step_tensor, check_betas, check_common
+
+
+class FusedAdamW(FusedOptimizer):
+    r"""AdamW with decoupled weight decay, a drop-in replacement for ``torch.optim.AdamW``.
+
+    For each parameter with a gradient (t counts this parameter's steps from 1)::
+
+        g ← −g if maximize;   g ← g / grad_scale    (under torch.amp.GradScaler)
+        p ← p·(1 − d)         d = lr·λ  (decay_scaling="lr", torch)  or  λ·lr/initial_lr ("schedule")
+        m ← β1·m + (1−β1)·g
+        v ← β2·v + (1−β2)·g²
+        v_max ← max(v_max, v)                      (amsgrad; v_max replaces v below)
+        p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + ε)
+
+    Math is fp32 for fp32/bf16/fp16 parameters (fp64 for fp64); state has the parameter's dtype and
+    torch's names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so state dicts move
+    between torch.optim.AdamW and FusedAdamW in both directions. ``step`` is a float32 0-d tensor on
+    the parameter's device, as in torch's fused AdamW.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate, a float or a 1-element tensor (read on device when ``capturable``).
+        betas, eps, weight_decay, amsgrad, maximize: as in torch.optim.AdamW.
+        capturable: read lr and step on the device, never syncing the host (CUDA graphs).
+        decay_scaling: "lr" for torch's p·(1 − lr·λ); "schedule" for p·(1 − λ·lr/initial_lr):
+            decay follows an LR schedule's shape but not lr's magnitude (muP, LR sweeps).
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``wdopt.available_backends``).
+        foreach, fused: accepted for compatibility with torch.optim calls; they have no effect.
+        differentiable: must be False.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        decay_scaling: str = "lr",
+        backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ):
+        check_common(lr, weight_decay, decay_scaling, backend, differentiable)
+        betas = check_betas(betas)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True, decay_scaling=decay_scaling, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
+                     group["differentiable"])
+        group["betas"] = check_betas(group["betas"])
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # what torch.optim.AdamW's own groups say
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["step"] = _step_tensor(0.0, p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf):
+        states = [self.state[p] for p in params]
+        amsgrad = group["amsgrad"]
+        tensors = KernelTensors(params, grads, {
+            "exp_avg": [s["exp_avg"] for s in states],
+            "exp_avg_sq": [s["exp_avg_sq"] for s in states],
+            "max_exp_avg_sq": [s["max_exp_avg_sq"] if amsgrad else None for s in states],
+        })
+        beta1, beta2 = group["betas"]
+        backend.adamw(
+            tensors.params, tensors.grads, tensors.states["exp_avg"], tensors.states["exp_avg_sq"],
+            tensors.states["max_exp_avg_sq"], [s["step"] for s in states],
+            lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
+            amsgrad=amsgrad, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+        )
+        tensors.write_back()

@@ -1,0 +1,75 @@
+"""FusedLion: Lion (Chen et al. 2023) with decoupled weight decay, on fused kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import FusedOptimizer, KernelTensors, check_betas, check_common
+
+
+class FusedLion(FusedOptimizer):
+    r"""Lion, "EvoLved Sign Momentum" (Chen et al. 2023), with decoupled weight decay.
+
+    For each parameter with a gradient::
+
+        g ← −g if maximize;   g ← g / grad_scale    (under torch.amp.GradScaler)
+        c ← β1·m + (1−β1)·g
+        p ← p·(1 − d) − lr·sign(c)      d = lr·λ, or λ·lr/initial_lr with decay_scaling="schedule"
+        m ← β2·m + (1−β2)·g
+
+    State: ``exp_avg`` (m), in the parameter's dtype; math in fp32 (fp64 for fp64 parameters).
+    Lion's update has unit size per element, so its lr is typically 3-10× smaller than AdamW's
+    and its weight decay 3-10× larger.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate, a float or a 1-element tensor (read on device when ``capturable``).
+        betas: (β1, β2), the interpolation for the update sign and the momentum decay.
+        weight_decay, maximize, capturable, decay_scaling, backend: see FusedAdamW.
+        foreach, fused: accepted for compatibility; they have no effect.
+        differentiable: must be False.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        decay_scaling: str = "lr",
+        backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ):
+        check_common(lr, weight_decay, decay_scaling, backend, differentiable)
+        defaults = dict(
+            lr=lr, betas=check_betas(betas), weight_decay=weight_decay, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decay_scaling=decay_scaling, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
+                     group["differentiable"])
+        group["betas"] = check_betas(group["betas"])
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf):
+        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]})
+        beta1, beta2 = group["betas"]
+        backend.lion(
+            tensors.params, tensors.grads, tensors.states["exp_avg"],
+            lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
+            maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+        )
+        tensors.write_back()
