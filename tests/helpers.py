@@ -1,0 +1,56 @@
+"""Shared test utilities: deterministic parameter/gradient streams and state comparison."""
+
+from __future__ import annotations
+
+import torch
+
+#: Odd sizes: one element, a non-multiple of any vector width, a block boundary ±, several chunks.
+ODD_SHAPES = [(1,), (7,), (1023,), (65537,), (5, 3, 3, 3), (33, 17)]
+
+
+def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+
+
+def grad_stream(shapes, steps, seed=1, top=2):
+    """Per step, a list of fp64 gradients whose scales differ by orders of magnitude across tensors
+    and steps (1e-4 … 10^top), so eps, bias correction and amsgrad's max all matter.
+
+    SGD tests use top=0: SGD keeps gradients unnormalised, and a buffer of values ~1e2 carries
+    rounding differences of ~1e-5, beyond assert_close's absolute fp32 tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        grads = []
+        for i, s in enumerate(shapes):
+            scale = 10.0 ** ((i + step) % (5 + top) - 4)
+            grads.append(torch.randn(s, generator=g, dtype=torch.float64) * scale)
+        out.append(grads)
+    return out
+
+
+def clone_leaves(params, dtype=None):
+    return [p.detach().clone().to(dtype or p.dtype).requires_grad_(True) for p in params]
+
+
+def run(optimizer, params, grads_per_step, dtype=None):
+    """Step ``optimizer`` on ``params`` with the given gradient stream (cast to the param dtype)."""
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.to(device=p.device, dtype=dtype or p.dtype)
+        optimizer.step()
+
+
+def assert_same_trajectory(opt_a, params_a, opt_b, params_b, **tol):
+    """Parameters and every state tensor of ``opt_b`` (the expectation) agree with ``opt_a``."""
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), msg=lambda m: f"param {i}: {m}", **tol)
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert set(state_b) <= set(state_a), (sorted(state_a), sorted(state_b))
+        for key in state_b:
+            va, vb = state_a[key], state_b[key]
+            if key == "step":
+                assert float(va) == float(vb), (i, float(va), float(vb))
+                continue
+            torch.testing.assert_close(va.cpu(), vb.cpu(), msg=lambda m: f"param {i} state {key}: {m}", **tol)

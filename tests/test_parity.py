@@ -1,0 +1,284 @@
+"""Every available backend against the reference and against torch.optim (for-loop), checking
+parameters and every state tensor over several steps, across the options torch supports."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import wdopt
+from conftest import backend_device_pairs
+from helpers import ODD_SHAPES, assert_same_trajectory, clone_leaves, grad_stream, make_params, run
+
+STEPS = 12
+PAIRS = backend_device_pairs()
+
+
+def _lr(value, as_tensor, device, dtype=torch.float32):
+    """A float, or a 0-d tensor of the parameters' dtype (torch computes lr·λ in the lr's dtype)."""
+    return torch.tensor(value, device=device, dtype=dtype) if as_tensor else value
+
+
+ADAMW_OPTIONS = [
+    dict(amsgrad=a, maximize=m, weight_decay=w, tensor_lr=t)
+    for a, m, w, t in itertools.product([False, True], [False, True], [0.0, 0.1], [False, True])
+]
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", ADAMW_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_adamw_matches_torch_and_reference(backend, device, dtype, options):
+    options = dict(options)
+    tensor_lr = options.pop("tensor_lr")
+    hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+    params = make_params(ODD_SHAPES, dtype, device)
+    grads = grad_stream(ODD_SHAPES, STEPS)
+
+    ours = clone_leaves(params)
+    opt = wdopt.FusedAdamW(ours, lr=_lr(2e-2, tensor_lr, device, dtype), backend=backend, **hyper)
+    run(opt, ours, grads)
+
+    ref = clone_leaves(params)
+    opt_ref = wdopt.FusedAdamW(ref, lr=2e-2, backend="reference", **hyper)
+    run(opt_ref, ref, grads)
+
+    theirs = clone_leaves(params)
+    opt_torch = torch.optim.AdamW(theirs, lr=_lr(2e-2, tensor_lr, device, dtype), foreach=False, **hyper)
+    run(opt_torch, theirs, grads)
+
+    assert_same_trajectory(opt, ours, opt_ref, ref)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+    assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+
+
+SGD_OPTIONS = [
+    dict(momentum=mo, dampening=da, nesterov=ne, weight_decay=wd, maximize=mx, tensor_lr=tl)
+    for mo, da, ne, wd, mx, tl in itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 0.1], [False, True], [False, True])
+    if not (ne and (mo == 0 or da != 0)) and not (mo == 0 and da != 0)
+]
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_matches_torch_and_reference(backend, device, options):
+    options = dict(options)
+    tensor_lr = options.pop("tensor_lr")
+    params = make_params(ODD_SHAPES, torch.float32, device)
+    grads = grad_stream(ODD_SHAPES, STEPS, top=0)
+
+    ours = clone_leaves(params)
+    opt = wdopt.FusedSGD(ours, lr=_lr(1e-2, tensor_lr, device), backend=backend, **options)
+    run(opt, ours, grads)
+
+    ref = clone_leaves(params)
+    opt_ref = wdopt.FusedSGD(ref, lr=1e-2, backend="reference", **options)
+    run(opt_ref, ref, grads)
+
+    theirs = clone_leaves(params)
+    opt_torch = torch.optim.SGD(theirs, lr=_lr(1e-2, tensor_lr, device), foreach=False, **options)
+    run(opt_torch, theirs, grads)
+
+    assert_same_trajectory(opt, ours, opt_ref, ref)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+    assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_decoupled_sgd_is_torch_sgd_after_decay(backend, device, momentum, nesterov):
+    """SGDW = p·(1 − lr·λ), then torch's SGD step without L2."""
+    lr, wd = 1e-2, 0.3
+    params = make_params(ODD_SHAPES, torch.float32, device)
+    grads = grad_stream(ODD_SHAPES, STEPS, top=0)
+    ours = clone_leaves(params)
+    opt = wdopt.FusedSGD(ours, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd,
+                         decoupled_weight_decay=True, backend=backend)
+    run(opt, ours, grads)
+
+    theirs = clone_leaves(params)
+    opt_torch = torch.optim.SGD(theirs, lr=lr, momentum=momentum, nesterov=nesterov, foreach=False)
+    for step_grads in grads:
+        with torch.no_grad():
+            for p, g in zip(theirs, step_grads):
+                p.mul_(1 - lr * wd)
+                p.grad = g.to(p.dtype).to(p.device)
+        opt_torch.step()
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("maximize,weight_decay,tensor_lr", [(False, 0.0, False), (True, 0.5, False), (False, 0.5, True)])
+def test_lion_matches_reference(backend, device, dtype, maximize, weight_decay, tensor_lr):
+    params = make_params(ODD_SHAPES, dtype, device)
+    grads = grad_stream(ODD_SHAPES, STEPS)
+    hyper = dict(betas=(0.9, 0.99), weight_decay=weight_decay, maximize=maximize)
+    ours = clone_leaves(params)
+    opt = wdopt.FusedLion(ours, lr=_lr(1e-3, tensor_lr, device, dtype), backend=backend, **hyper)
+    run(opt, ours, grads)
+    ref = clone_leaves(params)
+    opt_ref = wdopt.FusedLion(ref, lr=1e-3, backend="reference", **hyper)
+    run(opt_ref, ref, grads)
+    assert_same_trajectory(opt, ours, opt_ref, ref)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_capturable_reads_lr_on_device(backend, device):
+    """capturable=True with a tensor lr: changing the tensor in place changes the next step."""
+    shapes = [(7,), (1023,)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, 6)
+    lr = torch.tensor(1e-2, device=device)
+    ours = clone_leaves(params)
+    opt = wdopt.FusedAdamW(ours, lr=lr, capturable=True, backend=backend)
+    theirs = clone_leaves(params)
+    opt_torch = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for i, step_grads in enumerate(grads):
+        for p, q, g in zip(ours, theirs, step_grads):
+            p.grad, q.grad = g.float().to(device), g.float().to(device)
+        opt.step()
+        opt_torch.step()
+        lr.mul_(0.5)
+        opt_torch.param_groups[0]["lr"] = 1e-2 * 0.5 ** (i + 1)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_per_group_settings(backend, device, name):
+    """Groups with different hyperparameters, and one added later with add_param_group."""
+    shapes = [(7,), (1023,), (33, 17), (5,)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, STEPS)
+    if name == "adamw":
+        ours_cls, torch_cls = wdopt.FusedAdamW, torch.optim.AdamW
+        groups = [dict(lr=1e-2, weight_decay=0.0), dict(lr=3e-3, betas=(0.5, 0.9), amsgrad=True, weight_decay=0.2)]
+        late = dict(lr=1e-3, maximize=True)
+    else:
+        ours_cls, torch_cls = wdopt.FusedSGD, torch.optim.SGD
+        groups = [dict(lr=1e-2, momentum=0.9), dict(lr=3e-3, momentum=0.5, dampening=0.5, weight_decay=0.2)]
+        late = dict(lr=1e-3, momentum=0.9, nesterov=True)
+
+    def build(cls, leaves, **kw):
+        opt = cls([dict(params=leaves[0:2], **groups[0]), dict(params=leaves[2:3], **groups[1])], **kw)
+        opt.add_param_group(dict(params=leaves[3:], **late))
+        return opt
+
+    ours = clone_leaves(params)
+    opt = build(ours_cls, ours, backend=backend)
+    theirs = clone_leaves(params)
+    opt_torch = build(torch_cls, theirs, foreach=False)
+    run(opt, ours, grads)
+    run(opt_torch, theirs, grads)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_hundreds_of_tensors(backend, device):
+    shapes = [((i * 37) % 301 + 1,) for i in range(300)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, 4)
+    ours = clone_leaves(params)
+    opt = wdopt.FusedAdamW(ours, lr=1e-2, amsgrad=True, backend=backend)
+    theirs = clone_leaves(params)
+    opt_torch = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=False)
+    run(opt, ours, grads)
+    run(opt_torch, theirs, grads)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_missing_grads_skip_params_and_steps(backend, device):
+    """A parameter whose grad is None is not updated and its step count does not advance."""
+    shapes = [(7,), (9,), (11,)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, STEPS)
+    ours, theirs = clone_leaves(params), clone_leaves(params)
+    opt = wdopt.FusedAdamW(ours, lr=1e-2, backend=backend)
+    opt_torch = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step, step_grads in enumerate(grads):
+        for i, (p, q, g) in enumerate(zip(ours, theirs, step_grads)):
+            skip = (step + i) % 3 == 0
+            p.grad = None if skip else g.float().to(device)
+            q.grad = None if skip else g.float().to(device)
+        opt.step()
+        opt_torch.step()
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+    assert float(opt.state[ours[0]]["step"]) < STEPS
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("cls_name", ["FusedAdamW", "FusedSGD"])
+def test_complex_parameters(backend, device, cls_name):
+    shapes = [(7,), (4, 5)]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g, dtype=torch.complex64).to(device) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=torch.complex64) for s in shapes] for _ in range(6)]
+    kw = dict(lr=1e-2, weight_decay=0.1) if cls_name == "FusedAdamW" else dict(lr=1e-2, momentum=0.9, weight_decay=0.1)
+    torch_cls = torch.optim.AdamW if cls_name == "FusedAdamW" else torch.optim.SGD
+    ours, theirs = clone_leaves(params), clone_leaves(params)
+    opt = getattr(wdopt, cls_name)(ours, backend=backend, **kw)
+    opt_torch = torch_cls(theirs, foreach=False, **kw)
+    run(opt, ours, grads)
+    run(opt_torch, theirs, grads)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_channels_last_and_strided_parameters(backend, device):
+    """Dense non-contiguous layouts work in place; a parameter with gaps is handled correctly,
+    and the memory between its elements is never written."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.randn(8, 3, 5, 5, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    base = torch.randn(12, 10, generator=g).to(device)
+    transposed = torch.randn(6, 9, generator=g).to(device).t()  # dense, column-major
+    params_src = [conv, transposed]
+    shapes = [tuple(p.shape) for p in params_src] + [(12, 5)]
+    grads = grad_stream(shapes, 6)
+
+    ours = [p.clone(memory_format=torch.preserve_format).requires_grad_() for p in params_src]
+    ours_base = base.clone()
+    strided = ours_base[:, ::2]  # every other column: gaps in memory
+    strided.requires_grad_()
+    opt = wdopt.FusedAdamW(ours + [strided], lr=1e-2, weight_decay=0.1, backend=backend)
+    theirs = [p.detach().clone().requires_grad_() for p in params_src] + [base[:, ::2].clone().requires_grad_()]
+    opt_torch = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    run(opt, ours + [strided], grads)
+    run(opt_torch, theirs, grads)
+
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[ours[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert_same_trajectory(opt, ours + [strided], opt_torch, theirs)
+    torch.testing.assert_close(ours_base[:, 1::2], base[:, 1::2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gradient_with_another_layout(backend, device):
+    """A contiguous gradient for a channels_last parameter is read element for element."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 3, 3, 3, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 3, 3, 3, generator=g).to(device)
+    ours, theirs = p.clone().requires_grad_(), p.clone().requires_grad_()
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt = wdopt.FusedAdamW([ours], lr=1e-2, backend=backend)
+    opt_torch = torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
+    opt.step()
+    opt_torch.step()
+    assert_same_trajectory(opt, [ours], opt_torch, [theirs])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_zero_element_parameters(backend, device):
+    """Empty tensors are fine: nothing to update, but their step count advances as in torch."""
+    shapes = [(0,), (3, 0), (5,)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, 3)
+    ours, theirs = clone_leaves(params), clone_leaves(params)
+    opt = wdopt.FusedAdamW(ours, lr=1e-2, backend=backend)
+    opt_torch = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    run(opt, ours, grads)
+    run(opt_torch, theirs, grads)
+    assert_same_trajectory(opt, ours, opt_torch, theirs)
