@@ -50,6 +50,8 @@ def check_common(lr, weight_decay, decay_scaling, backend, differentiable) -> No
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if decay_scaling not in DECAY_SCALINGS:
         raise ValueError(f"Invalid decay_scaling {decay_scaling!r}; choose 'lr' (torch) or 'schedule'")
+    if decay_scaling == "schedule" and not _float(lr) > 0:
+        raise ValueError("decay_scaling='schedule' needs a positive initial learning rate")
     if backend not in backends.BACKEND_CHOICES:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {backends.BACKEND_CHOICES}")
     if differentiable:

@@ -63,10 +63,10 @@ def _adamw_coefficients_kernel(
     in_range = row < rows
     step_ptr = tl.load(table_ptr + row * NCOL + STEP, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
     step = tl.load(step_ptr, mask=in_range, other=0.0) + 1.0
-    advance = in_range
+    advanced_rows = rows
     if HAS_FOUND_INF:
-        advance = advance & (tl.load(found_inf_ptr) == 0)
-    tl.store(step_ptr, step, mask=advance)
+        advanced_rows = tl.where(tl.load(found_inf_ptr) != 0, 0, rows)
+    tl.store(step_ptr, step, mask=row < advanced_rows)
 
     t = step.to(tl.int64)
     lr = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
