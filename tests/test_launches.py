@@ -1,0 +1,64 @@
+"""The Triton backend launches a fixed number of kernels per (device, dtype) bucket and step,
+whatever the number of tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wdopt
+from conftest import backend_device_pairs
+from helpers import clone_leaves, grad_stream, make_params, run
+
+TRITON_DEVICES = [d for b, d in backend_device_pairs() if b == "triton"]
+pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="the Triton backend is not available here")
+
+# Launches per bucket and step: AdamW computes per-tensor coefficients, then updates.
+EXPECTED = {"FusedAdamW": 2, "FusedSGD": 1, "FusedLion": 1}
+
+
+def _launches(cls, n_tensors, device, dtypes=(torch.float32,), steps=1, **kw):
+    from wdopt.kernels.triton import multi_tensor
+
+    shapes = [((i * 13) % 50 + 1,) for i in range(n_tensors)]
+    params = []
+    for k, dtype in enumerate(dtypes):
+        params += clone_leaves(make_params(shapes, dtype, device, seed=k))
+    opt = cls(params, lr=1e-3, backend="triton", **kw)
+    grads = [g + g for g in grad_stream(shapes, steps)]  # fresh tensors every step
+    before = multi_tensor.launch_count
+    for step in range(steps):
+        for p, g in zip(params, grads[step] * len(dtypes)):
+            p.grad = g.to(device=device, dtype=p.dtype)
+        opt.step()
+    return (multi_tensor.launch_count - before) / steps
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("cls,kw", [(wdopt.FusedAdamW, dict(amsgrad=True)), (wdopt.FusedSGD, dict(momentum=0.9)),
+                                    (wdopt.FusedLion, {})], ids=lambda x: getattr(x, "__name__", ""))
+def test_launch_count_does_not_grow_with_tensor_count(device, cls, kw):
+    few = _launches(cls, 3, device, **kw)
+    many = _launches(cls, 300, device, **kw)
+    assert few == many == EXPECTED[cls.__name__]
+    two_dtypes = _launches(cls, 3, device, dtypes=(torch.float32, torch.bfloat16), steps=2, **kw)
+    assert two_dtypes == 2 * EXPECTED[cls.__name__]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_tensor_tables_are_reused_while_addresses_stay(device):
+    from wdopt.kernels.triton import multi_tensor
+
+    shapes = [(7,), (9,)]
+    params = clone_leaves(make_params(shapes, torch.float32, device))
+    grads = [torch.zeros(s, device=device) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = wdopt.FusedLion(params, lr=1e-3, backend="triton")
+    opt.step()
+    cached = len(multi_tensor._TABLE_CACHE)
+    tables = list(multi_tensor._TABLE_CACHE.values())
+    opt.step()
+    assert len(multi_tensor._TABLE_CACHE) == cached
+    assert all(a is b for a, b in zip(tables, multi_tensor._TABLE_CACHE.values()))
+    run(opt, params, grad_stream(shapes, 1))  # new gradient tensors: a new table, results still right
