@@ -127,7 +127,7 @@ def work_item(table_ptr, work_ptr, found_inf_ptr, NCOL: tl.constexpr, CHUNK: tl.
     """This program's (row, first element, end) — an empty range when GradScaler found an inf."""
     item = tl.load(work_ptr + tl.program_id(0))
     row = item >> 32
-    start = (item & 0xFFFFFFFF) * CHUNK
+    start = (item - (row << 32)) * CHUNK
     end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * NCOL + NCOL - 1))
     if HAS_FOUND_INF:
         end = tl.where(tl.load(found_inf_ptr) != 0, start, end)
