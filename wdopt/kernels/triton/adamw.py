@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, div, f64, f64_bits, launch,
-    lr_value, optional, sqrt, to_storage, table_value, tensor_pointer, unscale, work_item,
+    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, div, f64, f64_bits,
+    full_blocks_end, launch, lr_value, optional, sqrt, tensor_pointer, to_storage, unscale, work_item,
 )
 
 # Table columns (the element count is the last column, NCOL - 1).
@@ -79,19 +79,41 @@ def _adamw_coefficients_kernel(
     tl.store(out + 2, bias_correction2_sqrt, mask=in_range)
 
 
+@triton.jit
+def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
+                 decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr):
+    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+    v_max = v
+    if AMSGRAD:
+        v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+    p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
+                                one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
+    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
+    if AMSGRAD:
+        tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
+
+
 @triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits"])
 def _adamw_kernel(
     table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
     beta1_bits, beta2_bits, eps_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
-    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
-    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
-    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE)
-    exp_avg_sq_ptr = tensor_pointer(table_ptr, row, EXP_AVG_SQ, NCOL, DTYPE)
-    max_exp_avg_sq_ptr = tensor_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
+    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED)
+    exp_avg_sq_ptr = tensor_pointer(table_ptr, row, EXP_AVG_SQ, NCOL, DTYPE, ALIGNED)
+    max_exp_avg_sq_ptr = tensor_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE, ALIGNED)
     decay = tl.load(coef_ptr + row * NCOEF + 0).to(COMPUTE)
     step_size = tl.load(coef_ptr + row * NCOEF + 1).to(COMPUTE)
     bias_correction2_sqrt = tl.load(coef_ptr + row * NCOEF + 2).to(COMPUTE)
@@ -102,23 +124,18 @@ def _adamw_kernel(
     beta2 = beta2.to(COMPUTE)
     eps = f64(eps_bits).to(COMPUTE)
 
-    for block_start in range(start, end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK)
-        mask = offs < end
-        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
-        m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
-        v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
-        v_max = v
-        if AMSGRAD:
-            v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
-        p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
-                                    one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
-        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
-        tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
-        if AMSGRAD:
-            tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
+    full_end = full_blocks_end(start, end, BLOCK)
+    for block_start in range(start, full_end, BLOCK):
+        _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                     block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                     decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                     DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                     offs, offs < end, grad_scale_ptr,
+                     decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                     DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def adamw(
@@ -148,6 +165,6 @@ def adamw(
         table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
         f64_bits(beta1), f64_bits(beta2), f64_bits(eps),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
         CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
     )

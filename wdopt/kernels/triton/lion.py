@@ -6,12 +6,12 @@ The math is ``lion_math``; see ``wdopt/reference/lion.py`` for the specification
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 import triton
+import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, f64, f64_bits, launch, lr_value,
-    optional, to_storage, tensor_pointer, unscale, work_item,
+    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
+    full_blocks_end, launch, lr_value, optional, tensor_pointer, to_storage, unscale, work_item,
 )
 
 PARAM, GRAD, EXP_AVG = (tl.constexpr(i) for i in range(3))
@@ -28,32 +28,44 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
     return p, m
 
 
+@triton.jit
+def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+                lr, decay, one_minus_beta1, one_minus_beta2,
+                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+    p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
+    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+
+
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
 def _lion_kernel(
     table_ptr, work_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
     lr_bits, beta1_bits, beta2_bits, weight_decay_bits, decay_lr_scale_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
-    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
-    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
-    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
+    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED)
     lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     decay = (1.0 - lr64 * f64(weight_decay_bits) * f64(decay_lr_scale_bits)).to(COMPUTE)
     lr = lr64.to(COMPUTE)
     one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
     one_minus_beta2 = (1.0 - f64(beta2_bits)).to(COMPUTE)
 
-    for block_start in range(start, end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK)
-        mask = offs < end
-        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
-        m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
-        p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
-        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
-        tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+    full_end = full_blocks_end(start, end, BLOCK)
+    for block_start in range(start, full_end, BLOCK):
+        _lion_block(param_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                    lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
+                    lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def lion(
@@ -74,6 +86,6 @@ def lion(
         0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
         f64_bits(weight_decay), f64_bits(decay_lr_scale),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
         CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
     )

@@ -59,11 +59,19 @@ class TensorTable:
         self.ncol = len(columns) + 1
         self.max_numel = max(numels, default=0)
         values = []
+        misaligned = 0
         for r in range(self.rows):
             for col in columns:
                 v = col[r]
-                values.append(v.data_ptr() if isinstance(v, torch.Tensor) else int(v or 0))
+                if isinstance(v, torch.Tensor):
+                    address = v.data_ptr()
+                    misaligned |= address % 16 if v.dim() else 0
+                    values.append(address)
+                else:
+                    values.append(int(v or 0))
             values.append(numels[r])
+        #: Every vector-accessed address is 16-byte aligned (torch allocations are; views may not be).
+        self.aligned = not misaligned
         key = (device, self.ncol, CHUNK, tuple(values))
         buf = _TABLE_CACHE.get(key)
         if buf is None:
@@ -112,9 +120,25 @@ def f64(bits):
 
 
 @triton.jit
-def tensor_pointer(table_ptr, row, column, NCOL: tl.constexpr, DTYPE: tl.constexpr):
-    """Address in ``column`` of ``row``, as a pointer to DTYPE."""
-    return tl.load(table_ptr + row * NCOL + column).to(tl.pointer_type(DTYPE))
+def tensor_pointer(table_ptr, row, column, NCOL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Address in ``column`` of ``row``, as a pointer to DTYPE. ALIGNED: the host checked every
+    address of the table is a multiple of 16 bytes, so full blocks use 16-byte vector accesses."""
+    pointer = tl.load(table_ptr + row * NCOL + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def full_blocks_end(start, end, BLOCK: tl.constexpr):
+    """Where this program's unmasked full blocks end; a masked tail block covers the rest."""
+    return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def block_offsets(block_start, BLOCK: tl.constexpr):
+    # Chunks start at multiples of CHUNK, itself a multiple of BLOCK.
+    return tl.multiple_of(block_start, BLOCK) + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -135,10 +159,10 @@ def work_item(table_ptr, work_ptr, found_inf_ptr, NCOL: tl.constexpr, CHUNK: tl.
 
 
 @triton.jit
-def unscale(g, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+def unscale(g, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient as the optimizer sees it: unscaled (GradScaler) and negated (maximize)."""
     if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr).to(g.dtype)
+        g = div(g, tl.load(grad_scale_ptr).to(COMPUTE), COMPUTE)
     if MAXIMIZE:
         g = -g
     return g

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_size, compute_dtype, f64, f64_bits, launch, lr_value,
-    optional, to_storage, table_value, tensor_pointer, unscale, work_item,
+    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
+    full_blocks_end, launch, lr_value, optional, table_value, tensor_pointer, to_storage, unscale, work_item,
 )
 
 # Table columns; FIRST_STEP is a flag: the momentum buffer holds no history yet.
@@ -36,20 +36,37 @@ def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_d
     return p, b
 
 
+@triton.jit
+def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, first_step,
+               lr, decay, weight_decay, momentum, one_minus_dampening,
+               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
+    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    b = g
+    if HAS_MOMENTUM:
+        b = tl.load(buffer_ptr + offs, mask=mask).to(COMPUTE)  # a fresh buffer holds zeros
+    p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                    HAS_MOMENTUM, NESTEROV, DECOUPLED)
+    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    if HAS_MOMENTUM:
+        tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
+
+
 @triton.jit(do_not_specialize=["lr_bits", "weight_decay_bits", "decay_lr_scale_bits", "momentum_bits", "dampening_bits"])
 def _sgd_kernel(
     table_ptr, work_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
     lr_bits, weight_decay_bits, decay_lr_scale_bits, momentum_bits, dampening_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
-    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE)
-    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE)
-    buffer_ptr = tensor_pointer(table_ptr, row, MOMENTUM_BUFFER, NCOL, DTYPE)
+    param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
+    grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
+    buffer_ptr = tensor_pointer(table_ptr, row, MOMENTUM_BUFFER, NCOL, DTYPE, ALIGNED)
     first_step = table_value(table_ptr, row, FIRST_STEP, NCOL) != 0
-    history_end = tl.where(first_step, start, end)  # a fresh buffer is not read
     lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     weight_decay64 = f64(weight_decay_bits)
     decay = (1.0 - lr64 * weight_decay64 * f64(decay_lr_scale_bits)).to(COMPUTE)
@@ -58,19 +75,16 @@ def _sgd_kernel(
     momentum = f64(momentum_bits).to(COMPUTE)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(COMPUTE)
 
-    for block_start in range(start, end, BLOCK):
-        offs = block_start + tl.arange(0, BLOCK)
-        mask = offs < end
-        p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-        g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE)
-        b = g
-        if HAS_MOMENTUM:
-            b = tl.load(buffer_ptr + offs, mask=offs < history_end).to(COMPUTE)
-        p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                        HAS_MOMENTUM, NESTEROV, DECOUPLED)
-        tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
-        if HAS_MOMENTUM:
-            tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
+    full_end = full_blocks_end(start, end, BLOCK)
+    for block_start in range(start, full_end, BLOCK):
+        _sgd_block(param_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                   first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                   DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
+                   first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                   DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def sgd(
@@ -98,6 +112,6 @@ def sgd(
         f64_bits(momentum), f64_bits(dampening),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), HAS_MOMENTUM=has_momentum,
         NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
         CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
     )
