@@ -145,3 +145,14 @@ def test_failed_step_leaves_params_and_state_untouched(backend, device, bad, cls
         opt.step()
     _assert_unchanged(opt, params, snapshot)
     assert not opt.state.get(new)
+
+
+def test_overlapping_parameter_is_refused():
+    base = torch.randn(1, 4)
+    p = base.expand(3, 4)
+    p.requires_grad_()
+    p.grad = torch.ones(3, 4)
+    opt = wdopt.FusedAdamW([p])
+    with pytest.raises(RuntimeError, match="overlapping"):
+        opt.step()
+    assert not opt.state.get(p)

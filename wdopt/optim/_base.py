@@ -121,9 +121,6 @@ class FusedOptimizer(Optimizer):
     #: GradScaler then hands over ``grad_scale``/``found_inf`` and kernels unscale in place.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict[str, Any]):
-        super().__init__(params, defaults)
-
     # ------------------------------------------------------------------ groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -224,6 +221,8 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"gradient dtype {g.dtype} does not match {p.dtype} of {where}")
         if g.device != p.device:
             raise RuntimeError(f"gradient on {g.device} but {where} is on {p.device}")
+        if not p.is_contiguous() and any(size > 1 and stride == 0 for size, stride in zip(p.shape, p.stride())):
+            raise RuntimeError(f"{where} has overlapping memory (an expanded view); it cannot be updated in place")
 
     # ------------------------------------------------------------------ helpers for subclasses
 
