@@ -47,7 +47,7 @@ def test_launch_count_does_not_grow_with_tensor_count(device, cls, kw):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_tensor_tables_are_reused_while_addresses_stay(device):
-    from wdopt.kernels.triton import multi_tensor
+    from wdopt.kernels import tables
 
     shapes = [(7,), (9,)]
     params = clone_leaves(make_params(shapes, torch.float32, device))
@@ -56,9 +56,9 @@ def test_tensor_tables_are_reused_while_addresses_stay(device):
         p.grad = g
     opt = wdopt.FusedLion(params, lr=1e-3, backend="triton")
     opt.step()
-    cached = len(multi_tensor._TABLE_CACHE)
-    tables = list(multi_tensor._TABLE_CACHE.values())
+    cached = len(tables._CACHE)
+    buffers = list(tables._CACHE.values())
     opt.step()
-    assert len(multi_tensor._TABLE_CACHE) == cached
-    assert all(a is b for a, b in zip(tables, multi_tensor._TABLE_CACHE.values()))
+    assert len(tables._CACHE) == cached
+    assert all(a is b for a, b in zip(buffers, tables._CACHE.values()))
     run(opt, params, grad_stream(shapes, 1))  # new gradient tensors: a new table, results still right

@@ -1,35 +1,26 @@
 """Memory movement shared by every Triton optimizer kernel.
 
-A step updates many tensors of one (device, dtype) with one launch: the host packs a device-side
-table with one row per tensor (the addresses of its parameter, gradient and state tensors, any
-per-tensor flags, and its element count in the last column), and a list of work items, one per
-(tensor, chunk) pair. Program ``i`` takes work item ``i``; chunks are CHUNK elements, processed
-BLOCK at a time. The launch count is therefore fixed, whatever the number of tensors.
-
-Tables are cached by their content (addresses, flags, sizes): a training loop whose tensors keep
-their addresses (the caching allocator usually returns the same blocks) re-uploads nothing, and
-CUDA-graph capture works once a step has run before capture.
+The host packs a ``TensorTable`` (wdopt/kernels/tables.py) per (device, dtype) bucket; program
+``i`` takes work item ``i``, a (tensor, chunk) pair; chunks are CHUNK elements, processed BLOCK at
+a time. The launch count is therefore fixed, whatever the number of tensors. The device-side
+helpers below read the table, and apply GradScaler's unscale and the rounding rules.
 """
 
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import tables
 from . import INTERPRETED
 
 #: Work per program. Interpreted programs cost about a millisecond each, so they take bigger chunks.
 CHUNK = 65536 if INTERPRETED else 16384
 #: Element-wise width of one loop iteration on the GPU (num_warps=4: 8 elements per thread).
 GPU_BLOCK = 1024
-
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 32
 
 #: Incremented by every kernel launch; tests read it to check the launch count per step.
 launch_count = 0
@@ -47,49 +38,8 @@ def block_size(max_numel: int) -> int:
     return max(16, min(CHUNK, triton.next_power_of_2(max(max_numel, 1))))
 
 
-class TensorTable:
-    """A device-side table of tensor addresses and sizes, with the work items that cover them.
-
-    ``columns`` are lists of equal length, one entry per tensor: a tensor (its address is stored),
-    an int (stored as is: a flag), or None (0). The element count comes from ``numels``.
-    """
-
-    def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device):
-        self.rows = len(numels)
-        self.ncol = len(columns) + 1
-        self.max_numel = max(numels, default=0)
-        values = []
-        misaligned = 0
-        for r in range(self.rows):
-            for col in columns:
-                v = col[r]
-                if isinstance(v, torch.Tensor):
-                    address = v.data_ptr()
-                    misaligned |= address % 16 if v.dim() else 0
-                    values.append(address)
-                else:
-                    values.append(int(v or 0))
-            values.append(numels[r])
-        #: Every vector-accessed address is 16-byte aligned (torch allocations are; views may not be).
-        self.aligned = not misaligned
-        key = (device, self.ncol, CHUNK, tuple(values))
-        buf = _TABLE_CACHE.get(key)
-        if buf is None:
-            counts = torch.tensor([(n + CHUNK - 1) // CHUNK for n in numels], dtype=torch.int64)
-            rows = torch.repeat_interleave(torch.arange(self.rows, dtype=torch.int64), counts)
-            first = torch.cumsum(counts, 0) - counts
-            chunks = torch.arange(rows.numel(), dtype=torch.int64) - first[rows]
-            work = (rows << 32) | chunks
-            host = torch.cat([torch.tensor(values, dtype=torch.int64), work])
-            buf = host.to(device)
-            _TABLE_CACHE[key] = buf
-            if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-                _TABLE_CACHE.popitem(last=False)
-        else:
-            _TABLE_CACHE.move_to_end(key)
-        self.table = buf[: self.rows * self.ncol]
-        self.work = buf[self.rows * self.ncol :]
-        self.programs = self.work.numel()
+def TensorTable(columns, numels, device) -> tables.TensorTable:
+    return tables.TensorTable(columns, numels, device, CHUNK)
 
 
 def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:

@@ -1,0 +1,50 @@
+// AdamW, the one C++ statement of its math (wdopt/reference/adamw.py is the specification).
+// Used by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) alike.
+#pragma once
+
+#include "hd.h"
+
+namespace wdopt {
+
+// Group hyperparameters, exact (double), as the host receives them.
+struct AdamWHyper {
+  double lr, beta1, beta2, eps, weight_decay, decay_lr_scale;
+};
+
+// Per-tensor scalars for one step, rounded once to the math type T.
+template <typename T> struct AdamWCoefficients {
+  T decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps;
+};
+
+// ``step`` is this tensor's step count after the step (>= 1). Computed in double, as
+// Python computes the reference's scalars, then rounded once.
+template <typename T>
+WDOPT_HD AdamWCoefficients<T> adamw_coefficients(const AdamWHyper& h, double lr, double step) {
+  const double bias_correction1 = 1.0 - pow(h.beta1, step);
+  const double bias_correction2 = 1.0 - pow(h.beta2, step);
+  return AdamWCoefficients<T>{
+      static_cast<T>(1.0 - lr * h.weight_decay * h.decay_lr_scale),
+      static_cast<T>(lr / bias_correction1),
+      static_cast<T>(sqrt(bias_correction2)),
+      static_cast<T>(1.0 - h.beta1),
+      static_cast<T>(h.beta2),
+      static_cast<T>(1.0 - h.beta2),
+      static_cast<T>(h.eps)};
+}
+
+// One element: p, m, v (and v_max with amsgrad) updated in place; g already unscaled/negated.
+template <bool AMSGRAD, typename T>
+WDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& v_max, const AdamWCoefficients<T>& c) {
+  p = p * c.decay;
+  m = m + c.one_minus_beta1 * (g - m);
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  T second_moment = v;
+  if (AMSGRAD) {
+    v_max = max_nan(v_max, v);
+    second_moment = v_max;
+  }
+  const T denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+  p = p - c.step_size * (m / denom);
+}
+
+}  // namespace wdopt

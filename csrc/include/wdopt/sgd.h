@@ -1,0 +1,40 @@
+// SGD with momentum (L2 or decoupled decay), the one C++ statement of its math
+// (wdopt/reference/sgd.py is the specification). Shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "hd.h"
+
+namespace wdopt {
+
+struct SGDHyper {
+  double lr, weight_decay, momentum, dampening, decay_lr_scale;
+  bool nesterov, decoupled;
+};
+
+template <typename T> struct SGDCoefficients {
+  T lr, decay, weight_decay, momentum, one_minus_dampening;
+};
+
+template <typename T>
+WDOPT_HD SGDCoefficients<T> sgd_coefficients(const SGDHyper& h, double lr) {
+  return SGDCoefficients<T>{static_cast<T>(lr), static_cast<T>(1.0 - lr * h.weight_decay * h.decay_lr_scale),
+                            static_cast<T>(h.weight_decay), static_cast<T>(h.momentum),
+                            static_cast<T>(1.0 - h.dampening)};
+}
+
+// One element. ``first_step``: the momentum buffer holds no history yet (b <- g).
+template <bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED, typename T>
+WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients<T>& c) {
+  if (DECOUPLED) {
+    p = p * c.decay;
+  } else {
+    g = g + c.weight_decay * p;
+  }
+  if (HAS_MOMENTUM) {
+    b = first_step ? g : b * c.momentum + c.one_minus_dampening * g;
+    g = NESTEROV ? g + c.momentum * b : b;
+  }
+  p = p - c.lr * g;
+}
+
+}  // namespace wdopt

@@ -1,0 +1,67 @@
+"""Device-side tensor tables: the memory-movement plan shared by the multi-tensor GPU kernels.
+
+A step updates many tensors of one (device, dtype) with one launch: the host packs a table with
+one row per tensor (the addresses of its parameter, gradient and state tensors, any per-tensor
+flags, and its element count in the last column), and a list of work items, one per
+(tensor, chunk) pair encoded as ``row << 32 | chunk``. Program ``i`` takes work item ``i``.
+
+Tables are cached by their content (addresses, flags, sizes): a training loop whose tensors keep
+their addresses (the caching allocator usually returns the same blocks) uploads nothing, and
+CUDA-graph capture works once a step has run before capture.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 32
+
+
+class TensorTable:
+    """A device-side table of tensor addresses and sizes, with the work items that cover them.
+
+    ``columns`` are lists of equal length, one entry per tensor: a tensor (its address is stored),
+    an int (stored as is: a flag), or None (0). The element count comes from ``numels``.
+    """
+
+    def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device, chunk: int):
+        self.rows = len(numels)
+        self.ncol = len(columns) + 1
+        self.max_numel = max(numels, default=0)
+        values = []
+        misaligned = 0
+        for r in range(self.rows):
+            for col in columns:
+                v = col[r]
+                if isinstance(v, torch.Tensor):
+                    address = v.data_ptr()
+                    if v.dim():  # 0-d tensors (step counts) are read as scalars
+                        misaligned |= address % 16
+                    values.append(address)
+                else:
+                    values.append(int(v or 0))
+            values.append(numels[r])
+        #: Every vector-accessed address is 16-byte aligned (torch allocations are; views may not be).
+        self.aligned = not misaligned
+        key = (device, self.ncol, chunk, tuple(values))
+        buf = _CACHE.get(key)
+        if buf is None:
+            counts = torch.tensor([(n + chunk - 1) // chunk for n in numels], dtype=torch.int64)
+            rows = torch.repeat_interleave(torch.arange(self.rows, dtype=torch.int64), counts)
+            first = torch.cumsum(counts, 0) - counts
+            chunks = torch.arange(rows.numel(), dtype=torch.int64) - first[rows]
+            work = (rows << 32) | chunks
+            host = torch.cat([torch.tensor(values, dtype=torch.int64), work])
+            buf = host.to(device)
+            _CACHE[key] = buf
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
+        self.table = buf[: self.rows * self.ncol]
+        self.work = buf[self.rows * self.ncol :]
+        self.programs = self.work.numel()
