@@ -47,7 +47,8 @@ def test_available_backends_and_auto():
     from wdopt.backends import auto_backend
 
     # Tests run Triton on CPU under the interpreter, which "auto" must never pick.
-    assert auto_backend("cpu") == "reference"
+    assert auto_backend("cpu") in ("cpu", "reference")
+    assert auto_backend("cpu") == ("cpu" if "cpu" in wdopt.available_backends("cpu") else "reference")
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert "triton" in wdopt.available_backends("cpu")
     opt = wdopt.FusedAdamW([torch.zeros(2, requires_grad=True)])

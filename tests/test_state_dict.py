@@ -108,4 +108,26 @@ def test_pickled_optimizer_keeps_options():
     opt2 = wdopt.FusedSGD(params, lr=1e-2, momentum=0.9)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     group = opt2.param_groups[0]
-    assert group["decay_scaling"] == "schedule" and group["decoupled_weight_decay"] and group["backend"] == "reference"
+    assert group["decay_scaling"] == "schedule" and group["decoupled_weight_decay"]
+    assert group["backend"] == "auto"  # where to run is this process's choice, not the checkpoint's
+
+
+def test_torch_checkpoint_with_none_momentum_buffer():
+    """torch ≤ 2.0 saved SGD momentum buffers as None before the first step."""
+    p, q = clone_leaves(make_params([(5,)])), clone_leaves(make_params([(5,)]))
+    opt, opt_torch = wdopt.FusedSGD(p, lr=0.1, momentum=0.9), torch.optim.SGD(q, lr=0.1, momentum=0.9, foreach=False)
+    opt.load_state_dict({"state": {0: {"momentum_buffer": None}}, "param_groups": opt.state_dict()["param_groups"]})
+    opt_torch.load_state_dict({"state": {0: {"momentum_buffer": None}}, "param_groups": opt_torch.state_dict()["param_groups"]})
+    run(opt, p, grad_stream([(5,)], 3))
+    run(opt_torch, q, grad_stream([(5,)], 3))
+    assert_same_trajectory(opt, p, opt_torch, q)
+
+
+def test_loading_keeps_this_optimizers_backend():
+    params = clone_leaves(make_params(SHAPES))
+    saved = wdopt.FusedAdamW(params, backend="reference").state_dict()
+    saved["param_groups"][0]["backend"] = "cuda"  # as saved on a GPU machine
+    opt = wdopt.FusedAdamW(params, backend="reference")
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["backend"] == "reference"
+    run(opt, params, grad_stream(SHAPES, 1))

@@ -1,8 +1,8 @@
 """Which backend runs a step: availability checks (cheap, no heavy imports) and loading.
 
 Backends, fastest first where available:
-    "cuda"       C++/CUDA multi-tensor kernels (not part of this version)
-    "cpu"        fused C++ CPU kernels (not part of this version)
+    "cuda"       C++/CUDA multi-tensor kernels (csrc/cuda), in the C++ extension
+    "cpu"        fused C++ CPU kernels (csrc/cpu), in the C++ extension; "auto" on CPU
     "triton"     Triton multi-tensor kernels: CUDA tensors natively; CPU tensors only under the
                  Triton interpreter (TRITON_INTERPRET=1), which is for testing and never chosen by "auto"
     "reference"  the readable per-tensor torch implementation in wdopt.reference (any device)
@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from types import ModuleType
 
 import torch
@@ -22,7 +23,6 @@ import torch
 BACKENDS = ("cuda", "cpu", "triton", "reference")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
-_NOT_BUILT = "the C++ {} backend is not part of this version of wdopt; use backend='triton' or 'reference'"
 
 
 def _device_type(device) -> str:
@@ -52,6 +52,21 @@ def _triton_unavailable(device_type: str) -> str | None:
     return f"Triton does not run on {device_type} tensors"
 
 
+def _cpp_unavailable(backend: str, device_type: str) -> str | None:
+    if backend != device_type:
+        return f"the {backend!r} backend runs on {backend} tensors only"
+    from .kernels import cpp
+
+    reason = cpp.unavailable_reason()
+    if reason is not None or backend == "cpu":
+        return reason
+    if not torch.cuda.is_available():
+        return "torch has no usable CUDA device"
+    if cpp.loaded():
+        return None if cpp.has_cuda_kernels() else "the C++ extension was built without CUDA kernels"
+    return None if cpp.prebuilt_available() else cpp.cuda_buildable()
+
+
 def unavailable_reason(backend: str, device="cpu") -> str | None:
     """None when ``backend`` can run on ``device``, else a sentence saying why not."""
     device_type = _device_type(device)
@@ -60,7 +75,7 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
     if backend == "triton":
         return _triton_unavailable(device_type)
     if backend in ("cpu", "cuda"):
-        return _NOT_BUILT.format(repr(backend))
+        return _cpp_unavailable(backend, device_type)
     raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
 
 
@@ -69,12 +84,24 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 
-def auto_backend(device) -> str:
-    """The fastest available backend for ``device``; never the Triton interpreter."""
+def auto_backend(device, build: bool = True) -> str:
+    """The fastest available backend for ``device``; never the Triton interpreter, and never a
+    multi-minute CUDA build on the first step: "cuda" only once its extension is there.
+    ``build=False`` answers without compiling anything (for reports)."""
+    from .kernels import cpp
+
     device_type = _device_type(device)
     for backend in available_backends(device):
         if backend == "triton" and device_type != "cuda":
             continue
+        if backend == "cuda" and not (cpp.has_cuda_kernels() or cpp.prebuilt_available()):
+            continue
+        if backend in ("cpu", "cuda") and build:
+            try:
+                cpp.load()
+            except RuntimeError as error:
+                warnings.warn(f"wdopt: {error}; falling back to a slower backend", RuntimeWarning, stacklevel=3)
+                continue
         return backend
     return "reference"
 
@@ -92,16 +119,19 @@ def resolve(backend: str, device) -> str:
 
 
 def load(backend: str) -> ModuleType:
-    """The module implementing ``backend`` (imported on first use)."""
+    """The module implementing ``backend`` (imported, or built, on first use)."""
     if backend == "reference":
         return importlib.import_module("wdopt.reference")
     if backend == "triton":
         return importlib.import_module("wdopt.kernels.triton")
-    raise ValueError(_NOT_BUILT.format(repr(backend)))
+    if backend in ("cpu", "cuda"):
+        from .kernels import cpp
+
+        cpp.load()
+        return cpp
+    raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
 
 
 # Dtypes each backend's kernels handle (complex parameters are viewed as real pairs first).
-SUPPORTED_DTYPES = {
-    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = {"reference": _FLOATS, "triton": _FLOATS, "cpu": _FLOATS, "cuda": _FLOATS}

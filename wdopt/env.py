@@ -36,7 +36,7 @@ def report() -> str:
         lines.append("GPU      none visible to torch")
     for device in devices:
         lines.append("")
-        lines.append(f"backends for {device} tensors (auto picks {auto_backend(device)!r}):")
+        lines.append(f"backends for {device} tensors (auto picks {auto_backend(device, build=False)!r}):")
         for backend in BACKENDS:
             reason = unavailable_reason(backend, device)
             lines.append(f"  {backend:<10} {'available' if reason is None else 'unavailable: ' + reason}")

@@ -5,9 +5,10 @@ one row per tensor (the addresses of its parameter, gradient and state tensors, 
 flags, and its element count in the last column), and a list of work items, one per
 (tensor, chunk) pair encoded as ``row << 32 | chunk``. Program ``i`` takes work item ``i``.
 
-Tables are cached by their content (addresses, flags, sizes): a training loop whose tensors keep
-their addresses (the caching allocator usually returns the same blocks) uploads nothing, and
-CUDA-graph capture works once a step has run before capture.
+Each bucket (known by its first address) keeps one table, replaced when its content (addresses,
+flags, sizes) changes: a training loop whose tensors keep their addresses (the caching allocator
+usually returns the same blocks) uploads nothing, any number of buckets coexist without evicting
+each other, and a CUDA graph captured after a warm-up step keeps reading a live table.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Sequence
 
 import torch
 
+# bucket -> (content, device buffer). The bound only guards against endless reallocation.
 _CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 32
+_CACHE_SIZE = 4096
 
 
 class TensorTable:
@@ -47,21 +49,32 @@ class TensorTable:
             values.append(numels[r])
         #: Every vector-accessed address is 16-byte aligned (torch allocations are; views may not be).
         self.aligned = not misaligned
-        key = (device, self.ncol, chunk, tuple(values))
-        buf = _CACHE.get(key)
-        if buf is None:
-            counts = torch.tensor([(n + chunk - 1) // chunk for n in numels], dtype=torch.int64)
-            rows = torch.repeat_interleave(torch.arange(self.rows, dtype=torch.int64), counts)
-            first = torch.cumsum(counts, 0) - counts
-            chunks = torch.arange(rows.numel(), dtype=torch.int64) - first[rows]
-            work = (rows << 32) | chunks
-            host = torch.cat([torch.tensor(values, dtype=torch.int64), work])
-            buf = host.to(device)
-            _CACHE[key] = buf
+        bucket = (device, self.ncol, chunk, values[0] if values else 0)
+        content = tuple(values)
+        cached = _CACHE.get(bucket)
+        if cached is not None and cached[0] == content:
+            _CACHE.move_to_end(bucket)
+            buf = cached[1]
+        else:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "wdopt: the tensors of an optimizer step changed during CUDA graph capture. Run one "
+                    "step before capturing, and keep gradients at fixed addresses (zero_grad(set_to_none=False)).")
+            buf = self._upload(values, numels, chunk, device)
+            _CACHE[bucket] = (content, buf)
             if len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
-        else:
-            _CACHE.move_to_end(key)
         self.table = buf[: self.rows * self.ncol]
         self.work = buf[self.rows * self.ncol :]
         self.programs = self.work.numel()
+
+    @staticmethod
+    def _upload(values: list[int], numels: Sequence[int], chunk: int, device: torch.device) -> torch.Tensor:
+        counts = torch.tensor([(n + chunk - 1) // chunk for n in numels], dtype=torch.int64)
+        rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+        first = torch.cumsum(counts, 0) - counts
+        chunks = torch.arange(rows.numel(), dtype=torch.int64) - first[rows]
+        host = torch.cat([torch.tensor(values, dtype=torch.int64), (rows << 32) | chunks])
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)

@@ -97,6 +97,8 @@ class KernelTensors:
                 self.states[key].append(self._like(t, p, writes=True) if t is not None else None)
 
     def _like(self, t: torch.Tensor, p: torch.Tensor, writes: bool) -> torch.Tensor:
+        if not writes:
+            t = t.resolve_conj().resolve_neg()  # lazily conjugated/negated gradients: materialize
         t = _real(t)
         if t.stride() == p.stride():
             return t
@@ -131,11 +133,23 @@ class FusedOptimizer(Optimizer):
             for p in group["params"]:
                 if not (p.is_floating_point() or p.is_complex()):
                     raise ValueError(f"{type(self).__name__} needs floating-point or complex parameters, got {p.dtype}")
-                backends.resolve(group["backend"], p.device)
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError(f"{type(self).__name__}: a parameter appears twice in one group; "
+                                 "fused kernels update each parameter once per step")
+            for device in {p.device for p in group["params"]}:
+                backends.resolve(group["backend"], device)
         except Exception:
             self.param_groups.pop()
             raise
         group.setdefault("decay_initial_lr", _float(group["lr"]))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # ``backend`` says where this process runs, not how the checkpoint was made: a state dict
+        # saved on a GPU machine ("triton") must load on a CPU one. Keep this optimizer's choice.
+        chosen = [group["backend"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, chosen):
+            group["backend"] = backend
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -176,8 +190,34 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        try:
+            plan = self._plan()
+        except Exception:
+            # GradScaler only removes these after a successful step; stale ones would rescale the next.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
 
-        # Phase 1: check everything, change nothing.
+        # Phase 2: create all missing state, then update bucket by bucket.
+        for group, _, params in plan:
+            for p in params:
+                self._init_state(p, group)
+        for group, backend, params in plan:
+            device = params[0].device
+            self._update(
+                group, backend, params, [p.grad for p in params],
+                _on(grad_scale, device), _on(found_inf, device),
+            )
+        return loss
+
+    def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor]]]:
+        """Phase 1: check everything and change nothing. Returns (group, backend module, params)
+        per (device, dtype) bucket of each group."""
+        if any(group["capturable"] is False for group in self.param_groups):
+            check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
+                getattr(self, "_cuda_graph_capture_health_check", None)
+            if check is not None:
+                check()  # raises during CUDA-graph capture: capture needs capturable=True
         plan = []
         for group_index, group in enumerate(self.param_groups):
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -185,25 +225,39 @@ class FusedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 self._check_grad(p, group_index, param_index)
+                state = self.state.get(p)
+                if state:
+                    self._check_state(p, state, group_index, param_index)
                 buckets[(p.device, p.dtype)].append(p)
             for (device, dtype), params in buckets.items():
                 backend = backends.resolve(group["backend"], device)
                 real_dtype = _real_dtype(dtype)
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
                     raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
-                plan.append((group, backend, params))
+                plan.append((group, backends.load(backend), params))  # may build the C++ extension
             self._check_step_group(group)
+        return plan
 
-        # Phase 2: create state, then update bucket by bucket.
-        for group, backend, params in plan:
-            for p in params:
-                self._init_state(p, group)
-            device = params[0].device
-            self._update(
-                group, backends.load(backend), params, [p.grad for p in params],
-                _on(grad_scale, device), _on(found_inf, device),
-            )
-        return loss
+    #: State tensors shaped like the parameter (subclasses list theirs).
+    _state_tensors: tuple[str, ...] = ()
+
+    def _check_state(self, p: torch.Tensor, state: dict[str, Any], group_index: int, param_index: int) -> None:
+        """Kernels address state through the parameter's shape, dtype and device: refuse state that
+        no longer matches (a model moved with .to() after its first step, a mismatched checkpoint)."""
+        for key in self._state_tensors:
+            t = state.get(key)
+            if t is None:
+                continue
+            if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+                raise RuntimeError(
+                    f"state {key!r} of parameter {param_index} of param group {group_index} is "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}, but the parameter is {p.dtype} "
+                    f"{tuple(p.shape)} on {p.device}; load the state dict again after moving the model")
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32
+                                               or step.numel() != 1):
+            raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} must be a "
+                               f"float32 scalar on {p.device}, got {step.dtype} {tuple(step.shape)} on {step.device}")
 
     def _check_step_group(self, group: dict[str, Any]) -> None:
         """Step-time checks of a group that construction cannot make (e.g. a scheduler's lr)."""

@@ -76,6 +76,8 @@ class FusedAdamW(FusedOptimizer):
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True  # what torch.optim.AdamW's own groups say
 
+    _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def _init_state(self, p, group):
         state = self.state[p]
         if not state:

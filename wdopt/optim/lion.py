@@ -58,6 +58,8 @@ class FusedLion(FusedOptimizer):
                      group["differentiable"])
         group["betas"] = check_betas(group["betas"])
 
+    _state_tensors = ("exp_avg",)
+
     def _init_state(self, p, group):
         state = self.state[p]
         if not state:

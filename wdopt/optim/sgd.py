@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ._base import FusedOptimizer, KernelTensors, check_common
@@ -77,19 +79,23 @@ class FusedSGD(FusedOptimizer):
             raise ValueError("decay_scaling='schedule' applies to decoupled weight decay: "
                              "pass decoupled_weight_decay=True")
 
+    _state_tensors = ("momentum_buffer",)
+
     def _init_state(self, p, group):
         if group["momentum"] == 0:
             return  # torch keeps no state for plain SGD
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            # Zeros, flagged below as "no history yet": the kernel then stores b = g.
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self._fresh_buffers.add(id(state["momentum_buffer"]))
+        if state.get("momentum_buffer") is None:  # torch ≤ 2.0 checkpoints store None
+            # Zeros, flagged as "no history yet": the kernel then stores b = g.
+            buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = buffer
+            self._fresh_buffers[id(buffer)] = weakref.ref(buffer)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf):
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
-        first_steps = [b is not None and id(b) in self._fresh_buffers for b in buffers]
+        fresh = self._fresh_buffers
+        first_steps = [b is not None and (r := fresh.get(id(b))) is not None and r() is b for b in buffers]
         tensors = KernelTensors(params, grads, {"momentum_buffer": buffers})
         backend.sgd(
             tensors.params, tensors.grads, tensors.states["momentum_buffer"], first_steps,
@@ -102,11 +108,16 @@ class FusedSGD(FusedOptimizer):
         tensors.write_back()
         for b in buffers:
             if b is not None:
-                self._fresh_buffers.discard(id(b))
+                fresh.pop(id(b), None)
 
     @property
-    def _fresh_buffers(self) -> set:
-        # Not saved in state dicts: a buffer loaded from a checkpoint always has history.
+    def _fresh_buffers(self) -> dict:
+        """Buffers created this step, by id, with a weak reference that tells a reused id apart.
+        Not saved in state dicts: a buffer loaded from a checkpoint always has history."""
         if "_fresh" not in self.__dict__:
-            self.__dict__["_fresh"] = set()
+            self.__dict__["_fresh"] = {}
         return self.__dict__["_fresh"]
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.pop("_fresh", None)

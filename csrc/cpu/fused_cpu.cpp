@@ -1,0 +1,264 @@
+// Fused CPU kernels for the "cpu" backend: AdamW, SGD and Lion over a list of tensors in one pass
+// over memory and one parallel region per step. The math is csrc/include/wdopt/*.h, shared with
+// the CUDA kernels; this file only moves memory.
+//
+// Parallel plan: the step's elements, concatenated across tensors, are cut into one contiguous
+// range per thread (equal element counts, so a 38M-element embedding and a hundred 768-element
+// norms balance alike); each thread walks its range tensor by tensor with a vectorizable loop.
+// Many small tensors therefore cost one parallel region, not one per tensor.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../include/wdopt/adamw.h"
+#include "../include/wdopt/lion.h"
+#include "../include/wdopt/sgd.h"
+
+// A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
+#define WDOPT_SIMD _Pragma("omp simd")
+
+namespace wdopt::cpu {
+namespace {
+
+// Below this many elements a step runs on the calling thread: a parallel region costs more.
+constexpr int64_t kSerialElements = 1 << 15;
+
+template <bool B> using Bool = std::integral_constant<bool, B>;
+
+template <typename F> void dispatch_bool(bool value, F&& f) {
+  if (value) f(Bool<true>{}); else f(Bool<false>{});
+}
+
+// ------------------------------------------------------------------ checks
+
+void check_list(const at::TensorList& list, const at::TensorList& params, const char* name) {
+  TORCH_CHECK(list.size() == params.size(), "wdopt: ", name, " has ", list.size(), " tensors for ",
+              params.size(), " parameters");
+  for (size_t i = 0; i < list.size(); ++i) {
+    const auto& t = list[i];
+    const auto& p = params[i];
+    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), "wdopt: ", name, "[", i,
+                "] is ", t.scalar_type(), " on ", t.device(), ", parameter ", i, " is ", p.scalar_type(), " on ",
+                p.device());
+    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "wdopt: ", name, "[", i,
+                "] does not have parameter ", i, "'s shape and layout");
+  }
+}
+
+void check_params(const at::TensorList& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device().is_cpu(), "wdopt cpu backend: parameter ", i, " is on ", p.device());
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "wdopt cpu backend: mixed dtypes in one call");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "wdopt cpu backend: parameter ", i,
+                " is not dense; the Python driver passes dense work copies");
+  }
+}
+
+void check_steps(const at::TensorList& steps, const at::TensorList& params) {
+  TORCH_CHECK(steps.size() == params.size(), "wdopt: one step tensor per parameter is needed");
+  for (const auto& s : steps) {
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(),
+                "wdopt: step counts must be float32 CPU scalars");
+  }
+}
+
+// GradScaler skipped this step.
+bool skipped(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<double>() != 0.0;
+}
+
+double read_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
+}
+
+// ------------------------------------------------------------------ the parallel walk
+
+// Calls body(tensor_index, begin, end) over every element of every tensor, split into one
+// contiguous range of equal size per thread.
+template <typename Body> void for_each_range(const at::TensorList& params, const Body& body) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<int64_t> offsets(n + 1, 0);  // prefix sums of element counts
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + params[i].numel();
+  const int64_t total = offsets[n];
+  if (total == 0) return;
+  const int64_t parts = total < kSerialElements ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  auto run_part = [&](int64_t part) {
+    const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
+    int64_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (int64_t pos = begin; pos < end; ++t) {
+      const int64_t stop = std::min(end, offsets[t + 1]);
+      if (stop > pos) body(t, pos - offsets[t], stop - offsets[t]);
+      pos = stop;
+    }
+  };
+  if (parts == 1) {
+    run_part(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t part = first; part < last; ++part) run_part(part);
+    });
+  }
+}
+
+template <typename scalar_t> scalar_t* data(const at::Tensor& t) { return static_cast<scalar_t*>(t.data_ptr()); }
+
+template <typename opmath_t>
+struct GradTransform {
+  opmath_t scale;  // GradScaler's scale (1 without it)
+  bool has_scale, maximize;
+  inline opmath_t operator()(opmath_t g) const {
+    if (has_scale) g = g / scale;
+    return maximize ? -g : g;
+  }
+};
+
+template <typename opmath_t>
+GradTransform<opmath_t> grad_transform(const std::optional<at::Tensor>& grad_scale, bool maximize) {
+  return {grad_scale.has_value() ? static_cast<opmath_t>(grad_scale->item<double>()) : opmath_t(1),
+          grad_scale.has_value(), maximize};
+}
+
+// ------------------------------------------------------------------ AdamW
+
+void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+            at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+            double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
+            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_params(params);
+  check_list(grads, params, "grads");
+  check_list(exp_avgs, params, "exp_avgs");
+  check_list(exp_avg_sqs, params, "exp_avg_sqs");
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  check_steps(steps, params);
+  if (skipped(found_inf)) return;
+  const AdamWHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, decay_lr_scale};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_adamw", [&] {
+    using opmath = opmath_t<scalar_t>;
+    // Per-tensor scalars, once per step; then the steps advance.
+    std::vector<AdamWCoefficients<opmath>> coefficients(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      float* step = data<float>(steps[i]);
+      *step += 1.0f;
+      coefficients[i] = adamw_coefficients<opmath>(hyper, hyper.lr, static_cast<double>(*step));
+    }
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    dispatch_bool(amsgrad, [&](auto AMSGRAD) {
+      for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
+        scalar_t* __restrict__ p = data<scalar_t>(params[t]);
+        const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+        scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
+        scalar_t* __restrict__ v = data<scalar_t>(exp_avg_sqs[t]);
+        scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(max_exp_avg_sqs[t]) : nullptr;
+        const auto c = coefficients[t];
+WDOPT_SIMD
+        for (int64_t i = begin; i < end; ++i) {
+          opmath pi = p[i], mi = m[i], vi = v[i];
+          opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
+          adamw_update<AMSGRAD>(pi, transform(static_cast<opmath>(g[i])), mi, vi, vmi, c);
+          p[i] = pi;
+          m[i] = mi;
+          v[i] = vi;
+          if (AMSGRAD) v_max[i] = vmi;
+        }
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ SGD
+
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const c10::List<bool>& first_steps,
+          double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+          bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
+          const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+          const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const bool has_momentum = momentum != 0.0;
+  check_params(params);
+  check_list(grads, params, "grads");
+  if (has_momentum) {
+    check_list(momentum_buffers, params, "momentum_buffers");
+    TORCH_CHECK(first_steps.size() == params.size(), "wdopt: one first_steps flag per parameter is needed");
+  }
+  if (skipped(found_inf)) return;
+  const std::vector<char> fresh_buffer(first_steps.begin(), first_steps.end());
+  const SGDHyper hyper{read_lr(lr, lr_tensor), weight_decay, momentum, dampening, decay_lr_scale, nesterov,
+                       decoupled_weight_decay};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_sgd", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const auto c = sgd_coefficients<opmath>(hyper, hyper.lr);
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
+      dispatch_bool(nesterov, [&](auto NESTEROV) {
+        dispatch_bool(decoupled_weight_decay, [&](auto DECOUPLED) {
+          for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
+            scalar_t* __restrict__ p = data<scalar_t>(params[t]);
+            const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+            scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(momentum_buffers[t]) : nullptr;
+            const bool first = HAS_MOMENTUM && fresh_buffer[t];
+WDOPT_SIMD
+            for (int64_t i = begin; i < end; ++i) {
+              opmath pi = p[i];
+              opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
+              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, transform(static_cast<opmath>(g[i])), bi, first, c);
+              p[i] = pi;
+              if (HAS_MOMENTUM) b[i] = bi;
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ Lion
+
+void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
+           double beta2, double weight_decay, double decay_lr_scale, bool maximize,
+           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  check_params(params);
+  check_list(grads, params, "grads");
+  check_list(exp_avgs, params, "exp_avgs");
+  if (skipped(found_inf)) return;
+  const LionHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, weight_decay, decay_lr_scale};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_lion", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
+      scalar_t* __restrict__ p = data<scalar_t>(params[t]);
+      const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+      scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
+WDOPT_SIMD
+      for (int64_t i = begin; i < end; ++i) {
+        opmath pi = p[i], mi = m[i];
+        lion_update(pi, transform(static_cast<opmath>(g[i])), mi, c);
+        p[i] = pi;
+        m[i] = mi;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wdopt, CPU, m) {
+  m.impl("adamw_", &adamw_);
+  m.impl("sgd_", &sgd_);
+  m.impl("lion_", &lion_);
+}
+
+}  // namespace wdopt::cpu

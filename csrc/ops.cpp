@@ -1,0 +1,31 @@
+// The torch.library operators behind the "cpu" and "cuda" backends. Their schemas are defined
+// once here; csrc/cpu/ and csrc/cuda/ register the implementations, wdopt/kernels/cpp.py the fake
+// (meta) ones, so torch.compile sees each as an opaque in-place update of the listed tensors.
+//
+// Contract for every call (the Python driver, wdopt/optim/_base.py, guarantees it):
+//   * all tensors of one call are on one device; params, grads and state share one real dtype
+//     (float32, float64, float16 or bfloat16) and, tensor by tensor, one shape and dense layout;
+//   * ``steps`` are float32 0-d tensors on the parameters' device; AdamW advances them;
+//   * ``lr_tensor`` (capturable): when given, lr is read from it on the device instead of ``lr``;
+//   * ``grad_scale``/``found_inf`` (GradScaler): gradients are divided by grad_scale; when
+//     found_inf != 0 nothing at all is written (parameters, state and steps keep their values);
+//   * empty optional lists (``max_exp_avg_sqs`` without amsgrad, ``momentum_buffers`` without
+//     momentum) are passed as [].
+#include <torch/library.h>
+
+TORCH_LIBRARY(wdopt, m) {
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] first_steps, *, "
+      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
+      "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}

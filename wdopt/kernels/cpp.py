@@ -1,0 +1,182 @@
+"""The C++ backends, "cpu" and "cuda": one extension holding the torch.library operators
+``wdopt::adamw_``, ``wdopt::sgd_`` and ``wdopt::lion_`` (schemas in csrc/ops.cpp) with CPU and,
+when built with nvcc against a CUDA torch, CUDA implementations.
+
+The extension comes from ``pip install`` (setup.py builds it when torch is importable at build
+time) or is compiled here on first use with torch's JIT builder and ninja, then cached in
+``TORCH_EXTENSIONS_DIR``. Set ``WDOPT_BUILD_CUDA=0``/``1`` to skip or force the CUDA sources.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+_extension_loaded = False
+_load_error: str | None = None
+
+# Plain IEEE arithmetic, no FMA contraction: the backends agree with the reference bit for bit.
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp-simd"]
+NATIVE_FLAGS = ["-march=native"]  # JIT builds are for this machine only
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+
+
+def source_dir() -> Path | None:
+    """csrc/ of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "_csrc", here.parents[2] / "csrc"):
+        if (candidate / "ops.cpp").exists():
+            return candidate
+    return None
+
+
+def sources(with_cuda: bool) -> list[str]:
+    root = source_dir()
+    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += [*sorted((root / "cuda").glob("*.cu")), *sorted((root / "cuda").glob("*.cpp"))]
+    return [str(f) for f in files]
+
+
+def cuda_buildable() -> str | None:
+    """None when the CUDA sources can be compiled here, else why not."""
+    if os.environ.get("WDOPT_BUILD_CUDA") == "0":
+        return "WDOPT_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return "this torch has no CUDA support"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return "nvcc not found (set CUDA_HOME)"
+    if source_dir() is None or not any((source_dir() / "cuda").glob("*.cu")):
+        return "the CUDA sources are not installed"
+    return None
+
+
+def prebuilt_available() -> bool:
+    return importlib.util.find_spec("wdopt._C") is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be loaded or built here (cheap: builds nothing)."""
+    if _extension_loaded:
+        return None
+    if _load_error is not None:
+        return _load_error
+    if prebuilt_available():
+        return None
+    if source_dir() is None:
+        return "no prebuilt extension and no C++ sources to build one"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def loaded() -> bool:
+    return _extension_loaded
+
+
+def has_cuda_kernels() -> bool:
+    return _extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key("wdopt::adamw_", "CUDA")
+
+
+def load(verbose: bool = False) -> None:
+    """Import the prebuilt extension or JIT-build it; raise RuntimeError saying why not."""
+    global _extension_loaded, _load_error
+    if _extension_loaded:
+        return
+    if _load_error is not None:
+        raise RuntimeError(_load_error)
+    try:
+        if prebuilt_available():
+            torch.ops.load_library(importlib.util.find_spec("wdopt._C").origin)
+        else:
+            reason = unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(reason)
+            from torch.utils.cpp_extension import load as jit_load
+
+            with_cuda = cuda_buildable() is None
+            jit_load(
+                name="wdopt_C_cuda" if with_cuda else "wdopt_C",
+                sources=sources(with_cuda),
+                extra_cflags=CXX_FLAGS + NATIVE_FLAGS,
+                extra_cuda_cflags=NVCC_FLAGS,
+                extra_include_paths=[str(source_dir() / "include")],
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+    except Exception as error:  # a compiler error, a missing tool: remember it, say it once
+        _load_error = f"building the C++ extension failed: {_first_error_line(error)}"
+        raise RuntimeError(_load_error) from error
+    _register_fakes()
+    _extension_loaded = True
+
+
+def _first_error_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines() or [repr(error)]
+    for line in lines:
+        if "error" in line.lower():
+            return line.strip()[:500]
+    return lines[-1].strip()[:500]
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile can trace through a step: each op only
+    mutates its arguments in place and returns nothing."""
+    for name in ("adamw_", "sgd_", "lion_"):
+        qualified = f"wdopt::{name}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"):
+            continue
+
+        def fake(*args, **kwargs):
+            return None
+
+        torch.library.register_fake(qualified)(fake)
+
+
+# ---------------------------------------------------------------- the backend interface
+
+
+def _lr_args(lr):
+    if isinstance(lr, torch.Tensor):
+        return 0.0, lr
+    return float(lr), None
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+          decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None) -> None:
+    lr_value, lr_tensor = _lr_args(lr)
+    torch.ops.wdopt.adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps,
+        lr=lr_value, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_lr_scale=decay_lr_scale,
+        amsgrad=amsgrad, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momentum, dampening, nesterov,
+        decoupled_weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None) -> None:
+    lr_value, lr_tensor = _lr_args(lr)
+    has_momentum = momentum != 0
+    torch.ops.wdopt.sgd_(
+        params, grads, momentum_buffers if has_momentum else [], list(first_steps) if has_momentum else [],
+        lr=lr_value, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
+        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize,
+         grad_scale=None, found_inf=None) -> None:
+    lr_value, lr_tensor = _lr_args(lr)
+    torch.ops.wdopt.lion_(
+        params, grads, exp_avgs, lr=lr_value, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+        decay_lr_scale=decay_lr_scale, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
+        found_inf=found_inf)
