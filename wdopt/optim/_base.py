@@ -8,6 +8,7 @@ optimizer subclasses hold only their hyperparameters, their state layout and one
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -82,6 +83,11 @@ class KernelTensors:
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: dict[str, list]):
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.params, self.grads, self.states = params, grads, states
+        if params[0].is_complex() or not all(map(_plain, params, grads)) or not _plain_states(states):
+            self._adapt(params, grads, states)
+
+    def _adapt(self, params, grads, states) -> None:
         self.params, self.grads = [], []
         self.states = {key: [] for key in states}
         for i, p in enumerate(params):
@@ -111,6 +117,15 @@ class KernelTensors:
     def write_back(self) -> None:
         for original, work in self._write_back:
             original.copy_(work)
+
+
+def _plain(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """The common case, checked fast: contiguous, not lazily negated."""
+    return p.is_contiguous() and g.is_contiguous() and not g.is_neg()
+
+
+def _plain_states(states: dict[str, list]) -> bool:
+    return all(t is None or t.is_contiguous() for values in states.values() for t in values)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -153,6 +168,7 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.pop("_checked", None)  # loaded state is checked again at the next step
         # Groups saved by torch.optim or older wdopt versions lack wdopt's options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -219,17 +235,26 @@ class FusedOptimizer(Optimizer):
             if check is not None:
                 check()  # raises during CUDA-graph capture: capture needs capturable=True
         plan = []
+        state_of = self.state
+        checked = self._checked_state
         for group_index, group in enumerate(self.param_groups):
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for param_index, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                self._check_grad(p, group_index, param_index)
-                state = self.state.get(p)
-                if state:
-                    self._check_state(p, state, group_index, param_index)
-                buckets[(p.device, p.dtype)].append(p)
-            for (device, dtype), params in buckets.items():
+                signature = (p.dtype, p.shape, p.device)
+                if g.is_sparse or (g.dtype, g.shape, g.device) != signature or not p.is_contiguous():
+                    self._check_grad(p, group_index, param_index)  # raises, or accepts a strided layout
+                seen = checked.get(id(p))
+                if seen is None or seen[1] != signature or seen[0]() is not p:
+                    # Existing state is checked against the parameter when either is new or changed.
+                    state = state_of.get(p)
+                    if state:
+                        self._check_state(p, state, group_index, param_index)
+                        checked[id(p)] = (weakref.ref(p), signature)
+                buckets[(signature[0], signature[2])].append(p)
+            for (dtype, device), params in buckets.items():
                 backend = backends.resolve(group["backend"], device)
                 real_dtype = _real_dtype(dtype)
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
@@ -237,6 +262,13 @@ class FusedOptimizer(Optimizer):
                 plan.append((group, backends.load(backend), params))  # may build the C++ extension
             self._check_step_group(group)
         return plan
+
+    @property
+    def _checked_state(self) -> dict:
+        """id(parameter) -> (weak reference, (dtype, shape, device) its state was checked against)."""
+        if "_checked" not in self.__dict__:
+            self.__dict__["_checked"] = {}
+        return self.__dict__["_checked"]
 
     #: State tensors shaped like the parameter (subclasses list theirs).
     _state_tensors: tuple[str, ...] = ()

@@ -6,6 +6,11 @@
     v ← β2·v + (1−β2)·g²
     v_max ← max(v_max, v)              (amsgrad; v_max replaces v below)
     p ← p − (lr/(1−β1^t)) · m / (sqrt(v)/sqrt(1−β2^t) + ε)
+
+Rounding, which every backend reproduces: scalars are computed in double and rounded once to the
+compute dtype; a division of every element by one scalar (the unscale, sqrt(1−β2^t)) is a
+multiplication by that scalar's reciprocal, as in torch.optim; m / denom is a true division; the
+square root is correctly rounded.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 
 import torch
 
-from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
+from ._common import compute_dtype, decay_factor, lerp, reciprocal, scalar, sqrt, step_skipped, unscaled
 
 
 @torch.no_grad()
@@ -48,7 +53,7 @@ def adamw_step(
         v_max = v
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    denom = v_max.sqrt() / scalar(bias_correction2_sqrt, dt) + scalar(eps, dt)
+    denom = sqrt(v_max) * reciprocal(bias_correction2_sqrt, dt) + scalar(eps, dt)
     p = p - scalar(step_size, dt) * (m / denom)
     param.copy_(p)
     exp_avg.copy_(m)

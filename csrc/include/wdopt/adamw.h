@@ -12,8 +12,10 @@ struct AdamWHyper {
 };
 
 // Per-tensor scalars for one step, rounded once to the math type T.
+// inv_bias_correction2_sqrt is 1/sqrt(1−β2^t) computed in T from the T-rounded root: dividing by
+// a scalar is multiplying by its reciprocal, as torch.optim's kernels and the reference do.
 template <typename T> struct AdamWCoefficients {
-  T decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps;
+  T decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
 // ``step`` is this tensor's step count after the step (>= 1). Computed in double, as
@@ -25,7 +27,7 @@ WDOPT_HD AdamWCoefficients<T> adamw_coefficients(const AdamWHyper& h, double lr,
   return AdamWCoefficients<T>{
       static_cast<T>(1.0 - lr * h.weight_decay * h.decay_lr_scale),
       static_cast<T>(lr / bias_correction1),
-      static_cast<T>(sqrt(bias_correction2)),
+      T(1) / static_cast<T>(sqrt(bias_correction2)),
       static_cast<T>(1.0 - h.beta1),
       static_cast<T>(h.beta2),
       static_cast<T>(1.0 - h.beta2),
@@ -43,7 +45,7 @@ WDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& v_max, const AdamWCoefficie
     v_max = max_nan(v_max, v);
     second_moment = v_max;
   }
-  const T denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+  const T denom = sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
   p = p - c.step_size * (m / denom);
 }
 

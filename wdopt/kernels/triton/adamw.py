@@ -24,16 +24,16 @@ ROWS_PER_PROGRAM = 128
 
 
 @triton.jit
-def adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
+def adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD: tl.constexpr, COMPUTE: tl.constexpr):
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
         v_max = tl.maximum(v_max, v)
-        denom = div(sqrt(v_max, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+        denom = sqrt(v_max, COMPUTE) * inv_bias_correction2_sqrt + eps
     else:
-        denom = div(sqrt(v, COMPUTE), bias_correction2_sqrt, COMPUTE) + eps
+        denom = sqrt(v, COMPUTE) * inv_bias_correction2_sqrt + eps
     p = p - step_size * div(m, denom, COMPUTE)
     return p, m, v, v_max
 
@@ -81,7 +81,7 @@ def _adamw_coefficients_kernel(
 
 @triton.jit
 def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
-                 decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr):
     p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
@@ -91,7 +91,7 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     v_max = v
     if AMSGRAD:
         v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
-    p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, bias_correction2_sqrt,
+    p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
     tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
     tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
@@ -116,7 +116,8 @@ def _adamw_kernel(
     max_exp_avg_sq_ptr = tensor_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE, ALIGNED)
     decay = tl.load(coef_ptr + row * NCOEF + 0).to(COMPUTE)
     step_size = tl.load(coef_ptr + row * NCOEF + 1).to(COMPUTE)
-    bias_correction2_sqrt = tl.load(coef_ptr + row * NCOEF + 2).to(COMPUTE)
+    # 1/sqrt(1−β2^t) from the rounded root, as the reference computes it.
+    inv_bias_correction2_sqrt = div(1.0, tl.load(coef_ptr + row * NCOEF + 2).to(COMPUTE), COMPUTE)
     beta1 = f64(beta1_bits)
     beta2 = f64(beta2_bits)
     one_minus_beta1 = (1.0 - beta1).to(COMPUTE)
@@ -128,13 +129,13 @@ def _adamw_kernel(
     for block_start in range(start, full_end, BLOCK):
         _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                      block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                     decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                     decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                      DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
         _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                      offs, offs < end, grad_scale_ptr,
-                     decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                     decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                      DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
 
 

@@ -49,8 +49,9 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         return
     launch_count += 1
     if device.type == "cuda":
+        # No FMA contraction: the kernels then round exactly as the reference does.
         with torch.cuda.device(device):
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*args, enable_fp_fusion=False, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
 
@@ -111,8 +112,8 @@ def work_item(table_ptr, work_ptr, found_inf_ptr, NCOL: tl.constexpr, CHUNK: tl.
 @triton.jit
 def unscale(g, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient as the optimizer sees it: unscaled (GradScaler) and negated (maximize)."""
-    if HAS_GRAD_SCALE:
-        g = div(g, tl.load(grad_scale_ptr).to(COMPUTE), COMPUTE)
+    if HAS_GRAD_SCALE:  # times the scale's reciprocal, as the reference does
+        g = g * div(1.0, tl.load(grad_scale_ptr).to(COMPUTE), COMPUTE)
     if MAXIMIZE:
         g = -g
     return g
