@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One-shot check on a machine with one CUDA GPU (torch with CUDA, triton, nvcc; no network):
+#
+#     benchmarks/gpu_check.sh OUTDIR
+#
+# Steps, in order: nvidia-smi, build (JIT-builds the C++/CUDA extension), env (versions and
+# backends, after the build so the CUDA backend shows), tests (the suite, which parametrizes over
+# the CUDA backends when a GPU is present), bench. Each step runs under `timeout`, its output is
+# streamed to OUTDIR/<step>.log, and its exit code and duration are appended to OUTDIR/summary.txt
+# as soon as it finishes. A failing step never stops the later ones. The caps below fit the whole
+# script in 4 minutes on an H100; a global deadline trims the last steps if earlier ones ran long.
+# Each cap can be overridden from the environment (e.g. GPU_CHECK_TESTS_S=300).
+#
+# Exit status: 0 when every step succeeded, 1 otherwise, 2 on a usage error.
+
+set -u
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+
+OUTDIR=$1
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR=$(cd "$OUTDIR" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+BUDGET_S=${GPU_CHECK_BUDGET_S:-230}
+START=$(date +%s)
+SUMMARY="$OUTDIR/summary.txt"
+{
+    echo "# gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+    echo "# git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "# step rc seconds (rc 124: timed out, 125: skipped, out of budget)"
+} >"$SUMMARY"
+FAILED=0
+
+# step NAME CAP_SECONDS COMMAND...: run COMMAND under timeout (the cap, or what is left of the
+# budget), stream its output to NAME.log, record its exit code.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    local limit=$((cap < left ? cap : left))
+    local log="$OUTDIR/$name.log"
+    local t0 rc
+    t0=$(date +%s)
+    if [ "$left" -lt 5 ]; then
+        echo "skipped: the ${BUDGET_S}s budget is spent" | tee "$log"
+        rc=125
+    else
+        echo "== $name (limit ${limit}s): $*"
+        { echo "\$ $*"; echo; } >"$log"
+        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" -eq 124 ] && echo "TIMEOUT after ${limit}s" | tee -a "$log"
+    fi
+    echo "$name $rc $(($(date +%s) - t0))" >>"$SUMMARY"
+    [ "$rc" -eq 0 ] || FAILED=1
+}
+
+step nvidia-smi "${GPU_CHECK_SMI_S:-15}" \
+    bash -c 'nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv && nvcc --version'
+step build "${GPU_CHECK_BUILD_S:-90}" \
+    python -c "import wdopt.kernels.cpp as c; c.load(verbose=True)"
+step env "${GPU_CHECK_ENV_S:-20}" \
+    python -m wdopt.env
+step tests "${GPU_CHECK_TESTS_S:-75}" \
+    python -m pytest -q -x -p no:cacheprovider tests
+step bench "${GPU_CHECK_BENCH_S:-45}" \
+    python -m wdopt.bench --device cuda --out "$OUTDIR/bench"
+
+echo "# total $(($(date +%s) - START)) s" >>"$SUMMARY"
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$FAILED"

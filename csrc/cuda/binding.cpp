@@ -1,0 +1,281 @@
+// CUDA implementations of the wdopt operators declared in csrc/ops.cpp: checks the call contract,
+// turns the tensors into the plain pointer tables of launchers.h and launches on the current
+// stream of the tensors' device. No kernel code here (csrc/cuda/kernels.cu), no torch there.
+//
+// Only c10/cuda headers are included (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE and
+// cuBLAS headers): the stream and the device guard are all this file needs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "launchers.h"
+
+namespace {
+
+namespace wc = wdopt::cuda;
+
+wc::DType storage_dtype(const char* op, const at::Tensor& p) {
+  switch (p.scalar_type()) {
+    case at::kFloat: return wc::DType::Float32;
+    case at::kDouble: return wc::DType::Float64;
+    case at::kHalf: return wc::DType::Float16;
+    case at::kBFloat16: return wc::DType::BFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": the CUDA kernels take float32, float64, float16 or bfloat16 parameters, got ",
+              p.scalar_type());
+  return wc::DType::Float32;  // not reached
+}
+
+// All parameters on one CUDA device, of one supported dtype, dense (their elements fill one block
+// of memory, which the kernels walk as a flat array).
+void check_params(const char* op, at::TensorList params) {
+  const at::Tensor& p0 = params[0];
+  TORCH_CHECK(p0.defined() && p0.is_cuda(), op, ": the CUDA implementation needs CUDA tensors, params[0] is ",
+              p0.defined() ? p0.device().str() : std::string("undefined"));
+  storage_dtype(op, p0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.device() == p0.device(), op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+                p0.device(), "; one call takes the tensors of one device");
+    TORCH_CHECK(p.scalar_type() == p0.scalar_type(), op, ": params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", p0.scalar_type(), "; one call takes the tensors of one dtype");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] (shape ", p.sizes(), ", strides ",
+                p.strides(), ") is not dense; the kernels update dense tensors only");
+  }
+}
+
+// Element k of ``t``'s memory is element k of ``p``'s: same shape, same strides where it matters.
+bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  if (t.sizes() != p.sizes()) return false;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.size(d) > 1 && t.stride(d) != p.stride(d)) return false;
+  }
+  return true;
+}
+
+// A tensor list that goes with the parameters: one tensor per parameter, same device, dtype,
+// shape and layout.
+void check_like(const char* op, const char* name, at::TensorList list, at::TensorList params) {
+  TORCH_CHECK(list.size() == params.size(), op, ": expected ", params.size(), " ", name, " (one per parameter), got ",
+              list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+    TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
+                "] is on ", p.device());
+    TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] is ", t.scalar_type(), " but params[",
+                i, "] is ", p.scalar_type(), "; parameters, gradients and state share one dtype");
+    TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
+                "] has shape ", p.sizes());
+    TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has strides ", t.strides(), " but params[", i,
+                "] has strides ", p.strides(), "; the kernels need one memory layout per parameter");
+  }
+}
+
+// An optional one-element float32/float64 tensor on ``device``, read by the kernels.
+wc::DeviceScalar device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                               const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the parameters are on ", device);
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t->scalar_type());
+  return wc::DeviceScalar{t->const_data_ptr(), t->scalar_type() == at::kDouble};
+}
+
+wc::GradOptions grad_options(const char* op, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, bool maximize, const at::Device& device) {
+  wc::GradOptions g;
+  g.grad_scale = device_scalar(op, "grad_scale", grad_scale, device);
+  g.found_inf = device_scalar(op, "found_inf", found_inf, device);
+  g.maximize = maximize;
+  return g;
+}
+
+std::vector<void*> mutable_pointers(at::TensorList list) {
+  std::vector<void*> out;
+  out.reserve(list.size());
+  for (const at::Tensor& t : list) out.push_back(t.mutable_data_ptr());
+  return out;
+}
+
+std::vector<const void*> const_pointers(at::TensorList list) {
+  std::vector<const void*> out;
+  out.reserve(list.size());
+  for (const at::Tensor& t : list) out.push_back(t.const_data_ptr());
+  return out;
+}
+
+std::vector<int64_t> numels(at::TensorList params) {
+  std::vector<int64_t> out;
+  out.reserve(params.size());
+  for (const at::Tensor& p : params) out.push_back(p.numel());
+  return out;
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// ------------------------------------------------------------------------------------ operators
+
+void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
+                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "wdopt::adamw_";
+  if (params.empty()) return;
+  check_params(op, params);
+  check_like(op, "grads", grads, params);
+  check_like(op, "exp_avgs", exp_avgs, params);
+  check_like(op, "exp_avg_sqs", exp_avg_sqs, params);
+  if (amsgrad) {
+    check_like(op, "max_exp_avg_sqs", max_exp_avg_sqs, params);
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad, got ",
+                max_exp_avg_sqs.size(), " tensors");
+  }
+  const at::Device device = params[0].device();
+  TORCH_CHECK(steps.size() == params.size(), op, ": expected ", params.size(), " steps (one per parameter), got ",
+              steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined(), op, ": steps[", i, "] is undefined");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == device, op, ": steps[", i,
+                "] must be a one-element float32 tensor on ", device, " (the parameters' device), got ",
+                s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
+  }
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto n = static_cast<int64_t>(params.size());
+  const std::vector<int64_t> sizes = numels(params);
+  const std::vector<void*> p = mutable_pointers(params), m = mutable_pointers(exp_avgs),
+                           v = mutable_pointers(exp_avg_sqs), vmax = mutable_pointers(max_exp_avg_sqs);
+  const std::vector<const void*> g = const_pointers(grads);
+  std::vector<float*> step;
+  step.reserve(steps.size());
+  for (const at::Tensor& s : steps) step.push_back(s.mutable_data_ptr<float>());
+  // Per-tensor coefficients of this step, written by the first kernel and read by the second; the
+  // caching allocator recycles the block only after work queued on this stream (graph-safe too).
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(wc::adamw_scratch_bytes(n))},
+                                       params[0].options().dtype(at::kByte));
+
+  wc::AdamWArgs a;
+  a.dtype = storage_dtype(op, params[0]);
+  a.n_tensors = n;
+  a.numels = sizes.data();
+  a.params = p.data();
+  a.grads = g.data();
+  a.exp_avgs = m.data();
+  a.exp_avg_sqs = v.data();
+  a.max_exp_avg_sqs = amsgrad ? vmax.data() : nullptr;
+  a.steps = step.data();
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.decay_lr_scale = decay_lr_scale;
+  a.amsgrad = amsgrad;
+  a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
+  a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  a.scratch = scratch.mutable_data_ptr();
+  check_launch(op, wc::adamw(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+}
+
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              const c10::List<bool>& first_steps, double lr, double weight_decay, double momentum, double dampening,
+              bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
+              const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "wdopt::sgd_";
+  if (params.empty()) return;
+  check_params(op, params);
+  check_like(op, "grads", grads, params);
+  const bool has_momentum = momentum != 0;
+  if (has_momentum) {
+    check_like(op, "momentum_buffers", momentum_buffers, params);
+  } else {
+    TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty without momentum, got ",
+                momentum_buffers.size(), " tensors");
+  }
+  TORCH_CHECK(first_steps.size() == params.size() || (!has_momentum && first_steps.empty()), op, ": expected ",
+              params.size(), " first_steps (one per parameter), got ", first_steps.size());
+  const at::Device device = params[0].device();
+
+  const c10::cuda::CUDAGuard guard(device);
+  const std::vector<int64_t> sizes = numels(params);
+  const std::vector<void*> p = mutable_pointers(params), b = mutable_pointers(momentum_buffers);
+  const std::vector<const void*> g = const_pointers(grads);
+  std::vector<uint8_t> first(params.size(), 0);
+  for (size_t i = 0; i < first_steps.size(); ++i) first[i] = first_steps.get(i) ? 1 : 0;
+
+  wc::SGDArgs a;
+  a.dtype = storage_dtype(op, params[0]);
+  a.n_tensors = static_cast<int64_t>(params.size());
+  a.numels = sizes.data();
+  a.params = p.data();
+  a.grads = g.data();
+  a.momentum_buffers = has_momentum ? b.data() : nullptr;
+  a.first_steps = first.data();
+  a.lr = lr;
+  a.weight_decay = weight_decay;
+  a.momentum = momentum;
+  a.dampening = dampening;
+  a.decay_lr_scale = decay_lr_scale;
+  a.nesterov = nesterov;
+  a.decoupled_weight_decay = decoupled_weight_decay;
+  a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
+  a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  check_launch(op, wc::sgd(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+}
+
+void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
+               double beta2, double weight_decay, double decay_lr_scale, bool maximize,
+               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "wdopt::lion_";
+  if (params.empty()) return;
+  check_params(op, params);
+  check_like(op, "grads", grads, params);
+  check_like(op, "exp_avgs", exp_avgs, params);
+  const at::Device device = params[0].device();
+
+  const c10::cuda::CUDAGuard guard(device);
+  const std::vector<int64_t> sizes = numels(params);
+  const std::vector<void*> p = mutable_pointers(params), m = mutable_pointers(exp_avgs);
+  const std::vector<const void*> g = const_pointers(grads);
+
+  wc::LionArgs a;
+  a.dtype = storage_dtype(op, params[0]);
+  a.n_tensors = static_cast<int64_t>(params.size());
+  a.numels = sizes.data();
+  a.params = p.data();
+  a.grads = g.data();
+  a.exp_avgs = m.data();
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.weight_decay = weight_decay;
+  a.decay_lr_scale = decay_lr_scale;
+  a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
+  a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  check_launch(op, wc::lion(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wdopt, CUDA, m) {
+  m.impl("adamw_", &adamw_cuda);
+  m.impl("sgd_", &sgd_cuda);
+  m.impl("lion_", &lion_cuda);
+}

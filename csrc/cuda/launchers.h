@@ -1,0 +1,97 @@
+// Host entry points of the CUDA kernels (csrc/cuda/kernels.cu), free of torch headers so that the
+// kernels build with nvcc alone and the torch glue (csrc/cuda/binding.cpp) builds with the host
+// compiler alone.
+//
+// Every launcher updates ``n_tensors`` tensors of one device and one storage dtype, in as few
+// launches as the kernel-argument budget allows (one or two for a typical model), on ``stream``
+// and without synchronizing it or copying anything from the host: a launch sequence is safe to
+// capture in a CUDA graph, and replays read lr, steps, grad_scale and found_inf from the device.
+//
+// Pointer tables are host arrays of ``n_tensors`` device addresses; tensor i of every table is
+// the same parameter, with ``numels[i]`` elements laid out identically (dense, same strides).
+// The launchers return the first CUDA error met (launch errors only: kernels run asynchronously).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace wdopt {
+namespace cuda {
+
+// The storage dtype of every tensor of a call (parameters, gradients and state alike). Math is in
+// fp32 for Float32, Float16 and BFloat16, in fp64 for Float64; results are rounded to the storage
+// dtype to nearest even.
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// A one-element float32 or float64 tensor read by the kernels on the device (never by the host).
+struct DeviceScalar {
+  const void* ptr = nullptr;  // nullptr: absent
+  bool is_double = false;     // float64 if true, else float32
+};
+
+// What every optimizer call shares: GradScaler's unscale/skip and maximize.
+struct GradOptions {
+  DeviceScalar grad_scale;  // gradients are multiplied by its reciprocal (in the math dtype)
+  DeviceScalar found_inf;   // when present and != 0, nothing at all is written
+  bool maximize = false;    // gradients are negated (after unscaling)
+};
+
+struct AdamWArgs {
+  DType dtype = DType::Float32;
+  int64_t n_tensors = 0;
+  const int64_t* numels = nullptr;
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* exp_avgs = nullptr;
+  void* const* exp_avg_sqs = nullptr;
+  void* const* max_exp_avg_sqs = nullptr;  // read only with amsgrad
+  float* const* steps = nullptr;           // float32 scalars, advanced by one unless found_inf
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, decay_lr_scale = 1;
+  bool amsgrad = false;
+  DeviceScalar lr_tensor;  // capturable: when present, lr is read from it instead of ``lr``
+  GradOptions grad;
+  // Device memory of at least adamw_scratch_bytes(n_tensors) bytes, 16-byte aligned, usable on
+  // ``stream`` (e.g. from the caching allocator): per-tensor coefficients of this step.
+  void* scratch = nullptr;
+};
+
+struct SGDArgs {
+  DType dtype = DType::Float32;
+  int64_t n_tensors = 0;
+  const int64_t* numels = nullptr;
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* momentum_buffers = nullptr;  // read only when momentum != 0
+  const uint8_t* first_steps = nullptr;     // per tensor, 1: the buffer has no history (b <- g)
+  double lr = 0, weight_decay = 0, momentum = 0, dampening = 0, decay_lr_scale = 1;
+  bool nesterov = false, decoupled_weight_decay = false;
+  DeviceScalar lr_tensor;
+  GradOptions grad;
+};
+
+struct LionArgs {
+  DType dtype = DType::Float32;
+  int64_t n_tensors = 0;
+  const int64_t* numels = nullptr;
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* exp_avgs = nullptr;
+  double lr = 0, beta1 = 0, beta2 = 0, weight_decay = 0, decay_lr_scale = 1;
+  DeviceScalar lr_tensor;
+  GradOptions grad;
+};
+
+// Bytes of device scratch an AdamW call of ``n_tensors`` tensors needs.
+size_t adamw_scratch_bytes(int64_t n_tensors);
+
+cudaError_t adamw(const AdamWArgs& args, cudaStream_t stream);
+cudaError_t sgd(const SGDArgs& args, cudaStream_t stream);
+cudaError_t lion(const LionArgs& args, cudaStream_t stream);
+
+// Kernel launches made by this process so far (all launchers); tests check launches per step.
+int64_t launch_count();
+
+}  // namespace cuda
+}  // namespace wdopt
