@@ -1,10 +1,60 @@
-"""Build script. Metadata lives in pyproject.toml; this file exists for native extensions.
+"""Build script: metadata lives in pyproject.toml; this file adds the C++/CUDA extension.
 
-The package is pure Python today: the Triton kernels compile at first use. The C++ CPU/CUDA
-extensions (csrc/) are added here with torch.utils.cpp_extension when they land, built against
-the torch already installed.
+The extension (csrc/) is built here when torch is importable at build time, i.e. with
+``pip install --no-build-isolation .`` in an environment that has torch: it must be built against
+the torch it will run with, and a build must never download another torch. Otherwise the package
+installs as pure Python and the first step on a "cpu"/"cuda" backend JIT-builds the same sources
+with ninja (wdopt/kernels/cpp.py), cached in TORCH_EXTENSIONS_DIR.
+
+Environment:
+    WDOPT_BUILD_EXT=0|1   skip the extension, or require it (fail without torch/compiler)
+    WDOPT_BUILD_CUDA=0|1  skip or require the CUDA kernels (default: when torch has CUDA and nvcc exists)
+    MAX_JOBS              parallel compile jobs (honoured by torch's BuildExtension)
 """
 
-from setuptools import setup
+import glob
+import os
 
-setup()
+from setuptools import find_packages, setup
+
+# The sources travel inside the package too, so an install without a prebuilt extension can JIT-build.
+CSRC_PACKAGE = {"wdopt._csrc": "csrc"}
+CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "include/wdopt/*.h"]}
+
+
+def extension():
+    wanted = os.environ.get("WDOPT_BUILD_EXT", "auto")
+    if wanted == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        if wanted == "1":
+            raise RuntimeError("WDOPT_BUILD_EXT=1 needs torch at build time: pip install --no-build-isolation .")
+        return [], {}
+    cuda_wanted = os.environ.get("WDOPT_BUILD_CUDA", "auto")
+    with_cuda = cuda_wanted != "0" and torch.version.cuda is not None and CUDA_HOME is not None
+    if cuda_wanted == "1" and not with_cuda:
+        raise RuntimeError("WDOPT_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME)")
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # Plain IEEE arithmetic (no FMA contraction) so every backend rounds as the reference does;
+    # portable code generation: a wheel may run on another CPU than the one that built it.
+    flags = {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]}
+    kind = CppExtension
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        flags["nvcc"] = ["-O3", "--fmad=false"]
+        kind = CUDAExtension
+    ext = kind("wdopt._C", sources, include_dirs=[os.path.abspath("csrc/include")], extra_compile_args=flags)
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = extension()
+setup(
+    packages=find_packages(include=["wdopt", "wdopt.*"]) + list(CSRC_PACKAGE),
+    package_dir=CSRC_PACKAGE,
+    package_data=CSRC_DATA,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -91,6 +91,11 @@ def auto_backend(device, build: bool = True) -> str:
     from .kernels import cpp
 
     device_type = _device_type(device)
+    if device_type == "cpu" and build:
+        reason = unavailable_reason("cpu", "cpu")
+        if reason is not None:
+            _warn_once(f"wdopt: the fused C++ CPU kernels are unavailable ({reason}); "
+                       "using the slower reference backend")
     for backend in available_backends(device):
         if backend == "triton" and device_type != "cuda":
             continue
@@ -100,10 +105,19 @@ def auto_backend(device, build: bool = True) -> str:
             try:
                 cpp.load()
             except RuntimeError as error:
-                warnings.warn(f"wdopt: {error}; falling back to a slower backend", RuntimeWarning, stacklevel=3)
+                _warn_once(f"wdopt: {error}; falling back to a slower backend")
                 continue
         return backend
     return "reference"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def resolve(backend: str, device) -> str:

@@ -20,6 +20,19 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _extension_status() -> str:
+    from .kernels import cpp
+
+    if cpp.prebuilt_available():
+        return "prebuilt by pip install (wdopt._C)"
+    reason = cpp.unavailable_reason()
+    if reason is not None:
+        return f"not available: {reason}"
+    cuda = cpp.cuda_buildable()
+    return ("JIT: compiled with ninja by the first step on a 'cpu'/'cuda' backend, then cached; "
+            + ("CUDA kernels included" if cuda is None else f"CPU only ({cuda})"))
+
+
 def report() -> str:
     lines = [
         f"wdopt    {__version__}",
@@ -28,6 +41,7 @@ def report() -> str:
         f"triton   {_version('triton')}",
         f"numpy    {_version('numpy')}",
     ]
+    lines.append(f"C++ ext  {_extension_status()}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
