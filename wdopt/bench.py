@@ -606,12 +606,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-slow", action="store_true", help=f"do not time {', '.join(SLOW_COMPETITORS)}")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of torch's foreach step (compiling takes about a minute on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's own choice). On a shared "
+                             "CPU, 1 avoids OpenMP regions stalling on a thread another process descheduled")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<UTC timestamp>)")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.iters < 1 or args.slow_iters < 1:
         parser.error("--warmup, --iters and --slow-iters must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.out is None:
         args.out = Path("runs") / f"bench-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
     return args
@@ -620,6 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = environment(args.device, argv)
     cpu_start = cpu_snapshot()
     optimizers = OPTIMIZERS if args.optimizer == "all" else (args.optimizer,)
