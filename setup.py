@@ -40,13 +40,17 @@ def extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # Plain IEEE arithmetic (no FMA contraction) so every backend rounds as the reference does;
     # portable code generation: a wheel may run on another CPU than the one that built it.
-    flags = {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]}
+    flags = {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]}
     kind = CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         flags["nvcc"] = ["-O3", "--fmad=false"]
         kind = CUDAExtension
-    ext = kind("wdopt._C", sources, include_dirs=[os.path.abspath("csrc/include")], extra_compile_args=flags)
+    # at::parallel_for is inline OpenMP: link torch's own OpenMP runtime (one thread pool).
+    bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    link = [f"-l:{os.path.basename(bundled[0])}"] if bundled else ["-lgomp"]
+    ext = kind("wdopt._C", sources, include_dirs=[os.path.abspath("csrc/include")], extra_compile_args=flags,
+               extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

@@ -81,10 +81,13 @@ class KernelTensors:
     whose layout differs, is copied into a dense work tensor and written back by ``write_back``.
     """
 
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: dict[str, list]):
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: dict[str, list],
+                 plain: bool = False):
+        """``plain``: the caller checked that every tensor is real, contiguous and not a lazy
+        negation, so they are used as they are (the common case, with no per-tensor work)."""
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.params, self.grads, self.states = params, grads, states
-        if params[0].is_complex() or not all(map(_plain, params, grads)) or not _plain_states(states):
+        if not plain:
             self._adapt(params, grads, states)
 
     def _adapt(self, params, grads, states) -> None:
@@ -117,15 +120,6 @@ class KernelTensors:
     def write_back(self) -> None:
         for original, work in self._write_back:
             original.copy_(work)
-
-
-def _plain(p: torch.Tensor, g: torch.Tensor) -> bool:
-    """The common case, checked fast: contiguous, not lazily negated."""
-    return p.is_contiguous() and g.is_contiguous() and not g.is_neg()
-
-
-def _plain_states(states: dict[str, list]) -> bool:
-    return all(t is None or t.is_contiguous() for values in states.values() for t in values)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -187,8 +181,8 @@ class FusedOptimizer(Optimizer):
         """Create any missing state of ``p`` (lazily, at its first step), with torch's names."""
         raise NotImplementedError
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf) -> None:
-        """Run one step of ``backend`` on a bucket of one device and dtype."""
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain) -> None:
+        """Run one step of ``backend`` on a bucket of one device and dtype (``plain``: see _plan)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the step
@@ -215,20 +209,21 @@ class FusedOptimizer(Optimizer):
             raise
 
         # Phase 2: create all missing state, then update bucket by bucket.
-        for group, _, params in plan:
+        for group, _, params, _ in plan:
             for p in params:
                 self._init_state(p, group)
-        for group, backend, params in plan:
+        for group, backend, params, plain in plan:
             device = params[0].device
             self._update(
                 group, backend, params, [p.grad for p in params],
-                _on(grad_scale, device), _on(found_inf, device),
+                _on(grad_scale, device), _on(found_inf, device), plain,
             )
         return loss
 
-    def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor]]]:
-        """Phase 1: check everything and change nothing. Returns (group, backend module, params)
-        per (device, dtype) bucket of each group."""
+    def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
+        """Phase 1: check everything and change nothing. Returns (group, backend module, params,
+        plain) per (device, dtype) bucket of each group; plain: every tensor of the bucket is
+        real, contiguous and eager, so kernels take them as they are."""
         if any(group["capturable"] is False for group in self.param_groups):
             check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
                 getattr(self, "_cuda_graph_capture_health_check", None)
@@ -239,27 +234,37 @@ class FusedOptimizer(Optimizer):
         checked = self._checked_state
         for group_index, group in enumerate(self.param_groups):
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            not_plain = set()
             for param_index, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
                 signature = (p.dtype, p.shape, p.device)
-                if g.is_sparse or (g.dtype, g.shape, g.device) != signature or not p.is_contiguous():
+                contiguous = p.is_contiguous()
+                if g.is_sparse or (g.dtype, g.shape, g.device) != signature or not contiguous:
                     self._check_grad(p, group_index, param_index)  # raises, or accepts a strided layout
                 seen = checked.get(id(p))
-                if seen is None or seen[1] != signature or seen[0]() is not p:
+                if seen is not None and seen[1] == signature and seen[0]() is p:
+                    plain_state = seen[2]
+                else:
                     # Existing state is checked against the parameter when either is new or changed.
                     state = state_of.get(p)
+                    plain_state = True  # state made at this step copies the parameter's layout
                     if state:
-                        self._check_state(p, state, group_index, param_index)
-                        checked[id(p)] = (weakref.ref(p), signature)
-                buckets[(signature[0], signature[2])].append(p)
-            for (dtype, device), params in buckets.items():
+                        plain_state = self._check_state(p, state, group_index, param_index)
+                        checked[id(p)] = (weakref.ref(p), signature, plain_state)
+                key = (signature[0], signature[2])
+                buckets[key].append(p)
+                if not (contiguous and plain_state and g.is_contiguous() and not g.is_neg()):
+                    not_plain.add(key)
+            for key, params in buckets.items():
+                dtype, device = key
                 backend = backends.resolve(group["backend"], device)
                 real_dtype = _real_dtype(dtype)
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
                     raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
-                plan.append((group, backends.load(backend), params))  # may build the C++ extension
+                plain = key not in not_plain and not dtype.is_complex
+                plan.append((group, backends.load(backend), params, plain))  # may build the C++ extension
             self._check_step_group(group)
         return plan
 
@@ -273,13 +278,16 @@ class FusedOptimizer(Optimizer):
     #: State tensors shaped like the parameter (subclasses list theirs).
     _state_tensors: tuple[str, ...] = ()
 
-    def _check_state(self, p: torch.Tensor, state: dict[str, Any], group_index: int, param_index: int) -> None:
+    def _check_state(self, p: torch.Tensor, state: dict[str, Any], group_index: int, param_index: int) -> bool:
         """Kernels address state through the parameter's shape, dtype and device: refuse state that
-        no longer matches (a model moved with .to() after its first step, a mismatched checkpoint)."""
+        no longer matches (a model moved with .to() after its first step, a mismatched checkpoint).
+        Returns whether every state tensor is contiguous."""
+        contiguous = True
         for key in self._state_tensors:
             t = state.get(key)
             if t is None:
                 continue
+            contiguous = contiguous and t.is_contiguous()
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise RuntimeError(
                     f"state {key!r} of parameter {param_index} of param group {group_index} is "
@@ -290,6 +298,7 @@ class FusedOptimizer(Optimizer):
                                                or step.numel() != 1):
             raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} must be a "
                                f"float32 scalar on {p.device}, got {step.dtype} {tuple(step.shape)} on {step.device}")
+        return contiguous
 
     def _check_step_group(self, group: dict[str, Any]) -> None:
         """Step-time checks of a group that construction cannot make (e.g. a scheduler's lr)."""

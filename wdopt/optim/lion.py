@@ -65,8 +65,8 @@ class FusedLion(FusedOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf):
-        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]})
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]}, plain)
         beta1, beta2 = group["betas"]
         backend.lion(
             tensors.params, tensors.grads, tensors.states["exp_avg"],

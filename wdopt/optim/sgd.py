@@ -91,12 +91,12 @@ class FusedSGD(FusedOptimizer):
             state["momentum_buffer"] = buffer
             self._fresh_buffers[id(buffer)] = weakref.ref(buffer)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
         fresh = self._fresh_buffers
         first_steps = [b is not None and (r := fresh.get(id(b))) is not None and r() is b for b in buffers]
-        tensors = KernelTensors(params, grads, {"momentum_buffer": buffers})
+        tensors = KernelTensors(params, grads, {"momentum_buffer": buffers}, plain)
         backend.sgd(
             tensors.params, tensors.grads, tensors.states["momentum_buffer"], first_steps,
             lr=self._lr(group, params[0].device), weight_decay=group["weight_decay"],
