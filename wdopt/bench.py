@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime as _dt
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -34,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .env import package_version
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
 PUBLIC_SHAPE_SETS = ("gpt2", "resnet50", "many-small")
@@ -433,13 +434,6 @@ def _add_ratios(rows: list[Row]) -> None:
 
 # ----------------------------------------------------------------------------- reporting
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -502,7 +496,7 @@ def environment(device: str, argv: list[str]) -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "numpy": np.__version__,
         "wdopt": wdopt.__version__,
         "wdopt_backends_available": wdopt.available_backends(device),

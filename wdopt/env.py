@@ -13,7 +13,7 @@ from . import __version__
 from .backends import BACKENDS, auto_backend, unavailable_reason
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -38,8 +38,8 @@ def report() -> str:
         f"wdopt    {__version__}",
         f"python   {sys.version.split()[0]} ({platform.platform()})",
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"triton   {_version('triton')}",
-        f"numpy    {_version('numpy')}",
+        f"triton   {package_version('triton')}",
+        f"numpy    {package_version('numpy')}",
     ]
     lines.append(f"C++ ext  {_extension_status()}")
     devices = ["cpu"]
