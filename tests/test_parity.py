@@ -312,3 +312,51 @@ def test_backend_equals_reference_bit_for_bit(backend, device, dtype, cls, kw):
     tol = dict(rtol=4e-15, atol=1e-15) if backend == "triton" and dtype == torch.float64 and cls is wdopt.FusedAdamW \
         else dict(rtol=0, atol=0)
     assert_same_trajectory(opt, ours, opt_ref, ref, **tol)
+
+
+GRAPH_PAIRS = [(b, d) for b, d in PAIRS if d == "cuda" and b != "reference"]
+
+
+@pytest.mark.skipif(not GRAPH_PAIRS, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend,device", GRAPH_PAIRS)
+@pytest.mark.parametrize("cls,kw", [(wdopt.FusedAdamW, dict(amsgrad=True)), (wdopt.FusedSGD, dict(momentum=0.9)),
+                                    (wdopt.FusedLion, {})], ids=lambda x: getattr(x, "__name__", ""))
+def test_cuda_graph_capture_and_replay(backend, device, cls, kw):
+    """capturable=True: a step captured in a CUDA graph replays with new gradients, lr changes
+    made in place on the lr tensor, and the step counts advancing on the device."""
+    shapes = [(7,), (1023,), (33, 17)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, 6, top=0)
+    lrs = [1e-2 * 0.8**i for i in range(len(grads))]
+    lr = torch.tensor(lrs[0], device=device)
+    ours = clone_leaves(params)
+    static_grads = [torch.zeros_like(p) for p in ours]
+    for p, g in zip(ours, static_grads):
+        p.grad = g
+    opt = cls(ours, lr=lr, capturable=True, backend=backend, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: creates state and tensor tables outside the capture
+        for g, src in zip(static_grads, grads[0]):
+            g.copy_(src)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i, step_grads in enumerate(grads[1:], start=1):
+        lr.fill_(lrs[i])
+        for g, src in zip(static_grads, step_grads):
+            g.copy_(src)
+        graph.replay()
+    torch.cuda.synchronize()
+
+    expected = clone_leaves(params)
+    opt_expected = cls(expected, lr=lrs[0], backend="reference", **kw)
+    for i, step_grads in enumerate(grads):
+        opt_expected.param_groups[0]["lr"] = float(torch.tensor(lrs[i]))  # the fp32 value the tensor holds
+        for p, g in zip(expected, step_grads):
+            p.grad = g.float().to(device)
+        opt_expected.step()
+    assert_same_trajectory(opt, ours, opt_expected, expected)
