@@ -29,6 +29,9 @@ cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# A build of its own: a build killed by its time cap leaves torch's lock file behind, on which
+# every later step would wait; this one is removed below if the build step times out.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/wdopt-gpu-check-extensions}
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-230}
 START=$(date +%s)
@@ -68,6 +71,7 @@ step nvidia-smi "${GPU_CHECK_SMI_S:-15}" \
     bash -c 'nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv && nvcc --version'
 step build "${GPU_CHECK_BUILD_S:-90}" \
     python -c "import wdopt.kernels.cpp as c; c.load(verbose=True)"
+find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null
 step env "${GPU_CHECK_ENV_S:-20}" \
     python -m wdopt.env
 # The GPU parametrizations only (test ids name the device): the CPU ones run in CI anyway.

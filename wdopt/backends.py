@@ -94,7 +94,7 @@ def auto_backend(device, build: bool = True) -> str:
     if device_type == "cpu" and build:
         reason = unavailable_reason("cpu", "cpu")
         if reason is not None:
-            _warn_once(f"wdopt: the fused C++ CPU kernels are unavailable ({reason}); "
+            _warn_once("cpu-kernels", f"wdopt: the fused C++ CPU kernels are unavailable ({reason}); "
                        "using the slower reference backend")
     for backend in available_backends(device):
         if backend == "triton" and device_type != "cuda":
@@ -105,7 +105,7 @@ def auto_backend(device, build: bool = True) -> str:
             try:
                 cpp.load()
             except RuntimeError as error:
-                _warn_once(f"wdopt: {error}; falling back to a slower backend")
+                _warn_once(f"{backend}-kernels", f"wdopt: {error}; falling back to a slower backend")
                 continue
         return backend
     return "reference"
@@ -114,9 +114,10 @@ def auto_backend(device, build: bool = True) -> str:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+def _warn_once(cause: str, message: str) -> None:
+    """One warning per cause, however many optimizers or steps meet it."""
+    if cause not in _warned:
+        _warned.add(cause)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 

@@ -630,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, skipped = [], []
     # On a shared machine the available bandwidth drifts: measure the ceiling around every shape set.
     ceilings = [axpy_ceiling_gbps(args.device)]
+    args.out.mkdir(parents=True, exist_ok=True)
     for shape_set in shape_sets:
         _log(f"axpy ceiling {ceilings[-1]:.1f} GB/s")
         for optimizer in optimizers:
@@ -640,11 +641,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         ceilings.append(axpy_ceiling_gbps(args.device))
+        # Partial results as soon as a shape set is done: a run cut short still leaves its rows.
+        write_csv(rows, args.out / "results.partial.csv")
+    (args.out / "results.partial.csv").unlink(missing_ok=True)
     env["axpy_ceiling_gbps"] = run_ceiling(ceilings)
     env["axpy_ceiling_samples_gbps"] = ceilings
     add_ceiling(rows, env["axpy_ceiling_gbps"])
     env["others_cpu_cores"] = others_cpu_cores(cpu_start, cpu_snapshot())
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "results.csv")
     write_json(rows, skipped, env, args.out / "results.json")
     note = plot_ratios(rows, args.out / "results.png")

@@ -36,6 +36,16 @@ template <typename F> void dispatch_bool(bool value, F&& f) {
 
 // ------------------------------------------------------------------ checks
 
+// Element k of ``t``'s memory is element k of ``p``'s: same shape, same strides where it matters
+// (a size-1 dimension's stride is arbitrary: contiguous tensors may disagree there).
+bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  if (t.sizes() != p.sizes()) return false;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.size(d) > 1 && t.stride(d) != p.stride(d)) return false;
+  }
+  return true;
+}
+
 void check_list(const at::TensorList& list, const at::TensorList& params, const char* name) {
   TORCH_CHECK(list.size() == params.size(), "wdopt: ", name, " has ", list.size(), " tensors for ",
               params.size(), " parameters");
@@ -45,7 +55,7 @@ void check_list(const at::TensorList& list, const at::TensorList& params, const 
     TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), "wdopt: ", name, "[", i,
                 "] is ", t.scalar_type(), " on ", t.device(), ", parameter ", i, " is ", p.scalar_type(), " on ",
                 p.device());
-    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "wdopt: ", name, "[", i,
+    TORCH_CHECK(same_layout(t, p), "wdopt: ", name, "[", i,
                 "] does not have parameter ", i, "'s shape and layout");
   }
 }
@@ -199,7 +209,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
       dispatch_bool(nesterov, [&](auto NESTEROV) {
-        dispatch_bool(decoupled_weight_decay, [&](auto DECOUPLED) {
+        // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
+        dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
           for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
             scalar_t* __restrict__ p = data<scalar_t>(params[t]);
             const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);

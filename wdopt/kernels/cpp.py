@@ -9,13 +9,17 @@ time) or is compiled here on first use with torch's JIT builder and ninja, then 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import platform
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+
+from .. import __version__
 
 _extension_loaded = False
 _load_error: str | None = None
@@ -112,25 +116,53 @@ def load(verbose: bool = False) -> None:
             reason = unavailable_reason()
             if reason is not None:
                 raise RuntimeError(reason)
-            from torch.utils.cpp_extension import load as jit_load
-
-            with_cuda = cuda_buildable() is None
-            jit_load(
-                name="wdopt_C_cuda" if with_cuda else "wdopt_C",
-                sources=sources(with_cuda),
-                extra_cflags=CXX_FLAGS + NATIVE_FLAGS,
-                extra_ldflags=openmp_link_flags(),
-                extra_cuda_cflags=NVCC_FLAGS,
-                extra_include_paths=[str(source_dir() / "include")],
-                with_cuda=with_cuda,
-                is_python_module=False,
-                verbose=verbose,
-            )
+            if cuda_buildable() is None:
+                try:
+                    _jit_build(with_cuda=True, verbose=verbose)
+                except Exception as error:  # keep the CPU kernels when only the CUDA part fails
+                    warnings.warn(f"wdopt: building the CUDA kernels failed ({_first_error_line(error)}); "
+                                  "building the CPU kernels alone", RuntimeWarning, stacklevel=2)
+                    _jit_build(with_cuda=False, verbose=verbose)
+            else:
+                _jit_build(with_cuda=False, verbose=verbose)
     except Exception as error:  # a compiler error, a missing tool: remember it, say it once
         _load_error = f"building the C++ extension failed: {_first_error_line(error)}"
         raise RuntimeError(_load_error) from error
     _register_fakes()
     _extension_loaded = True
+
+
+def _jit_build(with_cuda: bool, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load as jit_load
+
+    cflags = CXX_FLAGS + NATIVE_FLAGS
+    # One cache entry per checkout, version, flag set and machine: two checkouts never overwrite
+    # each other's build, and a home directory shared by different CPUs never loads a build made
+    # with another CPU's instructions.
+    identity = "|".join([str(source_dir()), __version__, torch.__version__, " ".join(cflags), str(with_cuda),
+                         platform.machine(), _cpu_flags()])
+    name = f"wdopt_C{'_cuda' if with_cuda else ''}_{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+    jit_load(
+        name=name,
+        sources=sources(with_cuda),
+        extra_cflags=cflags,
+        extra_ldflags=openmp_link_flags(),
+        extra_cuda_cflags=NVCC_FLAGS,
+        extra_include_paths=[str(source_dir() / "include")],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _first_error_line(error: Exception) -> str:

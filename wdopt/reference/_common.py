@@ -34,7 +34,7 @@ def sqrt(x: torch.Tensor) -> torch.Tensor:
     sqrt is vectorized with SLEEF (within 0.5001 ulp, not always the nearest float: about 0.6% of
     random inputs differ by an ulp), so on the CPU the root is taken by numpy (IEEE)."""
     if x.device.type == "cpu":
-        return torch.from_numpy(np.sqrt(x.numpy()))
+        return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))  # asarray: 0-d stays an array
     return torch.sqrt(x)
 
 

@@ -111,7 +111,9 @@ def sgd(
         0 if lr_on_device else f64_bits(lr), f64_bits(weight_decay), f64_bits(decay_lr_scale),
         f64_bits(momentum), f64_bits(dampening),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), HAS_MOMENTUM=has_momentum,
-        NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
+        # L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
+        NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay or weight_decay == 0, MAXIMIZE=maximize,
+        LR_ON_DEVICE=lr_on_device,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
         CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
     )
