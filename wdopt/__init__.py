@@ -16,6 +16,9 @@ _LAZY = {
     "FusedAdamW": "wdopt.optim",
     "FusedSGD": "wdopt.optim",
     "FusedLion": "wdopt.optim",
+    "RotationalAdamW": "wdopt.optim",
+    "RotationalSGD": "wdopt.optim",
+    "RotationalLion": "wdopt.optim",
     "available_backends": "wdopt.backends",
 }
 

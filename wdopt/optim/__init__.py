@@ -2,6 +2,7 @@
 
 from .adamw import FusedAdamW
 from .lion import FusedLion
+from .rotational import RotationalAdamW, RotationalLion, RotationalSGD
 from .sgd import FusedSGD
 
-__all__ = ["FusedAdamW", "FusedLion", "FusedSGD"]
+__all__ = ["FusedAdamW", "FusedLion", "FusedSGD", "RotationalAdamW", "RotationalLion", "RotationalSGD"]

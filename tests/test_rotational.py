@@ -1,0 +1,206 @@
+"""Rotational optimizers (THEORY.md section 3): invariants after every step, the exact angle with
+undf = 0, an independent per-row implementation, base steps for non-rotational tensors, state
+dicts, GradScaler, and construction errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import wdopt
+from helpers import clone_leaves
+
+CLASSES = {
+    "adamw": (wdopt.RotationalAdamW, wdopt.FusedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "sgd": (wdopt.RotationalSGD, wdopt.FusedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "lion": (wdopt.RotationalLion, wdopt.FusedLion, dict(lr=1e-3, weight_decay=1.0)),
+}
+
+
+def small_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+
+
+def small_transformer_block():
+    return torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True,
+                                            norm_first=True, dropout=0.0)
+
+
+def _loss(model, x):
+    out = model(x)
+    return out.pow(2).mean() + out.mean()
+
+
+def _inputs(kind, g):
+    return torch.randn(4, 3, 8, 8, generator=g) if kind == "cnn" else torch.randn(4, 5, 16, generator=g)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_invariants_after_every_step(name, kind, dtype):
+    torch.manual_seed(0)
+    model = (small_cnn() if kind == "cnn" else small_transformer_block()).to(dtype)
+    cls, _, hyper = CLASSES[name]
+    opt = cls(model.parameters(), **hyper)
+    rotational = [p for g in opt.param_groups for p in g["params"] if opt._is_rotational(p, g)]
+    assert rotational and len(rotational) < len(list(model.parameters()))
+    norms = {p: p.detach().reshape(p.shape[0], -1).norm(dim=1).clone() for p in rotational}
+    g = torch.Generator().manual_seed(1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for _ in range(30):
+        opt.zero_grad()
+        _loss(model, _inputs(kind, g).to(dtype)).backward()
+        before = {p: p.detach().clone() for p in rotational}
+        opt.step()
+        for p in rotational:
+            r = p.detach().reshape(p.shape[0], -1)
+            torch.testing.assert_close(r.norm(dim=1), norms[p], rtol=tol, atol=0)
+            assert r.mean(dim=1).abs().max() <= tol * r.abs().max()
+        # (A row whose centred direction is exactly 0 stays put: Lion's sign update on a row of
+        # same-signed gradients, e.g. a Linear after ReLU features. Most rows move.)
+        assert sum(not torch.equal(p.detach(), before[p]) for p in rotational) >= len(rotational) - 1
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_angle_with_no_averaging_is_atan_of_target(name):
+    """undf = 0: the tangent step has length η_r·n, so the angle is atan(η_r) exactly."""
+    cls, _, hyper = CLASSES[name]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    target = 0.02
+    opt = cls([w], update_norm_decay_factor=0.0, target_rotation=target, **hyper)
+    for _ in range(5):
+        before = w.detach().clone()
+        w.grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+        opt.step()
+        a, b = before, w.detach()
+        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        sin = torch.linalg.vector_norm(b / b.norm(dim=1, keepdim=True) - cos[:, None] * a / a.norm(dim=1, keepdim=True), dim=1)
+        angle = torch.atan2(sin, cos)
+        assert (angle - math.atan(target)).abs().max() < 1e-6
+
+
+def independent_rotational_adamw(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8, undf=0.9, rot_eps=1e-8):
+    """RotationalAdamW per row, written from THEORY.md without the library (fp64)."""
+    w = w.clone()
+    w = (w - w.mean(1, keepdim=True)) * (w.norm(dim=1, keepdim=True) / (w - w.mean(1, keepdim=True)).norm(dim=1, keepdim=True))
+    n = w.norm(dim=1)
+    m, v, s = torch.zeros_like(w), torch.zeros_like(w), torch.zeros(w.shape[0], dtype=w.dtype)
+    angle = math.sqrt(2 * lr * wd * (1 - betas[0]) / (1 + betas[0]))
+    for t, g in enumerate(grads, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        u = (m / (1 - betas[0] ** t)) / (torch.sqrt(v / (1 - betas[1] ** t)) + eps)
+        for i in range(w.shape[0]):
+            ui = u[i] - u[i].mean()
+            ui = ui - w[i] * torch.dot(ui, w[i]) / n[i] ** 2
+            s[i] = undf * s[i] + (1 - undf) * torch.dot(ui, ui)
+            u_bar = math.sqrt(s[i] / (1 - undf**t))
+            wi = w[i] - angle * n[i] * ui / (u_bar + rot_eps)
+            w[i] = wi * n[i] / wi.norm()
+    return w
+
+
+def test_rotational_adamw_matches_an_independent_implementation():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    grads = [torch.randn(5, 12, generator=g, dtype=torch.float64) * 10 ** (k % 3 - 1) for k in range(30)]
+    w = w0.clone().requires_grad_()
+    opt = wdopt.RotationalAdamW([w], lr=1e-2, weight_decay=0.1)
+    for grad in grads:
+        w.grad = grad.clone()
+        opt.step()
+    torch.testing.assert_close(w.detach(), independent_rotational_adamw(w0, grads, 1e-2, 0.1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_non_rotational_tensors_take_the_base_step(name):
+    cls, base, hyper = CLASSES[name]
+    torch.manual_seed(0)
+    weight, bias = torch.randn(4, 6, requires_grad=True), torch.randn(4, requires_grad=True)
+    bias_copy = bias.detach().clone().requires_grad_()
+    opt, opt_base = cls([weight, bias], **hyper), base([bias_copy], **hyper)
+    for _ in range(5):
+        weight.grad, bias.grad = torch.randn(4, 6), torch.randn(4)
+        bias_copy.grad = bias.grad.clone()
+        opt.step()
+        opt_base.step()
+    torch.testing.assert_close(bias.detach(), bias_copy.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_state_dict_resumes_identically(name):
+    cls, _, hyper = CLASSES[name]
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 6, generator=g)
+    grads = [torch.randn(4, 6, generator=g) for _ in range(8)]
+    straight = w0.clone().requires_grad_()
+    opt = cls([straight], **hyper)
+    for grad in grads:
+        straight.grad = grad.clone()
+        opt.step()
+    resumed = w0.clone().requires_grad_()
+    first = cls([resumed], **hyper)
+    for grad in grads[:4]:
+        resumed.grad = grad.clone()
+        first.step()
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = cls([resumed], **hyper)  # construction centres again: a no-op on a centred tensor
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    for grad in grads[4:]:
+        resumed.grad = grad.clone()
+        second.step()
+    torch.testing.assert_close(resumed.detach(), straight.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_grad_scaler_inf_skips_everything(name):
+    cls, _, hyper = CLASSES[name]
+    w = torch.randn(4, 6, requires_grad=True)
+    opt = cls([w], **hyper)
+    w.grad = torch.randn(4, 6)
+    opt.step()
+    before = w.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[w].items()}
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    w.grad = torch.randn(4, 6)
+    opt.step()
+    assert torch.equal(w.detach(), before)
+    assert all(torch.equal(opt.state[w][k], v) for k, v in state.items())
+
+
+def test_projected_mode_keeps_the_norm_and_steps_along_the_tangent():
+    w = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    opt = wdopt.RotationalSGD([w], lr=0.05, weight_decay=0.0, rotational=True, mode="projected")
+    n = w.detach().norm(dim=1)
+    before = w.detach().clone()
+    w.grad = torch.randn(3, 8, dtype=torch.float64)
+    opt.step()
+    u = w.grad - w.grad.mean(1, keepdim=True)
+    u = u - before * (u * before).sum(1, keepdim=True) / n[:, None] ** 2
+    moved = before - 0.05 * u
+    torch.testing.assert_close(w.detach(), moved * (n / moved.norm(dim=1))[:, None])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: wdopt.RotationalAdamW([torch.randn(4, 3, requires_grad=True)], weight_decay=0.0), "no parameter is rotational"),
+    (lambda: wdopt.RotationalAdamW([torch.randn(4, 3, requires_grad=True)], weight_decay=0.0, rotational=True), "no weight decay"),
+    (lambda: wdopt.RotationalAdamW([torch.ones(4, 3, requires_grad=True)]), "row 0 has zero centred norm"),
+    (lambda: wdopt.RotationalAdamW([torch.randn(4, 1, requires_grad=True)]), "zero centred norm"),
+    (lambda: wdopt.RotationalAdamW([torch.randn(5, requires_grad=True)], rotational=True), "dim >= 2"),
+    (lambda: wdopt.RotationalAdamW([torch.randn(4, 3, requires_grad=True)], amsgrad=True), "amsgrad"),
+    (lambda: wdopt.RotationalSGD([torch.randn(4, 3, requires_grad=True)], weight_decay=0.1, dampening=0.1), "dampening"),
+    (lambda: wdopt.RotationalLion([torch.randn(4, 3, requires_grad=True)], weight_decay=0.1, mode="sphere"), "mode"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_construction_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

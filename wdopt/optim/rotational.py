@@ -1,0 +1,195 @@
+"""Rotational variants (Kosson, Messmer & Jaggi, ICML 2024): RotationalAdamW, RotationalSGD and
+RotationalLion hold every rotational neuron on a sphere of its initial radius and rotate it by
+the base optimizer's equilibrium angle from the first step (THEORY.md section 3; the math is
+wdopt/reference/rotational.py).
+
+A tensor is rotational when its group says so (``rotational=True/False``), else when its
+weight decay is non-zero and it has dim > 1. Non-rotational tensors (biases, gains) take the base
+optimizer's own step, on the group's backend. In this version the rotational tensors are updated
+by the reference implementation whatever the backend (fused rotational kernels are not written
+yet); state dicts, GradScaler and LR schedulers work as for the base optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import theory
+from ..reference import rotational as rv
+from ..reference._common import step_skipped
+from .adamw import FusedAdamW
+from .lion import FusedLion
+from .sgd import FusedSGD
+
+MODES = ("equilibrium", "projected")
+
+
+class _Rotational:
+    """What the three rotational classes share: options, construction checks and centring, and
+    the split of each step into rotational and base updates."""
+
+    def _init_rotational(self, options: dict) -> None:
+        self._rotational_defaults = options
+
+    def _finish_init(self) -> None:
+        self.defaults.update(self._rotational_defaults)
+        if not any(self._is_rotational(p, g) for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{type(self).__name__}: no parameter is rotational (rotational=None takes tensors "
+                             "with dim > 1 and weight_decay != 0); with none it would be its base optimizer")
+
+    @staticmethod
+    def _is_rotational(p: torch.Tensor, group: dict) -> bool:
+        if group["rotational"] is not None:
+            return bool(group["rotational"])
+        return group["weight_decay"] != 0 and p.dim() > 1
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key, value in self._rotational_defaults.items():
+            param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_rotational_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if group["zero_mean"] and group["mode"] in MODES:
+            for p in group["params"]:
+                if self._is_rotational(p, group):
+                    rv.centre_(p, group["per_neuron"])
+
+    def _check_rotational_group(self, group: dict, index: int) -> None:
+        if group["mode"] not in MODES:
+            raise ValueError(f"Invalid mode {group['mode']!r}; choose one of {MODES}")
+        if not 0.0 <= group["update_norm_decay_factor"] < 1.0:
+            raise ValueError(f"Invalid update_norm_decay_factor: {group['update_norm_decay_factor']}")
+        if not group["rotational_eps"] >= 0.0:
+            raise ValueError(f"Invalid rotational_eps: {group['rotational_eps']}")
+        target = group["target_rotation"]
+        if target is not None and not target > 0:
+            raise ValueError(f"Invalid target_rotation: {target}")
+        for i, p in enumerate(group["params"]):
+            if not self._is_rotational(p, group):
+                continue
+            where = f"parameter {i} of param group {index} (shape {tuple(p.shape)})"
+            if group["mode"] == "equilibrium" and target is None and theory.decay_fraction(group) == 0:
+                raise ValueError(f"{where} is rotational but its group has no weight decay: the equilibrium "
+                                 "angle needs it (or pass target_rotation)")
+            if group["per_neuron"] and p.dim() < 2:
+                raise ValueError(f"{where}: per_neuron needs a tensor of dim >= 2 (its rows are the neurons)")
+            r = rv.rows(p.detach(), group["per_neuron"]).double()
+            if group["zero_mean"]:
+                r = r - r.mean(dim=1, keepdim=True)
+            zero = (r.norm(dim=1) == 0).nonzero()
+            if zero.numel():
+                kind = "centred norm" if group["zero_mean"] else "norm"
+                raise ValueError(f"{where}: row {zero[0].item()} has zero {kind} (a constant row, or one element "
+                                 "with zero_mean) and cannot be put on a sphere")
+
+    def _angle(self, group: dict) -> float:
+        if group["target_rotation"] is not None:
+            return float(group["target_rotation"])
+        return self._equilibrium_angle(group, theory.decay_fraction(group))
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+        rotational = [self._is_rotational(p, group) for p in params]
+        base = [i for i, r in enumerate(rotational) if not r]
+        if base:
+            super()._update(group, backend, [params[i] for i in base], [grads[i] for i in base],
+                            grad_scale, found_inf, plain)
+        if all(not r for r in rotational) or step_skipped(found_inf):
+            return
+        angle = self._angle(group)
+        for p, g, r in zip(params, grads, rotational):
+            if r:
+                state = self.state[p]
+                rv.rotate_(p, self._direction(p, g, state, group, grad_scale), state, angle=angle,
+                           lr=float(group["lr"]), undf=group["update_norm_decay_factor"],
+                           eps=group["rotational_eps"], zero_mean=group["zero_mean"],
+                           per_neuron=group["per_neuron"], mode=group["mode"])
+
+
+def _options(update_norm_decay_factor, per_neuron, zero_mean, rotational_eps, rotational, target_rotation, mode):
+    return dict(update_norm_decay_factor=update_norm_decay_factor, per_neuron=per_neuron, zero_mean=zero_mean,
+                rotational_eps=rotational_eps, rotational=rotational, target_rotation=target_rotation, mode=mode)
+
+
+class RotationalAdamW(_Rotational, FusedAdamW):
+    """AdamW's rotational variant: angle per step sqrt(2d·(1−β1)/(1+β1)), d the decay fraction.
+
+    Takes FusedAdamW's arguments (amsgrad excluded) plus ``update_norm_decay_factor=0.9``,
+    ``per_neuron=True``, ``zero_mean=True``, ``rotational_eps=1e-8``, ``rotational=None``,
+    ``target_rotation=None`` (a float: that angle per step) and ``mode="equilibrium"`` or
+    ``"projected"``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 update_norm_decay_factor=0.9, per_neuron=True, zero_mean=True, rotational_eps=1e-8,
+                 rotational=None, target_rotation=None, mode="equilibrium", **kwargs):
+        if amsgrad:
+            raise ValueError("RotationalAdamW does not support amsgrad")
+        self._init_rotational(_options(update_norm_decay_factor, per_neuron, zero_mean, rotational_eps, rotational,
+                                       target_rotation, mode))
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+        self._finish_init()
+
+    @staticmethod
+    def _equilibrium_angle(group, d):
+        return theory.adamw_equilibrium(1.0, d, 1, group["betas"]).angular_update
+
+    def _direction(self, p, g, state, group, grad_scale):
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        return rv.adamw_direction(g, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                                  beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
+                                  grad_scale=grad_scale)
+
+
+class RotationalSGD(_Rotational, FusedSGD):
+    """SGD's rotational variant (momentum μ, no dampening): angle per step sqrt(2d/(1+μ)).
+
+    Takes FusedSGD's arguments plus the rotational options of RotationalAdamW."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 update_norm_decay_factor=0.9, per_neuron=True, zero_mean=True, rotational_eps=1e-8,
+                 rotational=None, target_rotation=None, mode="equilibrium", **kwargs):
+        if dampening != 0:
+            raise ValueError("RotationalSGD does not support dampening (its momentum is b <- mu*b + g)")
+        self._init_rotational(_options(update_norm_decay_factor, per_neuron, zero_mean, rotational_eps, rotational,
+                                       target_rotation, mode))
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, **kwargs)
+        self._finish_init()
+
+    @staticmethod
+    def _equilibrium_angle(group, d):
+        return math.sqrt(2 * d / (1 + group["momentum"]))
+
+    def _direction(self, p, g, state, group, grad_scale):
+        buffer = state.get("momentum_buffer")
+        fresh = self._fresh_buffers.pop(id(buffer), None) is not None if buffer is not None else False
+        return rv.sgd_direction(g, buffer, fresh, momentum=group["momentum"], nesterov=group["nesterov"],
+                                maximize=group["maximize"], grad_scale=grad_scale)
+
+
+class RotationalLion(_Rotational, FusedLion):
+    """Lion's rotational variant: angle per step sqrt(π/2)·sqrt(2d)·σ, σ² = (1−β1)² + β1²(1−β2)/(1+β2).
+
+    Takes FusedLion's arguments plus the rotational options of RotationalAdamW."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 update_norm_decay_factor=0.9, per_neuron=True, zero_mean=True, rotational_eps=1e-8,
+                 rotational=None, target_rotation=None, mode="equilibrium", **kwargs):
+        self._init_rotational(_options(update_norm_decay_factor, per_neuron, zero_mean, rotational_eps, rotational,
+                                       target_rotation, mode))
+        super().__init__(params, lr, betas, weight_decay, **kwargs)
+        self._finish_init()
+
+    @staticmethod
+    def _equilibrium_angle(group, d):
+        return theory.lion_equilibrium(1.0, d, 1, group["betas"]).angular_update
+
+    def _direction(self, p, g, state, group, grad_scale):
+        beta1, beta2 = group["betas"]
+        return rv.lion_direction(g, state["exp_avg"], beta1=beta1, beta2=beta2, maximize=group["maximize"],
+                                 grad_scale=grad_scale)

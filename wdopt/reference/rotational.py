@@ -1,0 +1,108 @@
+"""Rotational variants (RV) of the base optimizers: the specification (THEORY.md section 3).
+
+Each rotational neuron (a row of the tensor viewed as K×C, or the whole tensor when not
+per_neuron) is kept at its norm n, frozen at its first step, and rotated by the equilibrium
+angle of the base optimizer from the first step on:
+
+    u ← the base optimizer's update direction, without weight decay and without −η
+    u ← u − mean(u)                                  (zero_mean)
+    u ← u − p·⟨u, p⟩/n²                              (the tangent part)
+    s ← undf·s + (1−undf)·‖u‖²;   ū ← sqrt(s/(1 − undf^k))
+    p ← p − η_r·n·u/(ū + ε);     p ← p·n/‖p‖        (back on the sphere; re-centred first with
+                                                       zero_mean, against rounding drift)
+
+Projected mode, for projected optimization on the sphere: p ← n·(p − η·u)/‖p − η·u‖ with the
+same centred tangent u. Math in fp32 (fp64 for fp64 tensors), per-row reductions in that type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import compute_dtype, lerp, reciprocal, scalar, sqrt, unscaled
+
+
+def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
+    """The tensor as K×C (one row per neuron), or 1×N for a whole-tensor sphere."""
+    return t.reshape(t.shape[0], -1) if per_neuron else t.reshape(1, -1)
+
+
+def centre_(p: torch.Tensor, per_neuron: bool) -> None:
+    """p ← (p − mean(p))·‖p‖/‖p − mean(p)‖ per row: zero mean, same norm (at construction)."""
+    with torch.no_grad():
+        dt = compute_dtype(p)
+        r = rows(p.detach(), per_neuron).to(dt)
+        centred = r - r.mean(dim=1, keepdim=True)
+        p.copy_((centred * (r.norm(dim=1, keepdim=True) / centred.norm(dim=1, keepdim=True))).reshape(p.shape))
+
+
+def adamw_direction(grad, exp_avg, exp_avg_sq, step, *, beta1, beta2, eps, maximize, grad_scale):
+    """Adam's update direction m̂/(sqrt(v̂)+ε), with m and v updated in place (as in adamw_step)."""
+    dt = compute_dtype(exp_avg)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    m = lerp(exp_avg.to(dt), g, scalar(1.0 - beta1, dt))
+    v = exp_avg_sq.to(dt) * scalar(beta2, dt) + scalar(1.0 - beta2, dt) * g * g
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    denom = sqrt(v) * reciprocal(math.sqrt(1.0 - beta2**step), dt) + scalar(eps, dt)
+    return (m * reciprocal(1.0 - beta1**step, dt)) / denom
+
+
+def sgd_direction(grad, momentum_buffer, first_step, *, momentum, nesterov, maximize, grad_scale):
+    """SGD's momentum direction fed with g only (no L2 term, no dampening)."""
+    dt = compute_dtype(grad) if momentum_buffer is None else compute_dtype(momentum_buffer)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    if momentum == 0:
+        return g
+    b = g if first_step else momentum_buffer.to(dt) * scalar(momentum, dt) + g
+    momentum_buffer.copy_(b)
+    return g + scalar(momentum, dt) * b if nesterov else b
+
+
+def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale):
+    """sign(β1·m + (1−β1)·g), with m updated in place."""
+    dt = compute_dtype(exp_avg)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    m = exp_avg.to(dt)
+    direction = torch.sign(lerp(m, g, scalar(1.0 - beta1, dt)))
+    exp_avg.copy_(lerp(m, g, scalar(1.0 - beta2, dt)))
+    return direction
+
+
+@torch.no_grad()
+def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neuron, mode) -> None:
+    """Apply one RV step to ``param`` given the base direction; ``state`` holds ``rotational_norm``
+    (n per row, set at the first step), ``update_norm_avg`` (s per row) and ``rotational_step`` (k)."""
+    dt = compute_dtype(param)
+    p = rows(param, per_neuron).to(dt)
+    u = rows(direction, per_neuron).to(dt)
+    if "rotational_norm" not in state:
+        state["rotational_norm"] = p.norm(dim=1)
+        state["update_norm_avg"] = torch.zeros_like(state["rotational_norm"])
+        state["rotational_step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    n = state["rotational_norm"].to(dt).unsqueeze(1)
+    if zero_mean:
+        u = u - u.mean(dim=1, keepdim=True)
+    u = u - p * ((u * p).sum(dim=1, keepdim=True) / (n * n))
+    if mode == "projected":
+        p = _onto_sphere(p - scalar(lr, dt) * u, n, zero_mean)
+    else:
+        state["rotational_step"] += 1
+        k = int(state["rotational_step"].item())
+        s = state["update_norm_avg"].to(dt) * scalar(undf, dt) + scalar(1.0 - undf, dt) * (u * u).sum(dim=1)
+        state["update_norm_avg"].copy_(s)
+        u_bar = torch.sqrt(s / scalar(1.0 - undf**k, dt)).unsqueeze(1)
+        p = _onto_sphere(p - scalar(angle, dt) * n * u / (u_bar + scalar(eps, dt)), n, zero_mean)
+    param.copy_(p.reshape(param.shape))
+
+
+def _onto_sphere(p: torch.Tensor, n: torch.Tensor, zero_mean: bool) -> torch.Tensor:
+    """Back onto the sphere of radius n (and, with zero_mean, the zero-mean hyperplane). In exact
+    arithmetic p is already centred; re-centring removes the rounding drift, which a nearly
+    constant u (Adam's first step on same-signed gradients) amplifies when it is centred and
+    normalised."""
+    if zero_mean:
+        p = p - p.mean(dim=1, keepdim=True)
+    return p * (n / p.norm(dim=1, keepdim=True))
