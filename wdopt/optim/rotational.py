@@ -5,9 +5,11 @@ wdopt/reference/rotational.py).
 
 A tensor is rotational when its group says so (``rotational=True/False``), else when its
 weight decay is non-zero and it has dim > 1. Non-rotational tensors (biases, gains) take the base
-optimizer's own step, on the group's backend. In this version the rotational tensors are updated
-by the reference implementation whatever the backend (fused rotational kernels are not written
-yet); state dicts, GradScaler and LR schedulers work as for the base optimizers.
+optimizer's own step, on the group's backend. Rotational tensors are updated by the reference
+implementation on the other backends (fused rotational kernels are not written
+yet for Triton and CUDA); on the "cpu" backend a fused C++ kernel updates them
+(csrc/cpu/rotational_cpu.cpp). State dicts, GradScaler and LR schedulers work as for the base
+optimizers.
 """
 
 from __future__ import annotations
@@ -99,9 +101,16 @@ class _Rotational:
         if base:
             super()._update(group, backend, [params[i] for i in base], [grads[i] for i in base],
                             grad_scale, found_inf, plain)
-        if all(not r for r in rotational) or step_skipped(found_inf):
+        if all(not r for r in rotational):
             return
         angle = self._angle(group)
+        if getattr(backend, "__name__", "") == "wdopt.kernels.cpp" and params[0].device.type == "cpu" and plain:
+            chosen = [i for i, r in enumerate(rotational) if r]
+            self._rotate_fused(group, [params[i] for i in chosen], [grads[i] for i in chosen], angle,
+                               grad_scale, found_inf)
+            return
+        if step_skipped(found_inf):
+            return
         for p, g, r in zip(params, grads, rotational):
             if r:
                 state = self.state[p]
@@ -109,6 +118,25 @@ class _Rotational:
                            lr=float(group["lr"]), undf=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
                            per_neuron=group["per_neuron"], mode=group["mode"])
+
+
+    def _rotate_fused(self, group, params, grads, angle, grad_scale, found_inf) -> None:
+        """All rotational tensors of a CPU bucket in one call of the fused C++ kernel."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if "rotational_norm" not in state:
+                rv.init_state(p, state, group["per_neuron"])
+        name, state1, state2, steps, first_steps, hyper = self._fused_arguments(group, params, states)
+        torch.ops.wdopt.rotational_(
+            name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
+            [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
+            lr=float(group["lr"]), angle=angle, undf=group["update_norm_decay_factor"],
+            rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
+            projected=group["mode"] == "projected", maximize=group["maximize"], grad_scale=grad_scale,
+            found_inf=found_inf, **hyper)
+
+
+_NO_HYPER = dict(beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, nesterov=False)
 
 
 def _options(update_norm_decay_factor, per_neuron, zero_mean, rotational_eps, rotational, target_rotation, mode):
@@ -138,6 +166,11 @@ class RotationalAdamW(_Rotational, FusedAdamW):
     def _equilibrium_angle(group, d):
         return theory.adamw_equilibrium(1.0, d, 1, group["betas"]).angular_update
 
+    def _fused_arguments(self, group, params, states):
+        beta1, beta2 = group["betas"]
+        return ("adamw", [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], [], {**_NO_HYPER, "beta1": beta1, "beta2": beta2, "eps": group["eps"]})
+
     def _direction(self, p, g, state, group, grad_scale):
         state["step"] += 1
         beta1, beta2 = group["betas"]
@@ -165,6 +198,14 @@ class RotationalSGD(_Rotational, FusedSGD):
     def _equilibrium_angle(group, d):
         return math.sqrt(2 * d / (1 + group["momentum"]))
 
+    def _fused_arguments(self, group, params, states):
+        if group["momentum"] == 0:
+            return "sgd", [], [], [], [], dict(_NO_HYPER)
+        fresh = self._fresh_buffers
+        first = [fresh.pop(id(s["momentum_buffer"]), None) is not None for s in states]
+        return ("sgd", [s["momentum_buffer"] for s in states], [], [], first,
+                {**_NO_HYPER, "momentum": group["momentum"], "nesterov": group["nesterov"]})
+
     def _direction(self, p, g, state, group, grad_scale):
         buffer = state.get("momentum_buffer")
         fresh = self._fresh_buffers.pop(id(buffer), None) is not None if buffer is not None else False
@@ -188,6 +229,10 @@ class RotationalLion(_Rotational, FusedLion):
     @staticmethod
     def _equilibrium_angle(group, d):
         return theory.lion_equilibrium(1.0, d, 1, group["betas"]).angular_update
+
+    def _fused_arguments(self, group, params, states):
+        beta1, beta2 = group["betas"]
+        return "lion", [s["exp_avg"] for s in states], [], [], [], {**_NO_HYPER, "beta1": beta1, "beta2": beta2}
 
     def _direction(self, p, g, state, group, grad_scale):
         beta1, beta2 = group["betas"]

@@ -71,6 +71,15 @@ def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale):
     return direction
 
 
+def init_state(param: torch.Tensor, state: dict, per_neuron: bool) -> None:
+    """The rotational state of a tensor: per row its frozen norm n (set by the first step) and the
+    running average s of ‖u‖², in the compute dtype; the rotational step count k."""
+    k = param.shape[0] if per_neuron else 1
+    state["rotational_norm"] = torch.zeros(k, dtype=compute_dtype(param), device=param.device)
+    state["update_norm_avg"] = torch.zeros(k, dtype=compute_dtype(param), device=param.device)
+    state["rotational_step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+
 @torch.no_grad()
 def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neuron, mode) -> None:
     """Apply one RV step to ``param`` given the base direction; ``state`` holds ``rotational_norm``
@@ -79,9 +88,11 @@ def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neu
     p = rows(param, per_neuron).to(dt)
     u = rows(direction, per_neuron).to(dt)
     if "rotational_norm" not in state:
-        state["rotational_norm"] = p.norm(dim=1)
-        state["update_norm_avg"] = torch.zeros_like(state["rotational_norm"])
-        state["rotational_step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        init_state(param, state, per_neuron)
+    if state["rotational_step"].item() == 0:  # the first step freezes each row's norm
+        state["rotational_norm"].copy_(p.norm(dim=1))
+    state["rotational_step"] += 1
+    k = int(state["rotational_step"].item())
     n = state["rotational_norm"].to(dt).unsqueeze(1)
     if zero_mean:
         u = u - u.mean(dim=1, keepdim=True)
@@ -89,8 +100,6 @@ def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neu
     if mode == "projected":
         p = _onto_sphere(p - scalar(lr, dt) * u, n, zero_mean)
     else:
-        state["rotational_step"] += 1
-        k = int(state["rotational_step"].item())
         s = state["update_norm_avg"].to(dt) * scalar(undf, dt) + scalar(1.0 - undf, dt) * (u * u).sum(dim=1)
         state["update_norm_avg"].copy_(s)
         u_bar = torch.sqrt(s / scalar(1.0 - undf**k, dt)).unsqueeze(1)

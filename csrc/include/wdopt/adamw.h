@@ -50,3 +50,17 @@ WDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& v_max, const AdamWCoefficie
 }
 
 }  // namespace wdopt
+
+namespace wdopt {
+
+// The rotational variant's direction: Adam's step without decay and without −lr,
+// u = (m/(1−β1^t)) / (sqrt(v)/sqrt(1−β2^t) + ε), with m and v updated as adamw_update does.
+// inv_bias_correction1 is 1/(1−β1^t) rounded as the reference rounds it.
+template <typename T>
+WDOPT_HD T adamw_direction(T g, T& m, T& v, T inv_bias_correction1, const AdamWCoefficients<T>& c) {
+  m = m + c.one_minus_beta1 * (g - m);
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  return (m * inv_bias_correction1) / (sqrt(v) * c.inv_bias_correction2_sqrt + c.eps);
+}
+
+}  // namespace wdopt

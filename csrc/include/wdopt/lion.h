@@ -30,3 +30,15 @@ WDOPT_HD void lion_update(T& p, T g, T& m, const LionCoefficients<T>& c) {
 }
 
 }  // namespace wdopt
+
+namespace wdopt {
+
+// The rotational variant's direction: sign(m + (1−β1)(g − m)), with m updated as lion_update does.
+template <typename T>
+WDOPT_HD T lion_direction(T g, T& m, const LionCoefficients<T>& c) {
+  const T interpolated = m + c.one_minus_beta1 * (g - m);
+  m = m + c.one_minus_beta2 * (g - m);
+  return interpolated > T(0) ? T(1) : (interpolated < T(0) ? T(-1) : interpolated);
+}
+
+}  // namespace wdopt

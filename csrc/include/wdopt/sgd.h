@@ -38,3 +38,16 @@ WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients
 }
 
 }  // namespace wdopt
+
+namespace wdopt {
+
+// The rotational variant's direction: SGD's momentum fed with g only (no L2, no dampening):
+// b <- g on the first step, else mu*b + g; u = g + mu*b with nesterov, else b (g without momentum).
+template <bool HAS_MOMENTUM, bool NESTEROV, typename T>
+WDOPT_HD T sgd_direction(T g, T& b, bool first_step, T momentum) {
+  if (!HAS_MOMENTUM) return g;
+  b = first_step ? g : b * momentum + g;
+  return NESTEROV ? g + momentum * b : b;
+}
+
+}  // namespace wdopt

@@ -1,0 +1,239 @@
+// Fused CPU kernel of the rotational variants (THEORY.md section 3; the specification is
+// wdopt/reference/rotational.py). Work unit: one neuron (a row of C elements). A row is read
+// from memory once: the base direction u is computed into a per-thread row buffer (updating the
+// optimizer's state), and the centring, tangent projection, step and renormalisation then work
+// on the row in cache. Rows are spread over threads with one parallel region per step; the
+// reductions have a fixed order (deterministic: no atomics, the same result on every run).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../include/wdopt/adamw.h"
+#include "../include/wdopt/lion.h"
+#include "../include/wdopt/sgd.h"
+
+// Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
+#define WDOPT_SIMD _Pragma("omp simd")
+#define WDOPT_SIMD_PRAGMA(x) _Pragma(#x)
+#define WDOPT_SIMD_SUM(...) WDOPT_SIMD_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+
+namespace wdopt::cpu {
+namespace {
+
+struct Row {
+  int64_t tensor, row, size;
+};
+
+struct RotationOptions {
+  double angle, lr, undf, eps;
+  bool zero_mean, projected;
+};
+
+// One row: ``direction(j)`` returns u_j (and updates that element's optimizer state). Four
+// vectorized passes over the row, which stays in cache after the first: (1) u and the sums
+// Σu, Σp, Σp², Σu·p; (2) the centred tangent t = u − mean(u) − p·⟨u − mean(u), p⟩/n² and ‖t‖²;
+// (3) q = p − step·t with Σq, Σq²; (4) p = (q − mean(q))·n/‖q − mean(q)‖. ‖t‖² is summed from t
+// itself, never as a difference of moments: a nearly constant u would cancel catastrophically.
+template <typename scalar_t, typename Direction>
+void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction,
+                opmath_t<scalar_t>* __restrict__ buffer, opmath_t<scalar_t>* norm, opmath_t<scalar_t>* s_avg,
+                double undf_bias_correction, bool first, const RotationOptions& o) {
+  using opmath = opmath_t<scalar_t>;
+  opmath sum_u = 0, sum_p = 0, sum_pp = 0, sum_up = 0;
+  WDOPT_SIMD_SUM(sum_u, sum_p, sum_pp, sum_up)
+  for (int64_t j = 0; j < size; ++j) {
+    const opmath u = direction(j);
+    const opmath pj = static_cast<opmath>(p[j]);
+    buffer[j] = u;
+    sum_u += u;
+    sum_p += pj;
+    sum_pp += pj * pj;
+    sum_up += u * pj;
+  }
+  if (first) *norm = std::sqrt(sum_pp);
+  const opmath n = *norm;
+  const opmath mean_u = o.zero_mean ? sum_u / static_cast<opmath>(size) : opmath(0);
+  const opmath radial = (sum_up - mean_u * sum_p) / (n * n);
+  opmath tangent_sq = 0;
+  WDOPT_SIMD_SUM(tangent_sq)
+  for (int64_t j = 0; j < size; ++j) {
+    const opmath t = buffer[j] - mean_u - static_cast<opmath>(p[j]) * radial;
+    buffer[j] = t;
+    tangent_sq += t * t;
+  }
+  double scale;  // the step is p − scale·t
+  if (o.projected) {
+    scale = o.lr;
+  } else {
+    const double s = o.undf * static_cast<double>(*s_avg) + (1.0 - o.undf) * static_cast<double>(tangent_sq);
+    *s_avg = static_cast<opmath>(s);
+    scale = o.angle * n / (std::sqrt(s / undf_bias_correction) + o.eps);
+  }
+  const opmath step = static_cast<opmath>(scale);
+  opmath sum_q = 0, sum_qq = 0;
+  WDOPT_SIMD_SUM(sum_q, sum_qq)
+  for (int64_t j = 0; j < size; ++j) {
+    const opmath q = static_cast<opmath>(p[j]) - step * buffer[j];
+    buffer[j] = q;
+    sum_q += q;
+    sum_qq += q * q;
+  }
+  // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). q's mean is
+  // a rounding residue, so ‖q − mean‖² = Σq² − C·mean² loses nothing.
+  const opmath mean_q = o.zero_mean ? sum_q / static_cast<opmath>(size) : opmath(0);
+  const opmath to_sphere = n / std::sqrt(sum_qq - static_cast<opmath>(size) * mean_q * mean_q);
+  WDOPT_SIMD
+  for (int64_t j = 0; j < size; ++j) p[j] = (buffer[j] - mean_q) * to_sphere;
+}
+
+std::vector<Row> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
+  std::vector<Row> rows;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t k = norms[t].numel();
+    TORCH_CHECK(k > 0 && params[t].numel() % k == 0, "wdopt rotational: parameter ", t, " has ", params[t].numel(),
+                " elements, not a multiple of its ", k, " rows");
+    for (int64_t r = 0; r < k; ++r) rows.push_back({static_cast<int64_t>(t), r, params[t].numel() / k});
+  }
+  return rows;
+}
+
+template <typename T> T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+void rotational_(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                 at::TensorList state2, at::TensorList steps, at::TensorList rotational_norms,
+                 at::TensorList update_norm_avgs, at::TensorList rotational_steps, const c10::List<bool>& first_steps,
+                 double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
+                 double undf, double rotational_eps, bool zero_mean, bool projected, bool maximize,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
+  TORCH_CHECK(adamw || sgd || lion, "wdopt rotational: unknown optimizer ", optimizer);
+  const size_t n_tensors = params.size();
+  for (size_t t = 0; t < n_tensors; ++t) {
+    const auto& p = params[t];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == params[0].scalar_type(),
+                "wdopt rotational: parameter ", t, " must be a contiguous CPU tensor of the call's dtype");
+    TORCH_CHECK(grads[t].is_contiguous() && grads[t].sizes() == p.sizes() && grads[t].scalar_type() == p.scalar_type(),
+                "wdopt rotational: gradient ", t, " does not match its parameter");
+    const auto opmath_type = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(rotational_norms[t].scalar_type() == opmath_type && update_norm_avgs[t].scalar_type() == opmath_type &&
+                    rotational_norms[t].numel() == update_norm_avgs[t].numel() &&
+                    rotational_steps[t].scalar_type() == at::kFloat,
+                "wdopt rotational: rotational state ", t, " must have the math dtype and one value per row");
+    if (!sgd || momentum != 0) {
+      TORCH_CHECK(state1[t].is_contiguous() && state1[t].sizes() == p.sizes() &&
+                      state1[t].scalar_type() == p.scalar_type(),
+                  "wdopt rotational: state of parameter ", t, " does not match it");
+    }
+    if (adamw) {
+      TORCH_CHECK(state2[t].is_contiguous() && state2[t].sizes() == p.sizes() &&
+                      state2[t].scalar_type() == p.scalar_type() && steps[t].scalar_type() == at::kFloat,
+                  "wdopt rotational: AdamW state of parameter ", t, " does not match it");
+    }
+  }
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+
+  const std::vector<Row> rows = plan_rows(params, rotational_norms);
+  std::vector<double> undf_bias_correction(n_tensors);  // 1 − undf^k
+  std::vector<char> first(n_tensors);
+  std::vector<double> step(n_tensors);
+  for (size_t t = 0; t < n_tensors; ++t) {
+    float* rot_step = ptr<float>(rotational_steps[t]);
+    first[t] = *rot_step == 0.0f;
+    *rot_step += 1.0f;
+    undf_bias_correction[t] = 1.0 - std::pow(undf, static_cast<double>(*rot_step));
+    if (adamw) {
+      float* s = ptr<float>(steps[t]);
+      *s += 1.0f;
+      step[t] = *s;
+    }
+  }
+  const RotationOptions options{angle, lr, undf, rotational_eps, zero_mean, projected};
+  const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
+  const double sign = maximize ? -1.0 : 1.0;
+  const std::vector<char> fresh(first_steps.begin(), first_steps.end());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_rotational", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const opmath g_scale = static_cast<opmath>(inv_scale), g_sign = static_cast<opmath>(sign);
+    // Per-tensor AdamW scalars, once per step (the reference's roundings).
+    std::vector<AdamWCoefficients<opmath>> adamw_c(adamw ? n_tensors : 0);
+    std::vector<opmath> inv_bc1(adamw ? n_tensors : 0);
+    for (size_t t = 0; adamw && t < n_tensors; ++t) {
+      adamw_c[t] = adamw_coefficients<opmath>(AdamWHyper{lr, beta1, beta2, eps, 0.0, 1.0}, lr, step[t]);
+      inv_bc1[t] = opmath(1) / static_cast<opmath>(1.0 - std::pow(beta1, step[t]));
+    }
+    const LionHyper lion_hyper{lr, beta1, beta2, 0.0, 1.0};
+    const auto lion_c = lion_coefficients<opmath>(lion_hyper, lr);
+    const opmath mu = static_cast<opmath>(momentum);
+    int64_t longest = 0;
+    for (const auto& r : rows) longest = std::max(longest, r.size);
+    // One contiguous run of rows per thread, of equal element counts (rows differ in length).
+    std::vector<int64_t> row_start(rows.size() + 1, 0);
+    for (size_t i = 0; i < rows.size(); ++i) row_start[i + 1] = row_start[i] + rows[i].size;
+    const int64_t total = row_start.back();
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(rows.size())));
+    auto first_row = [&](int64_t part) {
+      return static_cast<int64_t>(std::lower_bound(row_start.begin(), row_start.end() - 1, total * part / parts) -
+                                  row_start.begin());
+    };
+    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      std::vector<opmath> buffer(longest);
+      for (int64_t i = first_row(part_begin); i < first_row(part_end); ++i) {
+        const Row& r = rows[i];
+        const int64_t t = r.tensor, offset = r.row * r.size;
+        scalar_t* p = ptr<scalar_t>(params[t]) + offset;
+        const scalar_t* g = ptr<scalar_t>(grads[t]) + offset;
+        opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;
+        opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
+        auto grad_at = [&](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
+        if (adamw) {
+          scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
+          scalar_t* v = ptr<scalar_t>(state2[t]) + offset;
+          const auto& c = adamw_c[t];
+          const opmath inv_bias_correction1 = inv_bc1[t];
+          rotate_row(p, r.size, [&](int64_t j) {
+            opmath mj = m[j], vj = v[j];
+            const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
+            m[j] = mj;
+            v[j] = vj;
+            return u;
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+        } else if (lion) {
+          scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
+          rotate_row(p, r.size, [&](int64_t j) {
+            opmath mj = m[j];
+            const opmath u = lion_direction(grad_at(j), mj, lion_c);
+            m[j] = mj;
+            return u;
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+        } else if (momentum != 0) {
+          scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
+          const bool first_step = fresh[t];
+          rotate_row(p, r.size, [&](int64_t j) {
+            opmath bj = b[j];
+            const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
+                                      : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
+            b[j] = bj;
+            return u;
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+        } else {
+          rotate_row(p, r.size, [&](int64_t j) { return grad_at(j); }, buffer.data(), norm,
+                     s_avg, undf_bias_correction[t], first[t], options);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wdopt, CPU, m) { m.impl("rotational_", &rotational_); }
+
+}  // namespace wdopt::cpu
