@@ -213,6 +213,39 @@ def _compiled(make_step: Callable) -> Callable:
     return make
 
 
+def _torch_fused_then_projection(params):
+    """The rotational variant's baseline: torch's fused AdamW step (no decay on the matrices), then
+    the projection back onto each neuron's sphere written as batched torch ops per tensor: centre
+    every row and rescale it to its initial norm."""
+    matrices = [p for p in params if p.dim() > 1]
+    others = [p for p in params if p.dim() <= 1]
+    hyper = dict(HYPER["adamw"])
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.0}, {"params": others}], fused=True, **hyper)
+    norms = [p.detach().reshape(p.shape[0], -1).norm(dim=1, keepdim=True) for p in matrices]
+
+    def step():
+        opt.step()
+        with torch.no_grad():
+            for p, n in zip(matrices, norms):
+                rows = p.view(p.shape[0], -1)
+                rows.sub_(rows.mean(dim=1, keepdim=True))
+                rows.mul_(n / rows.norm(dim=1, keepdim=True))
+    return step
+
+
+def _rotational_competitors(device: str, dtype: torch.dtype) -> list[Competitor]:
+    """RotationalAdamW where its rotational tensors run fused (the C++ CPU kernel), and its baseline."""
+    import wdopt
+
+    out = []
+    if device == "cpu" and "cpu" in wdopt.available_backends("cpu"):
+        out.append(Competitor("wdopt rotational cpu",
+                              lambda ps: wdopt.RotationalAdamW(ps, backend="cpu", **HYPER["adamw"]).step))
+    if _torch_fused_supported("adamw", device, dtype) is None:
+        out.append(Competitor("torch fused + projection", _torch_fused_then_projection))
+    return out
+
+
 def _wdopt_backends(device: str) -> list[str]:
     """Every wdopt backend that can run here, except Triton on CPU tensors: that is the interpreter."""
     import wdopt
@@ -265,7 +298,7 @@ def competitors(optimizer, device, dtype, compile_) -> tuple[list[Competitor], l
         comps.append(Competitor("torch.compile foreach", _compiled(_torch_factory(optimizer, foreach=True))))
     if optimizer == "adamw":
         extra, extra_skipped = _external_adamw(device)
-        comps += extra
+        comps += extra + _rotational_competitors(device, dtype)
         skipped += extra_skipped
     return comps, skipped
 
