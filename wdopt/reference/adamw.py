@@ -22,6 +22,14 @@ import torch
 from ._common import compute_dtype, decay_factor, lerp, reciprocal, scalar, sqrt, step_skipped, unscaled
 
 
+def moments(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float):
+    """The new first and second moments, m + (1−β1)(g − m) and β2·v + (1−β2)·g², in g's dtype."""
+    dt = g.dtype
+    m = lerp(exp_avg.to(dt), g, scalar(1.0 - beta1, dt))
+    v = exp_avg_sq.to(dt) * scalar(beta2, dt) + scalar(1.0 - beta2, dt) * g * g
+    return m, v
+
+
 @torch.no_grad()
 def adamw_step(
     param: torch.Tensor,
@@ -44,8 +52,7 @@ def adamw_step(
     dt = compute_dtype(param)
     g = unscaled(grad, dt, grad_scale, maximize)
     p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
-    m = lerp(exp_avg.to(dt), g, scalar(1.0 - beta1, dt))
-    v = exp_avg_sq.to(dt) * scalar(beta2, dt) + scalar(1.0 - beta2, dt) * g * g
+    m, v = moments(g, exp_avg, exp_avg_sq, beta1, beta2)
     if max_exp_avg_sq is not None:
         v_max = torch.maximum(max_exp_avg_sq.to(dt), v)
         max_exp_avg_sq.copy_(v_max)

@@ -13,6 +13,13 @@ import torch
 from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
 
 
+def interpolations(g: torch.Tensor, exp_avg: torch.Tensor, beta1: float, beta2: float):
+    """c = m + (1−β1)(g − m), whose sign is the update, and the new m = m + (1−β2)(g − m)."""
+    dt = g.dtype
+    m = exp_avg.to(dt)
+    return lerp(m, g, scalar(1.0 - beta1, dt)), lerp(m, g, scalar(1.0 - beta2, dt))
+
+
 @torch.no_grad()
 def lion_step(
     param: torch.Tensor,
@@ -30,11 +37,10 @@ def lion_step(
     """One Lion step on one real tensor, in place."""
     dt = compute_dtype(param)
     g = unscaled(grad, dt, grad_scale, maximize)
-    m = exp_avg.to(dt)
-    c = lerp(m, g, scalar(1.0 - beta1, dt))
+    c, m = interpolations(g, exp_avg, beta1, beta2)
     p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
     param.copy_(p - scalar(lr, dt) * torch.sign(c))
-    exp_avg.copy_(lerp(m, g, scalar(1.0 - beta2, dt)))
+    exp_avg.copy_(m)
 
 
 def lion(

@@ -21,7 +21,9 @@ import math
 
 import torch
 
-from ._common import compute_dtype, lerp, reciprocal, scalar, sqrt, unscaled
+from ._common import compute_dtype, reciprocal, scalar, sqrt, unscaled
+from .adamw import moments
+from .lion import interpolations
 
 
 def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
@@ -42,8 +44,7 @@ def adamw_direction(grad, exp_avg, exp_avg_sq, step, *, beta1, beta2, eps, maxim
     """Adam's update direction m̂/(sqrt(v̂)+ε), with m and v updated in place (as in adamw_step)."""
     dt = compute_dtype(exp_avg)
     g = unscaled(grad, dt, grad_scale, maximize)
-    m = lerp(exp_avg.to(dt), g, scalar(1.0 - beta1, dt))
-    v = exp_avg_sq.to(dt) * scalar(beta2, dt) + scalar(1.0 - beta2, dt) * g * g
+    m, v = moments(g, exp_avg, exp_avg_sq, beta1, beta2)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     denom = sqrt(v) * reciprocal(math.sqrt(1.0 - beta2**step), dt) + scalar(eps, dt)
@@ -63,12 +64,10 @@ def sgd_direction(grad, momentum_buffer, first_step, *, momentum, nesterov, maxi
 
 def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale):
     """sign(β1·m + (1−β1)·g), with m updated in place."""
-    dt = compute_dtype(exp_avg)
-    g = unscaled(grad, dt, grad_scale, maximize)
-    m = exp_avg.to(dt)
-    direction = torch.sign(lerp(m, g, scalar(1.0 - beta1, dt)))
-    exp_avg.copy_(lerp(m, g, scalar(1.0 - beta2, dt)))
-    return direction
+    g = unscaled(grad, compute_dtype(exp_avg), grad_scale, maximize)
+    c, m = interpolations(g, exp_avg, beta1, beta2)
+    exp_avg.copy_(m)
+    return torch.sign(c)
 
 
 def init_state(param: torch.Tensor, state: dict, per_neuron: bool) -> None:
