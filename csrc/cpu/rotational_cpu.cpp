@@ -56,10 +56,19 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     sum_pp += pj * pj;
     sum_up += u * pj;
   }
-  if (first) *norm = std::sqrt(sum_pp);
+  if (first) {  // freeze the row's norm, of the centred row with zero_mean (exactly: one more pass)
+    const opmath mean_p = o.zero_mean ? sum_p / static_cast<opmath>(size) : opmath(0);
+    opmath centred_sq = 0;
+    WDOPT_SIMD_SUM(centred_sq)
+    for (int64_t j = 0; j < size; ++j) {
+      const opmath c = static_cast<opmath>(p[j]) - mean_p;
+      centred_sq += c * c;
+    }
+    *norm = std::sqrt(centred_sq);
+  }
   const opmath n = *norm;
   const opmath mean_u = o.zero_mean ? sum_u / static_cast<opmath>(size) : opmath(0);
-  const opmath radial = (sum_up - mean_u * sum_p) / (n * n);
+  const opmath radial = n > 0 ? (sum_up - mean_u * sum_p) / (n * n) : opmath(0);
   opmath tangent_sq = 0;
   WDOPT_SIMD_SUM(tangent_sq)
   for (int64_t j = 0; j < size; ++j) {
@@ -84,10 +93,18 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     sum_q += q;
     sum_qq += q * q;
   }
-  // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). q's mean is
-  // a rounding residue, so ‖q − mean‖² = Σq² − C·mean² loses nothing.
+  // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). After the
+  // first step p is centred and q's mean is a rounding residue, so ‖q − mean‖² = Σq² − C·mean²
+  // loses nothing; at the first step p may not be centred yet (weights loaded after construction):
+  // then the centred norm is summed exactly.
   const opmath mean_q = o.zero_mean ? sum_q / static_cast<opmath>(size) : opmath(0);
-  const opmath to_sphere = n / std::sqrt(sum_qq - static_cast<opmath>(size) * mean_q * mean_q);
+  opmath centred_qq = sum_qq - static_cast<opmath>(size) * mean_q * mean_q;
+  if (first && o.zero_mean) {
+    centred_qq = 0;
+    WDOPT_SIMD_SUM(centred_qq)
+    for (int64_t j = 0; j < size; ++j) centred_qq += (buffer[j] - mean_q) * (buffer[j] - mean_q);
+  }
+  const opmath to_sphere = centred_qq > 0 ? n / std::sqrt(centred_qq) : opmath(0);  // a zero row stays zero
   WDOPT_SIMD
   for (int64_t j = 0; j < size; ++j) p[j] = (buffer[j] - mean_q) * to_sphere;
 }

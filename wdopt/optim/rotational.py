@@ -34,18 +34,46 @@ class _Rotational:
 
     def _init_rotational(self, options: dict) -> None:
         self._rotational_defaults = options
+        self._constructed = False
 
     def _finish_init(self) -> None:
         self.defaults.update(self._rotational_defaults)
         if not any(self._is_rotational(p, g) for g in self.param_groups for p in g["params"]):
             raise ValueError(f"{type(self).__name__}: no parameter is rotational (rotational=None takes tensors "
                              "with dim > 1 and weight_decay != 0); with none it would be its base optimizer")
+        # Every group was checked before any weight changes: now centre them.
+        for group in self.param_groups:
+            self._centre(group)
+        self._constructed = True
 
     @staticmethod
     def _is_rotational(p: torch.Tensor, group: dict) -> bool:
+        if p.numel() == 0:
+            return False  # nothing to put on a sphere
         if group["rotational"] is not None:
             return bool(group["rotational"])
         return group["weight_decay"] != 0 and p.dim() > 1
+
+    def _centre(self, group: dict) -> None:
+        if group["zero_mean"]:
+            for p in group["params"]:
+                if self._is_rotational(p, group):
+                    rv.centre_(p, group["per_neuron"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every state tensor but "step" to its parameter's dtype; the rotational state
+        # is kept in the math dtype (fp32 for bf16/fp16, fp64 for fp64): take it from the source.
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in ("rotational_norm", "update_norm_avg"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=rv.compute_dtype(p)).clone()
+            if "rotational_step" in saved:
+                self.state[p]["rotational_step"] = torch.as_tensor(saved["rotational_step"]).to(
+                    device=p.device, dtype=torch.float32).clone()
 
     def add_param_group(self, param_group: dict) -> None:
         for key, value in self._rotational_defaults.items():
@@ -57,18 +85,17 @@ class _Rotational:
         except Exception:
             self.param_groups.pop()
             raise
-        if group["zero_mean"] and group["mode"] in MODES:
-            for p in group["params"]:
-                if self._is_rotational(p, group):
-                    rv.centre_(p, group["per_neuron"])
+        if self._constructed:  # a group added later; the constructor centres its groups at the end
+            self._centre(group)
 
     def _check_rotational_group(self, group: dict, index: int) -> None:
         if group["mode"] not in MODES:
             raise ValueError(f"Invalid mode {group['mode']!r}; choose one of {MODES}")
         if not 0.0 <= group["update_norm_decay_factor"] < 1.0:
             raise ValueError(f"Invalid update_norm_decay_factor: {group['update_norm_decay_factor']}")
-        if not group["rotational_eps"] >= 0.0:
-            raise ValueError(f"Invalid rotational_eps: {group['rotational_eps']}")
+        if not group["rotational_eps"] > 0.0:
+            raise ValueError(f"Invalid rotational_eps: {group['rotational_eps']} (must be > 0: a row with no "
+                             "tangent update would divide 0 by 0)")
         target = group["target_rotation"]
         if target is not None and not target > 0:
             raise ValueError(f"Invalid target_rotation: {target}")
@@ -76,6 +103,9 @@ class _Rotational:
             if not self._is_rotational(p, group):
                 continue
             where = f"parameter {i} of param group {index} (shape {tuple(p.shape)})"
+            if p.is_complex():
+                raise ValueError(f"{where} is complex: rotational optimizers take real tensors (mark it "
+                                 "rotational=False in its own group)")
             if group["mode"] == "equilibrium" and target is None and theory.decay_fraction(group) == 0:
                 raise ValueError(f"{where} is rotational but its group has no weight decay: the equilibrium "
                                  "angle needs it (or pass target_rotation)")
@@ -91,11 +121,15 @@ class _Rotational:
                                  "with zero_mean) and cannot be put on a sphere")
 
     def _angle(self, group: dict) -> float:
+        if group["mode"] == "projected":
+            return 0.0  # the projected step uses lr, not an angle
         if group["target_rotation"] is not None:
             return float(group["target_rotation"])
-        return self._equilibrium_angle(group, theory.decay_fraction(group))
+        d = theory.decay_fraction(group)
+        return self._equilibrium_angle(group, d) if d > 0 else 0.0  # lr = 0 (warm-up start): no rotation
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+        angle = self._angle(group)  # before anything changes: it may raise
         rotational = [self._is_rotational(p, group) for p in params]
         base = [i for i, r in enumerate(rotational) if not r]
         if base:
@@ -103,7 +137,6 @@ class _Rotational:
                             grad_scale, found_inf, plain)
         if all(not r for r in rotational):
             return
-        angle = self._angle(group)
         if getattr(backend, "__name__", "") == "wdopt.kernels.cpp" and params[0].device.type == "cpu" and plain:
             chosen = [i for i, r in enumerate(rotational) if r]
             self._rotate_fused(group, [params[i] for i in chosen], [grads[i] for i in chosen], angle,

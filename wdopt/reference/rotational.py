@@ -32,12 +32,19 @@ def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
 
 
 def centre_(p: torch.Tensor, per_neuron: bool) -> None:
-    """p ← (p − mean(p))·‖p‖/‖p − mean(p)‖ per row: zero mean, same norm (at construction)."""
+    """p ← (p − mean(p))·‖p‖/‖p − mean(p)‖ per row: zero mean, same norm (at construction).
+    Rows already centred to rounding are left as they are, so that building the optimizer again
+    over trained weights (to resume from a checkpoint) changes nothing."""
     with torch.no_grad():
         dt = compute_dtype(p)
         r = rows(p.detach(), per_neuron).to(dt)
-        centred = r - r.mean(dim=1, keepdim=True)
-        p.copy_((centred * (r.norm(dim=1, keepdim=True) / centred.norm(dim=1, keepdim=True))).reshape(p.shape))
+        mean = r.mean(dim=1, keepdim=True)
+        rounding = 4 * torch.finfo(p.dtype).eps * r.abs().amax(dim=1, keepdim=True)
+        if bool((mean.abs() <= rounding).all()):
+            return
+        centred = r - mean
+        rescaled = centred * (r.norm(dim=1, keepdim=True) / centred.norm(dim=1, keepdim=True))
+        p.copy_(torch.where(mean.abs() <= rounding, r, rescaled).reshape(p.shape))
 
 
 def adamw_direction(grad, exp_avg, exp_avg_sq, step, *, beta1, beta2, eps, maximize, grad_scale):
@@ -88,14 +95,14 @@ def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neu
     u = rows(direction, per_neuron).to(dt)
     if "rotational_norm" not in state:
         init_state(param, state, per_neuron)
-    if state["rotational_step"].item() == 0:  # the first step freezes each row's norm
-        state["rotational_norm"].copy_(p.norm(dim=1))
+    if state["rotational_step"].item() == 0:  # the first step freezes each row's (centred) norm
+        state["rotational_norm"].copy_((p - p.mean(dim=1, keepdim=True) if zero_mean else p).norm(dim=1))
     state["rotational_step"] += 1
     k = int(state["rotational_step"].item())
     n = state["rotational_norm"].to(dt).unsqueeze(1)
     if zero_mean:
         u = u - u.mean(dim=1, keepdim=True)
-    u = u - p * ((u * p).sum(dim=1, keepdim=True) / (n * n))
+    u = u - p * torch.nan_to_num((u * p).sum(dim=1, keepdim=True) / (n * n))  # n = 0: nothing radial
     if mode == "projected":
         p = _onto_sphere(p - scalar(lr, dt) * u, n, zero_mean)
     else:
@@ -113,4 +120,5 @@ def _onto_sphere(p: torch.Tensor, n: torch.Tensor, zero_mean: bool) -> torch.Ten
     normalised."""
     if zero_mean:
         p = p - p.mean(dim=1, keepdim=True)
-    return p * (n / p.norm(dim=1, keepdim=True))
+    norm = p.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, p * (n / norm), p)  # a zero row (n = 0) stays zero
