@@ -3,6 +3,7 @@
     wdopt demo      train a small model twice, with torch.optim.AdamW and with wdopt.FusedAdamW,
                     and show the two runs follow the same trajectory
     wdopt env       versions and available backends (as ``python -m wdopt.env``)
+    wdopt bench     the kernel benchmark (as ``python -m wdopt.bench``; its options follow)
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="wdopt", description="Fused optimizers with decoupled weight decay.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="swap torch.optim.AdamW for wdopt.FusedAdamW in a short training run")
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=demo)
+    sub.add_parser("bench", help="the kernel benchmark (python -m wdopt.bench --help for its options)")
     p = sub.add_parser("env", help="versions and available backends")
     p.set_defaults(func=lambda args: print(__import__("wdopt.env").env.report()) or 0)
     args = parser.parse_args(argv)
