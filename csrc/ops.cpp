@@ -10,17 +10,23 @@
 //   * ``grad_scale``/``found_inf`` (GradScaler): gradients are divided by grad_scale; when
 //     found_inf != 0 nothing at all is written (parameters, state and steps keep their values);
 //   * empty optional lists (``max_exp_avg_sqs`` without amsgrad, ``momentum_buffers`` without
-//     momentum) are passed as [].
+//     momentum) are passed as [];
+//   * ``telemetry`` (rotation telemetry, wdopt/reference/telemetry.py is its specification): [] or
+//     one contiguous float64 (K, 4) tensor per parameter on its device; the kernel overwrites row r
+//     with [Σω², Σω·Δω, ΣΔω², Σĝ²] over elements [r·C, (r+1)·C) of the contiguous parameter
+//     (C = numel/K; ω before the step, Δω the stored change, ĝ the unscaled gradient), gathered
+//     while it updates them; a skipped step (found_inf) leaves it unwritten.
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, float eps, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] first_steps, *, "
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] first_steps, "
+      "Tensor(c!)[] telemetry, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
@@ -33,11 +39,11 @@ TORCH_LIBRARY(wdopt, m) {
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
-      "Tensor(g!)[] rotational_steps, bool[] first_steps, *, float lr, float beta1, float beta2, float eps, "
+      "Tensor(g!)[] rotational_steps, bool[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float momentum, bool nesterov, float angle, float undf, float rotational_eps, bool zero_mean, "
       "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
-      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, *, float lr, float beta1, "
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }

@@ -27,14 +27,16 @@ def test_opcheck(backend, device):
     v = [t.abs() for t in v]
     vmax = [t.abs() for t in vmax]
     steps = [torch.zeros((), device=device) for _ in params]
+    # A monitored step writes its telemetry buffers: that mutation is part of the schema too.
+    telemetry = [torch.zeros(p.shape[0] if p.dim() > 1 else 1, 4, dtype=torch.float64, device=device) for p in params]
     adamw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0,
                  amsgrad=True, maximize=False)
-    torch.library.opcheck(torch.ops.wdopt.adamw_.default, (params, grads, m, v, vmax, steps), adamw)
+    torch.library.opcheck(torch.ops.wdopt.adamw_.default, (params, grads, m, v, vmax, steps, telemetry), adamw)
     sgd = dict(lr=1e-2, weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=True,
                decoupled_weight_decay=False, decay_lr_scale=1.0, maximize=False)
-    torch.library.opcheck(torch.ops.wdopt.sgd_.default, (params, grads, m, [False, True, False]), sgd)
+    torch.library.opcheck(torch.ops.wdopt.sgd_.default, (params, grads, m, [False, True, False], []), sgd)
     lion = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0, maximize=True)
-    torch.library.opcheck(torch.ops.wdopt.lion_.default, (params, grads, m), lion)
+    torch.library.opcheck(torch.ops.wdopt.lion_.default, (params, grads, m, telemetry), lion)
 
 
 @pytest.mark.parametrize("backend,device", CPP[:1])

@@ -306,3 +306,31 @@ def test_empty_tensors_are_not_rotational():
     opt = wdopt.RotationalAdamW([w, empty], weight_decay=0.1)
     w.grad, empty.grad = torch.randn(4, 6), torch.zeros(0, 6)
     opt.step()
+
+
+_SHARDED = """
+import torch, torch.distributed as dist, wdopt
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+mesh = init_device_mesh("cpu", (2,))
+def param(placement):
+    return torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [placement]))
+for placement, per_neuron in [(Shard(1), True), (Shard(0), False)]:
+    try:
+        wdopt.RotationalAdamW([param(placement)], per_neuron=per_neuron)
+    except ValueError as error:
+        assert "sharded with Shard(dim=" in str(error) and "parameter 0 of param group 0" in str(error), error
+    else:
+        raise AssertionError(f"{placement} per_neuron={per_neuron} was accepted")
+print("ok")
+"""
+
+
+def test_sharded_rows_are_refused():
+    """A DTensor whose neurons are split across ranks cannot be normalised by a local kernel."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

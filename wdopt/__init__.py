@@ -19,6 +19,7 @@ _LAZY = {
     "RotationalAdamW": "wdopt.optim",
     "RotationalSGD": "wdopt.optim",
     "RotationalLion": "wdopt.optim",
+    "RotationMonitor": "wdopt.telemetry",
     "available_backends": "wdopt.backends",
 }
 

@@ -234,16 +234,29 @@ def _torch_fused_then_projection(params):
 
 
 def _rotational_competitors(device: str, dtype: torch.dtype) -> list[Competitor]:
-    """RotationalAdamW where its rotational tensors run fused (the C++ CPU kernel), and its baseline."""
+    """RotationalAdamW on every backend with a fused rotational kernel, its baseline, and FusedAdamW
+    with a RotationMonitor recording every step (the telemetry's cost)."""
     import wdopt
 
     out = []
-    if device == "cpu" and "cpu" in wdopt.available_backends("cpu"):
-        out.append(Competitor("wdopt rotational cpu",
-                              lambda ps: wdopt.RotationalAdamW(ps, backend="cpu", **HYPER["adamw"]).step))
+    for b in _wdopt_backends(device):
+        if b == "reference":
+            continue
+        out.append(Competitor(f"wdopt rotational {b}",
+                              lambda ps, b=b: wdopt.RotationalAdamW(ps, backend=b, **HYPER["adamw"]).step))
+        out.append(Competitor(f"wdopt {b} + monitor", lambda ps, b=b: _monitored(ps, b)))
     if _torch_fused_supported("adamw", device, dtype) is None:
         out.append(Competitor("torch fused + projection", _torch_fused_then_projection))
     return out
+
+
+def _monitored(params, backend: str):
+    import wdopt
+
+    opt = wdopt.FusedAdamW(params, backend=backend, **HYPER["adamw"])
+    monitor = wdopt.RotationMonitor(opt, every=1, keep=1)
+    opt._bench_monitor = monitor  # kept alive with the optimizer
+    return opt.step
 
 
 def _wdopt_backends(device: str) -> list[str]:

@@ -6,6 +6,11 @@
 // range per thread (equal element counts, so a 38M-element embedding and a hundred 768-element
 // norms balance alike); each thread walks its range tensor by tensor with a vectorizable loop.
 // Many small tensors therefore cost one parallel region, not one per tensor.
+//
+// Rotation telemetry (a monitored step, wdopt/reference/telemetry.py): the cut points are moved
+// to row boundaries, so each row is updated by one thread in one loop that also sums ω², ω·Δω,
+// Δω² and ĝ² in double while the values are in registers: no extra pass over memory, and the
+// sums come out the same on every run (fixed order, no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +26,7 @@
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
 #define WDOPT_SIMD _Pragma("omp simd")
+#define WDOPT_SIMD_SUMS _Pragma("omp simd reduction(+ : w2, wd, d2, g2)")
 
 namespace wdopt::cpu {
 namespace {
@@ -89,35 +95,6 @@ double read_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
 
 // ------------------------------------------------------------------ the parallel walk
 
-// Calls body(tensor_index, begin, end) over every element of every tensor, split into one
-// contiguous range of equal size per thread.
-template <typename Body> void for_each_range(const at::TensorList& params, const Body& body) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  std::vector<int64_t> offsets(n + 1, 0);  // prefix sums of element counts
-  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + params[i].numel();
-  const int64_t total = offsets[n];
-  if (total == 0) return;
-  const int64_t parts = total < kSerialElements ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  auto run_part = [&](int64_t part) {
-    const int64_t begin = total * part / parts, end = total * (part + 1) / parts;
-    int64_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++t) {
-      const int64_t stop = std::min(end, offsets[t + 1]);
-      if (stop > pos) body(t, pos - offsets[t], stop - offsets[t]);
-      pos = stop;
-    }
-  };
-  if (parts == 1) {
-    run_part(0);
-  } else {
-    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
-      for (int64_t part = first; part < last; ++part) run_part(part);
-    });
-  }
-}
-
-template <typename scalar_t> scalar_t* data(const at::Tensor& t) { return static_cast<scalar_t*>(t.data_ptr()); }
-
 // The gradient as the optimizer sees it: unscaled (GradScaler; times the scale's reciprocal, as
 // the reference does) and negated with maximize. Branch-free so the element loops vectorize;
 // multiplying by 1 and by ±1 is exact.
@@ -133,11 +110,103 @@ GradTransform<opmath_t> grad_transform(const std::optional<at::Tensor>& grad_sca
   return {opmath_t(1) / scale, maximize ? opmath_t(-1) : opmath_t(1)};
 }
 
+
+// Calls body(tensor_index, begin, end, sums) over every element of every tensor, split into one
+// contiguous range of equal size per thread. Without telemetry, ``sums`` is null. With it (one
+// float64 (K, 4) buffer per tensor), every cut is moved down to a row boundary and body is called
+// once per row with that row's four sums to fill.
+template <typename Body>
+void for_each_range(const at::TensorList& params, const at::TensorList& telemetry, const Body& body) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<int64_t> offsets(n + 1, 0);  // prefix sums of element counts
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + params[i].numel();
+  const int64_t total = offsets[n];
+  if (total == 0) return;
+  const bool monitored = !telemetry.empty();
+  std::vector<int64_t> row_size(monitored ? n : 0);
+  for (int64_t i = 0; monitored && i < n; ++i) row_size[i] = std::max<int64_t>(1, params[i].numel() / telemetry[i].size(0));
+  auto tensor_at = [&](int64_t pos) {
+    return std::upper_bound(offsets.begin(), offsets.end(), pos) - offsets.begin() - 1;
+  };
+  auto cut = [&](int64_t part, int64_t parts) {
+    const int64_t pos = total * part / parts;
+    if (!monitored || pos >= total) return pos;
+    const int64_t t = tensor_at(pos), within = pos - offsets[t];
+    return offsets[t] + within / row_size[t] * row_size[t];
+  };
+  const int64_t parts = total < kSerialElements ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  auto run_part = [&](int64_t part) {
+    const int64_t begin = cut(part, parts), end = cut(part + 1, parts);
+    int64_t t = tensor_at(begin);
+    for (int64_t pos = begin; pos < end; ++t) {
+      const int64_t stop = std::min(end, offsets[t + 1]);
+      if (stop > pos && !monitored) body(t, pos - offsets[t], stop - offsets[t], nullptr);
+      for (int64_t row = pos - offsets[t]; monitored && row < stop - offsets[t]; row += row_size[t]) {
+        body(t, row, row + row_size[t], static_cast<double*>(telemetry[t].data_ptr()) + row / row_size[t] * 4);
+      }
+      pos = stop;
+    }
+  };
+  if (parts == 1) {
+    run_part(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      for (int64_t part = first; part < last; ++part) run_part(part);
+    });
+  }
+}
+
+void check_telemetry(const at::TensorList& telemetry, const at::TensorList& params) {
+  if (telemetry.empty()) return;
+  TORCH_CHECK(telemetry.size() == params.size(), "wdopt: one telemetry buffer per parameter is needed");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& b = telemetry[i];
+    TORCH_CHECK(b.scalar_type() == at::kDouble && b.device().is_cpu() && b.is_contiguous() && b.dim() == 2 &&
+                    b.size(1) == 4 && b.size(0) > 0 && params[i].numel() % b.size(0) == 0 &&
+                    params[i].is_contiguous(),
+                "wdopt: telemetry[", i, "] must be a contiguous float64 (K, 4) CPU tensor, K dividing the "
+                "contiguous parameter's ", params[i].numel(), " elements");
+  }
+}
+
+// One element loop: p[i] ← element(i, p[i], ĝ[i]) over [begin, end), the state updated inside
+// element. With ``sums`` (a monitored row) the same loop also accumulates the row's telemetry.
+template <typename scalar_t, typename opmath, typename Element>
+inline void update_elements(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
+                            const GradTransform<opmath>& transform, double* sums, const Element& element) {
+  if (sums == nullptr) {
+WDOPT_SIMD
+    for (int64_t i = begin; i < end; ++i) {
+      p[i] = static_cast<scalar_t>(element(i, static_cast<opmath>(p[i]), transform(static_cast<opmath>(g[i]))));
+    }
+    return;
+  }
+  double w2 = 0, wd = 0, d2 = 0, g2 = 0;
+WDOPT_SIMD_SUMS
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t before = p[i];
+    const opmath gi = transform(static_cast<opmath>(g[i]));
+    const scalar_t after = static_cast<scalar_t>(element(i, static_cast<opmath>(before), gi));
+    p[i] = after;
+    const double w = static_cast<double>(before), d = static_cast<double>(after) - w, gd = gi;
+    w2 += w * w;
+    wd += w * d;
+    d2 += d * d;
+    g2 += gd * gd;
+  }
+  sums[0] = w2;
+  sums[1] = wd;
+  sums[2] = d2;
+  sums[3] = g2;
+}
+
+template <typename scalar_t> scalar_t* data(const at::Tensor& t) { return static_cast<scalar_t*>(t.data_ptr()); }
+
 // ------------------------------------------------------------------ AdamW
 
 void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-            at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
-            double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
+            at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList telemetry, double lr, double beta1,
+            double beta2, double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
             const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
@@ -147,6 +216,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   check_list(exp_avg_sqs, params, "exp_avg_sqs");
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
   check_steps(steps, params);
+  check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
   const AdamWHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, decay_lr_scale};
 
@@ -161,23 +231,21 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
     }
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
-      for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
-        scalar_t* __restrict__ p = data<scalar_t>(params[t]);
-        const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+      for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
         scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
         scalar_t* __restrict__ v = data<scalar_t>(exp_avg_sqs[t]);
         scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(max_exp_avg_sqs[t]) : nullptr;
         const auto c = coefficients[t];
-WDOPT_SIMD
-        for (int64_t i = begin; i < end; ++i) {
-          opmath pi = p[i], mi = m[i], vi = v[i];
+        update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
+                        [&](int64_t i, opmath pi, opmath gi) {
+          opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
-          adamw_update<AMSGRAD>(pi, transform(static_cast<opmath>(g[i])), mi, vi, vmi, c);
-          p[i] = pi;
+          adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
           m[i] = mi;
           v[i] = vi;
           if (AMSGRAD) v_max[i] = vmi;
-        }
+          return pi;
+        });
       });
     });
   });
@@ -186,7 +254,7 @@ WDOPT_SIMD
 // ------------------------------------------------------------------ SGD
 
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const c10::List<bool>& first_steps,
-          double lr, double weight_decay, double momentum, double dampening, bool nesterov,
+          at::TensorList telemetry, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
           bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf) {
@@ -198,6 +266,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     check_list(momentum_buffers, params, "momentum_buffers");
     TORCH_CHECK(first_steps.size() == params.size(), "wdopt: one first_steps flag per parameter is needed");
   }
+  check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
   const std::vector<char> fresh_buffer(first_steps.begin(), first_steps.end());
   const SGDHyper hyper{read_lr(lr, lr_tensor), weight_decay, momentum, dampening, decay_lr_scale, nesterov,
@@ -211,19 +280,16 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       dispatch_bool(nesterov, [&](auto NESTEROV) {
         // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
         dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
-          for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
-            scalar_t* __restrict__ p = data<scalar_t>(params[t]);
-            const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+          for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
             scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(momentum_buffers[t]) : nullptr;
             const bool first = HAS_MOMENTUM && fresh_buffer[t];
-WDOPT_SIMD
-            for (int64_t i = begin; i < end; ++i) {
-              opmath pi = p[i];
+            update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
+                            [&](int64_t i, opmath pi, opmath gi) {
               opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
-              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, transform(static_cast<opmath>(g[i])), bi, first, c);
-              p[i] = pi;
+              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
               if (HAS_MOMENTUM) b[i] = bi;
-            }
+              return pi;
+            });
           });
         });
       });
@@ -233,14 +299,15 @@ WDOPT_SIMD
 
 // ------------------------------------------------------------------ Lion
 
-void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
-           double beta2, double weight_decay, double decay_lr_scale, bool maximize,
+void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry, double lr,
+           double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
   check_list(exp_avgs, params, "exp_avgs");
+  check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
   const LionHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, weight_decay, decay_lr_scale};
 
@@ -248,17 +315,15 @@ void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     using opmath = opmath_t<scalar_t>;
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    for_each_range(params, [&](int64_t t, int64_t begin, int64_t end) {
-      scalar_t* __restrict__ p = data<scalar_t>(params[t]);
-      const scalar_t* __restrict__ g = data<scalar_t>(grads[t]);
+    for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
       scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
-WDOPT_SIMD
-      for (int64_t i = begin; i < end; ++i) {
-        opmath pi = p[i], mi = m[i];
-        lion_update(pi, transform(static_cast<opmath>(g[i])), mi, c);
-        p[i] = pi;
+      update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
+                      [&](int64_t i, opmath pi, opmath gi) {
+        opmath mi = m[i];
+        lion_update(pi, gi, mi, c);
         m[i] = mi;
-      }
+        return pi;
+      });
     });
   });
 }

@@ -4,6 +4,7 @@
 // optimizer's state), and the centring, tangent projection, step and renormalisation then work
 // on the row in cache. Rows are spread over threads with one parallel region per step; the
 // reductions have a fixed order (deterministic: no atomics, the same result on every run).
+// Rotation telemetry (a monitored step) is summed in the last pass, while the row is written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,10 +41,12 @@ struct RotationOptions {
 // Σu, Σp, Σp², Σu·p; (2) the centred tangent t = u − mean(u) − p·⟨u − mean(u), p⟩/n² and ‖t‖²;
 // (3) q = p − step·t with Σq, Σq²; (4) p = (q − mean(q))·n/‖q − mean(q)‖. ‖t‖² is summed from t
 // itself, never as a difference of moments: a nearly constant u would cancel catastrophically.
-template <typename scalar_t, typename Direction>
+// ``sums`` (a monitored step): the row's telemetry [Σω², Σω·Δω, ΣΔω², Σĝ²], ĝ = grad_at(j).
+template <typename scalar_t, typename Direction, typename GradAt>
 void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction,
                 opmath_t<scalar_t>* __restrict__ buffer, opmath_t<scalar_t>* norm, opmath_t<scalar_t>* s_avg,
-                double undf_bias_correction, bool first, const RotationOptions& o) {
+                double undf_bias_correction, bool first, const RotationOptions& o, double* sums,
+                const GradAt& grad_at) {
   using opmath = opmath_t<scalar_t>;
   opmath sum_u = 0, sum_p = 0, sum_pp = 0, sum_up = 0;
   WDOPT_SIMD_SUM(sum_u, sum_p, sum_pp, sum_up)
@@ -105,8 +108,27 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     for (int64_t j = 0; j < size; ++j) centred_qq += (buffer[j] - mean_q) * (buffer[j] - mean_q);
   }
   const opmath to_sphere = centred_qq > 0 ? n / std::sqrt(centred_qq) : opmath(0);  // a zero row stays zero
-  WDOPT_SIMD
-  for (int64_t j = 0; j < size; ++j) p[j] = (buffer[j] - mean_q) * to_sphere;
+  if (sums == nullptr) {
+    WDOPT_SIMD
+    for (int64_t j = 0; j < size; ++j) p[j] = (buffer[j] - mean_q) * to_sphere;
+    return;
+  }
+  double w2 = 0, wd = 0, d2 = 0, g2 = 0;
+  WDOPT_SIMD_SUM(w2, wd, d2, g2)
+  for (int64_t j = 0; j < size; ++j) {
+    const double w = static_cast<double>(p[j]);
+    const scalar_t after = static_cast<scalar_t>((buffer[j] - mean_q) * to_sphere);
+    p[j] = after;
+    const double d = static_cast<double>(after) - w, g = grad_at(j);
+    w2 += w * w;
+    wd += w * d;
+    d2 += d * d;
+    g2 += g * g;
+  }
+  sums[0] = w2;
+  sums[1] = wd;
+  sums[2] = d2;
+  sums[3] = g2;
 }
 
 std::vector<Row> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
@@ -125,7 +147,7 @@ template <typename T> T* ptr(const at::Tensor& t) { return static_cast<T*>(t.dat
 void rotational_(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state1,
                  at::TensorList state2, at::TensorList steps, at::TensorList rotational_norms,
                  at::TensorList update_norm_avgs, at::TensorList rotational_steps, const c10::List<bool>& first_steps,
-                 double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
+                 at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
                  double undf, double rotational_eps, bool zero_mean, bool projected, bool maximize,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
@@ -153,6 +175,12 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                       state2[t].scalar_type() == p.scalar_type() && steps[t].scalar_type() == at::kFloat,
                   "wdopt rotational: AdamW state of parameter ", t, " does not match it");
     }
+  }
+  TORCH_CHECK(telemetry.empty() || telemetry.size() == n_tensors, "wdopt rotational: one telemetry buffer per parameter");
+  for (size_t t = 0; t < telemetry.size(); ++t) {
+    TORCH_CHECK(telemetry[t].scalar_type() == at::kDouble && telemetry[t].is_contiguous() && telemetry[t].dim() == 2 &&
+                    telemetry[t].size(0) == rotational_norms[t].numel() && telemetry[t].size(1) == 4,
+                "wdopt rotational: telemetry[", t, "] must be a contiguous float64 (K, 4) tensor, one row per neuron");
   }
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
 
@@ -210,6 +238,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
         opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;
         opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
         auto grad_at = [&](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
+        double* sums = telemetry.empty() ? nullptr : ptr<double>(telemetry[t]) + 4 * r.row;
         if (adamw) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
           scalar_t* v = ptr<scalar_t>(state2[t]) + offset;
@@ -221,7 +250,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             m[j] = mj;
             v[j] = vj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         } else if (lion) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
           rotate_row(p, r.size, [&](int64_t j) {
@@ -229,7 +258,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             const opmath u = lion_direction(grad_at(j), mj, lion_c);
             m[j] = mj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         } else if (momentum != 0) {
           scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
           const bool first_step = fresh[t];
@@ -239,10 +268,10 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                                       : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
             b[j] = bj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options);
+          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         } else {
           rotate_row(p, r.size, [&](int64_t j) { return grad_at(j); }, buffer.data(), norm,
-                     s_avg, undf_bias_correction[t], first[t], options);
+                     s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         }
       }
     });

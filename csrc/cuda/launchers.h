@@ -38,6 +38,17 @@ struct GradOptions {
   bool maximize = false;    // gradients are negated (after unscaling)
 };
 
+// Rotation telemetry (wdopt/reference/telemetry.py): when ``buffers`` is not null, tensor i's
+// update also overwrites ``buffers[i]``, a contiguous float64 (rows[i], 4) device array, with
+// [Σω², Σω·Δω, ΣΔω², Σĝ²] over each row of numels[i] / rows[i] consecutive elements (ω as stored
+// before the step, Δω = stored new value − ω in double, ĝ the unscaled gradient). The sums are
+// gathered by the update kernel itself, in double, in a fixed order (deterministic); the update
+// of parameters and state is bit-identical to the unmonitored kernels. found_inf: not written.
+struct Telemetry {
+  double* const* buffers = nullptr;
+  const int64_t* rows = nullptr;  // >= 1, dividing numels[i]
+};
+
 struct AdamWArgs {
   DType dtype = DType::Float32;
   int64_t n_tensors = 0;
@@ -52,6 +63,7 @@ struct AdamWArgs {
   bool amsgrad = false;
   DeviceScalar lr_tensor;  // capturable: when present, lr is read from it instead of ``lr``
   GradOptions grad;
+  Telemetry telemetry;
   // Device memory of at least adamw_scratch_bytes(n_tensors) bytes, 16-byte aligned, usable on
   // ``stream`` (e.g. from the caching allocator): per-tensor coefficients of this step.
   void* scratch = nullptr;
@@ -69,6 +81,7 @@ struct SGDArgs {
   bool nesterov = false, decoupled_weight_decay = false;
   DeviceScalar lr_tensor;
   GradOptions grad;
+  Telemetry telemetry;
 };
 
 struct LionArgs {
@@ -81,7 +94,45 @@ struct LionArgs {
   double lr = 0, beta1 = 0, beta2 = 0, weight_decay = 0, decay_lr_scale = 1;
   DeviceScalar lr_tensor;
   GradOptions grad;
+  Telemetry telemetry;
 };
+
+// Rotational variants (THEORY.md section 3; csrc/cpu/rotational_cpu.cpp and
+// wdopt/reference/rotational.py): tensor i is rows[i] rows of numels[i] / rows[i] elements, each
+// projected on its sphere. Two launches: a per-tensor prologue (advances rotational_steps and
+// AdamW's steps, writes this step's coefficients to ``scratch``), then the row kernel.
+enum class RotationalOptimizer : int32_t { AdamW = 0, SGD = 1, Lion = 2 };
+
+struct RotationalArgs {
+  DType dtype = DType::Float32;
+  RotationalOptimizer optimizer = RotationalOptimizer::AdamW;
+  int64_t n_tensors = 0;
+  const int64_t* numels = nullptr;
+  const int64_t* rows = nullptr;           // rows per tensor (>= 1, dividing numels[i])
+  void* const* params = nullptr;           // contiguous
+  const void* const* grads = nullptr;
+  void* const* state1 = nullptr;           // exp_avg / momentum_buffer / exp_avg (null: SGD without momentum)
+  void* const* state2 = nullptr;           // exp_avg_sq (AdamW only)
+  float* const* steps = nullptr;           // AdamW's float32 step counts, advanced by one
+  void* const* rotational_norms = nullptr;  // rows[i] values of the math type: n, frozen at the first step
+  void* const* update_norm_avgs = nullptr;  // rows[i] values of the math type: s
+  float* const* rotational_steps = nullptr;  // float32 k, advanced by one; 0: first rotational step
+  const uint8_t* first_steps = nullptr;      // SGD: 1 when the momentum buffer has no history
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, momentum = 0;
+  bool nesterov = false;
+  double angle = 0, undf = 0, rotational_eps = 0;
+  bool zero_mean = true, projected = false;
+  GradOptions grad;
+  Telemetry telemetry;  // rows: a multiple of rotation rows (the binding reduces other shapes)
+  // Device memory of at least rotational_scratch_bytes(n_tensors) bytes, 16-byte aligned.
+  void* scratch = nullptr;
+  // Bytes of on-chip (shared memory) row buffers per block; 0: the default (64 KiB). Rows that
+  // fit are read once and written once; longer rows take two passes over memory.
+  int64_t on_chip_bytes = 0;
+};
+
+size_t rotational_scratch_bytes(int64_t n_tensors);
+cudaError_t rotational(const RotationalArgs& args, cudaStream_t stream);
 
 // Bytes of device scratch an AdamW call of ``n_tensors`` tensors needs.
 size_t adamw_scratch_bytes(int64_t n_tensors);

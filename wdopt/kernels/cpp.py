@@ -1,6 +1,7 @@
 """The C++ backends, "cpu" and "cuda": one extension holding the torch.library operators
-``wdopt::adamw_``, ``wdopt::sgd_`` and ``wdopt::lion_`` (schemas in csrc/ops.cpp) with CPU and,
-when built with nvcc against a CUDA torch, CUDA implementations.
+``wdopt::adamw_``, ``wdopt::sgd_``, ``wdopt::lion_`` and ``wdopt::rotational_`` (schemas in
+csrc/ops.cpp) with CPU and, when built with nvcc against a CUDA torch, CUDA implementations. The
+kernels gather rotation telemetry in the same pass when asked (``telemetry=``).
 
 The extension comes from ``pip install`` (setup.py builds it when torch is importable at build
 time) or is compiled here on first use with torch's JIT builder and ninja, then cached in
@@ -176,7 +177,7 @@ def _first_error_line(error: Exception) -> str:
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace through a step: each op only
     mutates its arguments in place and returns nothing."""
-    for name in ("adamw_", "sgd_", "lion_"):
+    for name in ("adamw_", "sgd_", "lion_", "rotational_"):
         qualified = f"wdopt::{name}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"):
             continue
@@ -189,6 +190,9 @@ def _register_fakes() -> None:
 
 # ---------------------------------------------------------------- the backend interface
 
+#: The kernels write rotation telemetry in the update pass (wdopt/reference/telemetry.py).
+TELEMETRY = True
+
 
 def _lr_args(lr):
     if isinstance(lr, torch.Tensor):
@@ -197,29 +201,47 @@ def _lr_args(lr):
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-          decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None) -> None:
+          decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None, telemetry=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, list(telemetry),
         lr=lr_value, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_lr_scale=decay_lr_scale,
         amsgrad=amsgrad, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momentum, dampening, nesterov,
-        decoupled_weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None) -> None:
+        decoupled_weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     has_momentum = momentum != 0
     torch.ops.wdopt.sgd_(
         params, grads, momentum_buffers if has_momentum else [], list(first_steps) if has_momentum else [],
+        list(telemetry),
         lr=lr_value, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
         decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
         lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize,
-         grad_scale=None, found_inf=None) -> None:
+         grad_scale=None, found_inf=None, telemetry=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.lion_(
-        params, grads, exp_avgs, lr=lr_value, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+        params, grads, exp_avgs, list(telemetry), lr=lr_value, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         decay_lr_scale=decay_lr_scale, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
         found_inf=found_inf)
+
+
+def rotational_available(device: torch.device) -> bool:
+    """Whether the extension has a rotational kernel for ``device``'s type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("wdopt::rotational_", key)
+
+
+def rotational(optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
+               first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, undf, rotational_eps, zero_mean,
+               projected, maximize, grad_scale=None, found_inf=None, telemetry=()) -> None:
+    """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors."""
+    torch.ops.wdopt.rotational_(
+        optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
+        list(first_steps), list(telemetry), lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
+        nesterov=nesterov, angle=angle, undf=undf, rotational_eps=rotational_eps, zero_mean=zero_mean,
+        projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

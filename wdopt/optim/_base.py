@@ -16,6 +16,8 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends
+from ..reference import telemetry as tm
+from ..reference._common import step_skipped
 
 DECAY_SCALINGS = ("lr", "schedule")
 
@@ -212,13 +214,35 @@ class FusedOptimizer(Optimizer):
         for group, _, params, _ in plan:
             for p in params:
                 self._init_state(p, group)
+        monitored = self.__dict__.get("_telemetry_request")  # {id(param): (K, 4) buffer}, see wdopt.telemetry
         for group, backend, params, plain in plan:
             device = params[0].device
-            self._update(
-                group, backend, params, [p.grad for p in params],
-                _on(grad_scale, device), _on(found_inf, device), plain,
-            )
+            args = (group, backend, params, [p.grad for p in params], _on(grad_scale, device),
+                    _on(found_inf, device), plain)
+            buffers = [monitored.get(id(p)) for p in params] if monitored else []
+            if not buffers or any(b is None for b in buffers):
+                self._update(*args)
+            elif self._kernel_telemetry(backend, plain):
+                self._update(*args, telemetry=buffers)  # gathered by the kernels in their update pass
+            else:
+                self._update_measured(args, buffers)
         return loss
+
+    @staticmethod
+    def _kernel_telemetry(backend, plain: bool) -> bool:
+        """Whether ``backend``'s kernels can fill telemetry buffers for this bucket: they address
+        rows of contiguous tensors."""
+        return plain and getattr(backend, "TELEMETRY", False)
+
+    def _update_measured(self, args, buffers) -> None:
+        """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
+        and strided or complex buckets): costs a copy of the parameters and a pass over them."""
+        group, backend, params, grads, grad_scale, found_inf, plain = args
+        before = [p.detach().clone() for p in params]
+        self._update(*args)
+        if not step_skipped(found_inf):
+            for b, p, p0, g in zip(buffers, params, before, grads):
+                b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
 
     def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
         """Phase 1: check everything and change nothing. Returns (group, backend module, params,

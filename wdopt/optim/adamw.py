@@ -87,7 +87,7 @@ class FusedAdamW(FusedOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
         states = [self.state[p] for p in params]
         amsgrad = group["amsgrad"]
         tensors = KernelTensors(params, grads, {
@@ -102,5 +102,6 @@ class FusedAdamW(FusedOptimizer):
             lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
             amsgrad=amsgrad, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            **({"telemetry": telemetry} if telemetry else {}),
         )
         tensors.write_back()

@@ -65,7 +65,7 @@ class FusedLion(FusedOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
         tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]}, plain)
         beta1, beta2 = group["betas"]
         backend.lion(
@@ -73,5 +73,6 @@ class FusedLion(FusedOptimizer):
             lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2,
             weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
             maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            **({"telemetry": telemetry} if telemetry else {}),
         )
         tensors.write_back()

@@ -5,11 +5,11 @@ wdopt/reference/rotational.py).
 
 A tensor is rotational when its group says so (``rotational=True/False``), else when its
 weight decay is non-zero and it has dim > 1. Non-rotational tensors (biases, gains) take the base
-optimizer's own step, on the group's backend. Rotational tensors are updated by the reference
-implementation on the other backends (fused rotational kernels are not written
-yet for Triton and CUDA); on the "cpu" backend a fused C++ kernel updates them
-(csrc/cpu/rotational_cpu.cpp). State dicts, GradScaler and LR schedulers work as for the base
-optimizers.
+optimizer's own step, on the group's backend. Rotational tensors are updated by the backend's
+fused rotational kernel where it has one (``backend.rotational``: csrc/cpu/rotational_cpu.cpp,
+csrc/cuda, wdopt/kernels/triton/rotational.py), else (strided or complex buckets, the reference
+backend) by the reference implementation. State dicts, GradScaler and LR schedulers work as for
+the base optimizers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from .. import theory
 from ..reference import rotational as rv
+from ..reference import telemetry as tm
 from ..reference._common import step_skipped
 from .adamw import FusedAdamW
 from .lion import FusedLion
@@ -111,6 +112,12 @@ class _Rotational:
                                  "angle needs it (or pass target_rotation)")
             if group["per_neuron"] and p.dim() < 2:
                 raise ValueError(f"{where}: per_neuron needs a tensor of dim >= 2 (its rows are the neurons)")
+            split = _split_rows(p, group["per_neuron"])
+            if split:
+                raise ValueError(f"{where} is sharded with {split}, which splits its "
+                                 f"{'rows' if group['per_neuron'] else 'sphere'} across ranks: the row norms "
+                                 "would need a cross-rank reduction every step; shard it along dim 0 only "
+                                 "(per_neuron) or replicate it")
             r = rv.rows(p.detach(), group["per_neuron"]).double()
             if group["zero_mean"]:
                 r = r - r.mean(dim=1, keepdim=True)
@@ -128,45 +135,65 @@ class _Rotational:
         d = theory.decay_fraction(group)
         return self._equilibrium_angle(group, d) if d > 0 else 0.0  # lr = 0 (warm-up start): no rotation
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
         angle = self._angle(group)  # before anything changes: it may raise
         rotational = [self._is_rotational(p, group) for p in params]
         base = [i for i, r in enumerate(rotational) if not r]
         if base:
             super()._update(group, backend, [params[i] for i in base], [grads[i] for i in base],
-                            grad_scale, found_inf, plain)
-        if all(not r for r in rotational):
+                            grad_scale, found_inf, plain, [telemetry[i] for i in base] if telemetry else ())
+        chosen = [i for i, r in enumerate(rotational) if r]
+        if not chosen:
             return
-        if getattr(backend, "__name__", "") == "wdopt.kernels.cpp" and params[0].device.type == "cpu" and plain:
-            chosen = [i for i, r in enumerate(rotational) if r]
-            self._rotate_fused(group, [params[i] for i in chosen], [grads[i] for i in chosen], angle,
-                               grad_scale, found_inf)
-            return
-        if step_skipped(found_inf):
-            return
-        for p, g, r in zip(params, grads, rotational):
-            if r:
+        params, grads = [params[i] for i in chosen], [grads[i] for i in chosen]
+        telemetry = [telemetry[i] for i in chosen] if telemetry else []
+        available = getattr(backend, "rotational_available", lambda device: callable(getattr(backend, "rotational", None)))
+        fused = plain and available(params[0].device)
+        # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
+        if fused and (not telemetry or group["per_neuron"]):
+            self._rotate_fused(group, backend, params, grads, angle, grad_scale, found_inf, telemetry)
+        elif telemetry:
+            before = [p.detach().clone() for p in params]
+            self._update(group, backend, params, grads, grad_scale, found_inf, plain)
+            if not step_skipped(found_inf):
+                for b, p, p0, g in zip(telemetry, params, before, grads):
+                    b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+        elif not step_skipped(found_inf):
+            for p, g in zip(params, grads):
                 state = self.state[p]
                 rv.rotate_(p, self._direction(p, g, state, group, grad_scale), state, angle=angle,
                            lr=float(group["lr"]), undf=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
                            per_neuron=group["per_neuron"], mode=group["mode"])
 
-
-    def _rotate_fused(self, group, params, grads, angle, grad_scale, found_inf) -> None:
-        """All rotational tensors of a CPU bucket in one call of the fused C++ kernel."""
+    def _rotate_fused(self, group, backend, params, grads, angle, grad_scale, found_inf, telemetry) -> None:
+        """All rotational tensors of a bucket in one call of the backend's fused rotational kernel."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if "rotational_norm" not in state:
                 rv.init_state(p, state, group["per_neuron"])
         name, state1, state2, steps, first_steps, hyper = self._fused_arguments(group, params, states)
-        torch.ops.wdopt.rotational_(
+        backend.rotational(
             name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
             [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
             lr=float(group["lr"]), angle=angle, undf=group["update_norm_decay_factor"],
             rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
             projected=group["mode"] == "projected", maximize=group["maximize"], grad_scale=grad_scale,
-            found_inf=found_inf, **hyper)
+            found_inf=found_inf, telemetry=telemetry, **hyper)
+
+
+def _split_rows(p: torch.Tensor, per_neuron: bool) -> str | None:
+    """The placement of a DTensor that cuts its neurons (rows, or the whole-tensor sphere) across
+    more than one rank, else None. Row-wise sharding (dim 0, per neuron) keeps each row whole."""
+    placements = getattr(p, "placements", None)
+    mesh = getattr(p, "device_mesh", None)
+    if placements is None or mesh is None:
+        return None
+    for mesh_dim, placement in enumerate(placements):
+        dim = getattr(placement, "dim", None)
+        if placement.is_shard() and mesh.size(mesh_dim) > 1 and (not per_neuron or dim != 0):
+            return f"Shard(dim={dim}) over {mesh.size(mesh_dim)} ranks"
+    return None
 
 
 _NO_HYPER = dict(beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, nesterov=False)

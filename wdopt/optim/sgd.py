@@ -91,7 +91,7 @@ class FusedSGD(FusedOptimizer):
             state["momentum_buffer"] = buffer
             self._fresh_buffers[id(buffer)] = weakref.ref(buffer)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
         fresh = self._fresh_buffers
@@ -104,6 +104,7 @@ class FusedSGD(FusedOptimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"],
             decay_lr_scale=self._decay_lr_scale(group), maximize=group["maximize"],
             grad_scale=grad_scale, found_inf=found_inf,
+            **({"telemetry": telemetry} if telemetry else {}),
         )
         tensors.write_back()
         for b in buffers:

@@ -11,12 +11,13 @@ import triton.language as tl
 
 from .multi_tensor import (
     CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, div, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, sqrt, tensor_pointer, to_storage, unscale, work_item,
+    full_blocks_end, launch, lr_value, optional, sqrt, table_value, telemetry_add, telemetry_block_size,
+    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
-# Table columns (the element count is the last column, NCOL - 1).
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP = (tl.constexpr(i) for i in range(6))
-NCOL = tl.constexpr(7)
+# Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(8))
+NCOL = tl.constexpr(9)
 # Per-tensor coefficients computed once per step, in fp64 (kernels round them once to the compute
 # dtype): decay factor, step size lr/(1−β1^t), sqrt(1−β2^t).
 NCOEF = tl.constexpr(3)
@@ -24,22 +25,44 @@ ROWS_PER_PROGRAM = 128
 
 
 @triton.jit
+def adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2):
+    """m + (1−β1)(g − m) and β2·v + (1−β2)·g²."""
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    return m, v
+
+
+@triton.jit
+def adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE: tl.constexpr):
+    return sqrt(v, COMPUTE) * inv_bias_correction2_sqrt + eps
+
+
+@triton.jit
 def adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD: tl.constexpr, COMPUTE: tl.constexpr):
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * g * g
+    m, v = adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2)
     if AMSGRAD:
         v_max = tl.maximum(v_max, v)
-        denom = sqrt(v_max, COMPUTE) * inv_bias_correction2_sqrt + eps
+        denom = adam_denominator(v_max, inv_bias_correction2_sqrt, eps, COMPUTE)
     else:
-        denom = sqrt(v, COMPUTE) * inv_bias_correction2_sqrt + eps
+        denom = adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE)
     p = p - step_size * div(m, denom, COMPUTE)
     return p, m, v, v_max
 
 
 @triton.jit
-def _power(base, exponent):
+def adamw_direction(g, m, v, inv_bias_correction1, inv_bias_correction2_sqrt,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, COMPUTE: tl.constexpr):
+    """The rotational variants' direction: Adam's step without decay and without −lr,
+    (m·1/(1−β1^t)) / (sqrt(v)/sqrt(1−β2^t) + ε), with the moments updated as adamw_math does."""
+    m, v = adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2)
+    u = div(m * inv_bias_correction1, adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE), COMPUTE)
+    return u, m, v
+
+
+@triton.jit
+def power(base, exponent):
     """base ** exponent in fp64 by repeated squaring (exact to a few fp64 ulps, no libm)."""
     result = tl.full(exponent.shape, 1.0, tl.float64)
     base = tl.full(exponent.shape, 1.0, tl.float64) * base
@@ -71,8 +94,8 @@ def _adamw_coefficients_kernel(
     t = step.to(tl.int64)
     lr = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     decay = 1.0 - lr * f64(weight_decay_bits) * f64(decay_lr_scale_bits)
-    step_size = lr / (1.0 - _power(f64(beta1_bits), t))
-    bias_correction2_sqrt = tl.sqrt(1.0 - _power(f64(beta2_bits), t))
+    step_size = lr / (1.0 - power(f64(beta1_bits), t))
+    bias_correction2_sqrt = tl.sqrt(1.0 - power(f64(beta2_bits), t))
     out = coef_ptr + row * NCOEF
     tl.store(out + 0, tl.full(row.shape, 1.0, tl.float64) * decay, mask=in_range)
     tl.store(out + 1, step_size, mask=in_range)
@@ -84,8 +107,10 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                  decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    stored = tl.load(param_ptr + offs, mask=mask)
+    grad = tl.load(grad_ptr + offs, mask=mask)
+    p = stored.to(COMPUTE)
+    g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
     v_max = v
@@ -93,11 +118,13 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
         v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
     p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
-    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    new = to_storage(p, DTYPE)
+    tl.store(param_ptr + offs, new, mask=mask)
     tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
     if AMSGRAD:
         tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
+    return stored, new, grad  # for telemetry
 
 
 @triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits"])
@@ -106,7 +133,7 @@ def _adamw_kernel(
     beta1_bits, beta2_bits, eps_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -125,33 +152,53 @@ def _adamw_kernel(
     beta2 = beta2.to(COMPUTE)
     eps = f64(eps_bits).to(COMPUTE)
 
-    full_end = full_blocks_end(start, end, BLOCK)
-    for block_start in range(start, full_end, BLOCK):
-        _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                     block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                     decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                     offs, offs < end, grad_scale_ptr,
-                     decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+    if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
+        size = table_value(table_ptr, row, ROW_SIZE, NCOL)
+        w2 = tl.zeros((BLOCK,), tl.float64)
+        wd, d2, g2 = w2, w2, w2
+        for block_start in range(start * size, end * size, BLOCK):
+            offs = block_start + tl.arange(0, BLOCK)
+            mask = offs < end * size
+            before, after, grad = _adamw_block(
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
+                decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+            w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
+        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+    else:
+        full_end = full_blocks_end(start, end, BLOCK)
+        for block_start in range(start, full_end, BLOCK):
+            _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                         block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                         decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                         DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                         offs, offs < end, grad_scale_ptr,
+                         decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                         DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None,
+    grad_scale=None, found_inf=None, telemetry=(),
 ) -> None:
-    """AdamW on tensors of one device and dtype: two launches whatever their number."""
+    """AdamW on tensors of one device and dtype: two launches whatever their number. With
+    ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
+    per telemetry row and fills the buffers as it updates the elements."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    table = TensorTable(
-        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps],
-        [p.numel() for p in params], device,
-    )
+    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps]
+    if telemetry:
+        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
+        table = TensorTable(columns + [buffers, row_sizes], rows, device, chunk=1)
+        chunk, block = 1, telemetry_block_size(row_sizes)
+    else:
+        table = TensorTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)
     coef = torch.empty((table.rows, NCOEF.value), dtype=torch.float64, device=device)
     launch(
@@ -167,5 +214,5 @@ def adamw(
         f64_bits(beta1), f64_bits(beta2), f64_bits(eps),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
     )

@@ -11,20 +11,29 @@ import triton.language as tl
 
 from .multi_tensor import (
     CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, tensor_pointer, to_storage, unscale, work_item,
+    full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
+    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
-PARAM, GRAD, EXP_AVG = (tl.constexpr(i) for i in range(3))
-NCOL = tl.constexpr(4)
+# Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
+PARAM, GRAD, EXP_AVG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(5))
+NCOL = tl.constexpr(6)
+
+
+@triton.jit
+def lion_direction(g, m, one_minus_beta1, one_minus_beta2):
+    """sign(m + (1−β1)(g − m)) and the new m = m + (1−β2)(g − m)."""
+    c = m + one_minus_beta1 * (g - m)
+    # sign(c), keeping NaN as torch.sign does (0 stays 0).
+    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))
+    m = m + one_minus_beta2 * (g - m)
+    return direction, m
 
 
 @triton.jit
 def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
-    c = m + one_minus_beta1 * (g - m)
-    # sign(c), keeping NaN as torch.sign does (0 stays 0).
-    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))
+    direction, m = lion_direction(g, m, one_minus_beta1, one_minus_beta2)
     p = p * decay - lr * direction
-    m = m + one_minus_beta2 * (g - m)
     return p, m
 
 
@@ -32,12 +41,16 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
 def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    stored = tl.load(param_ptr + offs, mask=mask)
+    grad = tl.load(grad_ptr + offs, mask=mask)
+    p = stored.to(COMPUTE)
+    g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
     p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
-    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    new = to_storage(p, DTYPE)
+    tl.store(param_ptr + offs, new, mask=mask)
     tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
+    return stored, new, grad  # for telemetry
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
@@ -46,7 +59,7 @@ def _lion_kernel(
     lr_bits, beta1_bits, beta2_bits, weight_decay_bits, decay_lr_scale_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -58,25 +71,46 @@ def _lion_kernel(
     one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
     one_minus_beta2 = (1.0 - f64(beta2_bits)).to(COMPUTE)
 
-    full_end = full_blocks_end(start, end, BLOCK)
-    for block_start in range(start, full_end, BLOCK):
-        _lion_block(param_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                    lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
-                    lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+    if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
+        size = table_value(table_ptr, row, ROW_SIZE, NCOL)
+        w2 = tl.zeros((BLOCK,), tl.float64)
+        wd, d2, g2 = w2, w2, w2
+        for block_start in range(start * size, end * size, BLOCK):
+            offs = block_start + tl.arange(0, BLOCK)
+            mask = offs < end * size
+            before, after, grad = _lion_block(
+                param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+                lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+            w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
+        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+    else:
+        full_end = full_blocks_end(start, end, BLOCK)
+        for block_start in range(start, full_end, BLOCK):
+            _lion_block(param_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                        lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
+                        lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def lion(
     params, grads, exp_avgs,
-    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None,
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
 ) -> None:
-    """Lion on tensors of one device and dtype: one launch whatever their number."""
+    """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
+    in ``adamw``)."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    table = TensorTable([params, grads, exp_avgs], [p.numel() for p in params], device)
+    if telemetry:
+        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
+        table = TensorTable([params, grads, exp_avgs, buffers, row_sizes], rows, device, chunk=1)
+        chunk, block = 1, telemetry_block_size(row_sizes)
+    else:
+        table = TensorTable([params, grads, exp_avgs] + [[None] * len(params)] * 2,
+                            [p.numel() for p in params], device)
+        chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(
@@ -87,5 +121,5 @@ def lion(
         f64_bits(weight_decay), f64_bits(decay_lr_scale),
         DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
     )

@@ -38,8 +38,10 @@ def block_size(max_numel: int) -> int:
     return max(16, min(CHUNK, triton.next_power_of_2(max(max_numel, 1))))
 
 
-def TensorTable(columns, numels, device) -> tables.TensorTable:
-    return tables.TensorTable(columns, numels, device, CHUNK)
+def TensorTable(columns, numels, device, chunk: int = CHUNK) -> tables.TensorTable:
+    """Work items of ``chunk`` elements; row kernels count rows instead (numels = rows, chunk = rows
+    per program)."""
+    return tables.TensorTable(columns, numels, device, chunk)
 
 
 def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
@@ -144,6 +146,48 @@ def sqrt(x, COMPUTE: tl.constexpr):
         return tl.sqrt_rn(x)
     else:
         return tl.sqrt(x)
+
+
+@triton.jit
+def telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
+    """Add a block's rotation-telemetry terms (wdopt/reference/telemetry.py) to float64 accumulators:
+    ω as stored before, Δω = stored after − ω (exact in float64), ĝ unscaled in float64 as
+    ``row_sums`` does. Masked lanes add nothing."""
+    w = tl.where(mask, before.to(tl.float64), 0.0)
+    d = tl.where(mask, after.to(tl.float64) - w, 0.0)
+    g = tl.where(mask, grad.to(tl.float64), 0.0)
+    if HAS_GRAD_SCALE:
+        g = g * (1.0 / tl.load(grad_scale_ptr).to(tl.float64))
+    return w2 + w * w, wd + w * d, d2 + d * d, g2 + g * g
+
+
+@triton.jit
+def telemetry_store(table_ptr, tensor, COLUMN: tl.constexpr, NCOL: tl.constexpr, row, active, w2, wd, d2, g2):
+    """Row ``row`` of the tensor's (K, 4) telemetry buffer ← the accumulators' sums (fixed-order
+    in-program reductions: deterministic)."""
+    out = tl.load(table_ptr + tensor * NCOL + COLUMN).to(tl.pointer_type(tl.float64)) + row * 4
+    tl.store(out + 0, tl.sum(w2, axis=0), mask=active)
+    tl.store(out + 1, tl.sum(wd, axis=0), mask=active)
+    tl.store(out + 2, tl.sum(d2, axis=0), mask=active)
+    tl.store(out + 3, tl.sum(g2, axis=0), mask=active)
+
+
+def telemetry_columns(params, telemetry):
+    """The two table columns of a monitored step, (buffers, row sizes), and the row counts that
+    replace the element counts: one work item per telemetry row."""
+    rows = [t.shape[0] for t in telemetry]
+    for p, t, k in zip(params, telemetry, rows):
+        if t.dtype != torch.float64 or not t.is_contiguous() or t.dim() != 2 or t.shape[1] != 4 or \
+                k == 0 or p.numel() % k:
+            raise ValueError(f"wdopt triton: telemetry buffer of shape {tuple(t.shape)} ({t.dtype}) does not "
+                             f"fit a parameter of {p.numel()} elements: a contiguous float64 (K, 4) is needed")
+    return list(telemetry), [p.numel() // k for p, k in zip(params, rows)], rows
+
+
+def telemetry_block_size(row_sizes) -> int:
+    """Telemetry kernels run one program per row, looping over it BLOCK elements at a time."""
+    longest = triton.next_power_of_2(max(max(row_sizes, default=1), 1))
+    return max(16, min(longest, CHUNK if INTERPRETED else GPU_BLOCK))
 
 
 def compute_dtype(dtype: torch.dtype):

@@ -11,12 +11,28 @@ import triton.language as tl
 
 from .multi_tensor import (
     CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, table_value, tensor_pointer, to_storage, unscale, work_item,
+    full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
+    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
-# Table columns; FIRST_STEP is a flag: the momentum buffer holds no history yet.
-PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP = (tl.constexpr(i) for i in range(4))
-NCOL = tl.constexpr(5)
+# Table columns; FIRST_STEP is a flag: the momentum buffer holds no history yet. The element count,
+# or the row count of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(6))
+NCOL = tl.constexpr(7)
+
+
+@triton.jit
+def sgd_direction(g, b, first_step, momentum, one_minus_dampening, HAS_MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr):
+    """The momentum step: b ← g at the first step, else μ·b + (1 − dampening)·g; the direction
+    g + μ·b (Nesterov) or b, and g itself without momentum."""
+    if HAS_MOMENTUM:
+        b = tl.where(first_step, g, b * momentum + one_minus_dampening * g)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    return g, b
 
 
 @triton.jit
@@ -26,12 +42,7 @@ def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_d
         p = p * decay
     else:
         g = g + weight_decay * p
-    if HAS_MOMENTUM:
-        b = tl.where(first_step, g, b * momentum + one_minus_dampening * g)
-        if NESTEROV:
-            g = g + momentum * b
-        else:
-            g = b
+    g, b = sgd_direction(g, b, first_step, momentum, one_minus_dampening, HAS_MOMENTUM, NESTEROV)
     p = p - lr * g
     return p, b
 
@@ -41,16 +52,20 @@ def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, firs
                lr, decay, weight_decay, momentum, one_minus_dampening,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(COMPUTE)
-    g = unscale(tl.load(grad_ptr + offs, mask=mask).to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
+    stored = tl.load(param_ptr + offs, mask=mask)
+    grad = tl.load(grad_ptr + offs, mask=mask)
+    p = stored.to(COMPUTE)
+    g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     b = g
     if HAS_MOMENTUM:
         b = tl.load(buffer_ptr + offs, mask=mask).to(COMPUTE)  # a fresh buffer holds zeros
     p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
                     HAS_MOMENTUM, NESTEROV, DECOUPLED)
-    tl.store(param_ptr + offs, to_storage(p, DTYPE), mask=mask)
+    new = to_storage(p, DTYPE)
+    tl.store(param_ptr + offs, new, mask=mask)
     if HAS_MOMENTUM:
         tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
+    return stored, new, grad  # for telemetry
 
 
 @triton.jit(do_not_specialize=["lr_bits", "weight_decay_bits", "decay_lr_scale_bits", "momentum_bits", "dampening_bits"])
@@ -60,7 +75,7 @@ def _sgd_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -75,33 +90,52 @@ def _sgd_kernel(
     momentum = f64(momentum_bits).to(COMPUTE)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(COMPUTE)
 
-    full_end = full_blocks_end(start, end, BLOCK)
-    for block_start in range(start, full_end, BLOCK):
-        _sgd_block(param_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                   first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                   DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
-    if full_end < end:
-        offs = full_end + tl.arange(0, BLOCK)
-        _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
-                   first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                   DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+    if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
+        size = table_value(table_ptr, row, ROW_SIZE, NCOL)
+        w2 = tl.zeros((BLOCK,), tl.float64)
+        wd, d2, g2 = w2, w2, w2
+        for block_start in range(start * size, end * size, BLOCK):
+            offs = block_start + tl.arange(0, BLOCK)
+            mask = offs < end * size
+            before, after, grad = _sgd_block(
+                param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr,
+                first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+            w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
+        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+    else:
+        full_end = full_blocks_end(start, end, BLOCK)
+        for block_start in range(start, full_end, BLOCK):
+            _sgd_block(param_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
+                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
 
 
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None,
+    maximize, grad_scale=None, found_inf=None, telemetry=(),
 ) -> None:
-    """SGD on tensors of one device and dtype: one launch whatever their number."""
+    """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
+    in ``adamw``)."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     has_momentum = momentum != 0
-    table = TensorTable(
-        [params, grads, momentum_buffers if has_momentum else [None] * len(params),
-         [int(f) for f in first_steps] if has_momentum else [0] * len(params)],
-        [p.numel() for p in params], device,
-    )
+    columns = [params, grads, momentum_buffers if has_momentum else [None] * len(params),
+               [int(f) for f in first_steps] if has_momentum else [0] * len(params)]
+    if telemetry:
+        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
+        table = TensorTable(columns + [buffers, row_sizes], rows, device, chunk=1)
+        chunk, block = 1, telemetry_block_size(row_sizes)
+    else:
+        table = TensorTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(
@@ -115,5 +149,5 @@ def sgd(
         NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay or weight_decay == 0, MAXIMIZE=maximize,
         LR_ON_DEVICE=lr_on_device,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=CHUNK, BLOCK=block_size(table.max_numel),
+        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
     )

@@ -1,0 +1,174 @@
+"""RotationMonitor: rotation telemetry of any wdopt optimizer, measured inside its kernels.
+
+    monitor = wdopt.RotationMonitor(optimizer, every=10, names=dict(model.named_parameters()))
+    ...  # train as usual
+    monitor.last.as_dict()        # {"step": 120, "tensors": {"conv1.weight": {...}, ...}}
+    monitor.last.neurons("conv1.weight")["angular_update"]   # one value per neuron (a tensor)
+
+On every ``every``-th step the optimizer's kernels also sum, per row (neuron) of each parameter,
+‖ω‖², ⟨ω,Δω⟩, ‖Δω‖² and ‖g‖² while they update it (wdopt/reference/telemetry.py, THEORY.md
+section 2), so a monitored step reads no extra memory; backends whose kernels cannot (the
+reference, strided or complex buckets) measure from snapshots instead. The sums stay on the
+device until read: recording never synchronises the host.
+
+Per tensor and per neuron a record gives the weight norm, the angular update (the angle between
+ω before and after the step, atan2 form), the relative update ‖Δω‖/‖ω‖ and ‖g‖·‖ω‖ (for a
+scale-invariant tensor, the norm of its gradient at unit weight norm), next to the predicted
+equilibrium norm and angular update of ``wdopt.theory`` (rotational optimizers: their frozen norm
+and target angle). Rows are the first dimension of tensors with dim ≥ 2; other tensors are one row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import theory
+from .reference import telemetry as tm
+
+__all__ = ["RotationMonitor", "Record"]
+
+
+@dataclass
+class Record:
+    """The telemetry of one optimizer step: raw per-row sums per tensor, and the predictions."""
+
+    step: int
+    sums: dict[str, torch.Tensor]  # name -> (K, 4) float64 on the parameter's device
+    predictions: dict[str, dict] = field(default_factory=dict)  # name -> {"norm", "angular_update"}
+    found_inf: torch.Tensor | None = None  # GradScaler's flag: the step was skipped when non-zero
+
+    @property
+    def skipped(self) -> bool:
+        return self.found_inf is not None and bool(self.found_inf.item() != 0)
+
+    def neurons(self, name: str) -> dict[str, torch.Tensor]:
+        """Per-neuron weight norm, angular update, relative update and ‖g‖·‖ω‖ (CPU float64)."""
+        return tm.derived(self.sums[name].cpu())
+
+    def tensor(self, name: str) -> dict[str, float]:
+        """Whole-tensor values, plus the RMS of the neuron norms and the mean neuron angle."""
+        sums = self.sums[name].cpu()
+        whole = {k: float(v) for k, v in tm.derived(sums.sum(0)).items()}
+        per = tm.derived(sums)
+        whole["rows"] = sums.shape[0]
+        whole["neuron_norm_rms"] = float(per["weight_norm"].pow(2).mean().sqrt())
+        whole["neuron_angular_update_mean"] = float(per["angular_update"].mean())
+        whole["neuron_angular_update_rms"] = float(per["angular_update"].pow(2).mean().sqrt())
+        # E‖g̃‖² over neurons: what the SGD equilibrium norm needs (for scale-invariant neurons).
+        whole["neuron_grad_norm_sq_unit_mean"] = float(per["grad_norm_x_weight_norm"].pow(2).mean())
+        pred = self.predictions.get(name, {})
+        if "sgd" in pred:  # E‖g̃‖² = mean over neurons of ‖g‖²·‖ω‖² (exact for scale-invariant rows)
+            lr, d, momentum = pred["sgd"]
+            g_unit = whole["neuron_grad_norm_sq_unit_mean"]
+            pred = theory.sgd_equilibrium(lr, d, g_unit, momentum).as_dict() if math.isfinite(g_unit) and g_unit > 0 else {}
+        whole["predicted_norm"] = pred.get("norm")
+        whole["predicted_angular_update"] = pred.get("angular_update")
+        return whole
+
+    def as_dict(self) -> dict:
+        if self.skipped:
+            return {"step": self.step, "skipped": True, "tensors": {}}
+        return {"step": self.step, "skipped": False, "tensors": {name: self.tensor(name) for name in self.sums}}
+
+
+class RotationMonitor:
+    """Record rotation telemetry of ``optimizer`` (any wdopt optimizer) every ``every`` steps.
+
+    Args:
+        optimizer: a wdopt optimizer (FusedAdamW, FusedSGD, FusedLion or a rotational variant).
+        every: record steps every, 2·every, … (counted from the monitor's creation).
+        names: {name: parameter} (e.g. ``dict(model.named_parameters())``) for readable keys;
+            other parameters are named "group{i}.param{j}".
+        keep: how many records to keep in ``history`` (None: all).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, every: int = 10, names: dict | None = None,
+                 keep: int | None = None):
+        from .optim._base import FusedOptimizer
+
+        if not isinstance(optimizer, FusedOptimizer):
+            raise TypeError(f"RotationMonitor needs a wdopt optimizer, got {type(optimizer).__name__}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.optimizer, self.every, self.keep = optimizer, every, keep
+        self._names = {id(p): n for n, p in (names or {}).items()}
+        self.steps = 0
+        self.history: list[Record] = []
+        self._handles = [optimizer.register_step_pre_hook(self._before),
+                         optimizer.register_step_post_hook(self._after)]
+
+    @property
+    def last(self) -> Record | None:
+        return self.history[-1] if self.history else None
+
+    def name(self, p: torch.Tensor, group_index: int, param_index: int) -> str:
+        return self._names.get(id(p), f"group{group_index}.param{param_index}")
+
+    def remove(self) -> None:
+        """Detach from the optimizer."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks
+
+    def _before(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        request = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    request[id(p)] = tm.empty_buffer(p)
+        optimizer.__dict__["_telemetry_request"] = request
+
+    def _after(self, optimizer, args, kwargs) -> None:
+        request = optimizer.__dict__.pop("_telemetry_request", None)
+        if request is None:
+            return
+        sums, predictions = {}, {}
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) in request:
+                    name = self.name(p, gi, pi)
+                    sums[name] = request[id(p)]
+                    pred = self._predict(optimizer, group, p, request[id(p)])
+                    if pred:
+                        predictions[name] = pred
+        found_inf = optimizer.__dict__.get("found_inf")
+        self.history.append(Record(self.steps, sums, predictions, None if found_inf is None else found_inf.clone()))
+        if self.keep is not None and len(self.history) > self.keep:
+            del self.history[: len(self.history) - self.keep]
+
+    @staticmethod
+    def _predict(optimizer, group, p, sums) -> dict:
+        """Predicted equilibrium norm (per neuron) and angular update of ``p``, if the theory has one."""
+        from .optim import FusedAdamW, FusedLion, FusedSGD
+
+        if p.dim() < 2:
+            return {}
+        if getattr(optimizer, "_is_rotational", None) is not None and optimizer._is_rotational(p, group):
+            n = optimizer.state[p].get("rotational_norm")
+            norm = float(n.double().pow(2).mean().sqrt()) if n is not None else None
+            angle = optimizer._angle(group)
+            return {"norm": norm, "angular_update": angle if group["mode"] == "equilibrium" else None}
+        d = theory.decay_fraction(group)
+        if d <= 0:
+            return {}
+        lr, c = float(group["lr"]), p.numel() // p.shape[0]
+        if isinstance(optimizer, FusedAdamW):
+            pred = theory.adamw_equilibrium(lr, d, c, group["betas"])
+        elif isinstance(optimizer, FusedLion):
+            pred = theory.lion_equilibrium(lr, d, c, group["betas"])
+        elif isinstance(optimizer, FusedSGD):
+            if group["decoupled_weight_decay"] or group["nesterov"]:
+                return {}
+            # Needs E‖g̃‖², measured from this step's sums when the record is read (no sync here).
+            return {"sgd": (lr, d, group["momentum"])}
+        else:
+            return {}
+        return pred.as_dict()
