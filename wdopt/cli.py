@@ -4,6 +4,8 @@
                     and show the two runs follow the same trajectory
     wdopt env       versions and available backends (as ``python -m wdopt.env``)
     wdopt bench     the kernel benchmark (as ``python -m wdopt.bench``; its options follow)
+    wdopt equilibrium, rotational, sphere, lr-wd, why-wd
+                    the experiments (wdopt/experiments/, EXPERIMENTS.md)
 """
 
 from __future__ import annotations
@@ -91,10 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=demo)
     sub.add_parser("bench", help="the kernel benchmark (python -m wdopt.bench --help for its options)")
+    from . import experiments
+
+    for name in experiments.EXPERIMENTS:
+        module = experiments.load(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     p = sub.add_parser("env", help="versions and available backends")
     p.set_defaults(func=lambda args: print(__import__("wdopt.env").env.report()) or 0)
     args = parser.parse_args(argv)
-    return args.func(args)
+    result = args.func(args)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,19 @@
+"""Experiments that check the theory on real training (``wdopt <experiment>``; EXPERIMENTS.md).
+
+Each module defines NAME, HELP, ``add_arguments(parser)`` and ``run(args) -> summary``, and
+shares ``harness`` (options, outputs, determinism, the training helpers), ``data`` (nothing is
+downloaded) and ``models``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: subcommand -> module, in the order the help lists them.
+EXPERIMENTS = {
+    "equilibrium": "wdopt.experiments.equilibrium",
+}
+
+
+def load(name: str):
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,265 @@
+"""What every experiment shares: options and presets, the output folder (summary.json,
+metrics.csv, weights, plots), determinism, the progress bar, optimizers by name, a training loop
+that records rotation telemetry, and the result table."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+OPTIMIZERS = ("adamw", "sgd", "lion", "rotational-adamw", "rotational-sgd", "rotational-lion")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, optimizers=OPTIMIZERS) -> None:
+    """Options every experiment takes. Unset options come from the preset (default, --quick, gpu)."""
+    parser.add_argument("--optimizer", choices=optimizers, default=None,
+                        help="run only this optimizer (default: the experiment's set)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="weight decay λ (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backend", default="auto", help="wdopt backend (default: auto)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<experiment>-<UTC time>/)")
+    parser.add_argument("--quick", action="store_true", help="a small run (under a minute on 2 CPU cores; for tests)")
+    parser.add_argument("--preset", choices=("default", "gpu"), default="default",
+                        help="'gpu': sized for one H100-class GPU")
+    parser.add_argument("--data", default=None, help="a text file for the language-model runs (default: the "
+                        "standard library's sources)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class Run:
+    """One experiment invocation: resolved options, the output folder and its writers."""
+
+    def __init__(self, name: str, args: argparse.Namespace, presets: dict[str, dict]):
+        self.name, self.args = name, args
+        preset = "quick" if args.quick else args.preset
+        self.preset = preset
+        self.config = dict(presets[preset])
+        for key in ("lr", "weight_decay", "steps"):
+            if getattr(args, key, None) is not None:
+                self.config[key] = getattr(args, key)
+        self.device = torch.device(args.device)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.out = Path(args.out) if args.out is not None else Path("runs") / f"{name}-{stamp}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics: list[dict[str, Any]] = []
+        self.started = time.time()
+        self._bar = None
+        seed_everything(args.seed)
+
+    # ------------------------------------------------------------------ options
+
+    def __getitem__(self, key: str):
+        return self.config[key]
+
+    def optimizers(self, default: tuple[str, ...]) -> tuple[str, ...]:
+        return (self.args.optimizer,) if self.args.optimizer else default
+
+    # ------------------------------------------------------------------ progress
+
+    def progress(self, total: int, description: str):
+        """A progress bar over ``total`` steps (tqdm when installed and wanted), else nothing."""
+        if self.args.no_progress:
+            return _NoBar()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(total=total, desc=description, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ outputs
+
+    def log(self, **row) -> None:
+        """One row of metrics.csv (long format: run, step, and whatever the experiment records)."""
+        self.metrics.append(row)
+
+    def finish(self, summary: dict, table: list[dict], columns: list[str], weights: dict | None = None,
+               plots: Callable[[Path], list[str]] | None = None, notes: list[str] = ()) -> dict:
+        """Write summary.json, metrics.csv, weights.pt and the plots; print the table."""
+        summary = {"experiment": self.name, **summary}
+        summary.setdefault("config", {**self.config, "seed": self.args.seed, "device": str(self.device),
+                                      "preset": self.preset, "backend": self.args.backend})
+        summary["seconds"] = round(time.time() - self.started, 1)
+        summary["environment"] = environment()
+        write_csv(self.metrics, self.out / "metrics.csv")
+        if weights is not None:
+            torch.save(weights, self.out / "weights.pt")
+        written = []
+        if plots is not None:
+            written = plots(self.out)
+        summary["plots"] = written
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        print()
+        print(format_table(table, columns))
+        for note in notes:
+            print(note)
+        print(f"\nwrote {self.out}/: summary.json, metrics.csv" + (", weights.pt" if weights is not None else "")
+              + "".join(f", {p}" for p in written) + f"  ({summary['seconds']} s)")
+        return summary
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    """Bitwise-reproducible CPU runs for a seed: seeded generators and deterministic kernels."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def environment() -> dict:
+    import platform
+
+    import wdopt
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "wdopt": wdopt.__version__,
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _json_default(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Rows with the union of their keys as columns (first-seen order); floats written with repr,
+    so two bitwise-equal runs give byte-equal files."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float) else row[c]
+                             for c in columns])
+
+
+def fmt(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if x == 0 or 1e-3 <= abs(x) < 1e5:
+            return f"{x:.4g}"
+        return f"{x:.3e}"
+    return str(x)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join(out)
+
+
+def relative_error(measured, predicted):
+    if measured is None or predicted is None or predicted == 0:
+        return None
+    return (measured - predicted) / predicted
+
+
+# ---------------------------------------------------------------------- optimizers
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, backend: str = "auto", **extra):
+    """A wdopt optimizer by name: "adamw", "sgd" (momentum 0.9 unless given), "lion", and their
+    "rotational-" variants."""
+    import wdopt
+
+    base = name.removeprefix("rotational-")
+    rotational = name.startswith("rotational-")
+    classes = {"adamw": (wdopt.FusedAdamW, wdopt.RotationalAdamW), "sgd": (wdopt.FusedSGD, wdopt.RotationalSGD),
+               "lion": (wdopt.FusedLion, wdopt.RotationalLion)}
+    if base not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    cls = classes[base][rotational]
+    if base == "sgd":
+        extra.setdefault("momentum", 0.9)
+    return cls(params, lr=lr, weight_decay=weight_decay, backend=backend, **extra)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and filters (dim ≥ 2), none on biases and norm gains."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses, correct = 0.0, 0
+    for i in range(0, x.shape[0], batch):
+        out = model(x[i:i + batch])
+        losses += torch.nn.functional.cross_entropy(out, y[i:i + batch], reduction="sum").item()
+        correct += (out.argmax(1) == y[i:i + batch]).sum().item()
+    model.train(was_training)
+    return losses / x.shape[0], correct / x.shape[0]
+
+
+def layer_stats(record, names) -> dict[str, dict]:
+    """Per layer, from one RotationMonitor record: RMS neuron norm, mean neuron angle, and the
+    predictions it carries."""
+    out = {}
+    for name in names:
+        t = record.tensor(name)
+        out[name] = {"norm": t["neuron_norm_rms"], "angle": t["neuron_angular_update_mean"],
+                     "g_unit_sq": t["neuron_grad_norm_sq_unit_mean"],
+                     "predicted_norm": t["predicted_norm"], "predicted_angle": t["predicted_angular_update"]}
+    return out
+
+
+def savefig(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
