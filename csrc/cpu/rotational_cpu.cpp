@@ -36,10 +36,10 @@ struct RotationOptions {
   bool zero_mean, projected;
 };
 
-// One row: ``direction(j)`` returns u_j (and updates that element's optimizer state). Four
+// One row: ``direction(j)`` returns u_j (and updates that element's optimizer state). Three
 // vectorized passes over the row, which stays in cache after the first: (1) u and the sums
-// Σu, Σp, Σp², Σu·p; (2) the centred tangent t = u − mean(u) − p·⟨u − mean(u), p⟩/n² and ‖t‖²;
-// (3) q = p − step·t with Σq, Σq²; (4) p = (q − mean(q))·n/‖q − mean(q)‖. ‖t‖² is summed from t
+// Σu, Σp, Σp², Σu·p; (2) the centred tangent t = u − mean(u) − p·⟨u − mean(u), p⟩/n² with ‖t‖²,
+// Σt, Σp·t; (3) p = (q − mean(q))·n/‖q − mean(q)‖ with q = p − step·t. ‖t‖² is summed from t
 // itself, never as a difference of moments: a nearly constant u would cancel catastrophically.
 // ``sums`` (a monitored step): the row's telemetry [Σω², Σω·Δω, ΣΔω², Σĝ²], ĝ = grad_at(j).
 template <typename scalar_t, typename Direction, typename GradAt>
@@ -72,14 +72,17 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
   const opmath n = *norm;
   const opmath mean_u = o.zero_mean ? sum_u / static_cast<opmath>(size) : opmath(0);
   const opmath radial = n > 0 ? (sum_up - mean_u * sum_p) / (n * n) : opmath(0);
-  opmath tangent_sq = 0;
-  WDOPT_SIMD_SUM(tangent_sq)
+  opmath tangent_sq = 0, sum_t = 0, sum_pt = 0;
+  WDOPT_SIMD_SUM(tangent_sq, sum_t, sum_pt)
   for (int64_t j = 0; j < size; ++j) {
-    const opmath t = buffer[j] - mean_u - static_cast<opmath>(p[j]) * radial;
+    const opmath pj = static_cast<opmath>(p[j]);
+    const opmath t = buffer[j] - mean_u - pj * radial;
     buffer[j] = t;
     tangent_sq += t * t;
+    sum_t += t;
+    sum_pt += pj * t;
   }
-  double scale;  // the step is p − scale·t
+  double scale;  // the step is q = p − scale·t
   if (o.projected) {
     scale = o.lr;
   } else {
@@ -88,36 +91,37 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     scale = o.angle * n / (std::sqrt(s / undf_bias_correction) + o.eps);
   }
   const opmath step = static_cast<opmath>(scale);
-  opmath sum_q = 0, sum_qq = 0;
-  WDOPT_SIMD_SUM(sum_q, sum_qq)
-  for (int64_t j = 0; j < size; ++j) {
-    const opmath q = static_cast<opmath>(p[j]) - step * buffer[j];
-    buffer[j] = q;
-    sum_q += q;
-    sum_qq += q * q;
-  }
-  // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). After the
-  // first step p is centred and q's mean is a rounding residue, so ‖q − mean‖² = Σq² − C·mean²
+  // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). Σq and Σq²
+  // follow from the sums in closed form (no pass over q): Σq = Σp − step·Σt, and
+  // Σq² = Σp² − 2·step·Σp·t + step²·‖t‖², terms of one sign up to the rounding residue Σp·t. After
+  // the first step p is centred and q's mean is a rounding residue, so ‖q − mean‖² = Σq² − C·mean²
   // loses nothing; at the first step p may not be centred yet (weights loaded after construction):
   // then the centred norm is summed exactly.
-  const opmath mean_q = o.zero_mean ? sum_q / static_cast<opmath>(size) : opmath(0);
-  opmath centred_qq = sum_qq - static_cast<opmath>(size) * mean_q * mean_q;
+  const double d_step = static_cast<double>(step);
+  const opmath mean_q = o.zero_mean ? static_cast<opmath>((static_cast<double>(sum_p) - d_step * sum_t) /
+                                                          static_cast<double>(size))
+                                    : opmath(0);
+  const double sum_qq = static_cast<double>(sum_pp) - 2.0 * d_step * sum_pt + d_step * d_step * tangent_sq;
+  opmath centred_qq = static_cast<opmath>(sum_qq - static_cast<double>(size) * mean_q * mean_q);
   if (first && o.zero_mean) {
     centred_qq = 0;
     WDOPT_SIMD_SUM(centred_qq)
-    for (int64_t j = 0; j < size; ++j) centred_qq += (buffer[j] - mean_q) * (buffer[j] - mean_q);
+    for (int64_t j = 0; j < size; ++j) {
+      const opmath c = (static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q;
+      centred_qq += c * c;
+    }
   }
   const opmath to_sphere = centred_qq > 0 ? n / std::sqrt(centred_qq) : opmath(0);  // a zero row stays zero
   if (sums == nullptr) {
     WDOPT_SIMD
-    for (int64_t j = 0; j < size; ++j) p[j] = (buffer[j] - mean_q) * to_sphere;
+    for (int64_t j = 0; j < size; ++j) p[j] = ((static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q) * to_sphere;
     return;
   }
   double w2 = 0, wd = 0, d2 = 0, g2 = 0;
   WDOPT_SIMD_SUM(w2, wd, d2, g2)
   for (int64_t j = 0; j < size; ++j) {
     const double w = static_cast<double>(p[j]);
-    const scalar_t after = static_cast<scalar_t>((buffer[j] - mean_q) * to_sphere);
+    const scalar_t after = static_cast<scalar_t>(((static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q) * to_sphere);
     p[j] = after;
     const double d = static_cast<double>(after) - w, g = grad_at(j);
     w2 += w * w;
