@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wdopt
+from conftest import backend_device_pairs
 from helpers import clone_leaves
 
 BACKENDS = ["reference"] + (["cpu"] if "cpu" in wdopt.available_backends("cpu") else [])
@@ -221,22 +222,30 @@ def test_construction_errors(make, message):
         make()
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ cpu backend is not available")
+# Fused rotational kernels on a model: the C++ CPU kernel here; on a GPU machine the CUDA and
+# Triton kernels too (Triton on CPU tensors runs under the interpreter: tests/test_triton_rotational.py).
+FUSED = [(b, d) for b, d in backend_device_pairs() if b != "reference" and not (b == "triton" and d == "cpu")]
+
+
+@pytest.mark.skipif(not FUSED, reason="no fused rotational kernel can run here")
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("kind", ["cnn", "transformer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_fused_cpu_kernel_matches_the_reference(name, kind, dtype):
+def test_fused_kernel_matches_the_reference(backend, device, name, kind, dtype):
     """30 steps, parameters and every state tensor. The fused kernel sums rows in another order
     than torch's reductions do, so agreement is to rounding: a few fp32 ulps of the weights, about
     1e-13 in fp64, and one bf16 ulp of drift."""
     cls, _, hyper = CLASSES[name]
     torch.manual_seed(0)
-    models = [(small_cnn() if kind == "cnn" else small_transformer_block()).to(dtype) for _ in range(2)]
+    models = [(small_cnn() if kind == "cnn" else small_transformer_block()).to(device=device, dtype=dtype)
+              for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [cls(models[0].parameters(), backend="cpu", **hyper), cls(models[1].parameters(), backend="reference", **hyper)]
+    opts = [cls(models[0].parameters(), backend=backend, **hyper),
+            cls(models[1].parameters(), backend="reference", **hyper)]
     g = torch.Generator().manual_seed(2)
     for _ in range(30):
-        x = _inputs(kind, g).to(dtype)
+        x = _inputs(kind, g).to(device=device, dtype=dtype)
         for model, opt in zip(models, opts):
             opt.zero_grad()
             _loss(model, x).backward()
