@@ -6,11 +6,14 @@
 // cuBLAS headers): the stream and the device guard are all this file needs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "launchers.h"
@@ -125,10 +128,49 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Rotation telemetry (ops.cpp): [] or one contiguous float64 (K, 4) tensor per parameter on its
+// device, K dividing the parameter's numel; the parameters must then be contiguous (rows are
+// ranges of the contiguous tensor, the kernels walk memory).
+struct TelemetryTables {
+  std::vector<double*> buffers;
+  std::vector<int64_t> rows;
+  wc::Telemetry get() const {
+    wc::Telemetry t;
+    if (!buffers.empty()) {
+      t.buffers = buffers.data();
+      t.rows = rows.data();
+    }
+    return t;
+  }
+};
+
+TelemetryTables telemetry_tables(const char* op, at::TensorList telemetry, at::TensorList params) {
+  TelemetryTables out;
+  if (telemetry.empty()) return out;
+  TORCH_CHECK(telemetry.size() == params.size(), op, ": expected [] or ", params.size(),
+              " telemetry buffers (one per parameter), got ", telemetry.size());
+  for (size_t i = 0; i < telemetry.size(); ++i) {
+    const at::Tensor& t = telemetry[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(t.defined() && t.device() == p.device() && t.scalar_type() == at::kDouble && t.dim() == 2 &&
+                    t.size(1) == 4 && t.size(0) >= 1 && t.is_contiguous(),
+                op, ": telemetry[", i, "] must be a contiguous float64 (K, 4) tensor with K >= 1 on ", p.device(),
+                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+    TORCH_CHECK(p.numel() % t.size(0) == 0, op, ": telemetry[", i, "] has ", t.size(0), " rows, which do not divide the ",
+                p.numel(), " elements of params[", i, "]");
+    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous when monitored (telemetry rows are ",
+                "ranges of the contiguous tensor)");
+    out.buffers.push_back(t.mutable_data_ptr<double>());
+    out.rows.push_back(t.size(0));
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------------------------ operators
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList telemetry, double lr,
+                double beta1, double beta2,
                 double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
@@ -154,6 +196,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 "] must be a one-element float32 tensor on ", device, " (the parameters' device), got ",
                 s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
   }
+  const TelemetryTables tel = telemetry_tables(op, telemetry, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto n = static_cast<int64_t>(params.size());
@@ -189,11 +232,13 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.scratch = scratch.mutable_data_ptr();
+  a.telemetry = tel.get();
   check_launch(op, wc::adamw(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              const c10::List<bool>& first_steps, double lr, double weight_decay, double momentum, double dampening,
+              const c10::List<bool>& first_steps, at::TensorList telemetry, double lr, double weight_decay,
+              double momentum, double dampening,
               bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
@@ -211,6 +256,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   TORCH_CHECK(first_steps.size() == params.size() || (!has_momentum && first_steps.empty()), op, ": expected ",
               params.size(), " first_steps (one per parameter), got ", first_steps.size());
   const at::Device device = params[0].device();
+  const TelemetryTables tel = telemetry_tables(op, telemetry, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -236,11 +282,12 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   a.decoupled_weight_decay = decoupled_weight_decay;
   a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  a.telemetry = tel.get();
   check_launch(op, wc::sgd(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
-void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
-               double beta2, double weight_decay, double decay_lr_scale, bool maximize,
+void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry,
+               double lr, double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "wdopt::lion_";
@@ -249,6 +296,7 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   check_like(op, "grads", grads, params);
   check_like(op, "exp_avgs", exp_avgs, params);
   const at::Device device = params[0].device();
+  const TelemetryTables tel = telemetry_tables(op, telemetry, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -269,13 +317,136 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   a.decay_lr_scale = decay_lr_scale;
   a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  a.telemetry = tel.get();
   check_launch(op, wc::lion(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
+
+// The rotational variants (csrc/cpu/rotational_cpu.cpp is the CPU twin; its checks, plus device).
+void rotational_cuda(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                     at::TensorList state2, at::TensorList steps, at::TensorList rotational_norms,
+                     at::TensorList update_norm_avgs, at::TensorList rotational_steps,
+                     const c10::List<bool>& first_steps, at::TensorList telemetry, double lr, double beta1,
+                     double beta2, double eps, double momentum, bool nesterov, double angle, double undf,
+                     double rotational_eps, bool zero_mean, bool projected, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "wdopt::rotational_";
+  if (params.empty()) return;
+  const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
+  TORCH_CHECK(adamw || sgd || lion, op, ": unknown optimizer ", optimizer);
+  check_params(op, params);
+  check_like(op, "grads", grads, params);
+  const bool has_state1 = !sgd || momentum != 0;
+  if (has_state1) check_like(op, "state1", state1, params);
+  if (adamw) {
+    check_like(op, "state2", state2, params);
+    TORCH_CHECK(steps.size() == params.size(), op, ": expected ", params.size(), " steps, got ", steps.size());
+  }
+  if (sgd && momentum != 0) {
+    TORCH_CHECK(first_steps.size() == params.size(), op, ": expected ", params.size(),
+                " first_steps (one per parameter), got ", first_steps.size());
+  }
+  TORCH_CHECK(rotational_norms.size() == params.size() && update_norm_avgs.size() == params.size() &&
+                  rotational_steps.size() == params.size(),
+              op, ": expected one rotational_norms, update_norm_avgs and rotational_steps entry per parameter");
+  const at::Device device = params[0].device();
+  const auto opmath_type = params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<int64_t> rows(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.is_contiguous(), op, ": parameter ", t, " must be a contiguous CUDA tensor of the call's dtype");
+    TORCH_CHECK(grads[t].is_contiguous(), op, ": gradient ", t, " does not match its parameter");
+    if (has_state1) TORCH_CHECK(state1[t].is_contiguous(), op, ": state of parameter ", t, " does not match it");
+    if (adamw) {
+      TORCH_CHECK(state2[t].is_contiguous() && steps[t].defined() && steps[t].scalar_type() == at::kFloat &&
+                      steps[t].numel() == 1 && steps[t].device() == device,
+                  op, ": AdamW state of parameter ", t, " does not match it");
+    }
+    const at::Tensor& n = rotational_norms[t];
+    const at::Tensor& s = update_norm_avgs[t];
+    const at::Tensor& k = rotational_steps[t];
+    TORCH_CHECK(n.defined() && s.defined() && k.defined() && n.scalar_type() == opmath_type &&
+                    s.scalar_type() == opmath_type && n.numel() == s.numel() && n.is_contiguous() &&
+                    s.is_contiguous() && n.device() == device && s.device() == device &&
+                    k.scalar_type() == at::kFloat && k.numel() == 1 && k.device() == device,
+                op, ": rotational state ", t, " must have the math dtype and one value per row");
+    rows[t] = n.numel();
+    TORCH_CHECK(rows[t] > 0 && p.numel() % rows[t] == 0, op, ": parameter ", t, " has ", p.numel(),
+                " elements, not a multiple of its ", rows[t], " rows");
+  }
+  TelemetryTables tel = telemetry_tables(op, telemetry, params);
+  // The kernel gathers telemetry rows inside rotation rows (K_tel a multiple of K_rot). Other
+  // shapes (a per-neuron 1-D tensor has K_rot = numel, K_tel = 1) go through a finer buffer of
+  // lcm(K_tel, K_rot) rows, summed into the caller's after the kernel (on the stream, graph-safe).
+  std::vector<std::pair<size_t, at::Tensor>> finer;
+  for (size_t t = 0; t < tel.rows.size(); ++t) {
+    if (tel.rows[t] % rows[t] == 0) continue;
+    const int64_t k = std::lcm(tel.rows[t], rows[t]);
+    at::Tensor buffer = at::empty({k, 4}, telemetry[t].options());
+    tel.buffers[t] = buffer.mutable_data_ptr<double>();
+    tel.rows[t] = k;
+    finer.emplace_back(t, std::move(buffer));
+  }
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto n_tensors = static_cast<int64_t>(params.size());
+  const std::vector<int64_t> sizes = numels(params);
+  const std::vector<void*> p = mutable_pointers(params), s1 = mutable_pointers(state1), s2 = mutable_pointers(state2),
+                           norms = mutable_pointers(rotational_norms), avgs = mutable_pointers(update_norm_avgs);
+  const std::vector<const void*> g = const_pointers(grads);
+  std::vector<float*> step, rot_step;
+  for (const at::Tensor& x : steps) step.push_back(x.mutable_data_ptr<float>());
+  for (const at::Tensor& x : rotational_steps) rot_step.push_back(x.mutable_data_ptr<float>());
+  std::vector<uint8_t> first(params.size(), 0);
+  for (size_t i = 0; i < first_steps.size() && i < first.size(); ++i) first[i] = first_steps.get(i) ? 1 : 0;
+  // Per-tensor step scalars: written by the prologue kernel, read by the row kernel.
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(wc::rotational_scratch_bytes(n_tensors))},
+                                       params[0].options().dtype(at::kByte));
+
+  wc::RotationalArgs a;
+  a.dtype = storage_dtype(op, params[0]);
+  a.optimizer = adamw ? wc::RotationalOptimizer::AdamW : (lion ? wc::RotationalOptimizer::Lion : wc::RotationalOptimizer::SGD);
+  a.n_tensors = n_tensors;
+  a.numels = sizes.data();
+  a.rows = rows.data();
+  a.params = p.data();
+  a.grads = g.data();
+  a.state1 = has_state1 ? s1.data() : nullptr;
+  a.state2 = adamw ? s2.data() : nullptr;
+  a.steps = adamw ? step.data() : nullptr;
+  a.rotational_norms = norms.data();
+  a.update_norm_avgs = avgs.data();
+  a.rotational_steps = rot_step.data();
+  a.first_steps = first.data();
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.momentum = momentum;
+  a.nesterov = nesterov;
+  a.angle = angle;
+  a.undf = undf;
+  a.rotational_eps = rotational_eps;
+  a.zero_mean = zero_mean;
+  a.projected = projected;
+  a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
+  a.telemetry = tel.get();
+  a.scratch = scratch.mutable_data_ptr();
+  check_launch(op, wc::rotational(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  for (auto& [t, buffer] : finer) {
+    const int64_t k = telemetry[t].size(0);
+    at::Tensor summed = buffer.view({k, buffer.size(0) / k, 4}).sum(1);
+    if (a.grad.found_inf.ptr != nullptr) {  // a skipped step leaves the buffer as it was
+      summed = at::where(found_inf->ne(0).reshape({}), telemetry[t], summed);
+    }
+    telemetry[t].copy_(summed);
+  }
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(wdopt, CUDA, m) {
   m.impl("adamw_", &adamw_cuda);
   m.impl("sgd_", &sgd_cuda);
   m.impl("lion_", &lion_cuda);
+  m.impl("rotational_", &rotational_cuda);
 }
