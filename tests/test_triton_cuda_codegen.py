@@ -1,7 +1,7 @@
 """The Triton kernels compile for NVIDIA GPUs (sm_80, sm_90) on any machine: Triton's CUDA
 backend compiles ahead of time without a GPU. The generated PTX is checked for what performance
 and exactness depend on: 16-byte vector loads and stores on full blocks, and no approximate
-division or square root."""
+division or square root (the rotational row kernels: exact math)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ ELEMENTWISE = {
     "sgd": ("sgd", "_sgd_kernel", dict(HAS_MOMENTUM=True, NESTEROV=True, DECOUPLED=False, LR_ON_DEVICE=True)),
     "lion": ("lion", "_lion_kernel", dict(LR_ON_DEVICE=False)),
 }
+ROTATIONAL = {0: dict(HAS_MOMENTUM=False, NESTEROV=False), 1: dict(HAS_MOMENTUM=False, NESTEROV=False),
+              2: dict(HAS_MOMENTUM=True, NESTEROV=True)}  # adamw, lion, sgd
 
 
 def _cases():
@@ -65,6 +67,22 @@ def _cases():
                       constexprs={**FLAGS, **ELEMENTWISE["adamw"][2], "ALIGNED": False}))
     cases.append(dict(id="adamw-coefficients", module="adamw", kernel="_adamw_coefficients_kernel", arch=90,
                       constexprs=dict(LR_ON_DEVICE=True, HAS_FOUND_INF=True, ROWS=128)))
+    # Monitored steps: one program per telemetry row (rows start anywhere: no vector accesses).
+    for name, (module, kernel, extra) in ELEMENTWISE.items():
+        cases.append(dict(id=f"{name}-telemetry", module=module, kernel=kernel, dtype="fp32", arch=90,
+                          constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 1024, "TELEMETRY": True}))
+    # The rotational row engine: short rows as a [ROWS, BLOCK] tile, long rows in two passes.
+    for optimizer, extra in ROTATIONAL.items():
+        for long, dtypes in ((False, ["fp32"]), (True, ["fp32", "bf16", "fp64"] if optimizer == 0 else ["fp32"])):
+            for dtype in dtypes:
+                cases.append(dict(
+                    id=f"rotational-{optimizer}-{'long' if long else 'tile'}-{dtype}", module="rotational",
+                    kernel="_rotational_kernel", dtype=dtype, arch=90,
+                    constexprs=dict(OPTIMIZER=optimizer, ZERO_MEAN=True, PROJECTED=False, MAXIMIZE=True,
+                                    HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
+                                    ROWS=1 if long else 16, BLOCK=2048 if long else 128, **extra)))
+    cases.append(dict(id="rotational-coefficients", module="rotational", kernel="_rotational_coefficients_kernel",
+                      arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, ROWS=128)))
     return cases
 
 
@@ -88,14 +106,24 @@ def _compiled(ptx, case_id):
     return code
 
 
-@pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["kernel"] != "_adamw_coefficients_kernel"])
-def test_elementwise_kernels_compile_vectorized_and_exact(ptx, case_id):
-    code = _compiled(ptx, case_id)
-    if case_id != "adamw-unaligned":
-        assert re.search(r"ld\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector loads"
-        assert re.search(r"st\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector stores"
+def _exact(code):
     assert not re.search(r"div\.(full|approx)|sqrt\.approx|rcp\.approx", code), "approximate math in the kernel"
     assert not re.search(r"\bfma\.", code), "contracted multiply-adds round differently from the reference"
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["kernel"] != "_adamw_coefficients_kernel"
+                                     and c["module"] != "rotational"])
+def test_elementwise_kernels_compile_vectorized_and_exact(ptx, case_id):
+    code = _compiled(ptx, case_id)
+    if case_id != "adamw-unaligned" and not case_id.endswith("-telemetry"):
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector loads"
+        assert re.search(r"st\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector stores"
+    _exact(code)
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["module"] == "rotational"])
+def test_rotational_kernels_compile_exact(ptx, case_id):
+    _exact(_compiled(ptx, case_id))
 
 
 def test_adamw_coefficient_kernel_compiles(ptx):

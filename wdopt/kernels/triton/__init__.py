@@ -2,7 +2,9 @@
 under the Triton interpreter (``TRITON_INTERPRET=1``, set before this package is imported).
 
 ``multi_tensor`` moves memory (tensor tables, work items, launches); ``adamw``, ``sgd`` and
-``lion`` each hold one optimizer's math and the kernel that applies it.
+``lion`` each hold one optimizer's math and the kernel that applies it; ``rotational`` is the row
+engine of the rotational variants, on those optimizers' direction functions. Every step can also
+fill rotation telemetry (``telemetry=``, wdopt/reference/telemetry.py) as it updates the elements.
 """
 
 import os
@@ -12,6 +14,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from .adamw import adamw  # noqa: E402
 from .lion import lion  # noqa: E402
+from .rotational import rotational  # noqa: E402
 from .sgd import sgd  # noqa: E402
 
-__all__ = ["INTERPRETED", "adamw", "lion", "sgd"]
+#: The driver gathers rotation telemetry with these kernels (``telemetry=`` on every step function).
+TELEMETRY = True
+
+__all__ = ["INTERPRETED", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]

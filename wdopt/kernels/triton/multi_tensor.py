@@ -184,10 +184,14 @@ def telemetry_columns(params, telemetry):
     return list(telemetry), [p.numel() // k for p, k in zip(params, rows)], rows
 
 
+#: Widest loop iteration of a monitored step's row programs (tests lower it to exercise the loop).
+TELEMETRY_MAX_BLOCK = CHUNK if INTERPRETED else GPU_BLOCK
+
+
 def telemetry_block_size(row_sizes) -> int:
-    """Telemetry kernels run one program per row, looping over it BLOCK elements at a time."""
+    """Monitored steps run one program per telemetry row, looping over it BLOCK elements at a time."""
     longest = triton.next_power_of_2(max(max(row_sizes, default=1), 1))
-    return max(16, min(longest, CHUNK if INTERPRETED else GPU_BLOCK))
+    return max(16, min(longest, TELEMETRY_MAX_BLOCK))
 
 
 def compute_dtype(dtype: torch.dtype):

@@ -1,0 +1,269 @@
+"""The Triton row engine of the rotational variants against the reference (rotate_ and the
+*_direction functions), and rotation telemetry of the Triton base steps against row_sums.
+
+Without a GPU the kernels run under the Triton interpreter: tensors are small and runs short. The
+on-chip row limit is lowered so that one row in each run takes the two-pass (long-row) path."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import backend_device_pairs
+
+pytest.importorskip("triton")
+
+TRITON_DEVICES = [d for b, d in backend_device_pairs() if b == "triton"]
+if not TRITON_DEVICES:
+    pytest.skip("the triton backend is not available", allow_module_level=True)
+
+from wdopt.kernels import triton as backend  # noqa: E402
+from wdopt.kernels.triton import multi_tensor  # noqa: E402
+from wdopt.reference import rotational as rv  # noqa: E402
+from wdopt.reference.telemetry import row_sums  # noqa: E402
+
+# The module (the package's ``rotational`` attribute is the step function).
+engine = importlib.import_module("wdopt.kernels.triton.rotational")
+
+DEVICE = TRITON_DEVICES[-1]
+#: Row sizes 2, 3, 17 and 129 on chip; 300 over the lowered limit (two passes, two blocks).
+SHAPES = [(5, 2), (4, 3), (3, 17), (2, 129), (2, 300)]
+ON_CHIP = 256
+HYPER = dict(adamw=dict(beta1=0.9, beta2=0.999, eps=1e-8), lion=dict(beta1=0.9, beta2=0.99, eps=0.0),
+             sgd=dict(beta1=0.0, beta2=0.0, eps=0.0))
+
+
+@pytest.fixture(autouse=True)
+def small_on_chip_limit(monkeypatch):
+    monkeypatch.setattr(engine, "ON_CHIP", ON_CHIP)
+
+
+def _state(name, dtype, shapes, momentum, per_neuron):
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    zeros = lambda: [torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes]  # noqa: E731
+    rows = [s[0] if per_neuron else 1 for s in shapes]
+    return dict(
+        state1=zeros() if name != "sgd" or momentum else [],
+        state2=zeros() if name == "adamw" else [],
+        steps=[torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in shapes] if name == "adamw" else [],
+        norms=[torch.zeros(k, dtype=math, device=DEVICE) for k in rows],
+        avgs=[torch.zeros(k, dtype=math, device=DEVICE) for k in rows],
+        rsteps=[torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in shapes],
+    )
+
+
+def _reference_step(name, params, grads, st, ref_states, k, *, momentum, nesterov, angle, undf, zero_mean,
+                    per_neuron, projected, maximize, grad_scale, lr):
+    h = HYPER[name]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if name == "adamw":
+            st["steps"][i] += 1
+            u = rv.adamw_direction(g, st["state1"][i], st["state2"][i], int(st["steps"][i]), beta1=h["beta1"],
+                                   beta2=h["beta2"], eps=h["eps"], maximize=maximize, grad_scale=grad_scale)
+        elif name == "lion":
+            u = rv.lion_direction(g, st["state1"][i], beta1=h["beta1"], beta2=h["beta2"], maximize=maximize,
+                                  grad_scale=grad_scale)
+        else:
+            u = rv.sgd_direction(g, st["state1"][i] if momentum else None, k == 0, momentum=momentum,
+                                 nesterov=nesterov, maximize=maximize, grad_scale=grad_scale)
+        rv.rotate_(p, u, ref_states[i], angle=angle, lr=lr, undf=undf, eps=1e-8, zero_mean=zero_mean,
+                   per_neuron=per_neuron, mode="projected" if projected else "equilibrium")
+
+
+def _compare(name, dtype, *, steps=10, momentum=0.0, nesterov=False, zero_mean=True, projected=False,
+             per_neuron=True, maximize=False, scaled=False, shapes=SHAPES, telemetry=False, seed=0):
+    """``steps`` Triton rotational steps against the reference on clones; returns the largest
+    relative parameter difference and the largest relative deviation from the sphere."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype) for s in shapes]
+    for p in params:
+        rv.centre_(p, per_neuron)
+    ref = [p.clone() for p in params]
+    ours, theirs = _state(name, dtype, shapes, momentum, per_neuron), _state(name, dtype, shapes, momentum, per_neuron)
+    ref_states = [{} for _ in shapes]
+    grad_scale = torch.tensor(1024.0, device=DEVICE) if scaled else None
+    angle, undf, lr = 0.05, 0.9, 0.03
+    worst = 0.0
+    for k in range(steps):
+        # Same-signed gradients make u nearly constant on the first Adam step (the centring pitfall).
+        grads = [((torch.randn(s, generator=gen, dtype=torch.float64) + (1.0 if k == 0 else 0.2))
+                  * 10.0 ** (i % 3 - 1) * (1024.0 if scaled else 1.0)).to(device=DEVICE, dtype=dtype)
+                 for i, s in enumerate(shapes)]
+        buffers = [torch.full((s[0], 4), float("nan"), dtype=torch.float64, device=DEVICE) for s in shapes] \
+            if telemetry else []
+        before = [p.clone() for p in params]
+        backend.rotational(
+            name, params, grads, ours["state1"], ours["state2"], ours["steps"], ours["norms"], ours["avgs"],
+            ours["rsteps"], [k == 0] * len(shapes), lr=lr, momentum=momentum, nesterov=nesterov, angle=angle,
+            undf=undf, rotational_eps=1e-8, zero_mean=zero_mean, projected=projected, maximize=maximize,
+            grad_scale=grad_scale, telemetry=buffers, **HYPER[name])
+        _reference_step(name, ref, grads, theirs, ref_states, k, momentum=momentum, nesterov=nesterov, angle=angle,
+                        undf=undf, zero_mean=zero_mean, per_neuron=per_neuron, projected=projected,
+                        maximize=maximize, grad_scale=grad_scale, lr=lr)
+        for i, b in enumerate(buffers):
+            expected = row_sums(before[i], params[i], grads[i], shapes[i][0], grad_scale)
+            torch.testing.assert_close(b.cpu(), expected.cpu(), rtol=1e-10, atol=1e-300)
+        for i, (p, q) in enumerate(zip(params, ref)):
+            worst = max(worst, ((p.double() - q.double()).abs().max() / q.double().abs().max()).item())
+    exact = dict(rtol=0, atol=0)
+    for i in range(len(shapes)):
+        for key in ("state1", "state2"):
+            if ours[key]:  # the moments and momentum do not depend on p: the same operations, bit for bit
+                torch.testing.assert_close(ours[key][i], theirs[key][i], **exact)
+        if name == "adamw":
+            assert float(ours["steps"][i]) == float(theirs["steps"][i]) == steps
+        assert float(ours["rsteps"][i]) == float(ref_states[i]["rotational_step"]) == steps
+        tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=0)
+        torch.testing.assert_close(ours["norms"][i], ref_states[i]["rotational_norm"], **tol)
+        # A centred row of two elements has no tangent: its s is rounding noise.
+        if not projected and not (zero_mean and params[i].numel() == 2 * len(ours["avgs"][i])):
+            tol = dict(rtol=1e-10, atol=0) if dtype == torch.float64 else dict(rtol=1e-4, atol=0)
+            torch.testing.assert_close(ours["avgs"][i], ref_states[i]["update_norm_avg"], **tol)
+    sphere = 0.0
+    for p, n in zip(params, ours["norms"]):
+        rows = rv.rows(p, per_neuron).double()
+        sphere = max(sphere, ((rows.norm(dim=1) - n.double()).abs() / n.double()).max().item())
+        if zero_mean:
+            drift = 1e-2 if dtype == torch.bfloat16 else 1e-6  # storage rounding
+            assert (rows.mean(dim=1).abs() <= drift * n.double()).all()
+    return worst, sphere
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("adamw", {}),
+    ("adamw", dict(zero_mean=False, maximize=True)),
+    ("adamw", dict(projected=True)),
+    ("sgd", dict(momentum=0.9)),
+    ("sgd", dict(momentum=0.9, nesterov=True, zero_mean=False)),
+    ("sgd", dict(momentum=0.0)),
+    ("lion", {}),
+    ("lion", dict(per_neuron=False, shapes=[(3, 17), (1, 300), (2, 2)])),
+], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items() if k != "shapes") or "default")
+def test_rotational_fp32_matches_reference(name, kw):
+    worst, sphere = _compare(name, torch.float32, **kw)
+    assert worst < 1e-5, worst
+    assert sphere < 1e-6, sphere
+
+
+@pytest.mark.parametrize("name,kw", [("adamw", {}), ("sgd", dict(momentum=0.9, nesterov=True)),
+                                     ("lion", dict(zero_mean=False, projected=True))], ids=lambda x: str(x))
+def test_rotational_fp64_matches_reference(name, kw):
+    worst, sphere = _compare(name, torch.float64, **kw)
+    assert worst < 1e-12, worst
+    assert sphere < 1e-14, sphere
+
+
+def test_rotational_bf16_within_rounding():
+    worst, sphere = _compare("adamw", torch.bfloat16, steps=6)
+    assert worst < 2e-2, worst
+    assert sphere < 1e-2, sphere
+
+
+def test_rotational_grad_scale_and_telemetry():
+    """GradScaler's scale is taken off the gradient; telemetry is the float64 row sums of the step
+    (per-neuron spheres in the kernel; a per-tensor sphere monitored per neuron from a snapshot)."""
+    worst, _ = _compare("adamw", torch.float32, steps=4, scaled=True, telemetry=True)
+    assert worst < 1e-5, worst
+    worst, _ = _compare("sgd", torch.float32, steps=3, momentum=0.9, per_neuron=False, telemetry=True,
+                        shapes=[(3, 17), (1, 300)])
+    assert worst < 1e-5, worst
+
+
+def test_rotational_found_inf_writes_nothing():
+    name, dtype = "adamw", torch.float32
+    params = [torch.randn(s, dtype=dtype, device=DEVICE) for s in SHAPES]
+    for p in params:
+        rv.centre_(p, True)
+    st = _state(name, dtype, SHAPES, 0.0, True)
+    grads = [torch.randn(s, dtype=dtype, device=DEVICE) for s in SHAPES]
+    buffers = [torch.full((s[0], 4), float("nan"), dtype=torch.float64, device=DEVICE) for s in SHAPES]
+    every = lambda: [t.clone() for key in st for t in st[key]] + [p.clone() for p in params]  # noqa: E731
+    before = every()
+    for found in (1.0, float("inf")):
+        backend.rotational(name, params, grads, st["state1"], st["state2"], st["steps"], st["norms"], st["avgs"],
+                           st["rsteps"], [True] * len(SHAPES), lr=0.01, momentum=0.0, nesterov=False, angle=0.05,
+                           undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
+                           grad_scale=torch.tensor(2.0, device=DEVICE),
+                           found_inf=torch.tensor(found, device=DEVICE), telemetry=buffers, **HYPER[name])
+    for a, b in zip(before, every()):
+        assert torch.equal(a, b)
+    assert all(b.isnan().all() for b in buffers)
+
+
+def test_rotational_launches_do_not_grow_with_tensor_count():
+    """One coefficient launch and one per row-length class, whatever the number of tensors."""
+    shapes = [(3, 5)] * 12 + [(2, 7)] * 5
+    params = [torch.randn(s, device=DEVICE) for s in shapes]
+    for p in params:
+        rv.centre_(p, True)
+    st = _state("lion", torch.float32, shapes, 0.0, True)
+    before = multi_tensor.launch_count
+    backend.rotational("lion", params, [torch.randn_like(p) for p in params], st["state1"], [], [], st["norms"],
+                       st["avgs"], st["rsteps"], [True] * len(shapes), lr=0.01, momentum=0.0, nesterov=False,
+                       angle=0.05, undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
+                       **HYPER["lion"])
+    assert multi_tensor.launch_count - before == 2
+
+
+# ---------------------------------------------------------------- telemetry of the base steps
+
+TELEMETRY_SHAPES = [(7,), (5, 3, 3), (33, 17), (2, 70)]
+
+
+def _base_call(name, params, grads, state, telemetry, grad_scale=None, found_inf=None):
+    common = dict(maximize=False, grad_scale=grad_scale, found_inf=found_inf, telemetry=telemetry)
+    if name == "adamw":
+        backend.adamw(params, grads, state["m"], state["v"], state["vmax"], state["steps"], lr=1e-2, beta1=0.9,
+                      beta2=0.999, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0, amsgrad=True, **common)
+    elif name == "sgd":
+        backend.sgd(params, grads, state["m"], state["first"], lr=1e-2, weight_decay=0.1, momentum=0.9,
+                    dampening=0.0, nesterov=True, decoupled_weight_decay=False, decay_lr_scale=1.0, **common)
+        state["first"] = [False] * len(params)
+    else:
+        backend.lion(params, grads, state["m"], lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0,
+                     **common)
+
+
+def _fresh(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+              for s in TELEMETRY_SHAPES]
+    zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
+    state = dict(m=zeros(), v=zeros(), vmax=zeros(), first=[True] * len(params),
+                 steps=[torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in params])
+    return params, state
+
+
+@pytest.mark.parametrize("name,dtype", [("adamw", torch.float32), ("sgd", torch.float32), ("lion", torch.float32),
+                                        ("adamw", torch.bfloat16)], ids=str)
+def test_base_telemetry_matches_row_sums_and_changes_nothing(name, dtype, monkeypatch):
+    monkeypatch.setattr(multi_tensor, "TELEMETRY_MAX_BLOCK", 32)  # rows of 51 and 70 loop over blocks
+    monitored, state = _fresh(dtype)
+    plain, plain_state = _fresh(dtype)
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.tensor(256.0, device=DEVICE)
+    for _ in range(3):
+        grads = [(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 256).to(device=DEVICE, dtype=dtype)
+                 for p in monitored]
+        rows = [p.shape[0] if p.dim() >= 2 else 1 for p in monitored]
+        buffers = [torch.full((k, 4), float("nan"), dtype=torch.float64, device=DEVICE) for k in rows]
+        before = [p.clone() for p in monitored]
+        _base_call(name, monitored, grads, state, buffers, grad_scale=scale)
+        _base_call(name, plain, grads, plain_state, [], grad_scale=scale)
+        for i, b in enumerate(buffers):
+            torch.testing.assert_close(b, row_sums(before[i], monitored[i], grads[i], rows[i], scale),
+                                       rtol=1e-12, atol=1e-300)
+        for a, b in zip(monitored + state["m"] + state["v"], plain + plain_state["m"] + plain_state["v"]):
+            assert torch.equal(a, b)
+    # A skipped step writes nothing, the buffers included.
+    buffers = [torch.full((k, 4), float("nan"), dtype=torch.float64, device=DEVICE) for k in rows]
+    kept = [p.clone() for p in monitored]
+    _base_call(name, monitored, grads, state, buffers, grad_scale=scale, found_inf=torch.tensor(1.0, device=DEVICE))
+    assert all(torch.equal(a, b) for a, b in zip(kept, monitored))
+    assert all(b.isnan().all() for b in buffers)
+
+
+def test_backend_advertises_rotational_and_telemetry():
+    assert backend.TELEMETRY is True and callable(backend.rotational)
