@@ -12,6 +12,10 @@ import importlib
 #: subcommand -> module, in the order the help lists them.
 EXPERIMENTS = {
     "equilibrium": "wdopt.experiments.equilibrium",
+    "rotational": "wdopt.experiments.rotational",
+    "sphere": "wdopt.experiments.sphere",
+    "lr-wd": "wdopt.experiments.lr_wd",
+    "why-wd": "wdopt.experiments.why_wd",
 }
 
 

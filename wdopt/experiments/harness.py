@@ -37,6 +37,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, optimizers=OPTIMIZERS)
     parser.add_argument("--data", default=None, help="a text file for the language-model runs (default: the "
                         "standard library's sources)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: the models are tiny, more threads only contend, "
+                        "and a fixed count keeps CPU results bitwise equal across machines)")
 
 
 class Run:
@@ -57,6 +60,9 @@ class Run:
         self.metrics: list[dict[str, Any]] = []
         self.started = time.time()
         self._bar = None
+        threads = getattr(args, "threads", None)
+        if threads:
+            torch.set_num_threads(threads)
         seed_everything(args.seed)
 
     # ------------------------------------------------------------------ options
@@ -192,6 +198,33 @@ def relative_error(measured, predicted):
     if measured is None or predicted is None or predicted == 0:
         return None
     return (measured - predicted) / predicted
+
+
+def warmup_schedule(steps: int, warmup: int = 0, decay: str = "constant") -> Callable[[int], float]:
+    """The lr factor for torch.optim.lr_scheduler.LambdaLR: linear warm-up over ``warmup`` steps
+    (from 1/warmup, so no step has lr 0), then constant or cosine to 0 at ``steps``."""
+    def factor(i: int) -> float:  # i = optimizer steps taken so far
+        if i < warmup:
+            return (i + 1) / warmup
+        if decay == "cosine":
+            progress = (i - warmup) / max(1, steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def tail_mean(values: list[float], fraction: float = 0.1) -> float:
+    """Mean of the last ``fraction`` of ``values`` (at least one)."""
+    n = max(1, int(round(len(values) * fraction)))
+    tail = values[-n:]
+    return sum(tail) / len(tail)
+
+
+def coefficient_of_variation(values) -> float:
+    """std/mean (population std) of a sequence or tensor."""
+    t = torch.as_tensor(values, dtype=torch.float64).flatten()
+    mean = t.mean()
+    return float(t.std(unbiased=False) / mean) if mean != 0 else math.nan
 
 
 # ---------------------------------------------------------------------- optimizers
