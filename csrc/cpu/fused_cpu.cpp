@@ -173,7 +173,10 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
 // element. With ``sums`` (a monitored row) the same loop also accumulates the row's telemetry.
 template <typename scalar_t, typename opmath, typename Element>
 inline void update_elements(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
-                            const GradTransform<opmath>& transform, double* sums, const Element& element) {
+                            const GradTransform<opmath>& transform, double* sums, const Element& element_arg) {
+  // A local copy of the element function (which captures its state pointers by value): the
+  // pointers then live in registers and the loops vectorize with contiguous loads and stores.
+  const Element element = element_arg;
   if (sums == nullptr) {
 WDOPT_SIMD
     for (int64_t i = begin; i < end; ++i) {
@@ -237,7 +240,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
         scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(max_exp_avg_sqs[t]) : nullptr;
         const auto c = coefficients[t];
         update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                        [&](int64_t i, opmath pi, opmath gi) {
+                        [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
           adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
@@ -284,7 +287,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
             scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(momentum_buffers[t]) : nullptr;
             const bool first = HAS_MOMENTUM && fresh_buffer[t];
             update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                            [&](int64_t i, opmath pi, opmath gi) {
+                            [=](int64_t i, opmath pi, opmath gi) {
               opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
               sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
               if (HAS_MOMENTUM) b[i] = bi;
@@ -318,7 +321,7 @@ void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
       scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
       update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                      [&](int64_t i, opmath pi, opmath gi) {
+                      [=](int64_t i, opmath pi, opmath gi) {
         opmath mi = m[i];
         lion_update(pi, gi, mi, c);
         m[i] = mi;

@@ -43,11 +43,13 @@ struct RotationOptions {
 // itself, never as a difference of moments: a nearly constant u would cancel catastrophically.
 // ``sums`` (a monitored step): the row's telemetry [Σω², Σω·Δω, ΣΔω², Σĝ²], ĝ = grad_at(j).
 template <typename scalar_t, typename Direction, typename GradAt>
-void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction,
+void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction_arg,
                 opmath_t<scalar_t>* __restrict__ buffer, opmath_t<scalar_t>* norm, opmath_t<scalar_t>* s_avg,
                 double undf_bias_correction, bool first, const RotationOptions& o, double* sums,
-                const GradAt& grad_at) {
+                const GradAt& grad_at_arg) {
   using opmath = opmath_t<scalar_t>;
+  const Direction direction = direction_arg;  // local copies: their pointers stay in registers
+  const GradAt grad_at = grad_at_arg;
   opmath sum_u = 0, sum_p = 0, sum_pp = 0, sum_up = 0;
   WDOPT_SIMD_SUM(sum_u, sum_p, sum_pp, sum_up)
   for (int64_t j = 0; j < size; ++j) {
@@ -241,14 +243,16 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
         const scalar_t* g = ptr<scalar_t>(grads[t]) + offset;
         opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;
         opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
-        auto grad_at = [&](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
+        // Captures by value (pointers, coefficients): the row loops then see plain local pointers and
+        // vectorize with contiguous loads; through captured references they fell back to gathers.
+        const auto grad_at = [=](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
         double* sums = telemetry.empty() ? nullptr : ptr<double>(telemetry[t]) + 4 * r.row;
         if (adamw) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
           scalar_t* v = ptr<scalar_t>(state2[t]) + offset;
-          const auto& c = adamw_c[t];
+          const auto c = adamw_c[t];
           const opmath inv_bias_correction1 = inv_bc1[t];
-          rotate_row(p, r.size, [&](int64_t j) {
+          rotate_row(p, r.size, [=](int64_t j) {
             opmath mj = m[j], vj = v[j];
             const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
             m[j] = mj;
@@ -257,7 +261,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
           }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         } else if (lion) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
-          rotate_row(p, r.size, [&](int64_t j) {
+          rotate_row(p, r.size, [=](int64_t j) {
             opmath mj = m[j];
             const opmath u = lion_direction(grad_at(j), mj, lion_c);
             m[j] = mj;
@@ -266,7 +270,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
         } else if (momentum != 0) {
           scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
           const bool first_step = fresh[t];
-          rotate_row(p, r.size, [&](int64_t j) {
+          rotate_row(p, r.size, [=](int64_t j) {
             opmath bj = b[j];
             const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
                                       : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
@@ -274,7 +278,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             return u;
           }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         } else {
-          rotate_row(p, r.size, [&](int64_t j) { return grad_at(j); }, buffer.data(), norm,
+          rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer.data(), norm,
                      s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
         }
       }
