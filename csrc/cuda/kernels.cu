@@ -410,7 +410,7 @@ constexpr int64_t kRowBufferBytes = 65536;
 
 #ifndef WDOPT_HOST_EMULATION
 template <class K, class A, class B, class C>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, K::kMinBlocks)
     row_entry(const __grid_constant__ A a, const __grid_constant__ B b, const __grid_constant__ C c) {
   extern __shared__ __align__(16) unsigned char wdopt_shared[];
   K::run_block(a, b, c, static_cast<int64_t>(blockIdx.x), wdopt_shared);
@@ -484,6 +484,7 @@ template <int DEPTH> struct TelemetryTable {
 // bit-identical), walked row by row with the telemetry sums reduced per row.
 template <typename T, class Op> struct TelemetryKernel {
   using Table = TelemetryTable<Op::kDepth>;
+  static constexpr int kMinBlocks = 1;  // __launch_bounds__ hint: resident blocks per SM
   WDOPT_BLOCK static void run_block(const Table& table, const Op& op, const GradOptions& grad, int64_t block,
                                     unsigned char* shared) {
     using M = opmath_t<T>;
@@ -811,7 +812,10 @@ WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, opmath_t<T> g, int6
 
 // Per-row scalars in shared memory (one per group).
 template <typename M> struct RowScalars {
-  M s[5];  // sums: on chip Σu, Σp, Σp², Σu·p; two-pass Σa, Σb, Σa², Σb², Σa·b (a = u − ku, b = p − kp)
+  // Sums. On chip Σu, Σp, Σp², Σu·p, summed in M as the CPU kernel sums them (held exactly here,
+  // used as M). Two-pass Σa, Σb, Σa², Σb², Σa·b (a = u − ku, b = p − kp), summed in double: ‖t‖²
+  // and the norm of q are differences of these moments, which cancel when u is mostly radial.
+  double s[5];
   M ku, kp;  // two-pass pivots: u and p of the row's first element
   M n, mean_u, radial, step, mean_q, to_sphere, centred_qq;
 };
@@ -825,10 +829,19 @@ template <typename T> size_t rotation_shared_bytes(int64_t on_chip) {
 // On chip (the row fits the group's share of the row buffers): the row is read once (u into the
 // buffer, p kept as stored) and the phases of rotate_row run on the buffer, sums from the values
 // themselves. Longer rows: pass 1 computes u without writing state and sums pivot-shifted moments
-// (so a nearly constant u or an uncentred p loses nothing to cancellation); ‖t‖², the centred
-// norm of q and its mean follow in closed form; pass 2 recomputes u, writes state and p.
+// in double (so a nearly constant u, an uncentred p or a mostly radial u loses nothing to
+// cancellation); ‖t‖², the centred norm of q and its mean follow in closed form from these
+// moments; pass 2 recomputes u, writes state and p.
 template <typename T, int KIND> struct RotationalRowKernel {
   using M = opmath_t<T>;
+  // __launch_bounds__ hint: 3 resident blocks per SM caps registers at 80 per thread. Where ptxas
+  // (CUDA 13, sm_80/sm_90) meets that without spilling, ask for it: 16-bit storage (64-77
+  // registers unhinted) and fp32 Lion / plain SGD (90-96). fp32 AdamW and momentum SGD (96-108)
+  // and fp64 (104-124) would spill 20-104 bytes (24-88 byte stack frames): left unhinted, at 2
+  // blocks per SM (which is also what full-size row buffers allow: about 77 KB of shared memory
+  // per block).
+  static constexpr int kMinBlocks =
+      (sizeof(T) == 2 || (sizeof(T) == 4 && (KIND == kLion || KIND == kSGDPlain))) ? 3 : 1;
   WDOPT_BLOCK static void run_block(const RotationTable& table, const RotationArgs<M>& args, const GradOptions& grad,
                                     int64_t block, unsigned char* shared) {
     if (step_skipped(grad.found_inf)) return;
@@ -930,7 +943,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
         RowScalars<M>& r = rs[t >> lg];
         WDOPT_UNROLL
         for (int k = 0; k < 4; ++k) r.s[k] = red[k * kThreads + t];
-        r.mean_q = r.s[1] / size;
+        r.mean_q = static_cast<M>(r.s[1]) / size;
       });
       blk.sync();
       if (first) freeze_norm([&](int t, int64_t, int64_t j) { return to_math(buf_p[(t >> lg) * share + j]); });
@@ -938,8 +951,8 @@ template <typename T, int KIND> struct RotationalRowKernel {
         if (!leader(t)) return;
         RowScalars<M>& r = rs[t >> lg];
         r.n = norm[row_of(t)];
-        r.mean_u = zero_mean ? r.s[0] / size : M(0);
-        r.radial = r.n > 0 ? (r.s[3] - r.mean_u * r.s[1]) / (r.n * r.n) : M(0);
+        r.mean_u = zero_mean ? static_cast<M>(r.s[0]) / size : M(0);
+        r.radial = r.n > 0 ? (static_cast<M>(r.s[3]) - r.mean_u * static_cast<M>(r.s[1])) / (r.n * r.n) : M(0);
       });
       blk.sync();
       // t = u − mean(u) − p·radial and ‖t‖²
@@ -1019,17 +1032,20 @@ template <typename T, int KIND> struct RotationalRowKernel {
       return;
     }
 
-    // ---- two passes over memory. Pass 1: pivot-shifted moments of u and p, state unwritten.
+    // ---- two passes over memory. Pass 1: pivot-shifted moments of u and p in double (the
+    // reduction slots read as doubles), state unwritten.
+    double* const red_d = reinterpret_cast<double*>(shared);
     blk.each([&](int t) {
-      M sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0;
+      double sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0;
       const int64_t row = row_of(t);
       if (row >= 0) {
         const int64_t base = row * cols;
         const M ku = direction<T, KIND>(dc, grad_at(base), base, false);
         const M kp = to_math(p[base]);
         for (int64_t j = base + (t & (G - 1)); j < base + cols; j += G) {
-          const M a = direction<T, KIND>(dc, grad_at(j), j, false) - ku;
-          const M b = to_math(p[j]) - kp;
+          const double a =
+              static_cast<double>(direction<T, KIND>(dc, grad_at(j), j, false)) - static_cast<double>(ku);
+          const double b = static_cast<double>(to_math(p[j])) - static_cast<double>(kp);
           sa += a;
           sb += b;
           saa += a * a;
@@ -1041,19 +1057,19 @@ template <typename T, int KIND> struct RotationalRowKernel {
           rs[t >> lg].kp = kp;
         }
       }
-      red[t] = sa;
-      red[kThreads + t] = sb;
-      red[2 * kThreads + t] = saa;
-      red[3 * kThreads + t] = sbb;
-      red[4 * kThreads + t] = sab;
+      red_d[t] = sa;
+      red_d[kThreads + t] = sb;
+      red_d[2 * kThreads + t] = saa;
+      red_d[3 * kThreads + t] = sbb;
+      red_d[4 * kThreads + t] = sab;
     });
-    group_reduce<5>(blk, red, lg);
+    group_reduce<5>(blk, red_d, lg);
     blk.each([&](int t) {
       if (!leader(t)) return;
       RowScalars<M>& r = rs[t >> lg];
       WDOPT_UNROLL
-      for (int k = 0; k < 5; ++k) r.s[k] = red[k * kThreads + t];
-      r.mean_q = r.kp + r.s[1] / size;  // mean(p), for freeze_norm
+      for (int k = 0; k < 5; ++k) r.s[k] = red_d[k * kThreads + t];
+      r.mean_q = static_cast<M>(static_cast<double>(r.kp) + r.s[1] / static_cast<double>(cols));  // mean(p)
     });
     blk.sync();
     if (first) freeze_norm([&](int, int64_t row, int64_t j) { return to_math(p[row * cols + j]); });
@@ -1174,7 +1190,9 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
   for (int64_t i = 0; i < a.n_tensors; ++i) {
     const int64_t rows = a.rows[i];
     if (rows < 1 || a.numels[i] < 0 || a.numels[i] % rows != 0) return cudaErrorInvalidValue;
-    if (a.numels[i] == 0) continue;  // nothing to rotate (its steps still advance, as on the CPU)
+    // Empty tensors (rows of 0 elements) take their blocks as any other: the rows then do what the
+    // CPU kernel's rotate_row does with them (norm 0 frozen, s_avg decayed, zero telemetry rows),
+    // and table slot e is call position first_tensor + e (the prologue's coefficient index).
     const int64_t cols = a.numels[i] / rows;
     int64_t split = 1;
     if (a.telemetry.buffers != nullptr) {
