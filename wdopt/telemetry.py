@@ -37,7 +37,9 @@ class Record:
 
     step: int
     sums: dict[str, torch.Tensor]  # name -> (K, 4) float64 on the parameter's device
-    predictions: dict[str, dict] = field(default_factory=dict)  # name -> {"norm", "angular_update"}
+    # name -> (the optimizer and its group's hyperparameters at this step, the parameter): the
+    # predictions are computed when the record is read, keeping the step itself cheap.
+    predictions: dict[str, tuple] = field(default_factory=dict)
     found_inf: torch.Tensor | None = None  # GradScaler's flag: the step was skipped when non-zero
 
     @property
@@ -59,11 +61,8 @@ class Record:
         whole["neuron_angular_update_rms"] = float(per["angular_update"].pow(2).mean().sqrt())
         # E‖g̃‖² over neurons: what the SGD equilibrium norm needs (for scale-invariant neurons).
         whole["neuron_grad_norm_sq_unit_mean"] = float(per["grad_norm_x_weight_norm"].pow(2).mean())
-        pred = self.predictions.get(name, {})
-        if "sgd" in pred:  # E‖g̃‖² = mean over neurons of ‖g‖²·‖ω‖² (exact for scale-invariant rows)
-            lr, d, momentum = pred["sgd"]
-            g_unit = whole["neuron_grad_norm_sq_unit_mean"]
-            pred = theory.sgd_equilibrium(lr, d, g_unit, momentum).as_dict() if math.isfinite(g_unit) and g_unit > 0 else {}
+        pred = _predict(*self.predictions[name], whole["neuron_grad_norm_sq_unit_mean"]) \
+            if name in self.predictions else {}
         whole["predicted_norm"] = pred.get("norm")
         whole["predicted_angular_update"] = pred.get("angular_update")
         return whole
@@ -119,11 +118,17 @@ class RotationMonitor:
         self.steps += 1
         if self.steps % self.every:
             return
+        # One allocation per device for the step's buffers; each parameter gets a (K, 4) view.
+        wanted = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        by_device: dict[torch.device, list] = {}
+        for p in wanted:
+            by_device.setdefault(p.device, []).append(p)
         request = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    request[id(p)] = tm.empty_buffer(p)
+        for device, params in by_device.items():
+            rows = [tm.telemetry_rows(p) for p in params]
+            flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
+            for p, view in zip(params, flat.split(rows)):
+                request[id(p)] = view
         optimizer.__dict__["_telemetry_request"] = request
 
     def _after(self, optimizer, args, kwargs) -> None:
@@ -132,43 +137,44 @@ class RotationMonitor:
             return
         sums, predictions = {}, {}
         for gi, group in enumerate(optimizer.param_groups):
+            hyper = None
             for pi, p in enumerate(group["params"]):
                 if id(p) in request:
                     name = self.name(p, gi, pi)
                     sums[name] = request[id(p)]
-                    pred = self._predict(optimizer, group, p, request[id(p)])
-                    if pred:
-                        predictions[name] = pred
+                    if p.dim() >= 2:
+                        # What the prediction needs, evaluated when the record is read.
+                        hyper = hyper or self._hyper(optimizer, group)
+                        predictions[name] = (hyper, p)
         found_inf = optimizer.__dict__.get("found_inf")
         self.history.append(Record(self.steps, sums, predictions, None if found_inf is None else found_inf.clone()))
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
 
     @staticmethod
-    def _predict(optimizer, group, p, sums) -> dict:
-        """Predicted equilibrium norm (per neuron) and angular update of ``p``, if the theory has one."""
-        from .optim import FusedAdamW, FusedLion, FusedSGD
+    def _hyper(optimizer, group) -> tuple:
+        return optimizer, {k: v for k, v in group.items() if k != "params"}
 
-        if p.dim() < 2:
-            return {}
-        if getattr(optimizer, "_is_rotational", None) is not None and optimizer._is_rotational(p, group):
-            n = optimizer.state[p].get("rotational_norm")
-            norm = float(n.double().pow(2).mean().sqrt()) if n is not None else None
-            angle = optimizer._angle(group)
-            return {"norm": norm, "angular_update": angle if group["mode"] == "equilibrium" else None}
-        d = theory.decay_fraction(group)
-        if d <= 0:
-            return {}
-        lr, c = float(group["lr"]), p.numel() // p.shape[0]
-        if isinstance(optimizer, FusedAdamW):
-            pred = theory.adamw_equilibrium(lr, d, c, group["betas"])
-        elif isinstance(optimizer, FusedLion):
-            pred = theory.lion_equilibrium(lr, d, c, group["betas"])
-        elif isinstance(optimizer, FusedSGD):
-            if group["decoupled_weight_decay"] or group["nesterov"]:
-                return {}
-            # Needs E‖g̃‖², measured from this step's sums when the record is read (no sync here).
-            return {"sgd": (lr, d, group["momentum"])}
-        else:
-            return {}
-        return pred.as_dict()
+
+def _predict(hyper: tuple, p: torch.Tensor, grad_norm_sq_unit: float) -> dict:
+    """Predicted equilibrium norm (per neuron) and angular update of ``p``, if the theory has one.
+    SGD's needs E‖g̃‖²: the mean over neurons of ‖g‖²·‖ω‖² at this step (exact for scale-invariant rows)."""
+    from .optim import FusedAdamW, FusedLion, FusedSGD
+
+    optimizer, group = hyper
+    if getattr(optimizer, "_is_rotational", None) is not None and optimizer._is_rotational(p, group):
+        n = optimizer.state[p].get("rotational_norm")
+        norm = float(n.double().pow(2).mean().sqrt()) if n is not None else None
+        return {"norm": norm, "angular_update": optimizer._angle(group) if group["mode"] == "equilibrium" else None}
+    d = theory.decay_fraction(group)
+    if d <= 0:
+        return {}
+    lr, c = float(group["lr"]), p.numel() // p.shape[0]
+    if isinstance(optimizer, FusedAdamW):
+        return theory.adamw_equilibrium(lr, d, c, group["betas"]).as_dict()
+    if isinstance(optimizer, FusedLion):
+        return theory.lion_equilibrium(lr, d, c, group["betas"]).as_dict()
+    if isinstance(optimizer, FusedSGD) and not (group["decoupled_weight_decay"] or group["nesterov"]):
+        if math.isfinite(grad_norm_sq_unit) and grad_norm_sq_unit > 0:
+            return theory.sgd_equilibrium(lr, d, grad_norm_sq_unit, group["momentum"]).as_dict()
+    return {}

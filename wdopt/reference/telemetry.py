@@ -8,10 +8,13 @@ The kernel overwrites row r of the buffer with
     [ Σ ω²,  Σ ω·Δω,  Σ Δω²,  Σ ĝ² ]                           (the columns W2, WD, D2, G2)
 
 ω the parameter as stored before the step, Δω = (the parameter as stored after the step) − ω,
-both in float64 (the difference of two stored values is exact in float64), ĝ the gradient the
-optimizer used, unscaled (g / grad_scale; its sign does not matter). Products and sums are in
-float64; the summation order is the kernel's own (any fixed order: results are deterministic).
-When GradScaler skips the step the buffer is not written.
+ĝ the gradient the optimizer used, unscaled (g / grad_scale; its sign does not matter). This
+function computes them in float64. A kernel may form the products and partial sums of up to 256
+elements in its math dtype (fp32 for fp32/bf16/fp16 tensors) and add those in float64 — the CPU
+kernels do, to keep a monitored step's vector width: each sum is then exact to a few fp32 ulps of
+Σ|term|, which keeps angles to better than 1e-6 rad at the sizes of real updates (tested). The
+summation order is the kernel's own, fixed: results are deterministic. When GradScaler skips the
+step the buffer is not written.
 
 Derived per row, or per tensor from the column sums:
     weight norm       ‖ω‖ = sqrt(W2)
