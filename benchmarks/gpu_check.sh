@@ -5,10 +5,11 @@
 #
 # Steps, in order: nvidia-smi, build (JIT-builds the C++/CUDA extension), env (versions and
 # backends, after the build so the CUDA backend shows), tests (the suite's CUDA parametrizations:
-# Triton natively, the CUDA backend, parity with torch, capturable, GradScaler), bench. Each step runs under `timeout`, its output is
+# Triton natively, the CUDA backend, parity with torch, capturable, GradScaler, rotational kernels,
+# telemetry), bench, equilibrium (the main experiment, GPU preset). Each step runs under `timeout`, its output is
 # streamed to OUTDIR/<step>.log, and its exit code and duration are appended to OUTDIR/summary.txt
 # as soon as it finishes. A failing step never stops the later ones. The caps below fit the whole
-# script in 4 minutes on an H100; a global deadline trims the last steps if earlier ones ran long.
+# script in 5 minutes on an H100; a global deadline trims the last steps if earlier ones ran long.
 # Each cap can be overridden from the environment (e.g. GPU_CHECK_TESTS_S=300).
 #
 # Exit status: 0 when every step succeeded, 1 otherwise, 2 on a usage error.
@@ -33,7 +34,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # every later step would wait; this one is removed below if the build step times out.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/wdopt-gpu-check-extensions}
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-230}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-290}
 START=$(date +%s)
 SUMMARY="$OUTDIR/summary.txt"
 {
@@ -74,11 +75,16 @@ step build "${GPU_CHECK_BUILD_S:-90}" \
 find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null
 step env "${GPU_CHECK_ENV_S:-20}" \
     python -m wdopt.env
-# The GPU parametrizations only (test ids name the device): the CPU ones run in CI anyway.
-step tests "${GPU_CHECK_TESTS_S:-75}" \
-    python -m pytest -q -p no:cacheprovider tests -k cuda
-step bench "${GPU_CHECK_BENCH_S:-45}" \
+# The GPU parametrizations only (test ids name the device; the Triton rotational tests take the
+# GPU when there is one): the CPU ones run in CI anyway, and test_cuda_sources is nvcc and a
+# host emulation, not the GPU.
+step tests "${GPU_CHECK_TESTS_S:-100}" \
+    python -m pytest -q -p no:cacheprovider tests -k "(cuda and not cuda_sources) or triton_rotational"
+step bench "${GPU_CHECK_BENCH_S:-60}" \
     python -m wdopt.bench --device cuda --skip-slow --out "$OUTDIR/bench"
+# The main experiment, quick size, on the GPU backends (rotation telemetry in the kernels).
+step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-45}" \
+    python -m wdopt equilibrium --device cuda --quick --no-progress --out "$OUTDIR/equilibrium"
 
 echo "# total $(($(date +%s) - START)) s" >>"$SUMMARY"
 echo "== summary ($SUMMARY)"
