@@ -6,7 +6,7 @@
 # Steps, in order: nvidia-smi, build (JIT-builds the C++/CUDA extension), env (versions and
 # backends, after the build so the CUDA backend shows), tests (the suite's CUDA parametrizations:
 # Triton natively, the CUDA backend, parity with torch, capturable, GradScaler, rotational kernels,
-# telemetry), bench, equilibrium (the main experiment, GPU preset). Each step runs under `timeout`, its output is
+# telemetry), bench, equilibrium (the main experiment, quick size). Each step runs under `timeout`, its output is
 # streamed to OUTDIR/<step>.log, and its exit code and duration are appended to OUTDIR/summary.txt
 # as soon as it finishes. A failing step never stops the later ones. The caps below fit the whole
 # script in 5 minutes on an H100; a global deadline trims the last steps if earlier ones ran long.
