@@ -43,9 +43,9 @@ NAME = "why-wd"
 HELP = "why weight decay: one-pass LM training loss, test error vs data size, bf16 stability"
 
 PRESETS = {
-    "default": {"steps": 500, "lr": 3e-3, "weight_decay": 0.1,
+    "default": {"steps": 2000, "lr": 3e-3, "weight_decay": 0.1,
                 "lm": {"context": 64, "d": 64, "layers": 2, "heads": 4, "batch": 16},
-                "lm_wds": (0.0, 0.1, 0.3), "bf16_steps": 400, "bf16_lr_factor": 3.0,
+                "lm_wds": (0.0, 0.1, 0.3), "bf16_steps": 1000, "bf16_lr_factor": 3.0,
                 "b": {"steps": 1500, "batch": 64, "dim": 32, "hidden": 128, "classes": 10, "lr": 0.1,
                       "weight_decay": 5e-3, "sizes": (250, 1000, 4000, 16000, 96000), "test": 8191}},
     "quick": {"steps": 60, "lr": 3e-3, "weight_decay": 0.1,
