@@ -126,7 +126,9 @@ class RotationMonitor:
         request = {}
         for device, params in by_device.items():
             rows = [tm.telemetry_rows(p) for p in params]
-            flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
+            # Not initialised: every kernel writes all its rows, and a skipped step (GradScaler)
+            # is marked by its found_inf instead.
+            flat = torch.empty((sum(rows), tm.COLUMNS), dtype=torch.float64, device=device)
             for p, view in zip(params, flat.split(rows)):
                 request[id(p)] = view
         optimizer.__dict__["_telemetry_request"] = request

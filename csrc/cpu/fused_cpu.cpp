@@ -34,9 +34,9 @@ namespace {
 // Below this many elements a step runs on the calling thread: a parallel region costs more.
 constexpr int64_t kSerialElements = 1 << 15;
 // Telemetry sums: products and partial sums of a chunk of this many elements in the math dtype
-// (16 per SIMD lane), the row totals in double. Double-width arithmetic in the update loop itself
+// (64 per SIMD lane), the row totals in double. Double-width arithmetic in the update loop itself
 // would halve its vector width: a monitored step would cost 1.2× instead of 1.1×.
-constexpr int64_t kTelemetryChunk = 256;
+constexpr int64_t kTelemetryChunk = 1024;
 
 template <bool B> using Bool = std::integral_constant<bool, B>;
 

@@ -28,7 +28,7 @@ namespace wdopt::cpu {
 namespace {
 
 // Telemetry sums: elements summed in the math dtype before joining the row's double total.
-constexpr int64_t kTelemetryChunk = 256;
+constexpr int64_t kTelemetryChunk = 1024;
 
 struct Row {
   int64_t tensor, row, size;

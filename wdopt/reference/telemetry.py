@@ -9,7 +9,7 @@ The kernel overwrites row r of the buffer with
 
 ω the parameter as stored before the step, Δω = (the parameter as stored after the step) − ω,
 ĝ the gradient the optimizer used, unscaled (g / grad_scale; its sign does not matter). This
-function computes them in float64. A kernel may form the products and partial sums of up to 256
+function computes them in float64. A kernel may form the products and partial sums of up to 1024
 elements in its math dtype (fp32 for fp32/bf16/fp16 tensors) and add those in float64 — the CPU
 kernels do, to keep a monitored step's vector width: each sum is then exact to a few fp32 ulps of
 Σ|term|, which keeps angles to better than 1e-6 rad at the sizes of real updates (tested). The
