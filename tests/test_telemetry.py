@@ -181,3 +181,85 @@ def test_bad_input():
     with pytest.raises(ValueError, match="every"):
         wdopt.RotationMonitor(wdopt.FusedSGD([torch.zeros(2, requires_grad=True)], lr=0.1), every=0)
 
+
+
+def test_a_step_that_raises_records_nothing_and_later_steps_are_clean():
+    w = torch.randn(3, 4, requires_grad=True)
+    opt = wdopt.FusedAdamW([w], lr=1e-2)
+    monitor = wdopt.RotationMonitor(opt, every=1)
+    w.grad = torch.randn(3, 4).to_sparse()  # refused: the step raises before anything changes
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert monitor.history == []
+    w.grad = torch.randn(3, 4)
+    opt.step()
+    assert [r.step for r in monitor.history] == [1] and torch.isfinite(monitor.last.sums["group0.param0"]).all()
+
+
+def test_two_monitors_and_remove():
+    w = torch.randn(3, 4, requires_grad=True)
+    opt = wdopt.FusedAdamW([w], lr=1e-2)
+    a, b = wdopt.RotationMonitor(opt, every=3), wdopt.RotationMonitor(opt, every=2)
+    for _ in range(6):
+        w.grad = torch.randn(3, 4)
+        opt.step()
+    assert [r.step for r in a.history] == [3, 6] and [r.step for r in b.history] == [2, 4, 6]
+    a.remove()
+    b.remove()
+    assert opt._monitors == []
+    w.grad = torch.randn(3, 4)
+    opt.step()
+    assert len(a.history) == 2 and len(b.history) == 3
+
+
+def test_closure_gradients_and_partial_gradients_are_measured():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+    opt = wdopt.FusedAdamW(model.parameters(), lr=1e-2)
+    monitor = wdopt.RotationMonitor(opt, every=1, names=dict(model.named_parameters()))
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()  # set_to_none: no gradient exists until the closure runs
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert set(monitor.last.sums) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    model[1].weight.grad = None  # only some parameters have gradients
+    model[1].bias.grad = None
+    opt.step()
+    assert set(monitor.last.sums) == {"0.weight", "0.bias"}
+    assert all(torch.isfinite(s).all() for s in monitor.last.sums.values())
+
+
+def test_skipped_record_refuses_values_and_empty_tensors_are_left_out():
+    w, empty = torch.randn(3, 4, requires_grad=True), torch.zeros(0, 4, requires_grad=True)
+    opt = wdopt.FusedAdamW([w, empty], lr=1e-2)
+    monitor = wdopt.RotationMonitor(opt, every=1)
+    w.grad, empty.grad = torch.randn(3, 4), torch.zeros(0, 4)
+    opt.step()
+    assert list(monitor.last.as_dict()["tensors"]) == ["group0.param0"]
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    with pytest.raises(ValueError, match="skipped"):
+        monitor.last.tensor("group0.param0")
+
+
+def test_predictions_use_the_hyperparameters_of_their_step():
+    w = torch.randn(4, 5, requires_grad=True)
+    lr = torch.tensor(1e-2)
+    opt = wdopt.FusedAdamW([w], lr=lr, weight_decay=0.1)
+    monitor = wdopt.RotationMonitor(opt, every=1)
+    w.grad = torch.randn(4, 5)
+    opt.step()
+    opt.param_groups[0]["lr"].fill_(1e-3)  # a scheduler changes a tensor lr in place
+    assert monitor.last.tensor("group0.param0")["predicted_norm"] == pytest.approx(
+        wdopt.theory.adamw_equilibrium(1e-2, 1e-3, 5).norm)
+    damped = wdopt.FusedSGD([torch.randn(4, 5, requires_grad=True)], lr=0.1, momentum=0.9, dampening=0.5,
+                            weight_decay=1e-3)
+    m = wdopt.RotationMonitor(damped, every=1)
+    damped.param_groups[0]["params"][0].grad = torch.randn(4, 5)
+    damped.step()
+    assert m.last.tensor("group0.param0")["predicted_norm"] is None  # the formula has no dampening

@@ -9,7 +9,10 @@ On every ``every``-th step the optimizer's kernels also sum, per row (neuron) of
 ‖ω‖², ⟨ω,Δω⟩, ‖Δω‖² and ‖g‖² while they update it (wdopt/reference/telemetry.py, THEORY.md
 section 2), so a monitored step reads no extra memory; backends whose kernels cannot (the
 reference, strided or complex buckets) measure from snapshots instead. The sums stay on the
-device until read: recording never synchronises the host.
+device until read: on the kernels' path, recording never synchronises the host.
+
+Any number of monitors can watch one optimizer; the buffers are made inside ``step()`` after its
+closure ran, for the parameters that then have gradients, and a step that raises records nothing.
 
 Per tensor and per neuron a record gives the weight norm, the angular update (the angle between
 ω before and after the step, atan2 form), the relative update ‖Δω‖/‖ω‖ and ‖g‖·‖ω‖ (for a
@@ -46,13 +49,18 @@ class Record:
     def skipped(self) -> bool:
         return self.found_inf is not None and bool(self.found_inf.item() != 0)
 
+    def _sums(self, name: str) -> torch.Tensor:
+        if self.skipped:
+            raise ValueError(f"step {self.step} was skipped (GradScaler found an inf): it has no telemetry")
+        return self.sums[name].cpu()
+
     def neurons(self, name: str) -> dict[str, torch.Tensor]:
         """Per-neuron weight norm, angular update, relative update and ‖g‖·‖ω‖ (CPU float64)."""
-        return tm.derived(self.sums[name].cpu())
+        return tm.derived(self._sums(name))
 
     def tensor(self, name: str) -> dict[str, float]:
         """Whole-tensor values, plus the RMS of the neuron norms and the mean neuron angle."""
-        sums = self.sums[name].cpu()
+        sums = self._sums(name)
         whole = {k: float(v) for k, v in tm.derived(sums.sum(0)).items()}
         per = tm.derived(sums)
         whole["rows"] = sums.shape[0]
@@ -96,8 +104,7 @@ class RotationMonitor:
         self._names = {id(p): n for n, p in (names or {}).items()}
         self.steps = 0
         self.history: list[Record] = []
-        self._handles = [optimizer.register_step_pre_hook(self._before),
-                         optimizer.register_step_post_hook(self._after)]
+        optimizer._monitors.append(self)
 
     @property
     def last(self) -> Record | None:
@@ -107,55 +114,59 @@ class RotationMonitor:
         return self._names.get(id(p), f"group{group_index}.param{param_index}")
 
     def remove(self) -> None:
-        """Detach from the optimizer."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Detach from the optimizer: its later steps are not recorded (nor measured)."""
+        if self in self.optimizer._monitors:
+            self.optimizer._monitors.remove(self)
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ called by the optimizer's step
 
-    def _before(self, optimizer, args, kwargs) -> None:
+    def _due(self) -> bool:
+        """Counts a step; whether this one is recorded."""
         self.steps += 1
-        if self.steps % self.every:
-            return
-        # One allocation per device for the step's buffers; each parameter gets a (K, 4) view.
-        wanted = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        by_device: dict[torch.device, list] = {}
-        for p in wanted:
-            by_device.setdefault(p.device, []).append(p)
-        request = {}
-        for device, params in by_device.items():
-            rows = [tm.telemetry_rows(p) for p in params]
-            # Not initialised: every kernel writes all its rows, and a skipped step (GradScaler)
-            # is marked by its found_inf instead.
-            flat = torch.empty((sum(rows), tm.COLUMNS), dtype=torch.float64, device=device)
-            for p, view in zip(params, flat.split(rows)):
-                request[id(p)] = view
-        optimizer.__dict__["_telemetry_request"] = request
+        return self.steps % self.every == 0
 
-    def _after(self, optimizer, args, kwargs) -> None:
-        request = optimizer.__dict__.pop("_telemetry_request", None)
-        if request is None:
-            return
+    def _record(self, optimizer, request: dict, found_inf: torch.Tensor | None) -> None:
+        """Keep this step's buffers (filled by the kernels) with what its predictions need."""
         sums, predictions = {}, {}
         for gi, group in enumerate(optimizer.param_groups):
             hyper = None
             for pi, p in enumerate(group["params"]):
-                if id(p) in request:
+                if id(p) in request and p.numel() > 0:  # an empty tensor has nothing to measure
                     name = self.name(p, gi, pi)
                     sums[name] = request[id(p)]
                     if p.dim() >= 2:
-                        # What the prediction needs, evaluated when the record is read.
                         hyper = hyper or self._hyper(optimizer, group)
                         predictions[name] = (hyper, p)
-        found_inf = optimizer.__dict__.get("found_inf")
         self.history.append(Record(self.steps, sums, predictions, None if found_inf is None else found_inf.clone()))
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
 
     @staticmethod
     def _hyper(optimizer, group) -> tuple:
-        return optimizer, {k: v for k, v in group.items() if k != "params"}
+        """The group's hyperparameters as they are at this step (a tensor lr read now: schedulers
+        change it in place)."""
+        values = {k: v for k, v in group.items() if k != "params"}
+        for key in ("lr", "initial_lr", "decay_initial_lr"):
+            if isinstance(values.get(key), torch.Tensor):
+                values[key] = float(values[key])
+        return optimizer, values
+
+
+def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The buffers one monitored step fills: a (K, 4) float64 view per parameter, one allocation
+    per device, NaN until a kernel writes it. DTensors are not measured (their kernels see local
+    shards, not the rows of the whole tensor); nor is the rest of their bucket."""
+    by_device: dict[torch.device, list] = {}
+    for p in params:
+        if not hasattr(p, "placements"):
+            by_device.setdefault(p.device, []).append(p)
+    request = {}
+    for device, group in by_device.items():
+        rows = [tm.telemetry_rows(p) for p in group]
+        flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
+        for p, view in zip(group, flat.split(rows)):
+            request[id(p)] = view
+    return request
 
 
 def _predict(hyper: tuple, p: torch.Tensor, grad_norm_sq_unit: float) -> dict:
@@ -171,12 +182,16 @@ def _predict(hyper: tuple, p: torch.Tensor, grad_norm_sq_unit: float) -> dict:
     d = theory.decay_fraction(group)
     if d <= 0:
         return {}
-    lr, c = float(group["lr"]), p.numel() // p.shape[0]
+    # C counts real elements (a complex element is two).
+    lr, c = float(group["lr"]), p.numel() // p.shape[0] * (2 if p.is_complex() else 1)
     if isinstance(optimizer, FusedAdamW):
+        if group.get("amsgrad"):
+            return {}  # the formula is Adam's; amsgrad's max changes the update size
         return theory.adamw_equilibrium(lr, d, c, group["betas"]).as_dict()
     if isinstance(optimizer, FusedLion):
         return theory.lion_equilibrium(lr, d, c, group["betas"]).as_dict()
-    if isinstance(optimizer, FusedSGD) and not (group["decoupled_weight_decay"] or group["nesterov"]):
+    if isinstance(optimizer, FusedSGD) and not (group["decoupled_weight_decay"] or group["nesterov"]
+                                                 or group["dampening"]):
         if math.isfinite(grad_norm_sq_unit) and grad_norm_sq_unit > 0:
             return theory.sgd_equilibrium(lr, d, grad_norm_sq_unit, group["momentum"]).as_dict()
     return {}

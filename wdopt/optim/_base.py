@@ -214,7 +214,13 @@ class FusedOptimizer(Optimizer):
         for group, _, params, _ in plan:
             for p in params:
                 self._init_state(p, group)
-        monitored = self.__dict__.get("_telemetry_request")  # {id(param): (K, 4) buffer}, see wdopt.telemetry
+        # Rotation telemetry (wdopt.RotationMonitor): {id(param): (K, 4) buffer} for this step.
+        due = [monitor for monitor in self._monitors if monitor._due()]
+        monitored = None
+        if due:
+            from ..telemetry import telemetry_request
+
+            monitored = telemetry_request([p for _, _, params, _ in plan for p in params])
         for group, backend, params, plain in plan:
             device = params[0].device
             args = (group, backend, params, [p.grad for p in params], _on(grad_scale, device),
@@ -226,7 +232,16 @@ class FusedOptimizer(Optimizer):
                 self._update(*args, telemetry=buffers)  # gathered by the kernels in their update pass
             else:
                 self._update_measured(args, buffers)
+        for monitor in due:
+            monitor._record(self, monitored, found_inf)
         return loss
+
+    @property
+    def _monitors(self) -> list:
+        """The RotationMonitors watching this optimizer (not saved with it)."""
+        if "_monitors" not in self.__dict__:
+            self.__dict__["_monitors"] = []
+        return self.__dict__["_monitors"]
 
     @staticmethod
     def _kernel_telemetry(backend, plain: bool) -> bool:
