@@ -98,10 +98,13 @@ def _window(rows: list[dict], steps: int, key: str) -> float:
 
 
 def run(args) -> dict:
+    if (args.lr is not None or args.weight_decay is not None) and args.optimizer is None:
+        raise SystemExit("equilibrium: --lr/--weight-decay set one optimizer's hyperparameters; pass --optimizer too")
     run = harness.Run(NAME, args, PRESETS)
     steps = run["steps"]
-    if steps % run["every"]:
-        raise ValueError(f"--steps must be a multiple of the telemetry interval {run['every']}")
+    if steps % run["every"] or steps < run["every"] / WINDOW:
+        raise SystemExit(f"equilibrium: --steps must be a multiple of the telemetry interval {run['every']} and at "
+                         f"least {int(run['every'] / WINDOW)} (the last {WINDOW:.0%} must hold a record)")
     chosen = run.optimizers(BASE)
     plan = [(name, *_hyper(run, name), name) for name in chosen]
     if "adamw" in chosen:

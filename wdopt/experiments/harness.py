@@ -20,7 +20,7 @@ import torch
 OPTIMIZERS = ("adamw", "sgd", "lion", "rotational-adamw", "rotational-sgd", "rotational-lion")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, optimizers=OPTIMIZERS) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, optimizers=OPTIMIZERS, text_data: bool = False) -> None:
     """Options every experiment takes. Unset options come from the preset (default, --quick, gpu)."""
     parser.add_argument("--optimizer", choices=optimizers, default=None,
                         help="run only this optimizer (default: the experiment's set)")
@@ -34,8 +34,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, optimizers=OPTIMIZERS)
     parser.add_argument("--quick", action="store_true", help="a small run (under a minute on 2 CPU cores; for tests)")
     parser.add_argument("--preset", choices=("default", "gpu"), default="default",
                         help="'gpu': sized for one H100-class GPU")
-    parser.add_argument("--data", default=None, help="a text file for the language-model runs (default: the "
-                        "standard library's sources)")
+    if text_data:
+        parser.add_argument("--data", default=None, help="a text file for the language-model runs (default: "
+                            "the standard library's sources)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the models are tiny, more threads only contend, "
@@ -53,6 +54,10 @@ class Run:
         for key in ("lr", "weight_decay", "steps"):
             if getattr(args, key, None) is not None:
                 self.config[key] = getattr(args, key)
+        every = self.config.get("every")
+        if every and self.config.get("steps", every * 5) < every * 5:
+            # Results average the last 20% of steps: it must hold a telemetry record.
+            raise SystemExit(f"{name}: --steps must be at least {every * 5} (5 × the telemetry interval {every})")
         self.device = torch.device(args.device)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self.out = Path(args.out) if args.out is not None else Path("runs") / f"{name}-{stamp}"
@@ -247,11 +252,25 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, backend: s
     return cls(params, lr=lr, weight_decay=weight_decay, backend=backend, **extra)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and filters (dim ≥ 2), none on biases and norm gains."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, rotate_only: tuple[str, ...] | None = None) -> list[dict]:
+    """Weight decay on matrices and filters (dim ≥ 2), none on biases and norm gains.
+
+    ``rotate_only`` (for a rotational optimizer): the names of the parameters it may put on a
+    sphere — the scale-invariant ones; the other matrices (a classifier) keep their weight decay
+    and take the base optimizer's step (``rotational=False``), so that base and rotational runs
+    differ only where the theory applies."""
+    named = list(model.named_parameters())
+    others = [p for _, p in named if p.dim() < 2]
+    if rotate_only is None:
+        matrices = [p for _, p in named if p.dim() >= 2]
+        return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+    rotated = [p for n, p in named if p.dim() >= 2 and n in rotate_only]
+    plain = [p for n, p in named if p.dim() >= 2 and n not in rotate_only]
+    groups = [{"params": rotated, "weight_decay": weight_decay},
+              {"params": others, "weight_decay": 0.0}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": weight_decay, "rotational": False})
+    return groups
 
 
 @torch.no_grad()

@@ -34,7 +34,9 @@ class ConvNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two hidden layers, each Linear followed by LayerNorm (scale-invariant rows), then a linear head."""
+    """Two hidden layers, each Linear followed by LayerNorm, then a linear head. LayerNorm
+    normalises across a layer's outputs, so each hidden weight *matrix* is scale-invariant as a
+    whole (not each row, as BatchNorm makes each conv filter)."""
 
     def __init__(self, inputs: int, hidden: int, classes: int):
         super().__init__()

@@ -72,7 +72,7 @@ def train(run: harness.Run, name: str, lr: float, wd: float, warmup: int, label:
     torch.manual_seed(run.args.seed)
     model = ConvNet(run["width"]).to(run.device)
     names = dict(model.named_parameters())
-    opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend)
+    opt = harness.make_optimizer(name, harness.param_groups(model, wd, ConvNet.scale_invariant if name.startswith("rotational") else None), lr, wd, run.args.backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(run["steps"], warmup))
     monitor = RotationMonitor(opt, every=run["every"], names=names)
     batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)

@@ -65,7 +65,7 @@ SPIKE_FACTOR, SPIKE_WINDOW = 2.0, 50
 
 
 def add_arguments(parser) -> None:
-    harness.add_common_arguments(parser, optimizers=("adamw", "sgd", "lion"))
+    harness.add_common_arguments(parser, optimizers=("adamw", "sgd", "lion"), text_data=True)
     parser.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
 
 
@@ -86,7 +86,7 @@ def train_lm(run: harness.Run, wd: float, lr: float, steps: int, dtype, label: s
     corpus = _corpus(run, steps)
     torch.manual_seed(run.args.seed)
     model = TinyGPT(lm["context"], lm["d"], lm["layers"], lm["heads"]).to(device=run.device, dtype=dtype)
-    name = run.args.optimizer if run.args.optimizer in ("adamw", "lion") else "adamw"
+    name = run.args.optimizer or "adamw"  # "sgd" is refused for parts a and c in run()
     extra = {"betas": BETAS} if name == "adamw" else {}
     opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(steps, int(WARMUP * steps), "cosine"))
@@ -158,8 +158,11 @@ def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
 
 
 def run(args) -> dict:
-    run = harness.Run(NAME, args, PRESETS)
     parts = ("a", "b", "c") if args.part == "all" else (args.part,)
+    if args.optimizer == "sgd" and ("a" in parts or "c" in parts):
+        raise SystemExit("why-wd: parts a and c train the language model with AdamW (or --optimizer lion); "
+                         "--optimizer sgd applies to part b only (--part b)")
+    run = harness.Run(NAME, args, PRESETS)
     steps, lr = run["steps"], run["lr"]
     wd_on = run["weight_decay"]
     cfg_b = run["b"]
@@ -209,7 +212,8 @@ def run(args) -> dict:
                            f"‖W‖ {r['weight_norm']:.4g}")
         table.append(t)
     columns = ["part", "run", "weight_decay", "result", "detail"]
-    notes = ["", "a: one-pass LM, AdamW β=(0.9, 0.95), cosine; loss = mean training loss over the last 10% of steps. "
+    lm_optimizer = "Lion" if args.optimizer == "lion" else "AdamW β=(0.9, 0.95)"
+    notes = ["", f"a: one-pass LM, {lm_optimizer}, cosine; loss = mean training loss over the last 10% of steps. "
              "b: test error at a fixed budget of steps × batch samples. c: bf16 parameters and state; spike = loss > "
              f"{SPIKE_FACTOR:g}× the median of the previous {SPIKE_WINDOW} steps. Σηλ: total decay over the run; "
              "‖W‖: Frobenius norm of all matrices at the end."]
