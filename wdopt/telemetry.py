@@ -24,8 +24,6 @@ and target angle). Rows are the first dimension of tensors with dim ≥ 2; other
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 
 from . import theory
@@ -34,33 +32,60 @@ from .reference import telemetry as tm
 __all__ = ["RotationMonitor", "Record"]
 
 
-@dataclass
 class Record:
-    """The telemetry of one optimizer step: raw per-row sums per tensor, and the predictions."""
+    """The telemetry of one optimizer step: raw per-row sums per tensor (``sums``: name -> (K, 4)
+    float64 on the parameter's device), and what the predictions need. Built lazily from the
+    step's buffers, so that recording a step costs no per-tensor Python work."""
 
-    step: int
-    sums: dict[str, torch.Tensor]  # name -> (K, 4) float64 on the parameter's device
-    # name -> (the optimizer and its group's hyperparameters at this step, the parameter): the
-    # predictions are computed when the record is read, keeping the step itself cheap.
-    predictions: dict[str, tuple] = field(default_factory=dict)
-    found_inf: torch.Tensor | None = None  # GradScaler's flag: the step was skipped when non-zero
+    def __init__(self, step: int, request: dict, layout: list, names, found_inf: torch.Tensor | None = None):
+        self.step = step
+        self.found_inf = found_inf  # GradScaler's flag: the step was skipped when non-zero
+        self._request = request  # id(param) -> buffer
+        self._layout = layout  # per group: (its hyperparameters at this step, its parameters)
+        self._names = names  # (param, group index, param index) -> name
+        self._sums: dict | None = None
+        self._predictions: dict | None = None
+
+    def _build(self) -> None:
+        sums, predictions = {}, {}
+        for gi, (hyper, params) in enumerate(self._layout):
+            for pi, p in enumerate(params):
+                if id(p) in self._request and p.numel() > 0:  # an empty tensor has nothing to measure
+                    name = self._names(p, gi, pi)
+                    sums[name] = self._request[id(p)]
+                    if p.dim() >= 2:
+                        predictions[name] = (hyper, p)
+        self._sums, self._predictions = sums, predictions
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        if self._sums is None:
+            self._build()
+        return self._sums
+
+    @property
+    def predictions(self) -> dict[str, tuple]:
+        """name -> (the optimizer and its group's hyperparameters at this step, the parameter)."""
+        if self._predictions is None:
+            self._build()
+        return self._predictions
 
     @property
     def skipped(self) -> bool:
         return self.found_inf is not None and bool(self.found_inf.item() != 0)
 
-    def _sums(self, name: str) -> torch.Tensor:
+    def _values(self, name: str) -> torch.Tensor:
         if self.skipped:
             raise ValueError(f"step {self.step} was skipped (GradScaler found an inf): it has no telemetry")
         return self.sums[name].cpu()
 
     def neurons(self, name: str) -> dict[str, torch.Tensor]:
         """Per-neuron weight norm, angular update, relative update and ‖g‖·‖ω‖ (CPU float64)."""
-        return tm.derived(self._sums(name))
+        return tm.derived(self._values(name))
 
     def tensor(self, name: str) -> dict[str, float]:
         """Whole-tensor values, plus the RMS of the neuron norms and the mean neuron angle."""
-        sums = self._sums(name)
+        sums = self._values(name)
         whole = {k: float(v) for k, v in tm.derived(sums.sum(0)).items()}
         per = tm.derived(sums)
         whole["rows"] = sums.shape[0]
@@ -126,18 +151,11 @@ class RotationMonitor:
         return self.steps % self.every == 0
 
     def _record(self, optimizer, request: dict, found_inf: torch.Tensor | None) -> None:
-        """Keep this step's buffers (filled by the kernels) with what its predictions need."""
-        sums, predictions = {}, {}
-        for gi, group in enumerate(optimizer.param_groups):
-            hyper = None
-            for pi, p in enumerate(group["params"]):
-                if id(p) in request and p.numel() > 0:  # an empty tensor has nothing to measure
-                    name = self.name(p, gi, pi)
-                    sums[name] = request[id(p)]
-                    if p.dim() >= 2:
-                        hyper = hyper or self._hyper(optimizer, group)
-                        predictions[name] = (hyper, p)
-        self.history.append(Record(self.steps, sums, predictions, None if found_inf is None else found_inf.clone()))
+        """Keep this step's buffers (filled by the kernels) with what its predictions need: the
+        groups' hyperparameters as they are now, and their parameter lists."""
+        layout = [(self._hyper(optimizer, group), list(group["params"])) for group in optimizer.param_groups]
+        self.history.append(Record(self.steps, request, layout, self.name,
+                                   None if found_inf is None else found_inf.clone()))
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
 
@@ -158,11 +176,11 @@ def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     shards, not the rows of the whole tensor); nor is the rest of their bucket."""
     by_device: dict[torch.device, list] = {}
     for p in params:
-        if not hasattr(p, "placements"):
+        if type(p) is torch.Tensor or type(p) is torch.nn.Parameter or not hasattr(p, "placements"):
             by_device.setdefault(p.device, []).append(p)
     request = {}
     for device, group in by_device.items():
-        rows = [tm.telemetry_rows(p) for p in group]
+        rows = [p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else 1 for p in group]  # tm.telemetry_rows
         flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
         for p, view in zip(group, flat.split(rows)):
             request[id(p)] = view
