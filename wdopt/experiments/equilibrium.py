@@ -59,42 +59,31 @@ def time_constant(name: str, lr: float, wd: float, momentum: float = 0.9) -> flo
 def train(run: harness.Run, name: str, lr: float, wd: float, bar, label: str):
     """One training run; returns the model, its monitor records per step and the weights of the
     scale-invariant layers before the last step."""
-    x, y, x_test, y_test = data.digits(run.args.seed, label_noise=LABEL_NOISE)
-    x, y, x_test, y_test = (t.to(run.device) for t in (x, y, x_test, y_test))
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE)
     torch.manual_seed(run.args.seed)
     model = ConvNet(run["width"]).to(run.device)
     names = dict(model.named_parameters())
     opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend)
     monitor = RotationMonitor(opt, every=run["every"], names=names)
     batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)
-    steps = run["steps"]
-    before_last = None
-    for step in range(1, steps + 1):
-        xb, yb = batches.next()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == steps:
-            before_last = {n: names[n].detach().clone() for n in ConvNet.scale_invariant}
-        opt.step()
-        record = monitor.last if monitor.last is not None and monitor.last.step == step else None
-        if record is not None:
-            row = {"run": label, "step": step, "loss": loss.item()}
-            for layer in (*ConvNet.scale_invariant, "fc.weight"):
-                t = record.tensor(layer)
-                row[f"{layer}:norm"] = t["neuron_norm_rms"]
-                row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
-                row[f"{layer}:g_unit_sq"] = t["neuron_grad_norm_sq_unit_mean"]
-            run.log(**row)
-        bar.update()
+    before_last = {}
+
+    def snapshot(step):
+        if step == run["steps"]:
+            before_last.update({n: names[n].detach().clone() for n in ConvNet.scale_invariant})
+
+    def measure(record):
+        row = {}
+        for layer in (*ConvNet.scale_invariant, "fc.weight"):
+            t = record.tensor(layer)
+            row[f"{layer}:norm"] = t["neuron_norm_rms"]
+            row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
+            row[f"{layer}:g_unit_sq"] = t["neuron_grad_norm_sq_unit_mean"]
+        return row
+
+    harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure, before_step=snapshot)
     test_loss, test_acc = harness.accuracy(model, x_test, y_test)
     return model, monitor, before_last, test_acc
-
-
-def _window(rows: list[dict], steps: int, key: str) -> float:
-    start = steps * (1 - WINDOW)
-    values = [r[key] for r in rows if r["step"] > start]
-    return sum(values) / len(values)
 
 
 def run(args) -> dict:
@@ -125,8 +114,8 @@ def run(args) -> dict:
             p = dict(model.named_parameters())[layer]
             c = p.numel() // p.shape[0]
             t_last = last.tensor(layer)
-            measured_norm = _window(log, steps, f"{layer}:norm")
-            measured_angle = _window(log, steps, f"{layer}:angle")
+            measured_norm = harness.window_mean(log, steps, f"{layer}:norm", WINDOW)
+            measured_angle = harness.window_mean(log, steps, f"{layer}:angle", WINDOW)
             if wd == 0:
                 start = [r for r in log if r["step"] > steps * (1 - WINDOW)][0][f"{layer}:norm"]
                 control.append({"optimizer": label, "layer": layer, "norm_at_window_start": start,
@@ -137,7 +126,7 @@ def run(args) -> dict:
             elif name == "lion":
                 pred = theory.lion_equilibrium(lr, lr * wd, c, (0.9, 0.99))
             else:
-                pred = theory.sgd_equilibrium(lr, lr * wd, _window(log, steps, f"{layer}:g_unit_sq"), 0.9)
+                pred = theory.sgd_equilibrium(lr, lr * wd, harness.window_mean(log, steps, f"{layer}:g_unit_sq", WINDOW), 0.9)
             rows.append({
                 "optimizer": name, "layer": layer, "scale_invariant": layer in ConvNet.scale_invariant,
                 "predicted_norm": pred.norm, "measured_norm": measured_norm,

@@ -273,6 +273,46 @@ def param_groups(model: torch.nn.Module, weight_decay: float, rotate_only: tuple
     return groups
 
 
+def digits(run: "Run", label_noise: float):
+    """The digits split of ``run``'s seed (``data.digits``), on its device."""
+    from . import data
+
+    return tuple(t.to(run.device) for t in data.digits(run.args.seed, label_noise=label_noise))
+
+
+def train_classifier(run: "Run", model, opt, monitor, batches, label: str, bar, measure: Callable[[Any], dict],
+                     scheduler=None, before_step: Callable[[int], None] | None = None) -> tuple[list, list]:
+    """The loop the digits experiments share: ``run["steps"]`` cross-entropy steps on ``batches``.
+    On every step ``monitor`` records, a metrics row {"run", "step", "lr", "loss"} plus
+    ``measure(record)`` is logged to metrics.csv and kept. Returns (losses per step, rows)."""
+    losses, series = [], []
+    for step in range(1, run["steps"] + 1):
+        xb, yb = batches.next()
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step(step)
+        lr = float(opt.param_groups[0]["lr"])  # the lr this step uses
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        record = monitor.last
+        if record is not None and record.step == step:
+            row = {"run": label, "step": step, "lr": lr, "loss": losses[-1], **measure(record)}
+            run.log(**row)
+            series.append(row)
+        bar.update()
+    return losses, series
+
+
+def window_mean(series: list[dict], steps: int, key: str, fraction: float = 0.2) -> float:
+    """Mean of ``key`` over the rows of the last ``fraction`` of the steps."""
+    values = [r[key] for r in series if r["step"] > steps * (1 - fraction)]
+    return sum(values) / len(values)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` in eval mode."""
@@ -285,18 +325,6 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
         correct += (out.argmax(1) == y[i:i + batch]).sum().item()
     model.train(was_training)
     return losses / x.shape[0], correct / x.shape[0]
-
-
-def layer_stats(record, names) -> dict[str, dict]:
-    """Per layer, from one RotationMonitor record: RMS neuron norm, mean neuron angle, and the
-    predictions it carries."""
-    out = {}
-    for name in names:
-        t = record.tensor(name)
-        out[name] = {"norm": t["neuron_norm_rms"], "angle": t["neuron_angular_update_mean"],
-                     "g_unit_sq": t["neuron_grad_norm_sq_unit_mean"],
-                     "predicted_norm": t["predicted_norm"], "predicted_angle": t["predicted_angular_update"]}
-    return out
 
 
 def savefig(fig, path: Path) -> str:

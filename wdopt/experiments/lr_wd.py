@@ -57,32 +57,25 @@ def sweep(center: float, spread: float, points: int) -> list[float]:
 
 
 def train(run: harness.Run, name: str, lr: float, wd: float, label: str, bar):
-    x, y, x_test, y_test = data.digits(run.args.seed, label_noise=LABEL_NOISE)
-    x, y, x_test, y_test = (t.to(run.device) for t in (x, y, x_test, y_test))
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE)
     torch.manual_seed(run.args.seed)
     model = ConvNet(run["width"]).to(run.device)
     names = dict(model.named_parameters())
-    opt = harness.make_optimizer(name, harness.param_groups(model, wd, ConvNet.scale_invariant if name.startswith("rotational") else None), lr, wd, run.args.backend, betas=BETAS)
+    rotate_only = ConvNet.scale_invariant if name.startswith("rotational") else None
+    opt = harness.make_optimizer(name, harness.param_groups(model, wd, rotate_only), lr, wd, run.args.backend,
+                                 betas=BETAS)
     monitor = RotationMonitor(opt, every=run["every"], names=names)
     batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)
-    losses, series = [], []
-    for step in range(1, run["steps"] + 1):
-        xb, yb = batches.next()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        record = monitor.last if monitor.last is not None and monitor.last.step == step else None
-        if record is not None:
-            row = {"run": label, "step": step, "loss": losses[-1]}
-            for layer in LAYERS:
-                t = record.tensor(layer)
-                row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
-                row[f"{layer}:norm"] = t["neuron_norm_rms"]
-            run.log(**row)
-            series.append(row)
-        bar.update()
+
+    def measure(record):
+        row = {}
+        for layer in LAYERS:
+            t = record.tensor(layer)
+            row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
+            row[f"{layer}:norm"] = t["neuron_norm_rms"]
+        return row
+
+    losses, series = harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure)
     test_loss, test_acc = harness.accuracy(model, x_test, y_test)
     return model, losses, series, test_acc, test_loss
 

@@ -67,42 +67,30 @@ def _hyper(run: harness.Run, base: str) -> tuple[float, float]:
 
 
 def train(run: harness.Run, name: str, lr: float, wd: float, warmup: int, label: str, bar):
-    x, y, x_test, y_test = data.digits(run.args.seed, label_noise=LABEL_NOISE)
-    x, y, x_test, y_test = (t.to(run.device) for t in (x, y, x_test, y_test))
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE)
     torch.manual_seed(run.args.seed)
     model = ConvNet(run["width"]).to(run.device)
     names = dict(model.named_parameters())
-    opt = harness.make_optimizer(name, harness.param_groups(model, wd, ConvNet.scale_invariant if name.startswith("rotational") else None), lr, wd, run.args.backend)
+    rotate_only = ConvNet.scale_invariant if name.startswith("rotational") else None
+    opt = harness.make_optimizer(name, harness.param_groups(model, wd, rotate_only), lr, wd, run.args.backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(run["steps"], warmup))
     monitor = RotationMonitor(opt, every=run["every"], names=names)
     batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)
-    losses, series = [], []
-    for step in range(1, run["steps"] + 1):
-        xb, yb = batches.next()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        lr_now = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        record = monitor.last if monitor.last is not None and monitor.last.step == step else None
-        if record is not None:
-            row = {"run": label, "step": step, "lr": lr_now, "loss": losses[-1]}
-            means, pooled = [], []
-            for layer in LAYERS:
-                t = record.tensor(layer)
-                per = record.neurons(layer)["angular_update"]
-                means.append(t["neuron_angular_update_mean"])
-                pooled.append(per)
-                row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
-                row[f"{layer}:predicted_angle"] = t["predicted_angular_update"]
-                row[f"{layer}:norm"] = t["neuron_norm_rms"]
-            row["layer_cv"] = harness.coefficient_of_variation(means)
-            row["neuron_cv"] = harness.coefficient_of_variation(torch.cat(pooled))
-            run.log(**row)
-            series.append(row)
-        bar.update()
+
+    def measure(record):
+        row, means, pooled = {}, [], []
+        for layer in LAYERS:
+            t = record.tensor(layer)
+            means.append(t["neuron_angular_update_mean"])
+            pooled.append(record.neurons(layer)["angular_update"])
+            row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
+            row[f"{layer}:predicted_angle"] = t["predicted_angular_update"]
+            row[f"{layer}:norm"] = t["neuron_norm_rms"]
+        row["layer_cv"] = harness.coefficient_of_variation(means)
+        row["neuron_cv"] = harness.coefficient_of_variation(torch.cat(pooled))
+        return row
+
+    losses, series = harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure, scheduler=sched)
     test_loss, test_acc = harness.accuracy(model, x_test, y_test)
     return model, losses, series, test_acc
 

@@ -28,7 +28,6 @@ gradients, ηλ ≪ 1 − μ.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -77,8 +76,7 @@ def _groups(model: ConvNet, wd: float, projected: bool) -> list[dict]:
 
 def train(run: harness.Run, method: str, scale: float, label: str, bar):
     lr, wd = run["lr"], run["weight_decay"]
-    x, y, x_test, y_test = data.digits(run.args.seed, label_noise=LABEL_NOISE)
-    x, y, x_test, y_test = (t.to(run.device) for t in (x, y, x_test, y_test))
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE)
     torch.manual_seed(run.args.seed)
     model = ConvNet(run["width"]).to(run.device)
     named = dict(model.named_parameters())
@@ -93,33 +91,20 @@ def train(run: harness.Run, method: str, scale: float, label: str, bar):
     initial = {n: float(named[n].detach().double().flatten(1).norm(dim=1).pow(2).mean().sqrt()) for n in LAYERS}
     monitor = RotationMonitor(opt, every=run["every"], names=named)
     batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)
-    losses, series = [], []
-    for step in range(1, run["steps"] + 1):
-        xb, yb = batches.next()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        record = monitor.last if monitor.last is not None and monitor.last.step == step else None
-        if record is not None:
-            row = {"run": label, "step": step, "loss": losses[-1]}
-            for layer in LAYERS:
-                t = record.tensor(layer)
-                row[f"{layer}:norm"] = t["neuron_norm_rms"]
-                row[f"{layer}:effective_lr"] = lr / t["neuron_norm_rms"] ** 2
-                row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
-                row[f"{layer}:g_unit_sq"] = t["neuron_grad_norm_sq_unit_mean"]
-            run.log(**row)
-            series.append(row)
-        bar.update()
+
+    def measure(record):
+        row = {}
+        for layer in LAYERS:
+            t = record.tensor(layer)
+            row[f"{layer}:norm"] = t["neuron_norm_rms"]
+            row[f"{layer}:effective_lr"] = lr / t["neuron_norm_rms"] ** 2
+            row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
+            row[f"{layer}:g_unit_sq"] = t["neuron_grad_norm_sq_unit_mean"]
+        return row
+
+    losses, series = harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure)
     test_loss, test_acc = harness.accuracy(model, x_test, y_test)
     return model, initial, losses, series, test_acc
-
-
-def _window(series, steps, key):
-    values = [r[key] for r in series if r["step"] > steps * (1 - WINDOW)]
-    return sum(values) / len(values)
 
 
 def run(args) -> dict:
@@ -138,11 +123,11 @@ def run(args) -> dict:
         runs[label] = {"method": method, "scale": scale, "final_loss": harness.tail_mean(losses, 0.1),
                        "test_accuracy": test_acc}
         for layer in LAYERS:
-            final_norm = _window(series, steps, f"{layer}:norm")
+            final_norm = harness.window_mean(series, steps, f"{layer}:norm", WINDOW)
             if method == "projected":
                 pred_norm = initial[layer]
             else:
-                pred_norm = theory.sgd_equilibrium(lr, lr * wd, _window(series, steps, f"{layer}:g_unit_sq"),
+                pred_norm = theory.sgd_equilibrium(lr, lr * wd, harness.window_mean(series, steps, f"{layer}:g_unit_sq", WINDOW),
                                                    MOMENTUM).norm
             predicted_lines[(label, layer)] = pred_norm
             eff, eff_pred = lr / final_norm**2, lr / pred_norm**2
