@@ -19,7 +19,7 @@ from setuptools import find_packages, setup
 
 # The sources travel inside the package too, so an install without a prebuilt extension can JIT-build.
 CSRC_PACKAGE = {"wdopt._csrc": "csrc"}
-CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "include/wdopt/*.h"]}
+CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "include/wdopt/*.h"]}
 
 
 def extension():

@@ -23,20 +23,16 @@
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
+#include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
 #define WDOPT_SIMD _Pragma("omp simd")
-#define WDOPT_SIMD_CHUNK_SUMS _Pragma("omp simd reduction(+ : cw2, cwd, cd2, cg2)")
 
 namespace wdopt::cpu {
 namespace {
 
 // Below this many elements a step runs on the calling thread: a parallel region costs more.
 constexpr int64_t kSerialElements = 1 << 15;
-// Telemetry sums: products and partial sums of a chunk of this many elements in the math dtype
-// (64 per SIMD lane), the row totals in double. Double-width arithmetic in the update loop itself
-// would halve its vector width: a monitored step would cost 1.2× instead of 1.1×.
-constexpr int64_t kTelemetryChunk = 1024;
 
 template <bool B> using Bool = std::integral_constant<bool, B>;
 
@@ -188,31 +184,9 @@ WDOPT_SIMD
     }
     return;
   }
-  double w2 = 0, wd = 0, d2 = 0, g2 = 0;
-  for (int64_t chunk = begin; chunk < end; chunk += kTelemetryChunk) {
-    const int64_t stop = std::min(end, chunk + kTelemetryChunk);
-    opmath cw2 = 0, cwd = 0, cd2 = 0, cg2 = 0;
-WDOPT_SIMD_CHUNK_SUMS
-    for (int64_t i = chunk; i < stop; ++i) {
-      const opmath w = static_cast<opmath>(p[i]);
-      const opmath gi = transform(static_cast<opmath>(g[i]));
-      const scalar_t after = static_cast<scalar_t>(element(i, w, gi));
-      p[i] = after;
-      const opmath d = static_cast<opmath>(after) - w;
-      cw2 += w * w;
-      cwd += w * d;
-      cd2 += d * d;
-      cg2 += gi * gi;
-    }
-    w2 += cw2;
-    wd += cwd;
-    d2 += cd2;
-    g2 += cg2;
-  }
-  sums[0] = w2;
-  sums[1] = wd;
-  sums[2] = d2;
-  sums[3] = g2;
+  write_and_measure(
+      p, begin, end, [=](int64_t i, opmath w) { return element(i, w, transform(static_cast<opmath>(g[i]))); },
+      [=](int64_t i) { return transform(static_cast<opmath>(g[i])); }, sums);
 }
 
 template <typename scalar_t> scalar_t* data(const at::Tensor& t) { return static_cast<scalar_t*>(t.data_ptr()); }

@@ -18,6 +18,7 @@
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
+#include "telemetry.h"
 
 // Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
 #define WDOPT_SIMD _Pragma("omp simd")
@@ -26,9 +27,6 @@
 
 namespace wdopt::cpu {
 namespace {
-
-// Telemetry sums: elements summed in the math dtype before joining the row's double total.
-constexpr int64_t kTelemetryChunk = 1024;
 
 struct Row {
   int64_t tensor, row, size;
@@ -122,32 +120,9 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     for (int64_t j = 0; j < size; ++j) p[j] = ((static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q) * to_sphere;
     return;
   }
-  // Telemetry: products and partial sums of a chunk in the math dtype, row totals in double (as
-  // in fused_cpu.cpp: double-width arithmetic would halve the vector width of the whole loop).
-  double w2 = 0, wd = 0, d2 = 0, g2 = 0;
-  for (int64_t chunk = 0; chunk < size; chunk += kTelemetryChunk) {
-    const int64_t stop = std::min(size, chunk + kTelemetryChunk);
-    opmath cw2 = 0, cwd = 0, cd2 = 0, cg2 = 0;
-    WDOPT_SIMD_SUM(cw2, cwd, cd2, cg2)
-    for (int64_t j = chunk; j < stop; ++j) {
-      const opmath w = static_cast<opmath>(p[j]);
-      const scalar_t after = static_cast<scalar_t>(((w - step * buffer[j]) - mean_q) * to_sphere);
-      p[j] = after;
-      const opmath d = static_cast<opmath>(after) - w, g = grad_at(j);
-      cw2 += w * w;
-      cwd += w * d;
-      cd2 += d * d;
-      cg2 += g * g;
-    }
-    w2 += cw2;
-    wd += cwd;
-    d2 += cd2;
-    g2 += cg2;
-  }
-  sums[0] = w2;
-  sums[1] = wd;
-  sums[2] = d2;
-  sums[3] = g2;
+  write_and_measure(
+      p, 0, size,
+      [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
 }
 
 std::vector<Row> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
