@@ -25,21 +25,21 @@ TORCH_LIBRARY(wdopt, m) {
       "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] first_steps, "
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] first_steps, "
       "Tensor(c!)[] telemetry, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Rotational variants (THEORY.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
   // momentum_buffer / exp_avg, ``state2`` exp_avg_sq (AdamW, else []), ``steps`` AdamW's step
-  // counts (else []), ``first_steps`` SGD's fresh-buffer flags (else []). Per tensor: K rows
+  // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
   // (``rotational_norms[i]`` has K elements; K = 1 for a whole-tensor sphere); a tensor whose
   // ``rotational_steps`` is 0 takes its row norms as its frozen norms n. ``angle`` is η_r;
   // ``projected`` uses the plain projected step with lr instead.
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
-      "Tensor(g!)[] rotational_steps, bool[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
+      "Tensor(g!)[] rotational_steps, Tensor?[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float momentum, bool nesterov, float angle, float undf, float rotational_eps, bool zero_mean, "
       "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(

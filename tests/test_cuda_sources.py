@@ -214,7 +214,7 @@ int emu_adamw(int dtype, int64_t n, const int64_t* numels, void** p, const void*
   a.telemetry = g_telemetry;
   return static_cast<int>(wc::adamw(a, nullptr));
 }
-int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** b, const uint8_t* first,
+int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** b, const float* const* first,
             const double* h, int nesterov, int decoupled, int maximize, const void* lr_t, int lr_d,
             const void* gs, int gs_d, const void* fi, int fi_d) {
   wc::SGDArgs a;
@@ -242,7 +242,7 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
 }
 int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, const int64_t* rows, void** p,
                    const void** g, void** s1, void** s2, float** steps, void** norms, void** avgs, float** rsteps,
-                   const uint8_t* first, const double* h, int nesterov, int zero_mean, int projected, int maximize,
+                   const float* const* first, const double* h, int nesterov, int zero_mean, int projected, int maximize,
                    const void* gs, int gs_d, const void* fi, int fi_d, void* scratch, int64_t on_chip_bytes) {
   wc::RotationalArgs a;
   a.dtype = static_cast<wc::DType>(dtype);
@@ -340,6 +340,13 @@ def _ptrs(ts, ctype=ctypes.c_void_p):
     return (ctype * len(ts))(*[t.data_ptr() for t in ts]) if ts else None
 
 
+def _first_step_flags(first):
+    """SGD's first-step flags as the kernels take them (FirstStepFlag): a pointer per tensor to a
+    float32 flag, 1 for a fresh buffer; a buffer with history gets a null pointer or a zero flag."""
+    flags = [torch.ones(()) if f else (torch.zeros(()) if i % 4 == 1 else None) for i, f in enumerate(first)]
+    return (ctypes.c_void_p * len(flags))(*[f.data_ptr() if f is not None else None for f in flags]), flags
+
+
 def _numels(ts):
     return (ctypes.c_int64 * len(ts))(*[t.numel() for t in ts])
 
@@ -417,8 +424,9 @@ def test_emulated_sgd_matches_reference(emu, dtype, momentum, nesterov, decouple
     reference.sgd(want_p, grads, want_b if momentum else [None] * n, first,
                   **{**hyper, "lr": lr_t if lr_t is not None else hyper["lr"]}, nesterov=nesterov,
                   decoupled_weight_decay=decoupled, maximize=not momentum)
+    first_ptrs, _keep = _first_step_flags(first)
     err = emu.emu_sgd(DTYPE_CODES[dtype], n, _numels(params), _ptrs(params), _ptrs(grads), _ptrs(buffers),
-                      (ctypes.c_uint8 * n)(*first), (ctypes.c_double * 5)(*hyper.values()), nesterov, decoupled,
+                      first_ptrs, (ctypes.c_double * 5)(*hyper.values()), nesterov, decoupled,
                       not momentum, *_scalar(lr_t), None, 0, None, 0)
     assert err == 0
     _assert_identical(params, want_p, "params")
@@ -549,8 +557,9 @@ def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, 
             want = [_clone(params), _clone(b)]
             reference.sgd(want[0], grads, want[1], first, **hyper, nesterov=False, decoupled_weight_decay=False,
                           maximize=False, grad_scale=grad_scale)
+            first_ptrs, _keep = _first_step_flags(first)
             err = emu.emu_sgd(DTYPE_CODES[dtype], n, _numels(params), _ptrs(params), _ptrs(grads), _ptrs(b),
-                              (ctypes.c_uint8 * n)(*first), (ctypes.c_double * 5)(*hyper.values()), False, False,
+                              first_ptrs, (ctypes.c_double * 5)(*hyper.values()), False, False,
                               False, None, 0, *_scalar(grad_scale), None, 0)
             got, expected = (params, b), want
             assert emu.emu_launches() - launches == 1
@@ -671,7 +680,7 @@ def test_emulated_rotational_matches_reference(emu, on_chip_bytes, name, dtype, 
             tel_rows = [k * (10 if (k, c) == (1, 5000) else 1) for k, c in shapes]
             bufs, keep = _telemetry(emu, emu_p, tel_rows)
         sgd_momentum = name == "sgd" and hyper["momentum"] != 0
-        first = (ctypes.c_uint8 * n)(*[int(st["first"]) for st in emu_st])
+        first, _keep = _first_step_flags([st["first"] for st in emu_st])
         h = (ctypes.c_double * 8)(hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["momentum"],
                                   hyper["angle"], hyper["undf"], hyper["rot_eps"])
         try:
@@ -722,7 +731,7 @@ def _emu_rotational(emu, name, dtype, params, grads, states, hyper, *, zero_mean
     h = (ctypes.c_double * 8)(hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["momentum"],
                               hyper["angle"], hyper["undf"], hyper["rot_eps"])
     scratch = torch.empty(emu.emu_rotational_scratch_bytes(n), dtype=torch.uint8)
-    first = (ctypes.c_uint8 * n)(*[int(st["first"]) for st in states])
+    first, _keep = _first_step_flags([st["first"] for st in states])
     err = emu.emu_rotational(
         DTYPE_CODES[dtype], ROT_OPTIMIZERS[name], n, _numels(params),
         (ctypes.c_int64 * n)(*[st["rotational_norm"].numel() for st in states]), _ptrs(params), _ptrs(grads),

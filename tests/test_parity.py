@@ -320,33 +320,42 @@ GRAPH_PAIRS = [(b, d) for b, d in PAIRS if d == "cuda" and b != "reference"]
 
 @pytest.mark.skipif(not GRAPH_PAIRS, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend,device", GRAPH_PAIRS)
+@pytest.mark.parametrize("warmup", [1, 2], ids=lambda n: f"captured-after-{n}")
 @pytest.mark.parametrize("cls,kw", [(wdopt.FusedAdamW, dict(amsgrad=True)), (wdopt.FusedSGD, dict(momentum=0.9)),
-                                    (wdopt.FusedLion, {})], ids=lambda x: getattr(x, "__name__", ""))
-def test_cuda_graph_capture_and_replay(backend, device, cls, kw):
-    """capturable=True: a step captured in a CUDA graph replays with new gradients, lr changes
-    made in place on the lr tensor, and the step counts advancing on the device."""
+                                    (wdopt.FusedLion, {}), (wdopt.RotationalSGD, dict(momentum=0.9, weight_decay=0.1)),
+                                    (wdopt.RotationalAdamW, dict(weight_decay=0.1))],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_cuda_graph_capture_and_replay(backend, device, cls, kw, warmup):
+    """capturable=True: a step captured in a CUDA graph (after 1 or 2 eager steps: SGD's
+    first-step flag must be device state) replays with new gradients, lr changes made in place on
+    the lr tensor, and the step counts advancing on the device. The rotational optimizers take a
+    float lr (they read a tensor lr on the host: not capturable yet) and are compared with the same
+    backend run eagerly, bit for bit."""
+    rotational = issubclass(cls, (wdopt.RotationalAdamW, wdopt.RotationalSGD, wdopt.RotationalLion))
     shapes = [(7,), (1023,), (33, 17)]
     params = make_params(shapes, torch.float32, device)
     grads = grad_stream(shapes, 6, top=0)
-    lrs = [1e-2 * 0.8**i for i in range(len(grads))]
+    lrs = [1e-2 * (1.0 if rotational else 0.8**i) for i in range(len(grads))]
     lr = torch.tensor(lrs[0], device=device)
     ours = clone_leaves(params)
     static_grads = [torch.zeros_like(p) for p in ours]
     for p, g in zip(ours, static_grads):
         p.grad = g
-    opt = cls(ours, lr=lr, capturable=True, backend=backend, **kw)
+    opt = cls(ours, lr=lrs[0] if rotational else lr, capturable=True, backend=backend, **kw)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: creates state and tensor tables outside the capture
-        for g, src in zip(static_grads, grads[0]):
-            g.copy_(src)
-        opt.step()
+        for i in range(warmup):
+            lr.fill_(lrs[i])
+            for g, src in zip(static_grads, grads[i]):
+                g.copy_(src)
+            opt.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for i, step_grads in enumerate(grads[1:], start=1):
+    for i, step_grads in enumerate(grads[warmup:], start=warmup):
         lr.fill_(lrs[i])
         for g, src in zip(static_grads, step_grads):
             g.copy_(src)
@@ -354,13 +363,13 @@ def test_cuda_graph_capture_and_replay(backend, device, cls, kw):
     torch.cuda.synchronize()
 
     expected = clone_leaves(params)
-    opt_expected = cls(expected, lr=lrs[0], backend="reference", **kw)
+    opt_expected = cls(expected, lr=lrs[0], backend=backend if rotational else "reference", **kw)
     for i, step_grads in enumerate(grads):
         opt_expected.param_groups[0]["lr"] = float(torch.tensor(lrs[i]))  # the fp32 value the tensor holds
         for p, g in zip(expected, step_grads):
             p.grad = g.float().to(device)
         opt_expected.step()
-    assert_same_trajectory(opt, ours, opt_expected, expected)
+    assert_same_trajectory(opt, ours, opt_expected, expected, **(dict(rtol=0, atol=0) if rotational else {}))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

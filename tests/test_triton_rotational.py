@@ -72,6 +72,12 @@ def _reference_step(name, params, grads, st, ref_states, k, *, momentum, nestero
                    per_neuron=per_neuron, mode="projected" if projected else "equilibrium")
 
 
+def _first_steps(first: bool, n: int) -> list:
+    """SGD's per-buffer first-step flags as the optimizer hands them over (FirstStepFlags): a 0-d
+    float32 device tensor, nonzero while the buffer has no history; None for a buffer with history."""
+    return [torch.ones((), device=DEVICE) if first else None for _ in range(n)]
+
+
 def _compare(name, dtype, *, steps=10, momentum=0.0, nesterov=False, zero_mean=True, projected=False,
              per_neuron=True, maximize=False, scaled=False, shapes=SHAPES, telemetry=False, seed=0):
     """``steps`` Triton rotational steps against the reference on clones; returns the largest
@@ -96,7 +102,7 @@ def _compare(name, dtype, *, steps=10, momentum=0.0, nesterov=False, zero_mean=T
         before = [p.clone() for p in params]
         backend.rotational(
             name, params, grads, ours["state1"], ours["state2"], ours["steps"], ours["norms"], ours["avgs"],
-            ours["rsteps"], [k == 0] * len(shapes), lr=lr, momentum=momentum, nesterov=nesterov, angle=angle,
+            ours["rsteps"], _first_steps(k == 0, len(shapes)), lr=lr, momentum=momentum, nesterov=nesterov, angle=angle,
             undf=undf, rotational_eps=1e-8, zero_mean=zero_mean, projected=projected, maximize=maximize,
             grad_scale=grad_scale, telemetry=buffers, **HYPER[name])
         _reference_step(name, ref, grads, theirs, ref_states, k, momentum=momentum, nesterov=nesterov, angle=angle,
@@ -183,7 +189,7 @@ def test_rotational_found_inf_writes_nothing():
     before = every()
     for found in (1.0, float("inf")):
         backend.rotational(name, params, grads, st["state1"], st["state2"], st["steps"], st["norms"], st["avgs"],
-                           st["rsteps"], [True] * len(SHAPES), lr=0.01, momentum=0.0, nesterov=False, angle=0.05,
+                           st["rsteps"], _first_steps(True, len(SHAPES)), lr=0.01, momentum=0.0, nesterov=False, angle=0.05,
                            undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
                            grad_scale=torch.tensor(2.0, device=DEVICE),
                            found_inf=torch.tensor(found, device=DEVICE), telemetry=buffers, **HYPER[name])
@@ -201,7 +207,7 @@ def test_rotational_launches_do_not_grow_with_tensor_count():
     st = _state("lion", torch.float32, shapes, 0.0, True)
     before = multi_tensor.launch_count
     backend.rotational("lion", params, [torch.randn_like(p) for p in params], st["state1"], [], [], st["norms"],
-                       st["avgs"], st["rsteps"], [True] * len(shapes), lr=0.01, momentum=0.0, nesterov=False,
+                       st["avgs"], st["rsteps"], _first_steps(True, len(shapes)), lr=0.01, momentum=0.0, nesterov=False,
                        angle=0.05, undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
                        **HYPER["lion"])
     assert multi_tensor.launch_count - before == 2
@@ -220,7 +226,7 @@ def _base_call(name, params, grads, state, telemetry, grad_scale=None, found_inf
     elif name == "sgd":
         backend.sgd(params, grads, state["m"], state["first"], lr=1e-2, weight_decay=0.1, momentum=0.9,
                     dampening=0.0, nesterov=True, decoupled_weight_decay=False, decay_lr_scale=1.0, **common)
-        state["first"] = [False] * len(params)
+        state["first"] = _first_steps(False, len(params))
     else:
         backend.lion(params, grads, state["m"], lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0,
                      **common)
@@ -231,7 +237,7 @@ def _fresh(dtype, seed=0):
     params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
               for s in TELEMETRY_SHAPES]
     zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
-    state = dict(m=zeros(), v=zeros(), vmax=zeros(), first=[True] * len(params),
+    state = dict(m=zeros(), v=zeros(), vmax=zeros(), first=_first_steps(True, len(params)),
                  steps=[torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in params])
     return params, state
 

@@ -23,6 +23,7 @@
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
+#include "first_step.h"
 #include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
@@ -242,7 +243,8 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
 
 // ------------------------------------------------------------------ SGD
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const c10::List<bool>& first_steps,
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+          const c10::List<std::optional<at::Tensor>>& first_steps,
           at::TensorList telemetry, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
           bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
@@ -257,7 +259,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   }
   check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
-  const std::vector<char> fresh_buffer(first_steps.begin(), first_steps.end());
+  const std::vector<char> fresh_buffer = first_step_flags(first_steps, "wdopt::sgd_");
   const SGDHyper hyper{read_lr(lr, lr_tensor), weight_decay, momentum, dampening, decay_lr_scale, nesterov,
                        decoupled_weight_decay};
 

@@ -18,6 +18,7 @@
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
+#include "first_step.h"
 #include "telemetry.h"
 
 // Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
@@ -140,7 +141,8 @@ template <typename T> T* ptr(const at::Tensor& t) { return static_cast<T*>(t.dat
 
 void rotational_(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state1,
                  at::TensorList state2, at::TensorList steps, at::TensorList rotational_norms,
-                 at::TensorList update_norm_avgs, at::TensorList rotational_steps, const c10::List<bool>& first_steps,
+                 at::TensorList update_norm_avgs, at::TensorList rotational_steps,
+                 const c10::List<std::optional<at::Tensor>>& first_steps,
                  at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
                  double undf, double rotational_eps, bool zero_mean, bool projected, bool maximize,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
@@ -196,7 +198,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
   const RotationOptions options{angle, lr, undf, rotational_eps, zero_mean, projected};
   const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
   const double sign = maximize ? -1.0 : 1.0;
-  const std::vector<char> fresh(first_steps.begin(), first_steps.end());
+  const std::vector<char> fresh = first_step_flags(first_steps, "wdopt::rotational_");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_rotational", [&] {
     using opmath = opmath_t<scalar_t>;

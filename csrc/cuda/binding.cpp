@@ -117,6 +117,21 @@ std::vector<const void*> const_pointers(at::TensorList list) {
   return out;
 }
 
+// SGD's first-step flags (csrc/cuda/launchers.h, FirstStepFlag) as device pointers; a missing list
+// (no momentum) or entry (a buffer with history) is null.
+std::vector<wc::FirstStepFlag> first_step_flags(const char* op, const c10::List<std::optional<at::Tensor>>& flags,
+                                               size_t n, const at::Device& device) {
+  std::vector<wc::FirstStepFlag> out(n, nullptr);
+  for (size_t i = 0; i < flags.size() && i < n; ++i) {
+    const std::optional<at::Tensor> flag = flags.get(i);
+    if (!flag.has_value() || !flag->defined()) continue;
+    TORCH_CHECK(flag->device() == device && flag->scalar_type() == at::kFloat && flag->numel() == 1, op,
+                ": first_steps[", i, "] must be a one-element float32 tensor on ", device);
+    out[i] = flag->const_data_ptr<float>();
+  }
+  return out;
+}
+
 std::vector<int64_t> numels(at::TensorList params) {
   std::vector<int64_t> out;
   out.reserve(params.size());
@@ -237,7 +252,8 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              const c10::List<bool>& first_steps, at::TensorList telemetry, double lr, double weight_decay,
+              const c10::List<std::optional<at::Tensor>>& first_steps, at::TensorList telemetry, double lr,
+              double weight_decay,
               double momentum, double dampening,
               bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
@@ -262,8 +278,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   const std::vector<int64_t> sizes = numels(params);
   const std::vector<void*> p = mutable_pointers(params), b = mutable_pointers(momentum_buffers);
   const std::vector<const void*> g = const_pointers(grads);
-  std::vector<uint8_t> first(params.size(), 0);
-  for (size_t i = 0; i < first_steps.size(); ++i) first[i] = first_steps.get(i) ? 1 : 0;
+  const std::vector<wc::FirstStepFlag> first = first_step_flags(op, first_steps, params.size(), device);
 
   wc::SGDArgs a;
   a.dtype = storage_dtype(op, params[0]);
@@ -326,7 +341,8 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void rotational_cuda(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state1,
                      at::TensorList state2, at::TensorList steps, at::TensorList rotational_norms,
                      at::TensorList update_norm_avgs, at::TensorList rotational_steps,
-                     const c10::List<bool>& first_steps, at::TensorList telemetry, double lr, double beta1,
+                     const c10::List<std::optional<at::Tensor>>& first_steps, at::TensorList telemetry,
+                     double lr, double beta1,
                      double beta2, double eps, double momentum, bool nesterov, double angle, double undf,
                      double rotational_eps, bool zero_mean, bool projected, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
@@ -397,8 +413,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
   std::vector<float*> step, rot_step;
   for (const at::Tensor& x : steps) step.push_back(x.mutable_data_ptr<float>());
   for (const at::Tensor& x : rotational_steps) rot_step.push_back(x.mutable_data_ptr<float>());
-  std::vector<uint8_t> first(params.size(), 0);
-  for (size_t i = 0; i < first_steps.size() && i < first.size(); ++i) first[i] = first_steps.get(i) ? 1 : 0;
+  const std::vector<wc::FirstStepFlag> first = first_step_flags(op, first_steps, params.size(), device);
   // Per-tensor step scalars: written by the prologue kernel, read by the row kernel.
   const at::Tensor scratch = at::empty({static_cast<int64_t>(wc::rotational_scratch_bytes(n_tensors))},
                                        params[0].options().dtype(at::kByte));

@@ -95,10 +95,10 @@ std::atomic<int64_t> g_launches{0};
 
 // ------------------------------------------------------------------------------------ tables
 
-// The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums and one byte of
-// per-tensor flags (SGD's "first step"). Passed by value as a kernel argument.
+// The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums and a per-tensor
+// flag pointer (SGD's "first step", see FirstStepFlag). Passed by value as a kernel argument.
 template <int DEPTH> struct TensorTable {
-  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 1;
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8;
   static constexpr int kCapacity =
       static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);  // 32: counts, padding
 
@@ -107,7 +107,7 @@ template <int DEPTH> struct TensorTable {
   int32_t chunk_begin[kCapacity + 1];  // chunk_begin[n_tensors]: chunks in this launch
   int32_t n_tensors;
   int32_t first_tensor;  // index in the call of row 0 (AdamW's coefficients are per call)
-  uint8_t flag[kCapacity];
+  FirstStepFlag flag[kCapacity];
 
   // The row owning chunk ``block``: the last row whose chunks start at or before it (empty
   // tensors own no chunk and are skipped, since the next row starts at the same chunk).
@@ -144,6 +144,11 @@ WDOPT_HD double read_scalar(const DeviceScalar& s) {
 WDOPT_HD bool step_skipped(const DeviceScalar& found_inf) {
   return found_inf.ptr != nullptr && read_scalar(found_inf) != 0.0;
 }
+
+// SGD's "the momentum buffer has no history yet": read on the device, so that a step captured in a
+// CUDA graph before or after the first one replays correctly (the optimizer clears the flag after
+// a step GradScaler did not skip). Null: the buffer has history.
+WDOPT_HD bool is_first_step(FirstStepFlag flag) { return flag != nullptr && *flag != 0.0f; }
 
 WDOPT_HD double lr_value(double lr, const DeviceScalar& lr_tensor) {
   return lr_tensor.ptr != nullptr ? read_scalar(lr_tensor) : lr;
@@ -284,7 +289,7 @@ cudaError_t launch(int64_t blocks, cudaStream_t stream, const A& a, const B& b, 
 // TensorTable::kCapacity and each full table is launched (one launch for most models).
 template <typename T, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                       const uint8_t* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
+                       const FirstStepFlag* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
   using Table = TensorTable<Op::kDepth>;
   Table table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
   table.n_tensors = 0;
@@ -311,7 +316,7 @@ cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, con
     for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
     table.numel[r] = numels[i];
     table.chunk_begin[r] = static_cast<int32_t>(chunks);
-    table.flag[r] = flags != nullptr ? flags[i] : 0;
+    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
     chunks += count;
   }
   return flush();
@@ -466,7 +471,7 @@ WDOPT_HD double inverse_scale(const GradOptions& grad) {
 // The tensors of one telemetry launch: the update kernels' columns plus each tensor's telemetry
 // buffer and row count; blocks are numbered tensor after tensor, kThreads / G rows per block.
 template <int DEPTH> struct TelemetryTable {
-  static constexpr int kRowBytes = DEPTH * 8 + 8 + 8 + 8 + 4 + 1 + 1;
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 8 + 8 + 8 + 4 + 1;
   static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
 
   void* ptr[DEPTH][kCapacity];
@@ -476,8 +481,8 @@ template <int DEPTH> struct TelemetryTable {
   int32_t block_begin[kCapacity + 1];
   int32_t n_tensors;
   int32_t first_tensor;
+  FirstStepFlag flag[kCapacity];
   uint8_t group_log2[kCapacity];
-  uint8_t flag[kCapacity];
 };
 
 // The monitored update: the same element function as update_block (so parameters and state are
@@ -538,7 +543,7 @@ template <typename T, class Op> struct TelemetryKernel {
 // update_all's monitored twin: every tensor of a call through TelemetryKernel<T, Op>.
 template <typename T, class Op>
 cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                          const uint8_t* flags, const Telemetry& telemetry, const Op& op, const GradOptions& grad,
+                          const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op, const GradOptions& grad,
                           cudaStream_t stream) {
   using Table = TelemetryTable<Op::kDepth>;
   Table table;  // deliberately not zeroed: rows past n_tensors are never read
@@ -574,7 +579,7 @@ cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, 
     table.rows[r] = rows;
     table.block_begin[r] = static_cast<int32_t>(blocks);
     table.group_log2[r] = static_cast<uint8_t>(lg);
-    table.flag[r] = flags != nullptr ? flags[i] : 0;
+    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
     blocks += count;
   }
   return flush();
@@ -583,7 +588,7 @@ cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, 
 // Either engine, by whether the call is monitored.
 template <typename T, class Op>
 cudaError_t update_or_monitor(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                              const uint8_t* flags, const Telemetry& telemetry, const Op& op,
+                              const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op,
                               const GradOptions& grad, cudaStream_t stream) {
   if (telemetry.buffers != nullptr) {
     if (telemetry.rows == nullptr) return cudaErrorInvalidValue;
@@ -621,7 +626,7 @@ template <typename M, bool AMSGRAD> struct AdamWOp {
   using Context = AdamWCoefficients<M>;
   const AdamWCoefficients<M>* coefficients;
 
-  WDOPT_HD Context context(int tensor, uint8_t) const { return coefficients[tensor]; }
+  WDOPT_HD Context context(int tensor, FirstStepFlag) const { return coefficients[tensor]; }
   WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const {
     if constexpr (AMSGRAD) {
       adamw_update<true>(x[0], x[1], x[2], x[3], x[4], c);
@@ -661,8 +666,8 @@ template <typename M, bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED> struct S
   SGDHyper hyper;
   DeviceScalar lr_tensor;
 
-  WDOPT_HD Context context(int, uint8_t first_step) const {
-    return Context{sgd_coefficients<M>(hyper, lr_value(hyper.lr, lr_tensor)), first_step != 0};
+  WDOPT_HD Context context(int, FirstStepFlag first_step) const {
+    return Context{sgd_coefficients<M>(hyper, lr_value(hyper.lr, lr_tensor)), is_first_step(first_step)};
   }
   WDOPT_HD void update(const Context& ctx, M (&x)[kDepth]) const {
     if constexpr (HAS_MOMENTUM) {
@@ -684,7 +689,7 @@ template <typename M> struct LionOp {
   LionHyper hyper;
   DeviceScalar lr_tensor;
 
-  WDOPT_HD Context context(int, uint8_t) const { return lion_coefficients<M>(hyper, lr_value(hyper.lr, lr_tensor)); }
+  WDOPT_HD Context context(int, FirstStepFlag) const { return lion_coefficients<M>(hyper, lr_value(hyper.lr, lr_tensor)); }
   WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const { lion_update(x[0], x[1], x[2], c); }
 };
 
@@ -741,7 +746,7 @@ template <typename M> struct RotationPrologueKernel {
 
 // The rotational tensors of one row launch. ``tel_split``: telemetry rows per rotation row.
 struct RotationTable {
-  static constexpr int kRowBytes = 7 * 8 + 8 + 8 + 4 + 4 + 1 + 1;
+  static constexpr int kRowBytes = 7 * 8 + 8 + 8 + 8 + 4 + 4 + 1;
   static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
 
   void* param[kCapacity];
@@ -755,10 +760,10 @@ struct RotationTable {
   int64_t cols[kCapacity];
   int32_t tel_split[kCapacity];
   int32_t block_begin[kCapacity + 1];
+  FirstStepFlag flag[kCapacity];  // SGD: fresh momentum buffer
   int32_t n_tensors;
   int32_t first_tensor;
   uint8_t group_log2[kCapacity];
-  uint8_t flag[kCapacity];  // SGD: fresh momentum buffer
 };
 
 template <typename M> struct RotationArgs {
@@ -852,7 +857,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
     const int64_t first_row = (block - table.block_begin[e]) << (kLog2Threads - lg);
     const RotationCoefficients<M> rc = args.coefficients[table.first_tensor + e];
     const bool first = rc.first != 0;
-    const DirectionContext<T> dc{rc.adamw, rc.inv_bias_correction1, args.lion, args.momentum, table.flag[e] != 0,
+    const DirectionContext<T> dc{rc.adamw, rc.inv_bias_correction1, args.lion, args.momentum, is_first_step(table.flag[e]),
                                  static_cast<T*>(table.state1[e]), static_cast<T*>(table.state2[e])};
     T* const p = static_cast<T*>(table.param[e]);
     const T* const g = static_cast<const T*>(table.grad[e]);
@@ -1223,7 +1228,7 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
     table.tel_split[r] = static_cast<int32_t>(split);
     table.block_begin[r] = static_cast<int32_t>(blocks);
     table.group_log2[r] = static_cast<uint8_t>(lg);
-    table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : 0;
+    table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : nullptr;
     // Row buffers: as much of the limit as this launch's on-chip rows need (cols per group).
     const int64_t need = cols << (kLog2Threads - lg);
     if (need <= limit && need > on_chip) on_chip = (need + kThreads - 1) / kThreads * kThreads;

@@ -69,6 +69,10 @@ struct AdamWArgs {
   void* scratch = nullptr;
 };
 
+// A 0-d float32 device tensor per SGD momentum buffer, nonzero while the buffer has no history
+// (b <- g at the next step); null for a buffer with history. The optimizer owns and clears it.
+using FirstStepFlag = const float*;
+
 struct SGDArgs {
   DType dtype = DType::Float32;
   int64_t n_tensors = 0;
@@ -76,7 +80,7 @@ struct SGDArgs {
   void* const* params = nullptr;
   const void* const* grads = nullptr;
   void* const* momentum_buffers = nullptr;  // read only when momentum != 0
-  const uint8_t* first_steps = nullptr;     // per tensor, 1: the buffer has no history (b <- g)
+  const FirstStepFlag* first_steps = nullptr;  // per tensor (read only with momentum)
   double lr = 0, weight_decay = 0, momentum = 0, dampening = 0, decay_lr_scale = 1;
   bool nesterov = false, decoupled_weight_decay = false;
   DeviceScalar lr_tensor;
@@ -117,7 +121,7 @@ struct RotationalArgs {
   void* const* rotational_norms = nullptr;  // rows[i] values of the math type: n, frozen at the first step
   void* const* update_norm_avgs = nullptr;  // rows[i] values of the math type: s
   float* const* rotational_steps = nullptr;  // float32 k, advanced by one; 0: first rotational step
-  const uint8_t* first_steps = nullptr;      // SGD: 1 when the momentum buffer has no history
+  const FirstStepFlag* first_steps = nullptr;  // SGD with momentum, per tensor
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, momentum = 0;
   bool nesterov = false;
   double angle = 0, undf = 0, rotational_eps = 0;

@@ -180,6 +180,8 @@ class _Rotational:
             rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
             projected=group["mode"] == "projected", maximize=group["maximize"], grad_scale=grad_scale,
             found_inf=found_inf, telemetry=telemetry, **hyper)
+        if first_steps:  # RotationalSGD with momentum: its buffers have history now (see FirstStepFlags)
+            self._flags.clear(first_steps, found_inf)
 
 
 def _split_rows(p: torch.Tensor, per_neuron: bool) -> str | None:
@@ -261,15 +263,13 @@ class RotationalSGD(_Rotational, FusedSGD):
     def _fused_arguments(self, group, params, states):
         if group["momentum"] == 0:
             return "sgd", [], [], [], [], dict(_NO_HYPER)
-        fresh = self._fresh_buffers
-        first = [fresh.pop(id(s["momentum_buffer"]), None) is not None for s in states]
+        first = self._flags.lookup([s["momentum_buffer"] for s in states])
         return ("sgd", [s["momentum_buffer"] for s in states], [], [], first,
                 {**_NO_HYPER, "momentum": group["momentum"], "nesterov": group["nesterov"]})
 
     def _direction(self, p, g, state, group, grad_scale):
         buffer = state.get("momentum_buffer")
-        fresh = self._fresh_buffers.pop(id(buffer), None) is not None if buffer is not None else False
-        return rv.sgd_direction(g, buffer, fresh, momentum=group["momentum"], nesterov=group["nesterov"],
+        return rv.sgd_direction(g, buffer, self._flags.take(buffer), momentum=group["momentum"], nesterov=group["nesterov"],
                                 maximize=group["maximize"], grad_scale=grad_scale)
 
 

@@ -25,9 +25,10 @@ class FusedSGD(FusedOptimizer):
     State is torch's: ``momentum_buffer`` when μ ≠ 0, nothing otherwise. Math is fp32 for
     fp32/bf16/fp16 parameters (fp64 for fp64).
 
-    If GradScaler skips the very first step of a parameter (inf/nan gradients), its momentum buffer
-    is kept as zeros, so the next step gives b = (1 − dampening)·g rather than b = g; with the usual
-    dampening = 0 the two agree.
+    A new momentum buffer is flagged "no history yet" by a 0-d device tensor that the kernels read
+    on the device and the optimizer clears after the first step GradScaler did not skip (so a
+    skipped first step still gives b = g next time, and a step captured in a CUDA graph at step 1
+    or later replays correctly). The flag is not part of the state dict: a loaded buffer has history.
 
     Args:
         params: parameters or parameter groups.
@@ -86,16 +87,15 @@ class FusedSGD(FusedOptimizer):
             return  # torch keeps no state for plain SGD
         state = self.state[p]
         if state.get("momentum_buffer") is None:  # torch ≤ 2.0 checkpoints store None
-            # Zeros, flagged as "no history yet": the kernel then stores b = g.
+            # Zeros, flagged "no history yet": the kernel then stores b = g.
             buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["momentum_buffer"] = buffer
-            self._fresh_buffers[id(buffer)] = weakref.ref(buffer)
+            self._flags.add(buffer)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
-        fresh = self._fresh_buffers
-        first_steps = [b is not None and (r := fresh.get(id(b))) is not None and r() is b for b in buffers]
+        first_steps = self._flags.lookup(buffers) if has_momentum else [None] * len(params)
         tensors = KernelTensors(params, grads, {"momentum_buffer": buffers}, plain)
         backend.sgd(
             tensors.params, tensors.grads, tensors.states["momentum_buffer"], first_steps,
@@ -107,18 +107,71 @@ class FusedSGD(FusedOptimizer):
             **({"telemetry": telemetry} if telemetry else {}),
         )
         tensors.write_back()
-        for b in buffers:
-            if b is not None:
-                fresh.pop(id(b), None)
+        self._flags.clear(first_steps, found_inf)
 
     @property
-    def _fresh_buffers(self) -> dict:
-        """Buffers created this step, by id, with a weak reference that tells a reused id apart.
-        Not saved in state dicts: a buffer loaded from a checkpoint always has history."""
-        if "_fresh" not in self.__dict__:
-            self.__dict__["_fresh"] = {}
-        return self.__dict__["_fresh"]
+    def _flags(self) -> "FirstStepFlags":
+        """The momentum buffers' first-step flags (not saved: a loaded buffer has history)."""
+        if "_first_step_flags" not in self.__dict__:
+            self.__dict__["_first_step_flags"] = FirstStepFlags()
+        return self.__dict__["_first_step_flags"]
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.pop("_fresh", None)
+        self.__dict__.pop("_first_step_flags", None)
+
+
+class FirstStepFlags:
+    """Per momentum buffer created by the optimizer, a 0-d float32 flag on its device, 1 until the
+    buffer has history. Kernels read it on the device, so the tensor tables and the arguments of a
+    step stay the same from the first step on (CUDA-graph capture at step 1 or 2 both replay right);
+    the flags are cleared by one multi-tensor op after a step, only where GradScaler did not skip
+    it. Buffers are known by id, with a weak reference that tells a reused id apart."""
+
+    def __init__(self):
+        self._by_buffer: dict[int, tuple] = {}  # id(buffer) -> (weakref(buffer), flag)
+        self._maybe_set: dict[int, torch.Tensor] = {}  # id(flag) -> flag, not yet known to be 0
+
+    def __reduce__(self):
+        # Copies and pickles start without flags (weak references do not travel): a buffer then
+        # counts as having history, as one loaded from a state dict does.
+        return (FirstStepFlags, ())
+
+    def add(self, buffer: torch.Tensor) -> None:
+        if len(self._by_buffer) >= 64 and len(self._by_buffer) % 64 == 0:  # forget buffers that died
+            self._by_buffer = {k: e for k, e in self._by_buffer.items() if e[0]() is not None}
+        flag = torch.ones((), dtype=torch.float32, device=buffer.device)
+        self._by_buffer[id(buffer)] = (weakref.ref(buffer), flag)
+        self._maybe_set[id(flag)] = flag
+
+    def lookup(self, buffers) -> list:
+        """Each buffer's flag, or None (a buffer with history: loaded, or made before pickling)."""
+        out = []
+        for b in buffers:
+            entry = self._by_buffer.get(id(b)) if b is not None else None
+            out.append(entry[1] if entry is not None and entry[0]() is b else None)
+        return out
+
+    def take(self, buffer: torch.Tensor | None) -> bool:
+        """For host-side paths (they sync): whether ``buffer`` has no history yet; from now on it has."""
+        flag = self.lookup([buffer])[0]
+        if flag is None or self._maybe_set.pop(id(flag), None) is None:
+            return False
+        first = bool(flag)
+        flag.zero_()
+        return first
+
+    def clear(self, flags, found_inf: torch.Tensor | None) -> None:
+        """After a step: flags ← 0, or flags ← flags·found_inf under GradScaler (kept where it
+        skipped the step). Nothing runs once every flag is known to be clear."""
+        pending = [f for f in flags if f is not None and id(f) in self._maybe_set]
+        if not pending:
+            return
+        if found_inf is None:
+            torch._foreach_zero_(pending)
+        else:
+            torch._foreach_mul_(pending, found_inf.reshape(()).to(torch.float32))
+        capturing = pending[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        if found_inf is None and not capturing:  # a captured clear has not run yet
+            for f in pending:
+                self._maybe_set.pop(id(f), None)

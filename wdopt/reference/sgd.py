@@ -55,13 +55,15 @@ def sgd(
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
     maximize, grad_scale=None, found_inf=None,
 ) -> None:
-    """The reference backend: ``sgd_step`` on each tensor."""
+    """The reference backend: ``sgd_step`` on each tensor. ``first_steps``: per buffer, None (it has
+    history) or the optimizer's 0-d flag tensor, nonzero while it has none (read on the host here:
+    the reference backend syncs)."""
     if step_skipped(found_inf):
         return
     lr = float(lr)
     for i, param in enumerate(params):
         sgd_step(
-            param, grads[i], momentum_buffers[i], first_steps[i], lr=lr,
+            param, grads[i], momentum_buffers[i], first_steps[i] is not None and bool(first_steps[i]), lr=lr,
             weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
             decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale,
             maximize=maximize, grad_scale=grad_scale,

@@ -58,6 +58,13 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def check_first_steps(first_steps) -> None:
+    """The table stores each flag's address: anything but a tensor or None would be read as one."""
+    for f in first_steps:
+        if f is not None and not isinstance(f, torch.Tensor):
+            raise TypeError(f"wdopt triton: first_steps holds flag tensors or None, got {type(f).__name__}")
+
+
 def optional(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Kernels take every pointer argument; an absent one is replaced by a harmless dummy."""
     return like if t is None else t
@@ -112,12 +119,23 @@ def work_item(table_ptr, work_ptr, found_inf_ptr, NCOL: tl.constexpr, CHUNK: tl.
 
 
 @triton.jit
+def first_step_flag(table_ptr, row, COLUMN: tl.constexpr, NCOL: tl.constexpr):
+    """SGD's "the momentum buffer has no history yet", read on the device from the 0-d float32 flag
+    the optimizer owns (wdopt/optim/sgd.py), so that a step captured in a CUDA graph before or after
+    the first one replays correctly; address 0: the buffer has history."""
+    address = table_value(table_ptr, row, COLUMN, NCOL)
+    flag = tl.load(address.to(tl.pointer_type(tl.float32)), mask=address != 0, other=0.0)
+    return flag != 0.0
+
+
+@triton.jit
 def unscale(g, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient as the optimizer sees it: unscaled (GradScaler) and negated (maximize)."""
     if HAS_GRAD_SCALE:  # times the scale's reciprocal, as the reference does
         g = g * div(1.0, tl.load(grad_scale_ptr).to(COMPUTE), COMPUTE)
     if MAXIMIZE:
-        g = -g
+        # Not ``-g``: some Triton versions lower it to 0 − g, which turns −0 into +0 (torch: −0).
+        g = g * -1.0
     return g
 
 

@@ -30,7 +30,7 @@ from . import INTERPRETED
 from .adamw import adamw_direction, power
 from .lion import lion_direction
 from .multi_tensor import (
-    TRITON_DTYPES, TensorTable, compute_dtype, div, f64, f64_bits, launch, optional, sqrt, table_value,
+    TRITON_DTYPES, TensorTable, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional, sqrt, table_value,
     telemetry_add, tensor_pointer, to_storage, unscale, work_item,
 )
 from .sgd import sgd_direction
@@ -145,7 +145,7 @@ def _rotational_kernel(
     norm_ptr = tensor_pointer(table_ptr, tensor, NORM, NCOL, COMPUTE, False)
     avg_ptr = tensor_pointer(table_ptr, tensor, UPDATE_NORM_AVG, NCOL, COMPUTE, False)
     telemetry_ptr = tensor_pointer(table_ptr, tensor, TELEMETRY_COLUMN, NCOL, tl.float64, False)
-    sgd_first_step = table_value(table_ptr, tensor, FIRST_STEP, NCOL) != 0
+    sgd_first_step = first_step_flag(table_ptr, tensor, FIRST_STEP, NCOL)
     coef = coef_ptr + table_value(table_ptr, tensor, TENSOR, NCOL) * NCOEF
     first = tl.load(coef + FIRST) != 0.0
     undf_bias_correction = tl.load(coef + UNDF_BIAS_CORRECTION).to(COMPUTE)
@@ -336,6 +336,8 @@ def rotational(
     device, dtype = params[0].device, params[0].dtype
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     has_momentum = kind == SGD and momentum != 0
+    if has_momentum:
+        check_first_steps(first_steps)
     with_state1 = kind != SGD or has_momentum
     rows, sizes = [], []
     for i, p in enumerate(params):
@@ -398,7 +400,7 @@ def rotational(
             [column(params), column(grads), column(state1) if with_state1 else none[:len(members)],
              column(state2) if kind == ADAMW else none[:len(members)], column(rotational_norms),
              column(update_norm_avgs), [telemetry[i] if in_kernel[i] else None for i in members],
-             [int(first_steps[i]) if has_momentum else 0 for i in members], members, column(sizes)],
+             [first_steps[i] if has_momentum else None for i in members], members, column(sizes)],
             column(rows), device, chunk=rows_per_program,
         )
         options = dict(num_warps=warps) if device.type == "cuda" else {}

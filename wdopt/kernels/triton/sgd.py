@@ -11,12 +11,12 @@ import triton.language as tl
 
 from .multi_tensor import (
     CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
+    check_first_steps, first_step_flag, full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
     telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
-# Table columns; FIRST_STEP is a flag: the momentum buffer holds no history yet. The element count,
-# or the row count of a monitored step, is the last column, NCOL - 1.
+# Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``). The
+# element count, or the row count of a monitored step, is the last column, NCOL - 1.
 PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(6))
 NCOL = tl.constexpr(7)
 
@@ -81,7 +81,7 @@ def _sgd_kernel(
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
     grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
     buffer_ptr = tensor_pointer(table_ptr, row, MOMENTUM_BUFFER, NCOL, DTYPE, ALIGNED)
-    first_step = table_value(table_ptr, row, FIRST_STEP, NCOL) != 0
+    first_step = first_step_flag(table_ptr, row, FIRST_STEP, NCOL)
     lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     weight_decay64 = f64(weight_decay_bits)
     decay = (1.0 - lr64 * weight_decay64 * f64(decay_lr_scale_bits)).to(COMPUTE)
@@ -127,8 +127,10 @@ def sgd(
         return
     device, dtype = params[0].device, params[0].dtype
     has_momentum = momentum != 0
+    if has_momentum:
+        check_first_steps(first_steps)
     columns = [params, grads, momentum_buffers if has_momentum else [None] * len(params),
-               [int(f) for f in first_steps] if has_momentum else [0] * len(params)]
+               list(first_steps) if has_momentum else [None] * len(params)]
     if telemetry:
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
         table = TensorTable(columns + [buffers, row_sizes], rows, device, chunk=1)

@@ -1,0 +1,123 @@
+"""What makes a step safe to capture in a CUDA graph, checked where it can be without a GPU: the
+step's device tables stay the same from the first step on (a graph replays the tables it was
+captured with), SGD's "no history yet" flag lives on the device and survives a step GradScaler
+skipped, and maximize keeps torch's signed zeros. The captures themselves run in
+tests/test_parity.py::test_cuda_graph_capture_and_replay on a GPU (benchmarks/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wdopt
+from conftest import backend_device_pairs
+from helpers import clone_leaves, grad_stream, make_params
+
+PAIRS = backend_device_pairs()
+TRITON_DEVICES = [d for b, d in PAIRS if b == "triton"]
+
+CLASSES = [
+    (wdopt.FusedAdamW, dict(amsgrad=True)),
+    (wdopt.FusedSGD, dict(momentum=0.9)),
+    (wdopt.FusedSGD, dict(momentum=0.9, dampening=0.5)),
+    (wdopt.FusedLion, {}),
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1)),
+    (wdopt.RotationalSGD, dict(momentum=0.9, weight_decay=0.1)),
+    (wdopt.RotationalLion, dict(weight_decay=0.1)),
+]
+IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for cls, kw in CLASSES]
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="the Triton backend is not available here")
+@pytest.mark.parametrize("cls,kw", CLASSES, ids=IDS)
+def test_triton_tables_are_uploaded_once(monkeypatch, cls, kw):
+    """Static gradients (zero_grad(set_to_none=False)): table uploads per step are 1, 0, 0, …
+    for every class — a table that changed at step 2 (SGD's first-step flag used to) could not be
+    captured after one warm-up step, and would be replayed stale if captured at step 1."""
+    from wdopt.kernels import tables
+
+    uploads = []
+    upload = tables.TensorTable._upload
+    monkeypatch.setattr(tables.TensorTable, "_upload", staticmethod(lambda *a: uploads.append(1) or upload(*a)))
+    device = TRITON_DEVICES[0]
+    shapes = [(6, 5), (3, 7), (4,)]
+    params = clone_leaves(make_params(shapes, torch.float32, device))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = cls(params, lr=1e-2, backend="triton", **kw)
+    counts = []
+    for step_grads in grad_stream(shapes, 4, top=0):
+        for p, g in zip(params, step_grads):
+            p.grad.copy_(g)
+        before = len(uploads)
+        opt.step()
+        counts.append(len(uploads) - before)
+        opt.zero_grad(set_to_none=False)
+    assert counts[0] >= 1 and counts[1:] == [0, 0, 0], counts
+
+
+def _step_with_found_inf(opt, found_inf: float, device):
+    """A step as GradScaler runs it on an optimizer that unscales in its kernels."""
+    opt.grad_scale = torch.ones((), device=device)
+    opt.found_inf = torch.tensor([found_inf], device=device)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_sgd_first_step_survives_a_skipped_step(backend, device):
+    """GradScaler skips the very first step (inf gradients): the buffer still has no history, so
+    the next step stores b = g as torch's SGD does (which never saw the skipped step); with
+    dampening ≠ 0, b = μ·0 + (1 − dampening)·g would differ."""
+    shapes = [(7,), (3, 5)]
+    params = make_params(shapes, torch.float32, device)
+    grads = grad_stream(shapes, 3, top=0)
+    ours = clone_leaves(params)
+    theirs = clone_leaves(params)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    opt = wdopt.FusedSGD(ours, backend=backend, **kw)
+    opt_torch = torch.optim.SGD(theirs, foreach=False, **kw)
+    for p in ours:
+        p.grad = torch.full_like(p, float("inf"))
+    _step_with_found_inf(opt, 1.0, device)
+    for step_grads in grads:
+        for p, q, g in zip(ours, theirs, step_grads):
+            p.grad, q.grad = g.float().to(device), g.float().to(device)
+        _step_with_found_inf(opt, 0.0, device)
+        opt_torch.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt_torch.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_sgd_first_step_flag_is_device_state(backend, device):
+    """The flag is a device tensor the kernels read, cleared after the step — not a host argument
+    that a captured graph would freeze — and is not part of the state dict (torch interchange)."""
+    p = torch.nn.Parameter(torch.randn(5, device=device))
+    opt = wdopt.FusedSGD([p], lr=0.1, momentum=0.9, backend=backend)
+    p.grad = torch.randn(5, device=device)
+    opt.step()
+    buffer = opt.state[p]["momentum_buffer"]
+    (flag,) = opt._flags.lookup([buffer])
+    assert flag is not None and flag.device == p.device and float(flag) == 0.0
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}
+    loaded = wdopt.FusedSGD([p], lr=0.1, momentum=0.9, backend=backend)
+    loaded.load_state_dict(opt.state_dict())
+    assert loaded._flags.lookup([loaded.state[p]["momentum_buffer"]]) == [None]  # history
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_maximize_keeps_the_sign_of_zero(backend, device):
+    """maximize negates g exactly: −(+0) is −0 as in torch (Triton's ``-x`` lowered to 0 − x on
+    some versions, which gives +0, seen on the first GPU run)."""
+    p = torch.tensor([1.0, -2.0, 3.0], device=device, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = wdopt.FusedSGD([p], lr=0.1, momentum=0.9, maximize=True, backend=backend)
+    opt_torch = torch.optim.SGD([q], lr=0.1, momentum=0.9, maximize=True, foreach=False)
+    p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    opt.step()
+    opt_torch.step()
+    assert torch.equal(torch.signbit(opt.state[p]["momentum_buffer"]), torch.signbit(opt_torch.state[q]["momentum_buffer"]))
