@@ -78,11 +78,10 @@ step env "${GPU_CHECK_ENV_S:-20}" \
 # The GPU parametrizations only (test ids name the device; the Triton rotational tests take the
 # GPU when there is one): the CPU ones run in CI anyway, and test_cuda_sources is nvcc and a
 # host emulation, not the GPU.
-# The first GPU run (2026-11-27) reached 478 of 565 tests in 100 s on one process: with
-# pytest-xdist (in the GPU image) the Triton compiles spread over the cores. The GPU is shared.
-XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+# One process: pytest-xdist was slower on the H200 (2026-11-27: 208 tests in 150 s with -n 8
+# against 478 in 100 s without; every worker compiles the same Triton kernels).
 step tests "${GPU_CHECK_TESTS_S:-150}" \
-    python -m pytest -q -p no:cacheprovider $XDIST -rf tests \
+    python -m pytest -q -p no:cacheprovider -rf --durations=15 tests \
     -k "(cuda and not cuda_sources) or triton_rotational or graph_safety"
 step bench "${GPU_CHECK_BENCH_S:-60}" \
     python -m wdopt.bench --device cuda --skip-slow --out "$OUTDIR/bench"
