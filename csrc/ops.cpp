@@ -30,7 +30,7 @@ TORCH_LIBRARY(wdopt, m) {
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // Rotational variants (THEORY.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
+  // Rotational variants (docs/theory.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
   // momentum_buffer / exp_avg, ``state2`` exp_avg_sq (AdamW, else []), ``steps`` AdamW's step
   // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
   // (``rotational_norms[i]`` has K elements; K = 1 for a whole-tensor sphere); a tensor whose

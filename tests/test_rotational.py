@@ -1,4 +1,4 @@
-"""Rotational optimizers (THEORY.md section 3): invariants after every step, the exact angle with
+"""Rotational optimizers (docs/theory.md section 3): invariants after every step, the exact angle with
 undf = 0, an independent per-row implementation, base steps for non-rotational tensors, state
 dicts, GradScaler, and construction errors."""
 
@@ -96,7 +96,7 @@ def test_angle_with_no_averaging_is_atan_of_target(backend, name):
 
 
 def independent_rotational_adamw(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8, undf=0.9, rot_eps=1e-8):
-    """RotationalAdamW per row, written from THEORY.md without the library (fp64)."""
+    """RotationalAdamW per row, written from docs/theory.md without the library (fp64)."""
     w = w.clone()
     w = (w - w.mean(1, keepdim=True)) * (w.norm(dim=1, keepdim=True) / (w - w.mean(1, keepdim=True)).norm(dim=1, keepdim=True))
     n = w.norm(dim=1)

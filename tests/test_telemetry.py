@@ -1,4 +1,4 @@
-"""Rotation telemetry (THEORY.md section 2, wdopt/reference/telemetry.py): what every backend's
+"""Rotation telemetry (docs/theory.md section 5, wdopt/reference/telemetry.py): what every backend's
 kernels gather during a monitored step against an independent float64 computation from parameter
 snapshots; a monitored step changes nothing else; the monitor's schedule, names, predictions and
 GradScaler skips."""
@@ -82,7 +82,7 @@ def test_telemetry_matches_snapshots(backend, device, name, dtype):
             # 1e-5 rad; rows of real neurons (more than one element) get 1e-6 rad per unit of relative
             # update. A one-element row has no angle to measure (it is 0): its sums cancel exactly
             # up to rounding, which leaves sqrt(ε) of the relative update; only dim ≥ 2 tensors
-            # are neurons (THEORY.md section 2).
+            # are neurons (docs/theory.md section 5.1).
             error = (neurons["angular_update"] - independent["angular_update"].cpu()).abs()
             if p.numel() > sums.shape[0]:
                 bound = 1e-6 * max(1.0, float(independent["relative_update"].max()))
@@ -159,7 +159,7 @@ def test_rotational_prediction_is_the_target():
     out = monitor.last.tensor("group0.param0")
     target = wdopt.theory.adamw_equilibrium(1.0, 1e-3, 1).angular_update
     assert out["predicted_angular_update"] == pytest.approx(target)
-    # undf = 0: every neuron turns by exactly atan(target) (THEORY.md section 3).
+    # undf = 0: every neuron turns by exactly atan(target) (docs/theory.md section 3.2).
     assert monitor.last.neurons("group0.param0")["angular_update"].sub(math.atan(target)).abs().max() < 1e-5
 
 

@@ -92,7 +92,7 @@ def test_equilibrium_norm_and_angular_update(name):
 @pytest.mark.parametrize("name", CASES)
 def test_relaxation_time(name):
     """From 3× the equilibrium norm, the excess decays as exp(−t/τ): ‖ω‖² for decoupled decay,
-    ‖ω‖⁴ for SGD's L2 through momentum (THEORY.md §2). τ is fitted over the first 2τ steps, after
+    ‖ω‖⁴ for SGD's L2 through momentum (docs/theory.md §2.2). τ is fitted over the first 2τ steps, after
     SGD's momentum buffer has filled (1/(1−μ) steps)."""
     factory, lr, wd, prediction = CASES[name]
     d = lr * wd

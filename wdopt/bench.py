@@ -4,7 +4,7 @@
     python -m wdopt.bench --optimizer all --shapes many-small
     python -m wdopt.bench --device cuda --dtype bfloat16 --compile
 
-An optimizer step is memory-bound, so each result is reported three ways (docs/PERFORMANCE.md):
+An optimizer step is memory-bound, so each result is reported three ways (docs/performance.md):
 the step time (median, p10, p90), the effective bandwidth from an explicit bytes-per-parameter model,
 and that bandwidth as a fraction of a ceiling measured in the same run on the same device (a large
 in-place axpy). Every competitor is also divided by torch's fused step measured in the same run,

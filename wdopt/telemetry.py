@@ -6,8 +6,8 @@
     monitor.last.neurons("conv1.weight")["angular_update"]   # one value per neuron (a tensor)
 
 On every ``every``-th step the optimizer's kernels also sum, per row (neuron) of each parameter,
-‖ω‖², ⟨ω,Δω⟩, ‖Δω‖² and ‖g‖² while they update it (wdopt/reference/telemetry.py, THEORY.md
-section 2), so a monitored step reads no extra memory; backends whose kernels cannot (the
+‖ω‖², ⟨ω,Δω⟩, ‖Δω‖² and ‖g‖² while they update it (wdopt/reference/telemetry.py, docs/theory.md
+section 5), so a monitored step reads no extra memory; backends whose kernels cannot (the
 reference, strided or complex buckets) measure from snapshots instead. The sums stay on the
 device until read: on the kernels' path, recording never synchronises the host.
 

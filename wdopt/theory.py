@@ -1,7 +1,7 @@
 """Rotational equilibrium: what the base optimizers do to a scale-invariant neuron.
 
 Kosson, Messmer & Jaggi, "Rotational Equilibrium: How Weight Decay Balances Learning Across
-Neural Networks" (ICML 2024, arXiv 2305.17212); THEORY.md section 2 of the project.
+Neural Networks" (ICML 2024, arXiv 2305.17212); docs/theory.md section 2 of the project.
 
 Model and assumptions. A neuron's weight vector ω (one row of a Linear weight, one conv filter:
 C elements) is followed by a normalization, so the loss does not depend on ‖ω‖: its gradient is

@@ -1,4 +1,4 @@
-// Fused CPU kernel of the rotational variants (THEORY.md section 3; the specification is
+// Fused CPU kernel of the rotational variants (docs/theory.md section 3; the specification is
 // wdopt/reference/rotational.py). Work unit: one neuron (a row of C elements). A row is read
 // from memory once: the base direction u is computed into a per-thread row buffer (updating the
 // optimizer's state), and the centring, tangent projection, step and renormalisation then work

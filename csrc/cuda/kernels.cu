@@ -1078,7 +1078,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
     });
     blk.sync();
     if (first) freeze_norm([&](int, int64_t row, int64_t j) { return to_math(p[row * cols + j]); });
-    // Closed forms, in double from the sums (THEORY.md section 3).
+    // Closed forms, in double from the sums (docs/theory.md section 3.3).
     blk.each([&](int t) {
       if (!leader(t)) return;
       RowScalars<M>& r = rs[t >> lg];

@@ -101,7 +101,7 @@ struct LionArgs {
   Telemetry telemetry;
 };
 
-// Rotational variants (THEORY.md section 3; csrc/cpu/rotational_cpu.cpp and
+// Rotational variants (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp and
 // wdopt/reference/rotational.py): tensor i is rows[i] rows of numels[i] / rows[i] elements, each
 // projected on its sphere. Two launches: a per-tensor prologue (advances rotational_steps and
 // AdamW's steps, writes this step's coefficients to ``scratch``), then the row kernel.

@@ -2,7 +2,7 @@
 
 A ConvNet with BatchNorm (its conv filters are scale-invariant) learns the digits with 20% of the
 training labels randomised, in mini-batches of 32, so the loss never collapses and the gradients
-stay noise-dominated, as the theory assumes (THEORY.md section 2). FusedAdamW, FusedSGD (momentum
+stay noise-dominated, as the theory assumes (docs/theory.md section 2.1). FusedAdamW, FusedSGD (momentum
 0.9, L2 as torch) and FusedLion train it at a per-step decay ηλ that makes the run span several
 time constants; a RotationMonitor records every neuron's norm and angular update inside the
 kernels. Measured values are averaged over the last 20% of steps (norm: RMS over the layer's

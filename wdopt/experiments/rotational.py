@@ -2,7 +2,7 @@
 
 Setup. The ConvNet (BatchNorm after every conv, so the conv filters are scale-invariant) learns
 the digits with 20% of the training labels randomised and mini-batches of 32, so the loss cannot
-collapse to zero and the gradients stay noise-dominated (the regime THEORY.md section 2 assumes).
+collapse to zero and the gradients stay noise-dominated (the regime docs/theory.md section 2.1 assumes).
 AdamW and RotationalAdamW (``--optimizer sgd|lion``: SGD with momentum 0.9 and L2, or Lion, and
 their variants) train it from the same initialisation on the same batches, each once with a
 constant learning rate and once with a linear warm-up over the first 10% of steps followed by a

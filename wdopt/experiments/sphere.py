@@ -17,7 +17,7 @@ Measured (RotationMonitor, averaged over the last 20% of steps): each conv layer
 squared gradient at unit norm) over the same window; for the projected runs the "prediction" is
 the fixed norm ‖w0‖ and rate η/‖w0‖².
 
-Claim (THEORY.md sections 2 and 4; D'Angelo et al. 2024): SGD on a scale-invariant w moves like
+Claim (docs/theory.md sections 2 and 4; D'Angelo et al. 2024): SGD on a scale-invariant w moves like
 SGD on the unit sphere with effective rate η/‖w‖²; weight decay drives ‖w‖ to an equilibrium
 independent of the start, so the effective rate converges to the same value from every initial
 norm (time constant (1−μ)/(4ηλ) near equilibrium; from far above, the norm first shrinks by

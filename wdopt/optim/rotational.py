@@ -1,6 +1,6 @@
 """Rotational variants (Kosson, Messmer & Jaggi, ICML 2024): RotationalAdamW, RotationalSGD and
 RotationalLion hold every rotational neuron on a sphere of its initial radius and rotate it by
-the base optimizer's equilibrium angle from the first step (THEORY.md section 3; the math is
+the base optimizer's equilibrium angle from the first step (docs/theory.md section 3; the math is
 wdopt/reference/rotational.py).
 
 A tensor is rotational when its group says so (``rotational=True/False``), else when its

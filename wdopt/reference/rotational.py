@@ -1,4 +1,4 @@
-"""Rotational variants (RV) of the base optimizers: the specification (THEORY.md section 3).
+"""Rotational variants (RV) of the base optimizers: the specification (docs/theory.md section 3).
 
 Each rotational neuron (a row of the tensor viewed as K×C, or the whole tensor when not
 per_neuron) is kept at its norm n, frozen at its first step, and rotated by the equilibrium

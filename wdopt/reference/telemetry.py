@@ -1,5 +1,5 @@
 """Rotation telemetry: the per-row sums every backend's kernels accumulate during a step, and the
-quantities the monitor derives from them (THEORY.md section 2). This is the specification.
+quantities the monitor derives from them (docs/theory.md section 5). This is the specification.
 
 A monitored step hands the kernel, per parameter, a float64 buffer of shape (K, 4), K the number of
 rows (``telemetry_rows``): row r is elements [r·C, (r+1)·C) of the contiguous parameter, C = numel/K.

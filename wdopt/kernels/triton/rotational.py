@@ -1,4 +1,4 @@
-"""Rotational variants in Triton: the row engine (THEORY.md section 3). The specification is
+"""Rotational variants in Triton: the row engine (docs/theory.md section 3). The specification is
 wdopt/reference/rotational.py; csrc/cpu/rotational_cpu.cpp is the same engine in C++.
 
 The work unit is a row (a neuron: C contiguous elements; the whole tensor for a per-tensor
@@ -11,7 +11,7 @@ a fixed few launches, whatever the number of tensors:
   BLOCK = the next power of two ≥ C; a program takes ROWS of them as a [ROWS, BLOCK] tile, reads
   p, g and the state once, keeps u and p in registers for the row reductions, and writes once.
   Longer rows take one program each and two passes: pass 1 computes the direction without writing
-  and accumulates Σu, Σu², Σp, Σp², Σu·p; the closed forms of THEORY.md section 3 then give ‖t‖²
+  and accumulates Σu, Σu², Σp, Σp², Σu·p; the closed forms of docs/theory.md section 3.3 then give ‖t‖²
   and the new row norm; pass 2 recomputes the direction (the same operations, so the same values),
   writes the state and the rotated row. At the first rotational step of a zero-mean row the
   frozen norm is the exact centred norm, one more read-only pass (p may not be centred yet).
