@@ -24,8 +24,12 @@ import sys
 from setuptools import find_packages, setup
 
 # The sources travel inside the package too, so an install without a prebuilt extension can JIT-build.
-CSRC_PACKAGE = {"wdopt._csrc": "csrc"}
-CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "include/wdopt/*.h"]}
+# Each folder is named as a package of its own: setuptools warns, at length and on every install,
+# about folders that hold package data without being listed.
+CSRC_PACKAGE = {"wdopt._csrc": "csrc", "wdopt._csrc.cpu": "csrc/cpu", "wdopt._csrc.cuda": "csrc/cuda",
+                "wdopt._csrc.include.wdopt": "csrc/include/wdopt"}
+CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md"], "wdopt._csrc.cpu": ["*.cpp", "*.h"],
+             "wdopt._csrc.cuda": ["*.cu", "*.cpp", "*.h"], "wdopt._csrc.include.wdopt": ["*.h"]}
 
 
 def build_rules():
