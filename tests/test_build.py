@@ -37,7 +37,11 @@ def test_cxx_standard_of_this_torch_is_one_its_builder_passes():
     builder itself passes, so the syntax check sees what a real build sees."""
     from torch.utils import cpp_extension
 
-    assert f"-std={build.cxx_standard()}" in inspect.getsource(cpp_extension)
+    try:
+        source = inspect.getsource(cpp_extension)
+    except OSError:
+        pytest.skip("torch is installed without its Python sources")
+    assert f"-std={build.cxx_standard()}" in source
 
 
 def test_no_fixed_language_standard_in_the_build_flags():
@@ -169,7 +173,8 @@ def test_cuda_only_settings_name_only_cuda_builds():
     cuda = dict(with_cuda=True, arch_list="9.0+PTX", nvcc="/usr/local/cuda/bin/nvcc 1 2")
     assert build.cache_name(identity(**{**cuda, "cuda_flags": ["-O2"]})) != build.cache_name(identity(**cuda))
     assert build.cache_name(identity(**{**cuda, "arch_list": "8.0+PTX"})) != build.cache_name(identity(**cuda))
-    assert build.cache_name(identity(**{**cuda, "nvcc": "/opt/cuda/bin/nvcc 1 2"})) != build.cache_name(identity(**cuda))
+    other_nvcc = {**cuda, "nvcc": "/opt/cuda/bin/nvcc 1 2"}
+    assert build.cache_name(identity(**other_nvcc)) != build.cache_name(identity(**cuda))
     assert build.cache_name(identity(arch_list="8.0+PTX")) == build.cache_name(identity())
 
 
