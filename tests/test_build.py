@@ -89,6 +89,8 @@ def test_cuda_build_for_an_explicit_arch_list_without_a_gpu():
 def test_forced_cuda_build_without_a_gpu_covers_torchs_architectures():
     plan = decide(env={"WDOPT_BUILD_CUDA": "1"})
     assert plan.build and plan.arch_list == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    assert plan.why == ("for this torch's architectures (7.5;8.0;8.6;9.0;10.0;12.0+PTX), "
+                        "as WDOPT_BUILD_CUDA=1 asks without a GPU")
     with pytest.raises(build.BuildError, match="TORCH_CUDA_ARCH_LIST"):
         decide(env={"WDOPT_BUILD_CUDA": "1"}, torch_archs=[])
 

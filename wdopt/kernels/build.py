@@ -143,7 +143,7 @@ def decide_cuda(*, env, torch_cuda: str | None, nvcc: str | None, have_sources: 
         if not arch_list:
             raise BuildError("WDOPT_BUILD_CUDA=1 without a GPU: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0+PTX\")")
         return CudaPlan(True, arch_list,
-                        f"WDOPT_BUILD_CUDA=1 without a GPU: for this torch's architectures ({arch_list})")
+                        f"for this torch's architectures ({arch_list}), as WDOPT_BUILD_CUDA=1 asks without a GPU")
     return CudaPlan(False, None, "no GPU visible (set TORCH_CUDA_ARCH_LIST or WDOPT_BUILD_CUDA=1 to build them anyway)")
 
 
