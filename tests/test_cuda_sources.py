@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from wdopt import reference
+from wdopt.kernels.build import cxx_standard
 from wdopt.reference import rotational as rv
 from wdopt.reference import telemetry as reference_telemetry
 
@@ -37,7 +38,10 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 # What torch.utils.cpp_extension passes to nvcc, plus the flags wdopt's build adds.
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
-NVCC_FLAGS = ["-std=c++17", "--fmad=false", "-O3"]
+# The language standard of the torch under test, as torch's builder passes it when it builds the
+# extension (c++20 from torch 2.13's builder on; torch 2.14's headers need it).
+CXX_STD = f"-std={cxx_standard()}"
+NVCC_FLAGS = [CXX_STD, "--fmad=false", "-O3"]
 ARCHS = (80, 90)
 
 
@@ -167,7 +171,7 @@ def test_binding_passes_the_host_compilers_syntax_check():
         pytest.skip("cuda_runtime.h not found")
     # CPU wheels ship c10/cuda headers without their generated cuda_cmake_macros.h; the macro
     # below is torch's own switch for building without it.
-    cmd = [compiler, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+    cmd = [compiler, "-fsyntax-only", CXX_STD, "-Wall", "-Wextra", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
     for d in torch_includes + cuda_includes:
         cmd += ["-isystem", d]
     result = _run(cmd + [str(BINDING)], cwd=ROOT, timeout=120)
@@ -293,7 +297,7 @@ def emu(tmp_path_factory):
     (out / "shim.cpp").write_text(SHIM)
     # No FMA contraction, as the device build (--fmad=false) and the reference. No strict aliasing:
     # the row kernels read the shared reduction slots as M or as double, phase by phase.
-    cmd = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall",
+    cmd = [compiler, CXX_STD, "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall",
            "-Wextra",
            f"-I{CUDA_DIR}", *[f"-isystem{d}" for d in includes], str(out / "shim.cpp"), "-o", str(out / "emu.so")]
     result = _run(cmd, cwd=out)

@@ -21,16 +21,26 @@ def package_version(dist: str) -> str:
 
 
 def _extension_status() -> str:
-    from .kernels import cpp
+    """What the C++ extension is, or exactly what the first step will do to get it."""
+    from .kernels import build, cpp
 
     if cpp.prebuilt_available():
         return "prebuilt by pip install (wdopt._C)"
     reason = cpp.unavailable_reason()
     if reason is not None:
         return f"not available: {reason}"
-    cuda = cpp.cuda_buildable()
-    return ("JIT: compiled with ninja by the first step on a 'cpu'/'cuda' backend, then cached; "
-            + ("CUDA kernels included" if cuda is None else f"CPU only ({cuda})"))
+    try:
+        plan = cpp.cuda_plan()
+    except build.BuildError as error:
+        return f"not available: {error}"
+    kernels = f"CPU and CUDA kernels {plan.why}" if plan.build else f"CPU kernels only, no CUDA kernels: {plan.why}"
+    folder = cpp.jit_build_dir(plan.build, plan.arch_list)
+    if cpp.built_in() is not None:
+        return f"loaded from {cpp.built_in()}"
+    if (folder / build.BUILT_MARKER).exists():
+        return f"compiled, cached in {folder}: {kernels}"
+    return (f"not compiled yet: the first step on a 'cpu'/'cuda' backend compiles it once, into {folder}, "
+            f"and later runs reuse it: {kernels}")
 
 
 def report() -> str:

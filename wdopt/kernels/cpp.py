@@ -5,32 +5,61 @@ kernels gather rotation telemetry in the same pass when asked (``telemetry=``).
 
 The extension comes from ``pip install`` (setup.py builds it when torch is importable at build
 time) or is compiled here on first use with torch's JIT builder and ninja, then cached in
-``TORCH_EXTENSIONS_DIR``. Set ``WDOPT_BUILD_CUDA=0``/``1`` to skip or force the CUDA sources.
+``TORCH_EXTENSIONS_DIR``. The CUDA kernels are built where a GPU is visible, or when asked for
+with ``TORCH_CUDA_ARCH_LIST`` or ``WDOPT_BUILD_CUDA=1`` (``WDOPT_BUILD_CUDA=0`` skips them); the
+rules and the cache's naming and locking are in build.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from .. import __version__
+from . import build
 
 _extension_loaded = False
 _load_error: str | None = None
+_build_dir: Path | None = None
 
 # Plain IEEE arithmetic, no FMA contraction: the backends agree with the reference bit for bit.
 # -fno-math-errno lets sqrt vectorize (it changes no result, only drops errno for sqrt(<0)).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 # JIT builds are for this machine only: its full vector width (x86: AVX-512 where present).
 NATIVE_FLAGS = ["-march=native", "-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+# No -std here: torch's builder adds the standard its own headers need (c++17 up to some torch
+# versions, c++20 from torch 2.13's builder on, required by 2.14's headers); a fixed one breaks
+# one of them (build.cxx_standard says which it is, for compiles outside torch's builder).
+NVCC_FLAGS = ["-O3", "--fmad=false"]
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """torch logs "No CUDA runtime is found, using CUDA_HOME=..." when its cpp_extension module is
+    imported on a machine with nvcc and no GPU. wdopt has then already decided not to build the
+    CUDA kernels (and ``wdopt env`` says why); to a newcomer the line reads like an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its no-GPU notice."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeNotice()
+    logger.addFilter(quiet)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.removeFilter(quiet)
+    return cpp_extension
 
 
 def openmp_link_flags() -> list[str]:
@@ -57,19 +86,25 @@ def sources(with_cuda: bool) -> list[str]:
     return [str(f) for f in files]
 
 
-def cuda_buildable() -> str | None:
-    """None when the CUDA sources can be compiled here, else why not."""
-    if os.environ.get("WDOPT_BUILD_CUDA") == "0":
-        return "WDOPT_BUILD_CUDA=0"
+def cuda_plan() -> build.CudaPlan:
+    """Whether the JIT build includes the CUDA kernels, for which GPUs, and why (build.decide_cuda).
+    Raises build.BuildError when WDOPT_BUILD_CUDA=1 asks for what cannot be built here."""
     if torch.version.cuda is None:
-        return "this torch has no CUDA support"
-    from torch.utils.cpp_extension import CUDA_HOME
+        cuda_home = None  # and no cpp_extension import just to learn that
+    else:
+        cuda_home = _cpp_extension().CUDA_HOME
+    root = source_dir()
+    have_sources = root is not None and any((root / "cuda").glob("*.cu"))
+    return build.cuda_plan(cuda_home, have_sources)
 
-    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return "nvcc not found (set CUDA_HOME)"
-    if source_dir() is None or not any((source_dir() / "cuda").glob("*.cu")):
-        return "the CUDA sources are not installed"
-    return None
+
+def cuda_buildable() -> str | None:
+    """None when the JIT build will include the CUDA kernels, else why not."""
+    try:
+        plan = cuda_plan()
+    except build.BuildError as error:
+        return str(error)
+    return None if plan.build else plan.why
 
 
 def prebuilt_available() -> bool:
@@ -88,9 +123,7 @@ def unavailable_reason() -> str | None:
         return "no prebuilt extension and no C++ sources to build one"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler found (install g++ or set CXX)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if not _cpp_extension().is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
 
@@ -117,15 +150,16 @@ def load(verbose: bool = False) -> None:
             reason = unavailable_reason()
             if reason is not None:
                 raise RuntimeError(reason)
-            if cuda_buildable() is None:
+            plan = cuda_plan()
+            if plan.build:
                 try:
-                    _jit_build(with_cuda=True, verbose=verbose)
+                    _jit_build(with_cuda=True, arch_list=plan.arch_list, verbose=verbose)
                 except Exception as error:  # keep the CPU kernels when only the CUDA part fails
                     warnings.warn(f"wdopt: building the CUDA kernels failed ({_first_error_line(error)}); "
                                   "building the CPU kernels alone", RuntimeWarning, stacklevel=2)
-                    _jit_build(with_cuda=False, verbose=verbose)
+                    _jit_build(with_cuda=False, arch_list=None, verbose=verbose)
             else:
-                _jit_build(with_cuda=False, verbose=verbose)
+                _jit_build(with_cuda=False, arch_list=None, verbose=verbose)
     except Exception as error:  # a compiler error, a missing tool: remember it, say it once
         _load_error = f"building the C++ extension failed: {_first_error_line(error)}"
         raise RuntimeError(_load_error) from error
@@ -133,37 +167,67 @@ def load(verbose: bool = False) -> None:
     _extension_loaded = True
 
 
-def _jit_build(with_cuda: bool, verbose: bool) -> None:
-    from torch.utils.cpp_extension import load as jit_load
-
-    cflags = CXX_FLAGS + NATIVE_FLAGS
-    # One cache entry per checkout, version, flag set and machine: two checkouts never overwrite
-    # each other's build, and a home directory shared by different CPUs never loads a build made
-    # with another CPU's instructions.
-    identity = "|".join([str(source_dir()), __version__, torch.__version__, " ".join(cflags), str(with_cuda),
-                         platform.machine(), _cpu_flags()])
-    name = f"wdopt_C{'_cuda' if with_cuda else ''}_{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
-    jit_load(
-        name=name,
-        sources=sources(with_cuda),
-        extra_cflags=cflags,
-        extra_ldflags=openmp_link_flags(),
-        extra_cuda_cflags=NVCC_FLAGS,
-        extra_include_paths=[str(source_dir() / "include")],
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=verbose,
-    )
+def build_flags(with_cuda: bool) -> dict:
+    """What the JIT build passes to torch's builder (and what names its cache entry)."""
+    return dict(cflags=CXX_FLAGS + NATIVE_FLAGS, cuda_flags=NVCC_FLAGS if with_cuda else [],
+                ldflags=openmp_link_flags())
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def jit_identity(with_cuda: bool, arch_list: str | None) -> dict[str, str]:
+    flags = build_flags(with_cuda)
+    return build.build_identity(
+        wdopt_version=__version__, sources=build.source_digest(source_dir()), with_cuda=with_cuda,
+        cflags=flags["cflags"], cuda_flags=flags["cuda_flags"], ldflags=flags["ldflags"], arch_list=arch_list,
+        compiler=build.tool_identity(os.environ.get("CXX", "c++")),
+        nvcc=build.tool_identity(build.find_nvcc(_cpp_extension().CUDA_HOME)) if with_cuda else None)
+
+
+def jit_build_dir(with_cuda: bool, arch_list: str | None) -> Path:
+    """The cache folder of this environment's build: one per identity (build.build_identity)."""
+    return build.extensions_root() / build.cache_name(jit_identity(with_cuda, arch_list))
+
+
+def jit_cached(with_cuda: bool, arch_list: str | None) -> bool:
+    return (jit_build_dir(with_cuda, arch_list) / build.BUILT_MARKER).exists()
+
+
+def _jit_build(with_cuda: bool, arch_list: str | None, verbose: bool) -> None:
+    global _build_dir
+    cpp_extension = _cpp_extension()
+    flags = build_flags(with_cuda)
+    identity = jit_identity(with_cuda, arch_list)
+    build_dir = build.extensions_root() / build.cache_name(identity)
+    with build.build_lock(build_dir):
+        # The marker is written after a finished build, and the folder's name covers everything
+        # that changes a build: without it, this process compiles (say so, or it looks frozen).
+        compiling = not (build_dir / build.BUILT_MARKER).exists()
+        if compiling:
+            what = ("C++ and CUDA kernels once (several minutes)" if with_cuda
+                    else "C++ kernels once (a minute or so on 2 cores)")
+            build.notice(f"wdopt: compiling the {what}, into {build_dir} ...")
+        start = time.monotonic()
+        with build.arch_list_env(arch_list if with_cuda else None):
+            cpp_extension.load(
+                name=build_dir.name,
+                sources=sources(with_cuda),
+                extra_cflags=flags["cflags"],
+                extra_ldflags=flags["ldflags"],
+                extra_cuda_cflags=flags["cuda_flags"],
+                extra_include_paths=[str(source_dir() / "include")],
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        if compiling:
+            (build_dir / build.BUILT_MARKER).write_text(build.describe_identity(identity))
+            build.notice(f"wdopt: compiled in {time.monotonic() - start:.0f} s; later runs reuse it")
+    _build_dir = build_dir
+
+
+def built_in() -> Path | None:
+    """The JIT cache folder this process loaded the extension from (None: prebuilt or not loaded)."""
+    return _build_dir
 
 
 def _first_error_line(error: Exception) -> str:
