@@ -639,8 +639,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", choices=PUBLIC_SHAPE_SETS + ("all", "tiny"), default="all",
                         metavar="{gpt2,resnet50,many-small,all}")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; at least 1)")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps (default 10)")
+    # A GPU step takes about a millisecond and its clocks ramp up under load: ten steps after two
+    # warm-ups moved ratios by up to 2.5x between two runs on an H200 (2026-11-27, RESULTS.md).
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 2 on CPU, 20 on CUDA; at least 1)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10 on CPU, 100 on CUDA)")
     parser.add_argument("--slow-iters", type=int, default=3,
                         help=f"timed steps for {', '.join(SLOW_COMPETITORS)} (default 3, after 1 warm-up)")
     parser.add_argument("--skip-slow", action="store_true", help=f"do not time {', '.join(SLOW_COMPETITORS)}")
@@ -651,6 +654,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "CPU, 1 avoids OpenMP regions stalling on a thread another process descheduled")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<UTC timestamp>)")
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
+    args.iters = args.iters if args.iters is not None else (100 if cuda else 10)
     if args.warmup < 1 or args.iters < 1 or args.slow_iters < 1:
         parser.error("--warmup, --iters and --slow-iters must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
