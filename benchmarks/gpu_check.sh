@@ -3,14 +3,19 @@
 #
 #     benchmarks/gpu_check.sh OUTDIR
 #
-# Steps, in order: nvidia-smi, build (JIT-builds the C++/CUDA extension), env (versions and
-# backends, after the build so the CUDA backend shows), tests (the suite's CUDA parametrizations:
-# Triton natively, the CUDA backend, parity with torch, capturable, GradScaler, rotational kernels,
-# telemetry), bench, equilibrium (the main experiment, quick size). Each step runs under `timeout`, its output is
-# streamed to OUTDIR/<step>.log, and its exit code and duration are appended to OUTDIR/summary.txt
-# as soon as it finishes. A failing step never stops the later ones. The caps below fit the whole
-# script in 5 minutes on an H100; a global deadline trims the last steps if earlier ones ran long.
-# Each cap can be overridden from the environment (e.g. GPU_CHECK_TESTS_S=300).
+# Steps, in priority order, so that a run cut short still answers the most important questions:
+# nvidia-smi, build (JIT-builds the C++/CUDA extension), env (versions and backends, after the
+# build so the CUDA backend shows), acceptance (benchmarks/gpu_acceptance.py: rounding, unaligned
+# views, side stream, no host syncs, long rotational rows, a 2^31 + 5 element tensor, host
+# overhead; OUTDIR/acceptance.json), tests (the suite's CUDA parametrizations: Triton natively,
+# the CUDA backend, parity with torch, graph capture, GradScaler, rotational kernels, telemetry),
+# equilibrium (the main experiment, quick size), bench (last: fp32 AdamW against torch at the
+# GPT-2, ResNet-50 and 10,000 × 256 shapes, with the copy-bandwidth ceiling). Each step runs under
+# `timeout`, its output is streamed to OUTDIR/<step>.log, and its exit code and duration are
+# appended to OUTDIR/summary.txt as soon as it finishes. A failing step never stops the later ones.
+# A global deadline (GPU_CHECK_BUDGET_S, default 330 s) trims the last steps if earlier ones ran
+# long; on the H200 (2026-11-27) the build took 37 s and the tests 168 s, so the bench is the step
+# a full run may lose. Each cap can be overridden from the environment (e.g. GPU_CHECK_TESTS_S=300).
 #
 # Exit status: 0 when every step succeeded, 1 otherwise, 2 on a usage error.
 
@@ -34,7 +39,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # every later step would wait; this one is removed below if the build step times out.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/wdopt-gpu-check-extensions}
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-300}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-330}
 START=$(date +%s)
 SUMMARY="$OUTDIR/summary.txt"
 {
@@ -75,19 +80,22 @@ step build "${GPU_CHECK_BUILD_S:-90}" \
 find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null
 step env "${GPU_CHECK_ENV_S:-20}" \
     python -m wdopt.env
+step acceptance "${GPU_CHECK_ACCEPTANCE_S:-75}" \
+    python benchmarks/gpu_acceptance.py "$OUTDIR/acceptance.json"
 # The GPU parametrizations only (test ids name the device; the Triton rotational tests take the
 # GPU when there is one): the CPU ones run in CI anyway, and test_cuda_sources is nvcc and a
 # host emulation, not the GPU.
 # One process: pytest-xdist was slower on the H200 (2026-11-27: 208 tests in 150 s with -n 8
 # against 478 in 100 s without; every worker compiles the same Triton kernels).
-step tests "${GPU_CHECK_TESTS_S:-150}" \
+step tests "${GPU_CHECK_TESTS_S:-180}" \
     python -m pytest -q -p no:cacheprovider -rf --durations=15 tests \
     -k "(cuda and not cuda_sources) or triton_rotational or graph_safety"
-step bench "${GPU_CHECK_BENCH_S:-60}" \
-    python -m wdopt.bench --device cuda --skip-slow --out "$OUTDIR/bench"
 # The main experiment, quick size, on the GPU backends (rotation telemetry in the kernels).
-step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-45}" \
+step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-40}" \
     python -m wdopt equilibrium --device cuda --quick --no-progress --out "$OUTDIR/equilibrium"
+# Results are written per shape set as they finish (results.partial.csv): a cut run keeps them.
+step bench "${GPU_CHECK_BENCH_S:-120}" \
+    python -m wdopt.bench --device cuda --skip-slow --warmup 10 --iters 40 --out "$OUTDIR/bench"
 
 echo "# total $(($(date +%s) - START)) s" >>"$SUMMARY"
 echo "== summary ($SUMMARY)"
