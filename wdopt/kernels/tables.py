@@ -7,8 +7,10 @@ flags, and its element count in the last column), and a list of work items, one 
 
 Each bucket (known by its first address) keeps one table, replaced when its content (addresses,
 flags, sizes) changes: a training loop whose tensors keep their addresses (the caching allocator
-usually returns the same blocks) uploads nothing, any number of buckets coexist without evicting
-each other, and a CUDA graph captured after a warm-up step keeps reading a live table.
+usually returns the same blocks) uploads nothing, and any number of buckets coexist without
+evicting each other. A table used while a CUDA graph is being captured is kept alive for good (the
+graph replays its address); one used on another stream than the one it was made on is recorded
+on that stream, so its memory is not reused while a kernel there may still read it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from typing import Sequence
 
 import torch
 
-# bucket -> (content, device buffer). The bound only guards against endless reallocation.
+# bucket -> (content, device buffer, stream it was made on). The bound only guards against
+# endless reallocation.
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 4096
+# Tables read by a kernel captured in a CUDA graph: a graph replays the addresses it captured, and
+# nothing says when it is dropped, so such a table is never freed (replacing or evicting its cache
+# entry keeps it here). A few kilobytes per distinct captured step.
+_CAPTURED: dict[int, torch.Tensor] = {}
 
 
 class TensorTable:
@@ -51,19 +58,27 @@ class TensorTable:
         self.aligned = not misaligned
         bucket = (device, self.ncol, chunk, values[0] if values else 0)
         content = tuple(values)
+        cuda = device.type == "cuda"
+        stream = torch.cuda.current_stream(device) if cuda else None
         cached = _CACHE.get(bucket)
         if cached is not None and cached[0] == content:
             _CACHE.move_to_end(bucket)
             buf = cached[1]
+            if cuda and cached[2] != stream:
+                # Made on another stream: the allocator must not hand its memory out again while a
+                # kernel on this stream may still read it (if the entry is replaced later).
+                buf.record_stream(stream)
         else:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     "wdopt: the tensors of an optimizer step changed during CUDA graph capture. Run one "
                     "step before capturing, and keep gradients at fixed addresses (zero_grad(set_to_none=False)).")
             buf = self._upload(values, numels, chunk, device)
-            _CACHE[bucket] = (content, buf)
+            _CACHE[bucket] = (content, buf, stream)
             if len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
+        if cuda and torch.cuda.is_current_stream_capturing():
+            _CAPTURED[buf.data_ptr()] = buf
         self.table = buf[: self.rows * self.ncol]
         self.work = buf[self.rows * self.ncol :]
         self.programs = self.work.numel()
