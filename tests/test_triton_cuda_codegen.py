@@ -1,13 +1,17 @@
 """The Triton kernels compile for NVIDIA GPUs (sm_80, sm_90) on any machine: Triton's CUDA
 backend compiles ahead of time without a GPU. The generated PTX is checked for what performance
 and exactness depend on: 16-byte vector loads and stores on full blocks, and no approximate
-division or square root (the rotational row kernels: exact math)."""
+division or square root (the rotational row kernels: exact math). Every kernel is also assembled
+for sm_90 with the ptxas that Triton ships, at the warps it is launched with, and held to no
+spill, and the element-wise kernels to at most 128 registers a thread (occupancy)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import tempfile
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -38,14 +42,23 @@ COMPILER = textwrap.dedent("""
                      for a in fn.arg_names}
         try:
             target = GPUTarget("cuda", case["arch"], 32)
+            options = {"enable_fp_fusion": False, "num_warps": case.get("num_warps", 4)}
             out[case["id"]] = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                             target=target, options={"enable_fp_fusion": False}).asm["ptx"]
+                                             target=target, options=options).asm["ptx"]
         except Exception as e:
             out[case["id"]] = "COMPILE ERROR: " + repr(e)
     print(json.dumps(out))
 """)
 
 DTYPES = ["fp32", "bf16", "fp16", "fp64"]
+# The warps the kernels are launched with on a GPU (wdopt/kernels/triton): element-wise kernels
+# GPU_WARPS, rotational tiles by their element count, long rotational rows LONG_WARPS.
+ELEMENTWISE_WARPS = 8
+LONG_WARPS = 16
+
+
+def _tile_warps(rows, block):
+    return 4 if rows * block <= 512 else 16 if block >= 2048 else 8
 FLAGS = dict(MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, CHUNK=16384, BLOCK=1024)
 ELEMENTWISE = {
     "adamw": ("adamw", "_adamw_kernel", dict(AMSGRAD=True)),
@@ -62,25 +75,30 @@ def _cases():
         for dtype in DTYPES:
             for arch in ([80, 90] if dtype == "fp32" else [90]):
                 cases.append(dict(id=f"{name}-{dtype}-sm{arch}", module=module, kernel=kernel, dtype=dtype,
-                                  arch=arch, constexprs={**FLAGS, **extra}))
+                                  arch=arch, constexprs={**FLAGS, **extra}, num_warps=ELEMENTWISE_WARPS))
     cases.append(dict(id="adamw-unaligned", module="adamw", kernel="_adamw_kernel", dtype="fp32", arch=90,
-                      constexprs={**FLAGS, **ELEMENTWISE["adamw"][2], "ALIGNED": False}))
+                      constexprs={**FLAGS, **ELEMENTWISE["adamw"][2], "ALIGNED": False}, num_warps=ELEMENTWISE_WARPS))
     cases.append(dict(id="adamw-coefficients", module="adamw", kernel="_adamw_coefficients_kernel", arch=90,
-                      constexprs=dict(LR_ON_DEVICE=True, HAS_FOUND_INF=True, ROWS=128)))
+                      constexprs=dict(LR_ON_DEVICE=True, HAS_FOUND_INF=True, ROWS=128), num_warps=ELEMENTWISE_WARPS))
     # Monitored steps: one program per telemetry row (rows start anywhere: no vector accesses).
     for name, (module, kernel, extra) in ELEMENTWISE.items():
         cases.append(dict(id=f"{name}-telemetry", module=module, kernel=kernel, dtype="fp32", arch=90,
-                          constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 1024, "TELEMETRY": True}))
+                          constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 1024, "TELEMETRY": True},
+                          num_warps=ELEMENTWISE_WARPS))
     # The rotational row engine: short rows as a [ROWS, BLOCK] tile, long rows in two passes.
     for optimizer, extra in ROTATIONAL.items():
-        for long, dtypes in ((False, ["fp32"]), (True, ["fp32", "bf16", "fp64"] if optimizer == 0 else ["fp32"])):
-            for dtype in dtypes:
-                cases.append(dict(
-                    id=f"rotational-{optimizer}-{'long' if long else 'tile'}-{dtype}", module="rotational",
-                    kernel="_rotational_kernel", dtype=dtype, arch=90,
-                    constexprs=dict(OPTIMIZER=optimizer, ZERO_MEAN=True, PROJECTED=False, MAXIMIZE=True,
-                                    HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
-                                    ROWS=1 if long else 16, BLOCK=2048 if long else 128, **extra)))
+        # Tiles: 16 rows of 128 (2,048 elements), and one row of 2,048 (the largest on chip).
+        shapes = [(False, 16, 128, "fp32"), (False, 1, 2048, "fp32")]
+        shapes += [(True, 1, 1024 if d == "fp64" else 2048, d)
+                   for d in (["fp32", "bf16", "fp64"] if optimizer == 0 else ["fp32"])]
+        for long, rows, block, dtype in shapes:
+            cases.append(dict(
+                id=f"rotational-{optimizer}-{'long' if long else f'tile{rows}x{block}'}-{dtype}", module="rotational",
+                kernel="_rotational_kernel", dtype=dtype, arch=90,
+                num_warps=LONG_WARPS if long else _tile_warps(rows, block),
+                constexprs=dict(OPTIMIZER=optimizer, ZERO_MEAN=True, PROJECTED=False, MAXIMIZE=True,
+                                HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
+                                ROWS=rows, BLOCK=block, **extra)))
     cases.append(dict(id="rotational-coefficients", module="rotational", kernel="_rotational_coefficients_kernel",
                       arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, ROWS=128)))
     return cases
@@ -129,3 +147,32 @@ def test_rotational_kernels_compile_exact(ptx, case_id):
 def test_adamw_coefficient_kernel_compiles(ptx):
     code = _compiled(ptx, "adamw-coefficients")
     assert "sqrt.rn.f64" in code and ".approx" not in code
+
+
+def _ptxas(code: str, arch: str) -> str | None:
+    """``ptxas -v`` output for ``code``, from the first ptxas that Triton ships which accepts its
+    PTX version (a newer Triton emits PTX newer than its plain ptxas reads); None if none does."""
+    import triton
+
+    bins = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(code)
+        for tool in sorted(bins.glob("ptxas*"), reverse=True):
+            out = subprocess.run([str(tool), "-v", "--gpu-name", arch, str(source), "-o", os.devnull],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                return out.stderr
+    return None
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["arch"] == 90])
+def test_kernels_fit_in_registers_at_sm90(ptx, case_id):
+    code = _compiled(ptx, case_id)
+    report = _ptxas(code, "sm_90a" if ".target sm_90a" in code else "sm_90")
+    assert report is not None, "no ptxas shipped with Triton assembles this PTX"
+    registers = max(int(r) for r in re.findall(r"Used (\d+) registers", report))
+    spilled = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    assert spilled == 0, f"{case_id}: {spilled} bytes of spill stores and loads ({registers} registers)"
+    if not case_id.startswith("rotational"):
+        assert registers <= 128, f"{case_id}: {registers} registers a thread (at most 128 keeps occupancy)"

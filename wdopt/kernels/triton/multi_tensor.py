@@ -19,8 +19,12 @@ from . import INTERPRETED
 
 #: Work per program. Interpreted programs cost about a millisecond each, so they take bigger chunks.
 CHUNK = 65536 if INTERPRETED else 16384
-#: Element-wise width of one loop iteration on the GPU (num_warps=4: 8 elements per thread).
+#: Element-wise width of one loop iteration on the GPU, and the warps of the element-wise kernels:
+#: 4 elements (one 16-byte vector of fp32) per thread. At 4 warps (8 per thread) AdamW held 168
+#: registers a thread at sm_90; at 8, 92 (ptxas -v; tests/test_triton_cuda_codegen.py holds every
+#: element-wise kernel to at most 128 and no spill).
 GPU_BLOCK = 1024
+GPU_WARPS = 8
 
 #: Incremented by every kernel launch; tests read it to check the launch count per step.
 launch_count = 0
@@ -52,6 +56,7 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
     launch_count += 1
     if device.type == "cuda":
         # No FMA contraction: the kernels then round exactly as the reference does.
+        kwargs.setdefault("num_warps", GPU_WARPS)
         with torch.cuda.device(device):
             kernel[grid](*args, enable_fp_fusion=False, **kwargs)
     else:

@@ -37,12 +37,19 @@ from .sgd import sgd_direction
 
 #: Rows up to this many elements are held on chip (one read, one write); longer rows take two
 #: passes over memory. A module attribute, so that tests can lower it to exercise both paths.
-ON_CHIP = 8192
+#: On the GPU a tile lives in registers: at sm_90 a 4,096-element row spills at 16 warps (the cap
+#: is then 128 registers a thread) and an 8,192-element one at 32, so rows over 2,048 elements
+#: take the two-pass path (ptxas -v, tests/test_triton_cuda_codegen.py).
+ON_CHIP = 8192 if INTERPRETED else 2048
 #: Elements per program for short rows (ROWS = TILE / BLOCK rows of a tensor per program); the
 #: interpreter runs a program in about the same time whatever its width, so it takes wide tiles.
-TILE = 65536 if INTERPRETED else 4096
-#: Elements per loop iteration of a long row (at most ON_CHIP).
+TILE = 65536 if INTERPRETED else 2048
+#: Elements per loop iteration of a long row (at most ON_CHIP); fp64 rows take half (at 2,048
+#: AdamW's fp64 loop spilled 360 bytes at 16 warps).
 LONG_BLOCK = 8192 if INTERPRETED else 2048
+#: Warps of the long-row programs: at 8 the loop over 2,048 elements held 246 registers a thread
+#: (no spill, low occupancy); at 16, 128.
+LONG_WARPS = 16
 
 ADAMW, LION, SGD = 0, 1, 2
 OPTIMIZERS = {"adamw": ADAMW, "lion": LION, "sgd": SGD}
@@ -315,8 +322,11 @@ def _rotational_kernel(
             tl.store(out + 3, tl.sum(g2, axis=0), mask=active)
 
 
-def _num_warps(elements: int) -> int:
-    return 4 if elements <= 1024 else 8 if elements <= 4096 else 16
+def _num_warps(rows: int, block: int) -> int:
+    """Warps of a short-row tile of ``rows`` × ``block``: no tile up to TILE spills at sm_90 (ptxas
+    -v): a 16 × 128 tile held 128 registers at 8 warps and spilled at 16 (Lion, SGD), a 1 × 2048
+    row the other way round."""
+    return 4 if rows * block <= 512 else 16 if block >= 2048 else 8
 
 
 def rotational(
@@ -379,7 +389,8 @@ def rotational(
     )
 
     on_chip = ON_CHIP
-    long_block = max(16, min(LONG_BLOCK, 1 << (max(on_chip, 16).bit_length() - 1)))
+    widest = LONG_BLOCK if dtype != torch.float64 or INTERPRETED else LONG_BLOCK // 2
+    long_block = max(16, min(widest, 1 << (max(on_chip, 16).bit_length() - 1)))
     # Launch classes: (BLOCK, or 0 for long rows; whether the kernel gathers telemetry).
     classes: dict[tuple[int, bool], list[int]] = {}
     for i, size in enumerate(sizes):
@@ -388,10 +399,10 @@ def rotational(
     for (block, monitored), members in sorted(classes.items()):
         long = block == 0
         if long:
-            rows_per_program, block, warps = 1, long_block, 8
+            rows_per_program, block, warps = 1, long_block, LONG_WARPS
         else:
             rows_per_program = max(1, min(TILE // block, triton.next_power_of_2(max(rows[i] for i in members))))
-            warps = _num_warps(rows_per_program * block)
+            warps = _num_warps(rows_per_program, block)
 
         def column(values):
             return [values[i] for i in members]
