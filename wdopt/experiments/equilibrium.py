@@ -251,6 +251,11 @@ def _spike(log: list[dict], key: str, steps: int):
     return best if best is not None and best[1] >= 2 else None
 
 
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else math.nan
+
+
 def _plots(out, curves, rows, runs, steps) -> list[str]:
     plt = harness.pyplot()
     layers = (*ConvNet.scale_invariant, "fc.weight")  # every row of the table
@@ -260,7 +265,7 @@ def _plots(out, curves, rows, runs, steps) -> list[str]:
     for quantity, key, title in (("angle", "predicted_angular_update", "angular update per step (rad)"),
                                  ("norm", "predicted_norm", "RMS neuron norm")):
         # One y range for all panels (sharey): they are meant to be compared.
-        fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * len(labels), 4.6), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(labels), figsize=(3.8 * max(2, len(labels)), 4.6), squeeze=False, sharey=True)
         handles = {}
         for ax, label in zip(axes[0], labels):
             log = curves[label]
@@ -299,10 +304,10 @@ def _plots(out, curves, rows, runs, steps) -> list[str]:
             ax.set_yscale("log")
         axes[0][0].set_ylabel(title)
         # The legend goes below the panels, off the data.
-        caption = textwrap.fill(_caption(quantity, curves, runs, steps), width=int(45 * len(labels)))
+        caption = textwrap.fill(_caption(quantity, curves, runs, steps), width=int(max(2, len(labels)) * 50))
         lines = caption.count("\n") + 1 if caption else 0
         bottom = 0.03 + 0.035 * lines  # room for the caption, then the legend above it
-        fig.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, bottom), ncol=3,
+        fig.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, bottom), ncol=3 if len(labels) > 2 else 2,
                    fontsize=7, frameon=False)
         fig.suptitle(f"{title}: measured (solid) and predicted (dashed)", fontsize=10)
         fig.tight_layout(rect=(0, bottom + 0.14, 1, 1))
@@ -320,12 +325,25 @@ def _caption(quantity: str, curves, runs, steps) -> str:
     if quantity == "norm":
         parts.append("τ = the theory's relaxation time of ‖ω‖² (AdamW, Lion: 1/(2ηλ); SGD: (1−μ)/(4ηλ)); the offset "
                      "from equilibrium decays as e^(−t/τ); runs shorter than 5τ are reported as not at equilibrium yet.")
+    decayed = next((log for label, log in curves.items() if runs[label]["weight_decay"] > 0
+                    and runs[label]["optimizer"] == "adamw"), None)
     for label, log in curves.items():
-        if runs[label]["weight_decay"] == 0:
-            spike = _spike(log, "conv1.weight:angle" if quantity == "angle" else "conv1.weight:norm", steps)
-            if quantity == "angle":
-                parts.append("λ = 0 (control): the angle keeps falling because the norm keeps growing (effective lr "
-                             "∝ 1/‖ω‖²)" + (f"; the spike at step {spike[0]} (×{spike[1]:.1f}) is a burst of large "
-                             "updates, which the decayed runs do not show: without decay nothing pulls the norm "
-                             "back, so such bursts set the control's norm growth" if spike else "") + ".")
+        if runs[label]["weight_decay"] == 0 and quantity == "angle":
+            # Numbers, not adjectives: the control's loss against the decayed run's, in the window.
+            loss = _median([r["loss"] for r in log if r["step"] > steps * (1 - WINDOW)])
+            text = "λ = 0 (control): the norm keeps growing, so the effective lr η/‖ω‖² and the angle keep falling"
+            if decayed is not None:
+                decayed_loss = _median([r["loss"] for r in decayed if r["step"] > steps * (1 - WINDOW)])
+                text += (f"; the network fits the noisy labels (median training loss in the window {loss:.3g}, "
+                         f"{decayed_loss:.3g} with decay), so its gradients nearly vanish")
+            spike = _spike(log, "conv1.weight:angle", steps)
+            if spike:
+                i = next(i for i, r in enumerate(log) if r["step"] == spike[0])
+                before = _median([r["loss"] for r in log[max(0, i - 20):i]])
+                peak = max(r["loss"] for r in log[i:i + 5])
+                text += (f". The spike at step {spike[0]} (angle ×{spike[1]:.1f}) comes with the loss rising from "
+                         f"{before:.2g} to {peak:.2g}: a burst of large steps. Such bursts carry much of the control's "
+                         "norm growth, so that growth depends on whether one falls in the window (EXPERIMENTS.md: "
+                         "spread over seeds)")
+            parts.append(text + ".")
     return " ".join(parts)

@@ -205,7 +205,8 @@ def _span(rows: list[dict], key: str) -> str:
 
 def _plots(out, curves, predicted, lr) -> list[str]:
     plt = harness.pyplot()
-    fig, axes = plt.subplots(2, len(LAYERS), figsize=(4 * len(LAYERS), 6), squeeze=False)
+    # One y range per row: the layers' norms and effective lrs are meant to be compared.
+    fig, axes = plt.subplots(2, len(LAYERS), figsize=(4 * len(LAYERS), 6), squeeze=False, sharey="row")
     styles = {"sgd": "-", "projected": ":"}
     scales = sorted({label.split("×")[1] for label in curves}, key=float)
     for j, layer in enumerate(LAYERS):
