@@ -176,8 +176,10 @@ def run(args) -> int:
     if "equilibrium" in rerun:
         for seed in args.seeds:
             if seed != 0:
-                run_one(["equilibrium", *size, "--optimizer", "adamw", "--seed", str(seed)], seed_dir / f"seed{seed}",
-                        None)
+                seed_out = seed_dir / f"seed{seed}"
+                run_one(["equilibrium", *size, "--optimizer", "adamw", "--seed", str(seed)], seed_out, None)
+                for png in seed_out.glob("*.png"):  # only the spread's numbers are shown
+                    png.unlink()
     results = {name: load(out, name) for name in names if (out / name / "summary.json").exists()}
     seed_summaries = {}
     if "equilibrium" in results:
