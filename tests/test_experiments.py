@@ -258,6 +258,8 @@ def test_unwritable_out_fails_before_training(capsys, tmp_path):
 def test_unknown_backend_fails_before_training(capsys, tmp_path):
     line = _fails_with_one_line(capsys, ["lr-wd", "--quick", "--backend", "nope", "--out", str(tmp_path / "o")])
     assert "--backend 'nope' is unknown" in line
+    line = _fails_with_one_line(capsys, ["why-wd", "--quick", "--optimizer", "sgd", "--out", str(tmp_path / "o")])
+    assert line.startswith("wdopt why-wd: error: parts a and c")
     line = _fails_with_one_line(capsys, ["demo", "--backend", "nope"])
     assert line.startswith("wdopt demo: error: --backend 'nope' is unknown")
 

@@ -160,8 +160,8 @@ def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
 def run(args) -> dict:
     parts = ("a", "b", "c") if args.part == "all" else (args.part,)
     if args.optimizer == "sgd" and ("a" in parts or "c" in parts):
-        raise SystemExit("why-wd: parts a and c train the language model with AdamW (or --optimizer lion); "
-                         "--optimizer sgd applies to part b only (--part b)")
+        harness.fail(NAME, "parts a and c train the language model with AdamW (or --optimizer lion); "
+                     "--optimizer sgd applies to part b only (--part b)")
     run = harness.Run(NAME, args, PRESETS)
     steps, lr = run["steps"], run["lr"]
     wd_on = run["weight_decay"]
