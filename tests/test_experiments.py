@@ -1,12 +1,17 @@
 """The experiments (``wdopt <experiment> --quick``): output files and their schema, the equilibrium
-numbers recomputed from the saved weights independently of the telemetry, and bitwise determinism.
+numbers recomputed from the saved weights independently of the telemetry, bitwise determinism,
+the verdicts and their "not at equilibrium yet" note, failures before training, ``wdopt report``
+and the demo/bench command lines.
 
 Each experiment runs in-process through ``wdopt.cli.main`` once per module (cached), plus one
-rerun each of equilibrium and rotational for the determinism check."""
+rerun each of equilibrium and rotational for the determinism check. The other tests train
+nothing (or a 5-step demo)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -59,7 +64,11 @@ def outputs(tmp_path_factory):
         if name not in cache:
             threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
             try:
-                cache[name] = _run(name, tmp_path_factory.mktemp(name.replace("-", "_")))
+                out = tmp_path_factory.mktemp(name.replace("-", "_"))
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    cache[name] = _run(name, out)
+                (out / "stdout.txt").write_text(printed.getvalue())
             finally:
                 torch.set_num_threads(threads)
                 torch.use_deterministic_algorithms(deterministic)
@@ -95,6 +104,10 @@ def test_outputs_schema(name, outputs):
         assert data.startswith(b"\x89PNG") and len(data) > 1000
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert isinstance(weights, dict) and weights
+    # Every experiment ends with a verdict in words, printed and in summary.json.
+    assert summary["verdict"] and all(isinstance(v, str) and v for v in summary["verdict"])
+    printed = (out / "stdout.txt").read_text()
+    assert "\nverdict:\n" in printed and all(v in printed for v in summary["verdict"])
 
 
 def _rms_norm(w: torch.Tensor) -> torch.Tensor:
@@ -151,3 +164,154 @@ def test_bitwise_deterministic(name, outputs, tmp_path):
     first = outputs(name)
     second = _run(name, tmp_path / "again")
     assert (first / "metrics.csv").read_bytes() == (second / "metrics.csv").read_bytes()
+
+
+# ---------------------------------------------------------------------- verdicts
+
+
+def test_equilibrium_quick_verdict_says_not_at_equilibrium(outputs):
+    """--quick's Lion (ηλ = 9e-3 ≈ 1 − β2, norms still moving) is reported as not at equilibrium,
+    in the table and the verdict, instead of as −50% errors of the theory; the classifier is
+    named as not scale-invariant; AdamW and SGD get their error bounds."""
+    out = outputs("equilibrium")
+    summary = json.loads((out / "summary.json").read_text())
+    printed = (out / "stdout.txt").read_text()
+    lion = [r for r in summary["rows"] if r["optimizer"] == "lion" and r["scale_invariant"]]
+    assert lion and not any(r["at_equilibrium"] for r in lion)
+    assert all(r["note"] == "not at equilibrium yet" for r in lion)
+    verdict = {v.split(":")[0]: v for v in summary["verdict"]}
+    assert "not at equilibrium yet" in verdict["lion"] and "not a test of the theory" in verdict["lion"]
+    assert "fc.weight is not scale-invariant and not expected to match" in printed
+    for name in ("adamw", "sgd"):
+        assert any(v.startswith(f"{name}:") and "norm within" in v for v in summary["verdict"]), name
+    # "still growing" only where the control's norm grew.
+    for c in summary["control"]:
+        assert ("still growing" in printed.split(c["layer"] + ": RMS")[1].split("\n")[0]) == (c["growth"] > 1.01)
+
+
+def _row(name, layer, norm_error, angle_error, span=8.0, drift=0.0, reasons=()):
+    return {"optimizer": name, "layer": layer, "scale_invariant": layer in CONV, "norm_error": norm_error,
+            "angle_error": angle_error, "relaxation_times": span, "norm_drift": drift,
+            "at_equilibrium": not reasons, "not_at_equilibrium_because": list(reasons)}
+
+
+def test_equilibrium_verdict_words_match_numbers():
+    from wdopt.experiments import equilibrium
+
+    rows = [_row("adamw", "conv1.weight", 0.085, -0.095), _row("adamw", "conv2.weight", -0.02, 0.01),
+            _row("adamw", "fc.weight", 1.8, -0.6)]
+    control = [{"layer": layer, "growth": g} for layer, g in zip(CONV, (1.05, 1.10, 1.12))]
+    verdict = equilibrium.verdict_sentences(rows, control)
+    assert verdict[0].startswith("adamw: scale-invariant layers: norm within 9%, angle within 10% of the prediction")
+    assert verdict[1].startswith("fc.weight is not scale-invariant and not expected to match")
+    assert "still growing" in verdict[2] and "×1.050–1.120" in verdict[2]
+    # A control whose norm did not grow is not "still growing".
+    flat = equilibrium.verdict_sentences(rows, [{"layer": layer, "growth": g} for layer, g in zip(CONV, (1.0, 0.98, 1.004))])
+    assert "still growing" not in flat[-1] and "shrinking" in flat[-1]
+
+
+def test_too_short_run_is_not_at_equilibrium():
+    """A run shorter than 5 relaxation times (wdopt.theory's) is flagged, whatever its errors."""
+    from wdopt import theory
+    from wdopt.experiments import equilibrium
+
+    tau = theory.adamw_equilibrium(3e-3, 3e-3 * 0.5, 9).time_constant  # 333 steps
+    assert equilibrium.equilibrium_status("adamw", 3e-3, 0.5, 4000, tau, 0.0) == []
+    reasons = equilibrium.equilibrium_status("adamw", 3e-3, 0.5, 1000, tau, 0.0)
+    assert reasons and "relaxation times" in reasons[0]
+    assert equilibrium.equilibrium_status("adamw", 3e-3, 0.5, 4000, tau, 0.05)  # still drifting 5%
+    assert equilibrium.equilibrium_status("lion", 3e-3, 3.0, 4000, 1 / (2 * 9e-3), 0.0)  # ηλ ≈ 1 − β2
+    verdict = equilibrium.verdict_sentences(
+        [_row("adamw", layer, -0.4, 0.5, span=3.0, reasons=reasons) for layer in CONV], [])
+    assert "not at equilibrium yet (the run spans 3 relaxation times (< 5))" in verdict[0]
+    assert "within" not in verdict[0]
+
+
+# ---------------------------------------------------------------------- failures before training
+
+
+def _fails_with_one_line(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert captured.out == ""  # nothing trained, nothing printed
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu_fails_before_training(capsys, tmp_path):
+    line = _fails_with_one_line(capsys, ["equilibrium", "--quick", "--device", "cuda", "--out", str(tmp_path / "o")])
+    assert line.startswith("wdopt equilibrium: error: --device cuda") and "no CUDA device" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_fails_before_training(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made under a file, even as root
+    line = _fails_with_one_line(capsys, ["sphere", "--quick", "--out", str(blocker / "out")])
+    assert line.startswith("wdopt sphere: error: --out") and "cannot write" in line
+
+
+def test_unknown_backend_fails_before_training(capsys, tmp_path):
+    line = _fails_with_one_line(capsys, ["lr-wd", "--quick", "--backend", "nope", "--out", str(tmp_path / "o")])
+    assert "--backend 'nope' is unknown" in line
+    line = _fails_with_one_line(capsys, ["why-wd", "--quick", "--optimizer", "sgd", "--out", str(tmp_path / "o")])
+    assert line.startswith("wdopt why-wd: error: parts a and c")
+    line = _fails_with_one_line(capsys, ["demo", "--backend", "nope"])
+    assert line.startswith("wdopt demo: error: --backend 'nope' is unknown")
+
+
+# ---------------------------------------------------------------------- demo, bench, report
+
+
+def test_demo_compares_with_torch_fused(capsys):
+    assert main(["demo", "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    speed = next(line for line in out.splitlines() if line.startswith("mean optimizer step"))
+    assert "torch.optim.AdamW(fused=True)" in speed and "wdopt.FusedAdamW" in speed
+    assert "The two runs follow the same trajectory." in out
+
+
+def test_bench_help_names_wdopt_bench(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: wdopt bench")
+
+
+def test_bench_plot_marks_noisy_ratios(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from wdopt import bench
+
+    def row(shape_set, competitor, median, p10, p90):
+        return bench.Row("adamw", "float32", shape_set, 1, 1, competitor, 1, 10, median, median, p10, p90, 16, 1.0,
+                         baseline="torch fused", ratio=median / 1.0)
+
+    rows = [row("gpt2", "torch fused", 1.0, 0.9, 1.1), row("gpt2", "wdopt cpu", 0.5, 0.45, 0.55),
+            row("resnet50", "torch fused", 1.0, 0.9, 1.1), row("resnet50", "wdopt cpu", 0.02, 0.01, 0.9)]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    assert bench.plot_ratios(rows, tmp_path / "r.png").startswith("wrote")
+    ax = figures[0].axes[0]
+    marks = [t for t in ax.texts if t.get_text() == "~"]
+    assert len(marks) == 1 and marks[0].xy[1] == pytest.approx(0.02)  # only the noisy resnet50 bar
+    assert any("noisy" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_report_renders_every_run_with_its_torch_version(outputs):
+    from wdopt.experiments import report
+
+    out = outputs("equilibrium")
+    summary = json.loads((out / "summary.json").read_text())
+    text = (out / "stdout.txt").read_text()
+    template = "# E\n<!-- overview -->\n<!-- seeds -->\n<!-- run: equilibrium -->\n"
+    md = report.render(template, {"equilibrium": (summary, text)}, {0: summary})
+    assert "<!--" not in md
+    assert md.count(f"torch {torch.__version__}") >= 2  # beside the table and the seed spread
+    assert all(f"- {v}" in md for v in summary["verdict"])
+    assert "| conv1.weight |" in md and "×" in md  # the λ = 0 growth range

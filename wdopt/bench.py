@@ -609,10 +609,26 @@ def plot_ratios(rows: list[Row], path: Path) -> str:
         sets = list(dict.fromkeys(r.shape_set for r in sub))
         names = list(dict.fromkeys(r.competitor for r in sub))
         width = 0.8 / len(names)
+        # A ratio is noisy when its own timing or its baseline's is (p90 > 1.5 × p10, the text
+        # table's '~'): hatched and marked '~', so that a loaded machine's outlier (e.g. 0.019×)
+        # does not read as a measurement.
+        noisy_row = {(r.shape_set, r.competitor): r.p90_ms > 1.5 * r.p10_ms for r in sub}
+        any_noisy = False
         for i, name in enumerate(names):
             ratio = {r.shape_set: r.ratio for r in sub if r.competitor == name}
+            baseline = {r.shape_set: r.baseline for r in sub if r.competitor == name}
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(sets))]
-            ax.bar(xs, [ratio.get(s, float("nan")) for s in sets], width, label=name)
+            heights = [ratio.get(s, float("nan")) for s in sets]
+            bars = ax.bar(xs, heights, width, label=name)
+            for bar, s, h in zip(bars, sets, heights):
+                if noisy_row.get((s, name)) or noisy_row.get((s, baseline.get(s))):
+                    any_noisy = True
+                    bar.set_hatch("///")
+                    bar.set_alpha(0.5)
+                    ax.annotate("~", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=12)
+        if any_noisy:
+            ax.bar([0], [float("nan")], color="white", edgecolor="gray", hatch="///",
+                   label="~ hatched: noisy (p90 > 1.5 × p10)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(sets)), sets)
         ax.set_yscale("log")
@@ -631,8 +647,9 @@ def _cores(x: float | None) -> str:
     return "unknown" if x is None else f"{x:.2f}"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m wdopt.bench", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m wdopt.bench") -> argparse.Namespace:
+    # ``prog``: the command the user typed (``wdopt bench`` through the CLI), for --help and errors.
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--optimizer", choices=OPTIMIZERS + ("all",), default="adamw")
     # "tiny" is accepted but not advertised: it exists for tests/test_bench.py.
@@ -668,9 +685,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m wdopt.bench") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     env = environment(args.device, argv)

@@ -57,11 +57,14 @@ class Run:
         every = self.config.get("every")
         if every and self.config.get("steps", every * 5) < every * 5:
             # Results average the last 20% of steps: it must hold a telemetry record.
-            raise SystemExit(f"{name}: --steps must be at least {every * 5} (5 × the telemetry interval {every})")
-        self.device = torch.device(args.device)
+            fail(name, f"--steps must be at least {every * 5} (5 × the telemetry interval {every})")
+        # Everything that can make the run fail at its end is checked here, before any training:
+        # a run of minutes that dies writing its results (or on its first CUDA call) wastes them.
+        self.device = check_device(name, args.device)
+        check_backend(name, args.backend, self.device)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self.out = Path(args.out) if args.out is not None else Path("runs") / f"{name}-{stamp}"
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_writable(name, self.out)
         self.metrics: list[dict[str, Any]] = []
         self.started = time.time()
         self._bar = None
@@ -97,9 +100,12 @@ class Run:
         self.metrics.append(row)
 
     def finish(self, summary: dict, table: list[dict], columns: list[str], weights: dict | None = None,
-               plots: Callable[[Path], list[str]] | None = None, notes: list[str] = ()) -> dict:
-        """Write summary.json, metrics.csv, weights.pt and the plots; print the table."""
-        summary = {"experiment": self.name, **summary}
+               plots: Callable[[Path], list[str]] | None = None, notes: list[str] = (),
+               verdict: list[str] = ()) -> dict:
+        """Write summary.json, metrics.csv, weights.pt and the plots; print the table, the notes
+        and the verdict (sentences in words, derived from the table's own numbers; also stored
+        in summary.json as "verdict")."""
+        summary = {"experiment": self.name, **summary, "verdict": list(verdict)}
         summary.setdefault("config", {**self.config, "seed": self.args.seed, "device": str(self.device),
                                       "preset": self.preset, "backend": self.args.backend})
         summary["seconds"] = round(time.time() - self.started, 1)
@@ -116,9 +122,97 @@ class Run:
         print(format_table(table, columns))
         for note in notes:
             print(note)
+        if verdict:
+            print("\nverdict:")
+            for sentence in verdict:
+                print(f"  - {sentence}")
         print(f"\nwrote {self.out}/: summary.json, metrics.csv" + (", weights.pt" if weights is not None else "")
               + "".join(f", {p}" for p in written) + f"  ({summary['seconds']} s)")
         return summary
+
+
+def fail(name: str, message: str) -> None:
+    """Stop before training with one line on stderr and exit status 2 (argparse's status for bad
+    options): a user error is not a crash, so no traceback."""
+    print(f"wdopt {name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_device(name: str, device: str) -> torch.device:
+    """The run's device, or fail: torch raises "Found no NVIDIA driver" only on the first CUDA
+    call, inside training."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        fail(name, f"--device {device}: torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+def check_backend(name: str, backend: str, device: torch.device) -> None:
+    """Fail on a backend that is unknown or cannot run on ``device`` (the optimizer would raise
+    at construction, after the data is loaded, or at the first step)."""
+    from .. import backends
+
+    if backend not in backends.BACKEND_CHOICES:
+        fail(name, f"--backend {backend!r} is unknown; choose one of {', '.join(backends.BACKEND_CHOICES)}")
+    if backend != "auto":
+        reason = backends.unavailable_reason(backend, device)
+        if reason is not None:
+            fail(name, f"--backend {backend} cannot run on {device.type}: {reason}")
+
+
+def check_writable(name: str, out: Path) -> None:
+    """Create ``out`` and write a probe file in it, or fail: the results are written only at the
+    end of the run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".wdopt-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        fail(name, f"--out {out}: cannot write there ({error.strerror or error})")
+
+
+def steps_in_relaxation_times(steps: int, time_constant: float) -> float:
+    """How many relaxation times (wdopt.theory's time_constant) a run of ``steps`` spans."""
+    return steps / time_constant if time_constant > 0 else math.inf
+
+
+#: A run spanning fewer relaxation times than this is reported as "not at equilibrium yet":
+#: its initial offset from equilibrium has decayed only to e^-span of itself (< 1% at 5).
+MIN_RELAXATION_TIMES = 5.0
+#: ... and so is a layer whose norm still moves by more than this between the first and the
+#: second half of the averaging window (the theory's relaxation time is a first-order estimate;
+#: where its assumptions are strained the measured relaxation is slower).
+MAX_WINDOW_DRIFT = 0.03
+
+
+def window_drift(series: list[dict], steps: int, key: str, fraction: float = 0.2) -> float:
+    """Relative change of ``key``'s mean from the first to the second half of the window (the
+    last ``fraction`` of steps): near 0 at equilibrium, the trend where the norm still moves."""
+    values = [r[key] for r in series if r["step"] > steps * (1 - fraction)]
+    half = len(values) // 2
+    if half == 0:
+        return 0.0
+    first, second = sum(values[:half]) / half, sum(values[half:]) / (len(values) - half)
+    return second / first - 1 if first else math.nan
+
+
+def percent_range(values, signed: bool = True) -> str:
+    """"−5…+8%" (signed) or "within 8%" style text for a list of relative errors."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    if not signed:
+        return f"{100 * max(abs(lo), abs(hi)):.0f}%"
+    if f"{100 * lo:+.0f}" == f"{100 * hi:+.0f}":
+        return f"{100 * lo:+.0f}%"
+    return f"{100 * lo:+.0f}…{100 * hi:+.0f}%"
+
+
+def within(values) -> str:
+    """"within 9%" for relative errors: the largest magnitude, rounded up to a whole percent."""
+    values = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    return f"within {math.ceil(100 * max(values) - 1e-9):.0f}%" if values else "—"
 
 
 class _NoBar:
@@ -152,8 +246,21 @@ def environment() -> dict:
     import wdopt
 
     return {"python": platform.python_version(), "torch": torch.__version__, "wdopt": wdopt.__version__,
-            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: results are bitwise reproducible on one CPU model, not across them."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _json_default(x):

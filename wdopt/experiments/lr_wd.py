@@ -102,7 +102,8 @@ def run(args) -> dict:
         angle = sum(r[f"{layer}:angle"] for r in tail for layer in LAYERS) / (len(tail) * len(LAYERS))
         rows.append({"optimizer": name, "lr": lr, "weight_decay": wd, "lr_times_wd": product,
                      "final_loss": harness.tail_mean(losses, 0.1), "test_accuracy": test_acc, "test_loss": test_loss,
-                     "conv_angle_final": angle, "predicted_angle": predicted_angle})
+                     "conv_angle_final": angle, "predicted_angle": predicted_angle,
+                     "angle_error": harness.relative_error(angle, predicted_angle)})
     bar.close()
     sensitivity = []
     for name in names:
@@ -111,14 +112,47 @@ def run(args) -> dict:
         accs = [r["test_accuracy"] for r in mine]
         sensitivity.append({"optimizer": name, "final_loss_range": max(losses) - min(losses),
                             "test_accuracy_range": max(accs) - min(accs)})
-    columns = ["optimizer", "lr", "weight_decay", "final_loss", "test_accuracy", "conv_angle_final", "predicted_angle"]
+    columns = ["optimizer", "lr", "weight_decay", "final_loss", "test_accuracy", "conv_angle_final", "predicted_angle",
+               "angle_error"]
     notes = ["", f"η·λ = {product:g} throughout, {steps} steps, constant lr; conv_angle_final: mean angular update "
              "of the conv layers over the last 20% of steps."]
     notes += [f"{s['optimizer']}: final loss range over the sweep {s['final_loss_range']:.4f}, test accuracy range "
               f"{s['test_accuracy_range']:.4f}" for s in sensitivity]
-    summary = {"rows": rows, "sensitivity": sensitivity, "lr_times_wd": product, "label_noise": LABEL_NOISE}
+    relaxation = 1 / (2 * product)  # AdamW's, wdopt.theory; the same at every point of the sweep
+    span = harness.steps_in_relaxation_times(steps, relaxation)
+    for r in rows:
+        # The rotational variant enforces the equilibrium angle from its first step: no transient.
+        r["at_equilibrium"] = r["optimizer"].startswith("rotational") or span >= harness.MIN_RELAXATION_TIMES
+    if span < harness.MIN_RELAXATION_TIMES:
+        notes.append(f"the run spans {span:.2g} relaxation times 1/(2ηλ) (< {harness.MIN_RELAXATION_TIMES:g}): "
+                     "AdamW is not at equilibrium yet")
+    summary = {"rows": rows, "sensitivity": sensitivity, "lr_times_wd": product, "label_noise": LABEL_NOISE,
+               "relaxation_time": relaxation, "relaxation_times": span}
     return run.finish(summary, rows, columns, weights=weights, notes=notes,
+                      verdict=verdict_sentences(rows, sensitivity, span),
                       plots=lambda out: _plots(out, rows, names))
+
+
+def verdict_sentences(rows: list[dict], sensitivity: list[dict], span: float) -> list[str]:
+    """The table in words: the conv angle against the prediction per optimizer, and whether the
+    loss and accuracy are lr-invariant at constant ηλ."""
+    out = []
+    for s in sensitivity:
+        mine = [r for r in rows if r["optimizer"] == s["optimizer"]]
+        errors = [r["angle_error"] for r in mine]
+        if all(r["at_equilibrium"] for r in mine):
+            out.append(f"{s['optimizer']}: conv angle {harness.within(errors)} of the prediction at every lr "
+                       f"({harness.percent_range(errors)})")
+        else:
+            furthest = min(mine, key=lambda r: r["angle_error"])
+            out.append(f"{s['optimizer']}: not at equilibrium yet (the run spans {span:.2g} relaxation times, "
+                       f"< {harness.MIN_RELAXATION_TIMES:g}): conv angle {harness.percent_range(errors)} of the "
+                       f"prediction, furthest at lr {furthest['lr']:.3g}")
+    out.append("training loss and test accuracy are not lr-invariant at constant ηλ: "
+               + "; ".join(f"{s['optimizer']} loss range {s['final_loss_range']:.3g}, accuracy range "
+                           f"{s['test_accuracy_range']:.3g}" for s in sensitivity)
+               + " (the classifier and the BatchNorm parameters are not scale-invariant; their steps scale with η)")
+    return out
 
 
 def _plots(out, rows, names) -> list[str]:
@@ -131,10 +165,15 @@ def _plots(out, rows, names) -> list[str]:
         axes[1].plot(lrs, [r["test_accuracy"] for r in mine], "o-", color=f"C{i}", label=name)
         axes[2].plot(lrs, [r["conv_angle_final"] for r in mine], "o-", color=f"C{i}", label=name)
     axes[2].axhline(rows[0]["predicted_angle"], color="gray", ls="--", lw=1, label="predicted")
+    lrs = sorted({r["lr"] for r in rows})
     for ax, title in zip(axes, ("final training loss", "test accuracy", "conv angular update (last 20%)")):
         ax.set_xscale("log")
+        # Ticks at the swept lrs only: the log axis's own labels overlap on a short sweep.
+        ax.set_xticks(lrs, [f"{lr:.2g}" for lr in lrs], rotation=30, fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("learning rate (η·λ fixed)")
         ax.set_title(title, fontsize=10)
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)  # the dashed line is the prediction
     return [harness.savefig(fig, out / "lr_wd.png")]

@@ -156,9 +156,55 @@ def run(args) -> dict:
              f"updates across the {len(LAYERS)} conv layers (layer) or all their neurons (neuron); 'early': first "
              f"{TRANSIENT:.0%} of steps; t_eq: first step after which the layer's angle stays within ±{BAND:.0%} "
              f"of the prediction (trailing mean of {SMOOTH} monitored steps)."]
-    summary = {"rows": rows, "band": BAND, "smooth": SMOOTH, "label_noise": LABEL_NOISE, "base": base}
-    return run.finish(summary, table, columns, weights=weights, notes=notes,
+    relaxation = _relaxation_time(base, lr, wd)
+    span = harness.steps_in_relaxation_times(steps, relaxation)
+    summary = {"rows": rows, "band": BAND, "smooth": SMOOTH, "label_noise": LABEL_NOISE, "base": base,
+               "relaxation_time": relaxation, "relaxation_times": span}
+    if span < harness.MIN_RELAXATION_TIMES:
+        notes.append(f"{base}: the run spans {span:.2g} relaxation times (< {harness.MIN_RELAXATION_TIMES:g}): "
+                     "not at equilibrium yet")
+    return run.finish(summary, table, columns, weights=weights, notes=notes, verdict=verdict_sentences(rows, span),
                       plots=lambda out: _plots(out, curves))
+
+
+def _relaxation_time(base: str, lr: float, wd: float) -> float:
+    """wdopt.theory's relaxation time of the base optimizer's ‖ω‖² (1/(2d); SGD (1−μ)/(4d))."""
+    d = lr * wd
+    if d <= 0:
+        return math.inf
+    return (1 - 0.9) / (4 * d) if base == "sgd" else 1 / (2 * d)
+
+
+def _times(x: float) -> str:
+    return f"{x:.2g}×" if x is not None and math.isfinite(x) else "—"
+
+
+def verdict_sentences(rows: list[dict], span: float) -> list[str]:
+    """The table in words: per warm-up setting, the rotational variant against its base."""
+    out = []
+    for warm in (False, True):
+        pair = [r for r in rows if r["warmup"] == warm]
+        base = next((r for r in pair if not r["optimizer"].startswith("rotational")), None)
+        rot = next((r for r in pair if r["optimizer"].startswith("rotational")), None)
+        if base is None or rot is None:
+            continue
+        ratio = base["layer_cv_mean"] / rot["layer_cv_mean"] if rot["layer_cv_mean"] else math.nan
+        early = base["layer_cv_early"] / rot["layer_cv_early"] if rot["layer_cv_early"] else math.nan
+        neuron = base["neuron_cv_mean"] / rot["neuron_cv_mean"] if rot["neuron_cv_mean"] else math.nan
+        smaller = "smaller" if ratio >= 1 else "larger"
+        shown = ratio if ratio >= 1 else 1 / ratio
+        out.append(f"{'with' if warm else 'without'} warm-up: {rot['optimizer']}'s angle imbalance across layers is "
+                   f"{_times(shown)} {smaller} than {base['optimizer']}'s over the run ({_times(early)} in the first "
+                   f"{TRANSIENT:.0%}), across neurons {_times(neuron)}; slowest layer within ±{BAND:.0%} of its "
+                   f"target from step {rot['time_to_equilibrium_max']} ({base['optimizer']}: "
+                   f"{base['time_to_equilibrium_max']}); final loss {harness.fmt(rot['final_loss'])} vs "
+                   f"{harness.fmt(base['final_loss'])}, test accuracy {harness.fmt(rot['test_accuracy'])} vs "
+                   f"{harness.fmt(base['test_accuracy'])} (one seed)")
+    base_name = next((r["optimizer"] for r in rows if not r["optimizer"].startswith("rotational")), "the base optimizer")
+    if span < harness.MIN_RELAXATION_TIMES:
+        out.append(f"{base_name} is not at equilibrium yet: the run spans {span:.2g} relaxation times "
+                   f"(< {harness.MIN_RELAXATION_TIMES:g}), so its t_eq and late imbalance are still the transient")
+    return out
 
 
 def _plots(out, curves) -> list[str]:

@@ -131,7 +131,8 @@ def run(args) -> dict:
                                                    MOMENTUM).norm
             predicted_lines[(label, layer)] = pred_norm
             eff, eff_pred = lr / final_norm**2, lr / pred_norm**2
-            rows.append({"run": label, "method": method, "init_scale": scale, "layer": layer,
+            drift = harness.window_drift(series, steps, f"{layer}:norm", WINDOW)
+            rows.append({"run": label, "method": method, "init_scale": scale, "layer": layer, "norm_drift": drift,
                          "initial_norm": initial[layer], "final_norm": final_norm, "predicted_norm": pred_norm,
                          "norm_error": harness.relative_error(final_norm, pred_norm),
                          "effective_lr_final": eff, "effective_lr_predicted": eff_pred,
@@ -150,15 +151,62 @@ def run(args) -> dict:
              f"{WINDOW:.0%} of steps; projected: 'predicted' = the initial (fixed) norm."]
     notes += [f"final effective lr, max/min over initial scales: {s['method']:9s} {s['layer']}: "
               f"{s['effective_lr_max_over_min']:.3f}" for s in spread]
+    relaxation = (1 - MOMENTUM) / (4 * lr * wd) if lr * wd > 0 else float("inf")
+    span = harness.steps_in_relaxation_times(steps, relaxation)
     summary = {"rows": rows, "runs": runs, "spread": spread, "window": WINDOW, "label_noise": LABEL_NOISE,
-               "momentum": MOMENTUM}
-    return run.finish(summary, rows, columns, weights=weights, notes=notes,
+               "momentum": MOMENTUM, "relaxation_time": relaxation, "relaxation_times": span}
+    verdict = verdict_sentences(rows, spread, span)
+    return run.finish(summary, rows, columns, weights=weights, notes=notes, verdict=verdict,
                       plots=lambda out: _plots(out, curves, predicted_lines, lr))
+
+
+#: The final effective lr "forgot its start" when it agrees across initial scales within this factor.
+CONVERGED = 1.25
+
+
+def verdict_sentences(rows: list[dict], spread: list[dict], span: float) -> list[str]:
+    """The table in words: does SGD's end point forget its start; does projected SGD keep it."""
+    out = []
+    sgd = [r for r in rows if r["method"] == "sgd"]
+    if sgd:
+        starts = [r["initial_norm"] for r in sgd]
+        worst = max(s["effective_lr_max_over_min"] for s in spread if s["method"] == "sgd")
+        drifts = [r["norm_drift"] for r in sgd if abs(r["norm_drift"]) > harness.MAX_WINDOW_DRIFT]
+        reasons = []
+        if span < harness.MIN_RELAXATION_TIMES:
+            reasons.append(f"the run spans {span:.2g} relaxation times (< {harness.MIN_RELAXATION_TIMES:g})")
+        if drifts:
+            reasons.append(f"norms still move {harness.percent_range(drifts)} across the window")
+        if len({r["init_scale"] for r in sgd}) > 1:
+            verb = "forgot its start" if worst <= CONVERGED else "still depends on the start"
+            out.append(f"sgd: from initial norms {max(starts) / min(starts):.3g}× apart, the final effective lr agrees "
+                       f"within ×{worst:.3g} across starts (max/min, worst layer): the end point {verb}")
+        errors = harness.percent_range([r["norm_error"] for r in sgd])
+        if reasons:
+            out.append(f"sgd: not at equilibrium yet ({'; '.join(reasons)}): final norms {errors} of the predicted "
+                       "equilibrium")
+        else:
+            out.append(f"sgd: final norms {errors} of the predicted equilibrium (E‖g̃‖² measured in the same window)")
+    projected = [r for r in rows if r["method"] == "projected"]
+    if projected:
+        kept = max(abs(r["final_norm"] / r["initial_norm"] - 1) for r in projected)
+        worst = max(s["effective_lr_max_over_min"] for s in spread if s["method"] == "projected")
+        accuracy = f"test accuracy {_span(projected, 'test_accuracy')}" + (
+            f" (sgd: {_span(sgd, 'test_accuracy')})" if sgd else "")
+        out.append(f"projected: every filter kept its initial norm (to {kept:.1g}), so the effective lr stays what the "
+                   f"initialisation made it (×{worst:.3g} apart across starts); {accuracy}")
+    return out
+
+
+def _span(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows]
+    return f"{min(values):.3g}–{max(values):.3g}"
 
 
 def _plots(out, curves, predicted, lr) -> list[str]:
     plt = harness.pyplot()
-    fig, axes = plt.subplots(2, len(LAYERS), figsize=(4 * len(LAYERS), 6), squeeze=False)
+    # One y range per row: the layers' norms and effective lrs are meant to be compared.
+    fig, axes = plt.subplots(2, len(LAYERS), figsize=(4 * len(LAYERS), 6), squeeze=False, sharey="row")
     styles = {"sgd": "-", "projected": ":"}
     scales = sorted({label.split("×")[1] for label in curves}, key=float)
     for j, layer in enumerate(LAYERS):

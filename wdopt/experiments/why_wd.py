@@ -160,8 +160,8 @@ def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
 def run(args) -> dict:
     parts = ("a", "b", "c") if args.part == "all" else (args.part,)
     if args.optimizer == "sgd" and ("a" in parts or "c" in parts):
-        raise SystemExit("why-wd: parts a and c train the language model with AdamW (or --optimizer lion); "
-                         "--optimizer sgd applies to part b only (--part b)")
+        harness.fail(NAME, "parts a and c train the language model with AdamW (or --optimizer lion); "
+                     "--optimizer sgd applies to part b only (--part b)")
     run = harness.Run(NAME, args, PRESETS)
     steps, lr = run["steps"], run["lr"]
     wd_on = run["weight_decay"]
@@ -219,8 +219,47 @@ def run(args) -> dict:
              "‖W‖: Frobenius norm of all matrices at the end."]
     summary = {"rows": rows, "parts": list(parts), "betas": BETAS, "spike_factor": SPIKE_FACTOR,
                "spike_window": SPIKE_WINDOW}
-    return run.finish(summary, table, columns, weights=weights, notes=notes,
+    return run.finish(summary, table, columns, weights=weights, notes=notes, verdict=verdict_sentences(rows),
                       plots=lambda out: _plots(out, run.metrics, rows))
+
+
+def verdict_sentences(rows: list[dict]) -> list[str]:
+    """Each part's claim against what its rows show (differences, not significance: one seed)."""
+    out = []
+    a = [r for r in rows if r["part"] == "a"]
+    a0 = next((r for r in a if r["weight_decay"] == 0), None)
+    if a0 is not None and len(a) > 1:
+        diffs = [(r["weight_decay"], r["final_loss"] - a0["final_loss"]) for r in a if r["weight_decay"] > 0]
+        lower = [wd for wd, d in diffs if d < 0]
+        result = ("weight decay lowered the final training loss" if len(lower) == len(diffs) else
+                  "weight decay did not lower the final training loss" if not lower else
+                  "weight decay lowered the final training loss only at λ = " + ", ".join(f"{wd:g}" for wd in lower))
+        out.append(f"a: {result} (vs λ = 0: " + ", ".join(f"λ = {wd:g} {d:+.3f}" for wd, d in diffs)
+                   + f"; Σηλ up to {max(r['decay_sum'] for r in a):.2g})")
+    b = [r for r in rows if r["part"] == "b"]
+    if b:
+        pairs = []
+        for n in sorted({r["train_size"] for r in b}):
+            off = next((r for r in b if r["train_size"] == n and r["weight_decay"] == 0), None)
+            on = next((r for r in b if r["train_size"] == n and r["weight_decay"] > 0), None)
+            if off is not None and on is not None:
+                pairs.append((n, on["one_pass"], on["test_error"] - off["test_error"]))
+        if pairs:
+            lower = [n for n, _, d in pairs if d < 0]
+            one_pass = [d for _, p, d in pairs if p]
+            out.append(f"b: weight decay lowered the test error at {len(lower)} of {len(pairs)} training-set sizes "
+                       f"(test-error change {min(d for *_, d in pairs):+.3f}…{max(d for *_, d in pairs):+.3f}"
+                       + (f"; one pass {one_pass[0]:+.3f}" if one_pass else "") + ")")
+    c = [r for r in rows if r["part"] == "c"]
+    if c:
+        events = "; ".join(f"λ = {r['weight_decay']:g}: {r['spikes']} spikes, "
+                           + (f"diverged at step {r['diverged_at']}" if r["diverged_at"] else "no divergence")
+                           for r in c)
+        if not any(r["spikes"] or r["diverged_at"] for r in c):
+            out.append(f"c: neither bf16 run spiked or diverged, so stability could not be compared ({events})")
+        else:
+            out.append(f"c: {events}")
+    return out
 
 
 def _plots(out, metrics, rows) -> list[str]:
