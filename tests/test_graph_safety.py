@@ -169,3 +169,33 @@ def test_captured_tables_outlive_the_cache(cls, kw):
         opt_expected.step()
     for p, q in zip(ours, expected):
         torch.testing.assert_close(p, q)
+
+
+SYNCING = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero")
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
+@pytest.mark.parametrize("cls,kw", CLASSES[:4], ids=IDS[:4])
+@pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
+def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device, cls, kw, monitored):
+    """capturable=True with a tensor lr: after the first step (which creates state), a step reads no
+    tensor value on the host — on a GPU each such read is a device sync, and inside a graph capture an
+    error. Checked here by making every Python-level read raise (gpu_acceptance.py's sync_free check
+    does it on the GPU with torch.cuda.set_sync_debug_mode). The rotational optimizers still read a
+    tensor lr on the host (issue 9, bug 3) and are not held to this yet."""
+    params = clone_leaves(make_params([(6, 5), (4,)], torch.float32, device))
+    opt = cls(params, lr=torch.tensor(1e-2, device=device), capturable=True, backend=backend, **kw)
+    monitor = wdopt.RotationMonitor(opt, every=1) if monitored else None
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a host read of a tensor during a capturable step")
+
+    with monkeypatch.context() as m:
+        for name in SYNCING:
+            m.setattr(torch.Tensor, name, refuse)
+        opt.step()
+    if monitor is not None:  # records are read afterwards, on the host, as they may be
+        assert monitor.last.as_dict()

@@ -147,6 +147,11 @@ class RotationMonitor:
 
     def _due(self) -> bool:
         """Counts a step; whether this one is recorded."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # A replayed graph would neither count steps nor record: refuse rather than go silent.
+            raise RuntimeError("wdopt.RotationMonitor cannot watch a step captured in a CUDA graph (its "
+                               "every-N counter and records live on the host): call monitor.remove() before "
+                               "capturing, and monitor eager steps")
         self.steps += 1
         return self.steps % self.every == 0
 
@@ -161,12 +166,13 @@ class RotationMonitor:
 
     @staticmethod
     def _hyper(optimizer, group) -> tuple:
-        """The group's hyperparameters as they are at this step (a tensor lr read now: schedulers
-        change it in place)."""
+        """The group's hyperparameters as they are at this step. A tensor lr is copied on its device
+        now (schedulers change it in place) and read on the host only when a record is read: a
+        monitored step never waits for the device."""
         values = {k: v for k, v in group.items() if k != "params"}
         for key in ("lr", "initial_lr", "decay_initial_lr"):
             if isinstance(values.get(key), torch.Tensor):
-                values[key] = float(values[key])
+                values[key] = values[key].detach().clone()
         return optimizer, values
 
 
