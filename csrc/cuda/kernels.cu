@@ -422,6 +422,21 @@ __global__ void __launch_bounds__(kThreads, K::kMinBlocks)
 }
 #endif
 
+// Bytes of dynamic shared memory a block may opt in to on the current device (the binding set it);
+// no limit in the host emulation.
+int64_t shared_memory_optin_bytes() {
+#ifdef WDOPT_HOST_EMULATION
+  return INT64_MAX / 2;
+#else
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return 48 * 1024;  // the limit every device grants without opting in
+  }
+  return bytes;
+#endif
+}
+
 // A row kernel launch with ``shared_bytes`` of dynamic shared memory.
 template <class K, class A, class B, class C>
 cudaError_t launch_rows(int64_t blocks, size_t shared_bytes, cudaStream_t stream, const A& a, const B& b,
@@ -1352,8 +1367,12 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
     args.on_chip = 0;
     args.zero_mean = a.zero_mean;
     args.projected = a.projected;
-    // Elements of the row buffers per block: a multiple of kThreads (0: every row takes two passes).
-    const int64_t bytes = a.on_chip_bytes > 0 ? a.on_chip_bytes : kRowBufferBytes;
+    // Elements of the row buffers per block: a multiple of kThreads (0: every row takes two passes),
+    // within what this device lets a block opt in to (99 KB on sm_86/89, 227 KB on sm_90, 64 KB on
+    // sm_75): on a smaller device longer rows take the two-pass path instead of failing to launch.
+    const int64_t wanted = a.on_chip_bytes > 0 ? a.on_chip_bytes : kRowBufferBytes;
+    const int64_t bytes = std::max<int64_t>(0, std::min<int64_t>(wanted, shared_memory_optin_bytes() -
+                                                                             static_cast<int64_t>(kRowHeaderBytes)));
     const int64_t limit = bytes / static_cast<int64_t>(sizeof(M) + sizeof(T)) / kThreads * kThreads;
     if (adamw) return rotational_rows<T, kAdamW>(a, args, limit, stream);
     if (lion) return rotational_rows<T, kLion>(a, args, limit, stream);
