@@ -359,3 +359,24 @@ def test_env_reports_a_forced_build_that_cannot_happen(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cpp, "cuda_plan", refuse)
     assert wdopt_env._extension_status() == "not available: WDOPT_BUILD_CUDA=1, but nvcc not found (set CUDA_HOME)"
+
+
+def test_auto_on_cuda_says_once_how_to_build_the_cuda_kernels(monkeypatch):
+    """"auto" never starts a CUDA build on a first step: it takes Triton and says, once, how to build
+    the faster C++/CUDA kernels."""
+    import warnings
+
+    from wdopt import backends
+    from wdopt.kernels import cpp
+
+    monkeypatch.setattr(backends, "available_backends", lambda device: ["cuda", "triton", "reference"])
+    monkeypatch.setattr(cpp, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(cpp, "prebuilt_available", lambda: False)
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.auto_backend("cuda") == "triton"
+        assert backends.auto_backend("cuda") == "triton"
+    messages = [str(w.message) for w in caught if "C++/CUDA kernels are not built" in str(w.message)]
+    assert len(messages) == 1 and "c.load()" in messages[0]
+    assert backends.auto_backend("cuda", build=False) == "triton"  # reports (wdopt env) stay quiet

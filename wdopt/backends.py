@@ -100,6 +100,8 @@ def auto_backend(device, build: bool = True) -> str:
         if backend == "triton" and device_type != "cuda":
             continue
         if backend == "cuda" and not (cpp.has_cuda_kernels() or cpp.prebuilt_available()):
+            if build:
+                _warn_once("cuda-not-built", CUDA_NOT_BUILT)
             continue
         if backend in ("cpu", "cuda") and build:
             try:
@@ -110,6 +112,12 @@ def auto_backend(device, build: bool = True) -> str:
         return backend
     return "reference"
 
+
+#: Said once per process when "auto" passes over a CUDA backend that could be built: on an H200 it
+#: ran AdamW 1.1-1.6x faster than Triton (benchmarks/RESULTS.md, 2026-11-27).
+CUDA_NOT_BUILT = (
+    "wdopt: backend='auto' uses Triton on this GPU because the faster C++/CUDA kernels are not built yet; "
+    "build them once (about a minute, cached) with: python -c \"import wdopt.kernels.cpp as c; c.load()\"")
 
 _warned: set[str] = set()
 

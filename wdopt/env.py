@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import __version__
-from .backends import BACKENDS, auto_backend, unavailable_reason
+from .backends import BACKENDS, CUDA_NOT_BUILT, auto_backend, unavailable_reason
 
 
 def package_version(dist: str) -> str:
@@ -64,6 +64,8 @@ def report() -> str:
         for backend in BACKENDS:
             reason = unavailable_reason(backend, device)
             lines.append(f"  {backend:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if device == "cuda" and auto_backend(device, build=False) != "cuda" and unavailable_reason("cuda", device) is None:
+            lines.append("  (" + CUDA_NOT_BUILT.removeprefix("wdopt: ") + ")")
     return "\n".join(lines)
 
 
