@@ -29,7 +29,7 @@ from setuptools import find_packages, setup
 CSRC_PACKAGE = {"wdopt._csrc": "csrc", "wdopt._csrc.cpu": "csrc/cpu", "wdopt._csrc.cuda": "csrc/cuda",
                 "wdopt._csrc.include.wdopt": "csrc/include/wdopt"}
 CSRC_DATA = {"wdopt._csrc": ["*.cpp", "*.md"], "wdopt._csrc.cpu": ["*.cpp", "*.h"],
-             "wdopt._csrc.cuda": ["*.cu", "*.cpp", "*.h"], "wdopt._csrc.include.wdopt": ["*.h"]}
+             "wdopt._csrc.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"], "wdopt._csrc.include.wdopt": ["*.h"]}
 
 
 def build_rules():

@@ -1,0 +1,169 @@
+// What every engine of csrc/cuda shares: constants, the kernel-argument budget, scalars and
+// storage rounding, 16-byte packs, launching (device or host emulation), dtype dispatch, and the
+// binary search by which a block finds its table entry. Included by kernels.cu only (one
+// translation unit).
+#pragma once
+
+#include "launchers.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../include/wdopt/adamw.h"
+#include "../include/wdopt/hd.h"
+#include "../include/wdopt/lion.h"
+#include "../include/wdopt/sgd.h"
+
+// Loops over streams and vector lanes have compile-time trip counts: unrolled, they keep every
+// value in registers. (Device passes only; host compilers warn on the pragma.)
+#if defined(__CUDA_ARCH__)
+#define WDOPT_UNROLL _Pragma("unroll")
+#else
+#define WDOPT_UNROLL
+#endif
+
+#if defined(__USE_FAST_MATH__)
+#error "wdopt's CUDA kernels need IEEE division and square root: do not build them with --use_fast_math"
+#endif
+
+
+namespace wdopt {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------ constants
+
+constexpr int kThreads = 256;
+// Bytes of each stream per block: 16 vector iterations per thread at 256 threads. Small enough
+// that a 100M-parameter step makes several waves of blocks (little tail), large enough that the
+// per-block cost (table lookup, coefficients) is negligible.
+constexpr int64_t kChunkBytes = 65536;
+constexpr int kVectorBytes = 16;
+
+// Kernel-argument budget of one launch. nvcc rejects a kernel whose arguments exceed the target's
+// limit, so a wrong value fails the build, never a launch.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr size_t kParamBytes = 32764;
+#else
+constexpr size_t kParamBytes = 4096;
+#endif
+// Left for the arguments other than the tensor table (optimizer hyperparameters, GradOptions).
+constexpr size_t kOtherParamBytes = 256;
+
+template <typename T> constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
+template <typename T> constexpr int kChunk = static_cast<int>(kChunkBytes / static_cast<int64_t>(sizeof(T)));
+static_assert(kChunk<__half> % (kThreads * kVec<__half>) == 0, "a chunk is whole vector iterations");
+
+std::atomic<int64_t> g_launches{0};
+
+// ------------------------------------------------------------------------------------ scalars
+
+WDOPT_HD double read_scalar(const DeviceScalar& s) {
+  return s.is_double ? *static_cast<const double*>(s.ptr) : static_cast<double>(*static_cast<const float*>(s.ptr));
+}
+
+// GradScaler found an inf/nan: the whole step is skipped.
+WDOPT_HD bool step_skipped(const DeviceScalar& found_inf) {
+  return found_inf.ptr != nullptr && read_scalar(found_inf) != 0.0;
+}
+
+// SGD's "the momentum buffer has no history yet": read on the device, so that a step captured in a
+// CUDA graph before or after the first one replays correctly (the optimizer clears the flag after
+// a step GradScaler did not skip). Null: the buffer has history.
+WDOPT_HD bool is_first_step(FirstStepFlag flag) { return flag != nullptr && *flag != 0.0f; }
+
+WDOPT_HD double lr_value(double lr, const DeviceScalar& lr_tensor) {
+  return lr_tensor.ptr != nullptr ? read_scalar(lr_tensor) : lr;
+}
+
+// Storage <-> math type. Explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
+WDOPT_HD float to_math(float x) { return x; }
+WDOPT_HD double to_math(double x) { return x; }
+WDOPT_HD float to_math(__half x) { return __half2float(x); }
+WDOPT_HD float to_math(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> WDOPT_HD T to_storage(opmath_t<T> x);
+template <> WDOPT_HD float to_storage<float>(float x) { return x; }
+template <> WDOPT_HD double to_storage<double>(double x) { return x; }
+template <> WDOPT_HD __half to_storage<__half>(float x) { return __float2half_rn(x); }
+template <> WDOPT_HD __nv_bfloat16 to_storage<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of one stream; loaded and stored as one vector access.
+template <typename T> struct alignas(kVectorBytes) Pack {
+  T v[kVec<T>];
+};
+
+WDOPT_HD bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0; }
+
+// ------------------------------------------------------------------------------------ launching
+
+#ifndef WDOPT_HOST_EMULATION
+// The one kernel entry: K::run on this block and thread. __grid_constant__ keeps the table in the
+// parameter space (indexed in place, never copied to local memory).
+template <class K, class A, class B, class C>
+__global__ void __launch_bounds__(kThreads)
+    entry(const __grid_constant__ A a, const __grid_constant__ B b, const __grid_constant__ C c) {
+  K::run(a, b, c, static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x));
+}
+#endif
+
+template <class K, class A, class B, class C>
+cudaError_t launch(int64_t blocks, cudaStream_t stream, const A& a, const B& b, const C& c) {
+  static_assert(sizeof(A) + sizeof(B) + sizeof(C) <= kParamBytes, "kernel arguments over budget");
+  static_assert(sizeof(B) + sizeof(C) <= kOtherParamBytes, "raise kOtherParamBytes");
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+#ifdef WDOPT_HOST_EMULATION
+  (void)stream;
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int thread = 0; thread < kThreads; ++thread) K::run(a, b, c, block, thread);
+  }
+  return cudaSuccess;
+#else
+  entry<K, A, B, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, b, c);
+  return cudaGetLastError();
+#endif
+}
+
+// The single dtype dispatch: f(T{}) with the storage type of ``dtype``.
+template <class F> cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::Float16: return f(__half{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// f(std::integral_constant<bool, value>): turns a runtime flag into a template argument.
+template <class F> cudaError_t dispatch_bool(bool value, F&& f) {
+  return value ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// The table entry owning ``block``: the last entry whose blocks start at or before it.
+WDOPT_HD int find_entry(const int32_t* begin, int n, int64_t block) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (begin[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace wdopt

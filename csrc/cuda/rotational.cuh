@@ -1,0 +1,620 @@
+// The rotational row engine (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp is the CPU
+// twin): a prologue kernel per call, then row blocks, on-chip rows read and written once, longer
+// rows in two passes.
+#pragma once
+
+#include "rows.cuh"
+
+namespace wdopt {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------ rotational
+
+// This step's per-tensor scalars, written by the prologue and read by every block of the tensor.
+template <typename M> struct RotationCoefficients {
+  AdamWCoefficients<M> adamw;  // decay-free (weight_decay 0): only the direction's scalars are used
+  M inv_bias_correction1;      // 1/(1 − β1^t), rounded as the reference rounds it
+  double undf_bias_correction; // 1 − undf^k
+  int32_t first;               // k was 0: this step freezes the row norms
+};
+
+// Step counts of one prologue launch: one thread per tensor.
+struct RotationStepTable {
+  static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 16) / (2 * sizeof(float*)));
+  float* rotational_step[kCapacity];
+  float* step[kCapacity];  // AdamW only
+  int32_t n_tensors;
+  int32_t first_tensor;
+};
+
+template <typename M> struct RotationPrologueArgs {
+  double lr, beta1, beta2, eps, undf;
+  int32_t adamw;
+  RotationCoefficients<M>* out;
+};
+
+// k = k + 1 (and AdamW's t = t + 1), written back unless found_inf, and the coefficients of the
+// step, computed in double as the CPU kernel computes them.
+template <typename M> struct RotationPrologueKernel {
+  WDOPT_HD static void run(const RotationStepTable& steps, const RotationPrologueArgs<M>& a,
+                           const DeviceScalar& found_inf, int64_t block, int thread) {
+    const int64_t i = block * kThreads + thread;
+    if (i >= steps.n_tensors || step_skipped(found_inf)) return;
+    RotationCoefficients<M> c{};
+    const float k_before = *steps.rotational_step[i];
+    const float k = k_before + 1.0f;
+    c.first = k_before == 0.0f ? 1 : 0;
+    c.undf_bias_correction = 1.0 - pow(a.undf, static_cast<double>(k));
+    if (a.adamw) {
+      const float t = *steps.step[i] + 1.0f;
+      c.adamw = adamw_coefficients<M>(AdamWHyper{a.lr, a.beta1, a.beta2, a.eps, 0.0, 1.0}, a.lr, static_cast<double>(t));
+      c.inv_bias_correction1 = M(1) / static_cast<M>(1.0 - pow(a.beta1, static_cast<double>(t)));
+      *steps.step[i] = t;
+    } else {
+      c.adamw = AdamWCoefficients<M>{};
+      c.inv_bias_correction1 = M(1);
+    }
+    *steps.rotational_step[i] = k;
+    a.out[steps.first_tensor + i] = c;
+  }
+};
+
+// The rotational tensors of one row launch. ``tel_split``: telemetry rows per rotation row.
+struct RotationTable {
+  static constexpr int kRowBytes = 7 * 8 + 8 + 8 + 8 + 4 + 4 + 1;
+  static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
+
+  void* param[kCapacity];
+  const void* grad[kCapacity];
+  void* state1[kCapacity];
+  void* state2[kCapacity];
+  void* norm[kCapacity];
+  void* s_avg[kCapacity];
+  double* telemetry[kCapacity];
+  int64_t rows[kCapacity];
+  int64_t cols[kCapacity];
+  int32_t tel_split[kCapacity];
+  int32_t block_begin[kCapacity + 1];
+  FirstStepFlag flag[kCapacity];  // SGD: fresh momentum buffer
+  int32_t n_tensors;
+  int32_t first_tensor;
+  uint8_t group_log2[kCapacity];
+};
+
+template <typename M> struct RotationArgs {
+  double angle, lr, undf, eps;
+  const RotationCoefficients<M>* coefficients;
+  LionCoefficients<M> lion;
+  M momentum;
+  int32_t on_chip;  // elements of the on-chip row buffers of a block (a multiple of kThreads)
+  bool zero_mean, projected;
+};
+
+enum DirectionKind : int { kAdamW = 0, kLion = 1, kSGDPlain = 2, kSGDMomentum = 3, kSGDNesterov = 4 };
+
+template <typename T> struct DirectionContext {
+  AdamWCoefficients<opmath_t<T>> adamw;
+  opmath_t<T> inv_bias_correction1;
+  LionCoefficients<opmath_t<T>> lion;
+  opmath_t<T> momentum;
+  bool first_step;
+  T* state1;
+  T* state2;
+};
+
+// u_j from the unscaled gradient g_j (csrc/include/wdopt/*.h), the state written back if ``write``.
+template <typename T, int KIND>
+WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, opmath_t<T> g, int64_t j, bool write) {
+  using M = opmath_t<T>;
+  if constexpr (KIND == kAdamW) {
+    M m = to_math(c.state1[j]), v = to_math(c.state2[j]);
+    const M u = adamw_direction(g, m, v, c.inv_bias_correction1, c.adamw);
+    if (write) {
+      c.state1[j] = to_storage<T>(m);
+      c.state2[j] = to_storage<T>(v);
+    }
+    return u;
+  } else if constexpr (KIND == kLion) {
+    M m = to_math(c.state1[j]);
+    const M u = lion_direction(g, m, c.lion);
+    if (write) c.state1[j] = to_storage<T>(m);
+    return u;
+  } else if constexpr (KIND == kSGDPlain) {
+    (void)c, (void)j, (void)write;
+    return g;
+  } else {
+    M b = to_math(c.state1[j]);
+    const M u = sgd_direction<true, KIND == kSGDNesterov>(g, b, c.first_step, c.momentum);
+    if (write) c.state1[j] = to_storage<T>(b);
+    return u;
+  }
+}
+
+// Per-row scalars in shared memory (one per group).
+template <typename M> struct RowScalars {
+  // Sums. On chip Σu, Σp, Σp², Σu·p, summed in M as the CPU kernel sums them (held exactly here,
+  // used as M). Two-pass Σa, Σb, Σa², Σb², Σa·b (a = u − ku, b = p − kp), summed in double: ‖t‖²
+  // and the norm of q are differences of these moments, which cancel when u is mostly radial.
+  double s[5];
+  M ku, kp;  // two-pass pivots: u and p of the row's first element
+  M n, mean_u, radial, step, mean_q, to_sphere, centred_qq;
+};
+static_assert(sizeof(RowScalars<double>) * kMaxGroups <= kGroupBytes, "raise kGroupBytes");
+
+template <typename T> size_t rotation_shared_bytes(int64_t on_chip) {
+  return kRowHeaderBytes + static_cast<size_t>(on_chip) * (sizeof(opmath_t<T>) + sizeof(T));
+}
+
+// One block: kThreads / G rotation rows of one tensor (the CPU kernel's rotate_row, per group).
+// On chip (the row fits the group's share of the row buffers): the row is read once (u into the
+// buffer, p kept as stored) and the phases of rotate_row run on the buffer, sums from the values
+// themselves. Longer rows: pass 1 computes u without writing state and sums pivot-shifted moments
+// in double (so a nearly constant u, an uncentred p or a mostly radial u loses nothing to
+// cancellation); ‖t‖², the centred norm of q and its mean follow in closed form from these
+// moments; pass 2 recomputes u, writes state and p.
+template <typename T, int KIND> struct RotationalRowKernel {
+  using M = opmath_t<T>;
+  // __launch_bounds__ hint: 3 resident blocks per SM caps registers at 80 per thread. Where ptxas
+  // (CUDA 13, sm_80/sm_90) meets that without spilling, ask for it: 16-bit storage (64-77
+  // registers unhinted) and fp32 Lion / plain SGD (90-96). fp32 AdamW and momentum SGD (96-108)
+  // and fp64 (104-124) would spill 20-104 bytes (24-88 byte stack frames): left unhinted, at 2
+  // blocks per SM (which is also what full-size row buffers allow: about 77 KB of shared memory
+  // per block).
+  static constexpr int kMinBlocks =
+      (sizeof(T) == 2 || (sizeof(T) == 4 && (KIND == kLion || KIND == kSGDPlain))) ? 3 : 1;
+  WDOPT_BLOCK static void run_block(const RotationTable& table, const RotationArgs<M>& args, const GradOptions& grad,
+                                    int64_t block, unsigned char* shared) {
+    if (step_skipped(grad.found_inf)) return;
+    const int e = find_entry(table.block_begin, table.n_tensors, block);
+    const int lg = table.group_log2[e];
+    const int G = 1 << lg;
+    const int64_t rows = table.rows[e], cols = table.cols[e];
+    const int64_t first_row = (block - table.block_begin[e]) << (kLog2Threads - lg);
+    const RotationCoefficients<M> rc = args.coefficients[table.first_tensor + e];
+    const bool first = rc.first != 0;
+    const DirectionContext<T> dc{rc.adamw, rc.inv_bias_correction1, args.lion, args.momentum, is_first_step(table.flag[e]),
+                                 static_cast<T*>(table.state1[e]), static_cast<T*>(table.state2[e])};
+    T* const p = static_cast<T*>(table.param[e]);
+    const T* const g = static_cast<const T*>(table.grad[e]);
+    M* const norm = static_cast<M*>(table.norm[e]);
+    M* const s_avg = static_cast<M*>(table.s_avg[e]);
+    const bool unscale = grad.grad_scale.ptr != nullptr;
+    const M inv_scale = unscale ? M(1) / static_cast<M>(read_scalar(grad.grad_scale)) : M(1);
+    const bool maximize = grad.maximize;
+    auto grad_at = [&](int64_t j) {
+      M x = to_math(g[j]);
+      if (unscale) x = x * inv_scale;
+      return maximize ? -x : x;
+    };
+    M* const red = reinterpret_cast<M*>(shared);
+    RowScalars<M>* const rs = reinterpret_cast<RowScalars<M>*>(shared + kReductionBytes);
+    const int64_t share = args.on_chip >> (kLog2Threads - lg);  // buffer elements per group
+    M* const buf_u = reinterpret_cast<M*>(shared + kRowHeaderBytes);
+    T* const buf_p = reinterpret_cast<T*>(shared + kRowHeaderBytes + static_cast<size_t>(args.on_chip) * sizeof(M));
+    const bool zero_mean = args.zero_mean;
+    const M size = static_cast<M>(cols);
+    const Block blk{};
+    // The row of thread t, or -1; its group's first thread ("leader") writes the row scalars.
+    auto row_of = [&](int t) { const int64_t r = first_row + (t >> lg); return r < rows ? r : int64_t{-1}; };
+    auto leader = [&](int t) { return (t & (G - 1)) == 0 && row_of(t) >= 0; };
+
+    // The step (p − step·t) from ‖t‖², as rotate_row computes it; the leader of the row.
+    auto step_from = [&](int64_t row, double tangent_sq, M n) {
+      double scale;
+      if (args.projected) {
+        scale = args.lr;
+      } else {
+        const double s = args.undf * static_cast<double>(s_avg[row]) + (1.0 - args.undf) * tangent_sq;
+        s_avg[row] = static_cast<M>(s);
+        scale = args.angle * static_cast<double>(n) / (sqrt(s / rc.undf_bias_correction) + args.eps);
+      }
+      return static_cast<M>(scale);
+    };
+    // The exact (centred) norm of the row as stored, for its first step: one more sum.
+    auto freeze_norm = [&](auto&& value_at) {
+      blk.each([&](int t) {
+        M c2 = 0;
+        const int64_t row = row_of(t);
+        if (row >= 0) {
+          const M mean = zero_mean ? rs[t >> lg].mean_q : M(0);  // mean_q holds mean(p) here
+          for (int64_t j = t & (G - 1); j < cols; j += G) {
+            const M c = value_at(t, row, j) - mean;
+            c2 += c * c;
+          }
+        }
+        red[t] = c2;
+      });
+      group_reduce<1>(blk, red, lg);
+      blk.each([&](int t) {
+        if (leader(t)) norm[row_of(t)] = sqrt(red[t]);
+      });
+      blk.sync();
+    };
+
+    if (cols <= share) {
+      // ---- on chip: rotate_row's phases on the row buffers
+      blk.each([&](int t) {
+        M su = 0, sp = 0, spp = 0, sup = 0;
+        const int64_t row = row_of(t);
+        if (row >= 0) {
+          M* const bu = buf_u + (t >> lg) * share;
+          T* const bp = buf_p + (t >> lg) * share;
+          const int64_t base = row * cols;
+          for (int64_t j = t & (G - 1); j < cols; j += G) {
+            const M u = direction<T, KIND>(dc, grad_at(base + j), base + j, true);
+            const T pt = p[base + j];
+            const M pj = to_math(pt);
+            bu[j] = u;
+            bp[j] = pt;
+            su += u;
+            sp += pj;
+            spp += pj * pj;
+            sup += u * pj;
+          }
+        }
+        red[t] = su;
+        red[kThreads + t] = sp;
+        red[2 * kThreads + t] = spp;
+        red[3 * kThreads + t] = sup;
+      });
+      group_reduce<4>(blk, red, lg);
+      blk.each([&](int t) {
+        if (!leader(t)) return;
+        RowScalars<M>& r = rs[t >> lg];
+        WDOPT_UNROLL
+        for (int k = 0; k < 4; ++k) r.s[k] = red[k * kThreads + t];
+        r.mean_q = static_cast<M>(r.s[1]) / size;
+      });
+      blk.sync();
+      if (first) freeze_norm([&](int t, int64_t, int64_t j) { return to_math(buf_p[(t >> lg) * share + j]); });
+      blk.each([&](int t) {
+        if (!leader(t)) return;
+        RowScalars<M>& r = rs[t >> lg];
+        r.n = norm[row_of(t)];
+        r.mean_u = zero_mean ? static_cast<M>(r.s[0]) / size : M(0);
+        r.radial = r.n > 0 ? (static_cast<M>(r.s[3]) - r.mean_u * static_cast<M>(r.s[1])) / (r.n * r.n) : M(0);
+      });
+      blk.sync();
+      // t = u − mean(u) − p·radial and ‖t‖²
+      blk.each([&](int t) {
+        M ts = 0;
+        if (row_of(t) >= 0) {
+          const RowScalars<M>& r = rs[t >> lg];
+          M* const bu = buf_u + (t >> lg) * share;
+          const T* const bp = buf_p + (t >> lg) * share;
+          for (int64_t j = t & (G - 1); j < cols; j += G) {
+            const M tj = bu[j] - r.mean_u - to_math(bp[j]) * r.radial;
+            bu[j] = tj;
+            ts += tj * tj;
+          }
+        }
+        red[t] = ts;
+      });
+      group_reduce<1>(blk, red, lg);
+      blk.each([&](int t) {
+        if (!leader(t)) return;
+        RowScalars<M>& r = rs[t >> lg];
+        r.step = step_from(row_of(t), static_cast<double>(red[t]), r.n);
+      });
+      blk.sync();
+      // q = p − step·t, Σq, Σq²
+      blk.each([&](int t) {
+        M sq = 0, sqq = 0;
+        if (row_of(t) >= 0) {
+          const M step = rs[t >> lg].step;
+          M* const bu = buf_u + (t >> lg) * share;
+          const T* const bp = buf_p + (t >> lg) * share;
+          for (int64_t j = t & (G - 1); j < cols; j += G) {
+            const M q = to_math(bp[j]) - step * bu[j];
+            bu[j] = q;
+            sq += q;
+            sqq += q * q;
+          }
+        }
+        red[t] = sq;
+        red[kThreads + t] = sqq;
+      });
+      group_reduce<2>(blk, red, lg);
+      blk.each([&](int t) {
+        if (!leader(t)) return;
+        RowScalars<M>& r = rs[t >> lg];
+        r.mean_q = zero_mean ? red[t] / size : M(0);
+        r.centred_qq = red[kThreads + t] - size * r.mean_q * r.mean_q;
+      });
+      blk.sync();
+      if (first && zero_mean) {  // p may not be centred yet: the centred norm of q, summed exactly
+        blk.each([&](int t) {
+          M c2 = 0;
+          if (row_of(t) >= 0) {
+            const M mean = rs[t >> lg].mean_q;
+            const M* const bu = buf_u + (t >> lg) * share;
+            for (int64_t j = t & (G - 1); j < cols; j += G) c2 += (bu[j] - mean) * (bu[j] - mean);
+          }
+          red[t] = c2;
+        });
+        group_reduce<1>(blk, red, lg);
+        blk.each([&](int t) {
+          if (leader(t)) rs[t >> lg].centred_qq = red[t];
+        });
+        blk.sync();
+      }
+      blk.each([&](int t) {
+        if (!leader(t)) return;
+        RowScalars<M>& r = rs[t >> lg];
+        r.to_sphere = r.centred_qq > 0 ? r.n / sqrt(r.centred_qq) : M(0);  // a zero row stays zero
+      });
+      blk.sync();
+      write_rows(blk, table, e, lg, first_row, shared, grad, [&](int t, int64_t, int64_t j, T& old) {
+        const RowScalars<M>& r = rs[t >> lg];
+        old = buf_p[(t >> lg) * share + j];
+        return (buf_u[(t >> lg) * share + j] - r.mean_q) * r.to_sphere;
+      });
+      return;
+    }
+
+    // ---- two passes over memory. Pass 1: pivot-shifted moments of u and p in double (the
+    // reduction slots read as doubles), state unwritten.
+    double* const red_d = reinterpret_cast<double*>(shared);
+    blk.each([&](int t) {
+      double sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0;
+      const int64_t row = row_of(t);
+      if (row >= 0) {
+        const int64_t base = row * cols;
+        const M ku = direction<T, KIND>(dc, grad_at(base), base, false);
+        const M kp = to_math(p[base]);
+        for (int64_t j = base + (t & (G - 1)); j < base + cols; j += G) {
+          const double a =
+              static_cast<double>(direction<T, KIND>(dc, grad_at(j), j, false)) - static_cast<double>(ku);
+          const double b = static_cast<double>(to_math(p[j])) - static_cast<double>(kp);
+          sa += a;
+          sb += b;
+          saa += a * a;
+          sbb += b * b;
+          sab += a * b;
+        }
+        if ((t & (G - 1)) == 0) {
+          rs[t >> lg].ku = ku;
+          rs[t >> lg].kp = kp;
+        }
+      }
+      red_d[t] = sa;
+      red_d[kThreads + t] = sb;
+      red_d[2 * kThreads + t] = saa;
+      red_d[3 * kThreads + t] = sbb;
+      red_d[4 * kThreads + t] = sab;
+    });
+    group_reduce<5>(blk, red_d, lg);
+    blk.each([&](int t) {
+      if (!leader(t)) return;
+      RowScalars<M>& r = rs[t >> lg];
+      WDOPT_UNROLL
+      for (int k = 0; k < 5; ++k) r.s[k] = red_d[k * kThreads + t];
+      r.mean_q = static_cast<M>(static_cast<double>(r.kp) + r.s[1] / static_cast<double>(cols));  // mean(p)
+    });
+    blk.sync();
+    if (first) freeze_norm([&](int, int64_t row, int64_t j) { return to_math(p[row * cols + j]); });
+    // Closed forms, in double from the sums (docs/theory.md section 3.3).
+    blk.each([&](int t) {
+      if (!leader(t)) return;
+      RowScalars<M>& r = rs[t >> lg];
+      const double C = static_cast<double>(cols), inv_C = 1.0 / C;
+      const double sa = r.s[0], sb = r.s[1], saa = r.s[2], sbb = r.s[3], sab = r.s[4];
+      const double ma = sa * inv_C, mb = sb * inv_C;
+      const double mean_u = static_cast<double>(r.ku) + ma, mean_p = static_cast<double>(r.kp) + mb;
+      double vu = saa - sa * ma, vp = sbb - sb * mb;  // Σ(u − mean u)², Σ(p − mean p)²
+      vu = vu > 0 ? vu : 0.0;
+      vp = vp > 0 ? vp : 0.0;
+      const double cov = sab - sa * mb;               // Σ(u − mean u)(p − mean p)
+      const double spp = vp + C * mean_p * mean_p;    // Σp²
+      const M n = norm[row_of(t)];
+      r.n = n;
+      r.mean_u = zero_mean ? static_cast<M>(mean_u) : M(0);
+      const double delta = mean_u - static_cast<double>(r.mean_u);  // mean of u − mean_u as applied
+      const double cross = cov + delta * C * mean_p;                  // Σ(u − mean_u)·p
+      r.radial = n > 0 ? static_cast<M>(cross / (static_cast<double>(n) * static_cast<double>(n))) : M(0);
+      const double rad = r.radial;
+      // t = (u − mean_u) − radial·p: ‖t‖² from the moments
+      double tangent_sq = vu + C * delta * delta - 2.0 * rad * cross + rad * rad * spp;
+      tangent_sq = tangent_sq > 0 ? tangent_sq : 0.0;
+      r.step = step_from(row_of(t), tangent_sq, n);
+      const double step = r.step;
+      // q = p − step·t: centred parts q_c = p_c − step·(u_c − radial·p_c)
+      const double cross_c = cov - rad * vp;                           // Σp_c·t_c
+      const double vt = vu - 2.0 * rad * cov + rad * rad * vp;         // Σt_c²
+      double qq_c = vp - 2.0 * step * cross_c + step * step * vt;
+      qq_c = qq_c > 0 ? qq_c : 0.0;
+      const double mean_q = mean_p - step * (delta - rad * mean_p);
+      r.mean_q = zero_mean ? static_cast<M>(mean_q) : M(0);
+      const double off = mean_q - static_cast<double>(r.mean_q);
+      const double qq = qq_c + C * off * off;
+      r.to_sphere = qq > 0 ? static_cast<M>(static_cast<double>(n) / sqrt(qq)) : M(0);
+    });
+    blk.sync();
+    // Pass 2: u again (the state is unchanged), state and p written.
+    write_rows(blk, table, e, lg, first_row, shared, grad, [&](int t, int64_t base, int64_t j, T& old) {
+      const RowScalars<M>& r = rs[t >> lg];
+      const T pt = p[base + j];
+      old = pt;
+      const M pj = to_math(pt);
+      const M u = direction<T, KIND>(dc, grad_at(base + j), base + j, true);
+      const M q = pj - r.step * (u - r.mean_u - pj * r.radial);
+      return (q - r.mean_q) * r.to_sphere;
+    });
+  }
+
+  // The last phase: p ← value(t, base, j, old) for every element of the block's rows (``old``: p as
+  // stored before), with the telemetry sums per telemetry row (tel_split of them per rotation row).
+  template <class F>
+  WDOPT_BLOCK static void write_rows(const Block& blk, const RotationTable& table, int e, int lg, int64_t first_row,
+                                     unsigned char* shared, const GradOptions& grad, F&& value) {
+    const int G = 1 << lg;
+    const int64_t rows = table.rows[e], cols = table.cols[e];
+    T* const p = static_cast<T*>(table.param[e]);
+    const T* const g = static_cast<const T*>(table.grad[e]);
+    double* const tel = table.telemetry[e];
+    const int64_t segments = tel != nullptr ? table.tel_split[e] : 1;
+    const int64_t seg_len = cols / segments;
+    const double inv_scale = inverse_scale(grad);
+    double* const red = reinterpret_cast<double*>(shared);
+    for (int64_t s = 0; s < segments; ++s) {
+      blk.each([&](int t) {
+        double acc[4] = {0, 0, 0, 0};
+        const int64_t row = first_row + (t >> lg);
+        if (row < rows) {
+          const int64_t base = row * cols;
+          for (int64_t j = s * seg_len + (t & (G - 1)); j < (s + 1) * seg_len; j += G) {
+            T old;
+            const T now = to_storage<T>(value(t, base, j, old));
+            p[base + j] = now;
+            if (tel != nullptr) telemetry_add(acc, old, now, g[base + j], inv_scale);
+          }
+        }
+        if (tel != nullptr) {
+          WDOPT_UNROLL
+          for (int k = 0; k < 4; ++k) red[k * kThreads + t] = acc[k];
+        }
+      });
+      if (tel == nullptr) continue;
+      group_reduce<4>(blk, red, lg);
+      blk.each([&](int t) {
+        const int64_t row = first_row + (t >> lg);
+        if ((t & (G - 1)) != 0 || row >= rows) return;
+        WDOPT_UNROLL
+        for (int k = 0; k < 4; ++k) tel[(row * segments + s) * 4 + k] = red[k * kThreads + t];
+      });
+      blk.sync();
+    }
+  }
+};
+
+template <typename T, int KIND>
+cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& base_args, int64_t limit,
+                            cudaStream_t stream) {
+  RotationTable table;  // deliberately not zeroed: rows past n_tensors are never read
+  table.n_tensors = 0;
+  table.first_tensor = 0;
+  int64_t blocks = 0, on_chip = 0;
+  auto flush = [&]() -> cudaError_t {
+    if (table.n_tensors == 0) return cudaSuccess;
+    table.block_begin[table.n_tensors] = static_cast<int32_t>(blocks);
+    RotationArgs<opmath_t<T>> args = base_args;
+    args.on_chip = static_cast<int32_t>(on_chip);
+    const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND>>(blocks, rotation_shared_bytes<T>(on_chip),
+                                                                      stream, table, args, a.grad);
+    table.first_tensor += table.n_tensors;
+    table.n_tensors = 0;
+    blocks = 0;
+    on_chip = 0;
+    return err;
+  };
+  for (int64_t i = 0; i < a.n_tensors; ++i) {
+    const int64_t rows = a.rows[i];
+    if (rows < 1 || a.numels[i] < 0 || a.numels[i] % rows != 0) return cudaErrorInvalidValue;
+    // Empty tensors (rows of 0 elements) take their blocks as any other: the rows then do what the
+    // CPU kernel's rotate_row does with them (norm 0 frozen, s_avg decayed, zero telemetry rows),
+    // and table slot e is call position first_tensor + e (the prologue's coefficient index).
+    const int64_t cols = a.numels[i] / rows;
+    int64_t split = 1;
+    if (a.telemetry.buffers != nullptr) {
+      const int64_t tel_rows = a.telemetry.rows[i];
+      if (a.telemetry.buffers[i] == nullptr || tel_rows < rows || tel_rows % rows != 0 ||
+          cols % (tel_rows / rows) != 0 || tel_rows / rows > INT32_MAX) {
+        return cudaErrorInvalidValue;
+      }
+      split = tel_rows / rows;
+    }
+    const int lg = group_log2(cols);
+    const int64_t count = (rows + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
+    if (count > INT32_MAX) return cudaErrorInvalidValue;
+    if (table.n_tensors == RotationTable::kCapacity || blocks + count > INT32_MAX) {
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int r = table.n_tensors++;
+    table.param[r] = a.params[i];
+    table.grad[r] = a.grads[i];
+    table.state1[r] = a.state1 != nullptr ? a.state1[i] : nullptr;
+    table.state2[r] = a.state2 != nullptr ? a.state2[i] : nullptr;
+    table.norm[r] = a.rotational_norms[i];
+    table.s_avg[r] = a.update_norm_avgs[i];
+    table.telemetry[r] = a.telemetry.buffers != nullptr ? a.telemetry.buffers[i] : nullptr;
+    table.rows[r] = rows;
+    table.cols[r] = cols;
+    table.tel_split[r] = static_cast<int32_t>(split);
+    table.block_begin[r] = static_cast<int32_t>(blocks);
+    table.group_log2[r] = static_cast<uint8_t>(lg);
+    table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : nullptr;
+    // Row buffers: as much of the limit as this launch's on-chip rows need (cols per group).
+    const int64_t need = cols << (kLog2Threads - lg);
+    if (need <= limit && need > on_chip) on_chip = (need + kThreads - 1) / kThreads * kThreads;
+    blocks += count;
+  }
+  return flush();
+}
+
+}  // namespace
+
+size_t rotational_scratch_bytes(int64_t n_tensors) {
+  static_assert(sizeof(RotationCoefficients<double>) <= 128 && sizeof(RotationCoefficients<float>) <= 128, "");
+  return static_cast<size_t>(n_tensors > 0 ? n_tensors : 0) * sizeof(RotationCoefficients<double>);
+}
+
+cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
+  if (a.n_tensors <= 0) return cudaSuccess;
+  if (a.n_tensors > INT32_MAX || a.scratch == nullptr || a.rows == nullptr) return cudaErrorInvalidValue;
+  if (a.telemetry.buffers != nullptr && a.telemetry.rows == nullptr) return cudaErrorInvalidValue;
+  const bool adamw = a.optimizer == RotationalOptimizer::AdamW, lion = a.optimizer == RotationalOptimizer::Lion;
+  const bool sgd = a.optimizer == RotationalOptimizer::SGD;
+  if (!adamw && !lion && !sgd) return cudaErrorInvalidValue;
+  if ((adamw && (a.state1 == nullptr || a.state2 == nullptr || a.steps == nullptr)) ||
+      (lion && a.state1 == nullptr) || (sgd && a.momentum != 0 && (a.state1 == nullptr || a.first_steps == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = opmath_t<T>;
+    auto* coefficients = static_cast<RotationCoefficients<M>*>(a.scratch);
+    // The prologue: step counts and this step's scalars, one thread per tensor.
+    const RotationPrologueArgs<M> prologue{a.lr, a.beta1, a.beta2, a.eps, a.undf, adamw ? 1 : 0, coefficients};
+    RotationStepTable steps;
+    for (int64_t first = 0; first < a.n_tensors; first += RotationStepTable::kCapacity) {
+      const int64_t n = std::min<int64_t>(a.n_tensors - first, RotationStepTable::kCapacity);
+      for (int64_t i = 0; i < n; ++i) {
+        steps.rotational_step[i] = a.rotational_steps[first + i];
+        steps.step[i] = adamw ? a.steps[first + i] : nullptr;
+      }
+      steps.n_tensors = static_cast<int32_t>(n);
+      steps.first_tensor = static_cast<int32_t>(first);
+      const cudaError_t err = launch<RotationPrologueKernel<M>>((n + kThreads - 1) / kThreads, stream, steps,
+                                                                prologue, a.grad.found_inf);
+      if (err != cudaSuccess) return err;
+    }
+    RotationArgs<M> args{};
+    args.angle = a.angle;
+    args.lr = a.lr;
+    args.undf = a.undf;
+    args.eps = a.rotational_eps;
+    args.coefficients = coefficients;
+    args.lion = lion_coefficients<M>(LionHyper{a.lr, a.beta1, a.beta2, 0.0, 1.0}, a.lr);
+    args.momentum = static_cast<M>(a.momentum);
+    args.on_chip = 0;
+    args.zero_mean = a.zero_mean;
+    args.projected = a.projected;
+    // Elements of the row buffers per block: a multiple of kThreads (0: every row takes two passes),
+    // within what this device lets a block opt in to (99 KB on sm_86/89, 227 KB on sm_90, 64 KB on
+    // sm_75): on a smaller device longer rows take the two-pass path instead of failing to launch.
+    const int64_t wanted = a.on_chip_bytes > 0 ? a.on_chip_bytes : kRowBufferBytes;
+    const int64_t bytes = std::max<int64_t>(0, std::min<int64_t>(wanted, shared_memory_optin_bytes() -
+                                                                             static_cast<int64_t>(kRowHeaderBytes)));
+    const int64_t limit = bytes / static_cast<int64_t>(sizeof(M) + sizeof(T)) / kThreads * kThreads;
+    if (adamw) return rotational_rows<T, kAdamW>(a, args, limit, stream);
+    if (lion) return rotational_rows<T, kLion>(a, args, limit, stream);
+    if (a.momentum == 0) return rotational_rows<T, kSGDPlain>(a, args, limit, stream);
+    if (a.nesterov) return rotational_rows<T, kSGDNesterov>(a, args, limit, stream);
+    return rotational_rows<T, kSGDMomentum>(a, args, limit, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace wdopt

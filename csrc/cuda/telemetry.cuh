@@ -1,0 +1,146 @@
+// The monitored update: the update engine's element functions walked row by row, with the
+// rotation-telemetry sums reduced per row (wdopt/reference/telemetry.py is the specification).
+#pragma once
+
+#include "rows.cuh"
+#include "update.cuh"
+
+namespace wdopt {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------ telemetry
+
+// The tensors of one telemetry launch: the update kernels' columns plus each tensor's telemetry
+// buffer and row count; blocks are numbered tensor after tensor, kThreads / G rows per block.
+template <int DEPTH> struct TelemetryTable {
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 8 + 8 + 8 + 4 + 1;
+  static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
+
+  void* ptr[DEPTH][kCapacity];
+  double* telemetry[kCapacity];
+  int64_t numel[kCapacity];
+  int64_t rows[kCapacity];
+  int32_t block_begin[kCapacity + 1];
+  int32_t n_tensors;
+  int32_t first_tensor;
+  FirstStepFlag flag[kCapacity];
+  uint8_t group_log2[kCapacity];
+};
+
+// The monitored update: the same element function as update_block (so parameters and state are
+// bit-identical), walked row by row with the telemetry sums reduced per row.
+template <typename T, class Op> struct TelemetryKernel {
+  using Table = TelemetryTable<Op::kDepth>;
+  static constexpr int kMinBlocks = 1;  // __launch_bounds__ hint: resident blocks per SM
+  WDOPT_BLOCK static void run_block(const Table& table, const Op& op, const GradOptions& grad, int64_t block,
+                                    unsigned char* shared) {
+    using M = opmath_t<T>;
+    constexpr int D = Op::kDepth;
+    if (step_skipped(grad.found_inf)) return;
+    const int e = find_entry(table.block_begin, table.n_tensors, block);
+    const int lg = table.group_log2[e];
+    const int64_t rows = table.rows[e];
+    const int64_t cols = table.numel[e] / rows;
+    const int64_t first_row = (block - table.block_begin[e]) << (kLog2Threads - lg);
+    const typename Op::Context ctx = op.context(table.first_tensor + e, table.flag[e]);
+    const bool unscale = grad.grad_scale.ptr != nullptr;
+    const M inv_scale = unscale ? M(1) / static_cast<M>(read_scalar(grad.grad_scale)) : M(1);
+    const double inv_scale_d = inverse_scale(grad);
+    double* red = reinterpret_cast<double*>(shared);
+    const Block blk{};
+    blk.each([&](int t) {
+      double acc[4] = {0, 0, 0, 0};
+      const int64_t row = first_row + (t >> lg);
+      if (row < rows) {
+        const int64_t end = (row + 1) * cols;
+        for (int64_t j = row * cols + (t & ((1 << lg) - 1)); j < end; j += int64_t{1} << lg) {
+          M x[D];
+          WDOPT_UNROLL
+          for (int d = 0; d < D; ++d) x[d] = to_math(static_cast<const T*>(table.ptr[d][e])[j]);
+          const T old = static_cast<const T*>(table.ptr[0][e])[j];
+          const T g = static_cast<const T*>(table.ptr[1][e])[j];
+          if (unscale) x[1] = x[1] * inv_scale;
+          if (grad.maximize) x[1] = -x[1];
+          op.update(ctx, x);
+          WDOPT_UNROLL
+          for (int d = 0; d < D; ++d) {
+            if ((Op::kWrites >> d) & 1u) static_cast<T*>(table.ptr[d][e])[j] = to_storage<T>(x[d]);
+          }
+          telemetry_add(acc, old, to_storage<T>(x[0]), g, inv_scale_d);
+        }
+      }
+      WDOPT_UNROLL
+      for (int k = 0; k < 4; ++k) red[k * kThreads + t] = acc[k];
+    });
+    group_reduce<4>(blk, red, lg);
+    blk.each([&](int t) {
+      const int64_t row = first_row + (t >> lg);
+      if ((t & ((1 << lg) - 1)) != 0 || row >= rows) return;
+      WDOPT_UNROLL
+      for (int k = 0; k < 4; ++k) table.telemetry[e][row * 4 + k] = red[k * kThreads + t];
+    });
+  }
+};
+
+// update_all's monitored twin: every tensor of a call through TelemetryKernel<T, Op>.
+template <typename T, class Op>
+cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
+                          const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op, const GradOptions& grad,
+                          cudaStream_t stream) {
+  using Table = TelemetryTable<Op::kDepth>;
+  Table table;  // deliberately not zeroed: rows past n_tensors are never read
+  table.n_tensors = 0;
+  table.first_tensor = 0;
+  int64_t blocks = 0;
+  auto flush = [&]() -> cudaError_t {
+    if (table.n_tensors == 0) return cudaSuccess;
+    table.block_begin[table.n_tensors] = static_cast<int32_t>(blocks);
+    const cudaError_t err =
+        launch_rows<TelemetryKernel<T, Op>>(blocks, 4 * kThreads * sizeof(double), stream, table, op, grad);
+    table.first_tensor += table.n_tensors;
+    table.n_tensors = 0;
+    blocks = 0;
+    return err;
+  };
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    const int64_t rows = telemetry.rows[i];
+    if (numels[i] < 0 || rows < 1 || numels[i] % rows != 0 || telemetry.buffers[i] == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    const int lg = group_log2(numels[i] / rows);
+    const int64_t count = (rows + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
+    if (count > INT32_MAX) return cudaErrorInvalidValue;
+    if (table.n_tensors == Table::kCapacity || blocks + count > INT32_MAX) {
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int r = table.n_tensors++;
+    for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
+    table.telemetry[r] = telemetry.buffers[i];
+    table.numel[r] = numels[i];
+    table.rows[r] = rows;
+    table.block_begin[r] = static_cast<int32_t>(blocks);
+    table.group_log2[r] = static_cast<uint8_t>(lg);
+    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
+    blocks += count;
+  }
+  return flush();
+}
+
+// Either engine, by whether the call is monitored.
+template <typename T, class Op>
+cudaError_t update_or_monitor(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
+                              const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op,
+                              const GradOptions& grad, cudaStream_t stream) {
+  if (telemetry.buffers != nullptr) {
+    if (telemetry.rows == nullptr) return cudaErrorInvalidValue;
+    return telemetry_all<T>(columns, n_tensors, numels, flags, telemetry, op, grad, stream);
+  }
+  return update_all<T>(columns, n_tensors, numels, flags, op, grad, stream);
+}
+
+
+}  // namespace
+}  // namespace cuda
+}  // namespace wdopt

@@ -1,0 +1,153 @@
+// The element-wise update engine: one block per (tensor, chunk), tables of tensors in the kernel
+// arguments, 16-byte vectors with a scalar tail (kernels.cu's design notes).
+#pragma once
+
+#include "common.cuh"
+
+namespace wdopt {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------ tables
+
+// The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums and a per-tensor
+// flag pointer (SGD's "first step", see FirstStepFlag). Passed by value as a kernel argument.
+template <int DEPTH> struct TensorTable {
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8;
+  static constexpr int kCapacity =
+      static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);  // 32: counts, padding
+
+  void* ptr[DEPTH][kCapacity];
+  int64_t numel[kCapacity];
+  int32_t chunk_begin[kCapacity + 1];  // chunk_begin[n_tensors]: chunks in this launch
+  int32_t n_tensors;
+  int32_t first_tensor;  // index in the call of row 0 (AdamW's coefficients are per call)
+  FirstStepFlag flag[kCapacity];
+
+  // The row owning chunk ``block``: the last row whose chunks start at or before it (empty
+  // tensors own no chunk and are skipped, since the next row starts at the same chunk).
+  WDOPT_HD int find_row(int64_t block) const { return find_entry(chunk_begin, n_tensors, block); }
+};
+
+// ------------------------------------------------------------------------------------ engine
+
+// One block's work: chunk ``block`` of the table, element-wise through ``op``. Streams: 0 is the
+// parameter, 1 the gradient (read only), then the optimizer's state; Op::kWrites says which are
+// written back.
+template <typename T, class Op>
+WDOPT_HD void update_block(const TensorTable<Op::kDepth>& table, const Op& op, const GradOptions& grad,
+                           int64_t block, int thread) {
+  using M = opmath_t<T>;
+  constexpr int D = Op::kDepth;
+  constexpr int V = kVec<T>;
+  if (step_skipped(grad.found_inf)) return;
+
+  const int row = table.find_row(block);
+  const int64_t first = (block - table.chunk_begin[row]) * int64_t{kChunk<T>};
+  const int64_t left = table.numel[row] - first;
+  const int n = left < kChunk<T> ? static_cast<int>(left) : kChunk<T>;
+  T* ptr[D];
+  bool aligned = true;
+  WDOPT_UNROLL
+  for (int d = 0; d < D; ++d) {
+    ptr[d] = static_cast<T*>(table.ptr[d][row]) + first;
+    aligned = aligned && aligned16(ptr[d]);
+  }
+  const typename Op::Context ctx = op.context(table.first_tensor + row, table.flag[row]);
+  // GradScaler's unscale multiplies by the reciprocal of the scale rounded to M, as torch's
+  // unscale and the reference do (not a division per element).
+  const bool unscale = grad.grad_scale.ptr != nullptr;
+  const M inv_scale = unscale ? M(1) / static_cast<M>(read_scalar(grad.grad_scale)) : M(1);
+
+  // One element: x[d] holds stream d in the math type; updated in place.
+  auto element = [&](M(&x)[D]) {
+    if (unscale) x[1] = x[1] * inv_scale;
+    if (grad.maximize) x[1] = -x[1];
+    op.update(ctx, x);
+  };
+
+  int done = 0;
+  if (aligned) {
+    const int vectors = n / V;
+    for (int i = thread; i < vectors; i += kThreads) {
+      Pack<T> pack[D];
+      WDOPT_UNROLL
+      for (int d = 0; d < D; ++d) pack[d] = reinterpret_cast<const Pack<T>*>(ptr[d])[i];
+      WDOPT_UNROLL
+      for (int e = 0; e < V; ++e) {
+        M x[D];
+        WDOPT_UNROLL
+        for (int d = 0; d < D; ++d) x[d] = to_math(pack[d].v[e]);
+        element(x);
+        WDOPT_UNROLL
+        for (int d = 0; d < D; ++d) {
+          if ((Op::kWrites >> d) & 1u) pack[d].v[e] = to_storage<T>(x[d]);
+        }
+      }
+      WDOPT_UNROLL
+      for (int d = 0; d < D; ++d) {
+        if ((Op::kWrites >> d) & 1u) reinterpret_cast<Pack<T>*>(ptr[d])[i] = pack[d];
+      }
+    }
+    done = vectors * V;
+  }
+  for (int i = done + thread; i < n; i += kThreads) {
+    M x[D];
+    WDOPT_UNROLL
+    for (int d = 0; d < D; ++d) x[d] = to_math(ptr[d][i]);
+    element(x);
+    WDOPT_UNROLL
+    for (int d = 0; d < D; ++d) {
+      if ((Op::kWrites >> d) & 1u) ptr[d][i] = to_storage<T>(x[d]);
+    }
+  }
+}
+
+template <typename T, class Op> struct UpdateKernel {
+  using Table = TensorTable<Op::kDepth>;
+  WDOPT_HD static void run(const Table& table, const Op& op, const GradOptions& grad, int64_t block, int thread) {
+    update_block<T>(table, op, grad, block, thread);
+  }
+};
+
+// Every tensor of a call through UpdateKernel<T, Op>: rows are packed into tables of
+// TensorTable::kCapacity and each full table is launched (one launch for most models).
+template <typename T, class Op>
+cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
+                       const FirstStepFlag* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
+  using Table = TensorTable<Op::kDepth>;
+  Table table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
+  table.n_tensors = 0;
+  table.first_tensor = 0;
+  int64_t chunks = 0;
+  auto flush = [&]() -> cudaError_t {
+    if (table.n_tensors == 0) return cudaSuccess;
+    table.chunk_begin[table.n_tensors] = static_cast<int32_t>(chunks);
+    const cudaError_t err = launch<UpdateKernel<T, Op>>(chunks, stream, table, op, grad);
+    table.first_tensor += table.n_tensors;
+    table.n_tensors = 0;
+    chunks = 0;
+    return err;
+  };
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    if (numels[i] < 0) return cudaErrorInvalidValue;
+    const int64_t count = (numels[i] + kChunk<T> - 1) / kChunk<T>;
+    if (count > INT32_MAX) return cudaErrorInvalidValue;
+    if (table.n_tensors == Table::kCapacity || chunks + count > INT32_MAX) {
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int r = table.n_tensors++;
+    for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
+    table.numel[r] = numels[i];
+    table.chunk_begin[r] = static_cast<int32_t>(chunks);
+    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
+    chunks += count;
+  }
+  return flush();
+}
+
+
+}  // namespace
+}  // namespace cuda
+}  // namespace wdopt
