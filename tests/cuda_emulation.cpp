@@ -86,10 +86,10 @@ int64_t emu_scratch_bytes(int64_t n) { return static_cast<int64_t>(wc::adamw_scr
 int64_t emu_launches() { return wc::launch_count(); }
 int emu_table_capacity(int depth) {
   switch (depth) {
-    case 2: return wc::TensorTable<2>::kCapacity;
-    case 3: return wc::TensorTable<3>::kCapacity;
-    case 4: return wc::TensorTable<4>::kCapacity;
-    case 5: return wc::TensorTable<5>::kCapacity;
+    case 2: return wc::UpdateTable<2>::kCapacity;
+    case 3: return wc::UpdateTable<3>::kCapacity;
+    case 4: return wc::UpdateTable<4>::kCapacity;
+    case 5: return wc::UpdateTable<5>::kCapacity;
   }
   return -1;
 }

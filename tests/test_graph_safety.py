@@ -37,8 +37,8 @@ def test_triton_tables_are_uploaded_once(monkeypatch, cls, kw):
     from wdopt.kernels import tables
 
     uploads = []
-    upload = tables.TensorTable._upload
-    monkeypatch.setattr(tables.TensorTable, "_upload", staticmethod(lambda *a: uploads.append(1) or upload(*a)))
+    upload = tables.DeviceTable._upload
+    monkeypatch.setattr(tables.DeviceTable, "_upload", staticmethod(lambda *a: uploads.append(1) or upload(*a)))
     device = TRITON_DEVICES[0]
     shapes = [(6, 5), (3, 7), (4,)]
     params = clone_leaves(make_params(shapes, torch.float32, device))

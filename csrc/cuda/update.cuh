@@ -12,7 +12,7 @@ namespace {
 
 // The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums and a per-tensor
 // flag pointer (SGD's "first step", see FirstStepFlag). Passed by value as a kernel argument.
-template <int DEPTH> struct TensorTable {
+template <int DEPTH> struct UpdateTable {
   static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8;
   static constexpr int kCapacity =
       static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);  // 32: counts, padding
@@ -35,7 +35,7 @@ template <int DEPTH> struct TensorTable {
 // parameter, 1 the gradient (read only), then the optimizer's state; Op::kWrites says which are
 // written back.
 template <typename T, class Op>
-WDOPT_HD void update_block(const TensorTable<Op::kDepth>& table, const Op& op, const GradOptions& grad,
+WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, const GradOptions& grad,
                            int64_t block, int thread) {
   using M = opmath_t<T>;
   constexpr int D = Op::kDepth;
@@ -104,18 +104,18 @@ WDOPT_HD void update_block(const TensorTable<Op::kDepth>& table, const Op& op, c
 }
 
 template <typename T, class Op> struct UpdateKernel {
-  using Table = TensorTable<Op::kDepth>;
+  using Table = UpdateTable<Op::kDepth>;
   WDOPT_HD static void run(const Table& table, const Op& op, const GradOptions& grad, int64_t block, int thread) {
     update_block<T>(table, op, grad, block, thread);
   }
 };
 
 // Every tensor of a call through UpdateKernel<T, Op>: rows are packed into tables of
-// TensorTable::kCapacity and each full table is launched (one launch for most models).
+// UpdateTable::kCapacity and each full table is launched (one launch for most models).
 template <typename T, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
                        const FirstStepFlag* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
-  using Table = TensorTable<Op::kDepth>;
+  using Table = UpdateTable<Op::kDepth>;
   Table table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
   table.n_tensors = 0;
   table.first_tensor = 0;

@@ -30,7 +30,7 @@ _CACHE_SIZE = 4096
 _CAPTURED: dict[int, torch.Tensor] = {}
 
 
-class TensorTable:
+class DeviceTable:
     """A device-side table of tensor addresses and sizes, with the work items that cover them.
 
     ``columns`` are lists of equal length, one entry per tensor: a tensor (its address is stored),
@@ -38,12 +38,12 @@ class TensorTable:
     """
 
     def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device, chunk: int):
-        self.rows = len(numels)
+        self.n_tensors = len(numels)
         self.ncol = len(columns) + 1
         self.max_numel = max(numels, default=0)
         values = []
         misaligned = 0
-        for r in range(self.rows):
+        for r in range(self.n_tensors):
             for col in columns:
                 v = col[r]
                 if isinstance(v, torch.Tensor):
@@ -79,8 +79,8 @@ class TensorTable:
                 _CACHE.popitem(last=False)
         if cuda and torch.cuda.is_current_stream_capturing():
             _CAPTURED[buf.data_ptr()] = buf
-        self.table = buf[: self.rows * self.ncol]
-        self.work = buf[self.rows * self.ncol :]
+        self.table = buf[: self.n_tensors * self.ncol]
+        self.work = buf[self.n_tensors * self.ncol :]
         self.programs = self.work.numel()
 
     @staticmethod

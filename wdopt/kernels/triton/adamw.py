@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, div, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, sqrt, table_value, telemetry_add, telemetry_block_size,
-    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
+    CHUNK, TRITON_DTYPES, block_offsets, block_size, compute_dtype, div, f64, f64_bits, full_blocks_end, launch,
+    lr_value, optional, sqrt, table_value, telemetry_add, telemetry_block_size, telemetry_columns,
+    telemetry_store, tensor_pointer, to_storage, unscale, work_item, work_table,
 )
 
 # Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
@@ -194,16 +194,16 @@ def adamw(
     columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps]
     if telemetry:
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = TensorTable(columns + [buffers, row_sizes], rows, device, chunk=1)
+        table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
         chunk, block = 1, telemetry_block_size(row_sizes)
     else:
-        table = TensorTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
         chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)
-    coef = torch.empty((table.rows, NCOEF.value), dtype=torch.float64, device=device)
+    coef = torch.empty((table.n_tensors, NCOEF.value), dtype=torch.float64, device=device)
     launch(
-        _adamw_coefficients_kernel, (triton.cdiv(table.rows, ROWS_PER_PROGRAM),), device,
-        table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.rows,
+        _adamw_coefficients_kernel, (triton.cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
+        table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.n_tensors,
         0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
         f64_bits(weight_decay), f64_bits(decay_lr_scale),
         LR_ON_DEVICE=lr_on_device, HAS_FOUND_INF=found_inf is not None, ROWS=ROWS_PER_PROGRAM,

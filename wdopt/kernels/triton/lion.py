@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
-    full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
-    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
+    CHUNK, TRITON_DTYPES, block_offsets, block_size, compute_dtype, f64, f64_bits, full_blocks_end, launch,
+    lr_value, optional, table_value, telemetry_add, telemetry_block_size, telemetry_columns, telemetry_store,
+    tensor_pointer, to_storage, unscale, work_item, work_table,
 )
 
 # Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
@@ -105,10 +105,10 @@ def lion(
     device, dtype = params[0].device, params[0].dtype
     if telemetry:
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = TensorTable([params, grads, exp_avgs, buffers, row_sizes], rows, device, chunk=1)
+        table = work_table([params, grads, exp_avgs, buffers, row_sizes], rows, device, chunk=1)
         chunk, block = 1, telemetry_block_size(row_sizes)
     else:
-        table = TensorTable([params, grads, exp_avgs] + [[None] * len(params)] * 2,
+        table = work_table([params, grads, exp_avgs] + [[None] * len(params)] * 2,
                             [p.numel() for p in params], device)
         chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)

@@ -1,6 +1,6 @@
 """Memory movement shared by every Triton optimizer kernel.
 
-The host packs a ``TensorTable`` (wdopt/kernels/tables.py) per (device, dtype) bucket; program
+The host packs a ``DeviceTable`` (wdopt/kernels/tables.py) per (device, dtype) bucket; program
 ``i`` takes work item ``i``, a (tensor, chunk) pair; chunks are CHUNK elements, processed BLOCK at
 a time. The launch count is therefore fixed, whatever the number of tensors. The device-side
 helpers below read the table, and apply GradScaler's unscale and the rounding rules.
@@ -42,10 +42,10 @@ def block_size(max_numel: int) -> int:
     return max(16, min(CHUNK, triton.next_power_of_2(max(max_numel, 1))))
 
 
-def TensorTable(columns, numels, device, chunk: int = CHUNK) -> tables.TensorTable:
+def work_table(columns, numels, device, chunk: int = CHUNK) -> tables.DeviceTable:
     """Work items of ``chunk`` elements; row kernels count rows instead (numels = rows, chunk = rows
     per program)."""
-    return tables.TensorTable(columns, numels, device, chunk)
+    return tables.DeviceTable(columns, numels, device, chunk)
 
 
 def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:

@@ -30,8 +30,8 @@ from . import INTERPRETED
 from .adamw import adamw_direction, power
 from .lion import lion_direction
 from .multi_tensor import (
-    TRITON_DTYPES, TensorTable, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional, sqrt, table_value,
-    telemetry_add, tensor_pointer, to_storage, unscale, work_item,
+    TRITON_DTYPES, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional,
+    sqrt, table_value, telemetry_add, tensor_pointer, to_storage, unscale, work_item, work_table,
 )
 from .sgd import sgd_direction
 
@@ -381,7 +381,7 @@ def rotational(
 
     coef = torch.empty((count, NCOEF.value), dtype=torch.float64, device=device)
     none = [None] * count
-    coef_table = TensorTable([rotational_steps, steps if kind == ADAMW else none], [1] * count, device, chunk=1)
+    coef_table = work_table([rotational_steps, steps if kind == ADAMW else none], [1] * count, device, chunk=1)
     launch(
         _rotational_coefficients_kernel, (triton.cdiv(count, COEF_ROWS),), device,
         coef_table.table, coef, optional(found_inf, coef), count, f64_bits(beta1), f64_bits(beta2), f64_bits(undf),
@@ -407,7 +407,7 @@ def rotational(
         def column(values):
             return [values[i] for i in members]
 
-        table = TensorTable(
+        table = work_table(
             [column(params), column(grads), column(state1) if with_state1 else none[:len(members)],
              column(state2) if kind == ADAMW else none[:len(members)], column(rotational_norms),
              column(update_norm_avgs), [telemetry[i] if in_kernel[i] else None for i in members],

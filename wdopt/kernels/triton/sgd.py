@@ -10,9 +10,10 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, TensorTable, block_offsets, block_size, compute_dtype, f64, f64_bits,
-    check_first_steps, first_step_flag, full_blocks_end, launch, lr_value, optional, table_value, telemetry_add, telemetry_block_size,
-    telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
+    CHUNK, TRITON_DTYPES, block_offsets, block_size, check_first_steps, compute_dtype, f64, f64_bits,
+    first_step_flag, full_blocks_end, launch, lr_value, optional, table_value, telemetry_add,
+    telemetry_block_size, telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
+    work_table,
 )
 
 # Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``). The
@@ -133,10 +134,10 @@ def sgd(
                list(first_steps) if has_momentum else [None] * len(params)]
     if telemetry:
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = TensorTable(columns + [buffers, row_sizes], rows, device, chunk=1)
+        table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
         chunk, block = 1, telemetry_block_size(row_sizes)
     else:
-        table = TensorTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
         chunk, block = CHUNK, block_size(table.max_numel)
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
