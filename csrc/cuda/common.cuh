@@ -150,6 +150,40 @@ template <class F> cudaError_t dispatch_bool(bool value, F&& f) {
   return value ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// The packing loop of every engine: tensor after tensor into ``table`` (entries numbered from 0,
+// ``block_begin`` the prefix sum of their block counts), launching each full table. Tables travel
+// in the kernel arguments, so a call of more tensors than one table holds takes several launches.
+// ``blocks_of(i)``: tensor i's block count (negative: invalid arguments); ``fill(r, i)`` writes
+// entry r for tensor i; ``go(blocks)`` launches the packed table.
+template <class Table, class BlocksOf, class Fill, class Go>
+cudaError_t pack_tables(Table& table, int64_t n_tensors, BlocksOf&& blocks_of, Fill&& fill, Go&& go) {
+  table.n_tensors = 0;
+  table.first_tensor = 0;
+  int64_t blocks = 0;
+  auto flush = [&]() -> cudaError_t {
+    if (table.n_tensors == 0) return cudaSuccess;
+    table.block_begin[table.n_tensors] = static_cast<int32_t>(blocks);
+    const cudaError_t err = go(blocks);
+    table.first_tensor += table.n_tensors;
+    table.n_tensors = 0;
+    blocks = 0;
+    return err;
+  };
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    const int64_t count = blocks_of(i);
+    if (count < 0 || count > INT32_MAX) return cudaErrorInvalidValue;
+    if (table.n_tensors == Table::kCapacity || blocks + count > INT32_MAX) {
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int r = table.n_tensors++;
+    table.block_begin[r] = static_cast<int32_t>(blocks);
+    fill(r, i);
+    blocks += count;
+  }
+  return flush();
+}
+
 // The table entry owning ``block``: the last entry whose blocks start at or before it.
 WDOPT_HD int find_entry(const int32_t* begin, int n, int64_t block) {
   int lo = 0, hi = n - 1;

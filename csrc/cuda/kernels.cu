@@ -8,7 +8,7 @@
 // ------
 // * Work unit: one thread block updates one (tensor, chunk) pair; a chunk is kChunkBytes of each
 //   stream (param, grad, state...), so every block moves the same number of bytes whatever the
-//   dtype. Blocks are numbered tensor after tensor; ``UpdateTable::chunk_begin`` is the prefix
+//   dtype. Blocks are numbered tensor after tensor; ``UpdateTable::block_begin`` is the prefix
 //   sum of chunk counts and a block finds its tensor by binary search over it (uniform across the
 //   block, so every lookup is a broadcast from the constant bank). One launch therefore covers
 //   any number of chunks: the launch count depends only on how many tensors fit in one table.

@@ -492,65 +492,57 @@ template <typename T, int KIND>
 cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& base_args, int64_t limit,
                             cudaStream_t stream) {
   RotationTable table;  // deliberately not zeroed: rows past n_tensors are never read
-  table.n_tensors = 0;
-  table.first_tensor = 0;
-  int64_t blocks = 0, on_chip = 0;
-  auto flush = [&]() -> cudaError_t {
-    if (table.n_tensors == 0) return cudaSuccess;
-    table.block_begin[table.n_tensors] = static_cast<int32_t>(blocks);
-    RotationArgs<opmath_t<T>> args = base_args;
-    args.on_chip = static_cast<int32_t>(on_chip);
-    const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND>>(blocks, rotation_shared_bytes<T>(on_chip),
-                                                                      stream, table, args, a.grad);
-    table.first_tensor += table.n_tensors;
-    table.n_tensors = 0;
-    blocks = 0;
-    on_chip = 0;
-    return err;
+  int64_t on_chip = 0;   // elements of this launch's row buffers (the widest on-chip row group needs)
+  // Telemetry rows per rotation row; 0: invalid arguments.
+  auto split_of = [&](int64_t i, int64_t rows, int64_t cols) -> int64_t {
+    if (a.telemetry.buffers == nullptr) return 1;
+    const int64_t tel_rows = a.telemetry.rows[i];
+    if (a.telemetry.buffers[i] == nullptr || tel_rows < rows || tel_rows % rows != 0 ||
+        cols % (tel_rows / rows) != 0 || tel_rows / rows > INT32_MAX) {
+      return 0;
+    }
+    return tel_rows / rows;
   };
-  for (int64_t i = 0; i < a.n_tensors; ++i) {
-    const int64_t rows = a.rows[i];
-    if (rows < 1 || a.numels[i] < 0 || a.numels[i] % rows != 0) return cudaErrorInvalidValue;
-    // Empty tensors (rows of 0 elements) take their blocks as any other: the rows then do what the
-    // CPU kernel's rotate_row does with them (norm 0 frozen, s_avg decayed, zero telemetry rows),
-    // and table slot e is call position first_tensor + e (the prologue's coefficient index).
-    const int64_t cols = a.numels[i] / rows;
-    int64_t split = 1;
-    if (a.telemetry.buffers != nullptr) {
-      const int64_t tel_rows = a.telemetry.rows[i];
-      if (a.telemetry.buffers[i] == nullptr || tel_rows < rows || tel_rows % rows != 0 ||
-          cols % (tel_rows / rows) != 0 || tel_rows / rows > INT32_MAX) {
-        return cudaErrorInvalidValue;
-      }
-      split = tel_rows / rows;
-    }
-    const int lg = group_log2(cols);
-    const int64_t count = (rows + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
-    if (count > INT32_MAX) return cudaErrorInvalidValue;
-    if (table.n_tensors == RotationTable::kCapacity || blocks + count > INT32_MAX) {
-      const cudaError_t err = flush();
-      if (err != cudaSuccess) return err;
-    }
-    const int r = table.n_tensors++;
-    table.param[r] = a.params[i];
-    table.grad[r] = a.grads[i];
-    table.state1[r] = a.state1 != nullptr ? a.state1[i] : nullptr;
-    table.state2[r] = a.state2 != nullptr ? a.state2[i] : nullptr;
-    table.norm[r] = a.rotational_norms[i];
-    table.s_avg[r] = a.update_norm_avgs[i];
-    table.telemetry[r] = a.telemetry.buffers != nullptr ? a.telemetry.buffers[i] : nullptr;
-    table.rows[r] = rows;
-    table.cols[r] = cols;
-    table.tel_split[r] = static_cast<int32_t>(split);
-    table.block_begin[r] = static_cast<int32_t>(blocks);
-    table.group_log2[r] = static_cast<uint8_t>(lg);
-    table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : nullptr;
-    // Row buffers: as much of the limit as this launch's on-chip rows need (cols per group).
-    const int64_t need = cols << (kLog2Threads - lg);
-    if (need <= limit && need > on_chip) on_chip = (need + kThreads - 1) / kThreads * kThreads;
-    blocks += count;
-  }
-  return flush();
+  return pack_tables(
+      table, a.n_tensors,
+      [&](int64_t i) {
+        const int64_t rows = a.rows[i];
+        if (rows < 1 || a.numels[i] < 0 || a.numels[i] % rows != 0) return int64_t{-1};
+        // Empty tensors (rows of 0 elements) take their blocks as any other: the rows then do what
+        // the CPU kernel's rotate_row does with them (norm 0 frozen, s_avg decayed, zero telemetry
+        // rows), and table slot e is call position first_tensor + e (the prologue's coefficient index).
+        const int64_t cols = a.numels[i] / rows;
+        if (split_of(i, rows, cols) == 0) return int64_t{-1};
+        const int lg = group_log2(cols);
+        return (rows + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
+      },
+      [&](int r, int64_t i) {
+        const int64_t rows = a.rows[i], cols = a.numels[i] / rows;
+        const int lg = group_log2(cols);
+        table.param[r] = a.params[i];
+        table.grad[r] = a.grads[i];
+        table.state1[r] = a.state1 != nullptr ? a.state1[i] : nullptr;
+        table.state2[r] = a.state2 != nullptr ? a.state2[i] : nullptr;
+        table.norm[r] = a.rotational_norms[i];
+        table.s_avg[r] = a.update_norm_avgs[i];
+        table.telemetry[r] = a.telemetry.buffers != nullptr ? a.telemetry.buffers[i] : nullptr;
+        table.rows[r] = rows;
+        table.cols[r] = cols;
+        table.tel_split[r] = static_cast<int32_t>(split_of(i, rows, cols));
+        table.group_log2[r] = static_cast<uint8_t>(lg);
+        table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : nullptr;
+        // Row buffers: as much of the limit as this launch's on-chip rows need (cols per group).
+        const int64_t need = cols << (kLog2Threads - lg);
+        if (need <= limit && need > on_chip) on_chip = (need + kThreads - 1) / kThreads * kThreads;
+      },
+      [&](int64_t blocks) {
+        RotationArgs<opmath_t<T>> args = base_args;
+        args.on_chip = static_cast<int32_t>(on_chip);
+        const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND>>(
+            blocks, rotation_shared_bytes<T>(on_chip), stream, table, args, a.grad);
+        on_chip = 0;
+        return err;
+      });
 }
 
 }  // namespace

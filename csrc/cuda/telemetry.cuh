@@ -88,44 +88,29 @@ template <typename T, class Op>
 cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
                           const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op, const GradOptions& grad,
                           cudaStream_t stream) {
-  using Table = TelemetryTable<Op::kDepth>;
-  Table table;  // deliberately not zeroed: rows past n_tensors are never read
-  table.n_tensors = 0;
-  table.first_tensor = 0;
-  int64_t blocks = 0;
-  auto flush = [&]() -> cudaError_t {
-    if (table.n_tensors == 0) return cudaSuccess;
-    table.block_begin[table.n_tensors] = static_cast<int32_t>(blocks);
-    const cudaError_t err =
-        launch_rows<TelemetryKernel<T, Op>>(blocks, 4 * kThreads * sizeof(double), stream, table, op, grad);
-    table.first_tensor += table.n_tensors;
-    table.n_tensors = 0;
-    blocks = 0;
-    return err;
-  };
-  for (int64_t i = 0; i < n_tensors; ++i) {
+  TelemetryTable<Op::kDepth> table;  // deliberately not zeroed: rows past n_tensors are never read
+  auto valid = [&](int64_t i) {
     const int64_t rows = telemetry.rows[i];
-    if (numels[i] < 0 || rows < 1 || numels[i] % rows != 0 || telemetry.buffers[i] == nullptr) {
-      return cudaErrorInvalidValue;
-    }
-    const int lg = group_log2(numels[i] / rows);
-    const int64_t count = (rows + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
-    if (count > INT32_MAX) return cudaErrorInvalidValue;
-    if (table.n_tensors == Table::kCapacity || blocks + count > INT32_MAX) {
-      const cudaError_t err = flush();
-      if (err != cudaSuccess) return err;
-    }
-    const int r = table.n_tensors++;
-    for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
-    table.telemetry[r] = telemetry.buffers[i];
-    table.numel[r] = numels[i];
-    table.rows[r] = rows;
-    table.block_begin[r] = static_cast<int32_t>(blocks);
-    table.group_log2[r] = static_cast<uint8_t>(lg);
-    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
-    blocks += count;
-  }
-  return flush();
+    return numels[i] >= 0 && rows >= 1 && numels[i] % rows == 0 && telemetry.buffers[i] != nullptr;
+  };
+  return pack_tables(
+      table, n_tensors,
+      [&](int64_t i) {
+        if (!valid(i)) return int64_t{-1};
+        const int lg = group_log2(numels[i] / telemetry.rows[i]);
+        return (telemetry.rows[i] + (kThreads >> lg) - 1) >> (kLog2Threads - lg);
+      },
+      [&](int r, int64_t i) {
+        for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
+        table.telemetry[r] = telemetry.buffers[i];
+        table.numel[r] = numels[i];
+        table.rows[r] = telemetry.rows[i];
+        table.group_log2[r] = static_cast<uint8_t>(group_log2(numels[i] / telemetry.rows[i]));
+        table.flag[r] = flags != nullptr ? flags[i] : nullptr;
+      },
+      [&](int64_t blocks) {
+        return launch_rows<TelemetryKernel<T, Op>>(blocks, 4 * kThreads * sizeof(double), stream, table, op, grad);
+      });
 }
 
 // Either engine, by whether the call is monitored.

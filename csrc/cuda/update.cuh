@@ -19,14 +19,14 @@ template <int DEPTH> struct UpdateTable {
 
   void* ptr[DEPTH][kCapacity];
   int64_t numel[kCapacity];
-  int32_t chunk_begin[kCapacity + 1];  // chunk_begin[n_tensors]: chunks in this launch
+  int32_t block_begin[kCapacity + 1];  // block_begin[n_tensors]: chunks (blocks) in this launch
   int32_t n_tensors;
   int32_t first_tensor;  // index in the call of row 0 (AdamW's coefficients are per call)
   FirstStepFlag flag[kCapacity];
 
   // The row owning chunk ``block``: the last row whose chunks start at or before it (empty
   // tensors own no chunk and are skipped, since the next row starts at the same chunk).
-  WDOPT_HD int find_row(int64_t block) const { return find_entry(chunk_begin, n_tensors, block); }
+  WDOPT_HD int find_row(int64_t block) const { return find_entry(block_begin, n_tensors, block); }
 };
 
 // ------------------------------------------------------------------------------------ engine
@@ -43,7 +43,7 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, c
   if (step_skipped(grad.found_inf)) return;
 
   const int row = table.find_row(block);
-  const int64_t first = (block - table.chunk_begin[row]) * int64_t{kChunk<T>};
+  const int64_t first = (block - table.block_begin[row]) * int64_t{kChunk<T>};
   const int64_t left = table.numel[row] - first;
   const int n = left < kChunk<T> ? static_cast<int>(left) : kChunk<T>;
   T* ptr[D];
@@ -115,36 +115,16 @@ template <typename T, class Op> struct UpdateKernel {
 template <typename T, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
                        const FirstStepFlag* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
-  using Table = UpdateTable<Op::kDepth>;
-  Table table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
-  table.n_tensors = 0;
-  table.first_tensor = 0;
-  int64_t chunks = 0;
-  auto flush = [&]() -> cudaError_t {
-    if (table.n_tensors == 0) return cudaSuccess;
-    table.chunk_begin[table.n_tensors] = static_cast<int32_t>(chunks);
-    const cudaError_t err = launch<UpdateKernel<T, Op>>(chunks, stream, table, op, grad);
-    table.first_tensor += table.n_tensors;
-    table.n_tensors = 0;
-    chunks = 0;
-    return err;
-  };
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    if (numels[i] < 0) return cudaErrorInvalidValue;
-    const int64_t count = (numels[i] + kChunk<T> - 1) / kChunk<T>;
-    if (count > INT32_MAX) return cudaErrorInvalidValue;
-    if (table.n_tensors == Table::kCapacity || chunks + count > INT32_MAX) {
-      const cudaError_t err = flush();
-      if (err != cudaSuccess) return err;
-    }
-    const int r = table.n_tensors++;
-    for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
-    table.numel[r] = numels[i];
-    table.chunk_begin[r] = static_cast<int32_t>(chunks);
-    table.flag[r] = flags != nullptr ? flags[i] : nullptr;
-    chunks += count;
-  }
-  return flush();
+  UpdateTable<Op::kDepth> table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
+  return pack_tables(
+      table, n_tensors,
+      [&](int64_t i) { return numels[i] < 0 ? int64_t{-1} : (numels[i] + kChunk<T> - 1) / kChunk<T>; },
+      [&](int r, int64_t i) {
+        for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
+        table.numel[r] = numels[i];
+        table.flag[r] = flags != nullptr ? flags[i] : nullptr;
+      },
+      [&](int64_t blocks) { return launch<UpdateKernel<T, Op>>(blocks, stream, table, op, grad); });
 }
 
 
