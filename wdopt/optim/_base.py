@@ -35,6 +35,8 @@ def check_betas(betas) -> tuple[float, float]:
     """Betas as two floats in [0, 1). One-element tensors are read once, at construction."""
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair, got {betas!r}")
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")  # torch.optim's words
     values = []
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor):
@@ -47,13 +49,16 @@ def check_betas(betas) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def check_common(lr, weight_decay, decay_scaling, backend, differentiable) -> None:
+def check_common(lr, weight_decay, decay_scaling, backend, differentiable, constructing: bool = True) -> None:
+    """The checks every optimizer shares. ``constructing=False`` at step time, where a scheduler
+    may have taken lr to 0 (a warm-up start): "schedule" needs a positive *initial* lr, checked by
+    ``_check_step_group``, not a positive current one."""
     check_lr(lr)
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if decay_scaling not in DECAY_SCALINGS:
         raise ValueError(f"Invalid decay_scaling {decay_scaling!r}; choose 'lr' (torch) or 'schedule'")
-    if decay_scaling == "schedule" and not _float(lr) > 0:
+    if constructing and decay_scaling == "schedule" and not _float(lr) > 0:
         raise ValueError("decay_scaling='schedule' needs a positive initial learning rate")
     if backend not in backends.BACKEND_CHOICES:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {backends.BACKEND_CHOICES}")
@@ -148,7 +153,8 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__}: a parameter appears twice in one group; "
                                  "fused kernels update each parameter once per step")
             for device in {p.device for p in group["params"]}:
-                backends.resolve(group["backend"], device)
+                if device.type != "meta":  # meta tensors hold no values: no kernel runs on them
+                    backends.resolve(group["backend"], device)
         except Exception:
             self.param_groups.pop()
             raise
@@ -164,7 +170,9 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.pop("_checked", None)  # loaded state is checked again at the next step
+        # Loaded state is checked again at the next step (required keys, layout, overlaps).
+        self.__dict__.pop("_checked", None)
+        self.__dict__.pop("_group_checks", None)
         # Groups saved by torch.optim or older wdopt versions lack wdopt's options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -175,8 +183,9 @@ class FusedOptimizer(Optimizer):
                 if p_state and "step" in p_state:
                     p_state["step"] = _step_tensor(p_state["step"], p.device)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Raise ValueError for invalid hyperparameters of one group."""
+    def _check_group(self, group: dict[str, Any], constructing: bool = True) -> None:
+        """Raise ValueError for invalid hyperparameters of one group (``constructing=False``: the
+        same checks at step time, after the group was edited; see ``check_common``)."""
         raise NotImplementedError
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -220,9 +229,14 @@ class FusedOptimizer(Optimizer):
         if due:
             from ..telemetry import telemetry_request
 
-            monitored = telemetry_request([p for _, _, params, _ in plan for p in params])
+            monitored = telemetry_request([p for _, backend, params, _ in plan if backend is not None for p in params])
         for group, backend, params, plain in plan:
+            if backend is None:
+                continue  # meta tensors: state was made above (as meta tensors, as torch's); no values to compute
             device = params[0].device
+            if backend is SPARSE:
+                self._update_sparse_measured(group, params, _on(grad_scale, device), _on(found_inf, device), monitored)
+                continue
             args = (group, backend, params, [p.grad for p in params], _on(grad_scale, device),
                     _on(found_inf, device), plain)
             buffers = [monitored.get(id(p)) for p in params] if monitored else []
@@ -249,6 +263,18 @@ class FusedOptimizer(Optimizer):
         rows of contiguous tensors."""
         return plain and getattr(backend, "TELEMETRY", False)
 
+    def _update_sparse(self, group, params, grad_scale, found_inf) -> None:
+        """Parameters with sparse gradients, for optimizers that take them (``_sparse_grads``)."""
+        raise NotImplementedError
+
+    def _update_sparse_measured(self, group, params, grad_scale, found_inf, monitored) -> None:
+        buffers = [monitored.get(id(p)) for p in params] if monitored else []
+        before = [p.detach().clone() for p in params] if buffers and all(b is not None for b in buffers) else None
+        self._update_sparse(group, params, grad_scale, found_inf)
+        if before is not None and not step_skipped(found_inf):
+            for b, p, p0 in zip(buffers, params, before):
+                b.copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
+
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
         and strided or complex buckets): costs a copy of the parameters and a pass over them."""
@@ -260,9 +286,14 @@ class FusedOptimizer(Optimizer):
                 b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
 
     def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
-        """Phase 1: check everything and change nothing. Returns (group, backend module, params,
-        plain) per (device, dtype) bucket of each group; plain: every tensor of the bucket is
-        real, contiguous and eager, so kernels take them as they are."""
+        """Phase 1: check everything and change nothing. Returns (group, backend, params, plain)
+        per (device, dtype) bucket of each group; plain: every tensor of the bucket is real,
+        contiguous and eager, so kernels take them as they are. backend is a module, None for meta
+        tensors (nothing to compute) or SPARSE (sparse gradients, see ``_sparse_grads``).
+
+        What runs at every step costs a few attribute reads per parameter; what is expensive to
+        check (state against parameter, overlapping memory, a group's hyperparameters) is checked
+        again only when what it depends on changed (``_checked_state``, ``_GroupChecks``)."""
         if any(group["capturable"] is False for group in self.param_groups):
             check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
                 getattr(self, "_cuda_graph_capture_health_check", None)
@@ -271,9 +302,18 @@ class FusedOptimizer(Optimizer):
         plan = []
         state_of = self.state
         checked = self._checked_state
+        group_checks = self._group_checks
+        n_params = 0
         for group_index, group in enumerate(self.param_groups):
+            checks = group_checks.get(group_index)
+            if checks is None or checks.group is not group:
+                checks = group_checks[group_index] = _GroupChecks(group)
+            self._check_group_edits(group, group_index, checks)
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             not_plain = set()
+            sparse = []
+            addresses = []  # what the overlap check depends on, gathered here at little cost
+            n_params += len(group["params"])
             for param_index, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -281,52 +321,150 @@ class FusedOptimizer(Optimizer):
                 signature = (p.dtype, p.shape, p.device)
                 contiguous = p.is_contiguous()
                 if g.is_sparse or (g.dtype, g.shape, g.device) != signature or not contiguous:
-                    self._check_grad(p, group_index, param_index)  # raises, or accepts a strided layout
+                    # Raises, accepts a strided layout, or (True) takes a sparse gradient.
+                    if self._check_grad(p, group, group_index, param_index):
+                        state = state_of.get(p)
+                        if state:
+                            self._check_state(p, state, group_index, param_index)
+                        sparse.append(p)
+                        addresses.append((p.data_ptr(), signature, p.stride()))
+                        continue
+                state = state_of.get(p)
                 seen = checked.get(id(p))
-                if seen is not None and seen[1] == signature and seen[0]() is p:
+                # A cached check holds while the parameter, its layout and its state dict's keys
+                # are the same (a key deleted or added, by hand or by a partial load, is seen).
+                state_id = (id(state), len(state)) if state is not None else None
+                if seen is not None and seen[1] == signature and seen[0]() is p and seen[3] == state_id:
                     plain_state = seen[2]
                 else:
                     # Existing state is checked against the parameter when either is new or changed.
-                    state = state_of.get(p)
                     plain_state = True  # state made at this step copies the parameter's layout
                     if state:
                         plain_state = self._check_state(p, state, group_index, param_index)
-                        checked[id(p)] = (weakref.ref(p), signature, plain_state)
+                        if plain_state is not None:  # None: sparse state, checked at every step
+                            checked[id(p)] = (weakref.ref(p), signature, plain_state, state_id)
+                addresses.append((p.data_ptr(), signature, None if contiguous else p.stride()))
                 key = (signature[0], signature[2])
                 buckets[key].append(p)
                 if not (contiguous and plain_state and g.is_contiguous() and not g.is_neg()):
                     not_plain.add(key)
+            entries = []
             for key, params in buckets.items():
                 dtype, device = key
+                if device.type == "meta":
+                    entries.append((group, None, params, False))
+                    continue
                 backend = backends.resolve(group["backend"], device)
                 real_dtype = _real_dtype(dtype)
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
                     raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
                 plain = key not in not_plain and not dtype.is_complex
-                plan.append((group, backends.load(backend), params, plain))  # may build the C++ extension
+                entries.append((group, backends.load(backend), params, plain))  # may build the C++ extension
+            if sparse:
+                entries.append((group, SPARSE, sparse, False))
+            if self._overlapping(entries, tuple(addresses), checks):
+                entries = _one_at_a_time(group, entries)
+            plan.extend(entries)
             self._check_step_group(group)
+        # Forget parameters no longer in any group (dropped groups, replaced parameters): the
+        # cache is rebuilt from the current groups only when it holds more entries than they do.
+        if len(checked) > n_params:
+            current = {id(p) for group in self.param_groups for p in group["params"]}
+            for key in [k for k in checked if k not in current]:
+                del checked[key]
+        if len(group_checks) > len(self.param_groups):
+            for key in [k for k in group_checks if k >= len(self.param_groups)]:
+                del group_checks[key]
         return plan
+
+    def _check_group_edits(self, group: dict[str, Any], group_index: int, checks: "_GroupChecks") -> None:
+        """A group's hyperparameters, edited after construction (group["betas"] = ...), are
+        checked with the constructor's checks at the next step; only when one changed, which a
+        snapshot of the values tells cheaply (tensors by identity: reading one would sync)."""
+        if checks.hyper_unchanged(group):
+            return
+        try:
+            self._check_group(group, constructing=False)
+            self._check_group_at_step(group, group_index)
+        except ValueError as error:
+            raise ValueError(f"param group {group_index}: {error}") from error
+        checks.remember_hyper(group)  # after the check, which may normalise values (tensor betas)
+
+    def _check_group_at_step(self, group: dict[str, Any], group_index: int) -> None:
+        """Subclasses' further step-time checks of an edited group."""
+
+    def _overlapping(self, entries: list, key: tuple, checks: "_GroupChecks") -> bool:
+        """Whether tensors this step writes in one group share memory. Multi-tensor kernels update
+        a bucket's tensors in parallel (the C++ CPU backend on several threads), so two parameters
+        over one storage would race; torch updates them one after another, which
+        ``_one_at_a_time`` reproduces. Disjoint views of one buffer (DDP bucket views, flat
+        parameter buffers) do not overlap and stay on the fast path. Groups run one after another,
+        so only tensors within a group can race.
+
+        Checked again only when the group's updated parameters changed (``key``: address, dtype,
+        shape, device and strides of each). State made at a step is fresh memory, and loaded state clears the
+        cache. Gradients are left out: kernels only read them."""
+        if len(key) < 2:
+            return False
+        if checks.overlap_key != key:
+            params = [p for _, backend, ps, _ in entries if backend is not None for p in ps]  # meta: no memory
+            tensors = list(params)
+            for p in params:
+                state = self.state.get(p)
+                if state:
+                    tensors.extend(t for t in (state.get(k) for k in self._state_tensors)
+                                   if isinstance(t, torch.Tensor) and t.layout == torch.strided)
+            checks.overlap_key, checks.overlap = key, _any_overlap(tensors)
+        return checks.overlap
 
     @property
     def _checked_state(self) -> dict:
-        """id(parameter) -> (weak reference, (dtype, shape, device) its state was checked against)."""
+        """id(parameter) -> (weak reference, (dtype, shape, device) its state was checked against,
+        whether that state is contiguous, (id, number of keys) of its state dict). Holds only
+        parameters of the current groups (pruned in ``_plan``)."""
         if "_checked" not in self.__dict__:
             self.__dict__["_checked"] = {}
         return self.__dict__["_checked"]
 
+    @property
+    def _group_checks(self) -> dict:
+        """group index -> _GroupChecks (not saved: rebuilt at the next step)."""
+        if "_group_checks" not in self.__dict__:
+            self.__dict__["_group_checks"] = {}
+        return self.__dict__["_group_checks"]
+
     #: State tensors shaped like the parameter (subclasses list theirs).
     _state_tensors: tuple[str, ...] = ()
+    #: Keys a parameter's state must hold once it has any (its first step makes them all); a
+    #: state dict of another optimizer lacks them.
+    _required_state: tuple[str, ...] = ()
+    #: Whether sparse COO gradients are taken (FusedSGD, through torch's own sparse ops).
+    _sparse_grads = False
 
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], group_index: int, param_index: int) -> bool:
         """Kernels address state through the parameter's shape, dtype and device: refuse state that
         no longer matches (a model moved with .to() after its first step, a mismatched checkpoint).
-        Returns whether every state tensor is contiguous."""
+        Returns whether every state tensor is contiguous; None when one is sparse (FusedSGD's
+        momentum buffer after a sparse gradient, as torch's), which is checked at every step."""
+        missing = [key for key in self._required_state if key not in state]
+        if missing:
+            raise RuntimeError(
+                f"state of parameter {param_index} of param group {group_index} has no "
+                f"{', '.join(repr(k) for k in missing)}, which {type(self).__name__} needs (it has "
+                f"{sorted(state)}): a state dict of another optimizer, or an edited one?")
         contiguous = True
         for key in self._state_tensors:
             t = state.get(key)
             if t is None:
                 continue
-            contiguous = contiguous and t.is_contiguous()
+            if not isinstance(t, torch.Tensor):
+                raise RuntimeError(f"state {key!r} of parameter {param_index} of param group {group_index} "
+                                   f"is a {type(t).__name__}, not a tensor")
+            if t.layout != torch.strided:
+                self._check_sparse_state(p, key, t, group_index, param_index)
+                contiguous = None
+            elif contiguous is not None:
+                contiguous = contiguous and t.is_contiguous()
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise RuntimeError(
                     f"state {key!r} of parameter {param_index} of param group {group_index} is "
@@ -339,16 +477,29 @@ class FusedOptimizer(Optimizer):
                                f"float32 scalar on {p.device}, got {step.dtype} {tuple(step.shape)} on {step.device}")
         return contiguous
 
+    def _check_sparse_state(self, p, key, t, group_index, param_index) -> None:
+        """A sparse state tensor: refused, except where a subclass keeps torch's sparse state."""
+        raise RuntimeError(f"state {key!r} of parameter {param_index} of param group {group_index} is "
+                           f"{t.layout}; {type(self).__name__} keeps dense state")
+
     def _check_step_group(self, group: dict[str, Any]) -> None:
         """Step-time checks of a group that construction cannot make (e.g. a scheduler's lr)."""
         if group["decay_scaling"] == "schedule" and not _float(self._initial_lr(group)) > 0:
             raise ValueError("decay_scaling='schedule' needs a positive initial learning rate")
 
-    def _check_grad(self, p: torch.Tensor, group_index: int, param_index: int) -> None:
+    def _check_grad(self, p: torch.Tensor, group: dict[str, Any], group_index: int, param_index: int) -> bool:
+        """Raises for a gradient kernels cannot take; True for a sparse one this optimizer takes
+        (through ``_update_sparse``), False for a dense one."""
         g = p.grad
         where = f"parameter {param_index} of param group {group_index} (shape {tuple(p.shape)})"
         if g.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
+            if not self._sparse_grads:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or p.layout != torch.strided:
+                raise RuntimeError(f"sparse gradient {g.dtype} {tuple(g.shape)} on {g.device} does not match "
+                                   f"{p.dtype} {where} on {p.device}")
+            self._check_sparse_grad(p, group, where)
+            return True
         if g.shape != p.shape:
             raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match {where}")
         if g.dtype != p.dtype:
@@ -357,6 +508,10 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"gradient on {g.device} but {where} is on {p.device}")
         if not p.is_contiguous() and any(size > 1 and stride == 0 for size, stride in zip(p.shape, p.stride())):
             raise RuntimeError(f"{where} has overlapping memory (an expanded view); it cannot be updated in place")
+        return False
+
+    def _check_sparse_grad(self, p: torch.Tensor, group: dict[str, Any], where: str) -> None:
+        """Raise before any update what torch would raise during the sparse step (subclasses)."""
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -401,3 +556,80 @@ def _step_tensor(step, device: torch.device) -> torch.Tensor:
         return step
     return torch.tensor(_float(step), dtype=torch.float32, device=device)
 
+
+
+#: The plan's backend for parameters with sparse gradients (``FusedOptimizer._update_sparse``).
+SPARSE = object()
+
+
+class _GroupChecks:
+    """What was last checked about one param group: its hyperparameters and whether its tensors'
+    memory overlaps, so that each is checked again only when it changed."""
+
+    __slots__ = ("group", "keys", "values", "overlap_key", "overlap")
+
+    def __init__(self, group: dict[str, Any]):
+        self.group = group
+        self.keys = self.values = self.overlap_key = None
+        self.overlap = False
+
+    def hyper_unchanged(self, group: dict[str, Any]) -> bool:
+        """Whether every value but ``params`` is the one last checked: tensors by identity (an lr
+        tensor updated in place by a capturable scheduler is not read), the rest by value."""
+        if self.keys is None or len(group) != len(self.keys) + 1:
+            return False
+        for key, old in zip(self.keys, self.values):
+            new = group.get(key, _MISSING)
+            if new is old:
+                continue
+            if not _same_value(new, old):
+                return False
+        return True
+
+    def remember_hyper(self, group: dict[str, Any]) -> None:
+        self.keys = tuple(k for k in group if k != "params")
+        self.values = tuple(group[k] for k in self.keys)
+
+
+_MISSING = object()
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(x is y or _same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) of the memory ``t`` addresses (strides are >= 0)."""
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+    start = t.data_ptr()
+    return start, start + (span + 1) * t.element_size()
+
+
+def _any_overlap(tensors: list[torch.Tensor]) -> bool:
+    """Whether the extents of any two tensors intersect: a sweep over them sorted by start. For
+    dense tensors (elements fill their extent) that is overlap; strided views whose extents
+    interleave without sharing an element (x[:, 0] and x[:, 1]) count too: they are then updated
+    one at a time, which is slower but right."""
+    spans = sorted(_extent(t) for t in tensors if t.numel() > 0)
+    reach = -1
+    for start, end in spans:
+        if start < reach:
+            return True
+        reach = max(reach, end)
+    return False
+
+
+def _one_at_a_time(group: dict[str, Any], entries: list) -> list:
+    """A group's entries split into one parameter each, in the group's order: the order torch's
+    for-loop updates them in, each seeing the updates before it."""
+    where = {id(p): (backend, plain) for _, backend, params, plain in entries for p in params}
+    out = []
+    for p in group["params"]:
+        entry = where.get(id(p))
+        if entry is not None:
+            out.append((group, entry[0], [p], entry[1]))
+    return out

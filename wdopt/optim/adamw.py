@@ -64,9 +64,9 @@ class FusedAdamW(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
-                     group["differentiable"])
+                     group["differentiable"], constructing)
         group["betas"] = check_betas(group["betas"])
         if not 0.0 <= group["eps"]:
             raise ValueError(f"Invalid epsilon value: {group['eps']}")
@@ -77,6 +77,7 @@ class FusedAdamW(FusedOptimizer):
             group["decoupled_weight_decay"] = True  # what torch.optim.AdamW's own groups say
 
     _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _required_state = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is made when amsgrad is turned on
 
     def _init_state(self, p, group):
         state = self.state[p]

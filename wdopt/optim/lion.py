@@ -53,12 +53,13 @@ class FusedLion(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
-                     group["differentiable"])
+                     group["differentiable"], constructing)
         group["betas"] = check_betas(group["betas"])
 
     _state_tensors = ("exp_avg",)
+    _required_state = ("exp_avg",)
 
     def _init_state(self, p, group):
         state = self.state[p]

@@ -89,7 +89,17 @@ class _Rotational:
         if self._constructed:  # a group added later; the constructor centres its groups at the end
             self._centre(group)
 
-    def _check_rotational_group(self, group: dict, index: int) -> None:
+    #: Rotation needs dense rows: sparse gradients are refused (the base FusedSGD takes them).
+    _sparse_grads = False
+
+    def _check_group_at_step(self, group: dict, index: int) -> None:
+        """A group edited after construction: the rotational options are checked again at the
+        next step (base hyperparameters, e.g. betas, by ``_check_group``). The per-tensor checks
+        (zero rows, sharding) are construction-time only: they read every parameter."""
+        self._check_rotational_options(group)
+
+    def _check_rotational_options(self, group: dict) -> None:
+        self._check_variant_options(group)
         if group["mode"] not in MODES:
             raise ValueError(f"Invalid mode {group['mode']!r}; choose one of {MODES}")
         if not 0.0 <= group["update_norm_decay_factor"] < 1.0:
@@ -100,6 +110,13 @@ class _Rotational:
         target = group["target_rotation"]
         if target is not None and not target > 0:
             raise ValueError(f"Invalid target_rotation: {target}")
+
+    def _check_variant_options(self, group: dict) -> None:
+        """What one variant's constructor refuses (amsgrad, dampening), also in an edited group."""
+
+    def _check_rotational_group(self, group: dict, index: int) -> None:
+        self._check_rotational_options(group)
+        target = group["target_rotation"]
         for i, p in enumerate(group["params"]):
             if not self._is_rotational(p, group):
                 continue
@@ -228,6 +245,10 @@ class RotationalAdamW(_Rotational, FusedAdamW):
     def _equilibrium_angle(group, d):
         return theory.adamw_equilibrium(1.0, d, 1, group["betas"]).angular_update
 
+    def _check_variant_options(self, group):
+        if group["amsgrad"]:
+            raise ValueError("RotationalAdamW does not support amsgrad")
+
     def _fused_arguments(self, group, params, states):
         beta1, beta2 = group["betas"]
         return ("adamw", [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -259,6 +280,10 @@ class RotationalSGD(_Rotational, FusedSGD):
     @staticmethod
     def _equilibrium_angle(group, d):
         return math.sqrt(2 * d / (1 + group["momentum"]))
+
+    def _check_variant_options(self, group):
+        if group["dampening"] != 0:
+            raise ValueError("RotationalSGD does not support dampening (its momentum is b <- mu*b + g)")
 
     def _fused_arguments(self, group, params, states):
         if group["momentum"] == 0:

@@ -6,7 +6,9 @@ import weakref
 
 import torch
 
-from ._base import FusedOptimizer, KernelTensors, check_common
+from ..reference._common import step_skipped
+from ..reference.sgd import sgd_sparse_step
+from ._base import FusedOptimizer, KernelTensors, _float, check_common
 
 
 class FusedSGD(FusedOptimizer):
@@ -69,9 +71,9 @@ class FusedSGD(FusedOptimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
-                     group["differentiable"])
+                     group["differentiable"], constructing)
         if group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -80,11 +82,13 @@ class FusedSGD(FusedOptimizer):
             raise ValueError("decay_scaling='schedule' applies to decoupled weight decay: "
                              "pass decoupled_weight_decay=True")
 
-    _state_tensors = ("momentum_buffer",)
+    _state_tensors = ("momentum_buffer",)  # none required: a missing one is made, as torch does
 
     def _init_state(self, p, group):
         if group["momentum"] == 0:
             return  # torch keeps no state for plain SGD
+        if p.grad.is_sparse:
+            return  # torch's sparse path makes its buffer from the gradient (_update_sparse)
         state = self.state[p]
         if state.get("momentum_buffer") is None:  # torch ≤ 2.0 checkpoints store None
             # Zeros, flagged "no history yet": the kernel then stores b = g.
@@ -108,6 +112,53 @@ class FusedSGD(FusedOptimizer):
         )
         tensors.write_back()
         self._flags.clear(first_steps, found_inf)
+
+    # ------------------------------------------------------------------ sparse gradients
+    # torch.optim.SGD takes sparse COO gradients on dense parameters (nn.Embedding(sparse=True)).
+    # Kernels are dense, so those parameters take torch's own single-tensor step instead
+    # (wdopt.reference.sgd.sgd_sparse_step): the same ops, numbers and state layout (a momentum
+    # buffer made from a sparse gradient is sparse). What would make torch's step raise halfway is
+    # refused here, before any parameter changes.
+
+    _sparse_grads = True
+
+    def _check_sparse_grad(self, p, group, where):
+        if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
+            raise RuntimeError(f"FusedSGD: weight_decay with a sparse gradient ({where}): torch.optim.SGD refuses "
+                               "it too (add(sparse, dense) is not supported); use weight_decay=0 or "
+                               "decoupled_weight_decay=True")
+        if group["momentum"] != 0 and group["nesterov"]:
+            buffer = self.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None and buffer.layout == torch.strided and not self._flags.pending(buffer):
+                raise RuntimeError(f"FusedSGD: nesterov with a sparse gradient and a dense momentum buffer ({where}): "
+                                   "torch.optim.SGD cannot add them either (add(sparse, dense) is not supported)")
+
+    def _check_sparse_state(self, p, key, t, group_index, param_index):
+        if key != "momentum_buffer" or t.layout != torch.sparse_coo:
+            super()._check_sparse_state(p, key, t, group_index, param_index)
+        if not p.grad.is_sparse and self.param_groups[group_index]["momentum"] != 0:
+            raise RuntimeError(
+                f"FusedSGD: parameter {param_index} of param group {group_index} has a dense gradient but a sparse "
+                "momentum buffer (made from a sparse gradient): torch.optim.SGD cannot add them either "
+                "(add(sparse, dense) is not supported)")
+
+    def _update_sparse(self, group, params, grad_scale, found_inf):
+        if step_skipped(found_inf):
+            return
+        momentum = group["momentum"]
+        for p in params:
+            state = self.state[p]
+            buffer = state.get("momentum_buffer") if momentum != 0 else None
+            if buffer is not None and buffer.layout == torch.strided and self._flags.take(buffer):
+                buffer = None  # made at a step GradScaler skipped: no history yet
+            buffer = sgd_sparse_step(
+                p, p.grad, buffer, lr=_float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
+                dampening=group["dampening"], nesterov=group["nesterov"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
+                maximize=group["maximize"], grad_scale=grad_scale)
+            if momentum != 0:
+                state["momentum_buffer"] = buffer
+            self._checked_state.pop(id(p), None)  # its state changed layout, maybe
 
     @property
     def _flags(self) -> "FirstStepFlags":
@@ -151,6 +202,11 @@ class FirstStepFlags:
             entry = self._by_buffer.get(id(b)) if b is not None else None
             out.append(entry[1] if entry is not None and entry[0]() is b else None)
         return out
+
+    def pending(self, buffer: torch.Tensor) -> bool:
+        """Whether ``buffer`` may still have no history (its flag is not known to be clear)."""
+        flag = self.lookup([buffer])[0]
+        return flag is not None and id(flag) in self._maybe_set
 
     def take(self, buffer: torch.Tensor | None) -> bool:
         """For host-side paths (they sync): whether ``buffer`` has no history yet; from now on it has."""

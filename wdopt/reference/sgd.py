@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype, decay_factor, scalar, step_skipped, unscaled
+from ._common import compute_dtype, decay_factor, reciprocal, scalar, step_skipped, unscaled
 
 
 @torch.no_grad()
@@ -68,3 +68,46 @@ def sgd(
             decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale,
             maximize=maximize, grad_scale=grad_scale,
         )
+
+
+@torch.no_grad()
+def sgd_sparse_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    decoupled_weight_decay: bool = False,
+    decay_lr_scale: float = 1.0,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """torch.optim.SGD's single-tensor step for a sparse COO gradient on a dense parameter: the
+    same torch ops in the same order (so the same numbers and state layout: a buffer made from a
+    sparse gradient is sparse), in the parameter's dtype as torch computes it. ``momentum_buffer``
+    None: no history yet. Returns the momentum buffer (None without momentum).
+
+    Decoupled decay (wdopt's SGDW) scales the dense parameter first; L2 decay with a sparse
+    gradient raises in torch (add(sparse, dense)), and FusedSGD refuses it before the step."""
+    if grad_scale is not None:
+        grad = grad * reciprocal(grad_scale.to(grad.device), grad.dtype)
+    if maximize:
+        grad = -grad
+    if decoupled_weight_decay:
+        param.mul_(decay_factor(lr, weight_decay, decay_lr_scale))
+    elif weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    buffer = None
+    if momentum != 0:
+        buffer = momentum_buffer
+        if buffer is None:
+            buffer = grad.detach().clone()
+        else:
+            buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
+    param.add_(grad, alpha=-lr)
+    return buffer
