@@ -175,7 +175,10 @@ SYNCING = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "n
 
 
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
-@pytest.mark.parametrize("cls,kw", CLASSES[:4], ids=IDS[:4])
+@pytest.mark.parametrize("cls,kw", CLASSES[:4] + [
+    (wdopt.FusedAdamW, dict(weight_decay=0.1, decay_scaling="schedule")),
+    (wdopt.FusedSGD, dict(momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True, decay_scaling="schedule"))],
+    ids=IDS[:4] + ["FusedAdamW-schedule", "FusedSGD-schedule"])
 @pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
 def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device, cls, kw, monitored):
     """capturable=True with a tensor lr: after the first step (which creates state), a step reads no
@@ -185,6 +188,8 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device,
     tensor lr on the host (issue 9, bug 3) and are not held to this yet."""
     params = clone_leaves(make_params([(6, 5), (4,)], torch.float32, device))
     opt = cls(params, lr=torch.tensor(1e-2, device=device), capturable=True, backend=backend, **kw)
+    # A scheduler sets initial_lr (a tensor copy of a tensor lr) and changes lr in place.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
     monitor = wdopt.RotationMonitor(opt, every=1) if monitored else None
     for p in params:
         p.grad = torch.randn_like(p)
@@ -193,6 +198,7 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device,
     def refuse(self, *args, **kwargs):
         raise AssertionError("a host read of a tensor during a capturable step")
 
+    scheduler.step()
     with monkeypatch.context() as m:
         for name in SYNCING:
             m.setattr(torch.Tensor, name, refuse)

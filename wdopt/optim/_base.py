@@ -484,7 +484,7 @@ class FusedOptimizer(Optimizer):
 
     def _check_step_group(self, group: dict[str, Any]) -> None:
         """Step-time checks of a group that construction cannot make (e.g. a scheduler's lr)."""
-        if group["decay_scaling"] == "schedule" and not _float(self._initial_lr(group)) > 0:
+        if group["decay_scaling"] == "schedule" and not _settled_float(self._initial_lr(group)) > 0:
             raise ValueError("decay_scaling='schedule' needs a positive initial learning rate")
 
     def _check_grad(self, p: torch.Tensor, group: dict[str, Any], group_index: int, param_index: int) -> bool:
@@ -522,7 +522,7 @@ class FusedOptimizer(Optimizer):
     def _decay_lr_scale(self, group: dict[str, Any]) -> float:
         """d = lr·λ·scale: 1 for torch's decay, 1/initial_lr when decay follows the schedule."""
         if group["decay_scaling"] == "schedule":
-            return 1.0 / _float(self._initial_lr(group))
+            return 1.0 / _settled_float(self._initial_lr(group))
         return 1.0
 
     @staticmethod
@@ -538,6 +538,27 @@ class FusedOptimizer(Optimizer):
 
 def _float(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+# id(tensor) -> (weak reference, version, value). Not a WeakKeyDictionary: its lookups compare
+# tensors with ==, an element-wise op whose truth value would itself be read on the host.
+_SETTLED: dict[int, tuple] = {}
+
+
+def _settled_float(x) -> float:
+    """The value of a float or of a tensor that rarely changes (a scheduler's ``initial_lr``), read
+    on the host only when the tensor is new or was written since (its version counter moved): a
+    capturable step after the first then never waits for the device."""
+    if not isinstance(x, torch.Tensor):
+        return float(x)
+    cached = _SETTLED.get(id(x))
+    if cached is None or cached[0]() is not x or cached[1] != x._version:
+        if len(_SETTLED) > 1024:  # forget tensors that died
+            for key in [k for k, v in _SETTLED.items() if v[0]() is None]:
+                del _SETTLED[key]
+        cached = (weakref.ref(x), x._version, x.item())
+        _SETTLED[id(x)] = cached
+    return cached[2]
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
