@@ -89,12 +89,12 @@ class KernelTensors:
     """
 
     def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: dict[str, list],
-                 plain: bool = False):
-        """``plain``: the caller checked that every tensor is real, contiguous and not a lazy
+                 kernel_ready: bool = False):
+        """``kernel_ready``: the caller checked that every tensor is real, contiguous and not a lazy
         negation, so they are used as they are (the common case, with no per-tensor work)."""
         self._write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.params, self.grads, self.states = params, grads, states
-        if not plain:
+        if not kernel_ready:
             self._adapt(params, grads, states)
 
     def _adapt(self, params, grads, states) -> None:
@@ -192,8 +192,8 @@ class FusedOptimizer(Optimizer):
         """Create any missing state of ``p`` (lazily, at its first step), with torch's names."""
         raise NotImplementedError
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain) -> None:
-        """Run one step of ``backend`` on a bucket of one device and dtype (``plain``: see _plan)."""
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready) -> None:
+        """Run one step of ``backend`` on a bucket of one device and dtype (``kernel_ready``: see _plan)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the step
@@ -230,7 +230,7 @@ class FusedOptimizer(Optimizer):
             from ..telemetry import telemetry_request
 
             monitored = telemetry_request([p for _, backend, params, _ in plan if backend is not None for p in params])
-        for group, backend, params, plain in plan:
+        for group, backend, params, kernel_ready in plan:
             if backend is None:
                 continue  # meta tensors: state was made above (as meta tensors, as torch's); no values to compute
             device = params[0].device
@@ -238,11 +238,11 @@ class FusedOptimizer(Optimizer):
                 self._update_sparse_measured(group, params, _on(grad_scale, device), _on(found_inf, device), monitored)
                 continue
             args = (group, backend, params, [p.grad for p in params], _on(grad_scale, device),
-                    _on(found_inf, device), plain)
+                    _on(found_inf, device), kernel_ready)
             buffers = [monitored.get(id(p)) for p in params] if monitored else []
             if not buffers or any(b is None for b in buffers):
                 self._update(*args)
-            elif self._kernel_telemetry(backend, plain):
+            elif self._kernel_telemetry(backend, kernel_ready):
                 self._update(*args, telemetry=buffers)  # gathered by the kernels in their update pass
             else:
                 self._update_measured(args, buffers)
@@ -258,10 +258,10 @@ class FusedOptimizer(Optimizer):
         return self.__dict__["_monitors"]
 
     @staticmethod
-    def _kernel_telemetry(backend, plain: bool) -> bool:
+    def _kernel_telemetry(backend, kernel_ready: bool) -> bool:
         """Whether ``backend``'s kernels can fill telemetry buffers for this bucket: they address
         rows of contiguous tensors."""
-        return plain and getattr(backend, "TELEMETRY", False)
+        return kernel_ready and getattr(backend, "TELEMETRY", False)
 
     def _update_sparse(self, group, params, grad_scale, found_inf) -> None:
         """Parameters with sparse gradients, for optimizers that take them (``_sparse_grads``)."""
@@ -278,7 +278,7 @@ class FusedOptimizer(Optimizer):
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
         and strided or complex buckets): costs a copy of the parameters and a pass over them."""
-        group, backend, params, grads, grad_scale, found_inf, plain = args
+        group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
         before = [p.detach().clone() for p in params]
         self._update(*args)
         if not step_skipped(found_inf):
@@ -286,8 +286,8 @@ class FusedOptimizer(Optimizer):
                 b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
 
     def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
-        """Phase 1: check everything and change nothing. Returns (group, backend, params, plain)
-        per (device, dtype) bucket of each group; plain: every tensor of the bucket is real,
+        """Phase 1: check everything and change nothing. Returns (group, backend, params, kernel_ready)
+        per (device, dtype) bucket of each group; kernel_ready: every tensor of the bucket is real,
         contiguous and eager, so kernels take them as they are. backend is a module, None for meta
         tensors (nothing to compute) or SPARSE (sparse gradients, see ``_sparse_grads``).
 
@@ -310,7 +310,7 @@ class FusedOptimizer(Optimizer):
                 checks = group_checks[group_index] = _GroupChecks(group)
             self._check_group_edits(group, group_index, checks)
             buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            not_plain = set()
+            not_kernel_ready = set()
             sparse = []
             addresses = []  # what the overlap check depends on, gathered here at little cost
             n_params += len(group["params"])
@@ -347,7 +347,7 @@ class FusedOptimizer(Optimizer):
                 key = (signature[0], signature[2])
                 buckets[key].append(p)
                 if not (contiguous and plain_state and g.is_contiguous() and not g.is_neg()):
-                    not_plain.add(key)
+                    not_kernel_ready.add(key)
             entries = []
             for key, params in buckets.items():
                 dtype, device = key
@@ -358,8 +358,8 @@ class FusedOptimizer(Optimizer):
                 real_dtype = _real_dtype(dtype)
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
                     raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
-                plain = key not in not_plain and not dtype.is_complex
-                entries.append((group, backends.load(backend), params, plain))  # may build the C++ extension
+                kernel_ready = key not in not_kernel_ready and not dtype.is_complex
+                entries.append((group, backends.load(backend), params, kernel_ready))  # may build the C++ extension
             if sparse:
                 entries.append((group, SPARSE, sparse, False))
             if self._overlapping(entries, tuple(addresses), checks):
@@ -647,7 +647,7 @@ def _any_overlap(tensors: list[torch.Tensor]) -> bool:
 def _one_at_a_time(group: dict[str, Any], entries: list) -> list:
     """A group's entries split into one parameter each, in the group's order: the order torch's
     for-loop updates them in, each seeing the updates before it."""
-    where = {id(p): (backend, plain) for _, backend, params, plain in entries for p in params}
+    where = {id(p): (backend, kernel_ready) for _, backend, params, kernel_ready in entries for p in params}
     out = []
     for p in group["params"]:
         entry = where.get(id(p))

@@ -88,14 +88,14 @@ class FusedAdamW(FusedOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
         states = [self.state[p] for p in params]
         amsgrad = group["amsgrad"]
         tensors = KernelTensors(params, grads, {
             "exp_avg": [s["exp_avg"] for s in states],
             "exp_avg_sq": [s["exp_avg_sq"] for s in states],
             "max_exp_avg_sq": [s["max_exp_avg_sq"] if amsgrad else None for s in states],
-        }, plain)
+        }, kernel_ready)
         beta1, beta2 = group["betas"]
         backend.adamw(
             tensors.params, tensors.grads, tensors.states["exp_avg"], tensors.states["exp_avg_sq"],

@@ -66,8 +66,8 @@ class FusedLion(FusedOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
-        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]}, plain)
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
+        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]}, kernel_ready)
         beta1, beta2 = group["betas"]
         backend.lion(
             tensors.params, tensors.grads, tensors.states["exp_avg"],

@@ -152,26 +152,26 @@ class _Rotational:
         d = theory.decay_fraction(group)
         return self._equilibrium_angle(group, d) if d > 0 else 0.0  # lr = 0 (warm-up start): no rotation
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
         angle = self._angle(group)  # before anything changes: it may raise
         rotational = [self._is_rotational(p, group) for p in params]
         base = [i for i, r in enumerate(rotational) if not r]
         if base:
             super()._update(group, backend, [params[i] for i in base], [grads[i] for i in base],
-                            grad_scale, found_inf, plain, [telemetry[i] for i in base] if telemetry else ())
+                            grad_scale, found_inf, kernel_ready, [telemetry[i] for i in base] if telemetry else ())
         chosen = [i for i, r in enumerate(rotational) if r]
         if not chosen:
             return
         params, grads = [params[i] for i in chosen], [grads[i] for i in chosen]
         telemetry = [telemetry[i] for i in chosen] if telemetry else []
         available = getattr(backend, "rotational_available", lambda device: callable(getattr(backend, "rotational", None)))
-        fused = plain and available(params[0].device)
+        fused = kernel_ready and available(params[0].device)
         # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
         if fused and (not telemetry or group["per_neuron"]):
             self._rotate_fused(group, backend, params, grads, angle, grad_scale, found_inf, telemetry)
         elif telemetry:
             before = [p.detach().clone() for p in params]
-            self._update(group, backend, params, grads, grad_scale, found_inf, plain)
+            self._update(group, backend, params, grads, grad_scale, found_inf, kernel_ready)
             if not step_skipped(found_inf):
                 for b, p, p0, g in zip(telemetry, params, before, grads):
                     b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))

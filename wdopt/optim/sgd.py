@@ -86,7 +86,7 @@ class FusedSGD(FusedOptimizer):
 
     def _init_state(self, p, group):
         if group["momentum"] == 0:
-            return  # torch keeps no state for plain SGD
+            return  # torch keeps no state for SGD without momentum
         if p.grad.is_sparse:
             return  # torch's sparse path makes its buffer from the gradient (_update_sparse)
         state = self.state[p]
@@ -96,11 +96,11 @@ class FusedSGD(FusedOptimizer):
             state["momentum_buffer"] = buffer
             self._flags.add(buffer)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, plain, telemetry=()):
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
         has_momentum = group["momentum"] != 0
         buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
         first_steps = self._flags.lookup(buffers) if has_momentum else [None] * len(params)
-        tensors = KernelTensors(params, grads, {"momentum_buffer": buffers}, plain)
+        tensors = KernelTensors(params, grads, {"momentum_buffer": buffers}, kernel_ready)
         backend.sgd(
             tensors.params, tensors.grads, tensors.states["momentum_buffer"], first_steps,
             lr=self._lr(group, params[0].device), weight_decay=group["weight_decay"],
