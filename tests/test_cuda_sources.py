@@ -8,6 +8,14 @@
   launch as host loops over blocks and threads, and must reproduce the reference bit for bit
   (chunking, tails, misaligned tensors, table batching, step counts, GradScaler, capturable lr).
 
+What the emulation cannot prove: it runs a block's phases one after another (each phase for
+all its threads, one thread after another, then the next phase) and blocks one after another, so
+a missing or misplaced __syncthreads (Block::sync), a race on shared memory between threads of a
+block or on global memory between blocks, and anything about the launch itself (shared-memory
+size, launch bounds, alignment faults, streams, CUDA graph capture) pass here whether right or
+wrong. Only a GPU run proves those: benchmarks/gpu_check.sh (the suite's CUDA parametrizations,
+which compare the CUDA kernels with the reference, and benchmarks/gpu_acceptance.py).
+
 Without nvcc the nvcc tests skip, except in CI (CI=true), where a missing nvcc is a failure.
 """
 

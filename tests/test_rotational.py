@@ -310,11 +310,21 @@ def test_loaded_rotational_state_keeps_its_math_dtype(backend):
     opt2.step()
 
 
-def test_empty_tensors_are_not_rotational():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_tensors_are_not_rotational(backend):
+    """A 0×6 tensor in a rotational group has no sphere: it takes the base AdamW step (its state is
+    AdamW's, with no rotational entries) while the 4×6 tensor beside it is rotated on its sphere."""
     w, empty = torch.randn(4, 6, requires_grad=True), torch.zeros(0, 6, requires_grad=True)
-    opt = wdopt.RotationalAdamW([w, empty], weight_decay=0.1)
+    opt = wdopt.RotationalAdamW([w, empty], weight_decay=0.1, backend=backend)
     w.grad, empty.grad = torch.randn(4, 6), torch.zeros(0, 6)
+    before = w.detach().clone()
     opt.step()
+    assert sorted(opt.state[empty]) == ["exp_avg", "exp_avg_sq", "step"], sorted(opt.state[empty])
+    assert opt.state[empty]["exp_avg"].shape == (0, 6) and float(opt.state[empty]["step"]) == 1
+    state = opt.state[w]
+    assert float(state["rotational_step"]) == 1 and not torch.equal(w.detach(), before)
+    torch.testing.assert_close(w.detach().norm(dim=1), state["rotational_norm"])
+    torch.testing.assert_close(w.detach().mean(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
 
 
 _SHARDED = """

@@ -17,6 +17,10 @@ class FusedLion(FusedOptimizer):
         p ← p·(1 − d) − lr·sign(c)      d = lr·λ, or λ·lr/initial_lr with decay_scaling="schedule"
         m ← β2·m + (1−β2)·g
 
+    sign(c) is ±1, and c itself where c is ±0 or NaN: a NaN gradient makes the parameter NaN, as
+    torch's AdamW and SGD do, instead of freezing it (torch.sign(nan) is 0). An infinite gradient
+    moves p by ±lr and makes m infinite; the next step's c is then inf − inf = NaN, and so is p.
+
     State: ``exp_avg`` (m), in the parameter's dtype; math in fp32 (fp64 for fp64 parameters).
     Lion's update has unit size per element, so its lr is typically 3-10× smaller than AdamW's
     and its weight decay 3-10× larger.

@@ -301,7 +301,8 @@ class RotationalSGD(_Rotational, FusedSGD):
 class RotationalLion(_Rotational, FusedLion):
     """Lion's rotational variant: angle per step sqrt(π/2)·sqrt(2d)·σ, σ² = (1−β1)² + β1²(1−β2)/(1+β2).
 
-    Takes FusedLion's arguments plus the rotational options of RotationalAdamW."""
+    Takes FusedLion's arguments plus the rotational options of RotationalAdamW. A NaN direction
+    (FusedLion's NaN rule) makes its whole row NaN."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  update_norm_decay_factor=0.9, per_neuron=True, zero_mean=True, rotational_eps=1e-8,

@@ -4,6 +4,12 @@
     c ← m + (1−β1)·(g − m)               (= β1·m + (1−β1)·g)
     p ← p·(1 − d) − lr·sign(c)
     m ← m + (1−β2)·(g − m)
+
+sign(c) is +1 where c > 0, −1 where c < 0, and c itself otherwise: ±0 stays ±0 and NaN stays NaN.
+So a NaN gradient makes the parameter NaN, as torch's AdamW and SGD do; a NaN must not freeze an
+element while exp_avg silently holds it (torch.sign(nan) is 0 in torch 2.13, so torch.sign is not
+used). An infinite gradient moves p by ±lr and makes m infinite; the next step's c = inf − inf is
+NaN, and p becomes NaN then.
 """
 
 from __future__ import annotations
@@ -11,6 +17,11 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
+
+
+def sign(c: torch.Tensor) -> torch.Tensor:
+    """Lion's sign, NaN-propagating (see the module docstring); the kernels' lion_sign."""
+    return torch.where(c > 0, 1.0, torch.where(c < 0, -1.0, c))
 
 
 def interpolations(g: torch.Tensor, exp_avg: torch.Tensor, beta1: float, beta2: float):
@@ -39,7 +50,7 @@ def lion_step(
     g = unscaled(grad, dt, grad_scale, maximize)
     c, m = interpolations(g, exp_avg, beta1, beta2)
     p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
-    param.copy_(p - scalar(lr, dt) * torch.sign(c))
+    param.copy_(p - scalar(lr, dt) * sign(c))
     exp_avg.copy_(m)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ._common import compute_dtype, reciprocal, scalar, sqrt, unscaled
 from .adamw import moments
-from .lion import interpolations
+from .lion import interpolations, sign
 
 
 def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
@@ -70,11 +70,12 @@ def sgd_direction(grad, momentum_buffer, first_step, *, momentum, nesterov, maxi
 
 
 def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale):
-    """sign(β1·m + (1−β1)·g), with m updated in place."""
+    """sign(β1·m + (1−β1)·g), with m updated in place. Lion's NaN-propagating sign: a NaN gradient
+    gives a NaN direction, which makes its whole row NaN (the row's norms are NaN)."""
     g = unscaled(grad, compute_dtype(exp_avg), grad_scale, maximize)
     c, m = interpolations(g, exp_avg, beta1, beta2)
     exp_avg.copy_(m)
-    return torch.sign(c)
+    return sign(c)
 
 
 def init_state(param: torch.Tensor, state: dict, per_neuron: bool) -> None:

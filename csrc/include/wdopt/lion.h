@@ -20,11 +20,19 @@ WDOPT_HD LionCoefficients<T> lion_coefficients(const LionHyper& h, double lr) {
                              static_cast<T>(1.0 - h.beta1), static_cast<T>(1.0 - h.beta2)};
 }
 
+// The update's sign: +1 where c > 0, −1 where c < 0, and c itself otherwise, so ±0 stays ±0 and a
+// NaN stays NaN. A NaN gradient thus reaches the parameter, as torch's AdamW and SGD let it: it must
+// not freeze the element while exp_avg silently holds the NaN (which a sign(NaN) = 0, torch.sign's
+// answer, would do). An infinite gradient moves p by ±lr and makes m infinite; the next step's
+// m + (1−β1)(g − m) is inf − inf = NaN, and p becomes NaN then. Same rule as wdopt/reference/lion.py.
+template <typename T>
+WDOPT_HD T lion_sign(T c) {
+  return c > T(0) ? T(1) : (c < T(0) ? T(-1) : c);
+}
+
 template <typename T>
 WDOPT_HD void lion_update(T& p, T g, T& m, const LionCoefficients<T>& c) {
-  const T interpolated = m + c.one_minus_beta1 * (g - m);
-  // sign(), keeping NaN as torch.sign does; 0 stays 0.
-  const T direction = interpolated > T(0) ? T(1) : (interpolated < T(0) ? T(-1) : interpolated);
+  const T direction = lion_sign(m + c.one_minus_beta1 * (g - m));
   p = p * c.decay - c.lr * direction;
   m = m + c.one_minus_beta2 * (g - m);
 }
@@ -33,12 +41,13 @@ WDOPT_HD void lion_update(T& p, T g, T& m, const LionCoefficients<T>& c) {
 
 namespace wdopt {
 
-// The rotational variant's direction: sign(m + (1−β1)(g − m)), with m updated as lion_update does.
+// The rotational variant's direction: lion_sign(m + (1−β1)(g − m)) (NaN propagates into the row),
+// with m updated as lion_update does.
 template <typename T>
 WDOPT_HD T lion_direction(T g, T& m, const LionCoefficients<T>& c) {
-  const T interpolated = m + c.one_minus_beta1 * (g - m);
+  const T direction = lion_sign(m + c.one_minus_beta1 * (g - m));
   m = m + c.one_minus_beta2 * (g - m);
-  return interpolated > T(0) ? T(1) : (interpolated < T(0) ? T(-1) : interpolated);
+  return direction;
 }
 
 }  // namespace wdopt

@@ -43,7 +43,9 @@ def adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
     p = p * decay
     m, v = adam_moments(g, m, v, one_minus_beta1, beta2, one_minus_beta2)
     if AMSGRAD:
-        v_max = tl.maximum(v_max, v)
+        # NaN-propagating, as torch.maximum (the reference) and max_nan (adamw.h): a NaN v must not be
+        # dropped in favour of the old v_max.
+        v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
         denom = adam_denominator(v_max, inv_bias_correction2_sqrt, eps, COMPUTE)
     else:
         denom = adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE)

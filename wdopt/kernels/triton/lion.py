@@ -22,9 +22,10 @@ NCOL = tl.constexpr(6)
 
 @triton.jit
 def lion_direction(g, m, one_minus_beta1, one_minus_beta2):
-    """sign(m + (1−β1)(g − m)) and the new m = m + (1−β2)(g − m)."""
+    """sign(m + (1−β1)(g − m)) and the new m = m + (1−β2)(g − m); the rotational kernels use it too."""
     c = m + one_minus_beta1 * (g - m)
-    # sign(c), keeping NaN as torch.sign does (0 stays 0).
+    # Lion's sign (wdopt/reference/lion.py): c itself where c is ±0 or NaN, so a NaN gradient makes
+    # the parameter NaN instead of freezing it (torch.sign(nan) is 0; the reference does not use it).
     direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c))
     m = m + one_minus_beta2 * (g - m)
     return direction, m
