@@ -10,9 +10,9 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, block_offsets, block_size, compute_dtype, div, f64, f64_bits, full_blocks_end, launch,
-    lr_value, optional, sqrt, table_value, telemetry_add, telemetry_block_size, telemetry_columns,
-    telemetry_store, tensor_pointer, to_storage, unscale, work_item, work_table,
+    block_offsets, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
+    lr_value, optional, sqrt, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale,
+    work_item,
 )
 
 # Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
@@ -194,13 +194,7 @@ def adamw(
         return
     device, dtype = params[0].device, params[0].dtype
     columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps]
-    if telemetry:
-        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes)
-    else:
-        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
-        chunk, block = CHUNK, block_size(table.max_numel)
+    table, shape = elementwise_table(columns, params, telemetry, device)
     lr_on_device = isinstance(lr, torch.Tensor)
     coef = torch.empty((table.n_tensors, NCOEF.value), dtype=torch.float64, device=device)
     launch(
@@ -214,7 +208,5 @@ def adamw(
         _adamw_kernel, (table.programs,), device,
         table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
         f64_bits(beta1), f64_bits(beta2), f64_bits(eps),
-        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
+        AMSGRAD=amsgrad, **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
     )

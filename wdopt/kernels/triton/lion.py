@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, block_offsets, block_size, compute_dtype, f64, f64_bits, full_blocks_end, launch,
-    lr_value, optional, table_value, telemetry_add, telemetry_block_size, telemetry_columns, telemetry_store,
-    tensor_pointer, to_storage, unscale, work_item, work_table,
+    block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
+    optional, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
 # Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
@@ -104,14 +103,7 @@ def lion(
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if telemetry:
-        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = work_table([params, grads, exp_avgs, buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes)
-    else:
-        table = work_table([params, grads, exp_avgs] + [[None] * len(params)] * 2,
-                            [p.numel() for p in params], device)
-        chunk, block = CHUNK, block_size(table.max_numel)
+    table, shape = elementwise_table([params, grads, exp_avgs], params, telemetry, device)
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(
@@ -120,7 +112,5 @@ def lion(
         optional(grad_scale, dummy), optional(found_inf, dummy),
         0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
         f64_bits(weight_decay), f64_bits(decay_lr_scale),
-        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), MAXIMIZE=maximize, LR_ON_DEVICE=lr_on_device,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
+        LR_ON_DEVICE=lr_on_device, **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
     )

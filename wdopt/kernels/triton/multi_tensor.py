@@ -63,6 +63,28 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def elementwise_table(columns: list, params, telemetry, device: torch.device):
+    """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
+    optimizer's ``columns``, then the two telemetry columns; work items are chunks of CHUNK elements
+    looped over BLOCK at a time, or on a monitored step (``telemetry``: a float64 (K, 4) buffer per
+    parameter) one telemetry row each."""
+    if telemetry:
+        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
+        table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
+        chunk, block = 1, telemetry_block_size(row_sizes)
+    else:
+        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        chunk, block = CHUNK, block_size(table.max_numel)
+    return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry))
+
+
+def gradient_constexprs(dtype: torch.dtype, maximize: bool, grad_scale, found_inf) -> dict:
+    """The constexprs every element-wise kernel takes: storage and math dtypes, and how the gradient
+    is read (``unscale``) and whether GradScaler may skip the step (``work_item``)."""
+    return dict(DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), MAXIMIZE=maximize,
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None)
+
+
 def check_first_steps(first_steps) -> None:
     """The table stores each flag's address: anything but a tensor or None would be read as one."""
     for f in first_steps:

@@ -10,10 +10,9 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    CHUNK, TRITON_DTYPES, block_offsets, block_size, check_first_steps, compute_dtype, f64, f64_bits,
-    first_step_flag, full_blocks_end, launch, lr_value, optional, table_value, telemetry_add,
-    telemetry_block_size, telemetry_columns, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
-    work_table,
+    block_offsets, check_first_steps, elementwise_table, f64, f64_bits, first_step_flag, full_blocks_end,
+    gradient_constexprs, launch, lr_value, optional, table_value, telemetry_add, telemetry_store,
+    tensor_pointer, to_storage, unscale, work_item,
 )
 
 # Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``). The
@@ -132,13 +131,7 @@ def sgd(
         check_first_steps(first_steps)
     columns = [params, grads, momentum_buffers if has_momentum else [None] * len(params),
                list(first_steps) if has_momentum else [None] * len(params)]
-    if telemetry:
-        buffers, row_sizes, rows = telemetry_columns(params, telemetry)
-        table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes)
-    else:
-        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
-        chunk, block = CHUNK, block_size(table.max_numel)
+    table, shape = elementwise_table(columns, params, telemetry, device)
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(
@@ -147,10 +140,8 @@ def sgd(
         optional(grad_scale, dummy), optional(found_inf, dummy),
         0 if lr_on_device else f64_bits(lr), f64_bits(weight_decay), f64_bits(decay_lr_scale),
         f64_bits(momentum), f64_bits(dampening),
-        DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), HAS_MOMENTUM=has_momentum,
+        HAS_MOMENTUM=has_momentum, NESTEROV=nesterov,
         # L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
-        NESTEROV=nesterov, DECOUPLED=decoupled_weight_decay or weight_decay == 0, MAXIMIZE=maximize,
-        LR_ON_DEVICE=lr_on_device,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned,
-        CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
+        DECOUPLED=decoupled_weight_decay or weight_decay == 0, LR_ON_DEVICE=lr_on_device,
+        **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
     )
