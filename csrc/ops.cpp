@@ -40,7 +40,7 @@ TORCH_LIBRARY(wdopt, m) {
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
       "Tensor(g!)[] rotational_steps, Tensor?[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
-      "float momentum, bool nesterov, float angle, float undf, float rotational_eps, bool zero_mean, "
+      "float momentum, bool nesterov, float angle, float norm_decay, float rotational_eps, bool zero_mean, "
       "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "

@@ -72,7 +72,7 @@ int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, c
   a.n_tensors = n; a.numels = numels; a.rows = rows; a.params = p; a.grads = g; a.state1 = s1; a.state2 = s2;
   a.steps = steps; a.rotational_norms = norms; a.update_norm_avgs = avgs; a.rotational_steps = rsteps;
   a.first_steps = first;
-  a.lr = h[0]; a.beta1 = h[1]; a.beta2 = h[2]; a.eps = h[3]; a.momentum = h[4]; a.angle = h[5]; a.undf = h[6];
+  a.lr = h[0]; a.beta1 = h[1]; a.beta2 = h[2]; a.eps = h[3]; a.momentum = h[4]; a.angle = h[5]; a.norm_decay = h[6];
   a.rotational_eps = h[7];
   a.nesterov = nesterov != 0; a.zero_mean = zero_mean != 0; a.projected = projected != 0;
   a.grad = grad(gs, gs_d, fi, fi_d, maximize);

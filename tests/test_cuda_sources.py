@@ -536,7 +536,7 @@ def _rot_reference_step(name, p, g, st, hyper, zero_mean, projected, maximize, g
         u = rv.lion_direction(g, st["s1"], beta1=hyper["beta1"], beta2=hyper["beta2"], maximize=maximize,
                               grad_scale=grad_scale)
     view = p.view(k_rows, -1)
-    rv.rotate_(view, u.view(k_rows, -1), st, angle=hyper["angle"], lr=hyper["lr"], undf=hyper["undf"],
+    rv.rotate_(view, u.view(k_rows, -1), st, angle=hyper["angle"], lr=hyper["lr"], norm_decay=hyper["norm_decay"],
                eps=hyper["rot_eps"], zero_mean=zero_mean, per_neuron=True,
                mode="projected" if projected else "equilibrium")
 
@@ -567,7 +567,7 @@ def test_emulated_rotational_matches_reference(emu, on_chip_bytes, name, dtype, 
         w = torch.randn(k, c, generator=gen, dtype=torch.float64) + (0.0 if zero_mean else 0.3)
         p0.append(w.to(dtype))  # not centred: the first step freezes the centred norm
     hyper = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.0 if projected else 0.9, nesterov=nesterov,
-                 angle=0.05, undf=0.9, rot_eps=1e-8)
+                 angle=0.05, norm_decay=0.9, rot_eps=1e-8)
     grad_scale = torch.tensor(256.0) if name == "adamw" else None
     mdt = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -600,7 +600,7 @@ def test_emulated_rotational_matches_reference(emu, on_chip_bytes, name, dtype, 
         sgd_momentum = name == "sgd" and hyper["momentum"] != 0
         first, _keep = _first_step_flags([st["first"] for st in emu_st])
         h = (ctypes.c_double * 8)(hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["momentum"],
-                                  hyper["angle"], hyper["undf"], hyper["rot_eps"])
+                                  hyper["angle"], hyper["norm_decay"], hyper["rot_eps"])
         try:
             launches = emu.emu_launches()
             err = emu.emu_rotational(
@@ -647,7 +647,7 @@ def _emu_rotational(emu, name, dtype, params, grads, states, hyper, *, zero_mean
     n = len(params)
     sgd_momentum = name == "sgd" and hyper["momentum"] != 0
     h = (ctypes.c_double * 8)(hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["momentum"],
-                              hyper["angle"], hyper["undf"], hyper["rot_eps"])
+                              hyper["angle"], hyper["norm_decay"], hyper["rot_eps"])
     scratch = torch.empty(emu.emu_rotational_scratch_bytes(n), dtype=torch.uint8)
     first, _keep = _first_step_flags([st["first"] for st in states])
     err = emu.emu_rotational(
@@ -671,7 +671,7 @@ def test_emulated_rotational_empty_tensor_keeps_coefficients_in_place(emu, on_ch
     """An empty tensor before others: every tensor still reads its own step's coefficients (W1
     already stepped, W2 fresh: W2's norms are frozen at this step, W1's are not), and the empty
     tensor's rows do what the CPU kernel's do (norm 0 frozen, zero telemetry rows)."""
-    hyper = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.9, nesterov=False, angle=0.05, undf=0.9,
+    hyper = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.9, nesterov=False, angle=0.05, norm_decay=0.9,
                  rot_eps=1e-8)
     gen = torch.Generator().manual_seed(11)
     empty = torch.empty(3, 0)
@@ -708,7 +708,7 @@ def test_emulated_rotational_empty_tensor_keeps_coefficients_in_place(emu, on_ch
     torch.testing.assert_close(emu_st2["rotational_norm"], (w2 - w2.mean(1, keepdim=True)).norm(dim=1))
     assert empty_st["rotational_step"].item() == 1.0
     assert empty_st["rotational_norm"].eq(0).all()
-    torch.testing.assert_close(empty_st["update_norm_avg"], torch.full((3,), 2.0 * 0.9))  # s·undf + (1 − undf)·0
+    torch.testing.assert_close(empty_st["update_norm_avg"], torch.full((3,), 2.0 * 0.9))  # s·norm_decay + (1 − norm_decay)·0
     assert bufs[0].eq(0).all(), bufs[0]  # zero rows, as the CPU kernel writes them
     _assert_telemetry(bufs[1:], before[1:], params[1:], [g1, g2], tel_rows[1:])
 
@@ -729,7 +729,7 @@ def test_emulated_rotational_two_pass_mostly_radial_direction(emu, dtype, radial
     g = (radial * unit(p0) + (1 - radial**2) ** 0.5 * unit(noise)) * c**0.5
     p0, g = p0.to(dtype), g.to(dtype)
     mdt = torch.float64 if dtype == torch.float64 else torch.float32
-    hyper = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.0, angle=0.05, undf=0.9, rot_eps=1e-8)
+    hyper = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.0, angle=0.05, norm_decay=0.9, rot_eps=1e-8)
 
     def state(dt):
         st = _rot_state(p0, dt)
@@ -739,7 +739,7 @@ def test_emulated_rotational_two_pass_mostly_radial_direction(emu, dtype, radial
         return st
 
     want_p, want = p0.to(torch.float64, copy=True), state(torch.float64)
-    rv.rotate_(want_p, g.to(torch.float64), want, angle=hyper["angle"], lr=hyper["lr"], undf=hyper["undf"],
+    rv.rotate_(want_p, g.to(torch.float64), want, angle=hyper["angle"], lr=hyper["lr"], norm_decay=hyper["norm_decay"],
                eps=hyper["rot_eps"], zero_mean=True, per_neuron=True, mode="equilibrium")
     got_p, got = p0.clone(), state(mdt)
     _emu_rotational(emu, "sgd", dtype, [got_p], [g], [got], hyper, on_chip_bytes=1)

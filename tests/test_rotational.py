@@ -1,5 +1,5 @@
 """Rotational optimizers (docs/theory.md section 3): invariants after every step, the exact angle with
-undf = 0, an independent per-row implementation, base steps for non-rotational tensors, state
+norm_decay = 0, an independent per-row implementation, base steps for non-rotational tensors, state
 dicts, GradScaler, and construction errors."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_invariants_after_every_step(backend, name, kind, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", CLASSES)
 def test_angle_with_no_averaging_is_atan_of_target(backend, name):
-    """undf = 0: the tangent step has length η_r·n, so the angle is atan(η_r) exactly."""
+    """norm_decay = 0: the tangent step has length η_r·n, so the angle is atan(η_r) exactly."""
     cls, _, hyper = CLASSES[name]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
@@ -95,7 +95,7 @@ def test_angle_with_no_averaging_is_atan_of_target(backend, name):
         assert (angle - math.atan(target)).abs().max() < 1e-6
 
 
-def independent_rotational_adamw(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8, undf=0.9, rot_eps=1e-8):
+def independent_rotational_adamw(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8, norm_decay=0.9, rot_eps=1e-8):
     """RotationalAdamW per row, written from docs/theory.md without the library (fp64)."""
     w = w.clone()
     w = (w - w.mean(1, keepdim=True)) * (w.norm(dim=1, keepdim=True) / (w - w.mean(1, keepdim=True)).norm(dim=1, keepdim=True))
@@ -109,8 +109,8 @@ def independent_rotational_adamw(w, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8,
         for i in range(w.shape[0]):
             ui = u[i] - u[i].mean()
             ui = ui - w[i] * torch.dot(ui, w[i]) / n[i] ** 2
-            s[i] = undf * s[i] + (1 - undf) * torch.dot(ui, ui)
-            u_bar = math.sqrt(s[i] / (1 - undf**t))
+            s[i] = norm_decay * s[i] + (1 - norm_decay) * torch.dot(ui, ui)
+            u_bar = math.sqrt(s[i] / (1 - norm_decay**t))
             wi = w[i] - angle * n[i] * ui / (u_bar + rot_eps)
             w[i] = wi * n[i] / wi.norm()
     return w

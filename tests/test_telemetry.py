@@ -159,7 +159,7 @@ def test_rotational_prediction_is_the_target():
     out = monitor.last.tensor("group0.param0")
     target = wdopt.theory.adamw_equilibrium(1.0, 1e-3, 1).angular_update
     assert out["predicted_angular_update"] == pytest.approx(target)
-    # undf = 0: every neuron turns by exactly atan(target) (docs/theory.md section 3.2).
+    # norm_decay = 0: every neuron turns by exactly atan(target) (docs/theory.md section 3.2).
     assert monitor.last.neurons("group0.param0")["angular_update"].sub(math.atan(target)).abs().max() < 1e-5
 
 

@@ -54,7 +54,7 @@ def _state(name, dtype, shapes, momentum, per_neuron):
     )
 
 
-def _reference_step(name, params, grads, st, ref_states, k, *, momentum, nesterov, angle, undf, zero_mean,
+def _reference_step(name, params, grads, st, ref_states, k, *, momentum, nesterov, angle, norm_decay, zero_mean,
                     per_neuron, projected, maximize, grad_scale, lr):
     h = HYPER[name]
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -68,7 +68,7 @@ def _reference_step(name, params, grads, st, ref_states, k, *, momentum, nestero
         else:
             u = rv.sgd_direction(g, st["state1"][i] if momentum else None, k == 0, momentum=momentum,
                                  nesterov=nesterov, maximize=maximize, grad_scale=grad_scale)
-        rv.rotate_(p, u, ref_states[i], angle=angle, lr=lr, undf=undf, eps=1e-8, zero_mean=zero_mean,
+        rv.rotate_(p, u, ref_states[i], angle=angle, lr=lr, norm_decay=norm_decay, eps=1e-8, zero_mean=zero_mean,
                    per_neuron=per_neuron, mode="projected" if projected else "equilibrium")
 
 
@@ -90,7 +90,7 @@ def _compare(name, dtype, *, steps=10, momentum=0.0, nesterov=False, zero_mean=T
     ours, theirs = _state(name, dtype, shapes, momentum, per_neuron), _state(name, dtype, shapes, momentum, per_neuron)
     ref_states = [{} for _ in shapes]
     grad_scale = torch.tensor(1024.0, device=DEVICE) if scaled else None
-    angle, undf, lr = 0.05, 0.9, 0.03
+    angle, norm_decay, lr = 0.05, 0.9, 0.03
     worst = 0.0
     for k in range(steps):
         # Same-signed gradients make u nearly constant on the first Adam step (the centring pitfall).
@@ -103,10 +103,10 @@ def _compare(name, dtype, *, steps=10, momentum=0.0, nesterov=False, zero_mean=T
         backend.rotational(
             name, params, grads, ours["state1"], ours["state2"], ours["steps"], ours["norms"], ours["avgs"],
             ours["rsteps"], _first_steps(k == 0, len(shapes)), lr=lr, momentum=momentum, nesterov=nesterov, angle=angle,
-            undf=undf, rotational_eps=1e-8, zero_mean=zero_mean, projected=projected, maximize=maximize,
+            norm_decay=norm_decay, rotational_eps=1e-8, zero_mean=zero_mean, projected=projected, maximize=maximize,
             grad_scale=grad_scale, telemetry=buffers, **HYPER[name])
         _reference_step(name, ref, grads, theirs, ref_states, k, momentum=momentum, nesterov=nesterov, angle=angle,
-                        undf=undf, zero_mean=zero_mean, per_neuron=per_neuron, projected=projected,
+                        norm_decay=norm_decay, zero_mean=zero_mean, per_neuron=per_neuron, projected=projected,
                         maximize=maximize, grad_scale=grad_scale, lr=lr)
         for i, b in enumerate(buffers):
             expected = row_sums(before[i], params[i], grads[i], shapes[i][0], grad_scale)
@@ -190,7 +190,7 @@ def test_rotational_found_inf_writes_nothing():
     for found in (1.0, float("inf")):
         backend.rotational(name, params, grads, st["state1"], st["state2"], st["steps"], st["norms"], st["avgs"],
                            st["rsteps"], _first_steps(True, len(SHAPES)), lr=0.01, momentum=0.0, nesterov=False, angle=0.05,
-                           undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
+                           norm_decay=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
                            grad_scale=torch.tensor(2.0, device=DEVICE),
                            found_inf=torch.tensor(found, device=DEVICE), telemetry=buffers, **HYPER[name])
     for a, b in zip(before, every()):
@@ -208,7 +208,7 @@ def test_rotational_launches_do_not_grow_with_tensor_count():
     before = multi_tensor.launch_count
     backend.rotational("lion", params, [torch.randn_like(p) for p in params], st["state1"], [], [], st["norms"],
                        st["avgs"], st["rsteps"], _first_steps(True, len(shapes)), lr=0.01, momentum=0.0, nesterov=False,
-                       angle=0.05, undf=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
+                       angle=0.05, norm_decay=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
                        **HYPER["lion"])
     assert multi_tensor.launch_count - before == 2
 

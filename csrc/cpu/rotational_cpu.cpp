@@ -34,7 +34,7 @@ struct Row {
 };
 
 struct RotationOptions {
-  double angle, lr, undf, eps;
+  double angle, lr, norm_decay, eps;
   bool zero_mean, projected;
 };
 
@@ -47,7 +47,7 @@ struct RotationOptions {
 template <typename scalar_t, typename Direction, typename GradAt>
 void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction_arg,
                 opmath_t<scalar_t>* __restrict__ buffer, opmath_t<scalar_t>* norm, opmath_t<scalar_t>* s_avg,
-                double undf_bias_correction, bool first, const RotationOptions& o, double* sums,
+                double norm_decay_bias_correction, bool first, const RotationOptions& o, double* sums,
                 const GradAt& grad_at_arg) {
   using opmath = opmath_t<scalar_t>;
   const Direction direction = direction_arg;  // local copies: their pointers stay in registers
@@ -90,9 +90,9 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
   if (o.projected) {
     scale = o.lr;
   } else {
-    const double s = o.undf * static_cast<double>(*s_avg) + (1.0 - o.undf) * static_cast<double>(tangent_sq);
+    const double s = o.norm_decay * static_cast<double>(*s_avg) + (1.0 - o.norm_decay) * static_cast<double>(tangent_sq);
     *s_avg = static_cast<opmath>(s);
-    scale = o.angle * n / (std::sqrt(s / undf_bias_correction) + o.eps);
+    scale = o.angle * n / (std::sqrt(s / norm_decay_bias_correction) + o.eps);
   }
   const opmath step = static_cast<opmath>(scale);
   // Back onto the sphere of radius n, re-centred with zero_mean (see the reference). Σq and Σq²
@@ -144,7 +144,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                  at::TensorList update_norm_avgs, at::TensorList rotational_steps,
                  const c10::List<std::optional<at::Tensor>>& first_steps,
                  at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
-                 double undf, double rotational_eps, bool zero_mean, bool projected, bool maximize,
+                 double norm_decay, double rotational_eps, bool zero_mean, bool projected, bool maximize,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
@@ -181,21 +181,21 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
 
   const std::vector<Row> rows = plan_rows(params, rotational_norms);
-  std::vector<double> undf_bias_correction(n_tensors);  // 1 − undf^k
+  std::vector<double> norm_decay_bias_correction(n_tensors);  // 1 − norm_decay^k
   std::vector<char> first(n_tensors);
   std::vector<double> step(n_tensors);
   for (size_t t = 0; t < n_tensors; ++t) {
     float* rot_step = ptr<float>(rotational_steps[t]);
     first[t] = *rot_step == 0.0f;
     *rot_step += 1.0f;
-    undf_bias_correction[t] = 1.0 - std::pow(undf, static_cast<double>(*rot_step));
+    norm_decay_bias_correction[t] = 1.0 - std::pow(norm_decay, static_cast<double>(*rot_step));
     if (adamw) {
       float* s = ptr<float>(steps[t]);
       *s += 1.0f;
       step[t] = *s;
     }
   }
-  const RotationOptions options{angle, lr, undf, rotational_eps, zero_mean, projected};
+  const RotationOptions options{angle, lr, norm_decay, rotational_eps, zero_mean, projected};
   const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
   const double sign = maximize ? -1.0 : 1.0;
   const std::vector<char> fresh = first_step_flags(first_steps, "wdopt::rotational_");
@@ -248,7 +248,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             m[j] = mj;
             v[j] = vj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else if (lion) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
           rotate_row(p, r.size, [=](int64_t j) {
@@ -256,7 +256,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             const opmath u = lion_direction(grad_at(j), mj, lion_c);
             m[j] = mj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else if (momentum != 0) {
           scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
           const bool first_step = fresh[t];
@@ -266,10 +266,10 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                                       : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
             b[j] = bj;
             return u;
-          }, buffer.data(), norm, s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else {
           rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer.data(), norm,
-                     s_avg, undf_bias_correction[t], first[t], options, sums, grad_at);
+                     s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         }
       }
     });

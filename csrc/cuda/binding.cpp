@@ -343,7 +343,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                      at::TensorList update_norm_avgs, at::TensorList rotational_steps,
                      const c10::List<std::optional<at::Tensor>>& first_steps, at::TensorList telemetry,
                      double lr, double beta1,
-                     double beta2, double eps, double momentum, bool nesterov, double angle, double undf,
+                     double beta2, double eps, double momentum, bool nesterov, double angle, double norm_decay,
                      double rotational_eps, bool zero_mean, bool projected, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "wdopt::rotational_";
@@ -440,7 +440,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
   a.momentum = momentum;
   a.nesterov = nesterov;
   a.angle = angle;
-  a.undf = undf;
+  a.norm_decay = norm_decay;
   a.rotational_eps = rotational_eps;
   a.zero_mean = zero_mean;
   a.projected = projected;

@@ -124,7 +124,7 @@ struct RotationalArgs {
   const FirstStepFlag* first_steps = nullptr;  // SGD with momentum, per tensor
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, momentum = 0;
   bool nesterov = false;
-  double angle = 0, undf = 0, rotational_eps = 0;
+  double angle = 0, norm_decay = 0, rotational_eps = 0;
   bool zero_mean = true, projected = false;
   GradOptions grad;
   Telemetry telemetry;  // rows: a multiple of rotation rows (the binding reduces other shapes)

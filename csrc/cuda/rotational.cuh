@@ -15,7 +15,7 @@ namespace {
 template <typename M> struct RotationCoefficients {
   AdamWCoefficients<M> adamw;  // decay-free (weight_decay 0): only the direction's scalars are used
   M inv_bias_correction1;      // 1/(1 − β1^t), rounded as the reference rounds it
-  double undf_bias_correction; // 1 − undf^k
+  double norm_decay_bias_correction; // 1 − norm_decay^k
   int32_t first;               // k was 0: this step freezes the row norms
 };
 
@@ -29,7 +29,7 @@ struct RotationStepTable {
 };
 
 template <typename M> struct RotationPrologueArgs {
-  double lr, beta1, beta2, eps, undf;
+  double lr, beta1, beta2, eps, norm_decay;
   int32_t adamw;
   RotationCoefficients<M>* out;
 };
@@ -45,7 +45,7 @@ template <typename M> struct RotationPrologueKernel {
     const float k_before = *steps.rotational_step[i];
     const float k = k_before + 1.0f;
     c.first = k_before == 0.0f ? 1 : 0;
-    c.undf_bias_correction = 1.0 - pow(a.undf, static_cast<double>(k));
+    c.norm_decay_bias_correction = 1.0 - pow(a.norm_decay, static_cast<double>(k));
     if (a.adamw) {
       const float t = *steps.step[i] + 1.0f;
       c.adamw = adamw_coefficients<M>(AdamWHyper{a.lr, a.beta1, a.beta2, a.eps, 0.0, 1.0}, a.lr, static_cast<double>(t));
@@ -83,7 +83,7 @@ struct RotationTable {
 };
 
 template <typename M> struct RotationArgs {
-  double angle, lr, undf, eps;
+  double angle, lr, norm_decay, eps;
   const RotationCoefficients<M>* coefficients;
   LionCoefficients<M> lion;
   M momentum;
@@ -205,9 +205,9 @@ template <typename T, int KIND> struct RotationalRowKernel {
       if (args.projected) {
         scale = args.lr;
       } else {
-        const double s = args.undf * static_cast<double>(s_avg[row]) + (1.0 - args.undf) * tangent_sq;
+        const double s = args.norm_decay * static_cast<double>(s_avg[row]) + (1.0 - args.norm_decay) * tangent_sq;
         s_avg[row] = static_cast<M>(s);
-        scale = args.angle * static_cast<double>(n) / (sqrt(s / rc.undf_bias_correction) + args.eps);
+        scale = args.angle * static_cast<double>(n) / (sqrt(s / rc.norm_decay_bias_correction) + args.eps);
       }
       return static_cast<M>(scale);
     };
@@ -568,7 +568,7 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
     using M = opmath_t<T>;
     auto* coefficients = static_cast<RotationCoefficients<M>*>(a.scratch);
     // The prologue: step counts and this step's scalars, one thread per tensor.
-    const RotationPrologueArgs<M> prologue{a.lr, a.beta1, a.beta2, a.eps, a.undf, adamw ? 1 : 0, coefficients};
+    const RotationPrologueArgs<M> prologue{a.lr, a.beta1, a.beta2, a.eps, a.norm_decay, adamw ? 1 : 0, coefficients};
     RotationStepTable steps;
     for (int64_t first = 0; first < a.n_tensors; first += RotationStepTable::kCapacity) {
       const int64_t n = std::min<int64_t>(a.n_tensors - first, RotationStepTable::kCapacity);
@@ -585,7 +585,7 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
     RotationArgs<M> args{};
     args.angle = a.angle;
     args.lr = a.lr;
-    args.undf = a.undf;
+    args.norm_decay = a.norm_decay;
     args.eps = a.rotational_eps;
     args.coefficients = coefficients;
     args.lion = lion_coefficients<M>(LionHyper{a.lr, a.beta1, a.beta2, 0.0, 1.0}, a.lr);

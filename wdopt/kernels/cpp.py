@@ -301,11 +301,11 @@ def rotational_available(device: torch.device) -> bool:
 
 
 def rotational(optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
-               first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, undf, rotational_eps, zero_mean,
+               first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean,
                projected, maximize, grad_scale=None, found_inf=None, telemetry=()) -> None:
     """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors."""
     torch.ops.wdopt.rotational_(
         optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
         list(first_steps), list(telemetry), lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
-        nesterov=nesterov, angle=angle, undf=undf, rotational_eps=rotational_eps, zero_mean=zero_mean,
+        nesterov=nesterov, angle=angle, norm_decay=norm_decay, rotational_eps=rotational_eps, zero_mean=zero_mean,
         projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

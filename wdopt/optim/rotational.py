@@ -179,7 +179,7 @@ class _Rotational:
             for p, g in zip(params, grads):
                 state = self.state[p]
                 rv.rotate_(p, self._direction(p, g, state, group, grad_scale), state, angle=angle,
-                           lr=float(group["lr"]), undf=group["update_norm_decay_factor"],
+                           lr=float(group["lr"]), norm_decay=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
                            per_neuron=group["per_neuron"], mode=group["mode"])
 
@@ -193,7 +193,7 @@ class _Rotational:
         backend.rotational(
             name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
             [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
-            lr=float(group["lr"]), angle=angle, undf=group["update_norm_decay_factor"],
+            lr=float(group["lr"]), angle=angle, norm_decay=group["update_norm_decay_factor"],
             rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
             projected=group["mode"] == "projected", maximize=group["maximize"], grad_scale=grad_scale,
             found_inf=found_inf, telemetry=telemetry, **hyper)

@@ -7,7 +7,7 @@ angle of the base optimizer from the first step on:
     u ← the base optimizer's update direction, without weight decay and without −η
     u ← u − mean(u)                                  (zero_mean)
     u ← u − p·⟨u, p⟩/n²                              (the tangent part)
-    s ← undf·s + (1−undf)·‖u‖²;   ū ← sqrt(s/(1 − undf^k))
+    s ← norm_decay·s + (1−norm_decay)·‖u‖²;   ū ← sqrt(s/(1 − norm_decay^k))
     p ← p − η_r·n·u/(ū + ε);     p ← p·n/‖p‖        (back on the sphere; re-centred first with
                                                        zero_mean, against rounding drift)
 
@@ -88,7 +88,7 @@ def init_state(param: torch.Tensor, state: dict, per_neuron: bool) -> None:
 
 
 @torch.no_grad()
-def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neuron, mode) -> None:
+def rotate_(param, direction, state, *, angle, lr, norm_decay, eps, zero_mean, per_neuron, mode) -> None:
     """Apply one RV step to ``param`` given the base direction; ``state`` holds ``rotational_norm``
     (n per row, set at the first step), ``update_norm_avg`` (s per row) and ``rotational_step`` (k)."""
     dt = compute_dtype(param)
@@ -107,9 +107,9 @@ def rotate_(param, direction, state, *, angle, lr, undf, eps, zero_mean, per_neu
     if mode == "projected":
         p = _onto_sphere(p - scalar(lr, dt) * u, n, zero_mean)
     else:
-        s = state["update_norm_avg"].to(dt) * scalar(undf, dt) + scalar(1.0 - undf, dt) * (u * u).sum(dim=1)
+        s = state["update_norm_avg"].to(dt) * scalar(norm_decay, dt) + scalar(1.0 - norm_decay, dt) * (u * u).sum(dim=1)
         state["update_norm_avg"].copy_(s)
-        u_bar = torch.sqrt(s / scalar(1.0 - undf**k, dt)).unsqueeze(1)
+        u_bar = torch.sqrt(s / scalar(1.0 - norm_decay**k, dt)).unsqueeze(1)
         p = _onto_sphere(p - scalar(angle, dt) * n * u / (u_bar + scalar(eps, dt)), n, zero_mean)
     param.copy_(p.reshape(param.shape))
 

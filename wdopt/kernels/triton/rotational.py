@@ -6,7 +6,7 @@ sphere), because the step needs the row's sums before any element can be written
 a fixed few launches, whatever the number of tensors:
 
 * a coefficient kernel advances the step counts (unless GradScaler found an inf) and computes per
-  tensor whether this is its first rotational step, 1 − undf^k, and AdamW's bias corrections;
+  tensor whether this is its first rotational step, 1 − norm_decay^k, and AdamW's bias corrections;
 * one row kernel per row-length class. Rows that fit on chip (C ≤ ``ON_CHIP``) are grouped by
   BLOCK = the next power of two ≥ C; a program takes ROWS of them as a [ROWS, BLOCK] tile, reads
   p, g and the state once, keeps u and p in registers for the row reductions, and writes once.
@@ -62,15 +62,15 @@ NCOL = tl.constexpr(11)
 # Coefficient table: the rotational step count and AdamW's step count, per tensor.
 ROTATIONAL_STEP, STEP = tl.constexpr(0), tl.constexpr(1)
 COEF_NCOL = tl.constexpr(3)
-# Per-tensor coefficients (fp64): first rotational step (0/1), 1 − undf^k, 1 − β1^t, sqrt(1 − β2^t).
-FIRST, UNDF_BIAS_CORRECTION, BIAS_CORRECTION1, BIAS_CORRECTION2_SQRT = (tl.constexpr(i) for i in range(4))
+# Per-tensor coefficients (fp64): first rotational step (0/1), 1 − norm_decay^k, 1 − β1^t, sqrt(1 − β2^t).
+FIRST, NORM_DECAY_BIAS_CORRECTION, BIAS_CORRECTION1, BIAS_CORRECTION2_SQRT = (tl.constexpr(i) for i in range(4))
 NCOEF = tl.constexpr(4)
 COEF_ROWS = 128
 
 
-@triton.jit(do_not_specialize=["tensors", "beta1_bits", "beta2_bits", "undf_bits"])
+@triton.jit(do_not_specialize=["tensors", "beta1_bits", "beta2_bits", "norm_decay_bits"])
 def _rotational_coefficients_kernel(
-    table_ptr, coef_ptr, found_inf_ptr, tensors, beta1_bits, beta2_bits, undf_bits,
+    table_ptr, coef_ptr, found_inf_ptr, tensors, beta1_bits, beta2_bits, norm_decay_bits,
     ADAMW_STEPS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr,
 ):
     i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -86,7 +86,7 @@ def _rotational_coefficients_kernel(
     out = coef_ptr + i * NCOEF
     one = tl.full((ROWS,), 1.0, tl.float64)
     tl.store(out + FIRST, tl.where(k == 0.0, one, 0.0), mask=in_range)
-    tl.store(out + UNDF_BIAS_CORRECTION, 1.0 - power(f64(undf_bits), (k + 1.0).to(tl.int64)), mask=in_range)
+    tl.store(out + NORM_DECAY_BIAS_CORRECTION, 1.0 - power(f64(norm_decay_bits), (k + 1.0).to(tl.int64)), mask=in_range)
     if ADAMW_STEPS:
         t_ptr = tl.load(table_ptr + i * COEF_NCOL + STEP, mask=in_range, other=0).to(tl.pointer_type(tl.float32))
         t = tl.load(t_ptr, mask=in_range, other=0.0) + 1.0
@@ -133,10 +133,10 @@ def _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "momentum_bits", "angle_bits",
-                               "undf_bits", "rotational_eps_bits"])
+                               "norm_decay_bits", "rotational_eps_bits"])
 def _rotational_kernel(
     table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
-    lr_bits, beta1_bits, beta2_bits, eps_bits, momentum_bits, angle_bits, undf_bits, rotational_eps_bits,
+    lr_bits, beta1_bits, beta2_bits, eps_bits, momentum_bits, angle_bits, norm_decay_bits, rotational_eps_bits,
     OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ZERO_MEAN: tl.constexpr,
     PROJECTED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     TELEMETRY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LONG: tl.constexpr,
@@ -155,7 +155,7 @@ def _rotational_kernel(
     sgd_first_step = first_step_flag(table_ptr, tensor, FIRST_STEP, NCOL)
     coef = coef_ptr + table_value(table_ptr, tensor, TENSOR, NCOL) * NCOEF
     first = tl.load(coef + FIRST) != 0.0
-    undf_bias_correction = tl.load(coef + UNDF_BIAS_CORRECTION).to(COMPUTE)
+    norm_decay_bias_correction = tl.load(coef + NORM_DECAY_BIAS_CORRECTION).to(COMPUTE)
     # 1/x from x rounded to the math type, as the reference's ``reciprocal``.
     inv_bias_correction1 = div(1.0, tl.load(coef + BIAS_CORRECTION1).to(COMPUTE), COMPUTE)
     inv_bias_correction2_sqrt = div(1.0, tl.load(coef + BIAS_CORRECTION2_SQRT).to(COMPUTE), COMPUTE)
@@ -167,9 +167,9 @@ def _rotational_kernel(
     momentum = f64(momentum_bits).to(COMPUTE)
     lr = f64(lr_bits).to(COMPUTE)
     angle = f64(angle_bits).to(COMPUTE)
-    undf64 = f64(undf_bits)
-    undf = undf64.to(COMPUTE)
-    one_minus_undf = (1.0 - undf64).to(COMPUTE)
+    norm_decay64 = f64(norm_decay_bits)
+    norm_decay = norm_decay64.to(COMPUTE)
+    one_minus_norm_decay = (1.0 - norm_decay64).to(COMPUTE)
     rotational_eps = f64(rotational_eps_bits).to(COMPUTE)
     count = size.to(COMPUTE)
 
@@ -198,9 +198,9 @@ def _rotational_kernel(
         if PROJECTED:
             scale = tl.zeros((ROWS,), COMPUTE) + lr
         else:
-            avg = tl.load(avg_ptr + rows, mask=row_ok, other=0.0) * undf + one_minus_undf * tl.sum(t * t, axis=1)
+            avg = tl.load(avg_ptr + rows, mask=row_ok, other=0.0) * norm_decay + one_minus_norm_decay * tl.sum(t * t, axis=1)
             tl.store(avg_ptr + rows, avg, mask=row_ok)
-            u_bar = sqrt(div(avg, undf_bias_correction, COMPUTE), COMPUTE)
+            u_bar = sqrt(div(avg, norm_decay_bias_correction, COMPUTE), COMPUTE)
             scale = div(angle * n, u_bar + rotational_eps, COMPUTE)
         q = p - scale[:, None] * t
         if ZERO_MEAN:  # re-centred against rounding drift, as the reference
@@ -286,9 +286,9 @@ def _rotational_kernel(
         if PROJECTED:
             scale = lr
         else:
-            avg = tl.load(avg_ptr + row, mask=active, other=0.0) * undf + one_minus_undf * tangent_sq
+            avg = tl.load(avg_ptr + row, mask=active, other=0.0) * norm_decay + one_minus_norm_decay * tangent_sq
             tl.store(avg_ptr + row, avg, mask=active)
-            u_bar = sqrt(div(avg, undf_bias_correction, COMPUTE), COMPUTE)
+            u_bar = sqrt(div(avg, norm_decay_bias_correction, COMPUTE), COMPUTE)
             scale = div(angle * n, u_bar + rotational_eps, COMPUTE)
         # q = p − scale·t; q − mean(q) = (p − mean(p)) − scale·(u_c − r·(p − mean(p))), whose norm
         # follows from the centred sums (all equal to the plain ones without zero_mean).
@@ -331,7 +331,7 @@ def _num_warps(rows: int, block: int) -> int:
 
 def rotational(
     optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
-    first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, undf, rotational_eps, zero_mean, projected,
+    first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean, projected,
     maximize, grad_scale=None, found_inf=None, telemetry=(),
 ) -> None:
     """One rotational step on tensors of one device and dtype (the contract of ``wdopt::rotational_``,
@@ -384,7 +384,7 @@ def rotational(
     coef_table = work_table([rotational_steps, steps if kind == ADAMW else none], [1] * count, device, chunk=1)
     launch(
         _rotational_coefficients_kernel, (triton.cdiv(count, COEF_ROWS),), device,
-        coef_table.table, coef, optional(found_inf, coef), count, f64_bits(beta1), f64_bits(beta2), f64_bits(undf),
+        coef_table.table, coef, optional(found_inf, coef), count, f64_bits(beta1), f64_bits(beta2), f64_bits(norm_decay),
         ADAMW_STEPS=kind == ADAMW, HAS_FOUND_INF=found_inf is not None, ROWS=COEF_ROWS,
     )
 
@@ -419,7 +419,7 @@ def rotational(
             _rotational_kernel, (table.programs,), device,
             table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
             f64_bits(float(lr)), f64_bits(beta1), f64_bits(beta2), f64_bits(eps), f64_bits(momentum),
-            f64_bits(angle), f64_bits(undf), f64_bits(rotational_eps),
+            f64_bits(angle), f64_bits(norm_decay), f64_bits(rotational_eps),
             OPTIMIZER=kind, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), ZERO_MEAN=bool(zero_mean),
             PROJECTED=bool(projected), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, TELEMETRY=monitored,
