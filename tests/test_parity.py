@@ -410,3 +410,40 @@ def test_sgd_without_decay_adds_nothing(backend, device):
     torch.testing.assert_close(p.detach(), q.detach())
     buffer, expected = opt.state[p]["momentum_buffer"], opt_torch.state[q]["momentum_buffer"]
     assert torch.equal(torch.signbit(buffer), torch.signbit(expected))
+
+
+@pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU kernels are unavailable")
+def test_cpu_kernels_split_across_threads_identically():
+    """The suite runs torch with one thread (tests/conftest.py), under which the C++ kernels do all
+    the work in one part. Here they split it: 2 and 3 threads cut the 67,624 elements of these shapes
+    (more than the 32,768 the kernels keep serial) inside tensors, at row boundaries for a monitored
+    step, and between rows for the rotational engine. Every thread count gives the reference's
+    result bit for bit, and the single thread's telemetry and rotational steps."""
+    cases = [(wdopt.FusedAdamW, dict(amsgrad=True, weight_decay=0.1)), (wdopt.FusedSGD, dict(momentum=0.9)),
+             (wdopt.FusedLion, dict(weight_decay=0.3)), (wdopt.RotationalAdamW, dict(weight_decay=0.1))]
+    shapes = ODD_SHAPES + [(40, 9)]  # forty rotational rows
+    params = make_params(shapes, torch.float32)
+    grads = grad_stream(shapes, 4, top=0)
+
+    def trajectory(cls, kw, backend, threads):
+        torch.set_num_threads(threads)
+        try:
+            leaves = clone_leaves(params)
+            opt = cls(leaves, lr=1e-2, backend=backend, **kw)
+            monitor = wdopt.RotationMonitor(opt, every=2)  # steps 2 and 4 gather telemetry
+            run(opt, leaves, grads)
+            return opt, leaves, [record.sums for record in monitor.history]
+        finally:
+            torch.set_num_threads(1)
+
+    for cls, kw in cases:
+        single = trajectory(cls, kw, "cpu", 1)
+        if cls is not wdopt.RotationalAdamW:  # the rotational kernel sums rows in its own order
+            assert_same_trajectory(*single[:2], *trajectory(cls, kw, "reference", 1)[:2], rtol=0, atol=0)
+        for threads in (2, 3):
+            opt, leaves, sums = trajectory(cls, kw, "cpu", threads)
+            assert_same_trajectory(opt, leaves, *single[:2], rtol=0, atol=0)
+            for ours, theirs in zip(sums, single[2], strict=True):
+                assert ours.keys() == theirs.keys()
+                for key in theirs:
+                    torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
