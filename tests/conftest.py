@@ -26,6 +26,58 @@ if os.environ.get("CI", "").lower() == "true" and importlib.util.find_spec("trit
     raise pytest.UsageError("triton is not installed: CI must test the Triton backend")
 
 
+def _patch_the_language_once_per_launch():
+    """Speed up the Triton interpreter by about 2x, computing exactly what it computed before.
+
+    The interpreter swaps triton.language's builtins for interpreted ones at every launch and
+    again at every call of a @triton.jit helper inside a kernel (each call scans the language
+    modules with inspect.getmembers, ~1 ms). wdopt's kernels call helpers for every block, so that
+    re-patching was about half of each interpreted step. Inside a launch the language is already
+    patched; a helper that sees no other language module than its kernel did would patch nothing
+    new, and its patches were never undone anyway, so it is skipped here. Launches still patch and
+    restore as before. If triton's internals move, nothing is changed (the tests only run slower).
+    tests/test_launches.py::test_interpreter_shortcut_changes_no_result checks the results are
+    identical bit for bit with and without it."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        patch_lang, scope_class = interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    if getattr(patch_lang, "wdopt_shortcut", False):
+        return
+    active: list = []  # the language modules patched by the launch in progress
+    languages_of: dict = {}
+
+    def languages(fn):
+        if fn not in languages_of:
+            languages_of[fn] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        return languages_of[fn]
+
+    class LaunchScope(scope_class):
+        def restore(self):
+            super().restore()
+            active.pop()
+
+    def patch_lang_once(fn):
+        if active and languages(fn) <= active[-1]:
+            return scope_class()  # a helper inside a launch: already patched
+        scope = patch_lang(fn)
+        if active:
+            return scope
+        launch = LaunchScope()
+        launch._changes = scope._changes
+        active.append(languages(fn))
+        return launch
+
+    patch_lang_once.wdopt_shortcut = True
+    patch_lang_once.original = patch_lang
+    interpreter._patch_lang = patch_lang_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
+
 import wdopt  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
