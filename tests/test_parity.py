@@ -3,6 +3,7 @@ parameters and every state tensor over several steps, across the options torch s
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import wdopt
 from conftest import backend_device_pairs
-from helpers import ODD_SHAPES, assert_same_trajectory, clone_leaves, grad_stream, make_params, run
+from helpers import (ODD_SHAPES, assert_same_trajectory, clone_leaves, grad_stream, interpreted, make_params,
+                     option_cases, pairwise, run)
 
 STEPS = 12
 PAIRS = backend_device_pairs()
@@ -25,33 +27,79 @@ ADAMW_OPTIONS = [
     dict(amsgrad=a, maximize=m, weight_decay=w, tensor_lr=t)
     for a, m, w, t in itertools.product([False, True], [False, True], [0.0, 0.1], [False, True])
 ]
+ADAMW_ROWS = [dict(options, dtype=dtype) for options in ADAMW_OPTIONS for dtype in (torch.float32, torch.float64)]
 
 
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("options", ADAMW_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_adamw_matches_torch_and_reference(backend, device, dtype, options):
-    options = dict(options)
-    tensor_lr = options.pop("tensor_lr")
-    hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+def _options_id(row):
+    return "-".join([f"{k}={v}" for k, v in row.items() if k != "dtype"] + ([str(row["dtype"])] if "dtype" in row else []))
+
+
+class Expected:
+    """The start, the gradient stream, and the trajectories every backend is compared with: the
+    reference's and torch.optim's, computed once per case and device (``_expected``), then shared by
+    the backends of the case. Only read, never stepped again."""
+
+    def __init__(self, params, grads, reference, torch_optim):
+        self.params, self.grads = params, grads
+        self.reference, self.torch_optim = reference, torch_optim
+
+
+def _trajectory(opt_factory, params, grads):
+    leaves = clone_leaves(params)
+    opt = opt_factory(leaves)
+    run(opt, leaves, grads)
+    return opt, leaves
+
+
+@functools.lru_cache(maxsize=8)
+def _expected(name, device, row):
+    """``row``: the case's options as sorted (key, value) pairs. Cases run row by row (option_cases),
+    so a small cache serves every backend of a row."""
+    options = dict(row)
+    dtype, tensor_lr = options.pop("dtype", torch.float32), options.pop("tensor_lr")
     params = make_params(ODD_SHAPES, dtype, device)
-    grads = grad_stream(ODD_SHAPES, STEPS)
+    if name == "adamw":
+        hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+        grads = grad_stream(ODD_SHAPES, STEPS)
+        reference = _trajectory(lambda ps: wdopt.FusedAdamW(ps, lr=2e-2, backend="reference", **hyper), params, grads)
+        torch_optim = _trajectory(lambda ps: torch.optim.AdamW(ps, lr=_lr(2e-2, tensor_lr, device, dtype), foreach=False,
+                                                               **hyper), params, grads)
+    else:
+        grads = grad_stream(ODD_SHAPES, STEPS, top=0)
+        reference = _trajectory(lambda ps: wdopt.FusedSGD(ps, lr=1e-2, backend="reference", **options), params, grads)
+        torch_optim = _trajectory(lambda ps: torch.optim.SGD(ps, lr=_lr(1e-2, tensor_lr, device), foreach=False,
+                                                             **options), params, grads)
+    return Expected(params, grads, reference, torch_optim)
 
-    ours = clone_leaves(params)
-    opt = wdopt.FusedAdamW(ours, lr=_lr(2e-2, tensor_lr, device, dtype), backend=backend, **hyper)
-    run(opt, ours, grads)
 
-    ref = clone_leaves(params)
-    opt_ref = wdopt.FusedAdamW(ref, lr=2e-2, backend="reference", **hyper)
-    run(opt_ref, ref, grads)
-
-    theirs = clone_leaves(params)
-    opt_torch = torch.optim.AdamW(theirs, lr=_lr(2e-2, tensor_lr, device, dtype), foreach=False, **hyper)
-    run(opt_torch, theirs, grads)
-
-    assert_same_trajectory(opt, ours, opt_ref, ref)
-    assert_same_trajectory(opt, ours, opt_torch, theirs)
+def _assert_matches_reference_and_torch(opt, ours, expected):
+    assert_same_trajectory(opt, ours, *expected.reference)
+    assert_same_trajectory(opt, ours, *expected.torch_optim)
+    opt_torch, theirs = expected.torch_optim
     assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_interpreter_cover_has_every_pair_of_options(name):
+    """The Triton interpreter runs helpers.pairwise's rows of the option tables: every value of
+    every option, and every pair of values of two options that the full table has, in fewer rows."""
+    rows = ADAMW_ROWS if name == "adamw" else SGD_OPTIONS
+    cover = pairwise(rows)
+    for a, b in itertools.combinations(rows[0], 2):
+        assert {(r[a], r[b]) for r in cover} == {(r[a], r[b]) for r in rows}, (a, b)
+    assert rows[0] in cover and rows[-1] in cover and len(cover) < len(rows) / 4
+
+
+@pytest.mark.parametrize("backend,device,row", option_cases(PAIRS, ADAMW_ROWS, _options_id))
+def test_adamw_matches_torch_and_reference(backend, device, row):
+    """Every option and dtype; under the Triton interpreter a pairwise cover of them (helpers.pairwise)."""
+    expected = _expected("adamw", device, tuple(sorted(row.items(), key=lambda kv: kv[0])))
+    options = dict(row)
+    dtype, tensor_lr = options.pop("dtype"), options.pop("tensor_lr")
+    hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+    opt, ours = _trajectory(lambda ps: wdopt.FusedAdamW(ps, lr=_lr(2e-2, tensor_lr, device, dtype), backend=backend,
+                                                        **hyper), expected.params, expected.grads)
+    _assert_matches_reference_and_torch(opt, ours, expected)
 
 
 SGD_OPTIONS = [
@@ -61,29 +109,15 @@ SGD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("backend,device,options", option_cases(PAIRS, SGD_OPTIONS, _options_id))
 def test_sgd_matches_torch_and_reference(backend, device, options):
+    """Every valid option combination; under the Triton interpreter a pairwise cover of them."""
+    expected = _expected("sgd", device, tuple(sorted(options.items(), key=lambda kv: kv[0])))
     options = dict(options)
     tensor_lr = options.pop("tensor_lr")
-    params = make_params(ODD_SHAPES, torch.float32, device)
-    grads = grad_stream(ODD_SHAPES, STEPS, top=0)
-
-    ours = clone_leaves(params)
-    opt = wdopt.FusedSGD(ours, lr=_lr(1e-2, tensor_lr, device), backend=backend, **options)
-    run(opt, ours, grads)
-
-    ref = clone_leaves(params)
-    opt_ref = wdopt.FusedSGD(ref, lr=1e-2, backend="reference", **options)
-    run(opt_ref, ref, grads)
-
-    theirs = clone_leaves(params)
-    opt_torch = torch.optim.SGD(theirs, lr=_lr(1e-2, tensor_lr, device), foreach=False, **options)
-    run(opt_torch, theirs, grads)
-
-    assert_same_trajectory(opt, ours, opt_ref, ref)
-    assert_same_trajectory(opt, ours, opt_torch, theirs)
-    assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+    opt, ours = _trajectory(lambda ps: wdopt.FusedSGD(ps, lr=_lr(1e-2, tensor_lr, device), backend=backend, **options),
+                            expected.params, expected.grads)
+    _assert_matches_reference_and_torch(opt, ours, expected)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
