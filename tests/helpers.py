@@ -9,6 +9,12 @@ import torch
 
 #: Odd sizes: one element, a non-multiple of any vector width, a block boundary ±, several chunks.
 ODD_SHAPES = [(1,), (7,), (1023,), (65537,), (5, 3, 3, 3), (33, 17)]
+#: ODD_SHAPES for some Triton-interpreter cases. The interpreter runs every program of a bucket
+#: BLOCK = next_power_of_2(largest tensor) lanes wide (up to its 65,536-element chunk): 65,537
+#: elements make all six tensors cost 64x more. 1,024 in its place is one full, unmasked block
+#: beside the masked tails of the others. The interpreter's multi-chunk tensor (65,537 = two
+#: chunks) stays in the cases that use ODD_SHAPES.
+SMALL_SHAPES = [(1,), (7,), (1023,), (1024,), (5, 3, 3, 3), (33, 17)]
 
 
 def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
