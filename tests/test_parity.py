@@ -212,7 +212,9 @@ def test_per_group_settings(backend, device, name):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_hundreds_of_tensors(backend, device):
-    shapes = [((i * 37) % 301 + 1,) for i in range(300)]
+    # The Triton interpreter runs every tensor's program in Python: 130 tensors, still more than
+    # the 128 rows one program of AdamW's coefficient kernel takes (adamw.ROWS_PER_PROGRAM).
+    shapes = [((i * 37) % 301 + 1,) for i in range(130 if interpreted(backend, device) else 300)]
     params = make_params(shapes, torch.float32, device)
     grads = grad_stream(shapes, 4)
     ours = clone_leaves(params)
