@@ -30,14 +30,14 @@ def _patch_the_language_once_per_launch():
     """Speed up the Triton interpreter by about 2x, computing exactly what it computed before.
 
     The interpreter swaps triton.language's builtins for interpreted ones at every launch and
-    again at every call of a @triton.jit helper inside a kernel (each call scans the language
-    modules with inspect.getmembers, ~1 ms). wdopt's kernels call helpers for every block, so that
-    re-patching was about half of each interpreted step. Inside a launch the language is already
-    patched; a helper that sees no other language module than its kernel did would patch nothing
-    new, and its patches were never undone anyway, so it is skipped here. Launches still patch and
-    restore as before. If triton's internals move, nothing is changed (the tests only run slower).
-    tests/test_launches.py::test_interpreter_shortcut_changes_no_result checks the results are
-    identical bit for bit with and without it."""
+    again at every call of a @triton.jit function inside a kernel (wdopt's helpers, tl.sum, ...):
+    each call scans the language modules with inspect.getmembers, ~1 ms, for every block of every
+    program. Inside a launch the language it sees is already patched: by the launch itself, or,
+    for triton.language.core (which tl.sum's module uses), by an earlier such call, whose patches
+    the interpreter never undoes. A call that would patch nothing new is skipped here; launches
+    still patch and restore as before. If triton's internals move, nothing is changed (the tests
+    only run slower). tests/test_launches.py::test_interpreter_shortcut_changes_no_result checks
+    that results are identical bit for bit with and without it."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
@@ -47,6 +47,7 @@ def _patch_the_language_once_per_launch():
     if getattr(patch_lang, "wdopt_shortcut", False):
         return
     active: list = []  # the language modules patched by the launch in progress
+    kept: set = set()  # language modules patched inside a launch: never restored by the interpreter
     languages_of: dict = {}
 
     def languages(fn):
@@ -60,10 +61,11 @@ def _patch_the_language_once_per_launch():
             active.pop()
 
     def patch_lang_once(fn):
-        if active and languages(fn) <= active[-1]:
-            return scope_class()  # a helper inside a launch: already patched
+        if active and languages(fn) <= active[-1] | kept:
+            return scope_class()  # a call inside a launch: already patched
         scope = patch_lang(fn)
         if active:
+            kept.update(languages(fn))
             return scope
         launch = LaunchScope()
         launch._changes = scope._changes
