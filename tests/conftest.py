@@ -58,7 +58,7 @@ def _patch_the_language_once_per_launch():
     class LaunchScope(scope_class):
         def restore(self):
             super().restore()
-            active.pop()
+            kept.difference_update(active.pop())  # what the launch patched is undone, as it was
 
     def patch_lang_once(fn):
         if active and languages(fn) <= active[-1] | kept:
