@@ -62,3 +62,39 @@ def test_tensor_tables_are_reused_while_addresses_stay(device):
     assert len(tables._CACHE) == cached
     assert all(a is b for a, b in zip(buffers, tables._CACHE.values()))
     run(opt, params, grad_stream(shapes, 1))  # new gradient tensors: a new table, results still right
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_interpreter_shortcut_changes_no_result(device, monkeypatch):
+    """tests/conftest.py skips the Triton interpreter's re-patching of triton.language inside a
+    launch (about half of every interpreted step). Every kind of kernel, with the shortcut and with
+    the interpreter's own patching, gives the same bits: element-wise steps in fp32 and bf16 (bit
+    operations), AdamW's coefficient kernel, telemetry rows (reductions) and the rotational row
+    engine. On a GPU nothing is interpreted and there is nothing to compare."""
+    from triton.runtime import interpreter
+
+    if device != "cpu":
+        assert not hasattr(interpreter._patch_lang, "original")
+        return
+    assert interpreter._patch_lang.wdopt_shortcut  # installed: triton's internals are where it expects
+    shapes = [(7,), (5, 9), (2, 40)]
+    cases = [(wdopt.FusedAdamW, torch.bfloat16, dict(amsgrad=True)), (wdopt.FusedSGD, torch.float32, dict(momentum=0.9)),
+             (wdopt.FusedLion, torch.float32, {}), (wdopt.RotationalAdamW, torch.float32, dict(weight_decay=0.1))]
+
+    def results():
+        out = []
+        for cls, dtype, kw in cases:
+            params = clone_leaves(make_params(shapes, dtype, device))
+            opt = cls(params, lr=1e-2, backend="triton", **kw)
+            monitor = wdopt.RotationMonitor(opt, every=2)
+            run(opt, params, grad_stream(shapes, 2))
+            out += [p.detach() for p in params] + [v for p in params for v in opt.state[p].values()]
+            out += list(monitor.last.sums.values())
+        return out
+
+    shortcut = results()
+    monkeypatch.setattr(interpreter, "_patch_lang", interpreter._patch_lang.original)
+    plain = results()
+    assert len(shortcut) == len(plain) > 30
+    for a, b in zip(shortcut, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -3,6 +3,7 @@ parameters and every state tensor over several steps, across the options torch s
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import wdopt
 from conftest import backend_device_pairs
-from helpers import ODD_SHAPES, assert_same_trajectory, clone_leaves, grad_stream, make_params, run
+from helpers import (ODD_SHAPES, SMALL_SHAPES, assert_same_trajectory, clone_leaves, grad_stream, interpreted, make_params,
+                     option_cases, pairwise, run)
 
 STEPS = 12
 PAIRS = backend_device_pairs()
@@ -25,33 +27,79 @@ ADAMW_OPTIONS = [
     dict(amsgrad=a, maximize=m, weight_decay=w, tensor_lr=t)
     for a, m, w, t in itertools.product([False, True], [False, True], [0.0, 0.1], [False, True])
 ]
+ADAMW_ROWS = [dict(options, dtype=dtype) for options in ADAMW_OPTIONS for dtype in (torch.float32, torch.float64)]
 
 
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("options", ADAMW_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_adamw_matches_torch_and_reference(backend, device, dtype, options):
-    options = dict(options)
-    tensor_lr = options.pop("tensor_lr")
-    hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+def _options_id(row):
+    return "-".join([f"{k}={v}" for k, v in row.items() if k != "dtype"] + ([str(row["dtype"])] if "dtype" in row else []))
+
+
+class Expected:
+    """The start, the gradient stream, and the trajectories every backend is compared with: the
+    reference's and torch.optim's, computed once per case and device (``_expected``), then shared by
+    the backends of the case. Only read, never stepped again."""
+
+    def __init__(self, params, grads, reference, torch_optim):
+        self.params, self.grads = params, grads
+        self.reference, self.torch_optim = reference, torch_optim
+
+
+def _trajectory(opt_factory, params, grads):
+    leaves = clone_leaves(params)
+    opt = opt_factory(leaves)
+    run(opt, leaves, grads)
+    return opt, leaves
+
+
+@functools.lru_cache(maxsize=8)
+def _expected(name, device, row):
+    """``row``: the case's options as sorted (key, value) pairs. Cases run row by row (option_cases),
+    so a small cache serves every backend of a row."""
+    options = dict(row)
+    dtype, tensor_lr = options.pop("dtype", torch.float32), options.pop("tensor_lr")
     params = make_params(ODD_SHAPES, dtype, device)
-    grads = grad_stream(ODD_SHAPES, STEPS)
+    if name == "adamw":
+        hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+        grads = grad_stream(ODD_SHAPES, STEPS)
+        reference = _trajectory(lambda ps: wdopt.FusedAdamW(ps, lr=2e-2, backend="reference", **hyper), params, grads)
+        torch_optim = _trajectory(lambda ps: torch.optim.AdamW(ps, lr=_lr(2e-2, tensor_lr, device, dtype), foreach=False,
+                                                               **hyper), params, grads)
+    else:
+        grads = grad_stream(ODD_SHAPES, STEPS, top=0)
+        reference = _trajectory(lambda ps: wdopt.FusedSGD(ps, lr=1e-2, backend="reference", **options), params, grads)
+        torch_optim = _trajectory(lambda ps: torch.optim.SGD(ps, lr=_lr(1e-2, tensor_lr, device), foreach=False,
+                                                             **options), params, grads)
+    return Expected(params, grads, reference, torch_optim)
 
-    ours = clone_leaves(params)
-    opt = wdopt.FusedAdamW(ours, lr=_lr(2e-2, tensor_lr, device, dtype), backend=backend, **hyper)
-    run(opt, ours, grads)
 
-    ref = clone_leaves(params)
-    opt_ref = wdopt.FusedAdamW(ref, lr=2e-2, backend="reference", **hyper)
-    run(opt_ref, ref, grads)
-
-    theirs = clone_leaves(params)
-    opt_torch = torch.optim.AdamW(theirs, lr=_lr(2e-2, tensor_lr, device, dtype), foreach=False, **hyper)
-    run(opt_torch, theirs, grads)
-
-    assert_same_trajectory(opt, ours, opt_ref, ref)
-    assert_same_trajectory(opt, ours, opt_torch, theirs)
+def _assert_matches_reference_and_torch(opt, ours, expected):
+    assert_same_trajectory(opt, ours, *expected.reference)
+    assert_same_trajectory(opt, ours, *expected.torch_optim)
+    opt_torch, theirs = expected.torch_optim
     assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_interpreter_cover_has_every_pair_of_options(name):
+    """The Triton interpreter runs helpers.pairwise's rows of the option tables: every value of
+    every option, and every pair of values of two options that the full table has, in fewer rows."""
+    rows = ADAMW_ROWS if name == "adamw" else SGD_OPTIONS
+    cover = pairwise(rows)
+    for a, b in itertools.combinations(rows[0], 2):
+        assert {(r[a], r[b]) for r in cover} == {(r[a], r[b]) for r in rows}, (a, b)
+    assert rows[0] in cover and rows[-1] in cover and len(cover) < len(rows) / 4
+
+
+@pytest.mark.parametrize("backend,device,row", option_cases(PAIRS, ADAMW_ROWS, _options_id))
+def test_adamw_matches_torch_and_reference(backend, device, row):
+    """Every option and dtype; under the Triton interpreter a pairwise cover of them (helpers.pairwise)."""
+    expected = _expected("adamw", device, tuple(sorted(row.items(), key=lambda kv: kv[0])))
+    options = dict(row)
+    dtype, tensor_lr = options.pop("dtype"), options.pop("tensor_lr")
+    hyper = dict(betas=(0.8, 0.99), eps=1e-6, **options)
+    opt, ours = _trajectory(lambda ps: wdopt.FusedAdamW(ps, lr=_lr(2e-2, tensor_lr, device, dtype), backend=backend,
+                                                        **hyper), expected.params, expected.grads)
+    _assert_matches_reference_and_torch(opt, ours, expected)
 
 
 SGD_OPTIONS = [
@@ -61,29 +109,15 @@ SGD_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("backend,device,options", option_cases(PAIRS, SGD_OPTIONS, _options_id))
 def test_sgd_matches_torch_and_reference(backend, device, options):
+    """Every valid option combination; under the Triton interpreter a pairwise cover of them."""
+    expected = _expected("sgd", device, tuple(sorted(options.items(), key=lambda kv: kv[0])))
     options = dict(options)
     tensor_lr = options.pop("tensor_lr")
-    params = make_params(ODD_SHAPES, torch.float32, device)
-    grads = grad_stream(ODD_SHAPES, STEPS, top=0)
-
-    ours = clone_leaves(params)
-    opt = wdopt.FusedSGD(ours, lr=_lr(1e-2, tensor_lr, device), backend=backend, **options)
-    run(opt, ours, grads)
-
-    ref = clone_leaves(params)
-    opt_ref = wdopt.FusedSGD(ref, lr=1e-2, backend="reference", **options)
-    run(opt_ref, ref, grads)
-
-    theirs = clone_leaves(params)
-    opt_torch = torch.optim.SGD(theirs, lr=_lr(1e-2, tensor_lr, device), foreach=False, **options)
-    run(opt_torch, theirs, grads)
-
-    assert_same_trajectory(opt, ours, opt_ref, ref)
-    assert_same_trajectory(opt, ours, opt_torch, theirs)
-    assert sorted(opt.state[ours[0]]) == sorted(opt_torch.state[theirs[0]])
+    opt, ours = _trajectory(lambda ps: wdopt.FusedSGD(ps, lr=_lr(1e-2, tensor_lr, device), backend=backend, **options),
+                            expected.params, expected.grads)
+    _assert_matches_reference_and_torch(opt, ours, expected)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -113,8 +147,10 @@ def test_decoupled_sgd_is_torch_sgd_after_decay(backend, device, momentum, neste
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("maximize,weight_decay,tensor_lr", [(False, 0.0, False), (True, 0.5, False), (False, 0.5, True)])
 def test_lion_matches_reference(backend, device, dtype, maximize, weight_decay, tensor_lr):
-    params = make_params(ODD_SHAPES, dtype, device)
-    grads = grad_stream(ODD_SHAPES, STEPS)
+    # The Triton interpreter: SMALL_SHAPES (Lion's multi-chunk tensor runs in the bit-for-bit test).
+    shapes = SMALL_SHAPES if interpreted(backend, device) else ODD_SHAPES
+    params = make_params(shapes, dtype, device)
+    grads = grad_stream(shapes, STEPS)
     hyper = dict(betas=(0.9, 0.99), weight_decay=weight_decay, maximize=maximize)
     ours = clone_leaves(params)
     opt = wdopt.FusedLion(ours, lr=_lr(1e-3, tensor_lr, device, dtype), backend=backend, **hyper)
@@ -178,7 +214,9 @@ def test_per_group_settings(backend, device, name):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_hundreds_of_tensors(backend, device):
-    shapes = [((i * 37) % 301 + 1,) for i in range(300)]
+    # The Triton interpreter runs every tensor's program in Python: 130 tensors, still more than
+    # the 128 rows one program of AdamW's coefficient kernel takes (adamw.ROWS_PER_PROGRAM).
+    shapes = [((i * 37) % 301 + 1,) for i in range(130 if interpreted(backend, device) else 300)]
     params = make_params(shapes, torch.float32, device)
     grads = grad_stream(shapes, 4)
     ours = clone_leaves(params)
@@ -299,9 +337,14 @@ EXACT = [(b, d) for b, d in PAIRS if b != "reference"]
 def test_backend_equals_reference_bit_for_bit(backend, device, dtype, cls, kw):
     """The kernels share the reference's arithmetic (IEEE operations in the same order, no FMA
     contraction, correctly rounded sqrt, scalars computed in double and rounded once), so they
-    agree with it exactly, in every dtype."""
-    params = make_params(ODD_SHAPES, dtype, device)
-    grads = grad_stream(ODD_SHAPES, STEPS, top=0)
+    agree with it exactly, in every dtype. The Triton interpreter runs the multi-chunk tensor in
+    fp32 here and in fp64 in the option tests; SMALL_SHAPES in the other dtypes (where numpy's
+    16-bit conversions made a case 3-4x slower; chunks are addressed in elements, whatever their
+    size, and the compiled backends run ODD_SHAPES in every dtype)."""
+    small = interpreted(backend, device) and dtype != torch.float32
+    shapes = SMALL_SHAPES if small else ODD_SHAPES
+    params = make_params(shapes, dtype, device)
+    grads = grad_stream(shapes, STEPS, top=0)
     ours, ref = clone_leaves(params), clone_leaves(params)
     opt, opt_ref = cls(ours, lr=1e-2, backend=backend, **kw), cls(ref, lr=1e-2, backend="reference", **kw)
     run(opt, ours, grads)
@@ -410,3 +453,40 @@ def test_sgd_without_decay_adds_nothing(backend, device):
     torch.testing.assert_close(p.detach(), q.detach())
     buffer, expected = opt.state[p]["momentum_buffer"], opt_torch.state[q]["momentum_buffer"]
     assert torch.equal(torch.signbit(buffer), torch.signbit(expected))
+
+
+@pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU kernels are unavailable")
+def test_cpu_kernels_split_across_threads_identically():
+    """The suite runs torch with one thread (tests/conftest.py), under which the C++ kernels do all
+    the work in one part. Here they split it: 2 and 3 threads cut the 67,624 elements of these shapes
+    (more than the 32,768 the kernels keep serial) inside tensors, at row boundaries for a monitored
+    step, and between rows for the rotational engine. Every thread count gives the reference's
+    result bit for bit, and the single thread's telemetry and rotational steps."""
+    cases = [(wdopt.FusedAdamW, dict(amsgrad=True, weight_decay=0.1)), (wdopt.FusedSGD, dict(momentum=0.9)),
+             (wdopt.FusedLion, dict(weight_decay=0.3)), (wdopt.RotationalAdamW, dict(weight_decay=0.1))]
+    shapes = ODD_SHAPES + [(40, 9)]  # forty rotational rows
+    params = make_params(shapes, torch.float32)
+    grads = grad_stream(shapes, 4, top=0)
+
+    def trajectory(cls, kw, backend, threads):
+        torch.set_num_threads(threads)
+        try:
+            leaves = clone_leaves(params)
+            opt = cls(leaves, lr=1e-2, backend=backend, **kw)
+            monitor = wdopt.RotationMonitor(opt, every=2)  # steps 2 and 4 gather telemetry
+            run(opt, leaves, grads)
+            return opt, leaves, [record.sums for record in monitor.history]
+        finally:
+            torch.set_num_threads(1)
+
+    for cls, kw in cases:
+        single = trajectory(cls, kw, "cpu", 1)
+        if cls is not wdopt.RotationalAdamW:  # the rotational kernel sums rows in its own order
+            assert_same_trajectory(*single[:2], *trajectory(cls, kw, "reference", 1)[:2], rtol=0, atol=0)
+        for threads in (2, 3):
+            opt, leaves, sums = trajectory(cls, kw, "cpu", threads)
+            assert_same_trajectory(opt, leaves, *single[:2], rtol=0, atol=0)
+            for ours, theirs in zip(sums, single[2], strict=True):
+                assert ours.keys() == theirs.keys()
+                for key in theirs:
+                    torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
