@@ -176,8 +176,8 @@ class FirstStepFlags:
     """Per momentum buffer created by the optimizer, a 0-d float32 flag on its device, 1 until the
     buffer has history. Kernels read it on the device, so the tensor tables and the arguments of a
     step stay the same from the first step on (CUDA-graph capture at step 1 or 2 both replay right);
-    the flags are cleared by one multi-tensor op after a step, only where GradScaler did not skip
-    it. Buffers are known by id, with a weak reference that tells a reused id apart."""
+    the flags are cleared after a step, only where GradScaler did not skip it. Buffers are known by
+    id, with a weak reference that tells a reused id apart."""
 
     def __init__(self):
         self._by_buffer: dict[int, tuple] = {}  # id(buffer) -> (weakref(buffer), flag)
@@ -223,10 +223,14 @@ class FirstStepFlags:
         pending = [f for f in flags if f is not None and id(f) in self._maybe_set]
         if not pending:
             return
-        if found_inf is None:
-            torch._foreach_zero_(pending)
-        else:
-            torch._foreach_mul_(pending, found_inf.reshape(()).to(torch.float32))
+        # One small op per flag, only on the steps that may still find a flag set (the first ones):
+        # no foreach op, which the reference backend's path must not use (tests/test_reference.py).
+        kept = None if found_inf is None else found_inf.reshape(()).to(torch.float32)
+        for flag in pending:
+            if kept is None:
+                flag.zero_()
+            else:
+                flag.mul_(kept)
         capturing = pending[0].is_cuda and torch.cuda.is_current_stream_capturing()
         if found_inf is None and not capturing:  # a captured clear has not run yet
             for f in pending:
