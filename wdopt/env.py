@@ -6,11 +6,24 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
 from . import __version__
 from .backends import BACKENDS, CUDA_NOT_BUILT, auto_backend, unavailable_reason
+
+
+def cpu_model() -> str:
+    """The CPU's model name, written beside every CPU number (benchmarks, experiments): timings and
+    bitwise reproducibility hold for one CPU model, not across them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def package_version(dist: str) -> str:

@@ -19,14 +19,7 @@ from .machine import environment
 from .report import Row, Skip, format_table, plot_ratios, write_csv, write_json
 from .run import bench_shape_set, main, parse_args
 from .shapes import (
-    DTYPES,
-    HYPER,
-    OPTIMIZERS,
-    PUBLIC_SHAPE_SETS,
-    SHAPE_SETS,
-    bytes_per_param,
-    make_tensors,
-    numel,
+    DTYPES, HYPER, OPTIMIZERS, PUBLIC_SHAPE_SETS, SHAPE_SETS, bytes_per_param, make_tensors, numel,
 )
 from .timing import axpy_ceiling_gbps, time_steps
 

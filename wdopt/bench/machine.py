@@ -14,20 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..env import package_version
+from ..env import cpu_model, package_version
 from .competitors import _wdopt_backends
 
 # ----------------------------------------------------------------------------- reporting
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
     """(wall s, machine-wide busy CPU s, this process's CPU s), to measure other processes' load."""
@@ -74,7 +64,7 @@ def environment(device: str, argv: list[str]) -> dict:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python -m wdopt.bench" + ("" if not argv else " " + shlex.join(argv)),
         "device": device,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],

@@ -13,25 +13,8 @@ import torch
 
 from .competitors import competitors
 from .machine import cpu_snapshot, environment, others_cpu_cores
-from .report import (
-    Row,
-    ShapeSetResult,
-    Skip,
-    _add_ratios,
-    format_table,
-    plot_ratios,
-    write_csv,
-    write_json,
-)
-from .shapes import (
-    DTYPES,
-    OPTIMIZERS,
-    PUBLIC_SHAPE_SETS,
-    SHAPE_SETS,
-    bytes_per_param,
-    make_tensors,
-    numel,
-)
+from .report import Row, ShapeSetResult, Skip, _add_ratios, format_table, plot_ratios, write_csv, write_json
+from .shapes import DTYPES, OPTIMIZERS, PUBLIC_SHAPE_SETS, SHAPE_SETS, bytes_per_param, make_tensors, numel
 from .timing import add_ceiling, axpy_ceiling_gbps, run_ceiling, time_steps
 
 # Competitors whose step is a per-tensor Python op sequence with full-size temporaries: timed with

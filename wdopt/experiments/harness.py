@@ -244,23 +244,11 @@ def environment() -> dict:
     import platform
 
     import wdopt
+    from wdopt.env import cpu_model
 
     return {"python": platform.python_version(), "torch": torch.__version__, "wdopt": wdopt.__version__,
             "machine": platform.machine(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def cpu_model() -> str:
-    """The CPU's model name: results are bitwise reproducible on one CPU model, not across them."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _json_default(x):
