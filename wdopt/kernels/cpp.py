@@ -80,7 +80,7 @@ def source_dir() -> Path | None:
 
 def sources(with_cuda: bool) -> list[str]:
     root = source_dir()
-    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    files = [root / "ops.cpp", root / "step_plan.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += [*sorted((root / "cuda").glob("*.cu")), *sorted((root / "cuda").glob("*.cpp"))]
     return [str(f) for f in files]
@@ -130,6 +130,25 @@ def unavailable_reason() -> str | None:
 
 def loaded() -> bool:
     return _extension_loaded
+
+
+def load_if_built() -> bool:
+    """Load the extension if that compiles nothing (it is loaded, prebuilt, or in the JIT cache);
+    whether it is loaded. For optional uses (the Triton backend's fast path), where a first-use
+    compile would surprise."""
+    if _extension_loaded:
+        return True
+    if _load_error is not None:
+        return False
+    try:
+        if not prebuilt_available():
+            plan = cuda_plan()
+            if not jit_cached(plan.build, plan.arch_list if plan.build else None):
+                return False
+        load()
+    except Exception:  # noqa: BLE001 — optional: the caller goes on without it
+        return False
+    return True
 
 
 def has_cuda_kernels() -> bool:

@@ -5,12 +5,15 @@ one row per tensor (the addresses of its parameter, gradient and state tensors, 
 flags, and its element count in the last column), and a list of work items, one per
 (tensor, chunk) pair encoded as ``row << 32 | chunk``. Program ``i`` takes work item ``i``.
 
-Each bucket (known by its first address) keeps one table, replaced when its content (addresses,
+Each bucket (known by its first address) keeps one table in a cache, replaced when its content (addresses,
 flags, sizes) changes: a training loop whose tensors keep their addresses (the caching allocator
 usually returns the same blocks) uploads nothing, and any number of buckets coexist without
 evicting each other. A table used while a CUDA graph is being captured is kept alive for good (the
 graph replays its address); one used on another stream than the one it was made on is recorded
 on that stream, so its memory is not reused while a kernel there may still read it.
+
+The step driver's fast path (wdopt/optim/_fast.py) instead owns one table per bucket, made once,
+whose gradient column is rewritten in place when the gradients moved (``set_column``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ class DeviceTable:
     an int (stored as is: a flag), or None (0). The element count comes from ``numels``.
     """
 
-    def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device, chunk: int):
+    def __init__(self, columns: Sequence[Sequence], numels: Sequence[int], device: torch.device, chunk: int,
+                 owned: bool = False):
+        """``owned``: a table for one optimizer bucket's fast path (wdopt/optim/_fast.py), outside
+        the cache, whose gradient column ``set_column`` rewrites in place."""
         self.n_tensors = len(numels)
         self.ncol = len(columns) + 1
         self.max_numel = max(numels, default=0)
@@ -60,8 +66,13 @@ class DeviceTable:
         content = tuple(values)
         cuda = device.type == "cuda"
         stream = torch.cuda.current_stream(device) if cuda else None
-        cached = _CACHE.get(bucket)
-        if cached is not None and cached[0] == content:
+        self._stream = stream
+        cached = None if owned else _CACHE.get(bucket)
+        if owned:
+            self._check_not_capturing(device)
+            buf = self._upload(values, numels, chunk, device)
+            self._columns = {}
+        elif cached is not None and cached[0] == content:
             _CACHE.move_to_end(bucket)
             buf = cached[1]
             if cuda and cached[2] != stream:
@@ -69,10 +80,7 @@ class DeviceTable:
                 # kernel on this stream may still read it (if the entry is replaced later).
                 buf.record_stream(stream)
         else:
-            if cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "wdopt: the tensors of an optimizer step changed during CUDA graph capture. Run one "
-                    "step before capturing, and keep gradients at fixed addresses (zero_grad(set_to_none=False)).")
+            self._check_not_capturing(device)
             buf = self._upload(values, numels, chunk, device)
             _CACHE[bucket] = (content, buf, stream)
             if len(_CACHE) > _CACHE_SIZE:
@@ -82,6 +90,36 @@ class DeviceTable:
         self.table = buf[: self.n_tensors * self.ncol]
         self.work = buf[self.n_tensors * self.ncol :]
         self.programs = self.work.numel()
+
+    @staticmethod
+    def _check_not_capturing(device: torch.device) -> None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "wdopt: the tensors of an optimizer step changed during CUDA graph capture. Run one "
+                "step before capturing, and keep gradients at fixed addresses (zero_grad(set_to_none=False)).")
+
+    def set_column(self, column: int, addresses: torch.Tensor, aligned: bool) -> bool:
+        """Rewrite ``column`` (an owned table's) with ``addresses`` (int64, one per tensor, on the
+        CPU; ``aligned``: each vector-accessed one is a multiple of 16), copied to the device only
+        when they changed. False, writing nothing, where the table cannot take them: an address
+        that breaks the alignment the kernels were specialised for, or another stream than the
+        table's (a kernel there may still read it)."""
+        device = self.table.device
+        if device.type == "cuda" and torch.cuda.current_stream(device) != self._stream:
+            return False
+        last = self._columns.get(column)
+        if last is not None and torch.equal(last, addresses):
+            return True
+        if self.aligned and not aligned:
+            return False
+        self._check_not_capturing(device)
+        target = self.table.view(self.n_tensors, self.ncol)[:, column]
+        if device.type == "cuda":
+            target.copy_(addresses.pin_memory(), non_blocking=True)  # ordered after the last step's kernels
+        else:
+            target.copy_(addresses)
+        self._columns[column] = addresses
+        return True
 
     @staticmethod
     def _upload(values: list[int], numels: Sequence[int], chunk: int, device: torch.device) -> torch.Tensor:

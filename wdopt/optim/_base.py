@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from .. import backends
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
+from ._fast import FastStep
 
 DECAY_SCALINGS = ("lr", "schedule")
 
@@ -173,6 +174,7 @@ class FusedOptimizer(Optimizer):
         # Loaded state is checked again at the next step (required keys, layout, overlaps).
         self.__dict__.pop("_checked", None)
         self.__dict__.pop("_group_checks", None)
+        self.__dict__.pop("_fast", None)
         # Groups saved by torch.optim or older wdopt versions lack wdopt's options.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -211,6 +213,14 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        fast = self.__dict__.get("_fast")
+        if (fast is not None and not torch.compiler.is_compiling() and not self._monitor_due_next()
+                and self._capture_health_check() and fast.usable(self)):
+            for monitor in self._monitors:
+                monitor._due()  # counts the step (none records this one); refuses graph capture
+            fast.run(self, grad_scale, found_inf)
+            return loss
+        self.__dict__.pop("_fast", None)
         try:
             plan = self._plan()
         except Exception:
@@ -248,7 +258,47 @@ class FusedOptimizer(Optimizer):
                 self._update_measured(args, buffers)
         for monitor in due:
             monitor._record(self, monitored, found_inf)
+        if self._fast_kind is not None and not torch.compiler.is_compiling():
+            self.__dict__["_fast"] = FastStep.build(self, plan)
         return loss
+
+    def _monitor_due_next(self) -> bool:
+        """Whether a RotationMonitor records the coming step (its kernels then gather telemetry,
+        which the validation path arranges)."""
+        return any((monitor.steps + 1) % monitor.every == 0 for monitor in self._monitors)
+
+    def _capture_health_check(self) -> bool:
+        """torch's check that a step being captured in a CUDA graph is capturable (raises if not)."""
+        if any(group["capturable"] is False for group in self.param_groups):
+            check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
+                getattr(self, "_cuda_graph_capture_health_check", None)
+            if check is not None:
+                check()  # raises during CUDA-graph capture: capture needs capturable=True
+        return True
+
+    # ------------------------------------------------------------------ the fast path (_fast.py)
+
+    #: The C++ operator a validated step of this class re-runs through a GroupPlan ("adamw",
+    #: "sgd", "lion"); None: every step takes the validation path.
+    _fast_kind: str | None = None
+
+    def _fast_constants(self, group: dict[str, Any]) -> tuple[list[float], list[int]]:
+        """The group's hyperparameters a GroupPlan passes to the operator (csrc/step_plan.cpp)."""
+        raise NotImplementedError
+
+    def _state_lists(self, group, params, states) -> tuple[dict[str, list], list, list]:
+        """A bucket's state tensors as the kernels take them: per state key (in the operator's
+        order) one list, the step tensors ([] if none), and one first-step flag or None per
+        parameter. ``states``: the parameters' state dicts."""
+        raise NotImplementedError
+
+    def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
+                found_inf, **extra):
+        """The backend call of one bucket (``extra``: telemetry, or the Triton fast path's table)."""
+        raise NotImplementedError
+
+    def _fast_finish(self, flags: list, found_inf) -> None:
+        """After a fast step: what the class does after its kernel (FusedSGD clears its flags)."""
 
     @property
     def _monitors(self) -> list:
@@ -294,11 +344,7 @@ class FusedOptimizer(Optimizer):
         What runs at every step costs a few attribute reads per parameter; what is expensive to
         check (state against parameter, overlapping memory, a group's hyperparameters) is checked
         again only when what it depends on changed (``_checked_state``, ``_GroupChecks``)."""
-        if any(group["capturable"] is False for group in self.param_groups):
-            check = getattr(self, "_accelerator_graph_capture_health_check", None) or \
-                getattr(self, "_cuda_graph_capture_health_check", None)
-            if check is not None:
-                check()  # raises during CUDA-graph capture: capture needs capturable=True
+        self._capture_health_check()
         plan = []
         state_of = self.state
         checked = self._checked_state
@@ -603,6 +649,8 @@ class _GroupChecks:
             new = group.get(key, _MISSING)
             if new is old:
                 continue
+            if key == "lr" and type(new) in (float, int) and type(old) in (float, int) and new >= 0:
+                continue  # a scheduler's new lr: valid (check_lr's rule), and read at every step anyway
             if not _same_value(new, old):
                 return False
         return True

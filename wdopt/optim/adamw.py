@@ -88,21 +88,32 @@ class FusedAdamW(FusedOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        states = [self.state[p] for p in params]
-        amsgrad = group["amsgrad"]
-        tensors = KernelTensors(params, grads, {
-            "exp_avg": [s["exp_avg"] for s in states],
-            "exp_avg_sq": [s["exp_avg_sq"] for s in states],
-            "max_exp_avg_sq": [s["max_exp_avg_sq"] if amsgrad else None for s in states],
-        }, kernel_ready)
+    _fast_kind = "adamw"
+
+    def _fast_constants(self, group):
         beta1, beta2 = group["betas"]
-        backend.adamw(
-            tensors.params, tensors.grads, tensors.states["exp_avg"], tensors.states["exp_avg_sq"],
-            tensors.states["max_exp_avg_sq"], [s["step"] for s in states],
-            lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
-            amsgrad=amsgrad, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-            **({"telemetry": telemetry} if telemetry else {}),
-        )
+        return [float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])], \
+            [int(group["amsgrad"]), int(group["maximize"])]
+
+    def _state_lists(self, group, params, states):
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        return {key: [s[key] for s in states] for key in keys}, [s["step"] for s in states], [None] * len(params)
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
+        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
+        tensors = KernelTensors(params, grads, lists, kernel_ready)
+        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
+                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
+                     **({"telemetry": telemetry} if telemetry else {}))
         tensors.write_back()
+
+    def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
+                found_inf, **extra):
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        return backend.adamw(
+            params, grads, lists["exp_avg"], lists["exp_avg_sq"],
+            lists["max_exp_avg_sq"] if amsgrad else [None] * len(params), steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decay_lr_scale=decay_lr_scale, amsgrad=amsgrad, maximize=group["maximize"], grad_scale=grad_scale,
+            found_inf=found_inf, **extra)

@@ -70,14 +70,27 @@ class FusedLion(FusedOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        tensors = KernelTensors(params, grads, {"exp_avg": [self.state[p]["exp_avg"] for p in params]}, kernel_ready)
+    _fast_kind = "lion"
+
+    def _fast_constants(self, group):
         beta1, beta2 = group["betas"]
-        backend.lion(
-            tensors.params, tensors.grads, tensors.states["exp_avg"],
-            lr=self._lr(group, params[0].device), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], decay_lr_scale=self._decay_lr_scale(group),
-            maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-            **({"telemetry": telemetry} if telemetry else {}),
-        )
+        return [float(beta1), float(beta2), float(group["weight_decay"])], [int(group["maximize"])]
+
+    def _state_lists(self, group, params, states):
+        return {"exp_avg": [s["exp_avg"] for s in states]}, [], [None] * len(params)
+
+    def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
+        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
+        tensors = KernelTensors(params, grads, lists, kernel_ready)
+        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
+                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
+                     **({"telemetry": telemetry} if telemetry else {}))
         tensors.write_back()
+
+    def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
+                found_inf, **extra):
+        beta1, beta2 = group["betas"]
+        return backend.lion(
+            params, grads, lists["exp_avg"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            decay_lr_scale=decay_lr_scale, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            **extra)

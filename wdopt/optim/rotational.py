@@ -33,6 +33,8 @@ class _Rotational:
     """What the three rotational classes share: options, construction checks and centring, and
     the split of each step into rotational and base updates."""
 
+    _fast_kind = None  # every step through the validation path: the rotational driver is Python
+
     def _init_rotational(self, options: dict) -> None:
         self._rotational_defaults = options
         self._constructed = False

@@ -96,22 +96,38 @@ class FusedSGD(FusedOptimizer):
             state["momentum_buffer"] = buffer
             self._flags.add(buffer)
 
+    _fast_kind = "sgd"
+
+    def _fast_constants(self, group):
+        return [float(group["weight_decay"]), float(group["momentum"]), float(group["dampening"])], \
+            [int(group["nesterov"]), int(group["decoupled_weight_decay"]), int(group["maximize"])]
+
+    def _state_lists(self, group, params, states):
+        if group["momentum"] == 0:
+            return {}, [], [None] * len(params)
+        buffers = [s["momentum_buffer"] for s in states]
+        return {"momentum_buffer": buffers}, [], self._flags.lookup(buffers)
+
+    def _fast_finish(self, flags, found_inf):
+        self._flags.clear(flags, found_inf)
+
     def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        has_momentum = group["momentum"] != 0
-        buffers = [self.state[p]["momentum_buffer"] if has_momentum else None for p in params]
-        first_steps = self._flags.lookup(buffers) if has_momentum else [None] * len(params)
-        tensors = KernelTensors(params, grads, {"momentum_buffer": buffers}, kernel_ready)
-        backend.sgd(
-            tensors.params, tensors.grads, tensors.states["momentum_buffer"], first_steps,
-            lr=self._lr(group, params[0].device), weight_decay=group["weight_decay"],
-            momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            decay_lr_scale=self._decay_lr_scale(group), maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf,
-            **({"telemetry": telemetry} if telemetry else {}),
-        )
+        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
+        tensors = KernelTensors(params, grads, lists, kernel_ready)
+        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
+                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
+                     **({"telemetry": telemetry} if telemetry else {}))
         tensors.write_back()
         self._flags.clear(first_steps, found_inf)
+
+    def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
+                found_inf, **extra):
+        return backend.sgd(
+            params, grads, lists.get("momentum_buffer", [None] * len(params)), first_steps, lr=lr,
+            weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
+            nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            decay_lr_scale=decay_lr_scale, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            **extra)
 
     # ------------------------------------------------------------------ sparse gradients
     # torch.optim.SGD takes sparse COO gradients on dense parameters (nn.Embedding(sparse=True)).
@@ -220,6 +236,8 @@ class FirstStepFlags:
     def clear(self, flags, found_inf: torch.Tensor | None) -> None:
         """After a step: flags ← 0, or flags ← flags·found_inf under GradScaler (kept where it
         skipped the step). Nothing runs once every flag is known to be clear."""
+        if not self._maybe_set:
+            return
         pending = [f for f in flags if f is not None and id(f) in self._maybe_set]
         if not pending:
             return

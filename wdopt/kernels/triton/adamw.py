@@ -185,16 +185,22 @@ def _adamw_kernel(
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None, telemetry=(),
-) -> None:
+    grad_scale=None, found_inf=None, telemetry=(), table=None,
+):
     """AdamW on tensors of one device and dtype: two launches whatever their number. With
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
-    per telemetry row and fills the buffers as it updates the elements."""
+    per telemetry row and fills the buffers as it updates the elements.
+
+    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
+    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
     if not params:
-        return
+        return None
     device, dtype = params[0].device, params[0].dtype
     columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps]
-    table, shape = elementwise_table(columns, params, telemetry, device)
+    prepared = elementwise_table(columns, params, telemetry, device, table)
+    if table == "prepare":
+        return prepared
+    table, shape = prepared
     lr_on_device = isinstance(lr, torch.Tensor)
     coef = torch.empty((table.n_tensors, NCOEF.value), dtype=torch.float64, device=device)
     launch(

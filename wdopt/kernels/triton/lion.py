@@ -96,14 +96,20 @@ def _lion_kernel(
 
 def lion(
     params, grads, exp_avgs,
-    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
-) -> None:
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(), table=None,
+):
     """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
-    in ``adamw``)."""
+    in ``adamw``).
+
+    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
+    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
     if not params:
-        return
+        return None
     device, dtype = params[0].device, params[0].dtype
-    table, shape = elementwise_table([params, grads, exp_avgs], params, telemetry, device)
+    prepared = elementwise_table([params, grads, exp_avgs], params, telemetry, device, table)
+    if table == "prepare":
+        return prepared
+    table, shape = prepared
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(

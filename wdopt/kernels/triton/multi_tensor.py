@@ -63,17 +63,26 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def elementwise_table(columns: list, params, telemetry, device: torch.device):
+def elementwise_table(columns: list, params, telemetry, device: torch.device, table=None):
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
     optimizer's ``columns``, then the two telemetry columns; work items are chunks of CHUNK elements
     looped over BLOCK at a time, or on a monitored step (``telemetry``: a float64 (K, 4) buffer per
-    parameter) one telemetry row each."""
+    parameter) one telemetry row each.
+
+    ``table``: None (a cached table, wdopt/kernels/tables.py); "prepare", a new table owned by
+    the caller (the step driver's fast path); or such an owned (table, shape) pair as it was
+    returned, whose gradient column the caller keeps up to date (``columns`` is then not read)."""
+    if table is not None and table != "prepare":
+        return table
+    owned = table == "prepare"
     if telemetry:
+        assert not owned, "the fast path does not gather telemetry"
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
         table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
         chunk, block = 1, telemetry_block_size(row_sizes)
     else:
-        table = work_table(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device)
+        table = tables.DeviceTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device, CHUNK,
+                                   owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
     return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry))
 

@@ -119,19 +119,25 @@ def _sgd_kernel(
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None, telemetry=(),
-) -> None:
+    maximize, grad_scale=None, found_inf=None, telemetry=(), table=None,
+):
     """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
-    in ``adamw``)."""
+    in ``adamw``).
+
+    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
+    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
     if not params:
-        return
+        return None
     device, dtype = params[0].device, params[0].dtype
     has_momentum = momentum != 0
     if has_momentum:
         check_first_steps(first_steps)
     columns = [params, grads, momentum_buffers if has_momentum else [None] * len(params),
                list(first_steps) if has_momentum else [None] * len(params)]
-    table, shape = elementwise_table(columns, params, telemetry, device)
+    prepared = elementwise_table(columns, params, telemetry, device, table)
+    if table == "prepare":
+        return prepared
+    table, shape = prepared
     lr_on_device = isinstance(lr, torch.Tensor)
     dummy = params[0]
     launch(

@@ -1,0 +1,358 @@
+"""The step driver's fast path (wdopt/optim/_fast.py, csrc/step_plan.cpp): a validated step is
+re-used while nothing it depends on changed, and every kind of change sends the step back to the
+validation path, which raises or gives the result a fresh optimizer would give.
+
+Each "change" test runs the same edit on an optimizer that may use the fast path and on one that
+never does (``slow``), and compares parameters and state bit for bit after the next steps."""
+
+import copy
+
+import pytest
+import torch
+
+import wdopt
+from wdopt.optim import _fast
+
+pytestmark = pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU backend is not built")
+
+SHAPES = [(5, 3), (7,), (2, 3, 4), (1,)]
+OPTIONS = {
+    "adamw": (wdopt.FusedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adamw-amsgrad-maximize": (wdopt.FusedAdamW, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    "sgd": (wdopt.FusedSGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1)),
+    "sgd-nesterov-decoupled": (wdopt.FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1,
+                                                    decoupled_weight_decay=True)),
+    "sgd-plain": (wdopt.FusedSGD, dict(lr=1e-2)),
+    "lion": (wdopt.FusedLion, dict(lr=1e-3, weight_decay=0.1)),
+}
+CLASSES = {name: (lambda cls, options: lambda ps, **kw: cls(ps, **{"backend": "cpu", **options, **kw}))(*entry)
+           for name, entry in OPTIONS.items()}
+
+
+def params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def set_grads(ps, step, seed=1):
+    """New gradient tensors, as the default loop (zero_grad(set_to_none=True)) makes them."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+class Counted:
+    """Counts the validation path's runs of one optimizer."""
+
+    def __init__(self, opt):
+        self.n = 0
+        plan = opt._plan
+
+        def counted():
+            self.n += 1
+            return plan()
+
+        opt._plan = counted
+
+
+def never_fast(opt):
+    """Make ``opt`` take the validation path at every step."""
+    opt._fast_kind = None
+    return opt
+
+
+def pair(kind="adamw", dtype=torch.float32, **kw):
+    """Two optimizers on equal parameters, the second never on the fast path (tensor options
+    are copied: each optimizer gets its own)."""
+    a, b = params(dtype), params(dtype)
+    copied = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return a, CLASSES[kind](a, **kw), b, never_fast(CLASSES[kind](b, **copied))
+
+
+def assert_same(opt_a, ps_a, opt_b, ps_b):
+    for p, q in zip(ps_a, ps_b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+def steps(opt, ps, first, last, **kw):
+    for step in range(first, last):
+        set_grads(ps, step, **kw)
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_steps_equal_validated_steps(kind, dtype):
+    """Several steps on the fast path give bit for bit what the validation path gives, and the
+    validation path runs only for the first steps (state is made at step 1, plan kept after it)."""
+    a, opt_a, b, opt_b = pair(kind, dtype)
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 6)
+    steps(opt_b, b, 0, 6)
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+
+
+def test_fast_steps_match_torch():
+    """And the fast path is still torch.optim.AdamW's trajectory (to fp32 rounding; the bitwise
+    comparisons with the reference are in test_parity.py, which these steps do not repeat)."""
+    a = params()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_a = wdopt.FusedAdamW(a, lr=1e-2, weight_decay=0.1, backend="cpu")
+    opt_b = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        set_grads(a, step)
+        set_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    assert opt_a.__dict__.get("_fast") is not None
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_a.state[p][key], opt_b.state[q][key])
+
+
+def test_many_groups_and_dtypes_and_grad_scaler_found_inf():
+    a32, a16 = params(), params(torch.bfloat16, seed=3)
+    b32, b16 = params(), params(torch.bfloat16, seed=3)
+    groups = lambda x, y: [{"params": x}, {"params": y[:2], "lr": 3e-3}, {"params": y[2:] + [], "weight_decay": 0.0}]
+    opt_a = wdopt.FusedAdamW(groups(a32, a16), lr=1e-2, backend="cpu")
+    opt_b = never_fast(wdopt.FusedAdamW(groups(b32, b16), lr=1e-2, backend="cpu"))
+    for step in range(5):
+        for opt, ps in ((opt_a, a32 + a16), (opt_b, b32 + b16)):
+            set_grads(ps, step)
+            opt.grad_scale = torch.tensor(4.0)
+            opt.found_inf = torch.tensor(float(step == 3))  # GradScaler skips step 3
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+    assert opt_a.__dict__.get("_fast") is not None
+    assert_same(opt_a, a32 + a16, opt_b, b32 + b16)
+
+
+def test_capturable_tensor_lr_read_on_device_and_changed_in_place():
+    a, opt_a, b, opt_b = pair("adamw", lr=torch.tensor(1e-2), capturable=True)
+    for step in range(4):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            opt.step()
+            opt.param_groups[0]["lr"].mul_(0.5)  # what a capturable scheduler does
+    assert opt_a.__dict__.get("_fast") is not None
+    assert_same(opt_a, a, opt_b, b)
+
+
+# ---------------------------------------------------------------------------- changes are caught
+
+def edit_lr(opt, ps):
+    opt.param_groups[0]["lr"] = 3e-2  # a scheduler: stays on the fast path, with the new lr
+
+
+def edit_hyper(opt, ps):
+    group = opt.param_groups[0]
+    group["weight_decay"] = 0.5
+    if "betas" in group:
+        group["betas"] = (0.5, 0.9)
+
+
+def edit_state_tensor(opt, ps):
+    key = next(k for k in ("exp_avg", "momentum_buffer") if k in opt.state[ps[0]])
+    opt.state[ps[0]][key] = torch.full_like(ps[0], 0.25)
+
+
+def edit_state_in_place(opt, ps):
+    key = next(k for k in ("exp_avg", "momentum_buffer") if k in opt.state[ps[1]])
+    opt.state[ps[1]][key].mul_(3.0)
+
+
+def replace_state_dict(opt, ps):
+    opt.state[ps[2]] = {k: (v.clone() * 2 if k != "step" else v.clone()) for k, v in opt.state[ps[2]].items()}
+
+
+def drop_grad(opt, ps):
+    ps[1].grad = None
+
+
+def strided_grad(opt, ps):
+    ps[0].grad = ps[0].grad.t().contiguous().t()  # a (5, 3) gradient with transposed strides
+
+
+def negated_grad(opt, ps):
+    ps[0].grad = (-ps[0].grad)._neg_view()  # a lazily negated view: the same values, a flag to resolve
+
+
+def moved_data(opt, ps):
+    ps[3].data = ps[3].data.clone()  # new memory, same values
+
+
+def replaced_param(opt, ps):
+    group = opt.param_groups[0]
+    q = ps[3].detach().clone().requires_grad_()
+    q.grad = ps[3].grad
+    group["params"][3] = q
+    ps[3] = q
+
+
+def loaded_state(opt, ps):
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        for k, v in s.items():
+            if k != "step" and isinstance(v, torch.Tensor):
+                v.mul_(0.5)
+    opt.load_state_dict(sd)
+
+
+def added_group(opt, ps):
+    q = torch.ones(3, requires_grad=True)
+    opt.add_param_group({"params": [q]})
+    ps.append(q)
+
+
+EDITS = [edit_lr, edit_hyper, edit_state_tensor, edit_state_in_place, replace_state_dict, drop_grad,
+         strided_grad, negated_grad, moved_data, replaced_param, loaded_state, added_group]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])
+def test_every_change_is_seen(kind, edit):
+    """After 3 steps (fast from step 2), the same edit on both optimizers; then 3 more steps with
+    the same gradients (set before the edit where the edit changes a gradient)."""
+    a, opt_a, b, opt_b = pair(kind)
+    steps(opt_a, a, 0, 3)
+    steps(opt_b, b, 0, 3)
+    assert opt_a.__dict__.get("_fast") is not None
+    for step in range(3, 6):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            if step == 3:
+                edit(opt, ps)
+            for p in ps:
+                if p.grad is None and p.dim() == 1 and p.numel() == 3:
+                    p.grad = torch.full_like(p, 0.1)  # the added group's parameter
+            opt.step()
+    assert_same(opt_a, a, opt_b, b)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])
+def test_gaining_a_grad_is_seen(kind):
+    a, opt_a, b, opt_b = pair(kind)
+    for step in range(5):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            if step < 3:
+                ps[2].grad = None  # no gradient for the first three steps, then one
+            opt.step()
+    assert_same(opt_a, a, opt_b, b)
+
+
+ERRORS = {
+    # torch refuses to assign such gradients; a gradient changed through .data is what remains
+    "grad dtype": (lambda opt, ps: setattr(ps[0].grad, "data", ps[0].grad.double()), RuntimeError, "dtype"),
+    "grad shape": (lambda opt, ps: setattr(ps[1].grad, "data", torch.zeros(8)), RuntimeError, "shape"),
+    "negative lr": (lambda opt, ps: opt.param_groups[1].__setitem__("lr", -1.0), ValueError, "learning rate"),
+    "nan lr": (lambda opt, ps: opt.param_groups[1].__setitem__("lr", float("nan")), ValueError, "learning rate"),
+    "bad beta": (lambda opt, ps: opt.param_groups[1].__setitem__("betas", (1.5, 0.9)), ValueError, "beta"),
+    "state key deleted": (lambda opt, ps: opt.state[ps[0]].pop("exp_avg_sq"), RuntimeError, "exp_avg_sq"),
+    "state resized": (lambda opt, ps: opt.state[ps[0]]["exp_avg"].resize_(2), RuntimeError, "exp_avg"),
+    "model moved": (lambda opt, ps: setattr(ps[0], "data", ps[0].data.double()), RuntimeError, "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_bad_changes_raise_and_change_nothing(case):
+    """The edit is refused at the next step with the validation path's error, before any tensor
+    is written: a second group, stepped first, is untouched too."""
+    edit, error, words = ERRORS[case]
+    ps = params()
+    other = [torch.randn(4, requires_grad=True)]
+    opt = wdopt.FusedAdamW([{"params": other}, {"params": ps}], lr=1e-2, backend="cpu")
+    for step in range(3):
+        set_grads(ps + other, step)
+        opt.step()
+    assert opt.__dict__.get("_fast") is not None
+    set_grads(ps + other, 3)
+    edit(opt, ps)
+    before = [t.detach().clone() for t in other + ps]
+    state_before = {k: v.clone() for k, v in opt.state[other[0]].items()}
+    with pytest.raises(error, match=words):
+        opt.step()
+    for t, t0 in zip(other + ps, before):
+        if t.dtype == t0.dtype:
+            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0)
+    for k, v in state_before.items():
+        torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
+
+
+def test_other_backends_and_classes_keep_the_validation_path():
+    """Only the C++ backends' element-wise classes have a fast path; the others are unchanged."""
+    ps = params()
+    for opt in (wdopt.FusedAdamW(ps, backend="reference"), wdopt.RotationalAdamW(ps, backend="cpu")):
+        for step in range(3):
+            set_grads(ps, step)
+            opt.step()
+        assert opt.__dict__.get("_fast") is None
+
+
+def test_copies_and_pickles_leave_the_plan_behind():
+    a, opt_a, _, _ = pair("adamw")
+    steps(opt_a, a, 0, 3)
+    assert opt_a.__dict__.get("_fast") is not None
+    twin = copy.deepcopy(opt_a)
+    assert "_fast" not in twin.__dict__
+    assert isinstance(opt_a._fast, _fast.FastStep)
+
+
+def test_monitor_counts_fast_steps_and_records_its_steps():
+    """Steps between a RotationMonitor's records take the fast path and are counted; a recorded
+    step takes the validation path (its kernels gather telemetry) with the same numbers."""
+    a, opt_a, b, opt_b = pair("adamw")
+    monitors = [wdopt.RotationMonitor(opt_a, every=3), wdopt.RotationMonitor(opt_b, every=3)]
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 9)
+    steps(opt_b, b, 0, 9)
+    assert [r.step for r in monitors[0].history] == [r.step for r in monitors[1].history] == [3, 6, 9]
+    assert counted.n == 4  # step 1 (state made), and the three recorded steps
+    assert_same(opt_a, a, opt_b, b)
+    for ra, rb in zip(monitors[0].history, monitors[1].history):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- the Triton backend
+
+needs_triton = pytest.mark.skipif("triton" not in wdopt.available_backends("cpu"), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])
+def test_triton_fast_steps_equal_validated_steps(kind):
+    """The Triton backend's fast path (an owned table whose gradient column follows the new
+    gradients of every step) gives bit for bit the validation path's steps."""
+    a, opt_a, b, opt_b = pair(kind, backend="triton")
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 4)
+    steps(opt_b, b, 0, 4)
+    assert counted.n == 1
+    assert opt_a._fast.groups[0][4][0][1].table is not None  # the bucket's own table was used
+    assert_same(opt_a, a, opt_b, b)
+
+
+@needs_triton
+def test_triton_fast_path_refuses_a_misaligned_gradient():
+    """A gradient at an odd offset breaks the alignment the kernel was specialised for: that step
+    goes through the validation path (a table made for it), with the same result."""
+    a, opt_a, b, opt_b = pair("adamw", backend="triton")
+    steps(opt_a, a, 0, 3)
+    steps(opt_b, b, 0, 3)
+    counted = Counted(opt_a)
+    for opt, ps in ((opt_a, a), (opt_b, b)):
+        set_grads(ps, 3)
+        buffer = torch.empty(ps[1].numel() + 1)
+        buffer[1:] = ps[1].grad
+        ps[1].grad = buffer[1:]  # 4 bytes past a 16-byte boundary
+        opt.step()
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)

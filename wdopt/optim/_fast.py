@@ -1,0 +1,172 @@
+"""The step driver's fast path: a validated step, re-used while nothing it depends on changed.
+
+The validation path (``FusedOptimizer._plan``) checks every parameter, gradient and state tensor
+in Python: microseconds per tensor, more than a GPU needs to update a small tensor. After it has
+validated a step whose buckets all go to the C++ backends as they are (real, contiguous tensors),
+the driver keeps a ``FastStep``: per param group a ``GroupPlan`` (csrc/step_plan.cpp) holding the
+group's tensors once, plus snapshots of the Python objects users edit. A later step re-uses it when
+
+* in Python (per group, or one pass of C-level ``map`` over the tensors): the same groups, each
+  with the same parameter list and the same hyperparameters except a changed valid float ``lr``
+  (schedulers change it every step; it is passed per step); the same state dict holding the same
+  per-parameter dicts holding the same state tensors;
+* in C++ (``GroupPlan.ready``): each parameter has a gradient exactly where the validated step had
+  one, of its dtype, shape and device, dense and contiguous; no parameter or state tensor moved
+  (``.data =``, ``set_``, ``resize_``) or changed shape.
+
+Gradients are keyed by what they are, not by which tensor they are: the default loop
+(``zero_grad(set_to_none=True)``) makes new gradient tensors every step, which the plan reads
+afresh. Anything else falls back to the validation path, which raises a clear error or builds a
+new plan; since ``ready`` runs for every group before any kernel, a fallback has written nothing.
+"""
+
+from __future__ import annotations
+
+from operator import is_, itemgetter
+
+import torch
+
+
+class _TritonBucket:
+    """A Triton bucket of the fast path: its tensor lists and the table it owns
+    (wdopt/kernels/tables.py), whose gradient column is kept up to date."""
+
+    __slots__ = ("params", "lists", "steps", "first_steps", "table")
+
+    def __init__(self, params, lists, steps, first_steps):
+        self.params, self.lists, self.steps, self.first_steps = params, lists, steps, first_steps
+        self.table = None  # (DeviceTable, shape constexprs)
+
+
+class FastStep:
+    """The cached step of one optimizer (``FusedOptimizer._fast``)."""
+
+    __slots__ = ("groups", "state", "state_dicts", "state_columns", "finish")
+
+    @classmethod
+    def build(cls, optimizer, plan: list) -> "FastStep | None":
+        """A fast step for ``plan`` (what ``_plan`` returned for the step that just ran), or None
+        when some bucket needs the validation path's handling at every step."""
+        kind = optimizer._fast_kind
+        if kind is None:
+            return None
+        from ..kernels import cpp
+        from ._base import _GroupChecks
+
+        by_group: dict[int, list] = {}
+        for group, backend, params, kernel_ready in plan:
+            if not kernel_ready or getattr(backend, "__name__", None) not in ("wdopt.kernels.cpp", "wdopt.kernels.triton"):
+                return None  # meta, sparse, the reference, or tensors copied into work tensors
+            if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in params):
+                return None  # tensor subclasses dispatch in Python
+            by_group.setdefault(id(group), []).append((backend, params))
+        # The gradient checks are C++ (GroupPlan), also for Triton buckets: used where the
+        # extension is loaded or loads without compiling (a Triton user is not made to wait for
+        # a build; their steps then stay on the validation path).
+        if not cpp.load_if_built():
+            return None
+        self = cls()
+        self.groups = []
+        self.finish = []
+        state = optimizer.state
+        columns: dict[str, tuple[list, list]] = {}
+        for group in optimizer.param_groups:
+            params = list(group["params"])
+            position = {id(p): i for i, p in enumerate(params)}
+            buckets = by_group.get(id(group), [])
+            with_grad = [0] * len(params)
+            for _, bucket in buckets:
+                for p in bucket:
+                    with_grad[position[id(p)]] = 1
+            constants, flags = optimizer._fast_constants(group)
+            group_plan = torch.classes.wdopt.GroupPlan(kind, params, with_grad, constants, flags)
+            runs = []  # per bucket: (device, None for the C++ backends or a _TritonBucket)
+            for backend, bucket in buckets:
+                dicts = [state[p] for p in bucket]
+                lists, steps, first_steps = optimizer._state_lists(group, bucket, dicts)
+                for key, values in list(lists.items()) + ([("step", steps)] if steps else []):
+                    column = columns.setdefault(key, ([], []))
+                    column[0].extend(dicts)
+                    column[1].extend(values)
+                members = [i for i, flag in enumerate(first_steps) if flag is not None]
+                group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
+                                      [first_steps[i] for i in members], members)
+                self.finish.extend(first_steps[i] for i in members)
+                triton = None
+                if backend is not cpp:
+                    # The bucket's own table, made now (outside any graph capture: a step captured
+                    # after this one uploads nothing), from this step's gradients.
+                    triton = _TritonBucket(bucket, lists, steps, first_steps)
+                    triton.table = optimizer._launch(backend, group, bucket, [p.grad for p in bucket], lists, steps,
+                                                     first_steps, 0.0, 1.0, None, None, table="prepare")
+                runs.append((bucket[0].device, triton, backend))
+            checks = _GroupChecks(group)
+            checks.remember_hyper(group)
+            self.groups.append((group, params, checks, group_plan, runs))
+        self.state = state
+        self.state_dicts = list(state.values())
+        self.state_columns = [(itemgetter(key), dicts, values) for key, (dicts, values) in columns.items()]
+        return self
+
+    def usable(self, optimizer) -> bool:
+        """Whether nothing the validated step depended on changed (see the module docstring)."""
+        groups = optimizer.param_groups
+        if len(groups) != len(self.groups):
+            return False
+        for group, (old_group, params, checks, _, _) in zip(groups, self.groups):
+            if group is not old_group:
+                return False
+            current = group["params"]
+            if len(current) != len(params) or not all(map(is_, current, params)):
+                return False
+            if not checks.hyper_unchanged(group):
+                return False
+            try:
+                optimizer._check_step_group(group)
+            except ValueError:
+                return False  # the validation path raises it, with the group's number
+        # The per-parameter state dicts, by position (a dict replaced or removed shows here; a
+        # parameter's state can only move to another key by removing one and adding one, which
+        # changes the order), then the state tensors they hold.
+        state = optimizer.state
+        if state is not self.state or len(state) != len(self.state_dicts) or \
+                not all(map(is_, state.values(), self.state_dicts)):
+            return False
+        try:
+            for get, dicts, values in self.state_columns:
+                if not all(map(is_, map(get, dicts), values)):
+                    return False
+        except KeyError:  # a state tensor deleted
+            return False
+        if not all(plan.ready() for _, _, _, plan, _ in self.groups):
+            return False
+        # Triton tables: the gradients' addresses into their column (no kernel has run yet).
+        for _, _, _, plan, runs in self.groups:
+            for index, (_, triton, _) in enumerate(runs):
+                if triton is not None and not triton.table[0].set_column(
+                        1, plan.grad_addresses(index), plan.grads_aligned(index)):
+                    return False
+        return True
+
+    def run(self, optimizer, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        """The step, after ``usable`` said yes."""
+        from ._base import _on
+
+        try:
+            for group, _, _, plan, runs in self.groups:
+                scale = optimizer._decay_lr_scale(group)
+                for index, (device, triton, backend) in enumerate(runs):
+                    lr = optimizer._lr(group, device)
+                    scaler = _on(grad_scale, device), _on(found_inf, device)
+                    if triton is None:
+                        lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
+                        plan.run(index, lr_value, lr_tensor, scale, *scaler)
+                        continue
+                    # The bucket's own table, its gradient column set by ``usable``.
+                    optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
+                                      triton.first_steps, lr, scale, *scaler, table=triton.table)
+        finally:
+            for _, _, _, plan, _ in self.groups:
+                plan.release()
+        if self.finish:
+            optimizer._fast_finish(self.finish, found_inf)
