@@ -15,8 +15,12 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/SmallVector.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
+
+#include "cpu/first_step.h"
+#include "cpu/fused_cpu.h"
 
 #include <cstdint>
 #include <optional>
@@ -32,16 +36,19 @@ struct Seen {
   const void* data;
   at::ScalarType dtype;
   at::Device device;
-  std::vector<int64_t> sizes;
+  // Inline (no heap block per tensor): ready() reads these for every tensor at every step.
+  c10::SmallVector<int64_t, 6> sizes;
 
   explicit Seen(const at::Tensor& t)
-      : data(t.const_data_ptr()), dtype(t.scalar_type()), device(t.device()), sizes(t.sizes().vec()) {}
+      : data(t.data_ptr()), dtype(t.scalar_type()), device(t.device()), sizes(t.sizes().begin(), t.sizes().end()) {}
 
-  // Called for every tensor at every step: const_data_ptr (no copy-on-write check) and a plain
-  // loop over the few sizes (a memcmp call costs more than the comparison).
-  bool same(const at::Tensor& t) const {
-    if (!t.defined() || t.const_data_ptr() != data || t.scalar_type() != dtype || t.device() != device ||
-        !t.is_contiguous()) {
+  // Called for every tensor at every step, which then writes through ``address`` (its data, as
+  // data_ptr() gives it: a copy-on-write tensor is materialized, so it moved). A plain loop over
+  // the few sizes: a memcmp call costs more than the comparison.
+  bool same(const at::Tensor& t, void*& address) const {
+    if (!t.defined()) return false;
+    address = t.data_ptr();
+    if (address != data || t.scalar_type() != dtype || t.device() != device || !t.is_contiguous()) {
       return false;
     }
     const at::IntArrayRef now = t.sizes();
@@ -68,6 +75,46 @@ bool plain_grad_of(const at::Tensor& g, const at::Tensor& p) {
   return true;
 }
 
+// ready() walks tens of thousands of small heap objects (TensorImpl, StorageImpl, autograd meta,
+// the gradient's TensorImpl and StorageImpl) that are mostly out of cache: one pointer chase after
+// another costs a memory latency each. These prefetch the objects of a tensor some iterations
+// ahead, one level of the chain per stage, so that the loads of many tensors overlap.
+constexpr size_t kAhead = 16;
+
+inline void prefetch_lines(const void* p, int lines) {
+  for (int i = 0; i < lines; ++i) __builtin_prefetch(static_cast<const char*>(p) + 64 * i);
+}
+
+inline void prefetch_impl(const at::Tensor& t) { prefetch_lines(t.unsafeGetTensorImpl(), 4); }
+
+// Needs the TensorImpl in cache (prefetched kAhead / 2 iterations before).
+inline void prefetch_storage(const at::Tensor& t) {
+  prefetch_lines(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 2);
+}
+
+// A parameter's gradient: its autograd meta, then the gradient's TensorImpl and StorageImpl.
+inline void prefetch_autograd_meta(const at::Tensor& p) {
+  if (const void* meta = p.unsafeGetTensorImpl()->autograd_meta()) prefetch_lines(meta, 2);
+}
+
+// One list of tensors with the pipeline above: ``check(j)`` runs when tensor j's objects are in.
+template <typename Check>
+inline bool each_prefetched(const std::vector<at::Tensor>& list, const Check& check) {
+  const size_t n = list.size();
+  for (size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) prefetch_impl(list[j + kAhead]);
+    if (j + kAhead / 2 < n) prefetch_storage(list[j + kAhead / 2]);
+    if (!check(j)) return false;
+  }
+  return true;
+}
+
+enum class Mode : int64_t {
+  kOperator = 0,   // the operator through the dispatcher (CUDA): ready() keeps the gradients
+  kCpuTable = 1,   // the C++ CPU kernels on a table of data pointers (fused_cpu.h)
+  kAddresses = 2,  // launched from Python (Triton): ready() gathers the gradients' addresses
+};
+
 // One (device, dtype) bucket of the group: the tensor lists of one operator call.
 struct Bucket {
   std::vector<int64_t> members;  // indices into the group's parameters
@@ -76,6 +123,10 @@ struct Bucket {
   std::vector<at::Tensor> steps;                // AdamW's step counts
   c10::List<std::optional<at::Tensor>> first_steps;  // SGD's fresh-buffer flags
   std::vector<Seen> seen;                       // params, then every state tensor and step
+  // How the bucket's step runs, which decides what ready() gathers in its pass over the tensors.
+  Mode mode = Mode::kOperator;
+  cpu::TensorTable table;  // kCpuTable: every pointer; kAddresses: the gradients' (table.grad)
+  bool grads_aligned = true;  // kAddresses: every vector-accessed gradient is 16-byte aligned
 };
 
 struct GroupPlan : torch::CustomClassHolder {
@@ -90,6 +141,9 @@ struct GroupPlan : torch::CustomClassHolder {
         constants_(std::move(constants)),
         flags_(std::move(flags)) {
     TORCH_CHECK(params_.size() == with_grad_.size(), "GroupPlan: one with_grad entry per parameter");
+    for (size_t i = 0; i < with_grad_.size(); ++i) {
+      if (!with_grad_[i]) without_grad_.push_back(static_cast<int64_t>(i));
+    }
     const size_t want_constants = optimizer_ == "adamw" ? 4 : 3;
     const size_t want_flags = optimizer_ == "adamw" ? 2 : optimizer_ == "sgd" ? 3 : 1;
     TORCH_CHECK(optimizer_ == "adamw" || optimizer_ == "sgd" || optimizer_ == "lion", "GroupPlan: unknown optimizer ",
@@ -101,10 +155,13 @@ struct GroupPlan : torch::CustomClassHolder {
   // A bucket: the indices of its parameters in the group, its state lists (each one tensor per
   // member), AdamW's steps ([] otherwise) and SGD's first-step flags, given as the defined flags
   // with the member positions they belong to. Returns the bucket's number for run().
+  // ``mode``: how the bucket runs (Mode: 0 operator, 1 CPU table, 2 addresses for Python).
   int64_t add_bucket(std::vector<int64_t> members, std::vector<std::vector<at::Tensor>> states,
                      std::vector<at::Tensor> steps, std::vector<at::Tensor> first_step_flags,
-                     std::vector<int64_t> first_step_members) {
+                     std::vector<int64_t> first_step_members, int64_t mode) {
+    TORCH_CHECK(mode >= 0 && mode <= 2, "GroupPlan: unknown bucket mode ", mode);
     Bucket b;
+    b.mode = static_cast<Mode>(mode);
     b.members = std::move(members);
     for (int64_t i : b.members) {
       TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(params_.size()) && with_grad_[i], "GroupPlan: bad member ", i);
@@ -124,7 +181,9 @@ struct GroupPlan : torch::CustomClassHolder {
       b.first_steps.resize(b.members.size());
       for (size_t k = 0; k < first_step_flags.size(); ++k) b.first_steps.set(first_step_members[k], first_step_flags[k]);
     }
-    b.grads.resize(b.members.size());
+    TORCH_CHECK(b.states.size() <= 3, "GroupPlan: at most three state lists");
+    if (b.mode == Mode::kOperator) b.grads.resize(b.members.size());
+    if (b.mode != Mode::kOperator) b.table.resize(b.members.size());
     buckets_.push_back(std::move(b));
     return static_cast<int64_t>(buckets_.size()) - 1;
   }
@@ -132,26 +191,62 @@ struct GroupPlan : torch::CustomClassHolder {
   // Whether the step can run as validated: gradients where they were (and nowhere else), each
   // plain; no tensor moved. Gathers the gradients for run(). Writes nothing the user can see.
   bool ready() {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();  // p.grad, without the non-leaf warning
-      if (g.defined() != static_cast<bool>(with_grad_[i])) return false;
+    // Parameters that had no gradient still have none (those that had one are checked below).
+    for (int64_t i : without_grad_) {
+      if (params_[i].unsafeGetTensorImpl()->grad().defined()) return false;
     }
     for (auto& b : buckets_) {
-      size_t k = 0;
-      for (size_t j = 0; j < b.members.size(); ++j) {
-        const at::Tensor& p = b.params[j];
-        if (!b.seen[k++].same(p)) return false;
-        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
+      cpu::TensorTable& t = b.table;
+      const size_t n = b.members.size();
+      const bool cpu_table = b.mode == Mode::kCpuTable;
+      bool aligned = true;
+      const std::vector<at::Tensor>& params = b.params;
+      const Seen* seen = b.seen.data();
+      // Parameters and gradients: the parameter's objects kAhead ahead, its autograd meta
+      // kAhead/2 ahead, the gradient's TensorImpl kAhead/4 and its StorageImpl kAhead/8 ahead.
+      const bool ok = each_prefetched(params, [&](size_t j) {
+        if (j + kAhead / 2 < n) prefetch_autograd_meta(params[j + kAhead / 2]);
+        if (j + kAhead / 4 < n) prefetch_impl(params[j + kAhead / 4].unsafeGetTensorImpl()->grad());
+        if (j + kAhead / 8 < n) {
+          const at::Tensor& ahead = params[j + kAhead / 8].unsafeGetTensorImpl()->grad();
+          if (ahead.defined()) prefetch_storage(ahead);
+        }
+        const at::Tensor& p = params[j];
+        void* address;
+        if (!seen[j].same(p, address)) return false;
+        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // p.grad, without the non-leaf warning
         if (!plain_grad_of(g, p)) return false;
-        b.grads[j] = g;
-      }
-      for (const auto& list : b.states) {
-        for (const auto& t : list) {
-          if (!b.seen[k++].same(t)) return false;
+        if (b.mode == Mode::kOperator) {
+          b.grads[j] = g;
+        } else {
+          t.numel[j] = p.numel();
+          t.param[j] = address;
+          t.grad[j] = g.const_data_ptr();
+          if (g.dim() > 0 && reinterpret_cast<uintptr_t>(t.grad[j]) % 16 != 0) aligned = false;
+        }
+        return true;
+      });
+      if (!ok) return false;
+      b.grads_aligned = aligned;
+      size_t k = n;
+      std::vector<void*>* columns[] = {&t.state1, &t.state2, &t.state3};
+      for (size_t s = 0; s < b.states.size(); ++s, k += n) {
+        if (!each_prefetched(b.states[s], [&](size_t j) {
+              void* address;
+              if (!seen[k + j].same(b.states[s][j], address)) return false;
+              if (cpu_table) (*columns[s])[j] = address;
+              return true;
+            })) {
+          return false;
         }
       }
-      for (const auto& t : b.steps) {
-        if (!b.seen[k++].same(t)) return false;
+      if (!each_prefetched(b.steps, [&](size_t j) {
+            void* address;
+            if (!seen[k + j].same(b.steps[j], address)) return false;
+            if (cpu_table) t.step[j] = static_cast<float*>(address);
+            return true;
+          })) {
+        return false;
       }
     }
     ready_ = true;
@@ -160,29 +255,17 @@ struct GroupPlan : torch::CustomClassHolder {
 
   int64_t n_buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
-  // After ready(): the addresses of one bucket's gradients, an int64 CPU tensor, for backends
-  // that launch from Python with a table of addresses (Triton: only this column changes).
+  // After ready(), for a bucket launched from Python (Mode::kAddresses): its gradients'
+  // addresses as an int64 CPU tensor (Triton's table column), and whether each vector-accessed
+  // one is 16-byte aligned, as torch's allocations are (a view at an odd offset may not be).
   at::Tensor grad_addresses(int64_t bucket) const {
-    TORCH_CHECK(ready_, "GroupPlan.grad_addresses() before a successful ready()");
-    TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
-    const Bucket& b = buckets_[bucket];
-    at::Tensor out = at::empty({static_cast<int64_t>(b.grads.size())}, at::kLong);
-    int64_t* addresses = out.data_ptr<int64_t>();
-    for (size_t j = 0; j < b.grads.size(); ++j) {
-      addresses[j] = reinterpret_cast<int64_t>(b.grads[j].const_data_ptr());
-    }
+    const Bucket& b = addresses_bucket(bucket);
+    at::Tensor out = at::empty({static_cast<int64_t>(b.table.size())}, at::kLong);
+    std::copy(b.table.grad.begin(), b.table.grad.end(), reinterpret_cast<const void**>(out.data_ptr<int64_t>()));
     return out;
   }
 
-  // After ready(): whether every gradient of one bucket that kernels access as vectors (not 0-d)
-  // is 16-byte aligned, as torch's allocations are (a view at an odd offset may not be).
-  bool grads_aligned(int64_t bucket) const {
-    TORCH_CHECK(ready_ && bucket >= 0 && bucket < n_buckets(), "GroupPlan.grads_aligned(): no ready bucket ", bucket);
-    for (const auto& g : buckets_[bucket].grads) {
-      if (g.dim() > 0 && reinterpret_cast<uintptr_t>(g.const_data_ptr()) % 16 != 0) return false;
-    }
-    return true;
-  }
+  bool grads_aligned(int64_t bucket) const { return addresses_bucket(bucket).grads_aligned; }
 
   // One bucket's step, after ready(): ``lr`` or (capturable) ``lr_tensor`` on the bucket's device,
   // ``decay_lr_scale`` as the Python driver computes it, GradScaler's tensors on the device.
@@ -191,7 +274,19 @@ struct GroupPlan : torch::CustomClassHolder {
     TORCH_CHECK(ready_, "GroupPlan.run() before a successful ready()");
     TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
     Bucket& b = buckets_[bucket];
-    // Straight to the CPU/CUDA kernel: no autograd or view bookkeeping applies to an optimizer
+    TORCH_CHECK(b.mode != Mode::kAddresses, "GroupPlan.run(): bucket ", bucket, " is launched from Python");
+    if (b.mode == Mode::kCpuTable) {
+      run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
+      return;
+    }
+    // The gradients are not held past the step (zero_grad(set_to_none=True) frees them).
+    struct Release {
+      std::vector<at::Tensor>& grads;
+      ~Release() {
+        for (auto& g : grads) g = at::Tensor();
+      }
+    } release{b.grads};
+    // Straight to the CUDA kernel: no autograd or view bookkeeping applies to an optimizer
     // update under no_grad (torch's fused optimizers do not bump version counters either), and
     // the boxed autograd fallback would copy every list.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -223,7 +318,29 @@ struct GroupPlan : torch::CustomClassHolder {
     }
   }
 
-  // After the step: the gradients are not held past it (zero_grad(set_to_none=True) frees them).
+  const Bucket& addresses_bucket(int64_t bucket) const {
+    TORCH_CHECK(ready_ && bucket >= 0 && bucket < n_buckets() && buckets_[bucket].mode == Mode::kAddresses,
+                "GroupPlan: bucket ", bucket, " is not a ready bucket launched from Python");
+    return buckets_[bucket];
+  }
+
+  void run_cpu(Bucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    const at::ScalarType dtype = b.params[0].scalar_type();
+    if (optimizer_ == "adamw") {
+      cpu::adamw_table(b.table, dtype, lr, constants_[0], constants_[1], constants_[2], constants_[3], decay_lr_scale,
+                       flags_[0], flags_[1], lr_tensor, grad_scale, found_inf);
+    } else if (optimizer_ == "sgd") {
+      if (constants_[1] != 0.0) b.table.first = cpu::first_step_flags(b.first_steps, "wdopt::sgd_");
+      cpu::sgd_table(b.table, dtype, lr, constants_[0], constants_[1], constants_[2], flags_[0], flags_[1],
+                     decay_lr_scale, flags_[2], lr_tensor, grad_scale, found_inf);
+    } else {
+      cpu::lion_table(b.table, dtype, lr, constants_[0], constants_[1], constants_[2], decay_lr_scale, flags_[0],
+                      lr_tensor, grad_scale, found_inf);
+    }
+  }
+
+  // Where a step stopped between ready() and run() (run releases its own bucket's gradients).
   void release() {
     for (auto& b : buckets_) {
       for (auto& g : b.grads) g = at::Tensor();
@@ -234,7 +351,7 @@ struct GroupPlan : torch::CustomClassHolder {
  private:
   std::string optimizer_;
   std::vector<at::Tensor> params_;
-  std::vector<int64_t> with_grad_;
+  std::vector<int64_t> with_grad_, without_grad_;
   std::vector<double> constants_;
   std::vector<int64_t> flags_;
   std::vector<Bucket> buckets_;

@@ -38,7 +38,7 @@ def set_grads(ps, step, seed=1):
     """New gradient tensors, as the default loop (zero_grad(set_to_none=True)) makes them."""
     g = torch.Generator().manual_seed(seed * 1000 + step)
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
 
 
 class Counted:
@@ -336,7 +336,7 @@ def test_triton_fast_steps_equal_validated_steps(kind):
     steps(opt_a, a, 0, 4)
     steps(opt_b, b, 0, 4)
     assert counted.n == 1
-    assert opt_a._fast.groups[0][4][0][1].table is not None  # the bucket's own table was used
+    assert opt_a._fast.groups[0].runs[0][1].table is not None  # the bucket's own table was used
     assert_same(opt_a, a, opt_b, b)
 
 
@@ -356,3 +356,46 @@ def test_triton_fast_path_refuses_a_misaligned_gradient():
         opt.step()
     assert counted.n == 1
     assert_same(opt_a, a, opt_b, b)
+
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in wdopt.available_backends("cuda")]
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])
+def test_fast_path_on_cuda(kind, backend):
+    """On the GPU (benchmarks/gpu_check.sh runs the tests whose ids say cuda): fast steps equal
+    validated ones, and a moved gradient (new tensors every step) is followed."""
+    a = [p.cuda().detach().requires_grad_() for p in params()]
+    b = [p.cuda().detach().requires_grad_() for p in params()]
+    opt_a = CLASSES[kind](a, backend=backend)
+    opt_b = never_fast(CLASSES[kind](b, backend=backend))
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 5)
+    steps(opt_b, b, 0, 5)
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+
+
+def test_a_dispatch_mode_sees_every_step():
+    """A TorchDispatchMode (a FLOP counter, a tracer) sees the operator of every step: the fast
+    path, which calls the CPU kernels from C++, steps aside while one is active."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, opt_a, _, _ = pair("adamw")
+    steps(opt_a, a, 0, 3)
+    assert opt_a.__dict__.get("_fast") is not None
+    set_grads(a, 3)
+    with Seen() as mode:
+        opt_a.step()
+    assert any("wdopt.adamw_" in op for op in mode.ops), mode.ops

@@ -1,6 +1,8 @@
 // Fused CPU kernels for the "cpu" backend: AdamW, SGD and Lion over a list of tensors in one pass
 // over memory and one parallel region per step. The math is csrc/include/wdopt/*.h, shared with
-// the CUDA kernels; this file only moves memory.
+// the CUDA kernels; this file only moves memory. The operators check their tensor lists and gather
+// a TensorTable of data pointers (fused_cpu.h); the kernels run on that table, which the step
+// plan (csrc/step_plan.cpp) gathers itself while validating a cached step.
 //
 // Parallel plan: the step's elements, concatenated across tensors, are cut into one contiguous
 // range per thread (equal element counts, so a 38M-element embedding and a hundred 768-element
@@ -24,6 +26,7 @@
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
+#include "fused_cpu.h"
 #include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
@@ -112,20 +115,33 @@ GradTransform<opmath_t> grad_transform(const std::optional<at::Tensor>& grad_sca
 }
 
 
+// Many small tensors: each one's data is a separate allocation, out of cache after the backward
+// pass, and the loop below would wait for each tensor's first lines in turn. The first line of
+// each of a tensor's arrays is requested this many tensors ahead instead.
+constexpr int64_t kPrefetchAhead = 8;
+
+inline void prefetch_tensor(const TensorTable& t, int64_t i) {
+  __builtin_prefetch(t.param[i], 1);
+  __builtin_prefetch(t.grad[i], 0);
+  if (t.state1[i] != nullptr) __builtin_prefetch(t.state1[i], 1);
+  if (t.state2[i] != nullptr) __builtin_prefetch(t.state2[i], 1);
+  if (t.state3[i] != nullptr) __builtin_prefetch(t.state3[i], 1);
+}
+
 // Calls body(tensor_index, begin, end, sums) over every element of every tensor, split into one
 // contiguous range of equal size per thread. Without telemetry, ``sums`` is null. With it (one
 // float64 (K, 4) buffer per tensor), every cut is moved down to a row boundary and body is called
 // once per row with that row's four sums to fill.
 template <typename Body>
-void for_each_range(const at::TensorList& params, const at::TensorList& telemetry, const Body& body) {
-  const int64_t n = static_cast<int64_t>(params.size());
+void for_each_range(const TensorTable& table, const Body& body) {
+  const int64_t n = static_cast<int64_t>(table.size());
   std::vector<int64_t> offsets(n + 1, 0);  // prefix sums of element counts
-  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + params[i].numel();
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + table.numel[i];
   const int64_t total = offsets[n];
   if (total == 0) return;
-  const bool monitored = !telemetry.empty();
+  const bool monitored = !table.telemetry.empty();
   std::vector<int64_t> row_size(monitored ? n : 0);
-  for (int64_t i = 0; monitored && i < n; ++i) row_size[i] = std::max<int64_t>(1, params[i].numel() / telemetry[i].size(0));
+  for (int64_t i = 0; monitored && i < n; ++i) row_size[i] = std::max<int64_t>(1, table.numel[i] / table.rows[i]);
   auto tensor_at = [&](int64_t pos) {
     return std::upper_bound(offsets.begin(), offsets.end(), pos) - offsets.begin() - 1;
   };
@@ -140,10 +156,11 @@ void for_each_range(const at::TensorList& params, const at::TensorList& telemetr
     const int64_t begin = cut(part, parts), end = cut(part + 1, parts);
     int64_t t = tensor_at(begin);
     for (int64_t pos = begin; pos < end; ++t) {
+      if (t + kPrefetchAhead < n) prefetch_tensor(table, t + kPrefetchAhead);
       const int64_t stop = std::min(end, offsets[t + 1]);
       if (stop > pos && !monitored) body(t, pos - offsets[t], stop - offsets[t], nullptr);
       for (int64_t row = pos - offsets[t]; monitored && row < stop - offsets[t]; row += row_size[t]) {
-        body(t, row, row + row_size[t], static_cast<double*>(telemetry[t].data_ptr()) + row / row_size[t] * 4);
+        body(t, row, row + row_size[t], table.telemetry[t] + row / row_size[t] * 4);
       }
       pos = stop;
     }
@@ -155,6 +172,32 @@ void for_each_range(const at::TensorList& params, const at::TensorList& telemetr
       for (int64_t part = first; part < last; ++part) run_part(part);
     });
   }
+}
+
+// The table of an operator call, after its checks: ``states`` are the optimizer's state lists
+// in order (an empty list: that state is absent).
+TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
+                   at::TensorList steps, at::TensorList telemetry) {
+  TensorTable t;
+  const size_t n = params.size();
+  t.resize(n);
+  std::vector<void*>* columns[] = {&t.state1, &t.state2, &t.state3};
+  for (size_t i = 0; i < n; ++i) {
+    t.numel[i] = params[i].numel();
+    t.param[i] = params[i].data_ptr();
+    t.grad[i] = grads[i].const_data_ptr();
+    size_t k = 0;
+    for (const auto& list : states) {
+      if (!list.empty()) (*columns[k])[i] = list[i].data_ptr();
+      ++k;
+    }
+    if (!steps.empty()) t.step[i] = steps[i].data_ptr<float>();
+  }
+  for (size_t i = 0; i < telemetry.size(); ++i) {
+    t.telemetry.push_back(telemetry[i].data_ptr<double>());
+    t.rows.push_back(telemetry[i].size(0));
+  }
+  return t;
 }
 
 void check_telemetry(const at::TensorList& telemetry, const at::TensorList& params) {
@@ -190,9 +233,119 @@ WDOPT_SIMD
       [=](int64_t i) { return transform(static_cast<opmath>(g[i])); }, sums);
 }
 
-template <typename scalar_t> scalar_t* data(const at::Tensor& t) { return static_cast<scalar_t*>(t.data_ptr()); }
+template <typename scalar_t> scalar_t* data(void* p) { return static_cast<scalar_t*>(p); }
+template <typename scalar_t> const scalar_t* data(const void* p) { return static_cast<const scalar_t*>(p); }
 
-// ------------------------------------------------------------------ AdamW
+}  // namespace
+
+// ------------------------------------------------------------------ the kernels, on a table
+
+void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
+                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  if (t.size() == 0 || skipped(found_inf)) return;
+  const AdamWHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, decay_lr_scale};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "wdopt_adamw", [&] {
+    using opmath = opmath_t<scalar_t>;
+    // Per-tensor scalars, once per step; then the steps advance. Tensors of one model usually
+    // share their step count: equal steps share the coefficients (two pow() calls each).
+    std::vector<AdamWCoefficients<opmath>> coefficients(t.size());
+    float last_step = -1.0f;
+    for (size_t i = 0; i < t.size(); ++i) {
+      if (i + kPrefetchAhead < t.size()) __builtin_prefetch(t.step[i + kPrefetchAhead], 1);
+      float* step = t.step[i];
+      *step += 1.0f;
+      if (i > 0 && *step == last_step) {
+        coefficients[i] = coefficients[i - 1];
+      } else {
+        coefficients[i] = adamw_coefficients<opmath>(hyper, hyper.lr, static_cast<double>(*step));
+        last_step = *step;
+      }
+    }
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    dispatch_bool(amsgrad, [&](auto AMSGRAD) {
+      for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
+        scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
+        scalar_t* __restrict__ v = data<scalar_t>(t.state2[k]);
+        scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(t.state3[k]) : nullptr;
+        const auto c = coefficients[k];
+        update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
+                        [=](int64_t i, opmath pi, opmath gi) {
+          opmath mi = m[i], vi = v[i];
+          opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
+          adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
+          m[i] = mi;
+          v[i] = vi;
+          if (AMSGRAD) v_max[i] = vmi;
+          return pi;
+        });
+      });
+    });
+  });
+}
+
+void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double weight_decay, double momentum,
+               double dampening, bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
+               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  if (t.size() == 0 || skipped(found_inf)) return;
+  const bool has_momentum = momentum != 0.0;
+  const SGDHyper hyper{read_lr(lr, lr_tensor), weight_decay, momentum, dampening, decay_lr_scale, nesterov,
+                       decoupled_weight_decay};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "wdopt_sgd", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const auto c = sgd_coefficients<opmath>(hyper, hyper.lr);
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
+      dispatch_bool(nesterov, [&](auto NESTEROV) {
+        // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
+        dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
+          for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
+            scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(t.state1[k]) : nullptr;
+            const bool first = HAS_MOMENTUM && t.first[k];
+            update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
+                            [=](int64_t i, opmath pi, opmath gi) {
+              opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
+              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
+              if (HAS_MOMENTUM) b[i] = bi;
+              return pi;
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double weight_decay,
+                double decay_lr_scale, bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (t.size() == 0 || skipped(found_inf)) return;
+  const LionHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, weight_decay, decay_lr_scale};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "wdopt_lion", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
+    const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
+      scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
+      update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
+                      [=](int64_t i, opmath pi, opmath gi) {
+        opmath mi = m[i];
+        lion_update(pi, gi, mi, c);
+        m[i] = mi;
+        return pi;
+      });
+    });
+  });
+}
+
+// ------------------------------------------------------------------ the operators: checks, then the table
+
+namespace {
 
 void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
             at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList telemetry, double lr, double beta1,
@@ -208,40 +361,11 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   check_steps(steps, params);
   check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
-  const AdamWHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, eps, weight_decay, decay_lr_scale};
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_adamw", [&] {
-    using opmath = opmath_t<scalar_t>;
-    // Per-tensor scalars, once per step; then the steps advance.
-    std::vector<AdamWCoefficients<opmath>> coefficients(params.size());
-    for (size_t i = 0; i < params.size(); ++i) {
-      float* step = data<float>(steps[i]);
-      *step += 1.0f;
-      coefficients[i] = adamw_coefficients<opmath>(hyper, hyper.lr, static_cast<double>(*step));
-    }
-    const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    dispatch_bool(amsgrad, [&](auto AMSGRAD) {
-      for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-        scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
-        scalar_t* __restrict__ v = data<scalar_t>(exp_avg_sqs[t]);
-        scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(max_exp_avg_sqs[t]) : nullptr;
-        const auto c = coefficients[t];
-        update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                        [=](int64_t i, opmath pi, opmath gi) {
-          opmath mi = m[i], vi = v[i];
-          opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
-          adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
-          m[i] = mi;
-          v[i] = vi;
-          if (AMSGRAD) v_max[i] = vmi;
-          return pi;
-        });
-      });
-    });
-  });
+  const TensorTable t = gather(params, grads, {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
+                               steps, telemetry);
+  adamw_table(t, params[0].scalar_type(), lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
+              lr_tensor, grad_scale, std::nullopt);
 }
-
-// ------------------------------------------------------------------ SGD
 
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
           const c10::List<std::optional<at::Tensor>>& first_steps,
@@ -259,36 +383,11 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   }
   check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
-  const std::vector<char> fresh_buffer = first_step_flags(first_steps, "wdopt::sgd_");
-  const SGDHyper hyper{read_lr(lr, lr_tensor), weight_decay, momentum, dampening, decay_lr_scale, nesterov,
-                       decoupled_weight_decay};
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_sgd", [&] {
-    using opmath = opmath_t<scalar_t>;
-    const auto c = sgd_coefficients<opmath>(hyper, hyper.lr);
-    const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
-      dispatch_bool(nesterov, [&](auto NESTEROV) {
-        // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
-        dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
-          for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-            scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(momentum_buffers[t]) : nullptr;
-            const bool first = HAS_MOMENTUM && fresh_buffer[t];
-            update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                            [=](int64_t i, opmath pi, opmath gi) {
-              opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
-              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
-              if (HAS_MOMENTUM) b[i] = bi;
-              return pi;
-            });
-          });
-        });
-      });
-    });
-  });
+  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry);
+  t.first = first_step_flags(first_steps, "wdopt::sgd_");
+  sgd_table(t, params[0].scalar_type(), lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay,
+            decay_lr_scale, maximize, lr_tensor, grad_scale, std::nullopt);
 }
-
-// ------------------------------------------------------------------ Lion
 
 void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry, double lr,
            double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
@@ -300,23 +399,9 @@ void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   check_list(exp_avgs, params, "exp_avgs");
   check_telemetry(telemetry, params);
   if (skipped(found_inf)) return;
-  const LionHyper hyper{read_lr(lr, lr_tensor), beta1, beta2, weight_decay, decay_lr_scale};
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_lion", [&] {
-    using opmath = opmath_t<scalar_t>;
-    const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
-    const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    for_each_range(params, telemetry, [&](int64_t t, int64_t begin, int64_t end, double* sums) {
-      scalar_t* __restrict__ m = data<scalar_t>(exp_avgs[t]);
-      update_elements(data<scalar_t>(params[t]), data<scalar_t>(grads[t]), begin, end, transform, sums,
-                      [=](int64_t i, opmath pi, opmath gi) {
-        opmath mi = m[i];
-        lion_update(pi, gi, mi, c);
-        m[i] = mi;
-        return pi;
-      });
-    });
-  });
+  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry);
+  lion_table(t, params[0].scalar_type(), lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, lr_tensor,
+             grad_scale, std::nullopt);
 }
 
 }  // namespace

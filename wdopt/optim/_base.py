@@ -214,8 +214,8 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         fast = self.__dict__.get("_fast")
-        if (fast is not None and not torch.compiler.is_compiling() and not self._monitor_due_next()
-                and self._capture_health_check() and fast.usable(self)):
+        if (fast is not None and not torch.compiler.is_compiling() and _current_dispatch_mode() is None
+                and not self._monitor_due_next() and self._capture_health_check() and fast.usable(self)):
             for monitor in self._monitors:
                 monitor._due()  # counts the step (none records this one); refuses graph capture
             fast.run(self, grad_scale, found_inf)
@@ -580,6 +580,15 @@ class FusedOptimizer(Optimizer):
                 return lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32).reshape(())
             return lr.item()
         return float(lr)
+
+
+def _current_dispatch_mode():
+    """The active TorchDispatchMode, if any: the fast path's CPU kernels are called from C++ below
+    the dispatcher, so a mode (a FLOP counter, a tracer) would not see them; such steps take the
+    validation path, whose operators it does see."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
 
 
 def _float(x) -> float:

@@ -22,6 +22,7 @@ new plan; since ``ready`` runs for every group before any kernel, a fallback has
 
 from __future__ import annotations
 
+from itertools import chain
 from operator import is_, itemgetter
 
 import torch
@@ -36,6 +37,25 @@ class _TritonBucket:
     def __init__(self, params, lists, steps, first_steps):
         self.params, self.lists, self.steps, self.first_steps = params, lists, steps, first_steps
         self.table = None  # (DeviceTable, shape constexprs)
+
+
+def _mode(cpp: bool, device: torch.device) -> int:
+    """How a GroupPlan bucket runs (csrc/step_plan.cpp, Mode): the CUDA operator, the C++ CPU
+    kernels on a pointer table, or a Triton launch from Python with the gradients' addresses."""
+    if not cpp:
+        return 2
+    return 1 if device.type == "cpu" else 0
+
+
+class _Group:
+    """One param group of the fast path: what its checks compare, and its GroupPlan's methods
+    (bound once: looking a method up on a TorchScript object costs microseconds)."""
+
+    __slots__ = ("group", "params", "checks", "plan", "ready", "run", "runs")
+
+    def __init__(self, group, params, checks, plan, runs):
+        self.group, self.params, self.checks, self.plan, self.runs = group, params, checks, plan, runs
+        self.ready, self.run = plan.ready, plan.run
 
 
 class FastStep:
@@ -69,7 +89,7 @@ class FastStep:
         self.groups = []
         self.finish = []
         state = optimizer.state
-        columns: dict[str, tuple[list, list]] = {}
+        columns: dict[tuple, tuple[list, list]] = {}  # state keys -> (state dicts, their tensors in order)
         for group in optimizer.param_groups:
             params = list(group["params"])
             position = {id(p): i for i, p in enumerate(params)}
@@ -84,13 +104,15 @@ class FastStep:
             for backend, bucket in buckets:
                 dicts = [state[p] for p in bucket]
                 lists, steps, first_steps = optimizer._state_lists(group, bucket, dicts)
-                for key, values in list(lists.items()) + ([("step", steps)] if steps else []):
-                    column = columns.setdefault(key, ([], []))
+                keys = tuple(lists) + (("step",) if steps else ())
+                if keys:
+                    column = columns.setdefault(keys, ([], []))
                     column[0].extend(dicts)
-                    column[1].extend(values)
+                    column[1].extend(t for values in zip(*lists.values(), *([steps] if steps else [])) for t in values)
                 members = [i for i, flag in enumerate(first_steps) if flag is not None]
                 group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
-                                      [first_steps[i] for i in members], members)
+                                      [first_steps[i] for i in members], members,
+                                      _mode(backend is cpp, bucket[0].device))
                 self.finish.extend(first_steps[i] for i in members)
                 triton = None
                 if backend is not cpp:
@@ -102,10 +124,11 @@ class FastStep:
                 runs.append((bucket[0].device, triton, backend))
             checks = _GroupChecks(group)
             checks.remember_hyper(group)
-            self.groups.append((group, params, checks, group_plan, runs))
+            self.groups.append(_Group(group, params, checks, group_plan, runs))
         self.state = state
         self.state_dicts = list(state.values())
-        self.state_columns = [(itemgetter(key), dicts, values) for key, (dicts, values) in columns.items()]
+        self.state_columns = [(itemgetter(*keys), len(keys) > 1, dicts, values)
+                              for keys, (dicts, values) in columns.items()]
         return self
 
     def usable(self, optimizer) -> bool:
@@ -113,13 +136,13 @@ class FastStep:
         groups = optimizer.param_groups
         if len(groups) != len(self.groups):
             return False
-        for group, (old_group, params, checks, _, _) in zip(groups, self.groups):
-            if group is not old_group:
+        for group, cached in zip(groups, self.groups):
+            if group is not cached.group:
                 return False
             current = group["params"]
-            if len(current) != len(params) or not all(map(is_, current, params)):
+            if len(current) != len(cached.params) or not all(map(is_, current, cached.params)):
                 return False
-            if not checks.hyper_unchanged(group):
+            if not cached.checks.hyper_unchanged(group):
                 return False
             try:
                 optimizer._check_step_group(group)
@@ -132,19 +155,21 @@ class FastStep:
         if state is not self.state or len(state) != len(self.state_dicts) or \
                 not all(map(is_, state.values(), self.state_dicts)):
             return False
+        # One pass over the dicts reads all their keys (each dict is brought into cache once).
         try:
-            for get, dicts, values in self.state_columns:
-                if not all(map(is_, map(get, dicts), values)):
+            for get, several, dicts, values in self.state_columns:
+                current = chain.from_iterable(map(get, dicts)) if several else map(get, dicts)
+                if not all(map(is_, current, values)):
                     return False
         except KeyError:  # a state tensor deleted
             return False
-        if not all(plan.ready() for _, _, _, plan, _ in self.groups):
+        if not all(cached.ready() for cached in self.groups):
             return False
         # Triton tables: the gradients' addresses into their column (no kernel has run yet).
-        for _, _, _, plan, runs in self.groups:
-            for index, (_, triton, _) in enumerate(runs):
+        for cached in self.groups:
+            for index, (_, triton, _) in enumerate(cached.runs):
                 if triton is not None and not triton.table[0].set_column(
-                        1, plan.grad_addresses(index), plan.grads_aligned(index)):
+                        1, cached.plan.grad_addresses(index), cached.plan.grads_aligned(index)):
                     return False
         return True
 
@@ -153,20 +178,22 @@ class FastStep:
         from ._base import _on
 
         try:
-            for group, _, _, plan, runs in self.groups:
+            for cached in self.groups:
+                group = cached.group
                 scale = optimizer._decay_lr_scale(group)
-                for index, (device, triton, backend) in enumerate(runs):
+                for index, (device, triton, backend) in enumerate(cached.runs):
                     lr = optimizer._lr(group, device)
                     scaler = _on(grad_scale, device), _on(found_inf, device)
                     if triton is None:
                         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
-                        plan.run(index, lr_value, lr_tensor, scale, *scaler)
+                        cached.run(index, lr_value, lr_tensor, scale, *scaler)  # then lets its gradients go
                         continue
                     # The bucket's own table, its gradient column set by ``usable``.
                     optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
                                       triton.first_steps, lr, scale, *scaler, table=triton.table)
-        finally:
-            for _, _, _, plan, _ in self.groups:
-                plan.release()
+        except BaseException:
+            for cached in self.groups:
+                cached.plan.release()  # no gradient is held past a failed step
+            raise
         if self.finish:
             optimizer._fast_finish(self.finish, found_inf)

@@ -1,0 +1,53 @@
+// The CPU kernels of the "cpu" backend as the step plan (csrc/step_plan.cpp) calls them: on a
+// table of data pointers its validation already gathered, with no second pass over the tensors.
+// The torch.library operators (fused_cpu.cpp) check their arguments, gather the same table and
+// call the same functions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace wdopt::cpu {
+
+// The tensors of one call as the kernels address them: per tensor its element count and the data
+// of its parameter, gradient and state tensors (nullptr where the optimizer has none).
+struct TensorTable {
+  std::vector<int64_t> numel;
+  std::vector<void*> param, state1, state2, state3;
+  std::vector<const void*> grad;
+  std::vector<float*> step;        // AdamW's step counts
+  std::vector<char> first;         // SGD: the momentum buffer has no history yet
+  std::vector<double*> telemetry;  // empty, or one (K, 4) float64 buffer per tensor ...
+  std::vector<int64_t> rows;       // ... of K rows
+
+  void resize(size_t n) {
+    numel.assign(n, 0);
+    param.assign(n, nullptr);
+    state1.assign(n, nullptr);
+    state2.assign(n, nullptr);
+    state3.assign(n, nullptr);
+    grad.assign(n, nullptr);
+    step.assign(n, nullptr);
+  }
+  size_t size() const { return numel.size(); }
+};
+
+// AdamW: state1 = exp_avg, state2 = exp_avg_sq, state3 = max_exp_avg_sq (amsgrad).
+void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
+                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf);
+// SGD: state1 = momentum_buffer (momentum != 0), ``first`` set per tensor.
+void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double weight_decay, double momentum,
+               double dampening, bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
+               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf);
+// Lion: state1 = exp_avg.
+void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double weight_decay,
+                double decay_lr_scale, bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+}  // namespace wdopt::cpu
