@@ -399,3 +399,19 @@ def test_a_dispatch_mode_sees_every_step():
     with Seen() as mode:
         opt_a.step()
     assert any("wdopt.adamw_" in op for op in mode.ops), mode.ops
+
+
+def test_a_step_that_needs_the_validation_path_does_not_turn_the_fast_path_off():
+    """One step with a gradient the kernels cannot take as it is (a transposed layout) runs on
+    the validation path, the next one too (it makes a new plan), and the steps after it are fast."""
+    a, opt_a, b, opt_b = pair("adamw")
+    counted = Counted(opt_a)
+    for step in range(6):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            if step == 2:
+                strided_grad(opt, ps)
+            opt.step()
+    assert counted.n == 3  # step 1, the strided one, the one after it
+    assert opt_a.__dict__.get("_fast") is not None
+    assert_same(opt_a, a, opt_b, b)

@@ -214,13 +214,16 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         fast = self.__dict__.get("_fast")
-        if (fast is not None and not torch.compiler.is_compiling() and _current_dispatch_mode() is None
-                and not self._monitor_due_next() and self._capture_health_check() and fast.usable(self)):
-            for monitor in self._monitors:
-                monitor._due()  # counts the step (none records this one); refuses graph capture
-            fast.run(self, grad_scale, found_inf)
-            return loss
-        self.__dict__.pop("_fast", None)
+        if fast is not None:
+            if self._monitor_due_next() or torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+                pass  # a step the validation path must run; the fast one is kept for the next
+            elif self._capture_health_check() and fast.usable(self):
+                for monitor in self._monitors:
+                    monitor._due()  # counts the step (none records this one); refuses graph capture
+                fast.run(self, grad_scale, found_inf)
+                return loss
+            else:
+                del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt
         try:
             plan = self._plan()
         except Exception:
@@ -258,8 +261,12 @@ class FusedOptimizer(Optimizer):
                 self._update_measured(args, buffers)
         for monitor in due:
             monitor._record(self, monitored, found_inf)
-        if self._fast_kind is not None and not torch.compiler.is_compiling():
-            self.__dict__["_fast"] = FastStep.build(self, plan)
+        # A fast step for the next steps, unless one is kept (this step was monitored, compiled or
+        # under a dispatch mode: it still is checked in full before it is used).
+        if self._fast_kind is not None and "_fast" not in self.__dict__ and not torch.compiler.is_compiling():
+            fast = FastStep.build(self, plan)  # None: this step's buckets need the validation path
+            if fast is not None:
+                self.__dict__["_fast"] = fast
         return loss
 
     def _monitor_due_next(self) -> bool:
