@@ -9,8 +9,7 @@
 # views, side stream, no host syncs, long rotational rows, a 2^31 + 5 element tensor, host
 # overhead; OUTDIR/acceptance.json), tests (the suite's CUDA parametrizations: Triton natively,
 # the CUDA backend, parity with torch, graph capture, GradScaler, rotational kernels, telemetry),
-# equilibrium (the main experiment, quick size), overhead (host µs per step, wdopt.bench.overhead;
-# OUTDIR/overhead.json), bench (last: fp32 AdamW against torch at the
+# equilibrium (the main experiment, quick size), bench (last: fp32 AdamW against torch at the
 # GPT-2, ResNet-50 and 10,000 × 256 shapes, with the copy-bandwidth ceiling). Each step runs under
 # `timeout`, its output is streamed to OUTDIR/<step>.log, and its exit code and duration are
 # appended to OUTDIR/summary.txt as soon as it finishes. A failing step never stops the later ones.
@@ -94,9 +93,6 @@ step tests "${GPU_CHECK_TESTS_S:-180}" \
 # The main experiment, quick size, on the GPU backends (rotation telemetry in the kernels).
 step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-40}" \
     python -m wdopt equilibrium --device cuda --quick --no-progress --out "$OUTDIR/equilibrium"
-# Host time of a step alone (1-element tensors, new gradients every step) against torch fused.
-step overhead "${GPU_CHECK_OVERHEAD_S:-45}" \
-    python -m wdopt.bench.overhead --device cuda --out "$OUTDIR/overhead.json"
 # Results are written per shape set as they finish (results.partial.csv): a cut run keeps them.
 step bench "${GPU_CHECK_BENCH_S:-120}" \
     python -m wdopt.bench --device cuda --skip-slow --warmup 10 --iters 40 --out "$OUTDIR/bench"

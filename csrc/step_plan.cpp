@@ -269,13 +269,34 @@ struct GroupPlan : torch::CustomClassHolder {
 
   // One bucket's step, after ready(): ``lr`` or (capturable) ``lr_tensor`` on the bucket's device,
   // ``decay_lr_scale`` as the Python driver computes it, GradScaler's tensors on the device.
+  // ``telemetry``: [] or, on a step a RotationMonitor records, one float64 (K, 4) buffer per
+  // member that the kernels fill in their update pass (csrc/ops.cpp states the contract).
   void run(int64_t bucket, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           std::vector<at::Tensor> telemetry) {
     TORCH_CHECK(ready_, "GroupPlan.run() before a successful ready()");
     TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
     Bucket& b = buckets_[bucket];
+    TORCH_CHECK(telemetry.empty() || telemetry.size() == b.members.size(), "GroupPlan: one telemetry buffer per member");
     TORCH_CHECK(b.mode != Mode::kAddresses, "GroupPlan.run(): bucket ", bucket, " is launched from Python");
     if (b.mode == Mode::kCpuTable) {
+      cpu::TensorTable& t = b.table;
+      for (size_t j = 0; j < telemetry.size(); ++j) {
+        const at::Tensor& buffer = telemetry[j];
+        const int64_t numel = t.numel[j];
+        TORCH_CHECK(buffer.scalar_type() == at::kDouble && buffer.device().is_cpu() && buffer.is_contiguous() &&
+                        buffer.dim() == 2 && buffer.size(1) == 4 && buffer.size(0) > 0 && numel % buffer.size(0) == 0,
+                    "GroupPlan: telemetry[", j, "] must be a contiguous float64 (K, 4) CPU tensor, K dividing ", numel);
+        t.telemetry.push_back(buffer.data_ptr<double>());
+        t.rows.push_back(buffer.size(0));
+      }
+      struct Clear {  // the buffers belong to this step only
+        cpu::TensorTable& t;
+        ~Clear() {
+          t.telemetry.clear();
+          t.rows.clear();
+        }
+      } clear{t};
       run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
       return;
     }
@@ -298,7 +319,7 @@ struct GroupPlan : torch::CustomClassHolder {
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
       const bool amsgrad = flags_[0];
       op.call(b.params, b.grads, b.states[0], b.states[1], amsgrad ? at::TensorList(b.states[2]) : at::TensorList(none),
-              b.steps, none, lr, constants_[0], constants_[1], constants_[2], constants_[3], decay_lr_scale, amsgrad,
+              b.steps, telemetry, lr, constants_[0], constants_[1], constants_[2], constants_[3], decay_lr_scale, amsgrad,
               flags_[1], lr_tensor, grad_scale, found_inf);
     } else if (optimizer_ == "sgd") {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::sgd_", "").typed<void(
@@ -306,14 +327,14 @@ struct GroupPlan : torch::CustomClassHolder {
           double, double, double, double, bool, bool, double, bool, const std::optional<at::Tensor>&,
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
       const bool has_momentum = constants_[1] != 0.0;
-      op.call(b.params, b.grads, has_momentum ? at::TensorList(b.states[0]) : at::TensorList(none), b.first_steps, none,
-              lr, constants_[0], constants_[1], constants_[2], flags_[0], flags_[1], decay_lr_scale, flags_[2],
+      op.call(b.params, b.grads, has_momentum ? at::TensorList(b.states[0]) : at::TensorList(none), b.first_steps,
+              telemetry, lr, constants_[0], constants_[1], constants_[2], flags_[0], flags_[1], decay_lr_scale, flags_[2],
               lr_tensor, grad_scale, found_inf);
     } else {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::lion_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, double, double, double, bool,
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-      op.call(b.params, b.grads, b.states[0], none, lr, constants_[0], constants_[1], constants_[2], decay_lr_scale,
+      op.call(b.params, b.grads, b.states[0], telemetry, lr, constants_[0], constants_[1], constants_[2], decay_lr_scale,
               flags_[0], lr_tensor, grad_scale, found_inf);
     }
   }

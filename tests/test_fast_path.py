@@ -306,15 +306,15 @@ def test_copies_and_pickles_leave_the_plan_behind():
 
 
 def test_monitor_counts_fast_steps_and_records_its_steps():
-    """Steps between a RotationMonitor's records take the fast path and are counted; a recorded
-    step takes the validation path (its kernels gather telemetry) with the same numbers."""
+    """Every step takes the fast path and is counted, the recorded ones too (their kernels gather
+    the telemetry in the update pass): the same records as the validation path's."""
     a, opt_a, b, opt_b = pair("adamw")
     monitors = [wdopt.RotationMonitor(opt_a, every=3), wdopt.RotationMonitor(opt_b, every=3)]
     counted = Counted(opt_a)
     steps(opt_a, a, 0, 9)
     steps(opt_b, b, 0, 9)
     assert [r.step for r in monitors[0].history] == [r.step for r in monitors[1].history] == [3, 6, 9]
-    assert counted.n == 4  # step 1 (state made), and the three recorded steps
+    assert counted.n == 1  # step 1 (state made)
     assert_same(opt_a, a, opt_b, b)
     for ra, rb in zip(monitors[0].history, monitors[1].history):
         for p, q in zip(a, b):
@@ -415,3 +415,108 @@ def test_a_step_that_needs_the_validation_path_does_not_turn_the_fast_path_off()
     assert counted.n == 3  # step 1, the strided one, the one after it
     assert opt_a.__dict__.get("_fast") is not None
     assert_same(opt_a, a, opt_b, b)
+
+
+@pytest.mark.parametrize("kind", ["adamw-amsgrad-maximize", "sgd", "sgd-plain", "lion"])
+def test_operator_mode_on_cpu(monkeypatch, kind):
+    """The CUDA backend's fast path calls the operator through the dispatcher with a typed
+    signature (csrc/step_plan.cpp, Mode::kOperator). A signature that does not match the schema
+    fails only at that call, so it is run here on CPU tensors, through the CPU implementation."""
+    monkeypatch.setattr(_fast, "_mode", lambda cpp, device: 0 if cpp else 2)
+    a, opt_a, b, opt_b = pair(kind)
+    monitors = [wdopt.RotationMonitor(opt_a, every=2), wdopt.RotationMonitor(opt_b, every=2)]
+    counted = Counted(opt_a)
+    for step in range(5):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(float(step == 2))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+    assert len(monitors[0].history) == 2
+    for ra, rb in zip(monitors[0].history, monitors[1].history):  # telemetry through the operator
+        for p, q in zip(a, b):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0, equal_nan=True)
+
+
+def test_operator_mode_with_a_device_lr(monkeypatch):
+    """The same with a capturable tensor lr (the operator's lr_tensor argument)."""
+    monkeypatch.setattr(_fast, "_mode", lambda cpp, device: 0 if cpp else 2)
+    a, opt_a, b, opt_b = pair("adamw", lr=torch.tensor(1e-2), capturable=True)
+    for step in range(4):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            opt.step()
+            opt.param_groups[0]["lr"].mul_(0.5)
+    assert opt_a.__dict__.get("_fast") is not None
+    assert_same(opt_a, a, opt_b, b)
+
+
+@needs_triton
+def test_triton_owned_table_uploads_nothing_while_gradients_stay(monkeypatch):
+    """Static gradients (zero_grad(set_to_none=False)): once a bucket's fast path owns its table,
+    no step writes into it — a step captured in a CUDA graph must not (on a GPU the copy is
+    refused during capture) — and new gradient tensors are written, once per step."""
+    from wdopt.kernels import tables
+
+    writes = []
+    write = tables.DeviceTable._write
+    monkeypatch.setattr(tables.DeviceTable, "_write", lambda self, *a: writes.append(1) or write(self, *a))
+    a = params()
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    opt = CLASSES["adamw"](a, backend="triton")
+    counts = []
+    for step in range(4):
+        for p in a:
+            p.grad.copy_(torch.full_like(p, 0.01 * (step + 1)))
+        before = len(writes)
+        opt.step()
+        counts.append(len(writes) - before)
+    assert opt._fast is not None
+    assert counts == [0, 0, 0, 0], counts
+    kept = [p.grad for p in a]  # the old gradients stay alive: new ones get new addresses
+    for p in a:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    assert len(writes) == 1 and kept
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])
+def test_a_training_loop_with_a_scheduler(kind):
+    """The loop users write: backward makes the gradients, zero_grad(set_to_none=True) drops them,
+    a torch LR scheduler changes lr every step. Every step after the first is fast and equals the
+    validation path's."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [CLASSES[kind](list(models[0].parameters())), never_fast(CLASSES[kind](list(models[1].parameters())))]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)) for opt in opts]
+    counted = Counted(opts[0])
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    for _ in range(5):
+        for model, opt, scheduler in zip(models, opts, schedulers):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            scheduler.step()
+    assert counted.n == 1
+    assert_same(opts[0], list(models[0].parameters()), opts[1], list(models[1].parameters()))
+
+
+@needs_triton
+def test_a_monitored_triton_step_takes_the_validation_path():
+    """The Triton kernels gather telemetry per row with a table of their own: a recorded step goes
+    through the validation path, the steps between records stay fast, the records agree."""
+    a, opt_a, b, opt_b = pair("adamw", backend="triton")
+    monitors = [wdopt.RotationMonitor(opt_a, every=2), wdopt.RotationMonitor(opt_b, every=2)]
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 4)
+    steps(opt_b, b, 0, 4)
+    assert counted.n == 3  # step 1 and the recorded steps 2 and 4
+    assert_same(opt_a, a, opt_b, b)
+    for ra, rb in zip(monitors[0].history, monitors[1].history):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)

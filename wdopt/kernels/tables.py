@@ -71,7 +71,10 @@ class DeviceTable:
         if owned:
             self._check_not_capturing(device)
             buf = self._upload(values, numels, chunk, device)
-            self._columns = {}
+            # What each column holds now: set_column uploads a column only when it changes (a
+            # step captured in a CUDA graph right after this one then uploads nothing).
+            held = torch.tensor(values, dtype=torch.int64).view(self.n_tensors, self.ncol)
+            self._columns = {c: held[:, c].clone() for c in range(len(columns))}
         elif cached is not None and cached[0] == content:
             _CACHE.move_to_end(bucket)
             buf = cached[1]
@@ -87,6 +90,7 @@ class DeviceTable:
                 _CACHE.popitem(last=False)
         if cuda and torch.cuda.is_current_stream_capturing():
             _CAPTURED[buf.data_ptr()] = buf
+        self._buffer = buf
         self.table = buf[: self.n_tensors * self.ncol]
         self.work = buf[self.n_tensors * self.ncol :]
         self.programs = self.work.numel()
@@ -107,19 +111,24 @@ class DeviceTable:
         device = self.table.device
         if device.type == "cuda" and torch.cuda.current_stream(device) != self._stream:
             return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _CAPTURED[self._buffer.data_ptr()] = self._buffer  # a graph will replay its addresses
         last = self._columns.get(column)
         if last is not None and torch.equal(last, addresses):
             return True
         if self.aligned and not aligned:
             return False
         self._check_not_capturing(device)
+        self._write(column, addresses)
+        self._columns[column] = addresses
+        return True
+
+    def _write(self, column: int, addresses: torch.Tensor) -> None:
         target = self.table.view(self.n_tensors, self.ncol)[:, column]
-        if device.type == "cuda":
+        if target.is_cuda:
             target.copy_(addresses.pin_memory(), non_blocking=True)  # ordered after the last step's kernels
         else:
             target.copy_(addresses)
-        self._columns[column] = addresses
-        return True
 
     @staticmethod
     def _upload(values: list[int], numels: Sequence[int], chunk: int, device: torch.device) -> torch.Tensor:

@@ -215,12 +215,21 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         fast = self.__dict__.get("_fast")
         if fast is not None:
-            if self._monitor_due_next() or torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+            if torch.compiler.is_compiling() or _current_dispatch_mode() is not None or \
+                    (fast.launches_from_python and self._monitor_due_next()):
                 pass  # a step the validation path must run; the fast one is kept for the next
             elif self._capture_health_check() and fast.usable(self):
-                for monitor in self._monitors:
-                    monitor._due()  # counts the step (none records this one); refuses graph capture
-                fast.run(self, grad_scale, found_inf)
+                # Monitors count the step (refusing graph capture); those that record it get
+                # their buffers filled by the kernels, as on the validation path.
+                due = [monitor for monitor in self._monitors if monitor._due()]
+                monitored = None
+                if due:
+                    from ..telemetry import telemetry_request
+
+                    monitored = telemetry_request(fast.params)
+                fast.run(self, grad_scale, found_inf, monitored)
+                for monitor in due:
+                    monitor._record(self, monitored, found_inf)
                 return loss
             else:
                 del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt

@@ -2,9 +2,11 @@
 
 The validation path (``FusedOptimizer._plan``) checks every parameter, gradient and state tensor
 in Python: microseconds per tensor, more than a GPU needs to update a small tensor. After it has
-validated a step whose buckets all go to the C++ backends as they are (real, contiguous tensors),
-the driver keeps a ``FastStep``: per param group a ``GroupPlan`` (csrc/step_plan.cpp) holding the
-group's tensors once, plus snapshots of the Python objects users edit. A later step re-uses it when
+validated a step whose buckets all go to the C++ or Triton backends as they are (real, contiguous
+tensors), the driver keeps a ``FastStep``: per param group a ``GroupPlan`` (csrc/step_plan.cpp)
+holding the group's tensors once, plus snapshots of the Python objects users edit; a Triton bucket
+also owns its tensor table, of which only the gradient column is rewritten, and only when the
+gradients moved. A later step re-uses it when
 
 * in Python (per group, or one pass of C-level ``map`` over the tensors): the same groups, each
   with the same parameter list and the same hyperparameters except a changed valid float ``lr``
@@ -51,17 +53,18 @@ class _Group:
     """One param group of the fast path: what its checks compare, and its GroupPlan's methods
     (bound once: looking a method up on a TorchScript object costs microseconds)."""
 
-    __slots__ = ("group", "params", "checks", "plan", "ready", "run", "runs")
+    __slots__ = ("group", "params", "checks", "plan", "ready", "run", "runs", "bucket_params")
 
-    def __init__(self, group, params, checks, plan, runs):
+    def __init__(self, group, params, checks, plan, runs, bucket_params):
         self.group, self.params, self.checks, self.plan, self.runs = group, params, checks, plan, runs
+        self.bucket_params = bucket_params  # per bucket, its parameters
         self.ready, self.run = plan.ready, plan.run
 
 
 class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
-    __slots__ = ("groups", "state", "state_dicts", "state_columns", "finish")
+    __slots__ = ("groups", "state", "state_dicts", "state_columns", "finish", "params", "launches_from_python")
 
     @classmethod
     def build(cls, optimizer, plan: list) -> "FastStep | None":
@@ -80,6 +83,9 @@ class FastStep:
             if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in params):
                 return None  # tensor subclasses dispatch in Python
             by_group.setdefault(id(group), []).append((backend, params))
+        if any(getattr(backend, "__name__", None) == "wdopt.kernels.triton" and params[0].is_cuda
+               for _, backend, params, _ in plan) and torch.cuda.is_current_stream_capturing():
+            return None  # a Triton bucket's own table is uploaded once, which a graph capture forbids
         # The gradient checks are C++ (GroupPlan), also for Triton buckets: used where the
         # extension is loaded or loads without compiling (a Triton user is not made to wait for
         # a build; their steps then stay on the validation path).
@@ -124,7 +130,11 @@ class FastStep:
                 runs.append((bucket[0].device, triton, backend))
             checks = _GroupChecks(group)
             checks.remember_hyper(group)
-            self.groups.append(_Group(group, params, checks, group_plan, runs))
+            self.groups.append(_Group(group, params, checks, group_plan, runs, [bucket for _, bucket in buckets]))
+        #: Every parameter a step updates (a RotationMonitor's telemetry request covers them).
+        self.params = [p for _, bucket in (entry for buckets in by_group.values() for entry in buckets) for p in bucket]
+        #: Triton buckets: a monitored step (row-wise tables) takes the validation path.
+        self.launches_from_python = any(triton is not None for g in self.groups for _, triton, _ in g.runs)
         self.state = state
         self.state_dicts = list(state.values())
         self.state_columns = [(itemgetter(*keys), len(keys) > 1, dicts, values)
@@ -173,8 +183,10 @@ class FastStep:
                     return False
         return True
 
-    def run(self, optimizer, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        """The step, after ``usable`` said yes."""
+    def run(self, optimizer, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+            monitored: dict | None = None) -> None:
+        """The step, after ``usable`` said yes. ``monitored``: a RotationMonitor's request (id of
+        a parameter -> its telemetry buffer), which the C++ kernels fill in the update pass."""
         from ._base import _on
 
         try:
@@ -186,7 +198,12 @@ class FastStep:
                     scaler = _on(grad_scale, device), _on(found_inf, device)
                     if triton is None:
                         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
-                        cached.run(index, lr_value, lr_tensor, scale, *scaler)  # then lets its gradients go
+                        telemetry = []
+                        if monitored:
+                            telemetry = [monitored.get(id(p)) for p in cached.bucket_params[index]]
+                            if any(b is None for b in telemetry):
+                                telemetry = []  # as on the validation path: the bucket is not measured
+                        cached.run(index, lr_value, lr_tensor, scale, *scaler, telemetry)  # then lets its grads go
                         continue
                     # The bucket's own table, its gradient column set by ``usable``.
                     optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
