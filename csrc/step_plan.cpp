@@ -281,6 +281,13 @@ struct GroupPlan : torch::CustomClassHolder {
     TORCH_CHECK(b.mode != Mode::kAddresses, "GroupPlan.run(): bucket ", bucket, " is launched from Python");
     if (b.mode == Mode::kCpuTable) {
       cpu::TensorTable& t = b.table;
+      struct Clear {  // the buffers belong to this step only (also when a check below fails)
+        cpu::TensorTable& t;
+        ~Clear() {
+          t.telemetry.clear();
+          t.rows.clear();
+        }
+      } clear{t};
       for (size_t j = 0; j < telemetry.size(); ++j) {
         const at::Tensor& buffer = telemetry[j];
         const int64_t numel = t.numel[j];
@@ -290,13 +297,6 @@ struct GroupPlan : torch::CustomClassHolder {
         t.telemetry.push_back(buffer.data_ptr<double>());
         t.rows.push_back(buffer.size(0));
       }
-      struct Clear {  // the buffers belong to this step only
-        cpu::TensorTable& t;
-        ~Clear() {
-          t.telemetry.clear();
-          t.rows.clear();
-        }
-      } clear{t};
       run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
       return;
     }

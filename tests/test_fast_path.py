@@ -520,3 +520,93 @@ def test_a_monitored_triton_step_takes_the_validation_path():
     for ra, rb in zip(monitors[0].history, monitors[1].history):
         for p, q in zip(a, b):
             torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- found by review
+
+def rekeyed_state(opt, ps):
+    """Each parameter's state dict handed to another parameter, the dicts in the same order."""
+    d0, d1 = opt.state[ps[0]], opt.state[ps[1]]
+    rest = [(p, opt.state[p]) for p in ps[2:]]
+    opt.state.clear()
+    opt.state[ps[1]] = d0
+    opt.state[ps[0]] = d1
+    for p, d in rest:
+        opt.state[p] = d
+
+
+def test_state_handed_to_other_parameters_is_seen():
+    ps_a = [torch.ones(5, 3, requires_grad=True), torch.ones(5, 3, requires_grad=True)]
+    ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
+    opt_a, opt_b = CLASSES["adamw"](ps_a), never_fast(CLASSES["adamw"](ps_b))
+    for step in range(4):
+        for opt, ps in ((opt_a, ps_a), (opt_b, ps_b)):
+            set_grads(ps, step)
+            if step == 2:
+                rekeyed_state(opt, ps)
+            opt.step()
+    assert_same(opt_a, ps_a, opt_b, ps_b)
+
+
+@pytest.mark.parametrize("kind,key,value", [("adamw", "weight_decay", 5.0), ("sgd", "momentum", 0.1),
+                                            ("lion", "weight_decay", 0.5), ("adamw", "eps", 1e-3)])
+def test_a_tensor_hyperparameter_filled_in_place_is_seen(kind, key, value):
+    """A hyperparameter given as a tensor (other than lr) is read at every step, as on the
+    validation path: such a group keeps the validation path."""
+    a, opt_a, b, opt_b = pair(kind)
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0][key] = torch.tensor(float(opt.param_groups[0][key]))
+    for step in range(4):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            if step == 2:
+                opt.param_groups[0][key].fill_(value)
+            opt.step()
+    assert_same(opt_a, a, opt_b, b)
+
+
+def test_a_parameter_listed_in_two_groups_keeps_the_validation_path():
+    """Possible by editing group["params"]: with GradScaler skipping SGD's first step, the
+    validation path clears the first-step flag between the two updates of that parameter."""
+    results = []
+    for fast in (True, False):
+        ps = params()
+        opt = CLASSES["sgd"]([{"params": ps[:2]}, {"params": ps[2:]}])
+        if not fast:
+            never_fast(opt)
+        opt.param_groups[1]["params"].append(ps[0])
+        for step in range(3):
+            set_grads(ps, step)
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(step == 0))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        results.append([p.detach().clone() for p in ps])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_negative_zero_hyperparameter_is_an_edit():
+    """weight_decay 0.0 → -0.0 (valid, and it can change the sign of a zero): a new plan."""
+    a, opt_a, b, opt_b = pair("sgd-plain")
+    steps(opt_a, a, 0, 2)
+    steps(opt_b, b, 0, 2)
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["weight_decay"] = -0.0
+    counted = Counted(opt_a)
+    steps(opt_a, a, 2, 3)
+    steps(opt_b, b, 2, 3)
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+
+
+def test_a_failed_fast_step_drops_grad_scalers_tensors():
+    """GradScaler removes grad_scale/found_inf only after a successful step: a step that raises
+    on the fast branch drops them, as the validation path does."""
+    a, opt_a, _, _ = pair("adamw")
+    steps(opt_a, a, 0, 3)
+    set_grads(a, 3)
+    opt_a.grad_scale, opt_a.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    opt_a.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError):
+        opt_a.step()
+    assert not hasattr(opt_a, "grad_scale") and not hasattr(opt_a, "found_inf")

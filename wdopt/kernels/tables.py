@@ -75,6 +75,7 @@ class DeviceTable:
             # step captured in a CUDA graph right after this one then uploads nothing).
             held = torch.tensor(values, dtype=torch.int64).view(self.n_tensors, self.ncol)
             self._columns = {c: held[:, c].clone() for c in range(len(columns))}
+            self._captured = False
         elif cached is not None and cached[0] == content:
             _CACHE.move_to_end(bucket)
             buf = cached[1]
@@ -113,9 +114,12 @@ class DeviceTable:
             return False
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             _CAPTURED[self._buffer.data_ptr()] = self._buffer  # a graph will replay its addresses
+            self._captured = True
         last = self._columns.get(column)
         if last is not None and torch.equal(last, addresses):
             return True
+        if self._captured:
+            return False  # a captured graph replays this table: it is never rewritten
         if self.aligned and not aligned:
             return False
         self._check_not_capturing(device)

@@ -4,16 +4,22 @@ A step runs in two phases so that a failed step changes nothing: first every gro
 (gradients, backends, hyperparameters) without touching parameters or state; then state is
 created lazily and each (device, dtype) bucket of each group is handed to its backend. The
 optimizer subclasses hold only their hyperparameters, their state layout and one ``_update``.
+
+That validation path costs microseconds per tensor. Once it has run, a step whose inputs are
+what it validated takes the fast path instead (``_fast.py``), which checks the same things with
+a few C-level passes and C++ and runs the same kernels.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends
 from ..reference import telemetry as tm
@@ -214,26 +220,26 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         fast = self.__dict__.get("_fast")
-        if fast is not None:
-            if torch.compiler.is_compiling() or _current_dispatch_mode() is not None or \
-                    (fast.launches_from_python and self._monitor_due_next()):
-                pass  # a step the validation path must run; the fast one is kept for the next
-            elif self._capture_health_check() and fast.usable(self):
-                # Monitors count the step (refusing graph capture); those that record it get
-                # their buffers filled by the kernels, as on the validation path.
-                due = [monitor for monitor in self._monitors if monitor._due()]
-                monitored = None
-                if due:
-                    from ..telemetry import telemetry_request
-
-                    monitored = telemetry_request(fast.params)
-                fast.run(self, grad_scale, found_inf, monitored)
-                for monitor in due:
-                    monitor._record(self, monitored, found_inf)
-                return loss
-            else:
-                del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt
         try:
+            if fast is not None:
+                if torch.compiler.is_compiling() or _current_dispatch_mode() is not None or \
+                        (fast.launches_from_python and self._monitor_due_next()):
+                    pass  # a step the validation path must run; the fast one is kept for the next
+                elif self._capture_health_check() and fast.usable(self):
+                    # Monitors count the step (refusing graph capture); those that record it get
+                    # their buffers filled by the kernels, as on the validation path.
+                    due = [monitor for monitor in self._monitors if monitor._due()]
+                    monitored = None
+                    if due:
+                        from ..telemetry import telemetry_request
+
+                        monitored = telemetry_request(fast.params)
+                    fast.run(self, grad_scale, found_inf, monitored)
+                    for monitor in due:
+                        monitor._record(self, monitored, found_inf)
+                    return loss
+                else:
+                    del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt
             plan = self._plan()
         except Exception:
             # GradScaler only removes these after a successful step; stale ones would rescale the next.
@@ -602,8 +608,6 @@ def _current_dispatch_mode():
     """The active TorchDispatchMode, if any: the fast path's CPU kernels are called from C++ below
     the dispatcher, so a mode (a FLOP counter, a tracer) would not see them; such steps take the
     validation path, whose operators it does see."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return _get_current_dispatch_mode()
 
 
@@ -693,6 +697,8 @@ def _same_value(a, b) -> bool:
         return False
     if isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(x is y or _same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a == 0.0 == b:
+        return math.copysign(1.0, a) == math.copysign(1.0, b)  # -0.0 can change the sign of a zero
     return a == b
 
 

@@ -30,6 +30,10 @@ from operator import is_, itemgetter
 import torch
 
 
+#: Group values read at every step, fast or not (tensors allowed): the rest are plan constants.
+_READ_PER_STEP = ("params", "lr", "initial_lr", "decay_initial_lr")
+
+
 class _TritonBucket:
     """A Triton bucket of the fast path: its tensor lists and the table it owns
     (wdopt/kernels/tables.py), whose gradient column is kept up to date."""
@@ -64,7 +68,8 @@ class _Group:
 class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
-    __slots__ = ("groups", "state", "state_dicts", "state_columns", "finish", "params", "launches_from_python")
+    __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "finish", "params",
+                 "launches_from_python")
 
     @classmethod
     def build(cls, optimizer, plan: list) -> "FastStep | None":
@@ -76,6 +81,16 @@ class FastStep:
         from ..kernels import cpp
         from ._base import _GroupChecks
 
+        # Hyperparameters the kernels take as constants must be plain values: a tensor (say a
+        # weight_decay tensor a user fills in place) is read at every step by the validation path.
+        for group in optimizer.param_groups:
+            if any(isinstance(v, torch.Tensor) for k, v in group.items() if k not in _READ_PER_STEP):
+                return None
+        # A parameter listed in two groups (possible by editing group["params"]) is updated by
+        # each; the validation path orders what happens between them (SGD's first-step flags).
+        listed = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        if len(set(listed)) != len(listed):
+            return None
         by_group: dict[int, list] = {}
         for group, backend, params, kernel_ready in plan:
             if not kernel_ready or getattr(backend, "__name__", None) not in ("wdopt.kernels.cpp", "wdopt.kernels.triton"):
@@ -136,6 +151,7 @@ class FastStep:
         #: Triton buckets: a monitored step (row-wise tables) takes the validation path.
         self.launches_from_python = any(triton is not None for g in self.groups for _, triton, _ in g.runs)
         self.state = state
+        self.state_keys = list(state)
         self.state_dicts = list(state.values())
         self.state_columns = [(itemgetter(*keys), len(keys) > 1, dicts, values)
                               for keys, (dicts, values) in columns.items()]
@@ -158,12 +174,11 @@ class FastStep:
                 optimizer._check_step_group(group)
             except ValueError:
                 return False  # the validation path raises it, with the group's number
-        # The per-parameter state dicts, by position (a dict replaced or removed shows here; a
-        # parameter's state can only move to another key by removing one and adding one, which
-        # changes the order), then the state tensors they hold.
+        # The parameters with state and their state dicts, by position (a dict replaced, removed,
+        # or moved to another parameter shows here), then the state tensors the dicts hold.
         state = optimizer.state
         if state is not self.state or len(state) != len(self.state_dicts) or \
-                not all(map(is_, state.values(), self.state_dicts)):
+                not all(map(is_, state, self.state_keys)) or not all(map(is_, state.values(), self.state_dicts)):
             return False
         # One pass over the dicts reads all their keys (each dict is brought into cache once).
         try:
