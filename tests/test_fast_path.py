@@ -29,9 +29,9 @@ CLASSES = {name: (lambda cls, options: lambda ps, **kw: cls(ps, **{"backend": "c
            for name, entry in OPTIONS.items()}
 
 
-def params(dtype=torch.float32, seed=0):
+def params(dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
 
 
 def set_grads(ps, step, seed=1):
@@ -61,10 +61,10 @@ def never_fast(opt):
     return opt
 
 
-def pair(kind="adamw", dtype=torch.float32, **kw):
+def pair(kind="adamw", dtype=torch.float32, device="cpu", **kw):
     """Two optimizers on equal parameters, the second never on the fast path (tensor options
     are copied: each optimizer gets its own)."""
-    a, b = params(dtype), params(dtype)
+    a, b = params(dtype, device=device), params(dtype, device=device)
     copied = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     return a, CLASSES[kind](a, **kw), b, never_fast(CLASSES[kind](b, **copied))
 
@@ -85,17 +85,22 @@ def steps(opt, ps, first, last, **kw):
         opt.step()
 
 
+def check_fast_equals_validated(kind, dtype=torch.float32, n_steps=6, **kw):
+    """Several steps on the fast path give bit for bit what the validation path gives, and the
+    validation path runs only for the first step (state is made there, the plan kept after it)."""
+    a, opt_a, b, opt_b = pair(kind, dtype, **kw)
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, n_steps)
+    steps(opt_b, b, 0, n_steps)
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+    return opt_a
+
+
 @pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_fast_steps_equal_validated_steps(kind, dtype):
-    """Several steps on the fast path give bit for bit what the validation path gives, and the
-    validation path runs only for the first steps (state is made at step 1, plan kept after it)."""
-    a, opt_a, b, opt_b = pair(kind, dtype)
-    counted = Counted(opt_a)
-    steps(opt_a, a, 0, 6)
-    steps(opt_b, b, 0, 6)
-    assert counted.n == 1
-    assert_same(opt_a, a, opt_b, b)
+    check_fast_equals_validated(kind, dtype)
 
 
 def test_fast_steps_match_torch():
@@ -331,13 +336,8 @@ needs_triton = pytest.mark.skipif("triton" not in wdopt.available_backends("cpu"
 def test_triton_fast_steps_equal_validated_steps(kind):
     """The Triton backend's fast path (an owned table whose gradient column follows the new
     gradients of every step) gives bit for bit the validation path's steps."""
-    a, opt_a, b, opt_b = pair(kind, backend="triton")
-    counted = Counted(opt_a)
-    steps(opt_a, a, 0, 4)
-    steps(opt_b, b, 0, 4)
-    assert counted.n == 1
+    opt_a = check_fast_equals_validated(kind, n_steps=4, backend="triton")
     assert opt_a._fast.groups[0].runs[0][1].table is not None  # the bucket's own table was used
-    assert_same(opt_a, a, opt_b, b)
 
 
 @needs_triton
@@ -367,15 +367,7 @@ GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b
 def test_fast_path_on_cuda(kind, backend):
     """On the GPU (benchmarks/gpu_check.sh runs the tests whose ids say cuda): fast steps equal
     validated ones, and a moved gradient (new tensors every step) is followed."""
-    a = [p.cuda().detach().requires_grad_() for p in params()]
-    b = [p.cuda().detach().requires_grad_() for p in params()]
-    opt_a = CLASSES[kind](a, backend=backend)
-    opt_b = never_fast(CLASSES[kind](b, backend=backend))
-    counted = Counted(opt_a)
-    steps(opt_a, a, 0, 5)
-    steps(opt_b, b, 0, 5)
-    assert counted.n == 1
-    assert_same(opt_a, a, opt_b, b)
+    check_fast_equals_validated(kind, n_steps=5, device="cuda", backend=backend)
 
 
 def test_a_dispatch_mode_sees_every_step():

@@ -222,7 +222,9 @@ class FusedOptimizer(Optimizer):
         fast = self.__dict__.get("_fast")
         try:
             if fast is not None:
-                if torch.compiler.is_compiling() or _current_dispatch_mode() is not None or \
+                # A TorchDispatchMode (a FLOP counter, a tracer) would not see the fast path's CPU
+                # kernels, called from C++ below the dispatcher: the validation path's operators it sees.
+                if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
                         (fast.launches_from_python and self._monitor_due_next()):
                     pass  # a step the validation path must run; the fast one is kept for the next
                 elif self._capture_health_check() and fast.usable(self):
@@ -276,8 +278,8 @@ class FusedOptimizer(Optimizer):
                 self._update_measured(args, buffers)
         for monitor in due:
             monitor._record(self, monitored, found_inf)
-        # A fast step for the next steps, unless one is kept (this step was monitored, compiled or
-        # under a dispatch mode: it still is checked in full before it is used).
+        # A fast step for the next steps, unless one is kept (this step was compiled, under a
+        # dispatch mode or a recorded Triton step: it still is checked in full before it is used).
         if self._fast_kind is not None and "_fast" not in self.__dict__ and not torch.compiler.is_compiling():
             fast = FastStep.build(self, plan)  # None: this step's buckets need the validation path
             if fast is not None:
@@ -602,13 +604,6 @@ class FusedOptimizer(Optimizer):
                 return lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32).reshape(())
             return lr.item()
         return float(lr)
-
-
-def _current_dispatch_mode():
-    """The active TorchDispatchMode, if any: the fast path's CPU kernels are called from C++ below
-    the dispatcher, so a mode (a FLOP counter, a tracer) would not see them; such steps take the
-    validation path, whose operators it does see."""
-    return _get_current_dispatch_mode()
 
 
 def _float(x) -> float:
