@@ -35,13 +35,17 @@ TORCH_LIBRARY(wdopt, m) {
   // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
   // (``rotational_norms[i]`` has K elements; K = 1 for a whole-tensor sphere); a tensor whose
   // ``rotational_steps`` is 0 takes its row norms as its frozen norms n. ``angle`` is η_r;
-  // ``projected`` uses the plain projected step with lr instead.
+  // ``projected`` uses the plain projected step with lr instead. ``rate_tensor`` (capturable): a
+  // float64 one-element tensor on the parameters' device read instead, in the kernel: lr when
+  // projected, else η_r², whose correctly rounded root the kernel takes (torch's CPU sqrt is not
+  // correctly rounded, so the driver hands over the square and every path gets the host's bits).
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
       "Tensor(g!)[] rotational_steps, Tensor?[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float momentum, bool nesterov, float angle, float norm_decay, float rotational_eps, bool zero_mean, "
-      "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? rate_tensor=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "

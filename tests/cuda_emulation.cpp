@@ -62,6 +62,8 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
   g_telemetry.buffers = buffers;
   g_telemetry.rows = rows;
 }
+wc::DeviceScalar g_rate;  // applied to the next rotational calls (emu_set_rate)
+void emu_set_rate(const void* rate, int is_double) { g_rate = scalar(rate, is_double); }
 int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, const int64_t* rows, void** p,
                    const void** g, void** s1, void** s2, float** steps, void** norms, void** avgs, float** rsteps,
                    const float* const* first, const double* h, int nesterov, int zero_mean, int projected, int maximize,
@@ -75,6 +77,7 @@ int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, c
   a.lr = h[0]; a.beta1 = h[1]; a.beta2 = h[2]; a.eps = h[3]; a.momentum = h[4]; a.angle = h[5]; a.norm_decay = h[6];
   a.rotational_eps = h[7];
   a.nesterov = nesterov != 0; a.zero_mean = zero_mean != 0; a.projected = projected != 0;
+  a.rate = g_rate;
   a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
   a.scratch = scratch;

@@ -22,6 +22,7 @@ Without nvcc the nvcc tests skip, except in CI (CI=true), where a missing nvcc i
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shlex
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wdopt import reference
+from wdopt import reference, theory
 from wdopt.kernels.build import cxx_standard
 from wdopt.reference import rotational as rv
 from wdopt.reference import telemetry as reference_telemetry
@@ -229,6 +230,8 @@ def emu(tmp_path_factory):
     lib.emu_set_telemetry.restype = None
     lib.emu_rotational.argtypes = [I, I, I64, P, P, P, P, P, P, P, P, P, P, P, P, I, I, I, I] + grad_args[2:] + [P, I64]
     lib.emu_rotational_scratch_bytes.argtypes = [I64]
+    lib.emu_set_rate.argtypes = [P, I]
+    lib.emu_set_rate.restype = None
     lib.emu_table_capacity.argtypes = [I]
     for name in ("emu_scratch_bytes", "emu_launches", "emu_rotational_scratch_bytes"):
         getattr(lib, name).restype = I64
@@ -663,6 +666,37 @@ def _emu_rotational(emu, name, dtype, params, grads, states, hyper, *, zero_mean
     assert err == 0
     for st in states:
         st["first"] = False
+
+
+@pytest.mark.parametrize("on_chip_bytes", [0, 1], ids=["on_chip", "two_pass"])
+@pytest.mark.parametrize("projected", [False, True], ids=["equilibrium", "projected"])
+def test_emulated_rotational_reads_the_rate_on_the_device(emu, projected, on_chip_bytes):
+    """capturable (issue 9, bug 3): the rate read from device memory (lr when projected, else η_r²,
+    whose root the kernel takes) gives the bits of the host arguments lr and angle = sqrt(η_r²),
+    which hold NaN meanwhile: a kernel that still read them would show it."""
+    angle_sq = 1e-3 * 0.1 * theory.adamw_rotation_factor((0.9, 0.99))
+    hyper = dict(lr=0.0234, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.0, angle=math.sqrt(angle_sq), norm_decay=0.9,
+                 rot_eps=1e-8)
+    gen = torch.Generator().manual_seed(5)
+    w = [torch.randn(4, 50, generator=gen) + 0.3, torch.randn(2, 3000, generator=gen)]
+    host_p, dev_p = [x.clone() for x in w], [x.clone() for x in w]
+    host_st, dev_st = [_rot_state(x, torch.float32) for x in w], [_rot_state(x, torch.float32) for x in w]
+    rate = torch.tensor(hyper["lr"] if projected else angle_sq, dtype=torch.float64)
+    for _ in range(2):
+        g = [torch.randn(x.shape, generator=gen) for x in w]
+        _emu_rotational(emu, "adamw", torch.float32, host_p, g, host_st, hyper, projected=projected,
+                        on_chip_bytes=on_chip_bytes)
+        emu.emu_set_rate(rate.data_ptr(), 1)
+        try:
+            _emu_rotational(emu, "adamw", torch.float32, dev_p, g, dev_st,
+                            {**hyper, "lr": math.nan, "angle": math.nan}, projected=projected,
+                            on_chip_bytes=on_chip_bytes)
+        finally:
+            emu.emu_set_rate(None, 0)
+    assert not any(bool(p.isnan().any()) for p in dev_p)
+    _assert_identical(dev_p, host_p, "param")
+    for key in ("s1", "s2", "step", "rotational_norm", "update_norm_avg", "rotational_step"):
+        _assert_identical([st[key] for st in dev_st], [st[key] for st in host_st], key)
 
 
 @pytest.mark.parametrize("on_chip_bytes", [0, 1], ids=["on_chip", "two_pass"])

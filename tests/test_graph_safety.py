@@ -6,6 +6,8 @@ tests/test_parity.py::test_cuda_graph_capture_and_replay on a GPU (benchmarks/gp
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -174,18 +176,27 @@ def test_captured_tables_outlive_the_cache(cls, kw):
 SYNCING = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero")
 
 
+ROTATIONAL_OPTIONS = [
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1, decay_scaling="schedule")),
+    (wdopt.RotationalSGD, dict(momentum=0.9, weight_decay=0.1, mode="projected")),
+    (wdopt.RotationalLion, dict(weight_decay=0.1, per_neuron=False)),  # monitored: telemetry from a snapshot
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1, target_rotation=0.01)),
+]
+ROTATIONAL_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for cls, kw in ROTATIONAL_OPTIONS]
+
+
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
-@pytest.mark.parametrize("cls,kw", CLASSES[:4] + [
+@pytest.mark.parametrize("cls,kw", CLASSES + [
     (wdopt.FusedAdamW, dict(weight_decay=0.1, decay_scaling="schedule")),
-    (wdopt.FusedSGD, dict(momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True, decay_scaling="schedule"))],
-    ids=IDS[:4] + ["FusedAdamW-schedule", "FusedSGD-schedule"])
+    (wdopt.FusedSGD, dict(momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True, decay_scaling="schedule"))]
+    + ROTATIONAL_OPTIONS, ids=IDS + ["FusedAdamW-schedule", "FusedSGD-schedule"] + ROTATIONAL_IDS)
 @pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
 def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device, cls, kw, monitored):
     """capturable=True with a tensor lr: after the first step (which creates state), a step reads no
     tensor value on the host — on a GPU each such read is a device sync, and inside a graph capture an
     error. Checked here by making every Python-level read raise (gpu_acceptance.py's sync_free check
-    does it on the GPU with torch.cuda.set_sync_debug_mode). The rotational optimizers still read a
-    tensor lr on the host (issue 9, bug 3) and are not held to this yet."""
+    does it on the GPU with torch.cuda.set_sync_debug_mode). The rotational optimizers compute their
+    rate on the device (``_Rotational._rate_tensor``) and their kernels read it there."""
     params = clone_leaves(make_params([(6, 5), (4,)], torch.float32, device))
     opt = cls(params, lr=torch.tensor(1e-2, device=device), capturable=True, backend=backend, **kw)
     # A scheduler sets initial_lr (a tensor copy of a tensor lr) and changes lr in place.
@@ -205,3 +216,62 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch, backend, device,
         opt.step()
     if monitor is not None:  # records are read afterwards, on the host, as they may be
         assert monitor.last.as_dict()
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
+@pytest.mark.parametrize("cls,kw", [
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1)),
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1, decay_scaling="schedule")),
+    (wdopt.RotationalSGD, dict(momentum=0.9, weight_decay=0.1)),
+    (wdopt.RotationalLion, dict(weight_decay=0.3)),
+    (wdopt.RotationalAdamW, dict(weight_decay=0.1, mode="projected")),
+], ids=["adamw", "adamw-schedule", "sgd", "lion", "adamw-projected"])
+def test_capturable_rotation_rate_has_the_host_bits(backend, device, cls, kw):
+    """The rate a capturable rotational step computes on the device (η_r² or lr, root in the kernel)
+    moves the weights exactly as the host's float rate does: same parameters and state, bit for bit,
+    over steps whose lr changes (to 0 as well: no rotation) — so a CUDA graph replays the eager step."""
+    shapes = [(6, 5), (3, 130), (4,)]
+    lrs = [float(torch.tensor(v, dtype=torch.float32)) for v in (0.01, 0.0037, 0.0, 0.02)]
+    host_params = clone_leaves(make_params(shapes, torch.float32, device))
+    device_params = clone_leaves(host_params)
+    host = cls(host_params, lr=lrs[0], backend=backend, **kw)
+    on_device = cls(device_params, lr=torch.tensor(lrs[0], device=device), capturable=True, backend=backend, **kw)
+    for step, lr in enumerate(lrs):
+        host.param_groups[0]["lr"] = lr
+        on_device.param_groups[0]["lr"].fill_(lr)
+        for a, b, g in zip(host_params, device_params, grad_stream(shapes, 1, seed=step, top=0)[0]):
+            a.grad = g.to(device=device, dtype=torch.float32)
+            b.grad = a.grad.clone()
+        host.step()
+        on_device.step()
+        for a, b in zip(host_params, device_params):
+            assert torch.equal(a, b), f"step {step}: parameters differ"
+    for a, b in zip(host_params, device_params):
+        for key, value in host.state[a].items():
+            assert torch.equal(value, on_device.state[b][key]), key
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (wdopt.RotationalAdamW, dict(betas=(0.9, 0.999))), (wdopt.RotationalSGD, dict(momentum=0.9)),
+    (wdopt.RotationalLion, dict(betas=(0.95, 0.98)))], ids=["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("scaling", ["lr", "schedule"])
+def test_device_rate_is_the_host_angle_squared(cls, kw, scaling):
+    """η_r² computed on the device for random lr, λ and initial lr: its correctly rounded root is
+    the host's η_r exactly (the kernels take that root), and lr ≤ 0 or NaN gives no rotation."""
+    gen = torch.Generator().manual_seed(0)
+    if scaling == "schedule" and cls is wdopt.RotationalSGD:
+        kw = dict(kw, decoupled_weight_decay=True)
+    opt = cls([torch.randn(4, 3, generator=gen)], lr=torch.tensor(0.01), capturable=True, weight_decay=0.1,
+              decay_scaling=scaling, **kw)
+    group = opt.param_groups[0]
+    for _ in range(300):
+        u = torch.rand(3, generator=gen, dtype=torch.float64)
+        group["lr"] = torch.tensor(float(10 ** (-5 * u[0])), dtype=torch.float32)
+        group["weight_decay"] = float(10 ** (-3 * u[1]))
+        group["decay_initial_lr"] = float(10 ** (-4 * u[2]))
+        rate = opt._rate_tensor(group, torch.device("cpu"))
+        assert rate.dtype == torch.float64 and rate.dim() == 0
+        assert math.sqrt(rate.item()) == opt._angle(group)
+    for lr in (0.0, -1e-3, math.nan):
+        group["lr"] = torch.tensor(lr)
+        assert opt._rate_tensor(group, torch.device("cpu")).item() == 0.0 == opt._angle(group)

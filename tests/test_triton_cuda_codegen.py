@@ -29,7 +29,8 @@ COMPILER = textwrap.dedent("""
     from triton.compiler import ASTSource
 
     POINTERS = {"table_ptr": "*i64", "work_ptr": "*i64", "coef_ptr": "*fp64", "lr_ptr": "*fp32",
-                "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+                "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "rate_ptr": "*fp64",
+                "rate_out_ptr": "*fp64"}
     DTYPES = {"fp32": (tl.float32, tl.float32), "bf16": (tl.bfloat16, tl.float32),
               "fp16": (tl.float16, tl.float32), "fp64": (tl.float64, tl.float64)}
     out = {}
@@ -91,6 +92,9 @@ def _cases():
         shapes = [(False, 16, 128, "fp32"), (False, 1, 2048, "fp32")]
         shapes += [(True, 1, 1024 if d == "fp64" else 2048, d)
                    for d in (["fp32", "bf16", "fp64"] if optimizer == 0 else ["fp32"])]
+        # AdamW (the most registers) with the capturable device rate, the others with a host rate:
+        # both variants compiled (the device rate, loaded at the top, once spilled 16 bytes).
+        extra = dict(extra, HAS_RATE=optimizer == 0)
         for long, rows, block, dtype in shapes:
             cases.append(dict(
                 id=f"rotational-{optimizer}-{'long' if long else f'tile{rows}x{block}'}-{dtype}", module="rotational",
@@ -100,7 +104,8 @@ def _cases():
                                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
                                 ROWS=rows, BLOCK=block, **extra)))
     cases.append(dict(id="rotational-coefficients", module="rotational", kernel="_rotational_coefficients_kernel",
-                      arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, ROWS=128)))
+                      arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, HAS_RATE=True, PROJECTED=False,
+                                               ROWS=128)))
     return cases
 
 

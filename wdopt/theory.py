@@ -40,7 +40,8 @@ import torch
 
 __all__ = [
     "Prediction", "adamw_equilibrium", "sgd_equilibrium", "lion_equilibrium", "adam_l2_equilibrium_norm",
-    "lion_sigma_squared", "decay_fraction", "neurons", "predict",
+    "lion_sigma_squared", "decay_fraction", "equilibrium_angle", "adamw_rotation_factor", "sgd_rotation_factor",
+    "lion_rotation_factor", "neurons", "predict",
 ]
 
 
@@ -62,6 +63,29 @@ def _check(lr: float, d: float) -> None:
         raise ValueError(f"equilibrium needs weight decay (a positive decay fraction), got d={d}")
 
 
+def equilibrium_angle(d: float, factor: float) -> float:
+    """The angular update per step at equilibrium, sqrt(d·factor), for every optimizer (its
+    ``*_rotation_factor``). The rotational optimizers with a capturable tensor lr compute d·factor
+    on the device and their kernels take the (correctly rounded) root: the same bits as here."""
+    return math.sqrt(d * factor)
+
+
+def adamw_rotation_factor(betas=(0.9, 0.999)) -> float:
+    """AdamW's angular update is sqrt(factor·d) with factor 2(1−β1)/(1+β1)."""
+    beta1 = betas[0]
+    return 2 * (1 - beta1) / (1 + beta1)
+
+
+def sgd_rotation_factor(momentum: float = 0.0) -> float:
+    """SGD's (momentum μ) angular update is sqrt(factor·d) with factor 2/(1+μ)."""
+    return 2 / (1 + momentum)
+
+
+def lion_rotation_factor(betas=(0.9, 0.99)) -> float:
+    """Lion's angular update sqrt(π/2)·sqrt(2d)·σ is sqrt(factor·d) with factor π·σ²."""
+    return math.pi * lion_sigma_squared(betas)
+
+
 def adamw_equilibrium(lr: float, d: float, neuron_size: int, betas=(0.9, 0.999)) -> Prediction:
     """AdamW: ‖ω̂‖ = η·sqrt(C/(2d)), angular update sqrt(2d(1−β1)/(1+β1)), relaxation 1/(2d).
 
@@ -70,9 +94,8 @@ def adamw_equilibrium(lr: float, d: float, neuron_size: int, betas=(0.9, 0.999))
     per step against a shrinkage of 2d·‖ω‖²; β1 cancels in the norm after the momentum's
     correlation between steps is counted."""
     _check(lr, d)
-    beta1 = betas[0]
     return Prediction(norm=lr * math.sqrt(neuron_size / (2 * d)),
-                      angular_update=math.sqrt(2 * d * (1 - beta1) / (1 + beta1)),
+                      angular_update=equilibrium_angle(d, adamw_rotation_factor(betas)),
                       time_constant=1 / (2 * d))
 
 
@@ -86,7 +109,7 @@ def sgd_equilibrium(lr: float, d: float, grad_norm_sq_unit: float, momentum: flo
     if not grad_norm_sq_unit > 0:
         raise ValueError("SGD's equilibrium norm needs the measured E‖g̃‖² > 0")
     return Prediction(norm=(lr**2 * grad_norm_sq_unit / (2 * d * (1 - momentum))) ** 0.25,
-                      angular_update=math.sqrt(2 * d / (1 + momentum)),
+                      angular_update=equilibrium_angle(d, sgd_rotation_factor(momentum)),
                       time_constant=(1 - momentum) / (4 * d))
 
 
@@ -101,7 +124,7 @@ def lion_equilibrium(lr: float, d: float, neuron_size: int, betas=(0.9, 0.99)) -
     _check(lr, d)
     sigma_sq = lion_sigma_squared(betas)
     return Prediction(norm=lr * math.sqrt(neuron_size / (math.pi * d * sigma_sq)),
-                      angular_update=math.sqrt(math.pi / 2) * math.sqrt(2 * d) * math.sqrt(sigma_sq),
+                      angular_update=equilibrium_angle(d, lion_rotation_factor(betas)),
                       time_constant=1 / (2 * d))
 
 
@@ -114,12 +137,13 @@ def adam_l2_equilibrium_norm(lr: float, weight_decay: float, neuron_size: int, g
 
 
 def decay_fraction(group: dict) -> float:
-    """d for an optimizer parameter group: lr·λ, or λ·lr/initial_lr with decay_scaling="schedule"."""
+    """d for an optimizer parameter group: lr·λ, or λ·lr/initial_lr with decay_scaling="schedule",
+    rounded as the kernels round it: lr·λ·(1/initial_lr) (reads a tensor lr on the host)."""
     lr = float(group["lr"])
     weight_decay = float(group["weight_decay"])
     if group.get("decay_scaling", "lr") == "schedule":
         initial = float(group.get("initial_lr", group.get("decay_initial_lr", lr)))
-        return weight_decay * lr / initial
+        return lr * weight_decay * (1.0 / initial)
     return lr * weight_decay
 
 

@@ -145,9 +145,14 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                  const c10::List<std::optional<at::Tensor>>& first_steps,
                  at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
                  double norm_decay, double rotational_eps, bool zero_mean, bool projected, bool maximize,
-                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                 const std::optional<at::Tensor>& rate_tensor) {
   if (params.empty()) return;
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
+  const bool has_rate = rate_tensor.has_value() && rate_tensor->defined();
+  TORCH_CHECK(!has_rate || (rate_tensor->device().is_cpu() && rate_tensor->numel() == 1 &&
+                            rate_tensor->scalar_type() == at::kDouble),
+              "wdopt rotational: rate_tensor must be a one-element float64 CPU tensor");
   TORCH_CHECK(adamw || sgd || lion, "wdopt rotational: unknown optimizer ", optimizer);
   const size_t n_tensors = params.size();
   for (size_t t = 0; t < n_tensors; ++t) {
@@ -193,6 +198,14 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
       float* s = ptr<float>(steps[t]);
       *s += 1.0f;
       step[t] = *s;
+    }
+  }
+  if (has_rate) {  // lr (projected) or η_r² (see csrc/ops.cpp): the root, correctly rounded, here
+    const double rate = *rate_tensor->const_data_ptr<double>();
+    if (projected) {
+      lr = rate;
+    } else {
+      angle = std::sqrt(rate);
     }
   }
   const RotationOptions options{angle, lr, norm_decay, rotational_eps, zero_mean, projected};

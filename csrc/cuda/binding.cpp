@@ -345,7 +345,8 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                      double lr, double beta1,
                      double beta2, double eps, double momentum, bool nesterov, double angle, double norm_decay,
                      double rotational_eps, bool zero_mean, bool projected, bool maximize,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& rate_tensor) {
   constexpr const char* op = "wdopt::rotational_";
   if (params.empty()) return;
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
@@ -444,6 +445,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
   a.rotational_eps = rotational_eps;
   a.zero_mean = zero_mean;
   a.projected = projected;
+  a.rate = device_scalar(op, "rate_tensor", rate_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
   a.scratch = scratch.mutable_data_ptr();

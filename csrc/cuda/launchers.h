@@ -126,6 +126,9 @@ struct RotationalArgs {
   bool nesterov = false;
   double angle = 0, norm_decay = 0, rotational_eps = 0;
   bool zero_mean = true, projected = false;
+  // capturable: when present, read instead of ``lr`` (projected) or ``angle`` (then it holds η_r²,
+  // whose root the kernel takes; csrc/ops.cpp)
+  DeviceScalar rate;
   GradOptions grad;
   Telemetry telemetry;  // rows: a multiple of rotation rows (the binding reduces other shapes)
   // Device memory of at least rotational_scratch_bytes(n_tensors) bytes, 16-byte aligned.

@@ -84,6 +84,7 @@ struct RotationTable {
 
 template <typename M> struct RotationArgs {
   double angle, lr, norm_decay, eps;
+  DeviceScalar rate;  // capturable: lr (projected) or η_r², read on the device (RotationalArgs)
   const RotationCoefficients<M>* coefficients;
   LionCoefficients<M> lion;
   M momentum;
@@ -203,11 +204,12 @@ template <typename T, int KIND> struct RotationalRowKernel {
     auto step_from = [&](int64_t row, double tangent_sq, M n) {
       double scale;
       if (args.projected) {
-        scale = args.lr;
+        scale = lr_value(args.lr, args.rate);
       } else {
+        const double angle = args.rate.ptr != nullptr ? sqrt(read_scalar(args.rate)) : args.angle;
         const double s = args.norm_decay * static_cast<double>(s_avg[row]) + (1.0 - args.norm_decay) * tangent_sq;
         s_avg[row] = static_cast<M>(s);
-        scale = args.angle * static_cast<double>(n) / (sqrt(s / rc.norm_decay_bias_correction) + args.eps);
+        scale = angle * static_cast<double>(n) / (sqrt(s / rc.norm_decay_bias_correction) + args.eps);
       }
       return static_cast<M>(scale);
     };
@@ -585,6 +587,7 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
     RotationArgs<M> args{};
     args.angle = a.angle;
     args.lr = a.lr;
+    args.rate = a.rate;
     args.norm_decay = a.norm_decay;
     args.eps = a.rotational_eps;
     args.coefficients = coefficients;

@@ -321,10 +321,11 @@ def rotational_available(device: torch.device) -> bool:
 
 def rotational(optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
                first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean,
-               projected, maximize, grad_scale=None, found_inf=None, telemetry=()) -> None:
-    """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors."""
+               projected, maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None) -> None:
+    """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors.
+    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp)."""
     torch.ops.wdopt.rotational_(
         optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
         list(first_steps), list(telemetry), lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
         nesterov=nesterov, angle=angle, norm_decay=norm_decay, rotational_eps=rotational_eps, zero_mean=zero_mean,
-        projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+        projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, rate_tensor=rate_tensor)

@@ -14,8 +14,6 @@ the base optimizers.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import theory
@@ -147,15 +145,38 @@ class _Rotational:
                                  "with zero_mean) and cannot be put on a sphere")
 
     def _angle(self, group: dict) -> float:
+        """η_r, the angle per step, on the host (a tensor lr is read there)."""
         if group["mode"] == "projected":
             return 0.0  # the projected step uses lr, not an angle
         if group["target_rotation"] is not None:
             return float(group["target_rotation"])
         d = theory.decay_fraction(group)
-        return self._equilibrium_angle(group, d) if d > 0 else 0.0  # lr = 0 (warm-up start): no rotation
+        # lr = 0 (a warm-up's start) or a NaN lr: no rotation.
+        return theory.equilibrium_angle(d, self._rotation_factor(group)) if d > 0 else 0.0
+
+    def _rate_tensor(self, group: dict, device: torch.device) -> torch.Tensor | None:
+        """The step's rate computed on ``device`` from a capturable tensor lr, with no host read
+        (CUDA graphs, sync-free steps): a float64 0-d tensor holding lr (projected mode) or η_r²
+        (equilibrium mode), which the kernels read instead of their ``lr``/``angle`` argument.
+        η_r² = d·factor is the host formula's product, op for op (d = lr·λ·scale, as
+        ``theory.decay_fraction`` rounds it); the kernels take the root themselves because
+        torch's CPU sqrt is not correctly rounded (about 1% of float64 inputs are an ulp off) and
+        theirs is, so both paths give the kernels the same bits. None: the rate is a host float."""
+        lr = group["lr"]
+        if not (group["capturable"] and isinstance(lr, torch.Tensor)):
+            return None
+        if group["mode"] == "equilibrium" and group["target_rotation"] is not None:
+            return None  # a fixed angle: a host float
+        lr = lr.to(device=device, dtype=torch.float64).reshape(())
+        if group["mode"] == "projected":
+            return lr
+        d = lr * float(group["weight_decay"]) * self._decay_lr_scale(group)
+        return torch.where(d > 0, d * self._rotation_factor(group), 0.0)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        angle = self._angle(group)  # before anything changes: it may raise
+        # Before anything changes (they may raise); with a capturable tensor lr, on the device.
+        rate = self._rate_tensor(group, params[0].device) if params else None
+        angle = self._angle(group) if rate is None else None
         rotational = [self._is_rotational(p, group) for p in params]
         base = [i for i, r in enumerate(rotational) if not r]
         if base:
@@ -170,37 +191,50 @@ class _Rotational:
         fused = kernel_ready and available(params[0].device)
         # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
         if fused and (not telemetry or group["per_neuron"]):
-            self._rotate_fused(group, backend, params, grads, angle, grad_scale, found_inf, telemetry)
+            self._rotate_fused(group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry)
         elif telemetry:
             before = [p.detach().clone() for p in params]
             self._update(group, backend, params, grads, grad_scale, found_inf, kernel_ready)
-            if not step_skipped(found_inf):
-                for b, p, p0, g in zip(telemetry, params, before, grads):
-                    b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
-        elif not step_skipped(found_inf):
+            for b, p, p0, g in zip(telemetry, params, before, grads):
+                sums = tm.row_sums(p0, p, g, b.shape[0], grad_scale)
+                if found_inf is not None:  # a skipped step leaves the buffer as it was (no host read)
+                    sums = torch.where(found_inf.to(b.device) != 0, b, sums)
+                b.copy_(sums)
+        elif not step_skipped(found_inf):  # the reference's rotation (it reads scalars on the host)
+            angle = self._angle(group)
             for p, g in zip(params, grads):
                 state = self.state[p]
                 rv.rotate_(p, self._direction(p, g, state, group, grad_scale), state, angle=angle,
-                           lr=float(group["lr"]), norm_decay=group["update_norm_decay_factor"],
+                           lr=_float(group["lr"]), norm_decay=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
                            per_neuron=group["per_neuron"], mode=group["mode"])
 
-    def _rotate_fused(self, group, backend, params, grads, angle, grad_scale, found_inf, telemetry) -> None:
-        """All rotational tensors of a bucket in one call of the backend's fused rotational kernel."""
+    def _rotate_fused(self, group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry) -> None:
+        """All rotational tensors of a bucket in one call of the backend's fused rotational kernel;
+        ``rate``: None, or the device's rate (``_rate_tensor``), read by the kernel instead of
+        ``angle`` or lr (which are then not read on the host)."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if "rotational_norm" not in state:
                 rv.init_state(p, state, group["per_neuron"])
         name, state1, state2, steps, first_steps, hyper = self._fused_arguments(group, params, states)
+        projected = group["mode"] == "projected"
         backend.rotational(
             name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
             [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
-            lr=float(group["lr"]), angle=angle, norm_decay=group["update_norm_decay_factor"],
+            # lr is read by the projected step only (the directions are lr-free)
+            lr=_float(group["lr"]) if projected and rate is None else 0.0, angle=0.0 if rate is not None else angle,
+            rate_tensor=rate, norm_decay=group["update_norm_decay_factor"],
             rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
-            projected=group["mode"] == "projected", maximize=group["maximize"], grad_scale=grad_scale,
+            projected=projected, maximize=group["maximize"], grad_scale=grad_scale,
             found_inf=found_inf, telemetry=telemetry, **hyper)
         if first_steps:  # RotationalSGD with momentum: its buffers have history now (see FirstStepFlags)
             self._flags.clear(first_steps, found_inf)
+
+
+def _float(lr) -> float:
+    """A float lr, or a tensor one read on the host (torch's behaviour without capturable)."""
+    return lr.item() if isinstance(lr, torch.Tensor) else float(lr)
 
 
 def _split_rows(p: torch.Tensor, per_neuron: bool) -> str | None:
@@ -244,8 +278,8 @@ class RotationalAdamW(_Rotational, FusedAdamW):
         self._finish_init()
 
     @staticmethod
-    def _equilibrium_angle(group, d):
-        return theory.adamw_equilibrium(1.0, d, 1, group["betas"]).angular_update
+    def _rotation_factor(group):
+        return theory.adamw_rotation_factor(group["betas"])
 
     def _check_variant_options(self, group):
         if group["amsgrad"]:
@@ -280,8 +314,8 @@ class RotationalSGD(_Rotational, FusedSGD):
         self._finish_init()
 
     @staticmethod
-    def _equilibrium_angle(group, d):
-        return math.sqrt(2 * d / (1 + group["momentum"]))
+    def _rotation_factor(group):
+        return theory.sgd_rotation_factor(group["momentum"])
 
     def _check_variant_options(self, group):
         if group["dampening"] != 0:
@@ -315,8 +349,8 @@ class RotationalLion(_Rotational, FusedLion):
         self._finish_init()
 
     @staticmethod
-    def _equilibrium_angle(group, d):
-        return theory.lion_equilibrium(1.0, d, 1, group["betas"]).angular_update
+    def _rotation_factor(group):
+        return theory.lion_rotation_factor(group["betas"])
 
     def _fused_arguments(self, group, params, states):
         beta1, beta2 = group["betas"]

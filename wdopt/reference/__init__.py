@@ -6,6 +6,11 @@ every backend implements, so the reference is also the ``"reference"`` backend.
 
 Math is done in fp32 for fp16/bf16/fp32 tensors and in fp64 for fp64 tensors, exactly as the fused
 kernels do; scalars are computed in Python (double) and rounded once to the compute dtype.
+
+Reading a scalar in Python means reading it on the host: a tensor lr, step counts, GradScaler's
+found_inf and SGD's first-step flags are read with ``.item()``, so the reference backend syncs
+with the device even with ``capturable=True`` (and cannot be captured in a CUDA graph); the fused
+backends read them on the device.
 """
 
 from .adamw import adamw, adamw_step

@@ -70,8 +70,9 @@ COEF_ROWS = 128
 
 @triton.jit(do_not_specialize=["tensors", "beta1_bits", "beta2_bits", "norm_decay_bits"])
 def _rotational_coefficients_kernel(
-    table_ptr, coef_ptr, found_inf_ptr, tensors, beta1_bits, beta2_bits, norm_decay_bits,
-    ADAMW_STEPS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr,
+    table_ptr, coef_ptr, found_inf_ptr, rate_ptr, rate_out_ptr, tensors, beta1_bits, beta2_bits, norm_decay_bits,
+    ADAMW_STEPS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_RATE: tl.constexpr, PROJECTED: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     in_range = i < tensors
@@ -97,6 +98,11 @@ def _rotational_coefficients_kernel(
     else:
         tl.store(out + BIAS_CORRECTION1, one, mask=in_range)
         tl.store(out + BIAS_CORRECTION2_SQRT, one, mask=in_range)
+    if HAS_RATE:  # capturable: lr (projected) or η_r², whose root is taken here (csrc/ops.cpp)
+        rate = tl.load(rate_ptr)
+        if not PROJECTED:
+            rate = tl.sqrt(rate)  # fp64: correctly rounded
+        tl.store(rate_out_ptr + i * 0, one * rate, mask=i == 0)
 
 
 @triton.jit
@@ -132,14 +138,14 @@ def _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd
     return tl.where(mask, u, 0.0), grad
 
 
-@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "momentum_bits", "angle_bits",
-                               "norm_decay_bits", "rotational_eps_bits"])
+@triton.jit(do_not_specialize=["rate_bits", "beta1_bits", "beta2_bits", "eps_bits", "momentum_bits", "norm_decay_bits",
+                               "rotational_eps_bits"])
 def _rotational_kernel(
-    table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
-    lr_bits, beta1_bits, beta2_bits, eps_bits, momentum_bits, angle_bits, norm_decay_bits, rotational_eps_bits,
+    table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, rate_ptr,
+    rate_bits, beta1_bits, beta2_bits, eps_bits, momentum_bits, norm_decay_bits, rotational_eps_bits,
     OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ZERO_MEAN: tl.constexpr,
     PROJECTED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    TELEMETRY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LONG: tl.constexpr,
+    HAS_RATE: tl.constexpr, TELEMETRY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LONG: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Rows [row_start, row_end) of ``tensor``; none when GradScaler found an inf.
@@ -165,8 +171,7 @@ def _rotational_kernel(
     beta2 = beta2_64.to(COMPUTE)
     eps = f64(eps_bits).to(COMPUTE)
     momentum = f64(momentum_bits).to(COMPUTE)
-    lr = f64(lr_bits).to(COMPUTE)
-    angle = f64(angle_bits).to(COMPUTE)
+    rate = f64(rate_bits).to(COMPUTE)  # lr (projected) or the angle η_r, a host float, unless HAS_RATE
     norm_decay64 = f64(norm_decay_bits)
     norm_decay = norm_decay64.to(COMPUTE)
     one_minus_norm_decay = (1.0 - norm_decay64).to(COMPUTE)
@@ -195,13 +200,15 @@ def _rotational_kernel(
         radial = tl.where(n > 0, div(tl.sum(u * p, axis=1), tl.where(n > 0, n * n, 1.0), COMPUTE), 0.0)
         # The tangent t and ‖t‖² from t itself (see rotational_cpu.cpp: no moment formula on chip).
         t = u - p * radial[:, None]
+        if HAS_RATE:  # capturable: from the coefficient kernel; loaded where it is used (at the top of
+            rate = tl.load(rate_ptr).to(COMPUTE)  # the kernel it held a register through the tile: a spill)
         if PROJECTED:
-            scale = tl.zeros((ROWS,), COMPUTE) + lr
+            scale = tl.zeros((ROWS,), COMPUTE) + rate
         else:
             avg = tl.load(avg_ptr + rows, mask=row_ok, other=0.0) * norm_decay + one_minus_norm_decay * tl.sum(t * t, axis=1)
             tl.store(avg_ptr + rows, avg, mask=row_ok)
             u_bar = sqrt(div(avg, norm_decay_bias_correction, COMPUTE), COMPUTE)
-            scale = div(angle * n, u_bar + rotational_eps, COMPUTE)
+            scale = div(rate * n, u_bar + rotational_eps, COMPUTE)
         q = p - scale[:, None] * t
         if ZERO_MEAN:  # re-centred against rounding drift, as the reference
             q = tl.where(mask, q - div(tl.sum(q, axis=1), count, COMPUTE)[:, None], 0.0)
@@ -283,13 +290,15 @@ def _rotational_kernel(
         radial = tl.where(n > 0, div(up, tl.where(n > 0, n * n, 1.0), COMPUTE), 0.0)
         # t = u_c − r·p: ‖t‖² = Σu_c² − 2rΣu_c·p + r²Σp².
         tangent_sq = tl.maximum(uu - 2.0 * radial * up + radial * radial * sum_pp, 0.0)
+        if HAS_RATE:
+            rate = tl.load(rate_ptr).to(COMPUTE)
         if PROJECTED:
-            scale = lr
+            scale = rate
         else:
             avg = tl.load(avg_ptr + row, mask=active, other=0.0) * norm_decay + one_minus_norm_decay * tangent_sq
             tl.store(avg_ptr + row, avg, mask=active)
             u_bar = sqrt(div(avg, norm_decay_bias_correction, COMPUTE), COMPUTE)
-            scale = div(angle * n, u_bar + rotational_eps, COMPUTE)
+            scale = div(rate * n, u_bar + rotational_eps, COMPUTE)
         # q = p − scale·t; q − mean(q) = (p − mean(p)) − scale·(u_c − r·(p − mean(p))), whose norm
         # follows from the centred sums (all equal to the plain ones without zero_mean).
         q_sq = pp - 2.0 * scale * (up - radial * pp) + scale * scale * (uu - 2.0 * radial * up + radial * radial * pp)
@@ -332,11 +341,12 @@ def _num_warps(rows: int, block: int) -> int:
 def rotational(
     optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
     first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean, projected,
-    maximize, grad_scale=None, found_inf=None, telemetry=(),
+    maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None,
 ) -> None:
     """One rotational step on tensors of one device and dtype (the contract of ``wdopt::rotational_``,
     csrc/ops.cpp): 1 + (number of row-length classes) launches, whatever the number of tensors.
-    ``telemetry``: [] or one float64 (K, 4) buffer per parameter (wdopt/reference/telemetry.py)."""
+    ``telemetry``: [] or one float64 (K, 4) buffer per parameter (wdopt/reference/telemetry.py);
+    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp)."""
     if not params:
         return
     if optimizer not in OPTIMIZERS:
@@ -380,12 +390,15 @@ def rotational(
     snapshots = {i: params[i].clone() for i in range(count) if telemetry and not in_kernel[i]}
 
     coef = torch.empty((count, NCOEF.value), dtype=torch.float64, device=device)
+    rate_out = torch.empty((1,), dtype=torch.float64, device=device) if rate_tensor is not None else coef
     none = [None] * count
     coef_table = work_table([rotational_steps, steps if kind == ADAMW else none], [1] * count, device, chunk=1)
     launch(
         _rotational_coefficients_kernel, (triton.cdiv(count, COEF_ROWS),), device,
-        coef_table.table, coef, optional(found_inf, coef), count, f64_bits(beta1), f64_bits(beta2), f64_bits(norm_decay),
-        ADAMW_STEPS=kind == ADAMW, HAS_FOUND_INF=found_inf is not None, ROWS=COEF_ROWS,
+        coef_table.table, coef, optional(found_inf, coef), optional(rate_tensor, coef), rate_out, count,
+        f64_bits(beta1), f64_bits(beta2), f64_bits(norm_decay),
+        ADAMW_STEPS=kind == ADAMW, HAS_FOUND_INF=found_inf is not None, HAS_RATE=rate_tensor is not None,
+        PROJECTED=bool(projected), ROWS=COEF_ROWS,
     )
 
     on_chip = ON_CHIP
@@ -417,12 +430,12 @@ def rotational(
         options = dict(num_warps=warps) if device.type == "cuda" else {}
         launch(
             _rotational_kernel, (table.programs,), device,
-            table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
-            f64_bits(float(lr)), f64_bits(beta1), f64_bits(beta2), f64_bits(eps), f64_bits(momentum),
-            f64_bits(angle), f64_bits(norm_decay), f64_bits(rotational_eps),
+            table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef), rate_out,
+            f64_bits(float(lr) if projected else float(angle)), f64_bits(beta1), f64_bits(beta2), f64_bits(eps), f64_bits(momentum), f64_bits(norm_decay),
+            f64_bits(rotational_eps),
             OPTIMIZER=kind, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), ZERO_MEAN=bool(zero_mean),
             PROJECTED=bool(projected), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, TELEMETRY=monitored,
+            HAS_FOUND_INF=found_inf is not None, HAS_RATE=rate_tensor is not None, TELEMETRY=monitored,
             DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), LONG=long,
             ROWS=rows_per_program, BLOCK=block, **options,
         )
