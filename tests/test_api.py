@@ -90,3 +90,45 @@ def test_demo_command_runs():
     out = subprocess.run([sys.executable, "-m", "wdopt", "demo", "--steps", "30"],
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, check=True).stdout
     assert "same trajectory" in out
+
+
+@pytest.mark.parametrize("cls", [wdopt.FusedAdamW, wdopt.RotationalSGD, torch.optim.AdamW],
+                         ids=["FusedAdamW", "RotationalSGD", "torch.AdamW"])
+def test_step_hooks_and_profiler_range_as_torch(monkeypatch, cls):
+    """Step hooks (per optimizer and global, pre hooks that replace the arguments) and the profiler's
+    ``Optimizer.step#<class>.step`` range work as torch.optim's, although wdopt skips torch's
+    wrapper (a profiler range costs ~25 µs) when there is no hook and no profiler."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([p], lr=1e-2, weight_decay=0.1)
+    p.grad = torch.randn_like(p)
+    calls = []
+
+    def pre(o, args, kwargs):
+        calls.append(("pre", o, args, dict(kwargs)))
+        return args, {"closure": lambda: calls.append("closure") or 1.5}
+
+    def post(o, args, kwargs):
+        calls.append(("post", o, args, dict(kwargs)))
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+    try:
+        assert opt.step() == 1.5  # the pre hook's closure ran: its arguments replaced step's
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [("pre", opt, (opt,), {}), "closure", ("post", opt, (opt,), {"closure": calls[2][3]["closure"]}),
+                     "global post"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert f"Optimizer.step#{cls.__name__}.step" in {e.name for e in prof.events()}
+    if cls is not torch.optim.AdamW:  # no hook, no profiler: no profiler range is opened
+        def refuse(*args, **kwargs):
+            raise AssertionError("record_function entered")
+
+        monkeypatch.setattr(torch.autograd.profiler, "record_function", refuse)
+        before = p.detach().clone()
+        opt.step()
+        assert not torch.equal(p, before)
