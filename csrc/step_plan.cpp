@@ -127,6 +127,9 @@ struct Bucket {
   Mode mode = Mode::kOperator;
   cpu::TensorTable table;  // kCpuTable: every pointer; kAddresses: the gradients' (table.grad)
   bool grads_aligned = true;  // kAddresses: every vector-accessed gradient is 16-byte aligned
+  // A monitored step's telemetry, per member: its first row in the device's flat (N, 4) buffer
+  // and its row count (set_telemetry_layout).
+  std::vector<int64_t> telemetry_offsets, telemetry_rows;
 };
 
 struct GroupPlan : torch::CustomClassHolder {
@@ -267,18 +270,66 @@ struct GroupPlan : torch::CustomClassHolder {
 
   bool grads_aligned(int64_t bucket) const { return addresses_bucket(bucket).grads_aligned; }
 
+  // Where each member's telemetry rows lie in the flat buffer of its device that run() may be
+  // handed (``telemetry_flat``): set once, so that a monitored step makes no per-tensor views.
+  void set_telemetry_layout(int64_t bucket, std::vector<int64_t> offsets, std::vector<int64_t> rows) {
+    TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
+    Bucket& b = buckets_[bucket];
+    TORCH_CHECK(offsets.size() == b.members.size() && rows.size() == b.members.size(),
+                "GroupPlan: one telemetry offset and row count per member");
+    for (size_t j = 0; j < rows.size(); ++j) {
+      const int64_t numel = b.params[j].numel();
+      TORCH_CHECK(offsets[j] >= 0 && rows[j] > 0 && (numel == 0 || numel % rows[j] == 0),
+                  "GroupPlan: bad telemetry layout of member ", j);
+    }
+    b.telemetry_offsets = std::move(offsets);
+    b.telemetry_rows = std::move(rows);
+  }
+
   // One bucket's step, after ready(): ``lr`` or (capturable) ``lr_tensor`` on the bucket's device,
   // ``decay_lr_scale`` as the Python driver computes it, GradScaler's tensors on the device.
   // ``telemetry``: [] or, on a step a RotationMonitor records, one float64 (K, 4) buffer per
-  // member that the kernels fill in their update pass (csrc/ops.cpp states the contract).
+  // member that the kernels fill in their update pass (csrc/ops.cpp states the contract); or
+  // ``telemetry_flat``: the device's (N, 4) buffer laid out by set_telemetry_layout.
   void run(int64_t bucket, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           std::vector<at::Tensor> telemetry) {
+           std::vector<at::Tensor> telemetry, const std::optional<at::Tensor>& telemetry_flat) {
     TORCH_CHECK(ready_, "GroupPlan.run() before a successful ready()");
     TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
     Bucket& b = buckets_[bucket];
     TORCH_CHECK(telemetry.empty() || telemetry.size() == b.members.size(), "GroupPlan: one telemetry buffer per member");
     TORCH_CHECK(b.mode != Mode::kAddresses, "GroupPlan.run(): bucket ", bucket, " is launched from Python");
+    if (telemetry_flat.has_value() && telemetry_flat->defined()) {
+      TORCH_CHECK(telemetry.empty(), "GroupPlan.run(): telemetry buffers and a flat buffer");
+      const at::Tensor& flat = *telemetry_flat;
+      TORCH_CHECK(b.telemetry_rows.size() == b.members.size(), "GroupPlan: bucket ", bucket, " has no telemetry layout");
+      TORCH_CHECK(flat.scalar_type() == at::kDouble && flat.is_contiguous() && flat.dim() == 2 && flat.size(1) == 4 &&
+                      flat.device() == b.params[0].device(),
+                  "GroupPlan: telemetry_flat must be a contiguous float64 (N, 4) tensor on the bucket's device");
+      telemetry.reserve(b.members.size());
+      for (size_t j = 0; j < b.members.size(); ++j) {
+        TORCH_CHECK(b.telemetry_offsets[j] + b.telemetry_rows[j] <= flat.size(0), "GroupPlan: telemetry_flat has ",
+                    flat.size(0), " rows; member ", j, " needs rows up to ", b.telemetry_offsets[j] + b.telemetry_rows[j]);
+        if (b.mode != Mode::kCpuTable) telemetry.push_back(flat.narrow(0, b.telemetry_offsets[j], b.telemetry_rows[j]));
+      }
+      if (b.mode == Mode::kCpuTable) {  // pointers into the flat buffer: no view per member
+        cpu::TensorTable& t = b.table;
+        struct Clear {  // the buffer belongs to this step only (also when something below throws)
+          cpu::TensorTable& t;
+          ~Clear() {
+            t.telemetry.clear();
+            t.rows.clear();
+          }
+        } clear{t};
+        double* base = flat.data_ptr<double>();
+        for (size_t j = 0; j < b.members.size(); ++j) {
+          t.telemetry.push_back(base + 4 * b.telemetry_offsets[j]);
+          t.rows.push_back(b.telemetry_rows[j]);
+        }
+        run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
+        return;
+      }
+    }
     if (b.mode == Mode::kCpuTable) {
       cpu::TensorTable& t = b.table;
       struct Clear {  // the buffers belong to this step only (also when a check below fails)
@@ -390,6 +441,7 @@ TORCH_LIBRARY_FRAGMENT(wdopt, m) {
       .def("n_buckets", &GroupPlan::n_buckets)
       .def("grad_addresses", &GroupPlan::grad_addresses)
       .def("grads_aligned", &GroupPlan::grads_aligned)
+      .def("set_telemetry_layout", &GroupPlan::set_telemetry_layout)
       .def("run", &GroupPlan::run)
       .def("release", &GroupPlan::release);
 }

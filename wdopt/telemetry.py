@@ -176,6 +176,34 @@ class RotationMonitor:
         return optimizer, values
 
 
+class FlatRequest:
+    """A monitored step's buffers as the step driver's fast path makes them: one flat (N, 4)
+    buffer per device for ``params`` of ``rows`` rows each, in order. Read like the dict of
+    ``telemetry_request`` (id of a parameter -> its (K, 4) view), whose views are made on the
+    first read: making 10,000 views in a step would cost more than the step."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, list, list]]):
+        self._parts = parts
+        self._views: dict | None = None
+
+    def _dict(self) -> dict[int, torch.Tensor]:
+        if self._views is None:
+            self._views = {}
+            for flat, params, rows in self._parts:
+                self._views.update(zip(map(id, params), flat.split(rows)))
+            self._parts = None
+        return self._views
+
+    def __contains__(self, key) -> bool:
+        return key in self._dict()
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self._dict()[key]
+
+    def get(self, key, default=None):
+        return self._dict().get(key, default)
+
+
 def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """The buffers one monitored step fills: a (K, 4) float64 view per parameter, one allocation
     per device, NaN until a kernel writes it. DTensors are not measured (their kernels see local

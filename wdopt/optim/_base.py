@@ -231,14 +231,12 @@ class FusedOptimizer(Optimizer):
                     # Monitors count the step (refusing graph capture); those that record it get
                     # their buffers filled by the kernels, as on the validation path.
                     due = [monitor for monitor in self._monitors if monitor._due()]
-                    monitored = None
+                    flats = request = None
                     if due:
-                        from ..telemetry import telemetry_request
-
-                        monitored = telemetry_request(fast.params)
-                    fast.run(self, grad_scale, found_inf, monitored)
+                        flats, request = fast.telemetry_request()
+                    fast.run(self, grad_scale, found_inf, flats)
                     for monitor in due:
-                        monitor._record(self, monitored, found_inf)
+                        monitor._record(self, request, found_inf)
                     return loss
                 else:
                     del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt

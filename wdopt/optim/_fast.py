@@ -69,7 +69,7 @@ class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
     __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "finish", "params",
-                 "launches_from_python")
+                 "launches_from_python", "telemetry_layout")
 
     @classmethod
     def build(cls, optimizer, plan: list) -> "FastStep | None":
@@ -150,6 +150,24 @@ class FastStep:
         self.params = [p for _, bucket in (entry for buckets in by_group.values() for entry in buckets) for p in bucket]
         #: Triton buckets: a monitored step (row-wise tables) takes the validation path.
         self.launches_from_python = any(triton is not None for g in self.groups for _, triton, _ in g.runs)
+        # A monitored step's telemetry: one flat (N, 4) buffer per device, each parameter's rows at
+        # a fixed offset its bucket's plan is told once; a step then makes no view per tensor
+        # (10,000 views cost more than the step) and a record makes them when it is read.
+        from ..reference.telemetry import telemetry_rows
+
+        self.telemetry_layout = {}  # device -> (its parameters, their row counts)
+        offsets, used = {}, {}  # id(param) -> its first row; device -> rows so far
+        for p in self.params:
+            params, rows = self.telemetry_layout.setdefault(p.device, ([], []))
+            offsets[id(p)] = used.get(p.device, 0)
+            params.append(p)
+            rows.append(telemetry_rows(p))
+            used[p.device] = offsets[id(p)] + rows[-1]
+        for cached in self.groups:
+            for index, ((_, triton, _), bucket) in enumerate(zip(cached.runs, cached.bucket_params)):
+                if triton is None:
+                    cached.plan.set_telemetry_layout(index, [offsets[id(p)] for p in bucket],
+                                                     [telemetry_rows(p) for p in bucket])
         self.state = state
         self.state_keys = list(state)
         self.state_dicts = list(state.values())
@@ -198,10 +216,22 @@ class FastStep:
                     return False
         return True
 
+    def telemetry_request(self):
+        """A monitored step's buffers: ({device: flat (N, 4) float64 buffer, NaN until written},
+        the request a RotationMonitor records, whose per-parameter views are made when read)."""
+        from ..reference.telemetry import COLUMNS
+        from ..telemetry import FlatRequest
+
+        flats = {device: torch.full((sum(rows), COLUMNS), float("nan"), dtype=torch.float64, device=device)
+                 for device, (_, rows) in self.telemetry_layout.items()}
+        return flats, FlatRequest([(flats[device], params, rows)
+                                   for device, (params, rows) in self.telemetry_layout.items()])
+
     def run(self, optimizer, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
             monitored: dict | None = None) -> None:
-        """The step, after ``usable`` said yes. ``monitored``: a RotationMonitor's request (id of
-        a parameter -> its telemetry buffer), which the C++ kernels fill in the update pass."""
+        """The step, after ``usable`` said yes. ``monitored``: a monitored step's flat telemetry
+        buffers ({device: buffer}, ``telemetry_request``), which the C++ kernels fill in the
+        update pass."""
         from ._base import _on
 
         try:
@@ -213,12 +243,8 @@ class FastStep:
                     scaler = _on(grad_scale, device), _on(found_inf, device)
                     if triton is None:
                         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
-                        telemetry = []
-                        if monitored:
-                            telemetry = [monitored.get(id(p)) for p in cached.bucket_params[index]]
-                            if any(b is None for b in telemetry):
-                                telemetry = []  # as on the validation path: the bucket is not measured
-                        cached.run(index, lr_value, lr_tensor, scale, *scaler, telemetry)  # then lets its grads go
+                        flat = monitored.get(device) if monitored else None
+                        cached.run(index, lr_value, lr_tensor, scale, *scaler, [], flat)  # then lets its grads go
                         continue
                     # The bucket's own table, its gradient column set by ``usable``.
                     optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
