@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wdopt
+from wdopt import telemetry
 from wdopt.optim import _fast
 
 pytestmark = pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU backend is not built")
@@ -326,6 +327,32 @@ def test_monitor_counts_fast_steps_and_records_its_steps():
             torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
 
 
+def test_monitored_fast_step_makes_no_view_per_tensor(monkeypatch):
+    """A recorded fast step hands the kernels one flat buffer (offsets known to the plan) and makes
+    no per-tensor views: a record makes them when it is read, equal to the validation path's, over
+    several groups and dtypes."""
+    a32, a64 = params(), params(torch.float64, seed=3)
+    b32, b64 = params(), params(torch.float64, seed=3)
+    opt_a = wdopt.FusedAdamW([{"params": a32}, {"params": a64, "lr": 3e-3}], lr=1e-2, weight_decay=0.1)
+    opt_b = never_fast(wdopt.FusedAdamW([{"params": b32}, {"params": b64, "lr": 3e-3}], lr=1e-2, weight_decay=0.1))
+    monitors = [wdopt.RotationMonitor(opt_a, every=2), wdopt.RotationMonitor(opt_b, every=2)]
+    for step in range(4):
+        for opt, ps in ((opt_a, a32 + a64), (opt_b, b32 + b64)):
+            set_grads(ps, step)
+            if opt is opt_a and step == 3:
+                with monkeypatch.context() as m:
+                    m.setattr(torch.Tensor, "split", lambda *args, **kwargs: pytest.fail("a view per tensor"))
+                    opt.step()
+            else:
+                opt.step()
+    assert isinstance(monitors[0].last._request, telemetry.FlatRequest)
+    assert_same(opt_a, a32 + a64, opt_b, b32 + b64)
+    for ra, rb in zip(monitors[0].history, monitors[1].history):
+        assert ra.as_dict() == rb.as_dict()
+        for p, q in zip(a32 + a64, b32 + b64):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- the Triton backend
 
 needs_triton = pytest.mark.skipif("triton" not in wdopt.available_backends("cpu"), reason="triton is not installed")
@@ -368,6 +395,22 @@ def test_fast_path_on_cuda(kind, backend):
     """On the GPU (benchmarks/gpu_check.sh runs the tests whose ids say cuda): fast steps equal
     validated ones, and a moved gradient (new tensors every step) is followed."""
     check_fast_equals_validated(kind, n_steps=5, device="cuda", backend=backend)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_monitored_fast_path_on_cuda(backend):
+    """On the GPU: monitored fast steps (the CUDA operator with views of the flat telemetry buffer
+    made in C++; Triton steps the validation path) record what the validation path records."""
+    a, opt_a, b, opt_b = pair("adamw", device="cuda", backend=backend)
+    monitors = [wdopt.RotationMonitor(opt_a, every=2), wdopt.RotationMonitor(opt_b, every=2)]
+    steps(opt_a, a, 0, 6)
+    steps(opt_b, b, 0, 6)
+    assert_same(opt_a, a, opt_b, b)
+    assert [r.step for r in monitors[0].history] == [r.step for r in monitors[1].history] == [2, 4, 6]
+    for ra, rb in zip(monitors[0].history, monitors[1].history):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
 
 
 def test_a_dispatch_mode_sees_every_step():
