@@ -18,6 +18,9 @@ are the suite's own GPU tests, run before this by gpu_check.sh):
                  against the reference
   host_overhead  host time of a step on many one-element tensors (kernels cost nothing), against
                  torch's fused AdamW with a float lr
+  compiled       torch.compile of a training step that calls opt.step() (mode="reduce-overhead",
+                 CUDA graphs, with capturable=True and a tensor lr, per backend) and of opt.step
+                 alone (default mode), against the same steps in eager mode
 
 Exit status 0 when every check passed, 1 otherwise.
 """
@@ -253,6 +256,71 @@ def check_host_overhead(ctx) -> str:
     return "; ".join(lines)
 
 
+def check_compiled(ctx) -> str:
+    """torch.compile around wdopt's step, against eager: a compiled training step (forward,
+    backward, opt.step, zero_grad) per backend and mode, and a compiled ``opt.step`` alone. On the
+    CPU (--smoke) the C++ backend, traced by dynamo without inductor's code generation (slow on 2
+    cores; tests/test_custom_ops.py compiles a step with inductor on the CPU)."""
+    from torch import nn
+
+    # On the GPU the CUDA-graph mode for every backend (the default mode is the opt.step check's,
+    # and the suite's on the CPU): three compiles fit the acceptance step's time cap.
+    modes = ["reduce-overhead"] if ctx.device == "cuda" else ["default"]
+    compile_options = {} if ctx.device == "cuda" else {"backend": "eager"}
+    backends = ctx.backends if ctx.device == "cuda" else [b for b in ctx.backends if b == "cpu"]
+    done = []
+
+    def pair(backend, capturable):
+        torch.manual_seed(0)
+        models = [nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 1)).to(ctx.device)
+                  for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        opts = [wdopt.FusedAdamW(m.parameters(), lr=torch.tensor(1e-2, device=ctx.device) if capturable else 1e-2,
+                                 weight_decay=0.1, capturable=capturable, backend=backend) for m in models]
+        return models, opts
+
+    x, y = torch.randn(64, 16, device=ctx.device), torch.randn(64, 1, device=ctx.device)
+
+    def loss_of(model):
+        return nn.functional.mse_loss(model(x), y)
+
+    def train_step(model, opt):
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # static gradient buffers, as CUDA graphs want
+        return loss.detach()
+
+    def compare(label, models):
+        for i, (p, q) in enumerate(zip(models[0].parameters(), models[1].parameters())):
+            err = ((p - q).double().norm() / q.double().norm()).item()
+            if not err < 1e-4:  # compiled forward/backward round differently from eager ones
+                raise Failed(f"{label}: parameter {i} differs from eager by {err:.3g} (relative)")
+
+    for backend in backends:
+        for mode in modes:
+            torch._dynamo.reset()
+            models, (eager, ours) = pair(backend, capturable=mode == "reduce-overhead")
+            compiled = torch.compile(train_step, mode=mode, **compile_options)
+            for _ in range(5):
+                train_step(models[0], eager)
+                compiled(models[1], ours)
+            if ctx.device == "cuda":
+                torch.cuda.synchronize()
+            compare(f"{backend} training step, {mode}", models)
+            done.append(f"{backend}/{mode}")
+    backend = backends[0]
+    torch._dynamo.reset()
+    models, (eager, ours) = pair(backend, capturable=False)
+    step = torch.compile(ours.step, **compile_options)
+    for _ in range(5):
+        for model, opt_step in ((models[0], eager.step), (models[1], step)):
+            loss_of(model).backward()
+            opt_step()
+    compare(f"{backend} compiled opt.step", models)
+    return f"compiled training steps match eager ({', '.join(done)}); compiled opt.step ({backend}) too"
+
+
 CHECKS = [
     ("rounding", check_rounding),
     ("odd_offsets", check_odd_offsets),
@@ -261,6 +329,7 @@ CHECKS = [
     ("long_rows", check_long_rows),
     ("huge_bf16", check_huge_bf16),
     ("host_overhead", check_host_overhead),
+    ("compiled", check_compiled),
 ]
 
 
