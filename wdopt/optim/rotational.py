@@ -134,10 +134,8 @@ class _Rotational:
                 raise ValueError(f"{where}: per_neuron needs a tensor of dim >= 2 (its rows are the neurons)")
             split = _split_rows(p, group["per_neuron"])
             if split:
-                raise ValueError(f"{where} is sharded with {split}, which splits its "
-                                 f"{'rows' if group['per_neuron'] else 'sphere'} across ranks: the row norms "
-                                 "would need a cross-rank reduction every step; shard it along dim 0 only "
-                                 "(per_neuron) or replicate it")
+                raise ValueError(f"{where} is sharded with {split}; shard it along dim 0 only (per_neuron) or "
+                                 "replicate it")
             r = rv.rows(_dtensor.local(p).detach(), group["per_neuron"]).double()  # a DTensor: its rows here
             if group["zero_mean"]:
                 r = r - r.mean(dim=1, keepdim=True)
@@ -240,9 +238,13 @@ def _split_rows(p: torch.Tensor, per_neuron: bool) -> str | None:
         if type(placement).__name__ == "_StridedShard" and mesh.size(mesh_dim) > 1:
             # FSDP2 over tensor parallelism: rows stay whole, but are interleaved across ranks, which
             # a per-row state placed Shard(0) would not describe.
-            return f"{placement} over {mesh.size(mesh_dim)} ranks (FSDP2 over tensor parallelism)"
+            return (f"_StridedShard(dim={dim}) over {mesh.size(mesh_dim)} ranks (FSDP2 over tensor parallelism), "
+                    "which interleaves its rows across ranks: its per-row state would have no placement that "
+                    "state dicts and checkpoints could reshard")
         if placement.is_shard() and mesh.size(mesh_dim) > 1 and (not per_neuron or dim != 0):
-            return f"Shard(dim={dim}) over {mesh.size(mesh_dim)} ranks"
+            return (f"Shard(dim={dim}) over {mesh.size(mesh_dim)} ranks, which splits its "
+                    f"{'rows' if per_neuron else 'sphere'} across ranks: the row norms would need a cross-rank "
+                    "reduction every step")
     return None
 
 
