@@ -38,11 +38,19 @@ def dtensor_class():
     return getattr(module, "DTensor", None) if module is not None else None
 
 
+_DTENSOR = None  # the class, once its module is imported (this check runs several times per parameter)
+
+
 def is_dtensor(t) -> bool:
-    if type(t) in _PLAIN or t is None:
+    kind = type(t)
+    if kind is torch.Tensor or kind is torch.nn.Parameter or t is None:
         return False
-    cls = dtensor_class()
-    return cls is not None and isinstance(t, cls)
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = dtensor_class()
+        if _DTENSOR is None:
+            return False
+    return kind is _DTENSOR or isinstance(t, _DTENSOR)
 
 
 def local(t):
@@ -72,7 +80,7 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
             f"the gradient of {where} is a Partial DTensor ({tuple(g.placements)}): each rank holds a partial "
             "sum, not the gradient (tensor parallelism before its reduction). Reduce it first, e.g. "
             f"p.grad = p.grad.redistribute(placements={tuple(p.placements)}), or let the parallel engine do it")
-    if g.device_mesh != p.device_mesh:
+    if g.device_mesh is not p.device_mesh and g.device_mesh != p.device_mesh:
         raise RuntimeError(f"the gradient of {where} is on {g.device_mesh}, the parameter on {p.device_mesh}")
     if tuple(g.placements) != tuple(p.placements):
         raise RuntimeError(f"the gradient of {where} has placements {tuple(g.placements)} but the parameter "
