@@ -510,12 +510,74 @@ def loaded_state_of_another_placement_refused():
     assert float(opt.state[w]["step"]) == 1
 
 
+# ------------------------------------------------------------------ RotationMonitor
+
+
+def _monitored(model, cls, kw, ranks, backend):
+    opt = cls(model.parameters(), backend=backend, **kw)
+    names = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in model.named_parameters()}
+    monitor = wdopt.RotationMonitor(opt, every=3, names=names)
+    train(model, opt, 6, ranks=ranks)
+    return monitor
+
+
+def _add_monitor_checks():
+    for name, (cls, kw) in {"adamw": ELEMENTWISE["adamw"], "rotational_adamw": ROTATIONAL["rotational_adamw"]}.items():
+        def fn(cls=cls, kw=kw):
+            """RotationMonitor on FSDP2 (uneven row shards, a rank with none; biases sharded as one
+            row) reports the unsharded run's numbers, per tensor and per neuron."""
+            sharded = _monitored(shard(mlp()), cls, kw, [rank()], "cpu")
+            whole = _monitored(mlp(), cls, kw, range(dist.get_world_size()), "cpu")
+            assert len(sharded.history) == len(whole.history) == 2
+            for a, b in zip(sharded.history, whole.history):
+                da, db = a.as_dict(), b.as_dict()
+                assert sorted(da["tensors"]) == sorted(db["tensors"]) and len(da["tensors"]) == 6, sorted(da["tensors"])
+                for tensor_name, values in db["tensors"].items():
+                    for key, value in values.items():
+                        got = da["tensors"][tensor_name][key]
+                        if value is None:
+                            assert got is None, (tensor_name, key, got)
+                        else:
+                            assert abs(got - value) <= 1e-4 * abs(value) + 1e-7, (tensor_name, key, got, value)
+                for key, value in b.neurons("0.weight").items():
+                    torch.testing.assert_close(a.neurons("0.weight")[key], value, rtol=1e-4, atol=1e-7)
+        fn.__name__ = f"rotation_monitor_fsdp2_{name}_matches_one_process"
+        check(fn)
+
+
+_add_monitor_checks()
+
+
+@check
+def rotation_monitor_read_on_one_rank_fails_clearly():
+    """Reading a sharded record is a collective: a read on rank 0 alone raises after read_timeout
+    with a message saying so, before any collective, so the group still works; reads on both
+    ranks then succeed."""
+    model = shard(mlp())
+    opt = wdopt.FusedAdamW(model.parameters(), lr=0.01)
+    monitor = wdopt.RotationMonitor(opt, every=1, read_timeout=2.0)
+    train(model, opt, 2, ranks=[rank()])
+    if rank() == 0:
+        start = time.perf_counter()
+        try:
+            monitor.history[0].as_dict()
+        except RuntimeError as error:
+            assert "every rank must read" in str(error) and "only 1 of them" in str(error), error
+        else:
+            raise AssertionError("a read on one rank returned")
+        assert time.perf_counter() - start < 30
+    dist.barrier()
+    assert monitor.history[1].as_dict()["tensors"]["group0.param0"]["weight_norm"] > 0
+
+
 # ------------------------------------------------------------------ driver
 
 
 def main(names):
     rank_ = int(os.environ["RANK"])
     out = os.environ["WDOPT_DIST_OUT"]
+    if wdopt.backends.unavailable_reason("cpu") is None:
+        wdopt.backends.load("cpu")  # before the group: a rank waiting for a build would time out a collective
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     results = {}
     path = os.path.join(out, f"rank{rank_}.json")

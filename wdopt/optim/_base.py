@@ -273,10 +273,14 @@ class FusedOptimizer(Optimizer):
             if any(map(_dtensor.is_dtensor, params)):
                 # DTensors (with any plain parameters of their bucket): the same kernels on the
                 # local shards, with the optimizer's state seen as local tensors (_dtensor.py).
-                # Not measured by RotationMonitor (telemetry_request leaves DTensors out).
+                buffers = [monitored.get(id(p)) for p in params] if monitored else []
                 with _dtensor.LocalStates(self, params, lambda p, k, v, g=group: self._wrap_state(p, k, v, g)) \
                         as local_params:
-                    self._update(group, backend, local_params, [_dtensor.local(g) for g in args[3]], *args[4:])
+                    local_args = (group, backend, local_params, [_dtensor.local(g) for g in args[3]], *args[4:])
+                    if buffers and all(b is not None for b in buffers):
+                        self._update_measured_local(local_args, buffers)
+                    else:
+                        self._update(*local_args)
                 continue
             buffers = [monitored.get(id(p)) for p in params] if monitored else []
             if not buffers or any(b is None for b in buffers):
@@ -357,6 +361,18 @@ class FusedOptimizer(Optimizer):
         if before is not None and not step_skipped(found_inf):
             for b, p, p0 in zip(buffers, params, before):
                 b.copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
+
+    def _update_measured_local(self, args, buffers) -> None:
+        """A bucket with DTensors, monitored: per-row sums of each local shard from snapshots (a
+        shard may be empty, or hold part of each row), summed across ranks when a record is read
+        (wdopt/telemetry.py). Costs a copy of the local shards, on monitored steps only."""
+        group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
+        before = [p.detach().clone() for p in params]
+        self._update(*args)
+        if not step_skipped(found_inf):
+            for b, p, p0, g in zip(buffers, params, before, grads):
+                if p.numel():  # an empty shard's buffer is zeros: it adds nothing to the sums
+                    b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
 
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,

@@ -142,7 +142,8 @@ class _Rotational:
             zero = (r.norm(dim=1) == 0).nonzero()
             if zero.numel():
                 kind = "centred norm" if group["zero_mean"] else "norm"
-                raise ValueError(f"{where}: row {zero[0].item()} has zero {kind} (a constant row, or one element "
+                shard = " of this rank's shard" if _dtensor.is_dtensor(p) else ""
+                raise ValueError(f"{where}: row {zero[0].item()}{shard} has zero {kind} (a constant row, or one element "
                                  "with zero_mean) and cannot be put on a sphere")
 
     def _wrap_state(self, p, key, value, group):
