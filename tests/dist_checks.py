@@ -431,12 +431,39 @@ def zero_redundancy_fused_adamw_matches_torch():
 # ------------------------------------------------------------------ checkpoints
 
 
+def _resume(cls, kw, directory, mesh, group, final, final_state, exact):
+    """Resume from the checkpoint in ``directory`` on ``mesh``, train the 3 steps after it: the
+    parameters and state must end where the uninterrupted run did (``final``, ``final_state``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = shard(mlp(seed=1), mesh=mesh)  # other weights: the checkpoint must overwrite them
+    opt = cls(model.parameters(), **kw)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=directory, process_group=group)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, 3, ranks=[0], offset=3)
+    for i, p in enumerate(model.parameters()):
+        assert sorted(opt.state[p]) == sorted(final_state[i]), (i, sorted(opt.state[p]), sorted(final_state[i]))
+        pairs = [("param", full(p), final[i])] + [(k, full(v), final_state[i][k]) for k, v in opt.state[p].items()]
+        for key, x, y in pairs:
+            if exact:
+                assert torch.equal(x, y), (i, key, (x - y).abs().max().item())
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{i} {key}: {m}")
+        for key, v in opt.state[p].items():
+            if key not in ("step", "rotational_step"):
+                assert isinstance(v, DTensor) and v.device_mesh == p.device_mesh, key
+
+
 def _checkpoint(cls, kw, directory):
     """Train 3 steps on 2 ranks, save with torch.distributed.checkpoint, train 3 more: the
     uninterrupted run. Resume on 2 ranks (same placement: bit for bit) and on 1 (rank 0 alone in
-    a one-rank group: resharded) from the checkpoint; each must end where the uninterrupted run did."""
+    a one-rank group: resharded) from the checkpoint; each must end where the uninterrupted run
+    did. The uninterrupted run's end is saved for the 3-rank group (CHECKS3)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import DeviceMesh
 
     model = shard(mlp())
@@ -447,41 +474,36 @@ def _checkpoint(cls, kw, directory):
     train(model, opt, 3, ranks=[0], offset=3)
     final = [full(p).clone() for p in model.parameters()]
     final_state = {i: {k: full(v).clone() for k, v in opt.state[p].items()} for i, p in enumerate(model.parameters())}
-    one = dist.new_group([0])  # every rank takes part in making a group
-
-    def resume(mesh, group, exact):
-        model = shard(mlp(seed=1), mesh=mesh)  # other weights: the checkpoint must overwrite them
-        opt = cls(model.parameters(), **kw)
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=directory, process_group=group)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        train(model, opt, 3, ranks=[0], offset=3)
-        for i, p in enumerate(model.parameters()):
-            pairs = [("param", full(p), final[i])] + [(k, full(v), final_state[i][k]) for k, v in opt.state[p].items()]
-            for key, x, y in pairs:
-                if exact:
-                    assert torch.equal(x, y), (i, key, (x - y).abs().max().item())
-                else:
-                    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{i} {key}: {m}")
-            for key, v in opt.state[p].items():
-                if key not in ("step", "rotational_step"):
-                    assert isinstance(v, DTensor) and v.device_mesh == p.device_mesh, key
-
-    resume(init_device_mesh("cpu", (2,)), None, exact=True)
     if rank() == 0:
-        resume(DeviceMesh.from_group(one, "cpu"), one, exact=False)
+        torch.save((final, final_state), os.path.join(directory, "uninterrupted.pt"))
+    one = dist.new_group([0])  # every rank takes part in making a group
+    _resume(cls, kw, directory, init_device_mesh("cpu", (2,)), None, final, final_state, exact=True)
+    if rank() == 0:
+        _resume(cls, kw, directory, DeviceMesh.from_group(one, "cpu"), one, final, final_state, exact=False)
     dist.barrier()
 
 
+CHECKPOINTED = {"adamw": ELEMENTWISE["adamw"], "sgd": ELEMENTWISE["sgd"], "rotational_adamw": ROTATIONAL["rotational_adamw"]}
+#: Checks for a group of 3 ranks, run after the 2-rank group (tests/test_distributed.py).
+CHECKS3: dict = {}
+
+
 def _add_checkpoint_checks():
-    for name, (cls, kw) in {"adamw": ELEMENTWISE["adamw"], "sgd": ELEMENTWISE["sgd"],
-                            "rotational_adamw": ROTATIONAL["rotational_adamw"]}.items():
+    for name, (cls, kw) in CHECKPOINTED.items():
         def fn(cls=cls, kw=kw):
             directory = os.path.join(os.environ["WDOPT_DIST_OUT"], f"ckpt_{cls.__name__}")
             _checkpoint(cls, kw, directory)
         fn.__name__ = f"checkpoint_{name}_save_2_ranks_resume_on_2_and_1"
         check(fn)
+
+        def fn3(cls=cls, kw=kw, saved=fn.__name__):
+            """Resharded onto 3 ranks (shards of 3, 3, 1 rows; 1, 0, 0): resume equals the run."""
+            directory = os.path.join(os.environ["WDOPT_DIST_OUT"], f"ckpt_{cls.__name__}")
+            assert os.path.exists(os.path.join(directory, "uninterrupted.pt")), f"{saved} saved nothing"
+            final, final_state = torch.load(os.path.join(directory, "uninterrupted.pt"))
+            _resume(cls, kw, directory, init_device_mesh("cpu", (3,)), None, final, final_state, exact=False)
+        fn3.__name__ = f"checkpoint_{name}_save_2_ranks_resume_on_3"
+        CHECKS3[fn3.__name__] = fn3
 
 
 _add_checkpoint_checks()
@@ -576,15 +598,16 @@ def rotation_monitor_read_on_one_rank_fails_clearly():
 def main(names):
     rank_ = int(os.environ["RANK"])
     out = os.environ["WDOPT_DIST_OUT"]
+    checks = CHECKS3 if int(os.environ["WORLD_SIZE"]) == 3 else CHECKS
     if wdopt.backends.unavailable_reason("cpu") is None:
         wdopt.backends.load("cpu")  # before the group: a rank waiting for a build would time out a collective
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     results = {}
-    path = os.path.join(out, f"rank{rank_}.json")
-    for name in names or list(CHECKS):
+    path = os.path.join(out, f"world{os.environ['WORLD_SIZE']}_rank{rank_}.json")
+    for name in names or list(checks):
         start = time.perf_counter()
         try:
-            CHECKS[name]()
+            checks[name]()
             outcome = "ok"
         except BaseException:  # noqa: BLE001 - recorded for the parent test to report
             outcome = traceback.format_exc()

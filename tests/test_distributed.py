@@ -2,7 +2,8 @@
 parallelism, HSDP, DDP, ZeroRedundancyOptimizer, torch.distributed.checkpoint, GradScaler.
 
 One process group of 2 workers (tests/dist_checks.py) runs every check that needs real ranks,
-once for the module: starting a group costs seconds, a check a fraction of one. Each check is one
+once for the module: starting a group costs seconds, a check a fraction of one. A group of 3
+then resumes the 2-rank group's checkpoints (resharding onto 3 ranks). Each check is one
 test here, reading the workers' per-check records. The workers bind to 127.0.0.1 on a free port
 and are killed after ``DEADLINE`` seconds, so a hang fails the tests instead of stalling the
 suite. Placement errors that need no data run on torch's fake process group, in one process.
@@ -24,9 +25,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORLD = 2
-#: Seconds for the whole worker run (about 40 s on the 2-core CI machine alone).
-DEADLINE = 240
+#: Seconds for each group's run (2 ranks: about 30 s on the 2-core CI machine alone; 3 ranks: 10 s).
+DEADLINE, DEADLINE3 = 240, 120
 
 _version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 pytestmark = pytest.mark.skipif(
@@ -37,9 +37,9 @@ if _version >= (2, 6) and torch.distributed.is_available():
     sys.path.insert(0, HERE)
     import dist_checks  # noqa: E402
 
-    CHECK_NAMES = list(dist_checks.CHECKS)
+    CHECK_NAMES, CHECK3_NAMES = list(dist_checks.CHECKS), list(dist_checks.CHECKS3)
 else:
-    CHECK_NAMES = []
+    CHECK_NAMES = CHECK3_NAMES = []
 
 
 def _free_port() -> int:
@@ -48,8 +48,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(rank: int, port: int, out: str) -> dict:
-    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+def _env(rank: int, world: int, port: int, out: str) -> dict:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WDOPT_DIST_OUT=out, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
@@ -58,23 +58,18 @@ def _env(rank: int, port: int, out: str) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    """Run every check on 2 ranks; {check: [record of rank 0, record of rank 1]}."""
-    import wdopt
-
-    if wdopt.backends.unavailable_reason("cpu") is None:
-        wdopt.backends.load("cpu")  # built here if needed, not by the workers inside their collectives' timeout
-    out = str(tmp_path_factory.mktemp("dist"))
+def _run_group(world: int, out: str, deadline: float) -> dict:
+    """Run the checks of a group of ``world`` workers; their records, exit codes and output tails."""
     port = _free_port()
-    logs = [open(os.path.join(out, f"log{r}.txt"), "w") for r in range(WORLD)]
+    logs = [open(os.path.join(out, f"world{world}_log{r}.txt"), "w") for r in range(world)]
     start = time.perf_counter()
-    workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_checks.py")], env=_env(r, port, out),
-                                stdout=logs[r], stderr=subprocess.STDOUT, cwd=ROOT) for r in range(WORLD)]
+    workers = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_checks.py")],
+                                env=_env(r, world, port, out), stdout=logs[r], stderr=subprocess.STDOUT, cwd=ROOT)
+               for r in range(world)]
     timed_out = False
     try:
         for w in workers:
-            w.wait(timeout=max(1.0, DEADLINE - (time.perf_counter() - start)))
+            w.wait(timeout=max(1.0, deadline - (time.perf_counter() - start)))
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -85,32 +80,47 @@ def records(tmp_path_factory):
         for f in logs:
             f.close()
     results = {}
-    for r in range(WORLD):
-        path = os.path.join(out, f"rank{r}.json")
+    for r in range(world):
+        path = os.path.join(out, f"world{world}_rank{r}.json")
         if os.path.exists(path):
             with open(path) as f:
                 for name, record in json.load(f).items():
-                    results.setdefault(name, [None] * WORLD)[r] = record
+                    results.setdefault(name, [None] * world)[r] = record
     tails = []
-    for r in range(WORLD):
-        with open(os.path.join(out, f"log{r}.txt")) as f:
+    for r in range(world):
+        with open(os.path.join(out, f"world{world}_log{r}.txt")) as f:
             tails.append(f.read()[-3000:])
-    return dict(results=results, timed_out=timed_out, codes=[w.returncode for w in workers], tails=tails,
+    return dict(results=results, timed_out=timed_out, codes=[w.returncode for w in workers], tails=tails, world=world,
                 seconds=time.perf_counter() - start)
 
 
-@pytest.mark.parametrize("name", CHECK_NAMES)
-def test_on_two_ranks(records, name):
-    per_rank = records["results"].get(name)
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Every check on 2 ranks, then the 3-rank checks (resuming the 2-rank group's checkpoints);
+    {world: run record}."""
+    import wdopt
+
+    if wdopt.backends.unavailable_reason("cpu") is None:
+        wdopt.backends.load("cpu")  # built here if needed, not by the workers inside their collectives' timeout
+    out = str(tmp_path_factory.mktemp("dist"))
+    return {2: _run_group(2, out, DEADLINE), 3: _run_group(3, out, DEADLINE3)}
+
+
+@pytest.mark.parametrize("world,name", [(2, n) for n in CHECK_NAMES] + [(3, n) for n in CHECK3_NAMES])
+def test_on_ranks(records, world, name):
+    run = records[world]
+    per_rank = run["results"].get(name)
     if per_rank is None or None in per_rank:
-        why = f"killed after {DEADLINE} s (a hang?)" if records["timed_out"] else f"exit codes {records['codes']}"
-        pytest.fail(f"{name}: no record from every rank ({why}); last output:\n" + "\n---\n".join(records["tails"]))
+        why = f"killed after its deadline (a hang?)" if run["timed_out"] else f"exit codes {run['codes']}"
+        pytest.fail(f"{name}: no record from every rank ({why}); last output:\n" + "\n---\n".join(run["tails"]))
     failed = [f"rank {r}:\n{rec['outcome']}" for r, rec in enumerate(per_rank) if rec["outcome"] != "ok"]
     assert not failed, "\n".join(failed)
 
 
-def test_workers_exit_cleanly(records):
-    assert not records["timed_out"] and records["codes"] == [0] * WORLD, records["tails"]
+@pytest.mark.parametrize("world", [2, 3])
+def test_workers_exit_cleanly(records, world):
+    run = records[world]
+    assert not run["timed_out"] and run["codes"] == [0] * world, run["tails"]
 
 
 _FAKE = r"""
