@@ -181,6 +181,25 @@ c = torch.nn.Parameter(torch.zeros(8, 3))
 opt = wdopt.FusedSGD([c], lr=0.1)
 c.grad = DTensor.from_local(torch.ones(2, 3), mesh, [Shard(0)], run_check=False)
 refused(opt.step, "parameter 0 of param group 0", "DTensor", "plain tensor")
+
+# Element-wise optimizers take any placement, FSDP2 over tensor parallelism's _StridedShard too: the
+# local shard steps as a plain tensor would, and state keeps the parameter's placement.
+strided = [_StridedShard(0, split_factor=2), Shard(0)]
+for cls, kw in ((wdopt.FusedAdamW, {}), (wdopt.FusedSGD, dict(momentum=0.9)), (wdopt.FusedLion, {})):
+    w = param((3, 4), strided, mesh2)
+    plain = torch.nn.Parameter(w.to_local().clone())
+    opt, ref = cls([w], lr=0.1, weight_decay=0.1, **kw), cls([plain], lr=0.1, weight_decay=0.1, **kw)
+    for seed in range(2):
+        g = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed))
+        w.grad = DTensor.from_local(g.clone(), mesh2, strided, run_check=False)
+        plain.grad = g
+        opt.step()
+        ref.step()
+    assert torch.equal(w.to_local(), plain.detach()), cls
+    assert len(opt.state[w]) >= 1
+    for key, value in opt.state[w].items():
+        if key != "step":
+            assert value.placements == w.placements and torch.equal(value.to_local(), ref.state[plain][key]), key
 print("ok")
 """
 
