@@ -64,7 +64,9 @@ def batch(step: int, rank: int, size: int, length: int, vocab: int, device) -> t
     return t.to(device)
 
 
-def main():
+def main(argv=None) -> list[float]:
+    """Train; returns the losses printed (rank 0's view of the mean over ranks). Joins a process
+    group already made by the caller (tests/dist_checks.py) instead of making one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", choices=("adamw", "rotational"), default="adamw")
     parser.add_argument("--steps", type=int, default=200)
@@ -73,10 +75,12 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="sequences per rank")
     parser.add_argument("--backend", default="auto", help="wdopt backend (auto: cpu on CPU, cuda on GPUs)")
     parser.add_argument("--checkpoint", default=None, help="directory to save model and optimizer state in")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -102,6 +106,7 @@ def main():
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
 
     start = time.perf_counter()
+    losses = []
     for step in range(args.steps):
         tokens = batch(step, rank, args.batch, length, vocab, device)
         logits = model(tokens[:, :-1])
@@ -113,6 +118,7 @@ def main():
         if step % 50 == 0 or step == args.steps - 1:
             reported = loss.detach().clone()
             dist.all_reduce(reported)
+            losses.append(reported.item() / world)
             if rank == 0:
                 print(f"step {step:4d}  loss {reported.item() / world:.4f}", flush=True)
     elapsed = time.perf_counter() - start
@@ -127,7 +133,9 @@ def main():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=args.checkpoint)
         if rank == 0:
             print(f"saved to {args.checkpoint}")
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
+    return losses
 
 
 if __name__ == "__main__":

@@ -592,6 +592,25 @@ def rotation_monitor_read_on_one_rank_fails_clearly():
     assert monitor.history[1].as_dict()["tensors"]["group0.param0"]["weight_norm"] > 0
 
 
+# ------------------------------------------------------------------ the example
+
+
+def _add_example_checks():
+    for optimizer in ("adamw", "rotational"):
+        def fn(optimizer=optimizer):
+            """examples/fsdp2_train.py, 30 steps in this group: the loss falls."""
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+            import fsdp2_train
+
+            losses = fsdp2_train.main(["--steps", "30", "--optimizer", optimizer, "--batch", "4"])
+            assert len(losses) == 2 and losses[-1] < 0.8 * losses[0], losses
+        fn.__name__ = f"example_fsdp2_train_{optimizer}_loss_falls"
+        check(fn)
+
+
+_add_example_checks()
+
+
 # ------------------------------------------------------------------ driver
 
 
