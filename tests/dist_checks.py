@@ -357,14 +357,13 @@ def partial_gradient_refused_nothing_changed():
 # ------------------------------------------------------------------ GradScaler
 
 
-@check
-def grad_scaler_inf_on_one_rank_skips_every_rank():
+def _grad_scaler(cls, kw):
     """An inf in rank 1's shard only: GradScaler (DTensor dispatch all-reduces found_inf) makes
     both ranks skip, then both step at the next, smaller scale."""
     model = shard(mlp())
-    opt = wdopt.FusedAdamW(model.parameters(), lr=0.01)
+    opt = cls(model.parameters(), **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    before = [full(p).clone() for p in model.parameters()]
+    before = [full(p).clone() for p in model.parameters()]  # after construction (rotational: centred)
     x, y = batch(0, rank())
     scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
     w = model[0].weight
@@ -376,9 +375,19 @@ def grad_scaler_inf_on_one_rank_skips_every_rank():
     assert scaler.get_scale() == 512.0, scaler.get_scale()
     for p, b in zip(model.parameters(), before):
         assert torch.equal(full(p), b), "a skipped step changed a parameter"
-    assert all(float(opt.state[p]["step"]) == 0 for p in model.parameters() if p in opt.state)
+    for p in model.parameters():
+        for key in ("step", "rotational_step"):
+            if key in opt.state.get(p, {}):
+                assert float(opt.state[p][key]) == 0, (key, float(opt.state[p][key]))
     train(model, opt, 1, ranks=[rank()], scaler=scaler)
     assert not torch.equal(full(model[0].weight), before[0]) and float(opt.state[w]["step"]) == 1
+
+
+for _name, (_cls, _kw) in {"adamw": ELEMENTWISE["adamw"], "rotational_adamw": ROTATIONAL["rotational_adamw"]}.items():
+    def _fn(cls=_cls, kw=_kw):
+        _grad_scaler(cls, kw)
+    _fn.__name__ = f"grad_scaler_{_name}_inf_on_one_rank_skips_every_rank"
+    check(_fn)
 
 
 # ------------------------------------------------------------------ DDP, ZeRO
