@@ -23,7 +23,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The test sets PYTHONPATH to the wdopt it imported; run by hand, the source tree is the fallback.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 import wdopt  # noqa: E402

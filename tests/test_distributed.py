@@ -42,6 +42,15 @@ else:
     CHECK_NAMES = CHECK3_NAMES = []
 
 
+def _pythonpath() -> str:
+    """The workers import the wdopt this process imported (an installed build with its compiled
+    extension, or the source tree), not necessarily the source tree's."""
+    import wdopt
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(wdopt.__file__)))
+    return os.pathsep.join([where, os.environ.get("PYTHONPATH", "")])
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -51,7 +60,7 @@ def _free_port() -> int:
 def _env(rank: int, world: int, port: int, out: str) -> dict:
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WDOPT_DIST_OUT=out, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=_pythonpath())
     env.setdefault("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on the loopback interface too
@@ -208,6 +217,6 @@ def test_placement_errors_on_a_fake_process_group():
     """What needs no data moved (placement and construction errors), on torch's fake process group
     of 4 ranks in one process: rotational placements that split rows (naming the parameter, the
     placement and what works) and gradients placed otherwise than their parameter (nothing changed)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
     result = subprocess.run([sys.executable, "-c", _FAKE], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
