@@ -311,6 +311,25 @@ def tp_colwise_rowwise_10_steps_matches_torch():
 
 
 @check
+def fsdp2_over_tp_2d_mesh_matches_torch():
+    """FSDP2 over tensor parallelism on a (dp=1, tp=2) mesh (2 ranks: the FSDP dimension is
+    trivial, but the parameters are 2-D-mesh DTensors made by fully_shard over a TP model, with the
+    gradients' reductions of both): FusedAdamW against torch.optim.AdamW on the same model."""
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
+    runs = []
+    for make in (lambda ps: wdopt.FusedAdamW(ps, lr=0.01), lambda ps: torch.optim.AdamW(ps, lr=0.01)):
+        model = _tp(mlp(sizes=(5, 8, 1)), mesh["tp"])
+        shard(model, mesh=mesh["dp"])
+        opt = make(model.parameters())
+        train(model, opt, 10, ranks=[0])
+        runs.append((model, opt))
+    (model, opt), (ref_model, ref_opt) = runs
+    assert len(model[0].weight.placements) == 2, model[0].weight.placements
+    assert_state_equal(opt, list(model.parameters()), ref_opt, list(ref_model.parameters()), exact=False,
+                       rtol=1e-5, atol=1e-6)
+
+
+@check
 def tp_rotational_colwise_ok_rowwise_refused():
     mesh = init_device_mesh("cpu", (2,))
     model = _tp(mlp(sizes=(5, 8, 1)), mesh)
