@@ -37,8 +37,12 @@ class Record:
     float64 on the parameter's device), and what the predictions need. Built lazily from the
     step's buffers, so that recording a step costs no per-tensor Python work."""
 
-    def __init__(self, step: int, request: dict, layout: list, names, found_inf: torch.Tensor | None = None):
+    def __init__(self, step: int, request: dict, layout: list, names, found_inf: torch.Tensor | None = None,
+                 read_timeout: float = 300.0, monitor: int = 0):
         self.step = step
+        self.read_timeout = read_timeout  # seconds a read waits for the other ranks (DTensors)
+        self.monitor = monitor  # its monitor's creation number in this process
+        self.registered: set = set()  # store keys this rank added itself to (see _all_ranks_read)
         self.found_inf = found_inf  # GradScaler's flag: the step was skipped when non-zero
         self._request = request  # id(param) -> buffer
         self._layout = layout  # per group: (its hyperparameters at this step, its parameters)
@@ -48,11 +52,15 @@ class Record:
 
     def _build(self) -> None:
         sums, predictions = {}, {}
+        joined: set = set()  # meshes whose ranks are known to read this record
         for gi, (hyper, params) in enumerate(self._layout):
             for pi, p in enumerate(params):
                 if id(p) in self._request and p.numel() > 0:  # an empty tensor has nothing to measure
                     name = self._names(p, gi, pi)
                     sums[name] = self._request[id(p)]
+                    if hasattr(p, "_local_tensor") and hasattr(p, "device_mesh"):
+                        _all_ranks_read(p.device_mesh, self, joined)
+                        sums[name] = _across_ranks(p, sums[name])
                     if p.dim() >= 2:
                         predictions[name] = (hyper, p)
         self._sums, self._predictions = sums, predictions
@@ -106,6 +114,9 @@ class Record:
         return {"step": self.step, "skipped": False, "tensors": {name: self.tensor(name) for name in self.sums}}
 
 
+_MONITORS = 0  # RotationMonitors made in this process
+
+
 class RotationMonitor:
     """Record rotation telemetry of ``optimizer`` (any wdopt optimizer) every ``every`` steps.
 
@@ -115,10 +126,18 @@ class RotationMonitor:
         names: {name: parameter} (e.g. ``dict(model.named_parameters())``) for readable keys;
             other parameters are named "group{i}.param{j}".
         keep: how many records to keep in ``history`` (None: all).
+        read_timeout: seconds a read of a record waits for the other ranks (sharded parameters).
+
+    Sharded parameters (DTensors: FSDP2, tensor parallelism) are measured on each rank's shard at
+    the step, without communication; their per-row sums are summed across the mesh when a record
+    is first read (``sums``, ``neurons``, ``tensor``, ``as_dict``), so that the numbers are those
+    of the whole tensor. Reading such a record is a collective: every rank must read the same
+    records in the same order; a rank left waiting raises after ``read_timeout`` seconds (before
+    any collective: the process group stays usable).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 10, names: dict | None = None,
-                 keep: int | None = None):
+                 keep: int | None = None, read_timeout: float = 300.0):
         from .optim._base import FusedOptimizer
 
         if not isinstance(optimizer, FusedOptimizer):
@@ -126,6 +145,10 @@ class RotationMonitor:
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.optimizer, self.every, self.keep = optimizer, every, keep
+        self.read_timeout = read_timeout
+        global _MONITORS
+        _MONITORS += 1
+        self.number = _MONITORS  # identifies its records across ranks (monitors made in the same order)
         self._names = {id(p): n for n, p in (names or {}).items()}
         self.steps = 0
         self.history: list[Record] = []
@@ -160,7 +183,8 @@ class RotationMonitor:
         groups' hyperparameters as they are now, and their parameter lists."""
         layout = [(self._hyper(optimizer, group), list(group["params"])) for group in optimizer.param_groups]
         self.history.append(Record(self.steps, request, layout, self.name,
-                                   None if found_inf is None else found_inf.clone()))
+                                   None if found_inf is None else found_inf.clone(), self.read_timeout,
+                                   self.number))
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
 
@@ -206,19 +230,79 @@ class FlatRequest:
 
 def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """The buffers one monitored step fills: a (K, 4) float64 view per parameter, one allocation
-    per device, NaN until a kernel writes it. DTensors are not measured (their kernels see local
-    shards, not the rows of the whole tensor); nor is the rest of their bucket."""
+    per device, NaN until a kernel writes it. A DTensor gets a buffer for the rows of its local
+    shard (zeros for an empty shard), summed across ranks when a record is read; one whose rows
+    are interleaved across ranks (``_StridedShard``) is not measured, nor is the rest of its bucket."""
+    from .optim import _dtensor
+
     by_device: dict[torch.device, list] = {}
-    for p in params:
-        if type(p) is torch.Tensor or type(p) is torch.nn.Parameter or not hasattr(p, "placements"):
-            by_device.setdefault(p.device, []).append(p)
     request = {}
+    for p in params:
+        if _dtensor.is_dtensor(p):
+            if not any(type(pl).__name__ == "_StridedShard" for pl in p.placements):
+                lp = p._local_tensor
+                rows = lp.shape[0] if p.dim() >= 2 else 1
+                request[id(p)] = torch.full((rows, tm.COLUMNS), float("nan") if lp.numel() else 0.0,
+                                            dtype=torch.float64, device=lp.device)
+        elif type(p) is torch.Tensor or type(p) is torch.nn.Parameter or not hasattr(p, "placements"):
+            by_device.setdefault(p.device, []).append(p)
     for device, group in by_device.items():
         rows = [p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else 1 for p in group]  # tm.telemetry_rows
         flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
         for p, view in zip(group, flat.split(rows)):
             request[id(p)] = view
     return request
+
+
+def _all_ranks_read(mesh, record: "Record", joined: set) -> None:
+    """Wait until every rank of ``mesh`` reads ``record`` too, through the process group's store
+    (not a collective: a rank reading alone raises after the monitor's ``read_timeout`` and leaves
+    the process group usable). A record is known across ranks by its monitor's creation number
+    and its step (the same on every rank of an SPMD program); a rank registers once per record, so
+    that reading it again after a timeout waits for the others instead of counting twice."""
+    import time
+
+    import torch.distributed as dist
+
+    ranks = tuple(sorted(int(r) for r in mesh.mesh.flatten().tolist()))
+    if ranks in joined or len(ranks) == 1:
+        return
+    joined.add(ranks)
+    key = f"wdopt/RotationMonitor/{record.monitor}/{record.step}/{','.join(map(str, ranks))}"
+    store = dist.distributed_c10d._get_default_store()
+    if key in record.registered:
+        count = store.add(key, 0)
+    else:
+        count = store.add(key, 1)
+        record.registered.add(key)
+    deadline = time.monotonic() + record.read_timeout
+    while count < len(ranks):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"RotationMonitor: a record of sharded parameters sums their rows across ranks {list(ranks)} when "
+                f"read (a collective), and only {count} of them read it within {record.read_timeout:g} s: every "
+                "rank must read the same records (as_dict, tensor, neurons, sums) in the same order")
+        time.sleep(0.005)
+        count = store.add(key, 0)
+
+
+def _across_ranks(p, local: torch.Tensor) -> torch.Tensor:
+    """The (K, 4) sums of DTensor ``p`` from each rank's sums of its local shard: rows placed at
+    the shard's global row offset, then summed over every mesh dimension that shards ``p`` (sums
+    are additive over columns; shards of rows are disjoint). A collective (``_all_ranks_read``
+    first made sure that every rank takes part)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = p.device_mesh, p.placements
+    rows = p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else 1
+    out = torch.zeros(rows, tm.COLUMNS, dtype=torch.float64, device=local.device)
+    start = compute_local_shape_and_global_offset(p.shape, mesh, placements)[1][0] if p.dim() >= 2 else 0
+    out[start:start + local.shape[0]] = local
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard() and mesh.size(mesh_dim) > 1:
+            dist.all_reduce(out, group=mesh.get_group(mesh_dim))
+    return out
 
 
 def _predict(hyper: tuple, p: torch.Tensor, grad_norm_sq_unit: float) -> dict:
@@ -229,6 +313,8 @@ def _predict(hyper: tuple, p: torch.Tensor, grad_norm_sq_unit: float) -> dict:
     optimizer, group = hyper
     if getattr(optimizer, "_is_rotational", None) is not None and optimizer._is_rotational(p, group):
         n = optimizer.state[p].get("rotational_norm")
+        if n is not None and hasattr(n, "full_tensor"):
+            n = n.full_tensor()  # a DTensor's rows: gathered (a collective, as the record's read)
         norm = float(n.double().pow(2).mean().sqrt()) if n is not None else None
         return {"norm": norm, "angular_update": optimizer._angle(group) if group["mode"] == "equilibrium" else None}
     d = theory.decay_fraction(group)

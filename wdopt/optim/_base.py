@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import backends
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
+from . import _dtensor
 from ._fast import FastStep
 
 DECAY_SCALINGS = ("lr", "schedule")
@@ -267,6 +268,18 @@ class FusedOptimizer(Optimizer):
                 continue
             args = (group, backend, params, [p.grad for p in params], _on(grad_scale, device),
                     _on(found_inf, device), kernel_ready)
+            if any(map(_dtensor.is_dtensor, params)):
+                # DTensors (with any plain parameters of their bucket): the same kernels on the
+                # local shards, with the optimizer's state seen as local tensors (_dtensor.py).
+                buffers = [monitored.get(id(p)) for p in params] if monitored else []
+                with _dtensor.LocalStates(self, params, lambda p, k, v, g=group: self._wrap_state(p, k, v, g)) \
+                        as local_params:
+                    local_args = (group, backend, local_params, [_dtensor.local(g) for g in args[3]], *args[4:])
+                    if buffers and all(b is not None for b in buffers):
+                        self._update_measured_local(local_args, buffers)
+                    else:
+                        self._update(*local_args)
+                continue
             buffers = [monitored.get(id(p)) for p in params] if monitored else []
             if not buffers or any(b is None for b in buffers):
                 self._update(*args)
@@ -347,6 +360,18 @@ class FusedOptimizer(Optimizer):
             for b, p, p0 in zip(buffers, params, before):
                 b.copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
 
+    def _update_measured_local(self, args, buffers) -> None:
+        """A bucket with DTensors, monitored: per-row sums of each local shard from snapshots (a
+        shard may be empty, or hold part of each row), summed across ranks when a record is read
+        (wdopt/telemetry.py). Costs a copy of the local shards, on monitored steps only."""
+        group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
+        before = [p.detach().clone() for p in params]
+        self._update(*args)
+        if not step_skipped(found_inf):
+            for b, p, p0, g in zip(buffers, params, before, grads):
+                if p.numel():  # an empty shard's buffer is zeros: it adds nothing to the sums
+                    b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
         and strided or complex buckets): costs a copy of the parameters and a pass over them."""
@@ -387,7 +412,14 @@ class FusedOptimizer(Optimizer):
                 if g is None:
                     continue
                 signature = (p.dtype, p.shape, p.device)
-                contiguous = p.is_contiguous()
+                if type(p) not in _PLAIN or type(g) not in _PLAIN:  # e.g. DTensors (FSDP2, tensor parallel)
+                    _dtensor.check_grad(p, g, f"parameter {param_index} of param group {group_index} "
+                                              f"(shape {tuple(p.shape)})")
+                    # Kernels see local shards: their layout and addresses are what matters.
+                    lp, lg = _dtensor.local(p), _dtensor.local(g)
+                else:
+                    lp, lg = p, g
+                contiguous = lp.is_contiguous()
                 if g.is_sparse or (g.dtype, g.shape, g.device) != signature or not contiguous:
                     # Raises, accepts a strided layout, or (True) takes a sparse gradient.
                     if self._check_grad(p, group, group_index, param_index):
@@ -411,10 +443,10 @@ class FusedOptimizer(Optimizer):
                         plain_state = self._check_state(p, state, group_index, param_index)
                         if plain_state is not None:  # None: sparse state, checked at every step
                             checked[id(p)] = (weakref.ref(p), signature, plain_state, state_id)
-                addresses.append((p.data_ptr(), signature, None if contiguous else p.stride()))
+                addresses.append((lp.data_ptr(), signature, None if contiguous else lp.stride()))
                 key = (signature[0], signature[2])
                 buckets[key].append(p)
-                if not (contiguous and plain_state and g.is_contiguous() and not g.is_neg()):
+                if not (contiguous and plain_state and lg.is_contiguous() and not lg.is_neg()):
                     not_kernel_ready.add(key)
             entries = []
             for key, params in buckets.items():
@@ -482,7 +514,8 @@ class FusedOptimizer(Optimizer):
                 if state:
                     tensors.extend(t for t in (state.get(k) for k in self._state_tensors)
                                    if isinstance(t, torch.Tensor) and t.layout == torch.strided)
-            checks.overlap_key, checks.overlap = key, _any_overlap(tensors)
+            # DTensors own no memory: their local shards do.
+            checks.overlap_key, checks.overlap = key, _any_overlap([_dtensor.local(t) for t in tensors])
         return checks.overlap
 
     @property
@@ -538,12 +571,37 @@ class FusedOptimizer(Optimizer):
                     f"state {key!r} of parameter {param_index} of param group {group_index} is "
                     f"{t.dtype} {tuple(t.shape)} on {t.device}, but the parameter is {p.dtype} "
                     f"{tuple(p.shape)} on {p.device}; load the state dict again after moving the model")
+            _dtensor.check_state(p, key, t, f"parameter {param_index} of param group {group_index}")
+            if _dtensor.is_dtensor(t):
+                contiguous = contiguous and t._local_tensor.is_contiguous()
+        self._check_other_state(p, state, group_index, f"parameter {param_index} of param group {group_index}")
         step = state.get("step")
+        if isinstance(step, torch.Tensor) and _dtensor.is_dtensor(step):
+            raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} is a "
+                               "DTensor; steps are plain 0-d tensors, as torch's")
         if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32
                                                or step.numel() != 1):
             raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} must be a "
                                f"float32 scalar on {p.device}, got {step.dtype} {tuple(step.shape)} on {step.device}")
         return contiguous
+
+    def _global(self, p):
+        """During an update on local shards (``_dtensor.LocalStates``), the DTensor parameter whose
+        local shard ``p`` is; else ``p``."""
+        return self.__dict__.get("_global_params", {}).get(id(p), p)
+
+    def _check_other_state(self, p, state: dict, group_index: int, where: str) -> None:
+        """Checks of state other than ``_state_tensors`` and ``step`` (the rotational per-row state)."""
+
+    def _wrap_state(self, p, key: str, value, group: dict):
+        """State that an update on the local shards of DTensor ``p`` created (``_dtensor.LocalStates``),
+        as it is kept: 0-d counters plain (as torch's ``step``), tensors shaped like the local
+        parameter as DTensors of its placement."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        if key in self._state_tensors and value.shape == p._local_tensor.shape:
+            return _dtensor.from_local(p, value, tuple(p.placements), p.shape, p.stride())
+        raise RuntimeError(f"{type(self).__name__}: no placement known for state {key!r} of a DTensor parameter")
 
     def _check_sparse_state(self, p, key, t, group_index, param_index) -> None:
         """A sparse state tensor: refused, except where a subclass keeps torch's sparse state."""
@@ -632,6 +690,9 @@ def _hooked_only_when_needed(step):
 
 
 FusedOptimizer.step = _hooked_only_when_needed(FusedOptimizer.step)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _float(x) -> float:

@@ -20,6 +20,7 @@ from .. import theory
 from ..reference import rotational as rv
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
+from . import _dtensor
 from .adamw import FusedAdamW
 from .lion import FusedLion
 from .sgd import FusedSGD
@@ -59,7 +60,7 @@ class _Rotational:
         if group["zero_mean"]:
             for p in group["params"]:
                 if self._is_rotational(p, group):
-                    rv.centre_(p, group["per_neuron"])
+                    rv.centre_(_dtensor.local(p), group["per_neuron"])  # rows whole on each rank (checked)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every state tensor but "step" to its parameter's dtype; the rotational state
@@ -131,18 +132,29 @@ class _Rotational:
                 raise ValueError(f"{where}: per_neuron needs a tensor of dim >= 2 (its rows are the neurons)")
             split = _split_rows(p, group["per_neuron"])
             if split:
-                raise ValueError(f"{where} is sharded with {split}, which splits its "
-                                 f"{'rows' if group['per_neuron'] else 'sphere'} across ranks: the row norms "
-                                 "would need a cross-rank reduction every step; shard it along dim 0 only "
-                                 "(per_neuron) or replicate it")
-            r = rv.rows(p.detach(), group["per_neuron"]).double()
+                raise ValueError(f"{where} is sharded with {split}; shard it along dim 0 only (per_neuron) or "
+                                 "replicate it")
+            r = rv.rows(_dtensor.local(p).detach(), group["per_neuron"]).double()  # a DTensor: its rows here
             if group["zero_mean"]:
                 r = r - r.mean(dim=1, keepdim=True)
             zero = (r.norm(dim=1) == 0).nonzero()
             if zero.numel():
                 kind = "centred norm" if group["zero_mean"] else "norm"
-                raise ValueError(f"{where}: row {zero[0].item()} has zero {kind} (a constant row, or one element "
+                shard = " of this rank's shard" if _dtensor.is_dtensor(p) else ""
+                raise ValueError(f"{where}: row {zero[0].item()}{shard} has zero {kind} (a constant row, or one element "
                                  "with zero_mean) and cannot be put on a sphere")
+
+    def _wrap_state(self, p, key, value, group):
+        return _wrap_row_state(self, super()._wrap_state, p, key, value, group)
+
+    def _check_other_state(self, p, state: dict, group_index: int, where: str) -> None:
+        super()._check_other_state(p, state, group_index, where)
+        rows = None
+        if _dtensor.is_dtensor(p):
+            rows = _dtensor.row_placements(p, self.param_groups[group_index]["per_neuron"])
+        for key in ("rotational_norm", "update_norm_avg"):
+            if key in state:
+                _dtensor.check_state(p, key, state[key], where, rows)
 
     def _angle(self, group: dict) -> float:
         """η_r, the angle per step, on the host (a tensor lr is read there)."""
@@ -177,7 +189,7 @@ class _Rotational:
         # Before anything changes (they may raise); with a capturable tensor lr, on the device.
         rate = self._rate_tensor(group, params[0].device) if params else None
         angle = self._angle(group) if rate is None else None
-        rotational = [self._is_rotational(p, group) for p in params]
+        rotational = [self._is_rotational(self._global(p), group) for p in params]  # a shard may be empty
         base = [i for i, r in enumerate(rotational) if not r]
         if base:
             super()._update(group, backend, [params[i] for i in base], [grads[i] for i in base],
@@ -187,6 +199,18 @@ class _Rotational:
             return
         params, grads = [params[i] for i in chosen], [grads[i] for i in chosen]
         telemetry = [telemetry[i] for i in chosen] if telemetry else []
+        if kernel_ready and any(p.numel() == 0 for p in params):
+            # A rank holding no rows of a Shard(0) DTensor: the fused kernels take no empty tensor;
+            # the per-tensor path (kernel_ready=False) advances its counters and makes its empty
+            # state as the other ranks' steps do. The other tensors keep the fused kernel.
+            empty = [i for i, p in enumerate(params) if p.numel() == 0]
+            self._update(group, backend, [params[i] for i in empty], [grads[i] for i in empty], grad_scale,
+                         found_inf, False)
+            keep = [i for i, p in enumerate(params) if p.numel() != 0]
+            if not keep:
+                return
+            params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+            telemetry = [telemetry[i] for i in keep] if telemetry else []
         available = getattr(backend, "rotational_available", lambda device: callable(getattr(backend, "rotational", None)))
         fused = kernel_ready and available(params[0].device)
         # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
@@ -246,9 +270,27 @@ def _split_rows(p: torch.Tensor, per_neuron: bool) -> str | None:
         return None
     for mesh_dim, placement in enumerate(placements):
         dim = getattr(placement, "dim", None)
+        if type(placement).__name__ == "_StridedShard" and mesh.size(mesh_dim) > 1:
+            # FSDP2 over tensor parallelism: rows stay whole, but are interleaved across ranks, which
+            # a per-row state placed Shard(0) would not describe.
+            return (f"_StridedShard(dim={dim}) over {mesh.size(mesh_dim)} ranks (FSDP2 over tensor parallelism), "
+                    "which interleaves its rows across ranks: its per-row state would have no placement that "
+                    "state dicts and checkpoints could reshard")
         if placement.is_shard() and mesh.size(mesh_dim) > 1 and (not per_neuron or dim != 0):
-            return f"Shard(dim={dim}) over {mesh.size(mesh_dim)} ranks"
+            return (f"Shard(dim={dim}) over {mesh.size(mesh_dim)} ranks, which splits its "
+                    f"{'rows' if per_neuron else 'sphere'} across ranks: the row norms would need a cross-rank "
+                    "reduction every step")
     return None
+
+
+def _wrap_row_state(optimizer, base_wrap, p, key, value, group):
+    """A DTensor parameter's per-row state made on its local rows: 1-D, placed along rows as the
+    parameter (Shard(0) or Replicate; one replicated row for per_neuron=False)."""
+    if key in ("rotational_norm", "update_norm_avg"):
+        per_neuron = group["per_neuron"]
+        return _dtensor.from_local(p, value, _dtensor.row_placements(p, per_neuron),
+                                   (p.shape[0] if per_neuron else 1,))
+    return base_wrap(p, key, value, group)
 
 
 _NO_HYPER = dict(beta1=0.0, beta2=0.0, eps=0.0, momentum=0.0, nesterov=False)

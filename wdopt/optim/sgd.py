@@ -8,6 +8,7 @@ import torch
 
 from ..reference._common import step_skipped
 from ..reference.sgd import sgd_sparse_step
+from . import _dtensor
 from ._base import FusedOptimizer, KernelTensors, _float, check_common
 
 
@@ -94,7 +95,7 @@ class FusedSGD(FusedOptimizer):
             # Zeros, flagged "no history yet": the kernel then stores b = g.
             buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["momentum_buffer"] = buffer
-            self._flags.add(buffer)
+            self._flags.add(_dtensor.local(buffer))  # kernels see a DTensor's local buffer (_dtensor.py)
 
     _fast_kind = "sgd"
 

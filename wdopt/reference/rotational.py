@@ -28,7 +28,8 @@ from .lion import interpolations, sign
 
 def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
     """The tensor as K×C (one row per neuron), or 1×N for a whole-tensor sphere."""
-    return t.reshape(t.shape[0], -1) if per_neuron else t.reshape(1, -1)
+    # The row length spelled out: -1 is ambiguous for zero rows (an empty shard of a DTensor).
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if per_neuron else t.reshape(1, -1)
 
 
 def centre_(p: torch.Tensor, per_neuron: bool) -> None:
