@@ -132,3 +132,37 @@ def test_step_hooks_and_profiler_range_as_torch(monkeypatch, cls):
         before = p.detach().clone()
         opt.step()
         assert not torch.equal(p, before)
+
+
+@pytest.mark.parametrize("cls", [wdopt.FusedAdamW, torch.optim.AdamW], ids=["FusedAdamW", "torch.AdamW"])
+def test_step_hooks_with_compile_and_in_subclasses(cls):
+    """Hooks registered after a compiled step's first call run at the next (the compiled step
+    does not keep a "no hook" branch), and a subclass whose step calls super().step() runs each
+    hook once per step (found by review of the hook-skipping wrapper; torch.optim does too unless
+    the parent class was instantiated first, a torch quirk wdopt does not copy)."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([p], lr=1e-2, weight_decay=0.1)
+    step = torch.compile(opt.step, backend="eager")
+    p.grad = torch.randn_like(p)
+    step()
+    calls = []
+    handle = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    p.grad = torch.randn_like(p)
+    step()
+    handle.remove()
+    assert calls == ["pre"]
+    if cls is torch.optim.AdamW:
+        return  # torch runs a subclass's hooks twice when the parent class was instantiated before
+
+    class Sub(cls):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    q = torch.nn.Parameter(torch.randn(4, 3))
+    sub = Sub([q], lr=1e-2)
+    counted = []
+    sub.register_step_pre_hook(lambda o, a, k: counted.append(1))
+    for _ in range(2):
+        q.grad = torch.randn_like(q)
+        sub.step()
+    assert len(counted) == 2

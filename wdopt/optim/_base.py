@@ -670,16 +670,23 @@ def _hooked_only_when_needed(step):
     no hook on the 2-core CPU machine (two dispatcher calls and a context manager) — as much as the
     fast path's checks of 150 tensors. Here torch's own wrapper runs whenever a hook is registered
     (per optimizer or global) or the profiler is on, so hooks and traces are exactly torch's;
-    otherwise the step is called directly. Marked ``hooked`` so torch does not wrap it again."""
+    otherwise the step is called directly. Marked ``hooked`` so torch does not wrap it again.
+
+    Also torch's wrapper, always: while torch.compile traces the step (a compiled step would keep
+    the branch it was traced with, and miss hooks registered later; torch's wrapper is traced with
+    its hook loops), and inside a user subclass's own ``step`` (torch wraps that one: hooks run once).
+    A standalone ExecutionTraceObserver (without the profiler) does not see the step's range."""
     from torch.autograd import profiler
     from torch.optim import optimizer as torch_optimizer
 
     wrapped = Optimizer.profile_hook_step(step)
 
     def hooked(self, *args, **kwargs):
+        if type(self).step is not hooked:
+            return step(self, *args, **kwargs)  # called by a subclass's step, which torch wrapped
         if getattr(profiler, "_is_profiler_enabled", True) or self._optimizer_step_pre_hooks or \
                 self._optimizer_step_post_hooks or torch_optimizer._global_optimizer_pre_hooks or \
-                torch_optimizer._global_optimizer_post_hooks:
+                torch_optimizer._global_optimizer_post_hooks or torch.compiler.is_compiling():
             return wrapped(self, *args, **kwargs)
         return step(self, *args, **kwargs)
 
