@@ -9,9 +9,10 @@
 # views, side stream, no host syncs, long rotational rows, a 2^31 + 5 element tensor, host
 # overhead, torch.compile with CUDA graphs last; OUTDIR/acceptance.json), tests (the suite's CUDA
 # parametrizations: Triton natively, the CUDA backend, parity with torch, graph capture,
-# GradScaler, rotational kernels, telemetry),
-# equilibrium (the main experiment, quick size), bench (last: fp32 AdamW against torch at the
-# GPT-2, ResNet-50 and 10,000 × 256 shapes, with the copy-bandwidth ceiling). Each step runs under
+# GradScaler, rotational kernels, telemetry), fsdp2 (examples/fsdp2_train.py and
+# benchmarks/dtensor_overhead.py on one GPU), equilibrium (the main experiment, quick size), bench
+# (last: fp32 AdamW against torch at the GPT-2, ResNet-50 and 10,000 × 256 shapes, with the
+# copy-bandwidth ceiling). Each step runs under
 # `timeout`, its output is streamed to OUTDIR/<step>.log, and its exit code and duration are
 # appended to OUTDIR/summary.txt as soon as it finishes. A failing step never stops the later ones.
 # A global deadline (GPU_CHECK_BUDGET_S, default 330 s) trims the last steps if earlier ones ran
@@ -91,6 +92,11 @@ step acceptance "${GPU_CHECK_ACCEPTANCE_S:-110}" \
 step tests "${GPU_CHECK_TESTS_S:-180}" \
     python -m pytest -q -p no:cacheprovider -rf --durations=15 tests \
     -k "(cuda and not cuda_sources) or triton_rotational or graph_safety"
+# FSDP2 on one GPU (a mesh of size 1 still takes the DTensor path, with nccl): the example's
+# training, then the host time of a step on DTensor parameters beside plain ones.
+step fsdp2 "${GPU_CHECK_FSDP2_S:-45}" \
+    bash -c 'torchrun --standalone --nproc-per-node 1 examples/fsdp2_train.py --steps 50 &&
+             torchrun --standalone --nproc-per-node 1 benchmarks/dtensor_overhead.py'
 # The main experiment, quick size, on the GPU backends (rotation telemetry in the kernels).
 step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-40}" \
     python -m wdopt equilibrium --device cuda --quick --no-progress --out "$OUTDIR/equilibrium"
