@@ -288,68 +288,53 @@ struct GroupPlan : torch::CustomClassHolder {
 
   // One bucket's step, after ready(): ``lr`` or (capturable) ``lr_tensor`` on the bucket's device,
   // ``decay_lr_scale`` as the Python driver computes it, GradScaler's tensors on the device.
-  // ``telemetry``: [] or, on a step a RotationMonitor records, one float64 (K, 4) buffer per
-  // member that the kernels fill in their update pass (csrc/ops.cpp states the contract); or
-  // ``telemetry_flat``: the device's (N, 4) buffer laid out by set_telemetry_layout.
+  // ``telemetry_flat``: on a step a RotationMonitor records, the device's (N, 4) float64 buffer
+  // laid out by set_telemetry_layout, which the kernels fill in their update pass (csrc/ops.cpp
+  // states the contract): the CPU kernels get pointers into it, the operator views made here.
   void run(int64_t bucket, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           std::vector<at::Tensor> telemetry, const std::optional<at::Tensor>& telemetry_flat) {
+           const std::optional<at::Tensor>& telemetry_flat) {
     TORCH_CHECK(ready_, "GroupPlan.run() before a successful ready()");
     TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
     Bucket& b = buckets_[bucket];
-    TORCH_CHECK(telemetry.empty() || telemetry.size() == b.members.size(), "GroupPlan: one telemetry buffer per member");
     TORCH_CHECK(b.mode != Mode::kAddresses, "GroupPlan.run(): bucket ", bucket, " is launched from Python");
-    if (telemetry_flat.has_value() && telemetry_flat->defined()) {
-      TORCH_CHECK(telemetry.empty(), "GroupPlan.run(): telemetry buffers and a flat buffer");
+    const bool monitored = telemetry_flat.has_value() && telemetry_flat->defined();
+    if (monitored) {
       const at::Tensor& flat = *telemetry_flat;
       TORCH_CHECK(b.telemetry_rows.size() == b.members.size(), "GroupPlan: bucket ", bucket, " has no telemetry layout");
       TORCH_CHECK(flat.scalar_type() == at::kDouble && flat.is_contiguous() && flat.dim() == 2 && flat.size(1) == 4 &&
                       flat.device() == b.params[0].device(),
                   "GroupPlan: telemetry_flat must be a contiguous float64 (N, 4) tensor on the bucket's device");
-      telemetry.reserve(b.members.size());
       for (size_t j = 0; j < b.members.size(); ++j) {
         TORCH_CHECK(b.telemetry_offsets[j] + b.telemetry_rows[j] <= flat.size(0), "GroupPlan: telemetry_flat has ",
                     flat.size(0), " rows; member ", j, " needs rows up to ", b.telemetry_offsets[j] + b.telemetry_rows[j]);
-        if (b.mode != Mode::kCpuTable) telemetry.push_back(flat.narrow(0, b.telemetry_offsets[j], b.telemetry_rows[j]));
-      }
-      if (b.mode == Mode::kCpuTable) {  // pointers into the flat buffer: no view per member
-        cpu::TensorTable& t = b.table;
-        struct Clear {  // the buffer belongs to this step only (also when something below throws)
-          cpu::TensorTable& t;
-          ~Clear() {
-            t.telemetry.clear();
-            t.rows.clear();
-          }
-        } clear{t};
-        double* base = flat.data_ptr<double>();
-        for (size_t j = 0; j < b.members.size(); ++j) {
-          t.telemetry.push_back(base + 4 * b.telemetry_offsets[j]);
-          t.rows.push_back(b.telemetry_rows[j]);
-        }
-        run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
-        return;
       }
     }
     if (b.mode == Mode::kCpuTable) {
       cpu::TensorTable& t = b.table;
-      struct Clear {  // the buffers belong to this step only (also when a check below fails)
+      struct Clear {  // the buffer belongs to this step only (also when something below throws)
         cpu::TensorTable& t;
         ~Clear() {
           t.telemetry.clear();
           t.rows.clear();
         }
       } clear{t};
-      for (size_t j = 0; j < telemetry.size(); ++j) {
-        const at::Tensor& buffer = telemetry[j];
-        const int64_t numel = t.numel[j];
-        TORCH_CHECK(buffer.scalar_type() == at::kDouble && buffer.device().is_cpu() && buffer.is_contiguous() &&
-                        buffer.dim() == 2 && buffer.size(1) == 4 && buffer.size(0) > 0 && numel % buffer.size(0) == 0,
-                    "GroupPlan: telemetry[", j, "] must be a contiguous float64 (K, 4) CPU tensor, K dividing ", numel);
-        t.telemetry.push_back(buffer.data_ptr<double>());
-        t.rows.push_back(buffer.size(0));
+      if (monitored) {  // pointers into the flat buffer: no view per member
+        double* base = telemetry_flat->data_ptr<double>();
+        for (size_t j = 0; j < b.members.size(); ++j) {
+          t.telemetry.push_back(base + 4 * b.telemetry_offsets[j]);
+          t.rows.push_back(b.telemetry_rows[j]);
+        }
       }
       run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
       return;
+    }
+    std::vector<at::Tensor> telemetry;  // the operator takes one (K, 4) buffer per member
+    if (monitored) {
+      telemetry.reserve(b.members.size());
+      for (size_t j = 0; j < b.members.size(); ++j) {
+        telemetry.push_back(telemetry_flat->narrow(0, b.telemetry_offsets[j], b.telemetry_rows[j]));
+      }
     }
     // The gradients are not held past the step (zero_grad(set_to_none=True) frees them).
     struct Release {

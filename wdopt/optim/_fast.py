@@ -244,7 +244,7 @@ class FastStep:
                     if triton is None:
                         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
                         flat = monitored.get(device) if monitored else None
-                        cached.run(index, lr_value, lr_tensor, scale, *scaler, [], flat)  # then lets its grads go
+                        cached.run(index, lr_value, lr_tensor, scale, *scaler, flat)  # then lets its grads go
                         continue
                     # The bucket's own table, its gradient column set by ``usable``.
                     optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
