@@ -61,7 +61,7 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch_list
     print(f"wdopt: building the C++ extension, {'with CUDA kernels ' if with_cuda else 'without CUDA kernels: '}"
           f"{plan.why}", file=sys.stderr)
-    sources = ["csrc/ops.cpp", "csrc/step_plan.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/step_plan.cpp", "csrc/fast_checks.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # Plain IEEE arithmetic (no FMA contraction) so every backend rounds as the reference does;
     # portable code generation: a wheel may run on another CPU than the one that built it.
     flags = {"cxx": ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]}

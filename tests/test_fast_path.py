@@ -178,6 +178,14 @@ def replace_state_dict(opt, ps):
     opt.state[ps[2]] = {k: (v.clone() * 2 if k != "step" else v.clone()) for k, v in opt.state[ps[2]].items()}
 
 
+def reordered_state(opt, ps):
+    opt.state[ps[0]] = opt.state.pop(ps[0])  # the same dicts, in another order
+
+
+def params_as_tuple(opt, ps):
+    opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+
+
 def drop_grad(opt, ps):
     ps[1].grad = None
 
@@ -217,7 +225,8 @@ def added_group(opt, ps):
     ps.append(q)
 
 
-EDITS = [edit_lr, edit_hyper, edit_state_tensor, edit_state_in_place, replace_state_dict, drop_grad,
+EDITS = [edit_lr, edit_hyper, edit_state_tensor, edit_state_in_place, replace_state_dict,
+         reordered_state, params_as_tuple, drop_grad,
          strided_grad, negated_grad, moved_data, replaced_param, loaded_state, added_group]
 
 
@@ -240,6 +249,42 @@ def test_every_change_is_seen(kind, edit):
                     p.grad = torch.full_like(p, 0.1)  # the added group's parameter
             opt.step()
     assert_same(opt_a, a, opt_b, b)
+
+
+def test_object_checks_compare_identity_only():
+    """csrc/fast_checks.cpp: a pointer compare per object, never ==; bad arguments raise; a key
+    whose __eq__ raises (a user's non-str key with the hash of a state key) raises through ctypes."""
+    from wdopt.kernels import cpp
+
+    cpp.load()
+    checks = cpp.object_checks()
+    t, u = torch.zeros(1), torch.zeros(1)  # equal values, different tensors
+    assert checks.same_objects([t, u], [t, u]) == 1 and checks.same_objects((t, u), [t, u]) == 1
+    assert checks.same_objects([t, t], [t, u]) == 0 and checks.same_objects([t], [t, u]) == 0
+    assert checks.same_objects(iter([t]), [t]) == 0  # not a list or tuple: the validation path's
+    d = {t: "a", u: "b"}
+    assert checks.same_items(d, [t, u], ["a", "b"]) == 1
+    assert checks.same_items(d, [u, t], ["b", "a"]) == 0  # order counts
+    assert checks.same_items(d, [t], ["a"]) == 0 and checks.same_items([], [], []) == 0
+    dicts = [{"x": t, "y": u, "other": 1}, {"x": u, "y": t}]
+    assert checks.same_columns(dicts, ("x", "y"), [t, u, u, t]) == 1
+    assert checks.same_columns(dicts, ("x", "y"), [t, u, u, u]) == 0
+    assert checks.same_columns(dicts, ("x", "z"), [t, u, u, t]) == 0  # a missing key
+    assert checks.same_columns([dicts[0], 5], ("x",), [t, u]) == 0  # not a dict
+    with pytest.raises(TypeError, match="same_columns"):
+        checks.same_columns(dicts, ("x",), [t])
+    with pytest.raises(TypeError, match="same_items"):
+        checks.same_items(d, (t,), ["a"])
+
+    class Clash:  # hashes like "x", and cannot be compared
+        def __hash__(self):
+            return hash("x")
+
+        def __eq__(self, other):
+            raise RuntimeError("compared")
+
+    with pytest.raises(RuntimeError, match="compared"):
+        checks.same_columns([{Clash(): 1}], ("x",), [t])
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "lion"])

@@ -29,6 +29,7 @@ from . import build
 _extension_loaded = False
 _load_error: str | None = None
 _build_dir: Path | None = None
+_library: str | None = None  # the loaded extension's file
 
 # Plain IEEE arithmetic, no FMA contraction: the backends agree with the reference bit for bit.
 # -fno-math-errno lets sqrt vectorize (it changes no result, only drops errno for sqrt(<0)).
@@ -80,7 +81,7 @@ def source_dir() -> Path | None:
 
 def sources(with_cuda: bool) -> list[str]:
     root = source_dir()
-    files = [root / "ops.cpp", root / "step_plan.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    files = [root / "ops.cpp", root / "step_plan.cpp", root / "fast_checks.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += [*sorted((root / "cuda").glob("*.cu")), *sorted((root / "cuda").glob("*.cpp"))]
     return [str(f) for f in files]
@@ -157,14 +158,15 @@ def has_cuda_kernels() -> bool:
 
 def load(verbose: bool = False) -> None:
     """Import the prebuilt extension or JIT-build it; raise RuntimeError saying why not."""
-    global _extension_loaded, _load_error
+    global _extension_loaded, _load_error, _library
     if _extension_loaded:
         return
     if _load_error is not None:
         raise RuntimeError(_load_error)
     try:
         if prebuilt_available():
-            torch.ops.load_library(importlib.util.find_spec("wdopt._C").origin)
+            _library = importlib.util.find_spec("wdopt._C").origin
+            torch.ops.load_library(_library)
         else:
             reason = unavailable_reason()
             if reason is not None:
@@ -211,7 +213,7 @@ def jit_cached(with_cuda: bool, arch_list: str | None) -> bool:
 
 
 def _jit_build(with_cuda: bool, arch_list: str | None, verbose: bool) -> None:
-    global _build_dir
+    global _build_dir, _library
     cpp_extension = _cpp_extension()
     flags = build_flags(with_cuda)
     identity = jit_identity(with_cuda, arch_list)
@@ -226,7 +228,7 @@ def _jit_build(with_cuda: bool, arch_list: str | None, verbose: bool) -> None:
             build.notice(f"wdopt: compiling the {what}, into {build_dir} ...")
         start = time.monotonic()
         with build.arch_list_env(arch_list if with_cuda else None):
-            cpp_extension.load(
+            loaded = cpp_extension.load(
                 name=build_dir.name,
                 sources=sources(with_cuda),
                 extra_cflags=flags["cflags"],
@@ -242,6 +244,44 @@ def _jit_build(with_cuda: bool, arch_list: str | None, verbose: bool) -> None:
             (build_dir / build.BUILT_MARKER).write_text(build.describe_identity(identity))
             build.notice(f"wdopt: compiled in {time.monotonic() - start:.0f} s; later runs reuse it")
     _build_dir = build_dir
+    # torch returns the library's path (older versions nothing): {name}.so in the build folder.
+    _library = loaded if isinstance(loaded, str) else str(build_dir / f"{build_dir.name}.so")
+
+
+class ObjectChecks:
+    """The fast path's identity checks of Python objects (csrc/fast_checks.cpp), called through
+    ctypes with the GIL held: each returns whether every object is the one expected."""
+
+    def __init__(self, library: str):
+        import ctypes
+
+        lib = ctypes.PyDLL(library)  # PyDLL: the GIL stays held, a Python error set in C is raised
+
+        def bind(name: str, nargs: int):
+            function = getattr(lib, name)
+            function.argtypes = [ctypes.py_object] * nargs
+            function.restype = ctypes.c_int
+            return function
+
+        #: same_objects(list_or_tuple, list): the same objects in the same order.
+        self.same_objects = bind("wdopt_same_objects", 2)
+        #: same_items(dict, keys, values): exactly these keys mapped to these values, in order.
+        self.same_items = bind("wdopt_same_items", 3)
+        #: same_columns(dicts, keys, expected): expected[i * len(keys) + j] is dicts[i][keys[j]].
+        self.same_columns = bind("wdopt_same_columns", 3)
+
+
+_object_checks: ObjectChecks | None = None
+
+
+def object_checks() -> ObjectChecks:
+    """The loaded extension's ObjectChecks (``load()`` first)."""
+    global _object_checks
+    if _object_checks is None:
+        if not _extension_loaded or _library is None:
+            raise RuntimeError("wdopt: the C++ extension is not loaded")
+        _object_checks = ObjectChecks(_library)
+    return _object_checks
 
 
 def built_in() -> Path | None:

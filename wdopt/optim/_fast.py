@@ -8,10 +8,11 @@ holding the group's tensors once, plus snapshots of the Python objects users edi
 also owns its tensor table, of which only the gradient column is rewritten, and only when the
 gradients moved. A later step re-uses it when
 
-* in Python (per group, or one pass of C-level ``map`` over the tensors): the same groups, each
-  with the same parameter list and the same hyperparameters except a changed valid float ``lr``
-  (schedulers change it every step; it is passed per step); the same state dict holding the same
-  per-parameter dicts holding the same state tensors;
+* on Python objects (per group in Python; per parameter in C, csrc/fast_checks.cpp, a pointer
+  compare per object): the same groups, each with the same parameter list and the same
+  hyperparameters except a changed valid float ``lr`` (schedulers change it every step; it is
+  passed per step); the same state dict holding the same per-parameter dicts holding the same
+  state tensors;
 * in C++ (``GroupPlan.ready``): each parameter has a gradient exactly where the validated step had
   one, of its dtype, shape and device, dense and contiguous; no parameter or state tensor moved
   (``.data =``, ``set_``, ``resize_``) or changed shape.
@@ -23,9 +24,6 @@ new plan; since ``ready`` runs for every group before any kernel, a fallback has
 """
 
 from __future__ import annotations
-
-from itertools import chain
-from operator import is_, itemgetter
 
 import torch
 
@@ -68,7 +66,7 @@ class _Group:
 class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
-    __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "finish", "params",
+    __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "checks", "finish", "params",
                  "launches_from_python", "telemetry_layout")
 
     @classmethod
@@ -171,8 +169,9 @@ class FastStep:
         self.state = state
         self.state_keys = list(state)
         self.state_dicts = list(state.values())
-        self.state_columns = [(itemgetter(*keys), len(keys) > 1, dicts, values)
-                              for keys, (dicts, values) in columns.items()]
+        self.state_columns = [(keys, dicts, values) for keys, (dicts, values) in columns.items()]
+        checks = cpp.object_checks()
+        self.checks = checks.same_objects, checks.same_items, checks.same_columns
         return self
 
     def usable(self, optimizer) -> bool:
@@ -180,11 +179,9 @@ class FastStep:
         groups = optimizer.param_groups
         if len(groups) != len(self.groups):
             return False
+        same_objects, same_items, same_columns = self.checks
         for group, cached in zip(groups, self.groups):
-            if group is not cached.group:
-                return False
-            current = group["params"]
-            if len(current) != len(cached.params) or not all(map(is_, current, cached.params)):
+            if group is not cached.group or not same_objects(group["params"], cached.params):
                 return False
             if not cached.checks.hyper_unchanged(group):
                 return False
@@ -192,19 +189,12 @@ class FastStep:
                 optimizer._check_step_group(group)
             except ValueError:
                 return False  # the validation path raises it, with the group's number
-        # The parameters with state and their state dicts, by position (a dict replaced, removed,
-        # or moved to another parameter shows here), then the state tensors the dicts hold.
+        # The parameters with state and their state dicts, in order (a dict replaced, removed, or
+        # moved to another parameter shows here), then the state tensors the dicts hold.
         state = optimizer.state
-        if state is not self.state or len(state) != len(self.state_dicts) or \
-                not all(map(is_, state, self.state_keys)) or not all(map(is_, state.values(), self.state_dicts)):
+        if state is not self.state or not same_items(state, self.state_keys, self.state_dicts):
             return False
-        # One pass over the dicts reads all their keys (each dict is brought into cache once).
-        try:
-            for get, several, dicts, values in self.state_columns:
-                current = chain.from_iterable(map(get, dicts)) if several else map(get, dicts)
-                if not all(map(is_, current, values)):
-                    return False
-        except KeyError:  # a state tensor deleted
+        if not all(same_columns(dicts, keys, values) for keys, dicts, values in self.state_columns):
             return False
         if not all(cached.ready() for cached in self.groups):
             return False
