@@ -13,6 +13,7 @@
 // What Python objects changed (groups edited, state dicts edited, parameters replaced in a group)
 // is checked by the Python side; this file checks what only the tensors know.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/SmallVector.h>
@@ -22,6 +23,7 @@
 #include "cpu/first_step.h"
 #include "cpu/fused_cpu.h"
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -97,17 +99,21 @@ inline void prefetch_autograd_meta(const at::Tensor& p) {
   if (const void* meta = p.unsafeGetTensorImpl()->autograd_meta()) prefetch_lines(meta, 2);
 }
 
-// One list of tensors with the pipeline above: ``check(j)`` runs when tensor j's objects are in.
+// Tensors [begin, end) of a list with the pipeline above: ``check(j)`` runs when tensor j's
+// objects are in.
 template <typename Check>
-inline bool each_prefetched(const std::vector<at::Tensor>& list, const Check& check) {
-  const size_t n = list.size();
-  for (size_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) prefetch_impl(list[j + kAhead]);
-    if (j + kAhead / 2 < n) prefetch_storage(list[j + kAhead / 2]);
+inline bool each_prefetched(const std::vector<at::Tensor>& list, size_t begin, size_t end, const Check& check) {
+  for (size_t j = begin; j < end; ++j) {
+    if (j + kAhead < end) prefetch_impl(list[j + kAhead]);
+    if (j + kAhead / 2 < end) prefetch_storage(list[j + kAhead / 2]);
     if (!check(j)) return false;
   }
   return true;
 }
+
+// From this many tensors in a bucket on, ready() splits them between threads: below it the
+// parallel region's start costs more than it saves.
+constexpr size_t kParallelMembers = 1024;
 
 enum class Mode : int64_t {
   kOperator = 0,   // the operator through the dispatcher (CUDA): ready() keeps the gradients
@@ -199,61 +205,79 @@ struct GroupPlan : torch::CustomClassHolder {
       if (params_[i].unsafeGetTensorImpl()->grad().defined()) return false;
     }
     for (auto& b : buckets_) {
-      cpu::TensorTable& t = b.table;
       const size_t n = b.members.size();
-      const bool cpu_table = b.mode == Mode::kCpuTable;
       bool aligned = true;
-      const std::vector<at::Tensor>& params = b.params;
-      const Seen* seen = b.seen.data();
-      // Parameters and gradients: the parameter's objects kAhead ahead, its autograd meta
-      // kAhead/2 ahead, the gradient's TensorImpl kAhead/4 and its StorageImpl kAhead/8 ahead.
-      const bool ok = each_prefetched(params, [&](size_t j) {
-        if (j + kAhead / 2 < n) prefetch_autograd_meta(params[j + kAhead / 2]);
-        if (j + kAhead / 4 < n) prefetch_impl(params[j + kAhead / 4].unsafeGetTensorImpl()->grad());
-        if (j + kAhead / 8 < n) {
-          const at::Tensor& ahead = params[j + kAhead / 8].unsafeGetTensorImpl()->grad();
-          if (ahead.defined()) prefetch_storage(ahead);
-        }
-        const at::Tensor& p = params[j];
-        void* address;
-        if (!seen[j].same(p, address)) return false;
-        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // p.grad, without the non-leaf warning
-        if (!plain_grad_of(g, p)) return false;
-        if (b.mode == Mode::kOperator) {
-          b.grads[j] = g;
-        } else {
-          t.numel[j] = p.numel();
-          t.param[j] = address;
-          t.grad[j] = g.const_data_ptr();
-          if (g.dim() > 0 && reinterpret_cast<uintptr_t>(t.grad[j]) % 16 != 0) aligned = false;
-        }
-        return true;
-      });
-      if (!ok) return false;
-      b.grads_aligned = aligned;
-      size_t k = n;
-      std::vector<void*>* columns[] = {&t.state1, &t.state2, &t.state3};
-      for (size_t s = 0; s < b.states.size(); ++s, k += n) {
-        if (!each_prefetched(b.states[s], [&](size_t j) {
-              void* address;
-              if (!seen[k + j].same(b.states[s][j], address)) return false;
-              if (cpu_table) (*columns[s])[j] = address;
-              return true;
-            })) {
-          return false;
-        }
+      if (n < kParallelMembers) {
+        if (!ready_range(b, 0, n, aligned)) return false;
+      } else {
+        // Thousands of tensors: a range per thread. The walk waits on memory (a few cache lines
+        // per tensor, out of cache after the backward pass), and two cores wait in parallel.
+        std::atomic<bool> ok{true}, all_aligned{true};
+        at::parallel_for(0, static_cast<int64_t>(n), kParallelMembers / 2, [&](int64_t begin, int64_t end) {
+          bool range_aligned = true;
+          if (ok.load(std::memory_order_relaxed) && !ready_range(b, begin, end, range_aligned)) ok = false;
+          if (!range_aligned) all_aligned = false;
+        });
+        if (!ok) return false;
+        aligned = all_aligned;
       }
-      if (!each_prefetched(b.steps, [&](size_t j) {
+      b.grads_aligned = aligned;
+    }
+    ready_ = true;
+    return true;
+  }
+
+  // ready() for members [begin, end) of one bucket (one thread's range): checks each parameter,
+  // its gradient and state tensors, and writes what run() needs at their indices only.
+  static bool ready_range(Bucket& b, size_t begin, size_t end, bool& aligned) {
+    cpu::TensorTable& t = b.table;
+    const size_t n = b.members.size();
+    const bool cpu_table = b.mode == Mode::kCpuTable;
+    const std::vector<at::Tensor>& params = b.params;
+    const Seen* seen = b.seen.data();
+    // Parameters and gradients: the parameter's objects kAhead ahead, its autograd meta
+    // kAhead/2 ahead, the gradient's TensorImpl kAhead/4 and its StorageImpl kAhead/8 ahead.
+    const bool ok = each_prefetched(params, begin, end, [&](size_t j) {
+      if (j + kAhead / 2 < end) prefetch_autograd_meta(params[j + kAhead / 2]);
+      if (j + kAhead / 4 < end) prefetch_impl(params[j + kAhead / 4].unsafeGetTensorImpl()->grad());
+      if (j + kAhead / 8 < end) {
+        const at::Tensor& ahead = params[j + kAhead / 8].unsafeGetTensorImpl()->grad();
+        if (ahead.defined()) prefetch_storage(ahead);
+      }
+      const at::Tensor& p = params[j];
+      void* address;
+      if (!seen[j].same(p, address)) return false;
+      const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // p.grad, without the non-leaf warning
+      if (!plain_grad_of(g, p)) return false;
+      if (b.mode == Mode::kOperator) {
+        b.grads[j] = g;
+      } else {
+        t.numel[j] = p.numel();
+        t.param[j] = address;
+        t.grad[j] = g.const_data_ptr();
+        if (g.dim() > 0 && reinterpret_cast<uintptr_t>(t.grad[j]) % 16 != 0) aligned = false;
+      }
+      return true;
+    });
+    if (!ok) return false;
+    size_t k = n;
+    std::vector<void*>* columns[] = {&t.state1, &t.state2, &t.state3};
+    for (size_t s = 0; s < b.states.size(); ++s, k += n) {
+      if (!each_prefetched(b.states[s], begin, end, [&](size_t j) {
             void* address;
-            if (!seen[k + j].same(b.steps[j], address)) return false;
-            if (cpu_table) t.step[j] = static_cast<float*>(address);
+            if (!seen[k + j].same(b.states[s][j], address)) return false;
+            if (cpu_table) (*columns[s])[j] = address;
             return true;
           })) {
         return false;
       }
     }
-    ready_ = true;
-    return true;
+    return b.steps.empty() || each_prefetched(b.steps, begin, end, [&](size_t j) {
+      void* address;
+      if (!seen[k + j].same(b.steps[j], address)) return false;
+      if (cpu_table) t.step[j] = static_cast<float*>(address);
+      return true;
+    });
   }
 
   int64_t n_buckets() const { return static_cast<int64_t>(buckets_.size()); }

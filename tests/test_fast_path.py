@@ -251,6 +251,46 @@ def test_every_change_is_seen(kind, edit):
     assert_same(opt_a, a, opt_b, b)
 
 
+MANY_EDITS = {
+    "none": None,
+    # late in the second thread's range of ready(): each must send the step to the validation path
+    "state moved": lambda opt, ps: setattr(opt.state[ps[-3]][next(iter(opt.state[ps[-3]]))], "data",
+                                           opt.state[ps[-3]][next(iter(opt.state[ps[-3]]))].data.clone()),
+    "grad dropped": lambda opt, ps: setattr(ps[-2], "grad", None),
+    "param moved": lambda opt, ps: setattr(ps[-1], "data", ps[-1].data.clone()),
+}
+
+
+@pytest.mark.parametrize("kind, edit", [(kind, "none") for kind in ("adamw", "sgd", "lion")] +
+                         [("adamw", edit) for edit in MANY_EDITS if edit != "none"])
+def test_many_tensors_split_between_threads(kind, edit):
+    """Many small tensors (odd sizes, 1-13 elements): ready() splits them between threads
+    (from 1,024 on, csrc/step_plan.cpp) and so does the CPU walk (counting per-tensor work,
+    csrc/cpu/fused_cpu.cpp). Bit for bit the validation path's result, on 2 threads, and a change
+    in the second half of the tensors is still seen."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        sizes = [1 + (i * 5) % 13 for i in range(1500)]  # work 10,500 + 16 per tensor > 2^15: parallel
+        a = [torch.randn(n, generator=g).requires_grad_() for n in sizes]
+        b = [t.detach().clone().requires_grad_() for t in a]
+        opt_a, opt_b = CLASSES[kind](a), never_fast(CLASSES[kind](b))
+        counted = Counted(opt_a)
+        for step in range(4):
+            for opt, ps in ((opt_a, a), (opt_b, b)):
+                set_grads(ps, step)
+                if step == 2 and MANY_EDITS[edit] is not None:
+                    MANY_EDITS[edit](opt, ps)
+                opt.step()
+        # validated at the first step and after the edit (and, for a dropped gradient, once more
+        # when it is back)
+        assert counted.n == {"none": 1, "grad dropped": 3}.get(edit, 2)
+        assert_same(opt_a, a, opt_b, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_object_checks_compare_identity_only():
     """csrc/fast_checks.cpp: a pointer compare per object, never ==; bad arguments raise; a key
     whose __eq__ raises (a user's non-str key with the hash of a state key) raises through ctypes."""
