@@ -27,6 +27,7 @@
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
 #include "fused_cpu.h"
+#include "scratch.h"
 #include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
@@ -130,18 +131,6 @@ inline void prefetch_tensor(const TensorTable& t, int64_t i) {
   if (t.state1[i] != nullptr) __builtin_prefetch(t.state1[i], 1);
   if (t.state2[i] != nullptr) __builtin_prefetch(t.state2[i], 1);
   if (t.state3[i] != nullptr) __builtin_prefetch(t.state3[i], 1);
-}
-
-// A per-step array of n entries (one per tensor) in memory that stays mapped from one step to the
-// next. Allocated afresh, 10,000 tensors' AdamW coefficients (280 KB) cost 1.4 ms a step on the
-// 2-core CPU machine, four times the update itself: glibc hands a block that large back to the
-// system when it is freed, and each 4 KB page then faults again on first touch. One array per
-// thread, element type and ``Use``; a caller holds at most one of each at a time.
-template <typename T, int Use = 0>
-T* scratch(size_t n) {
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
 }
 
 // Calls body(tensor_index, begin, end, sums) over every element of every tensor, split into one

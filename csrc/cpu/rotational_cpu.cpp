@@ -13,12 +13,14 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
+#include "scratch.h"
 #include "telemetry.h"
 
 // Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
@@ -126,15 +128,22 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
       [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
 }
 
-std::vector<Row> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
-  std::vector<Row> rows;
+// Every row of the call, in order (scratch memory: a large model has 100,000 rows or more).
+std::pair<const Row*, size_t> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
+  size_t n = 0;
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t k = norms[t].numel();
     TORCH_CHECK(k > 0 && params[t].numel() % k == 0, "wdopt rotational: parameter ", t, " has ", params[t].numel(),
                 " elements, not a multiple of its ", k, " rows");
-    for (int64_t r = 0; r < k; ++r) rows.push_back({static_cast<int64_t>(t), r, params[t].numel() / k});
+    n += static_cast<size_t>(k);
   }
-  return rows;
+  Row* rows = scratch<Row>(n);
+  size_t i = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t k = norms[t].numel();
+    for (int64_t r = 0; r < k; ++r) rows[i++] = Row{static_cast<int64_t>(t), r, params[t].numel() / k};
+  }
+  return {rows, n};
 }
 
 template <typename T> T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
@@ -185,10 +194,10 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
   }
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
 
-  const std::vector<Row> rows = plan_rows(params, rotational_norms);
-  std::vector<double> norm_decay_bias_correction(n_tensors);  // 1 − norm_decay^k
-  std::vector<char> first(n_tensors);
-  std::vector<double> step(n_tensors);
+  const auto [rows, n_rows] = plan_rows(params, rotational_norms);
+  double* const norm_decay_bias_correction = scratch<double, 0>(n_tensors);  // 1 − norm_decay^k
+  char* const first = scratch<char>(n_tensors);
+  double* const step = scratch<double, 1>(n_tensors);
   for (size_t t = 0; t < n_tensors; ++t) {
     float* rot_step = ptr<float>(rotational_steps[t]);
     first[t] = *rot_step == 0.0f;
@@ -217,8 +226,8 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     using opmath = opmath_t<scalar_t>;
     const opmath g_scale = static_cast<opmath>(inv_scale), g_sign = static_cast<opmath>(sign);
     // Per-tensor AdamW scalars, once per step (the reference's roundings).
-    std::vector<AdamWCoefficients<opmath>> adamw_c(adamw ? n_tensors : 0);
-    std::vector<opmath> inv_bc1(adamw ? n_tensors : 0);
+    AdamWCoefficients<opmath>* const adamw_c = scratch<AdamWCoefficients<opmath>>(adamw ? n_tensors : 0);
+    opmath* const inv_bc1 = scratch<opmath, 2>(adamw ? n_tensors : 0);
     for (size_t t = 0; adamw && t < n_tensors; ++t) {
       adamw_c[t] = adamw_coefficients<opmath>(AdamWHyper{lr, beta1, beta2, eps, 0.0, 1.0}, lr, step[t]);
       inv_bc1[t] = opmath(1) / static_cast<opmath>(1.0 - std::pow(beta1, step[t]));
@@ -227,18 +236,19 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     const auto lion_c = lion_coefficients<opmath>(lion_hyper, lr);
     const opmath mu = static_cast<opmath>(momentum);
     int64_t longest = 0;
-    for (const auto& r : rows) longest = std::max(longest, r.size);
+    for (size_t i = 0; i < n_rows; ++i) longest = std::max(longest, rows[i].size);
     // One contiguous run of rows per thread, of equal element counts (rows differ in length).
-    std::vector<int64_t> row_start(rows.size() + 1, 0);
-    for (size_t i = 0; i < rows.size(); ++i) row_start[i + 1] = row_start[i] + rows[i].size;
-    const int64_t total = row_start.back();
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(rows.size())));
+    int64_t* const row_start = scratch<int64_t, 2>(n_rows + 1);  // 0 and 1: fused_cpu.cpp's walk
+    row_start[0] = 0;
+    for (size_t i = 0; i < n_rows; ++i) row_start[i + 1] = row_start[i] + rows[i].size;
+    const int64_t total = row_start[n_rows];
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(n_rows)));
     auto first_row = [&](int64_t part) {
-      return static_cast<int64_t>(std::lower_bound(row_start.begin(), row_start.end() - 1, total * part / parts) -
-                                  row_start.begin());
+      return static_cast<int64_t>(std::lower_bound(row_start, row_start + n_rows, total * part / parts) - row_start);
     };
     at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      std::vector<opmath> buffer(longest);
+      // This thread's copy of a row (the thread's own scratch: rows of 65,536 columns are 256 KB).
+      opmath* const buffer = scratch<opmath, 3>(longest);
       for (int64_t i = first_row(part_begin); i < first_row(part_end); ++i) {
         const Row& r = rows[i];
         const int64_t t = r.tensor, offset = r.row * r.size;
@@ -261,7 +271,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             m[j] = mj;
             v[j] = vj;
             return u;
-          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else if (lion) {
           scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
           rotate_row(p, r.size, [=](int64_t j) {
@@ -269,7 +279,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
             const opmath u = lion_direction(grad_at(j), mj, lion_c);
             m[j] = mj;
             return u;
-          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else if (momentum != 0) {
           scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
           const bool first_step = fresh[t];
@@ -279,9 +289,9 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                                       : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
             b[j] = bj;
             return u;
-          }, buffer.data(), norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         } else {
-          rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer.data(), norm,
+          rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer, norm,
                      s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
         }
       }
