@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace wdopt {
@@ -285,14 +286,13 @@ struct GroupPlan : torch::CustomClassHolder {
   // After ready(), for a bucket launched from Python (Mode::kAddresses): its gradients'
   // addresses as an int64 CPU tensor (Triton's table column), and whether each vector-accessed
   // one is 16-byte aligned, as torch's allocations are (a view at an odd offset may not be).
-  at::Tensor grad_addresses(int64_t bucket) const {
+  // One call for both: a call into a TorchScript class costs microseconds.
+  std::tuple<at::Tensor, bool> grad_addresses(int64_t bucket) const {
     const Bucket& b = addresses_bucket(bucket);
     at::Tensor out = at::empty({static_cast<int64_t>(b.table.size())}, at::kLong);
     std::copy(b.table.grad.begin(), b.table.grad.end(), reinterpret_cast<const void**>(out.data_ptr<int64_t>()));
-    return out;
+    return {out, b.grads_aligned};
   }
-
-  bool grads_aligned(int64_t bucket) const { return addresses_bucket(bucket).grads_aligned; }
 
   // Where each member's telemetry rows lie in the flat buffer of its device that run() may be
   // handed (``telemetry_flat``): set once, so that a monitored step makes no per-tensor views.
@@ -449,7 +449,6 @@ TORCH_LIBRARY_FRAGMENT(wdopt, m) {
       .def("ready", &GroupPlan::ready)
       .def("n_buckets", &GroupPlan::n_buckets)
       .def("grad_addresses", &GroupPlan::grad_addresses)
-      .def("grads_aligned", &GroupPlan::grads_aligned)
       .def("set_telemetry_layout", &GroupPlan::set_telemetry_layout)
       .def("run", &GroupPlan::run)
       .def("release", &GroupPlan::release);

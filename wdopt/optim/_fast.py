@@ -201,8 +201,7 @@ class FastStep:
         # Triton tables: the gradients' addresses into their column (no kernel has run yet).
         for cached in self.groups:
             for index, (_, triton, _) in enumerate(cached.runs):
-                if triton is not None and not triton.table[0].set_column(
-                        1, cached.plan.grad_addresses(index), cached.plan.grads_aligned(index)):
+                if triton is not None and not triton.table[0].set_column(1, *cached.plan.grad_addresses(index)):
                     return False
         return True
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    block_offsets, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
+    block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
     lr_value, optional, sqrt, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale,
     work_item,
 )
@@ -204,7 +204,7 @@ def adamw(
     lr_on_device = isinstance(lr, torch.Tensor)
     coef = torch.empty((table.n_tensors, NCOEF.value), dtype=torch.float64, device=device)
     launch(
-        _adamw_coefficients_kernel, (triton.cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
+        _adamw_coefficients_kernel, (cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
         table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.n_tensors,
         0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
         f64_bits(weight_decay), f64_bits(decay_lr_scale),

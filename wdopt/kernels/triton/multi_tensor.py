@@ -30,9 +30,17 @@ GPU_WARPS = 8
 launch_count = 0
 
 
+_DOUBLE, _INT64 = struct.Struct("<d"), struct.Struct("<q")
+
+
 def f64_bits(x: float) -> int:
     """The bit pattern of a double, so a kernel receives the exact value (Triton floats are fp32)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+    return _INT64.unpack(_DOUBLE.pack(float(x)))[0]
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on the host (``triton.cdiv`` is a JIT function: a call costs microseconds)."""
+    return -(-a // b)
 
 
 def block_size(max_numel: int) -> int:

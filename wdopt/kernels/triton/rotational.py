@@ -30,7 +30,7 @@ from . import INTERPRETED
 from .adamw import adamw_direction, power
 from .lion import lion_direction
 from .multi_tensor import (
-    TRITON_DTYPES, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional,
+    TRITON_DTYPES, cdiv, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional,
     sqrt, table_value, telemetry_add, tensor_pointer, to_storage, unscale, work_item, work_table,
 )
 from .sgd import sgd_direction
@@ -394,7 +394,7 @@ def rotational(
     none = [None] * count
     coef_table = work_table([rotational_steps, steps if kind == ADAMW else none], [1] * count, device, chunk=1)
     launch(
-        _rotational_coefficients_kernel, (triton.cdiv(count, COEF_ROWS),), device,
+        _rotational_coefficients_kernel, (cdiv(count, COEF_ROWS),), device,
         coef_table.table, coef, optional(found_inf, coef), optional(rate_tensor, coef), rate_out, count,
         f64_bits(beta1), f64_bits(beta2), f64_bits(norm_decay),
         ADAMW_STEPS=kind == ADAMW, HAS_FOUND_INF=found_inf is not None, HAS_RATE=rate_tensor is not None,
