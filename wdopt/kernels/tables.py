@@ -46,6 +46,7 @@ class DeviceTable:
         the cache, whose gradient column ``set_column`` rewrites in place."""
         self.n_tensors = len(numels)
         self.ncol = len(columns) + 1
+        self._owned, self._scratch = owned, {}
         self.max_numel = max(numels, default=0)
         values = []
         misaligned = 0
@@ -124,8 +125,23 @@ class DeviceTable:
             return False
         self._check_not_capturing(device)
         self._write(column, addresses)
-        self._columns[column] = addresses
+        # Copied, not kept: the caller may rewrite ``addresses`` (the step plan reuses its buffer).
+        if last is not None and last.shape == addresses.shape:
+            last.copy_(addresses)
+        else:
+            self._columns[column] = addresses.clone()
         return True
+
+    def scratch(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A work buffer of a launch with this table (say per-tensor coefficients): an owned
+        table's own, kept from step to step (allocated once, at an address a captured graph may
+        replay); otherwise a new one."""
+        if not self._owned:
+            return torch.empty(shape, dtype=dtype, device=self.table.device)
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._scratch[name] = torch.empty(shape, dtype=dtype, device=self.table.device)
+        return buffer
 
     def _write(self, column: int, addresses: torch.Tensor) -> None:
         target = self.table.view(self.n_tensors, self.ncol)[:, column]

@@ -113,7 +113,7 @@ class FusedAdamW(FusedOptimizer):
         amsgrad = group["amsgrad"]
         return backend.adamw(
             params, grads, lists["exp_avg"], lists["exp_avg_sq"],
-            lists["max_exp_avg_sq"] if amsgrad else [None] * len(params), steps,
+            lists["max_exp_avg_sq"] if amsgrad else (), steps,  # () is never read without amsgrad
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decay_lr_scale=decay_lr_scale, amsgrad=amsgrad, maximize=group["maximize"], grad_scale=grad_scale,
             found_inf=found_inf, **extra)

@@ -124,7 +124,8 @@ class FusedSGD(FusedOptimizer):
     def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
                 found_inf, **extra):
         return backend.sgd(
-            params, grads, lists.get("momentum_buffer", [None] * len(params)), first_steps, lr=lr,
+            params, grads, lists["momentum_buffer"] if "momentum_buffer" in lists else [None] * len(params),
+            first_steps, lr=lr,
             weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
             nesterov=group["nesterov"], decoupled_weight_decay=group["decoupled_weight_decay"],
             decay_lr_scale=decay_lr_scale, maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,

@@ -196,13 +196,14 @@ def adamw(
     if not params:
         return None
     device, dtype = params[0].device, params[0].dtype
-    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps]
-    prepared = elementwise_table(columns, params, telemetry, device, table)
+    prepared = elementwise_table(
+        lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps],
+        params, telemetry, device, table)
     if table == "prepare":
         return prepared
     table, shape = prepared
     lr_on_device = isinstance(lr, torch.Tensor)
-    coef = torch.empty((table.n_tensors, NCOEF.value), dtype=torch.float64, device=device)
+    coef = table.scratch("coefficients", (table.n_tensors, NCOEF.value), torch.float64)
     launch(
         _adamw_coefficients_kernel, (cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
         table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.n_tensors,

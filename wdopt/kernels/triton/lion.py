@@ -106,7 +106,7 @@ def lion(
     if not params:
         return None
     device, dtype = params[0].device, params[0].dtype
-    prepared = elementwise_table([params, grads, exp_avgs], params, telemetry, device, table)
+    prepared = elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table)
     if table == "prepare":
         return prepared
     table, shape = prepared

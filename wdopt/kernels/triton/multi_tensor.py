@@ -71,17 +71,19 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def elementwise_table(columns: list, params, telemetry, device: torch.device, table=None):
+def elementwise_table(columns, params, telemetry, device: torch.device, table=None):
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
-    optimizer's ``columns``, then the two telemetry columns; work items are chunks of CHUNK elements
-    looped over BLOCK at a time, or on a monitored step (``telemetry``: a float64 (K, 4) buffer per
-    parameter) one telemetry row each.
+    optimizer's columns (``columns()`` makes them), then the two telemetry columns; work items are
+    chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step (``telemetry``: a
+    float64 (K, 4) buffer per parameter) one telemetry row each.
 
     ``table``: None (a cached table, wdopt/kernels/tables.py); "prepare", a new table owned by
     the caller (the step driver's fast path); or such an owned (table, shape) pair as it was
-    returned, whose gradient column the caller keeps up to date (``columns`` is then not read)."""
+    returned, whose gradient column the caller keeps up to date. ``columns`` is then not called:
+    a fast step makes no list per tensor (at 10,000 tensors each costs more than the step)."""
     if table is not None and table != "prepare":
         return table
+    columns = columns()
     owned = table == "prepare"
     if telemetry:
         assert not owned, "the fast path does not gather telemetry"

@@ -130,10 +130,13 @@ def sgd(
         return None
     device, dtype = params[0].device, params[0].dtype
     has_momentum = momentum != 0
-    if has_momentum:
-        check_first_steps(first_steps)
-    columns = [params, grads, momentum_buffers if has_momentum else [None] * len(params),
-               list(first_steps) if has_momentum else [None] * len(params)]
+
+    def columns():
+        if has_momentum:
+            check_first_steps(first_steps)
+        return [params, grads, momentum_buffers if has_momentum else [None] * len(params),
+                list(first_steps) if has_momentum else [None] * len(params)]
+
     prepared = elementwise_table(columns, params, telemetry, device, table)
     if table == "prepare":
         return prepared
