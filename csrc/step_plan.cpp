@@ -112,6 +112,9 @@ inline bool each_prefetched(const std::vector<at::Tensor>& list, size_t begin, s
   return true;
 }
 
+// What ready() returns when the step can run (bits).
+constexpr int64_t kReady = 1, kAddressesMoved = 2;
+
 // From this many tensors in a bucket on, ready() splits them between threads: below it the
 // parallel region's start costs more than it saves.
 constexpr size_t kParallelMembers = 1024;
@@ -133,8 +136,8 @@ struct Bucket {
   // How the bucket's step runs, which decides what ready() gathers in its pass over the tensors.
   Mode mode = Mode::kOperator;
   cpu::TensorTable table;  // kCpuTable: every pointer; kAddresses: the gradients' (table.grad)
-  bool grads_aligned = true;  // kAddresses: every vector-accessed gradient is 16-byte aligned
-  at::Tensor addresses;       // kAddresses: what grad_addresses() returns
+  at::Tensor addresses;       // kAddresses: the gradients' addresses at the last ready()
+  bool require_aligned = false;  // kAddresses: ready() refuses a gradient that is not 16-byte aligned
   // A monitored step's telemetry, per member: its first row in the device's flat (N, 4) buffer
   // and its row count (set_telemetry_layout).
   std::vector<int64_t> telemetry_offsets, telemetry_rows;
@@ -195,22 +198,27 @@ struct GroupPlan : torch::CustomClassHolder {
     TORCH_CHECK(b.states.size() <= 3, "GroupPlan: at most three state lists");
     if (b.mode == Mode::kOperator) b.grads.resize(b.members.size());
     if (b.mode != Mode::kOperator) b.table.resize(b.members.size());
+    if (b.mode == Mode::kAddresses) b.addresses = at::zeros({static_cast<int64_t>(b.members.size())}, at::kLong);
     buckets_.push_back(std::move(b));
     return static_cast<int64_t>(buckets_.size()) - 1;
   }
 
   // Whether the step can run as validated: gradients where they were (and nowhere else), each
   // plain; no tensor moved. Gathers the gradients for run(). Writes nothing the user can see.
-  bool ready() {
+  // Returns 0 (no: the validation path), kReady, or kReady | kAddressesMoved when a bucket launched
+  // from Python has gradients at other addresses than at the last ready() (its buffer, see
+  // addresses(), then holds the new ones): one call tells Python all it needs.
+  int64_t ready() {
     // Parameters that had no gradient still have none (those that had one are checked below).
     for (int64_t i : without_grad_) {
-      if (params_[i].unsafeGetTensorImpl()->grad().defined()) return false;
+      if (params_[i].unsafeGetTensorImpl()->grad().defined()) return 0;
     }
+    int64_t result = kReady;
     for (auto& b : buckets_) {
       const size_t n = b.members.size();
       bool aligned = true;
       if (n < kParallelMembers) {
-        if (!ready_range(b, 0, n, aligned)) return false;
+        if (!ready_range(b, 0, n, aligned)) return 0;
       } else {
         // Thousands of tensors: a range per thread. The walk waits on memory (a few cache lines
         // per tensor, out of cache after the backward pass), and two cores wait in parallel.
@@ -220,13 +228,24 @@ struct GroupPlan : torch::CustomClassHolder {
           if (ok.load(std::memory_order_relaxed) && !ready_range(b, begin, end, range_aligned)) ok = false;
           if (!range_aligned) all_aligned = false;
         });
-        if (!ok) return false;
+        if (!ok) return 0;
         aligned = all_aligned;
       }
-      b.grads_aligned = aligned;
+      if (b.mode == Mode::kAddresses) {
+        // A table whose kernels were specialised for aligned gradients cannot take others.
+        if (b.require_aligned && !aligned) return 0;
+        int64_t* held = b.addresses.data_ptr<int64_t>();
+        for (size_t j = 0; j < n; ++j) {
+          const auto address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.table.grad[j]));
+          if (held[j] != address) {
+            held[j] = address;
+            result |= kAddressesMoved;
+          }
+        }
+      }
     }
     ready_ = true;
-    return true;
+    return result;
   }
 
   // ready() for members [begin, end) of one bucket (one thread's range): checks each parameter,
@@ -284,19 +303,17 @@ struct GroupPlan : torch::CustomClassHolder {
 
   int64_t n_buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
-  // After ready(), for a bucket launched from Python (Mode::kAddresses): its gradients'
-  // addresses as an int64 CPU tensor (Triton's table column), and whether each vector-accessed
-  // one is 16-byte aligned, as torch's allocations are (a view at an odd offset may not be).
-  // One call for both: a call into a TorchScript class costs microseconds. The tensor is the
-  // bucket's own, rewritten by the next call: allocating it afresh cost 2 ms a step at 10,000
-  // tensors (glibc consolidates the freed gradients' small blocks at the first larger request).
-  std::tuple<at::Tensor, bool> grad_addresses(int64_t bucket) {
-    addresses_bucket(bucket);  // checks
+  // A bucket launched from Python (Mode::kAddresses): the int64 CPU tensor in which ready() keeps
+  // its gradients' addresses (Triton's table column), the same tensor at every step (allocating
+  // it afresh cost 2 ms a step at 10,000 tensors: glibc consolidates the freed gradients' small
+  // blocks at the first larger request). ``require_aligned``: the bucket's kernels read every
+  // gradient with 16-byte vectors, so ready() refuses one that is not (a view at an odd offset).
+  at::Tensor addresses(int64_t bucket, bool require_aligned) {
+    TORCH_CHECK(bucket >= 0 && bucket < n_buckets() && buckets_[bucket].mode == Mode::kAddresses,
+                "GroupPlan: bucket ", bucket, " is not launched from Python");
     Bucket& b = buckets_[bucket];
-    const int64_t n = static_cast<int64_t>(b.table.size());
-    if (!b.addresses.defined() || b.addresses.numel() != n) b.addresses = at::empty({n}, at::kLong);
-    std::copy(b.table.grad.begin(), b.table.grad.end(), reinterpret_cast<const void**>(b.addresses.data_ptr<int64_t>()));
-    return {b.addresses, b.grads_aligned};
+    b.require_aligned = require_aligned;
+    return b.addresses;
   }
 
   // Where each member's telemetry rows lie in the flat buffer of its device that run() may be
@@ -404,12 +421,6 @@ struct GroupPlan : torch::CustomClassHolder {
     }
   }
 
-  const Bucket& addresses_bucket(int64_t bucket) const {
-    TORCH_CHECK(ready_ && bucket >= 0 && bucket < n_buckets() && buckets_[bucket].mode == Mode::kAddresses,
-                "GroupPlan: bucket ", bucket, " is not a ready bucket launched from Python");
-    return buckets_[bucket];
-  }
-
   void run_cpu(Bucket& b, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     const at::ScalarType dtype = b.params[0].scalar_type();
@@ -453,7 +464,7 @@ TORCH_LIBRARY_FRAGMENT(wdopt, m) {
       .def("add_bucket", &GroupPlan::add_bucket)
       .def("ready", &GroupPlan::ready)
       .def("n_buckets", &GroupPlan::n_buckets)
-      .def("grad_addresses", &GroupPlan::grad_addresses)
+      .def("addresses", &GroupPlan::addresses)
       .def("set_telemetry_layout", &GroupPlan::set_telemetry_layout)
       .def("run", &GroupPlan::run)
       .def("release", &GroupPlan::release);

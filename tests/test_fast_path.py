@@ -449,7 +449,7 @@ def test_triton_fast_steps_equal_validated_steps(kind):
     """The Triton backend's fast path (an owned table whose gradient column follows the new
     gradients of every step) gives bit for bit the validation path's steps."""
     opt_a = check_fast_equals_validated(kind, n_steps=4, backend="triton")
-    assert opt_a._fast.groups[0].runs[0][1].table is not None  # the bucket's own table was used
+    assert opt_a._fast.groups[0].runs[0][1].launch.table is not None  # the bucket's own table was used
 
 
 @needs_triton

@@ -33,14 +33,16 @@ _READ_PER_STEP = ("params", "lr", "initial_lr", "decay_initial_lr")
 
 
 class _TritonBucket:
-    """A Triton bucket of the fast path: its tensor lists and the table it owns
-    (wdopt/kernels/tables.py), whose gradient column is kept up to date."""
+    """A Triton bucket of the fast path: its tensor lists, and its launch with the table it owns
+    (wdopt/kernels/tables.py), whose gradient column is kept up to date, and the group's
+    hyperparameters fixed (they are checked unchanged before each fast step)."""
 
-    __slots__ = ("params", "lists", "steps", "first_steps", "table")
+    __slots__ = ("params", "lists", "steps", "first_steps", "launch", "addresses")
 
     def __init__(self, params, lists, steps, first_steps):
         self.params, self.lists, self.steps, self.first_steps = params, lists, steps, first_steps
-        self.table = None  # (DeviceTable, shape constexprs)
+        self.launch = None  # multi_tensor.PreparedLaunch: .table, called with (lr, scale, grad_scale, found_inf)
+        self.addresses = None  # the plan's int64 tensor of the gradients' addresses (GroupPlan.addresses)
 
 
 def _mode(cpp: bool, device: torch.device) -> int:
@@ -55,12 +57,14 @@ class _Group:
     """One param group of the fast path: what its checks compare, and its GroupPlan's methods
     (bound once: looking a method up on a TorchScript object costs microseconds)."""
 
-    __slots__ = ("group", "params", "checks", "plan", "ready", "run", "runs", "bucket_params")
+    __slots__ = ("group", "params", "checks", "plan", "ready", "run", "runs", "bucket_params", "device_tables")
 
     def __init__(self, group, params, checks, plan, runs, bucket_params):
         self.group, self.params, self.checks, self.plan, self.runs = group, params, checks, plan, runs
         self.bucket_params = bucket_params  # per bucket, its parameters
         self.ready, self.run = plan.ready, plan.run
+        #: A Triton bucket's table on a GPU: checked at every step (stream, capture), moved or not.
+        self.device_tables = any(triton is not None and device.type != "cpu" for device, triton, _ in runs)
 
 
 class FastStep:
@@ -129,17 +133,18 @@ class FastStep:
                     column[0].extend(dicts)
                     column[1].extend(t for values in zip(*lists.values(), *([steps] if steps else [])) for t in values)
                 members = [i for i, flag in enumerate(first_steps) if flag is not None]
-                group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
-                                      [first_steps[i] for i in members], members,
-                                      _mode(backend is cpp, bucket[0].device))
+                index = group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
+                                              [first_steps[i] for i in members], members,
+                                              _mode(backend is cpp, bucket[0].device))
                 self.finish.extend(first_steps[i] for i in members)
                 triton = None
                 if backend is not cpp:
                     # The bucket's own table, made now (outside any graph capture: a step captured
                     # after this one uploads nothing), from this step's gradients.
                     triton = _TritonBucket(bucket, lists, steps, first_steps)
-                    triton.table = optimizer._launch(backend, group, bucket, [p.grad for p in bucket], lists, steps,
-                                                     first_steps, 0.0, 1.0, None, None, table="prepare")
+                    triton.launch = optimizer._launch(backend, group, bucket, [p.grad for p in bucket], lists, steps,
+                                                      first_steps, 0.0, 1.0, None, None, table="prepare")
+                    triton.addresses = group_plan.addresses(index, triton.launch.table.aligned)
                 runs.append((bucket[0].device, triton, backend))
             checks = _GroupChecks(group)
             checks.remember_hyper(group)
@@ -196,13 +201,16 @@ class FastStep:
             return False
         if not all(same_columns(dicts, keys, values) for keys, dicts, values in self.state_columns):
             return False
-        if not all(cached.ready() for cached in self.groups):
+        codes = [cached.ready() for cached in self.groups]  # 0: no; bit 1: Triton gradients moved
+        if not all(codes):
             return False
-        # Triton tables: the gradients' addresses into their column (no kernel has run yet).
-        for cached in self.groups:
-            for index, (_, triton, _) in enumerate(cached.runs):
-                if triton is not None and not triton.table[0].set_column(1, *cached.plan.grad_addresses(index)):
-                    return False
+        # Triton tables: the gradients' new addresses (kept by the plan) into their column, before
+        # any kernel runs; a CUDA table is also checked at every step (its stream, graph capture).
+        for cached, code in zip(self.groups, codes):
+            if code & 2 or cached.device_tables:
+                for _, triton, _ in cached.runs:
+                    if triton is not None and not triton.launch.table.set_column(1, triton.addresses, True):
+                        return False
         return True
 
     def telemetry_request(self):
@@ -235,9 +243,8 @@ class FastStep:
                         flat = monitored.get(device) if monitored else None
                         cached.run(index, lr_value, lr_tensor, scale, *scaler, flat)  # then lets its grads go
                         continue
-                    # The bucket's own table, its gradient column set by ``usable``.
-                    optimizer._launch(backend, group, triton.params, None, triton.lists, triton.steps,
-                                      triton.first_steps, lr, scale, *scaler, table=triton.table)
+                    # The bucket's own table (its gradient column set by ``usable``) and constants.
+                    triton.launch(lr, scale, *scaler)
         except BaseException:
             for cached in self.groups:
                 cached.plan.release()  # no gradient is held past a failed step

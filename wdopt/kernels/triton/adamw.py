@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
+    PreparedLaunch, block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
     lr_value, optional, sqrt, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale,
     work_item,
 )
@@ -191,29 +191,48 @@ def adamw(
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
     per telemetry row and fills the buffers as it updates the elements.
 
-    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
-    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
+    ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
+    without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
+    fixed (multi_tensor.PreparedLaunch), which the caller calls at each step."""
     if not params:
         return None
     device, dtype = params[0].device, params[0].dtype
-    prepared = elementwise_table(
-        lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps],
-        params, telemetry, device, table)
+    prepared = _AdamWLaunch(
+        *elementwise_table(
+            lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params),
+                     steps],
+            params, telemetry, device, table),
+        dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     if table == "prepare":
         return prepared
-    table, shape = prepared
-    lr_on_device = isinstance(lr, torch.Tensor)
-    coef = table.scratch("coefficients", (table.n_tensors, NCOEF.value), torch.float64)
-    launch(
-        _adamw_coefficients_kernel, (cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
-        table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef), table.n_tensors,
-        0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
-        f64_bits(weight_decay), f64_bits(decay_lr_scale),
-        LR_ON_DEVICE=lr_on_device, HAS_FOUND_INF=found_inf is not None, ROWS=ROWS_PER_PROGRAM,
-    )
-    launch(
-        _adamw_kernel, (table.programs,), device,
-        table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
-        f64_bits(beta1), f64_bits(beta2), f64_bits(eps),
-        AMSGRAD=amsgrad, **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
-    )
+    prepared(lr, decay_lr_scale, grad_scale, found_inf)
+
+
+class _AdamWLaunch(PreparedLaunch):
+    """AdamW's two launches on one table (multi_tensor.PreparedLaunch)."""
+
+    __slots__ = ("dtype", "amsgrad", "maximize", "beta1", "beta2", "eps", "weight_decay")
+
+    def __init__(self, table, shape, dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize):
+        super().__init__(table, shape)
+        self.dtype, self.amsgrad, self.maximize = dtype, amsgrad, maximize
+        self.beta1, self.beta2, self.eps, self.weight_decay = map(f64_bits, (beta1, beta2, eps, weight_decay))
+
+    def __call__(self, lr, decay_lr_scale, grad_scale, found_inf):
+        table, device = self.table, self.device
+        lr_on_device = isinstance(lr, torch.Tensor)
+        coef = table.scratch("coefficients", (table.n_tensors, NCOEF.value), torch.float64)
+        launch(
+            _adamw_coefficients_kernel, (cdiv(table.n_tensors, ROWS_PER_PROGRAM),), device,
+            table.table, coef, optional(found_inf, coef), optional(lr if lr_on_device else None, coef),
+            table.n_tensors, 0 if lr_on_device else f64_bits(lr), self.beta1, self.beta2, self.weight_decay,
+            f64_bits(decay_lr_scale),
+            LR_ON_DEVICE=lr_on_device, HAS_FOUND_INF=found_inf is not None, ROWS=ROWS_PER_PROGRAM,
+        )
+        launch(
+            _adamw_kernel, (table.programs,), device,
+            table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
+            self.beta1, self.beta2, self.eps,
+            AMSGRAD=self.amsgrad, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
+            **self.shape,
+        )

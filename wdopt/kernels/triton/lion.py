@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
+    PreparedLaunch, block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
     optional, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
 )
 
@@ -101,22 +101,40 @@ def lion(
     """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
     in ``adamw``).
 
-    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
-    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
+    ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
+    without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
+    fixed (multi_tensor.PreparedLaunch), which the caller calls at each step."""
     if not params:
         return None
     device, dtype = params[0].device, params[0].dtype
-    prepared = elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table)
+    prepared = _LionLaunch(params[0],
+                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table),
+                           dtype, beta1, beta2, weight_decay, maximize)
     if table == "prepare":
         return prepared
-    table, shape = prepared
-    lr_on_device = isinstance(lr, torch.Tensor)
-    dummy = params[0]
-    launch(
-        _lion_kernel, (table.programs,), device,
-        table.table, table.work, optional(lr if lr_on_device else None, dummy),
-        optional(grad_scale, dummy), optional(found_inf, dummy),
-        0 if lr_on_device else f64_bits(lr), f64_bits(beta1), f64_bits(beta2),
-        f64_bits(weight_decay), f64_bits(decay_lr_scale),
-        LR_ON_DEVICE=lr_on_device, **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
-    )
+    prepared(lr, decay_lr_scale, grad_scale, found_inf)
+
+
+class _LionLaunch(PreparedLaunch):
+    """Lion's launch on one table (multi_tensor.PreparedLaunch)."""
+
+    __slots__ = ("dummy", "dtype", "maximize", "constants")
+
+    def __init__(self, dummy, table, shape, dtype, beta1, beta2, weight_decay, maximize):
+        super().__init__(table, shape)
+        self.dummy = dummy  # any tensor of the parameters' dtype: a pointer argument the kernel does not read
+        self.dtype, self.maximize = dtype, maximize
+        self.constants = f64_bits(beta1), f64_bits(beta2), f64_bits(weight_decay)
+
+    def __call__(self, lr, decay_lr_scale, grad_scale, found_inf):
+        table = self.table
+        lr_on_device = isinstance(lr, torch.Tensor)
+        dummy = self.dummy
+        launch(
+            _lion_kernel, (table.programs,), self.device,
+            table.table, table.work, optional(lr if lr_on_device else None, dummy),
+            optional(grad_scale, dummy), optional(found_inf, dummy),
+            0 if lr_on_device else f64_bits(lr), *self.constants, f64_bits(decay_lr_scale),
+            LR_ON_DEVICE=lr_on_device, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
+            **self.shape,
+        )

@@ -77,12 +77,9 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
     chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step (``telemetry``: a
     float64 (K, 4) buffer per parameter) one telemetry row each.
 
-    ``table``: None (a cached table, wdopt/kernels/tables.py); "prepare", a new table owned by
-    the caller (the step driver's fast path); or such an owned (table, shape) pair as it was
-    returned, whose gradient column the caller keeps up to date. ``columns`` is then not called:
-    a fast step makes no list per tensor (at 10,000 tensors each costs more than the step)."""
-    if table is not None and table != "prepare":
-        return table
+    ``table``: None (a cached table, wdopt/kernels/tables.py) or "prepare", a new table owned by
+    the caller (the step driver's fast path), whose gradient column the caller keeps up to date.
+    ``columns`` is a function so that the launchers' signatures stay one per optimizer."""
     columns = columns()
     owned = table == "prepare"
     if telemetry:
@@ -95,6 +92,20 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
                                    owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
     return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry))
+
+
+class PreparedLaunch:
+    """One bucket's launches with its table and hyperparameters fixed: what an optimizer's entry
+    point returns for ``table="prepare"``. The step driver's fast path keeps one per bucket and
+    calls it at each step with what changes between steps; the entry point itself makes one and
+    calls it once, so both run the same code. Subclasses set ``table`` (a DeviceTable),
+    ``shape`` (its constexprs) and ``device``, and define ``__call__(lr, decay_lr_scale,
+    grad_scale, found_inf)``."""
+
+    __slots__ = ("table", "shape", "device")
+
+    def __init__(self, table, shape: dict):
+        self.table, self.shape, self.device = table, shape, table.table.device
 
 
 def gradient_constexprs(dtype: torch.dtype, maximize: bool, grad_scale, found_inf) -> dict:

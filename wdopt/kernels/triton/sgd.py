@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    block_offsets, check_first_steps, elementwise_table, f64, f64_bits, first_step_flag, full_blocks_end,
+    PreparedLaunch, block_offsets, check_first_steps, elementwise_table, f64, f64_bits, first_step_flag, full_blocks_end,
     gradient_constexprs, launch, lr_value, optional, table_value, telemetry_add, telemetry_store,
     tensor_pointer, to_storage, unscale, work_item,
 )
@@ -124,8 +124,9 @@ def sgd(
     """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
     in ``adamw``).
 
-    ``table`` (the step driver's fast path): "prepare" makes the bucket's own table and returns
-    it as a (table, shape) pair without launching; such a pair, passed back, is launched with."""
+    ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
+    without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
+    fixed (multi_tensor.PreparedLaunch), which the caller calls at each step."""
     if not params:
         return None
     device, dtype = params[0].device, params[0].dtype
@@ -137,20 +138,38 @@ def sgd(
         return [params, grads, momentum_buffers if has_momentum else [None] * len(params),
                 list(first_steps) if has_momentum else [None] * len(params)]
 
-    prepared = elementwise_table(columns, params, telemetry, device, table)
+    prepared = _SGDLaunch(params[0], *elementwise_table(columns, params, telemetry, device, table), dtype,
+                          weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize)
     if table == "prepare":
         return prepared
-    table, shape = prepared
-    lr_on_device = isinstance(lr, torch.Tensor)
-    dummy = params[0]
-    launch(
-        _sgd_kernel, (table.programs,), device,
-        table.table, table.work, optional(lr if lr_on_device else None, dummy),
-        optional(grad_scale, dummy), optional(found_inf, dummy),
-        0 if lr_on_device else f64_bits(lr), f64_bits(weight_decay), f64_bits(decay_lr_scale),
-        f64_bits(momentum), f64_bits(dampening),
-        HAS_MOMENTUM=has_momentum, NESTEROV=nesterov,
+    prepared(lr, decay_lr_scale, grad_scale, found_inf)
+
+
+class _SGDLaunch(PreparedLaunch):
+    """SGD's launch on one table (multi_tensor.PreparedLaunch)."""
+
+    __slots__ = ("dummy", "dtype", "maximize", "constants", "constexprs")
+
+    def __init__(self, dummy, table, shape, dtype, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay,
+                 maximize):
+        super().__init__(table, shape)
+        self.dummy = dummy  # any tensor of the parameters' dtype: a pointer argument the kernel does not read
+        self.dtype, self.maximize = dtype, maximize
+        self.constants = f64_bits(weight_decay), f64_bits(momentum), f64_bits(dampening)
         # L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
-        DECOUPLED=decoupled_weight_decay or weight_decay == 0, LR_ON_DEVICE=lr_on_device,
-        **gradient_constexprs(dtype, maximize, grad_scale, found_inf), **shape,
-    )
+        self.constexprs = dict(HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
+                               DECOUPLED=decoupled_weight_decay or weight_decay == 0, **shape)
+
+    def __call__(self, lr, decay_lr_scale, grad_scale, found_inf):
+        table = self.table
+        lr_on_device = isinstance(lr, torch.Tensor)
+        dummy = self.dummy
+        weight_decay, momentum, dampening = self.constants
+        launch(
+            _sgd_kernel, (table.programs,), self.device,
+            table.table, table.work, optional(lr if lr_on_device else None, dummy),
+            optional(grad_scale, dummy), optional(found_inf, dummy),
+            0 if lr_on_device else f64_bits(lr), weight_decay, f64_bits(decay_lr_scale), momentum, dampening,
+            LR_ON_DEVICE=lr_on_device, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
+            **self.constexprs,
+        )
