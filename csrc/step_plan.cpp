@@ -198,7 +198,16 @@ struct GroupPlan : torch::CustomClassHolder {
     TORCH_CHECK(b.states.size() <= 3, "GroupPlan: at most three state lists");
     if (b.mode == Mode::kOperator) b.grads.resize(b.members.size());
     if (b.mode != Mode::kOperator) b.table.resize(b.members.size());
-    if (b.mode == Mode::kAddresses) b.addresses = at::zeros({static_cast<int64_t>(b.members.size())}, at::kLong);
+    if (b.mode == Mode::kAddresses) {
+      // The gradients the bucket's table was made from (the validated step's, still set): a
+      // first fast step with the same ones then writes nothing into the table.
+      b.addresses = at::zeros({static_cast<int64_t>(b.members.size())}, at::kLong);
+      int64_t* held = b.addresses.data_ptr<int64_t>();
+      for (size_t j = 0; j < b.params.size(); ++j) {
+        const at::Tensor& g = b.params[j].unsafeGetTensorImpl()->grad();
+        if (g.defined()) held[j] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(g.const_data_ptr()));
+      }
+    }
     buckets_.push_back(std::move(b));
     return static_cast<int64_t>(buckets_.size()) - 1;
   }

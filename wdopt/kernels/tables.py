@@ -46,7 +46,7 @@ class DeviceTable:
         the cache, whose gradient column ``set_column`` rewrites in place."""
         self.n_tensors = len(numels)
         self.ncol = len(columns) + 1
-        self._owned, self._scratch = owned, {}
+        self._owned, self._scratch, self._column_views = owned, {}, {}
         self.max_numel = max(numels, default=0)
         values = []
         misaligned = 0
@@ -104,12 +104,13 @@ class DeviceTable:
                 "wdopt: the tensors of an optimizer step changed during CUDA graph capture. Run one "
                 "step before capturing, and keep gradients at fixed addresses (zero_grad(set_to_none=False)).")
 
-    def set_column(self, column: int, addresses: torch.Tensor, aligned: bool) -> bool:
+    def set_column(self, column: int, addresses: torch.Tensor, aligned: bool, changed: bool | None = None) -> bool:
         """Rewrite ``column`` (an owned table's) with ``addresses`` (int64, one per tensor, on the
         CPU; ``aligned``: each vector-accessed one is a multiple of 16), copied to the device only
-        when they changed. False, writing nothing, where the table cannot take them: an address
-        that breaks the alignment the kernels were specialised for, or another stream than the
-        table's (a kernel there may still read it)."""
+        when they changed (``changed``: whether the caller knows they differ from the last ones
+        it gave; None: compare). False, writing nothing, where the table cannot take them: an
+        address that breaks the alignment the kernels were specialised for, or another stream
+        than the table's (a kernel there may still read it)."""
         device = self.table.device
         if device.type == "cuda" and torch.cuda.current_stream(device) != self._stream:
             return False
@@ -117,7 +118,7 @@ class DeviceTable:
             _CAPTURED[self._buffer.data_ptr()] = self._buffer  # a graph will replay its addresses
             self._captured = True
         last = self._columns.get(column)
-        if last is not None and torch.equal(last, addresses):
+        if changed is False or (changed is None and last is not None and torch.equal(last, addresses)):
             return True
         if self._captured:
             return False  # a captured graph replays this table: it is never rewritten
@@ -132,6 +133,15 @@ class DeviceTable:
             self._columns[column] = addresses.clone()
         return True
 
+    def _write(self, column: int, addresses: torch.Tensor) -> None:
+        target = self._column_views.get(column)
+        if target is None:
+            target = self._column_views[column] = self.table.view(self.n_tensors, self.ncol)[:, column]
+        if target.is_cuda:
+            target.copy_(addresses.pin_memory(), non_blocking=True)  # ordered after the last step's kernels
+        else:
+            target.copy_(addresses)
+
     def scratch(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A work buffer of a launch with this table (say per-tensor coefficients): an owned
         table's own, kept from step to step (allocated once, at an address a captured graph may
@@ -142,13 +152,6 @@ class DeviceTable:
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
             buffer = self._scratch[name] = torch.empty(shape, dtype=dtype, device=self.table.device)
         return buffer
-
-    def _write(self, column: int, addresses: torch.Tensor) -> None:
-        target = self.table.view(self.n_tensors, self.ncol)[:, column]
-        if target.is_cuda:
-            target.copy_(addresses.pin_memory(), non_blocking=True)  # ordered after the last step's kernels
-        else:
-            target.copy_(addresses)
 
     @staticmethod
     def _upload(values: list[int], numels: Sequence[int], chunk: int, device: torch.device) -> torch.Tensor:

@@ -208,8 +208,9 @@ class FastStep:
         # any kernel runs; a CUDA table is also checked at every step (its stream, graph capture).
         for cached, code in zip(self.groups, codes):
             if code & 2 or cached.device_tables:
+                moved = bool(code & 2)  # ready() compared them with the last ones, already in the tables
                 for _, triton, _ in cached.runs:
-                    if triton is not None and not triton.launch.table.set_column(1, triton.addresses, True):
+                    if triton is not None and not triton.launch.table.set_column(1, triton.addresses, True, moved):
                         return False
         return True
 
