@@ -9,7 +9,8 @@
 # views, side stream, no host syncs, long rotational rows, a 2^31 + 5 element tensor, host
 # overhead, torch.compile with CUDA graphs last; OUTDIR/acceptance.json), tests (the suite's CUDA
 # parametrizations: Triton natively, the CUDA backend, parity with torch, graph capture,
-# GradScaler, rotational kernels, telemetry), fsdp2 (examples/fsdp2_train.py and
+# GradScaler, rotational kernels, telemetry), sanitizer (benchmarks/sanitizer_check.py:
+# compute-sanitizer racecheck and synccheck on one small step of each engine), fsdp2 (examples/fsdp2_train.py and
 # benchmarks/dtensor_overhead.py on one GPU), equilibrium (the main experiment, quick size), bench
 # (last: fp32 AdamW against torch at the GPT-2, ResNet-50 and 10,000 × 256 shapes, with the
 # copy-bandwidth ceiling). Each step runs under
@@ -92,6 +93,11 @@ step acceptance "${GPU_CHECK_ACCEPTANCE_S:-110}" \
 step tests "${GPU_CHECK_TESTS_S:-180}" \
     python -m pytest -q -p no:cacheprovider -rf --durations=15 tests \
     -k "(cuda and not cuda_sources) or triton_rotational or graph_safety"
+# compute-sanitizer racecheck and synccheck on one small step of each engine, CUDA then Triton
+# (what the CPU host emulation cannot see: races on shared memory, misplaced barriers); a machine
+# without the tool or refusing it is recorded in sanitizer.json, not a failure.
+step sanitizer "${GPU_CHECK_SANITIZER_S:-85}" \
+    python benchmarks/sanitizer_check.py "$OUTDIR/sanitizer.json"
 # FSDP2 on one GPU (a mesh of size 1 still takes the DTensor path, with nccl): the example's
 # training, then the host time of a step on DTensor parameters beside plain ones.
 step fsdp2 "${GPU_CHECK_FSDP2_S:-45}" \

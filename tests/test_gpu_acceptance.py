@@ -56,3 +56,46 @@ def test_backend_comparison_fails_on_different_results(acceptance):
 
     with pytest.raises(acceptance.Failed):
         acceptance._compare_backends(wdopt.FusedSGD, dict(momentum=0.9), make, ["reference"])
+
+
+SANITIZER = Path(__file__).resolve().parents[1] / "benchmarks" / "sanitizer_check.py"
+
+
+@pytest.fixture(scope="module")
+def sanitizer():
+    spec = importlib.util.spec_from_file_location("sanitizer_check", SANITIZER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU backend is not built")
+def test_sanitizer_steps_run_every_engine_on_cpu(sanitizer):
+    """The steps compute-sanitizer watches on the GPU (benchmarks/sanitizer_check.py), here on the
+    CPU backend: every engine's step must at least run before a lent GPU runs it under the tool."""
+    ran = sanitizer.run_steps("cpu", "cpu")
+    for name in ("FusedAdamW", "FusedSGD", "FusedLion", "monitored", "RotationalAdamW", "RotationalSGD",
+                 "RotationalLion"):
+        assert name in ran
+
+
+def test_sanitizer_driver_classifies_runs(sanitizer, tmp_path, monkeypatch):
+    """Without a GPU the driver records why it did not run; with one, a tool's exit status 99 is an
+    error found, words of refusal are a refusal (not a failure) and anything else fails."""
+    out = tmp_path / "sanitizer.json"
+    if not torch.cuda.is_available():
+        assert sanitizer.main([str(out)]) == 0
+        assert json.loads(out.read_text())["skipped"] == "no CUDA device"
+
+    class Done:
+        def __init__(self, rc, text):
+            self.returncode, self.stdout, self.stderr = rc, text, ""
+
+    for rc, output, status in ((0, "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)", "clean"),
+                               (99, "RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)", "errors found"),
+                               (1, "========= Error: Device not supported", "refused"),
+                               (1, "Traceback: something else", "failed")):
+        monkeypatch.setattr(sanitizer.subprocess, "run", lambda *a, _rc=rc, _out=output, **k: Done(_rc, _out))
+        result = sanitizer.sanitize("compute-sanitizer", "racecheck", "cuda", deadline=1e18)
+        assert result["status"] == status, (output, result)
+        assert result["tail"] == [output]
