@@ -32,13 +32,13 @@ ROW_KEYS = {
                "effective_lr_final", "effective_lr_predicted", "final_loss", "test_accuracy"},
     "lr-wd": {"optimizer", "lr", "weight_decay", "lr_times_wd", "final_loss", "test_accuracy",
               "conv_angle_final", "predicted_angle"},
-    "why-wd": {"part", "run", "weight_decay"},
+    "why-wd": {"part", "run", "weight_decay", "decays", "seed"},
 }
 WHY_WD_PART_KEYS = {"a": {"final_loss", "spikes", "diverged_at", "decay_sum"},
                     "b": {"train_size", "epochs", "one_pass", "test_error", "train_error"},
                     "c": {"final_loss", "spikes", "diverged_at", "decay_sum"}}
 PNGS = {"equilibrium": {"angles.png", "norms.png"}, "rotational": {"imbalance.png", "loss.png"},
-        "sphere": {"sphere.png"}, "lr-wd": {"lr_wd.png"}, "why-wd": {"lm_loss.png", "data_size.png"}}
+        "sphere": {"sphere.png"}, "lr-wd": {"lr_wd.png"}, "why-wd": {"lm_loss.png", "sweep.png"}}
 CONV = ("conv1.weight", "conv2.weight", "conv3.weight")
 
 
@@ -157,6 +157,52 @@ def test_why_wd_parts(outputs):
     sizes = [r for r in summary["rows"] if r["part"] == "b"]
     assert max(sizes, key=lambda r: r["train_size"])["one_pass"]
     assert min(sizes, key=lambda r: r["train_size"])["epochs"] > 1
+
+
+def test_why_wd_sweeps_decay_time_constants(outputs):
+    """λ is chosen so that the run spans D decay time constants (Σ_t η_t·λ = D; SGD in part b:
+    Σ_t η_t·λ/(1 − μ)), measured back from the lrs the run used; every seed runs every point, and
+    each point's paired changes are recomputed here from the rows."""
+    from wdopt.experiments import why_wd
+
+    summary = json.loads((outputs("why-wd") / "summary.json").read_text())
+    rows, seeds = summary["rows"], summary["seeds"]
+    assert len(seeds) >= 2
+    for r in rows:
+        if r["part"] in ("a", "c") and r["diverged_at"] is None:
+            assert r["decay_sum"] == pytest.approx(r["decays"], rel=1e-9, abs=1e-12)
+        assert {q["seed"] for q in rows if q["part"] == r["part"] and q["decays"] == r["decays"]
+                and q.get("train_size") == r.get("train_size")} == set(seeds)
+    for point in summary["points"]:
+        same = [r for r in rows if r["part"] == point["part"] and r["decays"] == point["decays"]
+                and r.get("train_size", 0) == point.get("train_size", 0)]
+        base = {r["seed"]: r for r in rows if r["part"] == point["part"] and r["decays"] == 0
+                and r.get("train_size", 0) == point.get("train_size", 0)}
+        metric = point["metric"]
+
+        def value(r):
+            return math.inf if r.get("diverged_at") else r[metric]
+
+        assert point["changes"] == pytest.approx([value(r) - value(base[r["seed"]]) for r in same])
+    b = next(r for r in rows if r["part"] == "b" and r["decays"] > 0)
+    total = why_wd.schedule_sum(b["steps"]) * b["lr"]
+    assert b["weight_decay"] * total / (1 - why_wd.MOMENTUM) == pytest.approx(b["decays"])
+
+
+def test_why_wd_verdict_judges_every_seed():
+    """A claim holds at a point only when weight decay helped for every seed, is reversed only when
+    it hurt for every seed; one seed the other way makes it seed noise."""
+    from wdopt.experiments.why_wd import _judge, verdict_sentences
+
+    assert _judge([-0.1, -0.01]) == "holds" and _judge([0.1, 0.2]) == "reversed"
+    assert _judge([-0.1, 0.01]) == "noise" and _judge([0.0, -0.1]) == "noise" and _judge([]) == "noise"
+    points = [dict(part="a", decays=0.0, changes=[], vs_no_decay="—", norm_ratio=1.0),
+              dict(part="a", decays=1.0, changes=[-0.2, -0.1], vs_no_decay="-0.15", norm_ratio=0.5),
+              dict(part="a", decays=3.0, changes=[-0.2, 0.1], vs_no_decay="-0.05", norm_ratio=0.3),
+              dict(part="a", decays=10.0, changes=[0.2, 0.1], vs_no_decay="+0.15", norm_ratio=0.1)]
+    first = verdict_sentences(points)[0]
+    assert "every seed at D ∈ {1}" in first and "raised it for every seed at D ∈ {10}" in first
+    assert "seeds disagreed at D ∈ {3}" in first
 
 
 @pytest.mark.parametrize("name", ["equilibrium", "rotational"])

@@ -1,33 +1,45 @@
-"""``wdopt why-wd``: why weight decay helps (D'Angelo et al., NeurIPS 2024), in three parts.
+"""``wdopt why-wd``: why weight decay helps (D'Angelo et al., NeurIPS 2024), where it has time to act.
+
+Weight decay shrinks a weight by the factor (1 − η_t·λ) at step t, so a run spans D = Σ_t η_t·λ
+*decay time constants*. Where D ≪ 1, decay has barely begun when the run ends and cannot explain
+anything; the paper's runs have D of order 1–10. This experiment therefore sweeps D at a fixed
+number of steps and a fixed lr schedule (linear warm-up over 5% of the steps, then cosine to 0,
+as in the paper), choosing λ = D / Σ_t η_t for each point, and repeats every point over several
+seeds (the same seeds at every D, so that each seed gives a paired difference against λ = 0).
+Three claims:
 
 (a) One-pass language modelling. A pre-LayerNorm TinyGPT over bytes reads the text corpus (the
     standard library's own sources, or ``--data FILE``) once, in random order of non-overlapping
     windows — every batch is new, so the loss cannot collapse and gradients stay noise-dominated.
-    AdamW, β = (0.9, 0.95), linear warm-up over 5% of steps then cosine to 0, λ ∈ {0, 0.1, 0.3}
-    on matrices and embeddings (not on biases and LayerNorm gains). Reported: the training loss at
-    the end of the schedule (mean over the last 10% of steps). Claim: weight decay gives a lower
-    *training* loss at the end of the schedule — an optimisation effect, not regularisation.
+    AdamW, β = (0.9, 0.95), decay on matrices and embeddings (not on biases and LayerNorm gains).
+    Reported: the training loss at the end of the schedule (mean over the last 10% of steps).
+    Claim: weight decay gives a lower *training* loss at the end — an optimisation effect.
 (b) Test error against training-set size at a fixed iteration budget. An MLP with LayerNorm
-    learns synthetic teacher–student data (``data.teacher_student``, logit noise 0.5, so the Bayes
-    error is non-zero and the loss stays away from zero on the test set) for the same number of
-    steps and batch size at every training-set size; the largest size is ≥ steps × batch, so that
-    run is one pass, the small ones are many passes (epochs reported). SGD with momentum 0.9 and
-    L2 λ against λ = 0 (``--optimizer`` picks another base optimizer). Claim: weight decay lowers
-    the test error in both regimes.
+    learns synthetic teacher–student data (``data.teacher_student``, logit noise 0.5) for the same
+    number of steps at every training-set size; the largest set is one pass (≥ steps × batch),
+    the smaller ones many passes. SGD with momentum μ = 0.9, L2 λ, the same schedule; with
+    momentum the L2 term shrinks weights by about η·λ/(1 − μ) a step, so D counts that (λ =
+    D·(1 − μ) / Σ_t η_t). Claim: weight decay lowers the test error in both regimes.
 (c) bfloat16 training. Part (a)'s model with its parameters and optimizer state in bfloat16
-    (logits cast to float32 for the loss), one pass at a higher lr (3× part (a)'s), λ = 0 and 0.1.
-    Counted: loss spikes (loss > 2× the median of the previous 50 steps) and divergences (a non-
-    finite loss; the run stops there). Claim: weight decay prevents loss divergences in bf16.
+    (logits cast to float32 for the loss), one pass at a high lr (30× part (a)'s: at 10× no run
+    spiked). Counted: loss spikes (loss > 2× the median of the previous 50 steps) and divergences
+    (a non-finite loss; the run stops there); the final loss is compared as in (a), a diverged
+    run counting as infinitely worse. Claim: weight decay prevents divergences in bf16.
 
-Options: ``--lr`` and ``--steps`` set part (a)'s lr and steps (part (c): 3× that lr, and
-``--steps`` when given); ``--weight-decay`` sets the non-zero λ of parts (b) and (c) (defaults: (b)
-SGD lr 0.1, λ 5e-3; (c) λ 0.1); part (b) keeps its own step budget so that its largest set stays
-one pass.
+A claim *holds* at a point D when weight decay is better than λ = 0 for every seed (paired by
+seed), is *reversed* when it is worse for every seed, and is *within seed noise* otherwise.
+Beside each point the table gives the matrices' norm at the end relative to λ = 0: for a weight
+whose loss ignores its scale (one followed by a normalisation) the effective learning rate is
+η/‖w‖² (SGD) or, per element, η/‖w‖ (Adam-type updates), so a norm ratio r means an effective
+step 1/r² (1/r) times that of the λ = 0 run — the mechanism the paper proposes for (a) and (c);
+and the run's length in AdamW relaxation times of ‖w‖² (2D, ``wdopt.theory``: τ = 1/(2ηλ)), the
+point from which the equilibrium, not the initialisation, sets the norm.
 
-Every part reports what it measures; nothing is tuned towards the claim. The model sizes are
-small-CPU sizes, far from the paper's, and the runs are short: ηλ summed over a run (the number of
-"decay time constants" it spans) is printed next to each result, because the effect of weight
-decay can only show when that is not small.
+Options: ``--lr`` and ``--steps`` set part (a)'s lr and steps (part (c): its lr multiple, and
+``--steps`` when given); ``--weight-decay λ`` replaces every part's sweep with λ ∈ {0, λ};
+``--seeds N`` the number of seeds (from ``--seed`` on). Every part reports what it measures;
+nothing is tuned towards the claims. Small-CPU sizes, far from the paper's; ``--preset gpu``
+gives larger ones.
 """
 
 from __future__ import annotations
@@ -40,26 +52,31 @@ from . import data, harness
 from .models import MLP, TinyGPT
 
 NAME = "why-wd"
-HELP = "why weight decay: one-pass LM training loss, test error vs data size, bf16 stability"
+HELP = "why weight decay: LM training loss, test error vs data size, bf16 stability, across decay time constants"
 
 PRESETS = {
-    "default": {"steps": 2000, "lr": 3e-3, "weight_decay": 0.1,
-                "lm": {"context": 64, "d": 64, "layers": 2, "heads": 4, "batch": 16},
-                "lm_wds": (0.0, 0.1, 0.3), "bf16_steps": 1000, "bf16_lr_factor": 3.0,
-                "b": {"steps": 1500, "batch": 64, "dim": 32, "hidden": 128, "classes": 10, "lr": 0.1,
-                      "weight_decay": 5e-3, "sizes": (250, 1000, 4000, 16000, 96000), "test": 8191}},
-    "quick": {"steps": 60, "lr": 3e-3, "weight_decay": 0.1,
-              "lm": {"context": 32, "d": 32, "layers": 1, "heads": 2, "batch": 8},
-              "lm_wds": (0.0, 0.1, 0.3), "bf16_steps": 60, "bf16_lr_factor": 3.0,
-              "b": {"steps": 150, "batch": 32, "dim": 16, "hidden": 32, "classes": 5, "lr": 0.1,
-                    "weight_decay": 5e-3, "sizes": (100, 1000, 4800), "test": 2047}},
-    "gpu": {"steps": 4000, "lr": 1e-3, "weight_decay": 0.1,
+    "default": {"steps": 500, "lr": 3e-3, "seeds": 3,
+                "lm": {"context": 32, "d": 32, "layers": 1, "heads": 2, "batch": 16},
+                "decay_sums": (0.0, 0.1, 0.3, 1.0, 3.0, 10.0),
+                "c": {"steps": 500, "lr_factor": 30.0, "decay_sums": (0.0, 1.0, 10.0)},
+                "b": {"steps": 400, "batch": 32, "dim": 16, "hidden": 64, "classes": 5, "lr": 0.1,
+                      "decay_sums": (0.0, 0.3, 3.0, 10.0), "sizes": (100, 1000, 12800), "test": 4095}},
+    "quick": {"steps": 60, "lr": 3e-3, "seeds": 2,
+              "lm": {"context": 16, "d": 16, "layers": 1, "heads": 2, "batch": 8},
+              "decay_sums": (0.0, 1.0, 10.0),
+              "c": {"steps": 60, "lr_factor": 30.0, "decay_sums": (0.0, 10.0)},
+              "b": {"steps": 100, "batch": 16, "dim": 8, "hidden": 16, "classes": 4, "lr": 0.1,
+                    "decay_sums": (0.0, 10.0), "sizes": (50, 1600), "test": 1023}},
+    "gpu": {"steps": 4000, "lr": 1e-3, "seeds": 3,
             "lm": {"context": 256, "d": 384, "layers": 6, "heads": 6, "batch": 32},
-            "lm_wds": (0.0, 0.1, 0.3), "bf16_steps": 4000, "bf16_lr_factor": 3.0,
+            "decay_sums": (0.0, 0.1, 0.3, 1.0, 3.0, 10.0),
+            "c": {"steps": 4000, "lr_factor": 30.0, "decay_sums": (0.0, 1.0, 3.0, 10.0)},
             "b": {"steps": 5000, "batch": 256, "dim": 64, "hidden": 512, "classes": 10, "lr": 0.1,
-                  "weight_decay": 5e-3, "sizes": (500, 2000, 8000, 32000, 1280000), "test": 16383}},
+                  "decay_sums": (0.0, 0.3, 1.0, 3.0, 10.0), "sizes": (500, 5000, 50000, 1280000),
+                  "test": 16383}},
 }
 BETAS = (0.9, 0.95)
+MOMENTUM = 0.9
 WARMUP = 0.05
 SPIKE_FACTOR, SPIKE_WINDOW = 2.0, 50
 
@@ -67,6 +84,22 @@ SPIKE_FACTOR, SPIKE_WINDOW = 2.0, 50
 def add_arguments(parser) -> None:
     harness.add_common_arguments(parser, optimizers=("adamw", "sgd", "lion"), text_data=True)
     parser.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per point, from --seed on (default: the preset's)")
+
+
+def schedule_sum(steps: int) -> float:
+    """Σ_t of the lr factor over a run (warm-up then cosine to 0): Σ_t η_t = lr · this."""
+    factor = harness.warmup_schedule(steps, int(WARMUP * steps), "cosine")
+    return sum(factor(i) for i in range(steps))
+
+
+def sweep(decay_sums, lr: float, steps: int, weight_decay: float | None, per_step: float = 1.0) -> list[tuple]:
+    """The (D, λ) points of one part: λ = D·per_step / (lr·Σ factors) (``per_step``: 1 − μ for SGD's
+    L2 through momentum), or, with ``--weight-decay``, λ ∈ {0, that} and the D it gives."""
+    total = lr * schedule_sum(steps)
+    if weight_decay is not None:
+        return [(0.0, 0.0), (weight_decay * total / per_step, weight_decay)]
+    return [(d, d * per_step / total) for d in decay_sums]
 
 
 # ---------------------------------------------------------------------- language model (a, c)
@@ -81,16 +114,21 @@ def _corpus(run: harness.Run, steps: int) -> torch.Tensor:
     return corpus
 
 
-def train_lm(run: harness.Run, wd: float, lr: float, steps: int, dtype, label: str, bar):
+def matrix_norm(model: torch.nn.Module) -> float:
+    """Frobenius norm of all matrices and embeddings (the parameters that take weight decay)."""
+    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters() if p.dim() >= 2))
+
+
+def train_lm(run: harness.Run, seed: int, wd: float, lr: float, steps: int, dtype, label: str, bar):
     lm = run["lm"]
     corpus = _corpus(run, steps)
-    torch.manual_seed(run.args.seed)
+    torch.manual_seed(seed)
     model = TinyGPT(lm["context"], lm["d"], lm["layers"], lm["heads"]).to(device=run.device, dtype=dtype)
     name = run.args.optimizer or "adamw"  # "sgd" is refused for parts a and c in run()
     extra = {"betas": BETAS} if name == "adamw" else {}
     opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(steps, int(WARMUP * steps), "cosine"))
-    batches = data.text_batches(corpus, lm["context"], lm["batch"], seed=run.args.seed + 1)
+    batches = data.text_batches(corpus, lm["context"], lm["batch"], seed=seed + 1)
     losses, spikes, diverged_at, decay_sum = [], 0, None, 0.0
     for step in range(1, steps + 1):
         x, y = next(batches)
@@ -115,26 +153,28 @@ def train_lm(run: harness.Run, wd: float, lr: float, steps: int, dtype, label: s
         decay_sum += opt.param_groups[0]["lr"] * wd
         opt.step()
         sched.step()
-    norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters() if p.dim() >= 2))
     return model, {"final_loss": harness.tail_mean(losses, 0.1) if losses else math.nan, "spikes": spikes,
-                   "diverged_at": diverged_at, "decay_sum": decay_sum, "weight_norm": norm,
+                   "diverged_at": diverged_at, "decay_sum": decay_sum, "weight_norm": matrix_norm(model),
                    "steps_done": len(losses)}
 
 
 # ---------------------------------------------------------------------- data-size sweep (b)
 
 
-def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
+def train_sizes(run: harness.Run, seed: int, n: int, wd: float, label: str, bar):
     cfg = run["b"]
-    x, y = data.teacher_student(n, cfg["dim"], cfg["classes"], run.args.seed)
-    x_test, y_test = data.teacher_student(cfg["test"], cfg["dim"], cfg["classes"], run.args.seed)
+    x, y = data.teacher_student(n, cfg["dim"], cfg["classes"], seed)
+    x_test, y_test = data.teacher_student(cfg["test"], cfg["dim"], cfg["classes"], seed)
     x, y, x_test, y_test = (t.to(run.device) for t in (x, y, x_test, y_test))
-    torch.manual_seed(run.args.seed)
+    torch.manual_seed(seed)
     model = MLP(cfg["dim"], cfg["hidden"], cfg["classes"]).to(run.device)
     name = run.args.optimizer or "sgd"
-    lr = cfg["lr"] if name == "sgd" else {"adamw": 1e-3, "lion": 1e-4}[name]
-    opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend)
-    batches = data.Batches(x, y, cfg["batch"], seed=run.args.seed + 1)
+    lr = b_lr(cfg, name)
+    extra = {"momentum": MOMENTUM} if name == "sgd" else {}
+    opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend, **extra)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(cfg["steps"], int(WARMUP * cfg["steps"]),
+                                                                           "cosine"))
+    batches = data.Batches(x, y, cfg["batch"], seed=seed + 1)
     losses = []
     for step in range(1, cfg["steps"] + 1):
         xb, yb = batches.next()
@@ -142,6 +182,7 @@ def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if step % 10 == 0:
             run.log(run=label, step=step, loss=losses[-1])
@@ -151,7 +192,11 @@ def train_sizes(run: harness.Run, n: int, wd: float, label: str, bar):
     epochs = cfg["steps"] * min(cfg["batch"], n) / n
     return model, {"train_size": n, "epochs": epochs, "one_pass": epochs <= 1.0, "optimizer": name, "lr": lr,
                    "train_error": 1 - train_acc, "test_error": 1 - test_acc, "test_loss": test_loss,
-                   "final_loss": harness.tail_mean(losses, 0.1)}
+                   "final_loss": harness.tail_mean(losses, 0.1), "weight_norm": matrix_norm(model)}
+
+
+def b_lr(cfg: dict, name: str) -> float:
+    return cfg["lr"] if name == "sgd" else {"adamw": 1e-3, "lion": 1e-4}[name]
 
 
 # ---------------------------------------------------------------------- driver
@@ -162,110 +207,186 @@ def run(args) -> dict:
     if args.optimizer == "sgd" and ("a" in parts or "c" in parts):
         harness.fail(NAME, "parts a and c train the language model with AdamW (or --optimizer lion); "
                      "--optimizer sgd applies to part b only (--part b)")
+    if args.seeds is not None and args.seeds < 1:
+        harness.fail(NAME, f"--seeds must be at least 1, got {args.seeds}")
     run = harness.Run(NAME, args, PRESETS)
-    steps, lr = run["steps"], run["lr"]
-    wd_on = run["weight_decay"]
-    cfg_b = run["b"]
+    seeds = [args.seed + i for i in range(args.seeds if args.seeds is not None else run["seeds"])]
+    steps, lr, cfg_b, cfg_c = run["steps"], run["lr"], run["b"], run["c"]
+    steps_c = args.steps if args.steps is not None else cfg_c["steps"]
+    lr_c = lr * cfg_c["lr_factor"]
+    sgd_b = (run.args.optimizer or "sgd") == "sgd"
+    points = {
+        "a": sweep(run["decay_sums"], lr, steps, args.weight_decay),
+        "b": sweep(cfg_b["decay_sums"], b_lr(cfg_b, run.args.optimizer or "sgd"), cfg_b["steps"], args.weight_decay,
+                   per_step=1 - MOMENTUM if sgd_b else 1.0),
+        "c": sweep(cfg_c["decay_sums"], lr_c, steps_c, args.weight_decay),
+    }
     sizes = list(cfg_b["sizes"])
-    total = (steps * len(run["lm_wds"]) if "a" in parts else 0) \
-        + (cfg_b["steps"] * len(sizes) * 2 if "b" in parts else 0) + ((args.steps or run["bf16_steps"]) * 2 if "c" in parts else 0)
+    if "b" in parts and sizes[-1] < cfg_b["steps"] * cfg_b["batch"]:
+        raise ValueError("the largest training set must be one pass (≥ steps × batch)")
+    total = len(seeds) * ((steps * len(points["a"]) if "a" in parts else 0)
+                          + (cfg_b["steps"] * len(sizes) * len(points["b"]) if "b" in parts else 0)
+                          + (steps_c * len(points["c"]) if "c" in parts else 0))
     bar = run.progress(total, NAME)
     rows, weights = [], {}
-    if "a" in parts:
-        for wd in run["lm_wds"]:
-            label = f"a λ={wd:g}"
-            bar.set_postfix_str(label)
-            model, result = train_lm(run, wd, lr, steps, torch.float32, label, bar)
+
+    def keep(label, seed, model):
+        if seed == seeds[0]:  # the first seed's final weights (all seeds' would be large)
             weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            rows.append({"part": "a", "run": label, "weight_decay": wd, "lr": lr, "steps": steps, "dtype": "float32",
-                         **result})
-    if "b" in parts:
-        if sizes[-1] < cfg_b["steps"] * cfg_b["batch"]:
-            raise ValueError("the largest training set must be one pass (≥ steps × batch)")
-        for wd in (0.0, cfg_b["weight_decay"] if args.weight_decay is None else args.weight_decay):
-            for n in sizes:
-                label = f"b n={n} λ={wd:g}"
+
+    for seed in seeds:
+        if "a" in parts:
+            for d, wd in points["a"]:
+                label = f"a D={d:g} seed={seed}"
                 bar.set_postfix_str(label)
-                model, result = train_sizes(run, n, wd, label, bar)
-                weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                rows.append({"part": "b", "run": label, "weight_decay": wd, "steps": cfg_b["steps"], **result})
-    if "c" in parts:
-        lr_c = lr * run["bf16_lr_factor"]
-        steps_c = args.steps if args.steps is not None else run["bf16_steps"]
-        for wd in (0.0, wd_on):
-            label = f"c bf16 λ={wd:g}"
-            bar.set_postfix_str(label)
-            model, result = train_lm(run, wd, lr_c, steps_c, torch.bfloat16, label, bar)
-            weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            rows.append({"part": "c", "run": label, "weight_decay": wd, "lr": lr_c, "steps": steps_c,
-                         "dtype": "bfloat16", **result})
+                model, result = train_lm(run, seed, wd, lr, steps, torch.float32, label, bar)
+                keep(label, seed, model)
+                rows.append({"part": "a", "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr,
+                             "steps": steps, "dtype": "float32", **result})
+        if "b" in parts:
+            for n in sizes:
+                for d, wd in points["b"]:
+                    label = f"b n={n} D={d:g} seed={seed}"
+                    bar.set_postfix_str(label)
+                    model, result = train_sizes(run, seed, n, wd, label, bar)
+                    keep(label, seed, model)
+                    rows.append({"part": "b", "run": label, "decays": d, "weight_decay": wd, "seed": seed,
+                                 "steps": cfg_b["steps"], **result})
+        if "c" in parts:
+            for d, wd in points["c"]:
+                label = f"c bf16 D={d:g} seed={seed}"
+                bar.set_postfix_str(label)
+                model, result = train_lm(run, seed, wd, lr_c, steps_c, torch.bfloat16, label, bar)
+                keep(label, seed, model)
+                rows.append({"part": "c", "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr_c,
+                             "steps": steps_c, "dtype": "bfloat16", **result})
     bar.close()
-    table = []
-    for r in rows:
-        t = dict(r)
-        if r["part"] == "b":
-            t["result"] = f"test err {r['test_error']:.4f} (train err {r['train_error']:.4f})"
-            t["detail"] = f"n={r['train_size']}, {r['epochs']:.3g} epochs{' (one pass)' if r['one_pass'] else ''}"
-        else:
-            t["result"] = f"loss {harness.fmt(r['final_loss'])}"
-            t["detail"] = (f"spikes {r['spikes']}, diverged at {r['diverged_at'] or '—'}, Σηλ {r['decay_sum']:.3g}, "
-                           f"‖W‖ {r['weight_norm']:.4g}")
-        table.append(t)
-    columns = ["part", "run", "weight_decay", "result", "detail"]
-    lm_optimizer = "Lion" if args.optimizer == "lion" else "AdamW β=(0.9, 0.95)"
-    notes = ["", f"a: one-pass LM, {lm_optimizer}, cosine; loss = mean training loss over the last 10% of steps. "
-             "b: test error at a fixed budget of steps × batch samples. c: bf16 parameters and state; spike = loss > "
-             f"{SPIKE_FACTOR:g}× the median of the previous {SPIKE_WINDOW} steps. Σηλ: total decay over the run; "
-             "‖W‖: Frobenius norm of all matrices at the end."]
-    summary = {"rows": rows, "parts": list(parts), "betas": BETAS, "spike_factor": SPIKE_FACTOR,
-               "spike_window": SPIKE_WINDOW}
-    return run.finish(summary, table, columns, weights=weights, notes=notes, verdict=verdict_sentences(rows),
-                      plots=lambda out: _plots(out, run.metrics, rows))
+    points_table = aggregate(rows)
+    columns = ["part", "point", "decays", "weight_decay", "result", "vs_no_decay", "norm_ratio", "relaxation_times"]
+    lm_optimizer = "Lion" if args.optimizer == "lion" else f"AdamW β={BETAS}"
+    notes = ["", f"D = Σ_t η_t·λ, the run's length in decay time constants (b, SGD: Σ_t η_t·λ/(1−μ)); λ chosen for "
+             f"each D; warm-up then cosine to 0; {len(seeds)} seeds per point, paired: vs_no_decay is the change "
+             "against λ = 0 of the same seed, mean [min…max] over seeds. a: one-pass LM, "
+             f"{lm_optimizer}, loss = mean training loss over the last 10% of steps. b: test error at a fixed budget "
+             "of steps × batch samples. c: bf16 parameters and state; runs diverged (non-finite loss) / spikes (loss > "
+             f"{SPIKE_FACTOR:g}× the median of the previous {SPIKE_WINDOW} steps), summed over seeds. norm_ratio: "
+             "‖W‖ of all matrices at the end over λ = 0's (mean over seeds). relaxation_times: 2D, the run in AdamW "
+             "relaxation times of ‖w‖²."]
+    summary = {"rows": rows, "points": points_table, "parts": list(parts), "seeds": seeds, "betas": BETAS,
+               "momentum": MOMENTUM, "spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW}
+    return run.finish(summary, points_table, columns, weights=weights, notes=notes,
+                      verdict=verdict_sentences(points_table),
+                      plots=lambda out: _plots(out, run.metrics, rows, points_table))
 
 
-def verdict_sentences(rows: list[dict]) -> list[str]:
-    """Each part's claim against what its rows show (differences, not significance: one seed)."""
+# ---------------------------------------------------------------------- aggregation and verdicts
+
+
+def _spread(values: list[float], fmt: str = "+.3f") -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{mean:{fmt}} [{min(values):{fmt}}…{max(values):{fmt}}]"
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (part, training-set size, D): the metric over seeds and its paired change
+    against λ = 0 of the same seed (lower is better for every part's metric)."""
     out = []
-    a = [r for r in rows if r["part"] == "a"]
-    a0 = next((r for r in a if r["weight_decay"] == 0), None)
-    if a0 is not None and len(a) > 1:
-        diffs = [(r["weight_decay"], r["final_loss"] - a0["final_loss"]) for r in a if r["weight_decay"] > 0]
-        lower = [wd for wd, d in diffs if d < 0]
-        result = ("weight decay lowered the final training loss" if len(lower) == len(diffs) else
-                  "weight decay did not lower the final training loss" if not lower else
-                  "weight decay lowered the final training loss only at λ = " + ", ".join(f"{wd:g}" for wd in lower))
-        out.append(f"a: {result} (vs λ = 0: " + ", ".join(f"λ = {wd:g} {d:+.3f}" for wd, d in diffs)
-                   + f"; Σηλ up to {max(r['decay_sum'] for r in a):.2g})")
-    b = [r for r in rows if r["part"] == "b"]
-    if b:
-        pairs = []
-        for n in sorted({r["train_size"] for r in b}):
-            off = next((r for r in b if r["train_size"] == n and r["weight_decay"] == 0), None)
-            on = next((r for r in b if r["train_size"] == n and r["weight_decay"] > 0), None)
-            if off is not None and on is not None:
-                pairs.append((n, on["one_pass"], on["test_error"] - off["test_error"]))
-        if pairs:
-            lower = [n for n, _, d in pairs if d < 0]
-            one_pass = [d for _, p, d in pairs if p]
-            out.append(f"b: weight decay lowered the test error at {len(lower)} of {len(pairs)} training-set sizes "
-                       f"(test-error change {min(d for *_, d in pairs):+.3f}…{max(d for *_, d in pairs):+.3f}"
-                       + (f"; one pass {one_pass[0]:+.3f}" if one_pass else "") + ")")
-    c = [r for r in rows if r["part"] == "c"]
-    if c:
-        events = "; ".join(f"λ = {r['weight_decay']:g}: {r['spikes']} spikes, "
-                           + (f"diverged at step {r['diverged_at']}" if r["diverged_at"] else "no divergence")
-                           for r in c)
-        if not any(r["spikes"] or r["diverged_at"] for r in c):
-            out.append(f"c: neither bf16 run spiked or diverged, so stability could not be compared ({events})")
-        else:
-            out.append(f"c: {events}")
+    keys = sorted({(r["part"], r.get("train_size", 0), r["decays"]) for r in rows})
+    for part, size, d in keys:
+        mine = [r for r in rows if (r["part"], r.get("train_size", 0), r["decays"]) == (part, size, d)]
+        base = {r["seed"]: r for r in rows if (r["part"], r.get("train_size", 0), r["decays"]) == (part, size, 0.0)}
+        point = {"part": part, "point": f"n={size}" if part == "b" else ("bf16" if part == "c" else "LM"),
+                 "decays": d, "weight_decay": mine[0]["weight_decay"], "relaxation_times": 2 * d,
+                 "seeds": [r["seed"] for r in mine]}
+        if part == "b":
+            point.update(train_size=size, one_pass=mine[0]["one_pass"], epochs=mine[0]["epochs"])
+        metric = "test_error" if part == "b" else "final_loss"
+        values = [_outcome(r, metric) for r in mine]
+        point.update(metric=metric, values=values, mean=sum(values) / len(values),
+                     result=f"{'test err' if part == 'b' else 'loss'} {_spread(values, '.4f')}")
+        if part == "c":
+            diverged = sum(1 for r in mine if r["diverged_at"])
+            spikes = sum(r["spikes"] for r in mine)
+            point.update(diverged=diverged, spikes=spikes,
+                         result=point["result"] + f", {diverged}/{len(mine)} diverged, {spikes} spikes")
+        changes = [_outcome(r, metric) - _outcome(base[r["seed"]], metric) for r in mine if r["seed"] in base]
+        point["changes"] = changes
+        point["vs_no_decay"] = "—" if d == 0 or not changes else _spread(changes, "+.4f")
+        ratios = [r["weight_norm"] / base[r["seed"]]["weight_norm"] for r in mine
+                  if r["seed"] in base and base[r["seed"]]["weight_norm"] > 0 and math.isfinite(r["weight_norm"])]
+        point["norm_ratio"] = round(sum(ratios) / len(ratios), 3) if ratios else math.nan
+        out.append(point)
     return out
 
 
-def _plots(out, metrics, rows) -> list[str]:
+def _outcome(row: dict, metric: str) -> float:
+    """The row's metric, a diverged run counting as infinitely bad (its loss before diverging is not
+    comparable with a finished run's)."""
+    return math.inf if row.get("diverged_at") else row[metric]
+
+
+def _judge(changes: list[float]) -> str:
+    """Lower is better: "holds" when decay helped for every seed, "reversed" when it hurt for every
+    seed, else "noise"."""
+    if changes and all(c < 0 for c in changes):
+        return "holds"
+    if changes and all(c > 0 for c in changes):
+        return "reversed"
+    return "noise"
+
+
+def verdict_sentences(points: list[dict]) -> list[str]:
+    """Each claim across the sweep: the D where it holds for every seed, where it is reversed for
+    every seed, where seeds disagree; and what the norms say about the effective step."""
+    out = []
+    for part, what, regime in (("a", "final training loss", "one-pass LM, float32"),
+                               ("c", "final training loss", "bf16 at 30× the lr")):
+        mine = [p for p in points if p["part"] == part and p["decays"] > 0]
+        if not mine:
+            continue
+        by = {v: [p["decays"] for p in mine if _judge(p["changes"]) == v] for v in ("holds", "reversed", "noise")}
+        means = ", ".join(f"{p['vs_no_decay'].split(' ')[0]} at D = {p['decays']:g}" for p in mine)
+        out.append(f"{part} ({regime}): weight decay lowered the {what} for every seed {_where(by['holds'])}, "
+                   f"raised it for every seed {_where(by['reversed'])}, seeds disagreed {_where(by['noise'])} "
+                   f"(mean change vs λ = 0: {means})")
+        if part == "a":
+            ratios = ", ".join(f"×{p['norm_ratio']:.2f} at D = {p['decays']:g}" for p in mine)
+            out.append(f"a: matrix norms at the end relative to λ = 0: {ratios}; the per-element effective step "
+                       "η/‖w‖ of weights whose scale the loss ignores grows by the inverse ratio")
+    b = [p for p in points if p["part"] == "b" and p["decays"] > 0]
+    if b:
+        pieces = []
+        for size in sorted({p["train_size"] for p in b}):
+            mine = [p for p in b if p["train_size"] == size]
+            tag = "one pass" if mine[0]["one_pass"] else f"{mine[0]['epochs']:.3g} epochs"
+            held = [p["decays"] for p in mine if _judge(p["changes"]) == "holds"]
+            rev = [p["decays"] for p in mine if _judge(p["changes"]) == "reversed"]
+            pieces.append(f"n = {size} ({tag}): lower for every seed {_where(held)}, higher {_where(rev)}")
+        out.append("b: test error with weight decay against λ = 0 — " + "; ".join(pieces))
+    c = [p for p in points if p["part"] == "c"]
+    if c:
+        events = "; ".join(f"D = {p['decays']:g}: {p['diverged']}/{len(p['seeds'])} diverged, {p['spikes']} spikes"
+                           for p in c)
+        base = next((p for p in c if p["decays"] == 0), None)
+        if not any(p["diverged"] or p["spikes"] for p in c):
+            out.append(f"c: no bf16 run spiked or diverged at any D, so stability could not be compared ({events})")
+        else:
+            fewer = [p["decays"] for p in c if base is not None and p["decays"] > 0 and p["diverged"] < base["diverged"]]
+            out.append(f"c: {events}; weight decay reduced divergences {_where(fewer)}")
+    return out
+
+
+def _where(ds) -> str:
+    return "at D ∈ {" + ", ".join(f"{d:g}" for d in ds) + "}" if ds else "at no D"
+
+
+def _plots(out, metrics, rows, points) -> list[str]:
     plt = harness.pyplot()
     written = []
-    lm_runs = [r["run"] for r in rows if r["part"] in ("a", "c")]
+    first_seed = min(r["seed"] for r in rows)
+    lm_runs = [r["run"] for r in rows if r["part"] in ("a", "c") and r["seed"] == first_seed]
     if lm_runs:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for i, label in enumerate(lm_runs):
@@ -273,23 +394,35 @@ def _plots(out, metrics, rows) -> list[str]:
             k = max(1, len(pts) // 100)  # smooth: mean of k consecutive steps
             xs = [pts[j][0] for j in range(k - 1, len(pts), k)]
             ys = [sum(p[1] for p in pts[j - k + 1:j + 1]) / k for j in range(k - 1, len(pts), k)]
-            ax.plot(xs, ys, lw=1, color=f"C{i}", ls="-" if label.startswith("a") else "--", label=label)
+            ax.plot(xs, ys, lw=1, color=f"C{i % 10}", ls="-" if label.startswith("a") else "--",
+                    label=label.removesuffix(f" seed={first_seed}"))
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (smoothed)")
-        ax.set_title("(a) one-pass LM, float32 (solid); (c) bfloat16 (dashed)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"(a) one-pass LM, float32 (solid); (c) bfloat16 (dashed); seed {first_seed}", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
         written.append(harness.savefig(fig, out / "lm_loss.png"))
-    b = [r for r in rows if r["part"] == "b"]
-    if b:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for i, wd in enumerate(sorted({r["weight_decay"] for r in b})):
-            mine = [r for r in b if r["weight_decay"] == wd]
-            ax.plot([r["train_size"] for r in mine], [r["test_error"] for r in mine], "o-", color=f"C{i}",
-                    label=f"λ={wd:g}")
-        ax.set_xscale("log")
-        ax.set_xlabel("training-set size (fixed number of steps)")
-        ax.set_ylabel("test error")
-        ax.set_title("(b) test error vs data size", fontsize=9)
-        ax.legend(fontsize=7)
-        written.append(harness.savefig(fig, out / "data_size.png"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, part, title in zip(axes, ("a", "b", "c"), ("(a) LM: final loss − λ=0's", "(b) test error − λ=0's",
+                                                      "(c) bf16, 30× lr: final loss − λ=0's")):
+        mine = [p for p in points if p["part"] == part]
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("D = Σ η·λ (decay time constants)")
+        ax.set_xscale("symlog", linthresh=0.1)
+        for i, size in enumerate(sorted({p.get("train_size", 0) for p in mine})):
+            # mean and seed range; a diverged run (an infinite change) is left out of the plot
+            pts = [p for p in mine if p.get("train_size", 0) == size and p["decays"] > 0
+                   and all(math.isfinite(c) for c in p["changes"])]
+            if not pts:
+                continue
+            xs = [p["decays"] for p in pts]
+            means = [sum(p["changes"]) / len(p["changes"]) for p in pts]
+            lows = [m - min(p["changes"]) for m, p in zip(means, pts)]
+            highs = [max(p["changes"]) - m for m, p in zip(means, pts)]
+            ax.errorbar(xs, means, yerr=[lows, highs], fmt="o-", color=f"C{i}", capsize=3,
+                        label=f"n={size}" if part == "b" else None)
+        ax.axhline(0, color="black", lw=0.8)
+        if part == "b" and mine:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(harness.savefig(fig, out / "sweep.png"))
     return written
