@@ -341,20 +341,12 @@ def verdict_sentences(points: list[dict]) -> list[str]:
     """Each claim across the sweep: the D where it holds for every seed, where it is reversed for
     every seed, where seeds disagree; and what the norms say about the effective step."""
     out = []
-    for part, what, regime in (("a", "final training loss", "one-pass LM, float32"),
-                               ("c", "final training loss", "bf16 at 30× the lr")):
-        mine = [p for p in points if p["part"] == part and p["decays"] > 0]
-        if not mine:
-            continue
-        by = {v: [p["decays"] for p in mine if _judge(p["changes"]) == v] for v in ("holds", "reversed", "noise")}
-        means = ", ".join(f"{p['vs_no_decay'].split(' ')[0]} at D = {p['decays']:g}" for p in mine)
-        out.append(f"{part} ({regime}): weight decay lowered the {what} for every seed {_where(by['holds'])}, "
-                   f"raised it for every seed {_where(by['reversed'])}, seeds disagreed {_where(by['noise'])} "
-                   f"(mean change vs λ = 0: {means})")
-        if part == "a":
-            ratios = ", ".join(f"×{p['norm_ratio']:.2f} at D = {p['decays']:g}" for p in mine)
-            out.append(f"a: matrix norms at the end relative to λ = 0: {ratios}; the per-element effective step "
-                       "η/‖w‖ of weights whose scale the loss ignores grows by the inverse ratio")
+    a = [p for p in points if p["part"] == "a" and p["decays"] > 0]
+    if a:
+        out.append(_loss_sentence(a, "a (one-pass LM, float32)"))
+        ratios = ", ".join(f"×{p['norm_ratio']:.2f} at D = {p['decays']:g}" for p in a)
+        out.append(f"a: matrix norms at the end relative to λ = 0: {ratios}; the per-element effective step "
+                   "η/‖w‖ of weights whose scale the loss ignores grows by the inverse ratio")
     b = [p for p in points if p["part"] == "b" and p["decays"] > 0]
     if b:
         pieces = []
@@ -375,7 +367,18 @@ def verdict_sentences(points: list[dict]) -> list[str]:
         else:
             fewer = [p["decays"] for p in c if base is not None and p["decays"] > 0 and p["diverged"] < base["diverged"]]
             out.append(f"c: {events}; weight decay reduced divergences {_where(fewer)}")
+        decayed = [p for p in c if p["decays"] > 0]
+        if decayed:
+            out.append(_loss_sentence(decayed, "c (bf16 at 30× the lr)"))
     return out
+
+
+def _loss_sentence(points: list[dict], label: str) -> str:
+    by = {v: [p["decays"] for p in points if _judge(p["changes"]) == v] for v in ("holds", "reversed", "noise")}
+    means = ", ".join(f"{p['vs_no_decay'].split(' ')[0]} at D = {p['decays']:g}" for p in points)
+    return (f"{label}: weight decay lowered the final training loss for every seed {_where(by['holds'])}, raised it "
+            f"for every seed {_where(by['reversed'])}, seeds disagreed {_where(by['noise'])} (mean change vs "
+            f"λ = 0: {means})")
 
 
 def _where(ds) -> str:
