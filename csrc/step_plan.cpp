@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/COW.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/SmallVector.h>
 #include <torch/custom_class.h>
@@ -50,6 +51,11 @@ struct Seen {
   // the few sizes: a memcmp call costs more than the comparison.
   bool same(const at::Tensor& t, void*& address) const {
     if (!t.defined()) return false;
+    // A copy-on-write tensor (torch._lazy_clone) is materialized by data_ptr(), which torch refuses
+    // inside a parallel region (ready() splits large buckets between threads): it has moved
+    // anyway, and the validation path materializes it.
+    const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
+    if (storage && c10::impl::cow::is_cow_data_ptr(storage.data_ptr())) return false;
     address = t.data_ptr();
     if (address != data || t.scalar_type() != dtype || t.device() != device || !t.is_contiguous()) {
       return false;
@@ -234,7 +240,11 @@ struct GroupPlan : torch::CustomClassHolder {
         std::atomic<bool> ok{true}, all_aligned{true};
         at::parallel_for(0, static_cast<int64_t>(n), kParallelMembers / 2, [&](int64_t begin, int64_t end) {
           bool range_aligned = true;
-          if (ok.load(std::memory_order_relaxed) && !ready_range(b, begin, end, range_aligned)) ok = false;
+          try {
+            if (ok.load(std::memory_order_relaxed) && !ready_range(b, begin, end, range_aligned)) ok = false;
+          } catch (...) {
+            ok = false;  // whatever a tensor raised, the validation path raises it with its context
+          }
           if (!range_aligned) all_aligned = false;
         });
         if (!ok) return 0;

@@ -453,6 +453,64 @@ def test_triton_fast_steps_equal_validated_steps(kind):
 
 
 @needs_triton
+def test_a_check_stopped_halfway_drops_the_fast_step():
+    """An exception (Ctrl-C) after GroupPlan.ready took the new gradient addresses but before the
+    Triton table did must not leave a fast step whose plan and table disagree: the next step with
+    the same gradients would launch on the previous step's gradient memory. The step is dropped
+    and rebuilt; results equal the validation path's, the old gradients poisoned."""
+    a, opt_a, b, opt_b = pair("adamw", backend="triton")
+    kept = []
+    for step in range(3):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            kept.append([p.grad for p in ps])  # alive: the next gradients get other addresses
+            opt.step()
+    group = opt_a._fast.groups[0]
+    ready = group.ready
+
+    def ready_then_interrupted():
+        ready()
+        raise KeyboardInterrupt
+
+    for ps in (a, b):
+        set_grads(ps, 3)
+    group.ready = ready_then_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        opt_a.step()
+    assert "_fast" not in opt_a.__dict__
+    for g in kept[-2]:
+        g.fill_(1e6)  # the previous step's gradients of opt_a
+    opt_a.step()
+    opt_b.step()
+    assert_same(opt_a, a, opt_b, b)
+
+
+def test_copy_on_write_tensors_in_a_parallel_ready():
+    """A lazily cloned (copy-on-write) parameter in a bucket large enough for a parallel ready():
+    torch forbids materializing it inside a parallel region; the step takes the validation path
+    (which materializes it) instead of raising, and then the fast path again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(2)
+        a = [torch.randn(3, generator=g).requires_grad_() for _ in range(1100)]
+        b = [t.detach().clone().requires_grad_() for t in a]
+        opt_a, opt_b = CLASSES["adamw"](a), never_fast(CLASSES["adamw"](b))
+        counted = Counted(opt_a)
+        for step in range(4):
+            if step == 2:
+                for ps in (a, b):
+                    ps[-1].data = torch._lazy_clone(ps[-1].data)
+            for opt, ps in ((opt_a, a), (opt_b, b)):
+                set_grads(ps, step)
+                opt.step()
+        assert counted.n == 2
+        assert_same(opt_a, a, opt_b, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_triton
 def test_triton_fast_path_refuses_a_misaligned_gradient():
     """A gradient at an odd offset breaks the alignment the kernel was specialised for: that step
     goes through the validation path (a table made for it), with the same result."""

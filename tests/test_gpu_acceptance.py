@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def test_sanitizer_steps_run_every_engine_on_cpu(sanitizer):
     for name in ("FusedAdamW", "FusedSGD", "FusedLion", "monitored", "RotationalAdamW", "RotationalSGD",
                  "RotationalLion"):
         assert name in ran
+    assert "no fast path" not in ran  # the second step of each element-wise optimizer took the fast path
 
 
 def test_sanitizer_driver_classifies_runs(sanitizer, tmp_path, monkeypatch):
@@ -87,15 +89,43 @@ def test_sanitizer_driver_classifies_runs(sanitizer, tmp_path, monkeypatch):
         assert sanitizer.main([str(out)]) == 0
         assert json.loads(out.read_text())["skipped"] == "no CUDA device"
 
-    class Done:
+    class Process:  # subprocess.Popen as the driver uses it
         def __init__(self, rc, text):
-            self.returncode, self.stdout, self.stderr = rc, text, ""
+            self.returncode, self.text, self.pid = rc, text, -1
+
+        def communicate(self, timeout=None):
+            return self.text, None
 
     for rc, output, status in ((0, "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)", "clean"),
                                (99, "RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)", "errors found"),
                                (1, "========= Error: Device not supported", "refused"),
                                (1, "Traceback: something else", "failed")):
-        monkeypatch.setattr(sanitizer.subprocess, "run", lambda *a, _rc=rc, _out=output, **k: Done(_rc, _out))
+        monkeypatch.setattr(sanitizer.subprocess, "Popen", lambda *a, _rc=rc, _out=output, **k: Process(_rc, _out))
         result = sanitizer.sanitize("compute-sanitizer", "racecheck", "cuda", deadline=1e18)
         assert result["status"] == status, (output, result)
         assert result["tail"] == [output]
+
+
+def test_sanitizer_timeout_kills_the_whole_process_group(sanitizer, tmp_path, monkeypatch):
+    """A run past its limit is killed with the application the tool started (a session of its
+    own), and counts as not clean."""
+    import sys
+    import time
+
+    child_pid = tmp_path / "child.pid"
+    tool = tmp_path / "slow-tool"
+    tool.write_text("#!/bin/sh\n" + f'{sys.executable} -c "import os, time; open({str(child_pid)!r}, \'w\')'
+                    '.write(str(os.getpid())); time.sleep(60)" &\nwait\n')
+    tool.chmod(0o755)
+    monkeypatch.setattr(sanitizer, "RUN_S", 2)
+    result = sanitizer.sanitize(str(tool), "racecheck", "triton", deadline=time.monotonic() + 10)
+    assert result["status"].startswith("timed out")
+    pid = int(child_pid.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the tool's child process survived the timeout")

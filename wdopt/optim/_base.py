@@ -228,7 +228,7 @@ class FusedOptimizer(Optimizer):
                 if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
                         (fast.launches_from_python and self._monitor_due_next()):
                     pass  # a step the validation path must run; the fast one is kept for the next
-                elif self._capture_health_check() and fast.usable(self):
+                elif self._capture_health_check() and self._fast_usable(fast):
                     # Monitors count the step (refusing graph capture); those that record it get
                     # their buffers filled by the kernels, as on the validation path.
                     due = [monitor for monitor in self._monitors if monitor._due()]
@@ -296,6 +296,15 @@ class FusedOptimizer(Optimizer):
             if fast is not None:
                 self.__dict__["_fast"] = fast
         return loss
+
+    def _fast_usable(self, fast) -> bool:
+        """``fast.usable``; a check stopped halfway (an interrupt, an error) drops the fast step:
+        the plan may have taken the new gradient addresses that a Triton table has not (_fast.py)."""
+        try:
+            return fast.usable(self)
+        except BaseException:
+            self.__dict__.pop("_fast", None)
+            raise
 
     def _monitor_due_next(self) -> bool:
         """Whether a RotationMonitor records the coming step (its kernels then gather telemetry,
