@@ -353,3 +353,23 @@ def test_sharded_rows_are_refused():
 
     result = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU backend is not built")
+def test_a_whole_tensor_sphere_longer_than_the_scratch_row():
+    """per_neuron=False on a tensor of more than 2^20 elements: the CPU kernel copies the row into
+    a buffer of its own instead of its thread's scratch (csrc/cpu/rotational_cpu.cpp, kScratchRow);
+    three steps against the reference, to rounding (the row's sums are 1.1M terms long)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(1100, 1001))
+    b = torch.nn.Parameter(a.detach().clone())
+    opts = [wdopt.RotationalAdamW([p], lr=1e-2, weight_decay=0.1, per_neuron=False, backend=backend)
+            for p, backend in ((a, "cpu"), (b, "reference"))]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grad = torch.randn(a.shape, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
+    assert a.detach().norm().item() == pytest.approx(opts[0].state[a]["rotational_norm"].item(), rel=1e-5)

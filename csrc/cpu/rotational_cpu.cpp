@@ -128,6 +128,9 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
       [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
 }
 
+// The longest row whose copy lives in a thread's scratch memory (see the walk below).
+constexpr int64_t kScratchRow = 1 << 20;
+
 // Every row of the call, in order (scratch memory: a large model has 100,000 rows or more).
 std::pair<const Row*, size_t> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
   size_t n = 0;
@@ -247,8 +250,12 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
       return static_cast<int64_t>(std::lower_bound(row_start, row_start + n_rows, total * part / parts) - row_start);
     };
     at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      // This thread's copy of a row (the thread's own scratch: rows of 65,536 columns are 256 KB).
-      opmath* const buffer = scratch<opmath, 3>(longest);
+      // This thread's copy of a row: the thread's scratch for rows up to kScratchRow elements (a
+      // row of 65,536 fp32 columns is 256 KB); a longer one (a whole-tensor sphere) gets a buffer
+      // of its own, which the scratch would otherwise keep for the life of the process — its work
+      // dwarfs the page faults of a fresh allocation anyway.
+      std::vector<opmath> own;
+      opmath* const buffer = longest <= kScratchRow ? scratch<opmath, 3>(longest) : (own.resize(longest), own.data());
       for (int64_t i = first_row(part_begin); i < first_row(part_end); ++i) {
         const Row& r = rows[i];
         const int64_t t = r.tensor, offset = r.row * r.size;
