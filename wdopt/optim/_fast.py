@@ -28,12 +28,6 @@ from __future__ import annotations
 import torch
 
 
-#: The reference count of a storage (torch's C++ count of tensors, views and storage objects on it),
-#: where this torch has it: telemetry buffers are reused only when it says nothing else holds them.
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-#: Earlier telemetry requests whose memory may be reused (a monitor keeping k records needs k + 1).
-_POOL = 8
-
 #: Group values read at every step, fast or not (tensors allowed): the rest are plan constants.
 _READ_PER_STEP = ("params", "lr", "initial_lr", "decay_initial_lr")
 
@@ -77,7 +71,7 @@ class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
     __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "checks", "finish", "params",
-                 "launches_from_python", "telemetry_layout", "telemetry_pool")
+                 "launches_from_python", "telemetry_layout")
 
     @classmethod
     def build(cls, optimizer, plan: list) -> "FastStep | None":
@@ -165,7 +159,6 @@ class FastStep:
         from ..reference.telemetry import telemetry_rows
 
         self.telemetry_layout = {}  # device -> (its parameters, their row counts)
-        self.telemetry_pool = []  # per earlier request, {device: its buffer's storage} (telemetry_request)
         offsets, used = {}, {}  # id(param) -> its first row; device -> rows so far
         for p in self.params:
             params, rows = self.telemetry_layout.setdefault(p.device, ([], []))
@@ -223,37 +216,14 @@ class FastStep:
 
     def telemetry_request(self):
         """A monitored step's buffers: ({device: flat (N, 4) float64 buffer, NaN until written},
-        the request a RotationMonitor records, whose per-parameter views are made when read).
-
-        The buffers' memory is reused once nothing refers to it any more (a record a bounded
-        monitor dropped, and every view of it): a fresh 320 KB buffer per step at 10,000 tensors
-        cost 4–7 ms on the CPU machine in page faults and in glibc consolidating the freed
-        gradients, more than a third of the step."""
+        the request a RotationMonitor records, whose per-parameter views are made when read)."""
         from ..reference.telemetry import COLUMNS
         from ..telemetry import FlatRequest
 
-        flats = self._reused_telemetry(COLUMNS)
-        if flats is None:
-            flats = {device: torch.full((sum(rows), COLUMNS), float("nan"), dtype=torch.float64, device=device)
-                     for device, (_, rows) in self.telemetry_layout.items()}
-            if _USE_COUNT is not None:
-                self.telemetry_pool.append({device: t.untyped_storage() for device, t in flats.items()})
-                del self.telemetry_pool[:-_POOL]  # older ones are not reused (kept alive by their records only)
+        flats = {device: torch.full((sum(rows), COLUMNS), float("nan"), dtype=torch.float64, device=device)
+                 for device, (_, rows) in self.telemetry_layout.items()}
         return flats, FlatRequest([(flats[device], params, rows)
                                    for device, (params, rows) in self.telemetry_layout.items()])
-
-    def _reused_telemetry(self, columns: int) -> dict | None:
-        """Buffers on the memory of an earlier request that nothing else holds: the pool's storage
-        object is its only reference (no record, tensor or view), so nobody can read it again."""
-        for storages in self.telemetry_pool:
-            if all(_USE_COUNT(storage._cdata) == 1 for storage in storages.values()):
-                flats = {}
-                for device, (_, rows) in self.telemetry_layout.items():
-                    flat = torch.empty(0, dtype=torch.float64, device=device)
-                    flat.set_(storages[device], 0, (sum(rows), columns))
-                    flats[device] = flat.fill_(float("nan"))
-                return flats
-        return None
 
     def run(self, optimizer, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
             monitored: dict | None = None) -> None:
