@@ -14,15 +14,20 @@ import torch
 
 import wdopt
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_acceptance.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    """A script of benchmarks/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def acceptance():
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("gpu_acceptance")
 
 
 def test_smoke_run_passes_and_writes_every_check(acceptance, tmp_path):
@@ -59,15 +64,9 @@ def test_backend_comparison_fails_on_different_results(acceptance):
         acceptance._compare_backends(wdopt.FusedSGD, dict(momentum=0.9), make, ["reference"])
 
 
-SANITIZER = Path(__file__).resolve().parents[1] / "benchmarks" / "sanitizer_check.py"
-
-
 @pytest.fixture(scope="module")
 def sanitizer():
-    spec = importlib.util.spec_from_file_location("sanitizer_check", SANITIZER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("sanitizer_check")
 
 
 @pytest.mark.skipif("cpu" not in wdopt.available_backends("cpu"), reason="the C++ CPU backend is not built")

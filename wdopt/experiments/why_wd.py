@@ -234,15 +234,18 @@ def run(args) -> dict:
         if seed == seeds[0]:  # the first seed's final weights (all seeds' would be large)
             weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
+    def language_model(part, seed, lr_part, steps_part, dtype, name):  # parts a and c: one run per D
+        for d, wd in points[part]:
+            label = f"{name}D={d:g} seed={seed}"
+            bar.set_postfix_str(label)
+            model, result = train_lm(run, seed, wd, lr_part, steps_part, dtype, label, bar)
+            keep(label, seed, model)
+            rows.append({"part": part, "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr_part,
+                         "steps": steps_part, "dtype": str(dtype).removeprefix("torch."), **result})
+
     for seed in seeds:
         if "a" in parts:
-            for d, wd in points["a"]:
-                label = f"a D={d:g} seed={seed}"
-                bar.set_postfix_str(label)
-                model, result = train_lm(run, seed, wd, lr, steps, torch.float32, label, bar)
-                keep(label, seed, model)
-                rows.append({"part": "a", "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr,
-                             "steps": steps, "dtype": "float32", **result})
+            language_model("a", seed, lr, steps, torch.float32, "a ")
         if "b" in parts:
             for n in sizes:
                 for d, wd in points["b"]:
@@ -253,13 +256,7 @@ def run(args) -> dict:
                     rows.append({"part": "b", "run": label, "decays": d, "weight_decay": wd, "seed": seed,
                                  "steps": cfg_b["steps"], **result})
         if "c" in parts:
-            for d, wd in points["c"]:
-                label = f"c bf16 D={d:g} seed={seed}"
-                bar.set_postfix_str(label)
-                model, result = train_lm(run, seed, wd, lr_c, steps_c, torch.bfloat16, label, bar)
-                keep(label, seed, model)
-                rows.append({"part": "c", "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr_c,
-                             "steps": steps_c, "dtype": "bfloat16", **result})
+            language_model("c", seed, lr_c, steps_c, torch.bfloat16, "c bf16 ")
     bar.close()
     points_table = aggregate(rows)
     columns = ["part", "point", "decays", "weight_decay", "result", "vs_no_decay", "norm_ratio", "relaxation_times"]
