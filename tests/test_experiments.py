@@ -25,7 +25,10 @@ from wdopt.experiments import EXPERIMENTS
 # Keys every row of summary.json must have, per experiment.
 ROW_KEYS = {
     "equilibrium": {"optimizer", "layer", "scale_invariant", "predicted_norm", "measured_norm",
-                    "predicted_angular_update", "measured_angular_update"},
+                    "predicted_angular_update", "measured_angular_update", "refined_norm", "refined_angular_update",
+                    "measured_angle_rms"},
+    "equilibrium-sweep": {"optimizer", "setting", "seed", "layer", "neuron_size", "norm_error", "refined_norm_error",
+                          "angle_rms_error", "refined_angle_error", "at_equilibrium"},
     "rotational": {"optimizer", "warmup", "layer_cv_mean", "layer_cv_early", "neuron_cv_mean", "neuron_cv_early",
                    "time_to_equilibrium", "time_to_equilibrium_max", "final_loss", "test_accuracy"},
     "sphere": {"run", "method", "init_scale", "layer", "initial_norm", "final_norm", "predicted_norm",
@@ -37,7 +40,7 @@ ROW_KEYS = {
 WHY_WD_PART_KEYS = {"a": {"final_loss", "spikes", "diverged_at", "decay_sum"},
                     "b": {"train_size", "epochs", "one_pass", "test_error", "train_error"},
                     "c": {"final_loss", "spikes", "diverged_at", "decay_sum"}}
-PNGS = {"equilibrium": {"angles.png", "norms.png"}, "rotational": {"imbalance.png", "loss.png"},
+PNGS = {"equilibrium": {"angles.png", "norms.png"}, "equilibrium-sweep": {"sweep.png"}, "rotational": {"imbalance.png", "loss.png"},
         "sphere": {"sphere.png"}, "lr-wd": {"lr_wd.png"}, "why-wd": {"lm_loss.png", "sweep.png"}}
 CONV = ("conv1.weight", "conv2.weight", "conv3.weight")
 
@@ -78,7 +81,7 @@ def outputs(tmp_path_factory):
 
 
 def test_registry():
-    assert list(EXPERIMENTS) == ["equilibrium", "rotational", "sphere", "lr-wd", "why-wd"]
+    assert list(EXPERIMENTS) == ["equilibrium", "equilibrium-sweep", "rotational", "sphere", "lr-wd", "why-wd"]
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -140,6 +143,41 @@ def test_equilibrium_recomputed_from_weights(outputs):
     control = {c["layer"]: c for c in summary["control"]}
     for layer in CONV:
         assert control[layer]["growth"] > 1.02, layer
+
+
+def test_refined_prediction_recomputed_from_statistics(outputs):
+    """The refined predictions of the equilibrium table, recomputed from the window statistics
+    saved in summary.json with the formulas written out here (docs/theory.md section 2.4), not
+    wdopt.theory's code."""
+    summary = json.loads((outputs("equilibrium") / "summary.json").read_text())
+    rows = {(r["optimizer"], r["layer"]): r for r in summary["rows"]}
+    checked = 0
+    for key, stats in summary["statistics"].items():
+        label, layer = key.split(":")
+        if stats["optimizer"] not in ("adamw", "sgd") or layer not in CONV:
+            continue
+        row = rows[(stats["optimizer"], layer)]
+        lr, d = stats["lr"], stats["lr"] * stats["weight_decay"]
+        power = torch.tensor(stats["power"], dtype=torch.float64)
+        correlation = power * (sum(stats["correlation"]) / sum(stats["power"]))
+        radial = torch.tensor(stats["radial"], dtype=torch.float64)
+        if stats["optimizer"] == "adamw":
+            q = power + 2 * 0.9 / 0.1 * correlation
+            # 2d·x + 2η·radial·sqrt(x) = η²·Q, a quadratic in sqrt(x)
+            r = (-lr * radial + torch.sqrt((lr * radial) ** 2 + 2 * d * lr * lr * q)) / (2 * d)
+            angle = lr * torch.sqrt(0.1 / 1.9 * q) / r
+        else:
+            q = power + 2 * 0.9 * correlation
+            x = (-lr * radial + torch.sqrt((lr * radial) ** 2 + 2 * d * lr * lr * q / 0.1)) / (2 * d)
+            r, angle = x.sqrt(), lr * torch.sqrt(q / (1 - 0.81)) / x
+        if not torch.isfinite(r).all():
+            assert row["refined_norm"] is None or math.isnan(row["refined_norm"])
+            continue
+        assert math.isclose(r.pow(2).mean().sqrt().item(), row["refined_norm"], rel_tol=1e-9), key
+        assert math.isclose(angle.pow(2).mean().sqrt().item(), row["refined_angular_update"], rel_tol=1e-9), key
+        assert math.isclose(row["refined_norm_error"], row["measured_norm"] / row["refined_norm"] - 1, rel_tol=1e-9)
+        checked += 1
+    assert checked >= 4
 
 
 def test_sphere_projected_keeps_the_norm(outputs):

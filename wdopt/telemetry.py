@@ -38,38 +38,59 @@ class Record:
     step's buffers, so that recording a step costs no per-tensor Python work."""
 
     def __init__(self, step: int, request: dict, layout: list, names, found_inf: torch.Tensor | None = None,
-                 read_timeout: float = 300.0, monitor: int = 0):
+                 read_timeout: float = 300.0, monitor: int = 0, statistics: dict | None = None):
         self.step = step
         self.read_timeout = read_timeout  # seconds a read waits for the other ranks (DTensors)
         self.monitor = monitor  # its monitor's creation number in this process
         self.registered: set = set()  # store keys this rank added itself to (see _all_ranks_read)
         self.found_inf = found_inf  # GradScaler's flag: the step was skipped when non-zero
         self._request = request  # id(param) -> buffer
+        self._statistics_request = statistics  # id(param) -> (K, 4) direction statistics, or None
+        self._statistics: dict | None = None
+        self.optimizer_kind = None  # the optimizer's direction statistics kind ("adamw", "sgd", "lion")
         self._layout = layout  # per group: (its hyperparameters at this step, its parameters)
         self._names = names  # (param, group index, param index) -> name
         self._sums: dict | None = None
         self._predictions: dict | None = None
 
     def _build(self) -> None:
-        sums, predictions = {}, {}
+        sums, predictions, statistics = {}, {}, {}
         joined: set = set()  # meshes whose ranks are known to read this record
         for gi, (hyper, params) in enumerate(self._layout):
             for pi, p in enumerate(params):
                 if id(p) in self._request and p.numel() > 0:  # an empty tensor has nothing to measure
                     name = self._names(p, gi, pi)
                     sums[name] = self._request[id(p)]
+                    if self._statistics_request is not None and id(p) in self._statistics_request:
+                        statistics[name] = self._statistics_request[id(p)]
                     if hasattr(p, "_local_tensor") and hasattr(p, "device_mesh"):
                         _all_ranks_read(p.device_mesh, self, joined)
                         sums[name] = _across_ranks(p, sums[name])
                     if p.dim() >= 2:
                         predictions[name] = (hyper, p)
-        self._sums, self._predictions = sums, predictions
+        self._sums, self._predictions, self._statistics = sums, predictions, statistics
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
         if self._sums is None:
             self._build()
         return self._sums
+
+    @property
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """name -> (K, 4) float64 direction statistics [Σn², Σn·s, Σω·n, Σs²] per row
+        (wdopt/reference/telemetry.py), for a monitor made with ``statistics=True``; else empty."""
+        if self._statistics is None:
+            self._build()
+        return self._statistics
+
+    def hyperparameters(self, name: str) -> dict:
+        """The hyperparameters of ``name``'s group at this step (a tensor lr read as a float)."""
+        group = dict(self.predictions[name][0][1])
+        for key in ("lr", "initial_lr", "decay_initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
+        return group
 
     @property
     def predictions(self) -> dict[str, tuple]:
@@ -127,6 +148,10 @@ class RotationMonitor:
             other parameters are named "group{i}.param{j}".
         keep: how many records to keep in ``history`` (None: all).
         read_timeout: seconds a read of a record waits for the other ranks (sharded parameters).
+        statistics: also record each row's direction statistics (``Record.statistics``), which
+            ``wdopt.theory.refined`` predicts the equilibrium from. They are read from the
+            gradients and the state before a recorded step: one extra read of both on recorded
+            steps only. Not for rotated, sparse, complex or sharded parameters.
 
     Sharded parameters (DTensors: FSDP2, tensor parallelism) are measured on each rank's shard at
     the step, without communication; their per-row sums are summed across the mesh when a record
@@ -137,7 +162,7 @@ class RotationMonitor:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 10, names: dict | None = None,
-                 keep: int | None = None, read_timeout: float = 300.0):
+                 keep: int | None = None, read_timeout: float = 300.0, statistics: bool = False):
         from .optim._base import FusedOptimizer
 
         if not isinstance(optimizer, FusedOptimizer):
@@ -146,6 +171,7 @@ class RotationMonitor:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.optimizer, self.every, self.keep = optimizer, every, keep
         self.read_timeout = read_timeout
+        self.statistics = bool(statistics)
         global _MONITORS
         _MONITORS += 1
         self.number = _MONITORS  # identifies its records across ranks (monitors made in the same order)
@@ -178,13 +204,14 @@ class RotationMonitor:
         self.steps += 1
         return self.steps % self.every == 0
 
-    def _record(self, optimizer, request: dict, found_inf: torch.Tensor | None) -> None:
+    def _record(self, optimizer, request: dict, found_inf: torch.Tensor | None, statistics: dict | None = None) -> None:
         """Keep this step's buffers (filled by the kernels) with what its predictions need: the
         groups' hyperparameters as they are now, and their parameter lists."""
         layout = [(self._hyper(optimizer, group), list(group["params"])) for group in optimizer.param_groups]
-        self.history.append(Record(self.steps, request, layout, self.name,
-                                   None if found_inf is None else found_inf.clone(), self.read_timeout,
-                                   self.number))
+        record = Record(self.steps, request, layout, self.name, None if found_inf is None else found_inf.clone(),
+                        self.read_timeout, self.number, statistics if self.statistics else None)
+        record.optimizer_kind = optimizer._statistics_kind
+        self.history.append(record)
         if self.keep is not None and len(self.history) > self.keep:
             del self.history[: len(self.history) - self.keep]
 

@@ -41,7 +41,8 @@ import torch
 __all__ = [
     "Prediction", "adamw_equilibrium", "sgd_equilibrium", "lion_equilibrium", "adam_l2_equilibrium_norm",
     "lion_sigma_squared", "decay_fraction", "equilibrium_angle", "adamw_rotation_factor", "sgd_rotation_factor",
-    "lion_rotation_factor", "neurons", "predict",
+    "lion_rotation_factor", "neurons", "predict", "Refined", "adamw_refined", "sgd_refined", "refined", "window_statistics",
+    "lion_linear_response",
 ]
 
 
@@ -178,3 +179,185 @@ def predict(optimizer: torch.optim.Optimizer, grad_norm_sq_unit: dict | None = N
             else:
                 raise TypeError(f"no equilibrium prediction for {type(optimizer).__name__}")
     return out
+
+
+# ---------------------------------------------------------------------- the refined predictor
+#
+# docs/theory.md section 2.4. The paper's formulas assume a white-noise gradient of unit
+# normalised power per element (AdamW: E[ĝ²/v̂] = 1) and an update with no radial part. A
+# training run breaks both, and RotationMonitor(statistics=True) measures by how much, from the
+# gradients and the optimizer state (never from the update itself): per row, the direction's
+# power Σn², its correlation with the momentum Σn·s and its radial part Σω·n
+# (wdopt/reference/telemetry.py). For a momentum that is an exponential average with factor β of
+# the directions n, the long-run growth of ‖ω‖² per step (the diffusion) is
+#     η²·Q,   Q = E Σn² + 2β/(1−β)·E Σn_t·s_{t−1}       (= C for unit white noise: the paper)
+# and one step's E‖u‖² = (1−β)/(1+β)·Q. The radial part adds −2η·E⟨ω, n⟩ per step (through the
+# momentum's long-run weight 1). These replace C and 0 in the paper's balance.
+
+
+@dataclass(frozen=True)
+class Refined:
+    """The refined equilibrium of one neuron (or, from ``refined``, a tensor's RMS over neurons)."""
+    norm: float              # ‖ω‖ at equilibrium
+    angular_update: float    # RMS angle per step, sqrt(E‖Δω⊥‖²)/‖ω‖
+    time_constant: float     # steps for ‖ω‖² to relax by e (linearised at the equilibrium)
+    drive: float             # the measured diffusion relative to the paper's (AdamW: Q/C; SGD: Q̃/E‖g̃‖²)
+    radial: float            # AdamW: E⟨ω̂, n⟩; SGD: E⟨ω, g⟩ (0 for an exactly scale-invariant row)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def adamw_refined(lr: float, d: float, power: float, correlation: float, radial: float = 0.0,
+                  betas=(0.9, 0.999), neuron_size: int | None = None) -> Refined:
+    """AdamW's equilibrium from measured direction statistics of a neuron (n = ĝ/(sqrt(v̂)+ε)):
+    ``power`` E Σn², ``correlation`` E Σn_t·m_{t−1}/(sqrt(v̂)+ε), ``radial`` E⟨ω̂, n⟩.
+
+    Q = power + 2β1/(1−β1)·correlation; the norm solves 2d·x + 2η·radial·sqrt(x) = η²Q
+    (x = ‖ω‖²), the RMS angle is η·sqrt((1−β1)/(1+β1)·Q)/‖ω̂‖ and the relaxation time
+    1/(2d + η·radial/‖ω̂‖). power = C, correlation = radial = 0 give ``adamw_equilibrium``."""
+    _check(lr, d)
+    beta1 = betas[0]
+    q = power + 2 * beta1 / (1 - beta1) * correlation
+    if not q > 0:
+        raise ValueError(f"the measured diffusion Q = {q} must be positive")
+    r = lr * (-radial + math.sqrt(radial * radial + 2 * d * q)) / (2 * d)
+    return Refined(norm=r, angular_update=lr * math.sqrt((1 - beta1) / (1 + beta1) * q) / r,
+                   time_constant=1 / (2 * d + lr * radial / r),
+                   drive=q / neuron_size if neuron_size else math.nan, radial=radial)
+
+
+def sgd_refined(lr: float, d: float, power_unit: float, correlation_unit: float, radial: float = 0.0,
+                momentum: float = 0.0) -> Refined:
+    """SGD's (momentum μ, L2) equilibrium from measured statistics at unit weight norm:
+    ``power_unit`` E[‖g‖²‖ω‖²] (the paper's E‖g̃‖²), ``correlation_unit`` E[⟨g_t, b_{t−1}⟩‖ω‖²]
+    (b the momentum buffer), ``radial`` E⟨ω, g⟩.
+
+    Q̃ = power_unit + 2μ·correlation_unit; x = ‖ω‖² solves 2d·x² + 2η·radial·x = η²Q̃/(1−μ); the
+    RMS angle is η·sqrt(Q̃/(1−μ²))/x and the relaxation time (1−μ)/(4d + 2η·radial/x).
+    correlation_unit = radial = 0 give ``sgd_equilibrium``."""
+    _check(lr, d)
+    q = power_unit + 2 * momentum * correlation_unit
+    if not q > 0:
+        raise ValueError(f"the measured diffusion Q̃ = {q} must be positive")
+    x = (-lr * radial + math.sqrt((lr * radial) ** 2 + 2 * d * lr * lr * q / (1 - momentum))) / (2 * d)
+    return Refined(norm=math.sqrt(x), angular_update=lr * math.sqrt(q / (1 - momentum**2)) / x,
+                   time_constant=(1 - momentum) / (4 * d + 2 * lr * radial / x),
+                   drive=q / power_unit if power_unit > 0 else math.nan, radial=radial)
+
+
+def lion_linear_response(lr: float, d: float, power: float, correlation: float, direction_power: float,
+                         neuron_size: int, betas=(0.9, 0.99)) -> Refined:
+    """Lion's equilibrium if its sign(c) responded linearly to c (Bussgang, Gaussian c):
+    sign(c) ≈ κ·c + white residual, κ² = 2C/(π·E Σc²). With ``power`` E Σĝ², ``correlation``
+    E Σĝ_t·m_{t−1} and ``direction_power`` E Σc², the diffusion per step is
+    η²·(C + κ²·(T − E Σc²)), T = power + 2β1/(1−β2)·correlation. White unit noise gives the
+    paper's η·sqrt(C/(π·d·σ²)) up to the residual's (π/2 − 1)σ².
+
+    **Not a predictor**: on the equilibrium experiment it is 20–30% off (worse than the paper's
+    formula), because the measured radial part of sign(c) is 1.6–1.9× the linear response's
+    (docs/theory.md section 2.4). It is here so that the sweep can show that with data."""
+    _check(lr, d)
+    beta1, beta2 = betas
+    t = power + 2 * beta1 / (1 - beta2) * correlation
+    kappa_sq = 2 * neuron_size / (math.pi * direction_power)
+    diffusion = neuron_size + kappa_sq * (t - direction_power)
+    if not diffusion > 0:
+        raise ValueError(f"the linear response's diffusion {diffusion} must be positive")
+    norm = lr * math.sqrt(diffusion / (2 * d))
+    paper = 2 * neuron_size / (math.pi * lion_sigma_squared(betas))
+    return Refined(norm=norm, angular_update=lr * math.sqrt(neuron_size) / norm, time_constant=1 / (2 * d),
+                   drive=diffusion / paper, radial=0.0)
+
+
+def window_statistics(records, name: str) -> dict[str, torch.Tensor]:
+    """Per neuron of tensor ``name``: the statistics ``adamw_refined`` or ``sgd_refined`` take,
+    averaged over ``records`` (a list of records with direction statistics, not skipped):
+    {"power", "correlation", "radial"} as float64 CPU tensors of shape (K,). AdamW: E Σn²,
+    E Σn·s, E⟨ω̂, n⟩; SGD: E[Σg²·‖ω‖²], E[Σg·b·‖ω‖²], E⟨ω, g⟩ (‖ω‖ before the step)."""
+    from .reference import telemetry as tm
+
+    w2 = torch.stack([r.sums[name][:, tm.W2].cpu() for r in records])
+    st = torch.stack([r.statistics[name].cpu() for r in records])
+    n2, ns, wn = st[..., tm.N2], st[..., tm.NS], st[..., tm.WN]
+    kind = records[-1].optimizer_kind
+    if kind == "adamw":
+        return {"power": n2.mean(0), "correlation": ns.mean(0), "radial": (wn / w2.sqrt()).mean(0)}
+    if kind == "lion":
+        # n is c = β1·m + (1−β1)·ĝ and s is m: the gradient's own correlation with m is (NS − β1·S2)/(1−β1).
+        group = records[-1].hyperparameters(name)
+        beta1 = float(group["betas"][0])
+        d, lr = decay_fraction(group), float(group["lr"])
+        g2 = torch.stack([r.sums[name][:, tm.G2].cpu() for r in records])
+        wd = torch.stack([r.sums[name][:, tm.WD].cpu() for r in records])
+        return {"power": g2.mean(0), "correlation": ((ns - beta1 * st[..., tm.S2]) / (1 - beta1)).mean(0),
+                "direction_power": n2.mean(0), "radial": (wn / w2.sqrt()).mean(0),
+                # ⟨ω̂, sign(c)⟩ from the update itself (⟨ω, Δω⟩ = −d‖ω‖² − η⟨ω, sign c⟩): a consistency
+                # check of the linear response, not an input of any prediction.
+                "sign_radial": (-(wd + d * w2) / (lr * w2.sqrt())).mean(0)}
+    return {"power": (n2 * w2).mean(0), "correlation": (ns * w2).mean(0), "radial": wn.mean(0)}
+
+
+def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
+    """Refined predictions for the tensors of ``records`` (RotationMonitor records made with
+    ``statistics=True``; one or a list, e.g. a window of ``monitor.history`` before the one to
+    predict): {name: Refined}, the norm and angle as RMS over the tensor's neurons of each
+    neuron's prediction from its statistics averaged over the records (``window_statistics``),
+    with the correlation as a fraction of the power pooled over the tensor's neurons.
+
+    For FusedAdamW (not amsgrad) and FusedSGD (momentum, L2, no nesterov or dampening) tensors of
+    dim ≥ 2 with weight decay; the hyperparameters are the last record's (keep lr and λ constant
+    over the window). Lion has none: its update is the sign of a filter of the gradient, and the
+    same argument with the sign linearised (``lion_linear_response``, included with ``lion=True``)
+    predicts norms 20–30% off on the equilibrium experiment, worse than the paper's formula
+    (docs/theory.md section 2.4)."""
+    records = [records] if not isinstance(records, (list, tuple)) else list(records)
+    records = [r for r in records if not r.skipped]
+    if not records:
+        raise ValueError("refined() needs at least one record that was not skipped")
+    last = records[-1]
+    kind = last.optimizer_kind
+    out = {}
+    for name in list(last.statistics) if names is None else list(names):
+        if name not in last.statistics or name not in last.predictions or \
+                kind not in ("adamw", "sgd", *(("lion",) if lion else ())):
+            continue
+        group = last.hyperparameters(name)
+        d, lr = decay_fraction(group), float(group["lr"])
+        if d <= 0 or (kind == "adamw" and group.get("amsgrad")) or \
+                (kind == "sgd" and (group.get("nesterov") or group.get("dampening") or group.get("decoupled_weight_decay"))):
+            continue
+        stats = window_statistics(records, name)
+        # Each neuron keeps its own power and radial part; the correlation enters relative to the
+        # power, pooled over the tensor's neurons: amplified by 2β/(1−β) (18 at β = 0.9; 180 for
+        # Lion's β2), one neuron's estimate over a window is too noisy to use alone.
+        ratio = float(stats["correlation"].sum() / stats["power"].sum())
+        columns = zip(stats["power"].tolist(), (stats["power"] * ratio).tolist(), stats["radial"].tolist())
+        try:
+            _, c = neurons(last.predictions[name][1])
+            if kind == "adamw":
+                rows = [adamw_refined(lr, d, a, b, r, group["betas"], c) for a, b, r in columns]
+            elif kind == "lion":
+                rows = [lion_linear_response(lr, d, a, b, q, c, group["betas"])
+                        for a, b, q in zip(stats["power"].tolist(), (stats["power"] * ratio).tolist(),
+                                           stats["direction_power"].tolist())]
+            else:
+                rows = [sgd_refined(lr, d, a, b, r, group["momentum"]) for a, b, r in columns]
+        except ValueError:
+            # A neuron whose measured diffusion is not positive (a dead or not scale-invariant
+            # one) has no equilibrium in this model: neither has its tensor.
+            out[name] = Refined(*(math.nan,) * 5)
+            continue
+
+        out[name] = Refined(norm=_rms([p.norm for p in rows]), angular_update=_rms([p.angular_update for p in rows]),
+                            time_constant=_mean([p.time_constant for p in rows]), drive=_mean([p.drive for p in rows]),
+                            radial=_mean([p.radial for p in rows]))
+    return out
+
+
+def _rms(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values) / len(values))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

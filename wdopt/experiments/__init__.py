@@ -12,6 +12,7 @@ import importlib
 #: subcommand -> module, in the order the help lists them.
 EXPERIMENTS = {
     "equilibrium": "wdopt.experiments.equilibrium",
+    "equilibrium-sweep": "wdopt.experiments.equilibrium_sweep",
     "rotational": "wdopt.experiments.rotational",
     "sphere": "wdopt.experiments.sphere",
     "lr-wd": "wdopt.experiments.lr_wd",

@@ -57,16 +57,18 @@ def time_constant(name: str, lr: float, wd: float, momentum: float = 0.9) -> flo
     return (1 - momentum) / (4 * d) if name == "sgd" else 1 / (2 * d)
 
 
-def train(run: harness.Run, name: str, lr: float, wd: float, bar, label: str):
-    """One training run; returns the model, its monitor records per step and the weights of the
-    scale-invariant layers before the last step."""
-    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE)
-    torch.manual_seed(run.args.seed)
+def train(run: harness.Run, name: str, lr: float, wd: float, bar, label: str, seed: int | None = None):
+    """One training run (``seed``: the data split, initialisation and batches; default the
+    run's); returns the model, its monitor, the weights of the scale-invariant layers before the
+    last step and the test accuracy."""
+    seed = run.args.seed if seed is None else seed
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE, seed)
+    torch.manual_seed(seed)
     model = ConvNet(run["width"]).to(run.device)
     names = dict(model.named_parameters())
     opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend)
-    monitor = RotationMonitor(opt, every=run["every"], names=names)
-    batches = data.Batches(x, y, run["batch"], seed=run.args.seed + 1)
+    monitor = RotationMonitor(opt, every=run["every"], names=names, statistics=True)
+    batches = data.Batches(x, y, run["batch"], seed=seed + 1)
     before_last = {}
 
     def snapshot(step):
@@ -79,6 +81,7 @@ def train(run: harness.Run, name: str, lr: float, wd: float, bar, label: str):
             t = record.tensor(layer)
             row[f"{layer}:norm"] = t["neuron_norm_rms"]
             row[f"{layer}:angle"] = t["neuron_angular_update_mean"]
+            row[f"{layer}:angle_rms"] = t["neuron_angular_update_rms"]
             row[f"{layer}:g_unit_sq"] = t["neuron_grad_norm_sq_unit_mean"]
         return row
 
@@ -108,6 +111,78 @@ def equilibrium_status(name: str, lr: float, wd: float, steps: int, time_constan
     return reasons
 
 
+def layer_rows(name: str, lr: float, wd: float, label: str, model, monitor, log: list[dict], steps: int,
+               statistics: dict) -> tuple[list[dict], list[dict]]:
+    """The table rows of one run (one per layer; the λ = 0 control's rows separately), measured over the
+    last WINDOW of steps and predicted by the paper's formulas and by the refined predictor from the
+    window before; the refined predictor's statistics go into ``statistics``."""
+    rows, control = [], []
+    last = monitor.last
+    # The refined predictor's statistics come from the window *before* the measured one.
+    before = [r for r in monitor.history if steps * (1 - 2 * WINDOW) < r.step <= steps * (1 - WINDOW)]
+    refined = theory.refined(before, lion=True) if wd > 0 else {}
+    for layer in (*ConvNet.scale_invariant, "fc.weight"):
+        p = dict(model.named_parameters())[layer]
+        c = p.numel() // p.shape[0]
+        t_last = last.tensor(layer)
+        measured_norm = harness.window_mean(log, steps, f"{layer}:norm", WINDOW)
+        measured_angle = harness.window_mean(log, steps, f"{layer}:angle", WINDOW)
+        drift = harness.window_drift(log, steps, f"{layer}:norm", WINDOW)
+        if wd == 0:
+            window = [r for r in log if r["step"] > steps * (1 - WINDOW)]
+            start = window[0][f"{layer}:norm"]
+            control.append({"optimizer": label, "layer": layer, "norm_at_window_start": start,
+                            "norm_final": t_last["neuron_norm_rms"], "growth": t_last["neuron_norm_rms"] / start,
+                            "window_drift": drift})
+            continue
+        if name == "adamw":
+            pred = theory.adamw_equilibrium(lr, lr * wd, c, (0.9, 0.999))
+        elif name == "lion":
+            pred = theory.lion_equilibrium(lr, lr * wd, c, (0.9, 0.99))
+        else:
+            pred = theory.sgd_equilibrium(lr, lr * wd, harness.window_mean(log, steps, f"{layer}:g_unit_sq", WINDOW), 0.9)
+        scale_invariant = layer in ConvNet.scale_invariant
+        reasons = equilibrium_status(name, lr, wd, steps, pred.time_constant, drift)
+        angle_rms = math.sqrt(harness.window_mean(log, steps, f"{layer}:angle_rms", WINDOW, square=True))
+        ref = refined.get(layer)
+        if layer in refined:
+            window = theory.window_statistics(before, layer)
+            statistics[f"{label}:{layer}"] = {
+                "optimizer": name, "lr": lr, "weight_decay": wd, "neuron_size": c, "records": len(before),
+                **{k: v.tolist() for k, v in window.items()}}
+        rows.append({
+            "optimizer": name, "layer": layer, "scale_invariant": scale_invariant,
+            "predicted_norm": pred.norm, "measured_norm": measured_norm,
+            "norm_error": harness.relative_error(measured_norm, pred.norm),
+            "predicted_angular_update": pred.angular_update, "measured_angular_update": measured_angle,
+            "angle_error": harness.relative_error(measured_angle, pred.angular_update),
+            "measured_angle_rms": angle_rms, "angle_rms_error": harness.relative_error(angle_rms, pred.angular_update),
+            "refined_norm": ref.norm if ref else None,
+            "refined_norm_error": harness.relative_error(measured_norm, ref.norm) if ref else None,
+            "refined_angular_update": ref.angular_update if ref else None,
+            "refined_angle_error": harness.relative_error(angle_rms, ref.angular_update) if ref else None,
+            "refined_time_constant": ref.time_constant if ref else None,
+            "drive": ref.drive if ref else None, "radial": ref.radial if ref else None,
+            "sign_radial_over_linear": _sign_radial_ratio(statistics.get(f"{label}:{layer}"), lr, wd, c) if name == "lion" else None,
+            "time_constant": pred.time_constant, "relaxation_times": steps / pred.time_constant,
+            "norm_drift": drift, "at_equilibrium": not reasons, "not_at_equilibrium_because": reasons,
+            "note": "not scale-invariant" if not scale_invariant else "" if not reasons else "not at equilibrium yet",
+            "neuron_size": c,
+            "last_step_norm": t_last["neuron_norm_rms"], "last_step_angular_update": t_last["neuron_angular_update_mean"],
+        })
+    return rows, control
+
+
+def _sign_radial_ratio(window: dict | None, lr: float, wd: float, c: int) -> float | None:
+    """Lion: the measured radial part of sign(c), E⟨ω̂, sign c⟩, over the linear response's
+    κ·E⟨ω̂, c⟩ (κ² = 2C/(π·E Σc²)), mean over neurons: 1 if sign(c) responded linearly."""
+    if window is None:
+        return None
+    ratios = [s / (math.sqrt(2 * c / (math.pi * q)) * r) for s, r, q in
+              zip(window["sign_radial"], window["radial"], window["direction_power"]) if r != 0 and q > 0]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def run(args) -> dict:
     if (args.lr is not None or args.weight_decay is not None) and args.optimizer is None:
         harness.fail(NAME, "--lr/--weight-decay set one optimizer's hyperparameters; pass --optimizer too")
@@ -121,7 +196,7 @@ def run(args) -> dict:
     if "adamw" in chosen:
         plan.append(("adamw", _hyper(run, "adamw")[0], 0.0, "adamw λ=0"))
     bar = run.progress(steps * len(plan), NAME)
-    rows, curves, control, weights, runs = [], {}, [], {}, {}
+    rows, curves, control, weights, runs, statistics = [], {}, [], {}, {}, {}
     for name, lr, wd, label in plan:
         bar.set_postfix_str(label)
         model, monitor, before_last, test_acc = train(run, name, lr, wd, bar, label)
@@ -131,47 +206,18 @@ def run(args) -> dict:
                           "before_last_step": {k: v.cpu() for k, v in before_last.items()}}
         runs[label] = {"optimizer": name, "lr": lr, "weight_decay": wd, "time_constant": time_constant(name, lr, wd),
                        "final_loss": log[-1]["loss"], "test_accuracy": test_acc}
-        last = monitor.last
-        for layer in (*ConvNet.scale_invariant, "fc.weight"):
-            p = dict(model.named_parameters())[layer]
-            c = p.numel() // p.shape[0]
-            t_last = last.tensor(layer)
-            measured_norm = harness.window_mean(log, steps, f"{layer}:norm", WINDOW)
-            measured_angle = harness.window_mean(log, steps, f"{layer}:angle", WINDOW)
-            drift = harness.window_drift(log, steps, f"{layer}:norm", WINDOW)
-            if wd == 0:
-                window = [r for r in log if r["step"] > steps * (1 - WINDOW)]
-                start = window[0][f"{layer}:norm"]
-                control.append({"optimizer": label, "layer": layer, "norm_at_window_start": start,
-                                "norm_final": t_last["neuron_norm_rms"], "growth": t_last["neuron_norm_rms"] / start,
-                                "window_drift": drift})
-                continue
-            if name == "adamw":
-                pred = theory.adamw_equilibrium(lr, lr * wd, c, (0.9, 0.999))
-            elif name == "lion":
-                pred = theory.lion_equilibrium(lr, lr * wd, c, (0.9, 0.99))
-            else:
-                pred = theory.sgd_equilibrium(lr, lr * wd, harness.window_mean(log, steps, f"{layer}:g_unit_sq", WINDOW), 0.9)
-            scale_invariant = layer in ConvNet.scale_invariant
-            reasons = equilibrium_status(name, lr, wd, steps, pred.time_constant, drift)
-            rows.append({
-                "optimizer": name, "layer": layer, "scale_invariant": scale_invariant,
-                "predicted_norm": pred.norm, "measured_norm": measured_norm,
-                "norm_error": harness.relative_error(measured_norm, pred.norm),
-                "predicted_angular_update": pred.angular_update, "measured_angular_update": measured_angle,
-                "angle_error": harness.relative_error(measured_angle, pred.angular_update),
-                "time_constant": pred.time_constant, "relaxation_times": steps / pred.time_constant,
-                "norm_drift": drift, "at_equilibrium": not reasons, "not_at_equilibrium_because": reasons,
-                "note": "not scale-invariant" if not scale_invariant else "" if not reasons else "not at equilibrium yet",
-                "neuron_size": c,
-                "last_step_norm": t_last["neuron_norm_rms"], "last_step_angular_update": t_last["neuron_angular_update_mean"],
-            })
+        new_rows, new_control = layer_rows(name, lr, wd, label, model, monitor, log, steps, statistics)
+        rows += new_rows
+        control += new_control
     bar.close()
     verdict = verdict_sentences(rows, control)
     summary = {"rows": rows, "control": control, "runs": runs, "window": WINDOW, "label_noise": LABEL_NOISE,
+               "statistics": statistics,
                "min_relaxation_times": harness.MIN_RELAXATION_TIMES, "max_window_drift": harness.MAX_WINDOW_DRIFT}
-    columns = ["optimizer", "layer", "scale_invariant", "predicted_norm", "measured_norm", "norm_error",
-               "predicted_angular_update", "measured_angular_update", "angle_error", "relaxation_times", "note"]
+    columns = ["optimizer", "layer", "neuron_size", "predicted_norm", "measured_norm", "norm_error", "refined_norm",
+               "refined_norm_error", "predicted_angular_update", "measured_angular_update", "angle_error",
+               "measured_angle_rms", "angle_rms_error", "refined_angular_update", "refined_angle_error",
+               "relaxation_times", "note"]
     notes = ["", f"relaxation_times: steps / τ, τ the theory's relaxation time of ‖ω‖²; measured = mean over the last "
              f"{WINDOW:.0%} of steps. 'not at equilibrium yet': fewer than {harness.MIN_RELAXATION_TIMES:g} τ, a norm "
              f"still moving > {harness.MAX_WINDOW_DRIFT:.0%} across that window, or d = ηλ outside the theory's "

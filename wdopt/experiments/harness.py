@@ -368,11 +368,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, rotate_only: tuple
     return groups
 
 
-def digits(run: "Run", label_noise: float):
-    """The digits split of ``run``'s seed (``data.digits``), on its device."""
+def digits(run: "Run", label_noise: float, seed: int | None = None):
+    """The digits split of ``seed`` (default ``run``'s; ``data.digits``), on its device."""
     from . import data
 
-    return tuple(t.to(run.device) for t in data.digits(run.args.seed, label_noise=label_noise))
+    seed = run.args.seed if seed is None else seed
+    return tuple(t.to(run.device) for t in data.digits(seed, label_noise=label_noise))
 
 
 def train_classifier(run: "Run", model, opt, monitor, batches, label: str, bar, measure: Callable[[Any], dict],
@@ -402,9 +403,9 @@ def train_classifier(run: "Run", model, opt, monitor, batches, label: str, bar, 
     return losses, series
 
 
-def window_mean(series: list[dict], steps: int, key: str, fraction: float = 0.2) -> float:
-    """Mean of ``key`` over the rows of the last ``fraction`` of the steps."""
-    values = [r[key] for r in series if r["step"] > steps * (1 - fraction)]
+def window_mean(series: list[dict], steps: int, key: str, fraction: float = 0.2, square: bool = False) -> float:
+    """Mean of ``key`` (of its square with ``square``) over the rows of the last ``fraction`` of the steps."""
+    values = [r[key] ** 2 if square else r[key] for r in series if r["step"] > steps * (1 - fraction)]
     return sum(values) / len(values)
 
 

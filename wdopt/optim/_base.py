@@ -235,9 +235,10 @@ class FusedOptimizer(Optimizer):
                     flats = request = None
                     if due:
                         flats, request = fast.telemetry_request()
+                    statistics = self._direction_statistics(due)
                     fast.run(self, grad_scale, found_inf, flats)
                     for monitor in due:
-                        monitor._record(self, request, found_inf)
+                        monitor._record(self, request, found_inf, statistics)
                     return loss
                 else:
                     del self.__dict__["_fast"]  # something changed: validated again below, then rebuilt
@@ -259,6 +260,7 @@ class FusedOptimizer(Optimizer):
             from ..telemetry import telemetry_request
 
             monitored = telemetry_request([p for _, backend, params, _ in plan if backend is not None for p in params])
+        statistics = self._direction_statistics(due)
         for group, backend, params, kernel_ready in plan:
             if backend is None:
                 continue  # meta tensors: state was made above (as meta tensors, as torch's); no values to compute
@@ -288,7 +290,7 @@ class FusedOptimizer(Optimizer):
             else:
                 self._update_measured(args, buffers)
         for monitor in due:
-            monitor._record(self, monitored, found_inf)
+            monitor._record(self, monitored, found_inf, statistics)
         # A fast step for the next steps, unless one is kept (this step was compiled, under a
         # dispatch mode or a recorded Triton step: it still is checked in full before it is used).
         if self._fast_kind is not None and "_fast" not in self.__dict__ and not torch.compiler.is_compiling():
@@ -305,6 +307,30 @@ class FusedOptimizer(Optimizer):
         except BaseException:
             self.__dict__.pop("_fast", None)
             raise
+
+    #: The kind of direction statistics (wdopt/reference/telemetry.py) this optimizer's update has.
+    _statistics_kind: str | None = None
+
+    def _direction_statistics(self, due: list) -> dict | None:
+        """{id(param): (K, 4) float64} direction statistics for the monitors in ``due`` that asked
+        for them (``RotationMonitor(statistics=True)``), from the gradients and the state *before*
+        the step. An extra read of gradients and state, on recorded steps only (the four sums are
+        gathered by the kernels in their pass). Not measured: rotated, sparse, complex and
+        sharded (DTensor) parameters, and parameters without a gradient."""
+        if self._statistics_kind is None or not any(monitor.statistics for monitor in due):
+            return None
+        grad_scale = getattr(self, "grad_scale", None)
+        rotational = getattr(self, "_is_rotational", None)
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or p.numel() == 0 or g.is_sparse or p.is_complex() or _dtensor.is_dtensor(p) \
+                        or (rotational is not None and rotational(p, group)):
+                    continue
+                n, s = tm.direction(self._statistics_kind, group, g, self.state[p], _on(grad_scale, p.device))
+                out[id(p)] = tm.direction_sums(p, n, s, tm.telemetry_rows(p))
+        return out
 
     def _monitor_due_next(self) -> bool:
         """Whether a RotationMonitor records the coming step (its kernels then gather telemetry,

@@ -89,6 +89,7 @@ class FusedAdamW(FusedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     _fast_kind = "adamw"
+    _statistics_kind = "adamw"
 
     def _fast_constants(self, group):
         beta1, beta2 = group["betas"]

@@ -71,6 +71,7 @@ class FusedLion(FusedOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     _fast_kind = "lion"
+    _statistics_kind = "lion"
 
     def _fast_constants(self, group):
         beta1, beta2 = group["betas"]

@@ -98,6 +98,7 @@ class FusedSGD(FusedOptimizer):
             self._flags.add(_dtensor.local(buffer))  # kernels see a DTensor's local buffer (_dtensor.py)
 
     _fast_kind = "sgd"
+    _statistics_kind = "sgd"
 
     def _fast_constants(self, group):
         return [float(group["weight_decay"]), float(group["momentum"]), float(group["dampening"])], \

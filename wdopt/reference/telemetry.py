@@ -26,6 +26,8 @@ The atan2 form keeps angles of 1e-4 rad that arccos of a rounded cosine would lo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 W2, WD, D2, G2 = range(4)
@@ -69,3 +71,60 @@ def derived(sums: torch.Tensor) -> dict[str, torch.Tensor]:
         "relative_update": torch.sqrt(d2 / w2),
         "grad_norm_x_weight_norm": torch.sqrt(g2 * w2),
     }
+
+
+# ---------------------------------------------------------------------- direction statistics
+#
+# What the refined equilibrium predictor (wdopt.theory.refined, docs/theory.md section 2.4) needs
+# beyond the four sums: per row, statistics of the *gradient and the optimizer's state before the
+# step* — not of the update, so that a prediction made from them is not the norm balance restated.
+# Each optimizer's update is made from a per-element "direction" n and its momentum s before the
+# step, in the same units: AdamW n = ĝ/(sqrt(v̂)+ε), s = m/(sqrt(v̂)+ε) (v̂ this step's); SGD n = ĝ,
+# s = the momentum buffer; Lion n = c = β1·m + (1−β1)·ĝ (the update is its sign), s = m. Per row:
+#
+#     [ Σ n²,  Σ n·s,  Σ ω·n,  Σ s² ]                              (the columns N2, NS, WN, S2)
+#
+# N2 is the direction's power, NS its correlation with its own past (through the momentum), WN its
+# radial part (zero for a scale-invariant tensor's raw gradient; not for Adam's normalised one),
+# S2 the momentum's power.
+N2, NS, WN, S2 = range(4)
+STATISTICS = 4
+
+
+@torch.no_grad()
+def direction(kind: str, group: dict, grad: torch.Tensor, state: dict,
+              grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, s) of one parameter in float64, from its gradient and its state *before* the step."""
+    g = grad.detach().to(torch.float64)
+    if group.get("maximize"):
+        g = -g
+    if grad_scale is not None:
+        g = g * (1.0 / grad_scale.to(device=g.device, dtype=torch.float64))
+
+    def old(key):
+        t = state.get(key)
+        return torch.zeros_like(g) if t is None else t.detach().to(torch.float64)
+
+    if kind == "adamw":
+        beta2 = float(group["betas"][1])
+        step = float(state.get("step", 0)) + 1
+        v = old("exp_avg_sq") * beta2 + (1 - beta2) * g * g
+        if group.get("amsgrad"):
+            v = torch.maximum(old("max_exp_avg_sq"), v)
+        denom = v.sqrt() / math.sqrt(1 - beta2**step) + float(group["eps"])
+        return g / denom, old("exp_avg") / denom
+    if kind == "sgd":
+        return g, old("momentum_buffer")
+    if kind == "lion":
+        beta1 = float(group["betas"][0])
+        m = old("exp_avg")
+        return m + (1 - beta1) * (g - m), m
+    raise ValueError(f"no direction statistics for optimizer kind {kind!r}")
+
+
+@torch.no_grad()
+def direction_sums(weight: torch.Tensor, n: torch.Tensor, s: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (rows, 4) sums [Σn², Σn·s, Σω·n, Σs²] of ``weight`` (before the step) and its (n, s)."""
+    w = weight.detach().reshape(rows, -1).to(torch.float64)
+    n, s = n.reshape(rows, -1), s.reshape(rows, -1)
+    return torch.stack([(n * n).sum(1), (n * s).sum(1), (w * n).sum(1), (s * s).sum(1)], dim=1)
