@@ -354,6 +354,7 @@ struct GroupPlan : torch::CustomClassHolder {
   // One bucket's step, after ready(): ``lr`` or (capturable) ``lr_tensor`` on the bucket's device,
   // ``decay_lr_scale`` as the Python driver computes it, GradScaler's tensors on the device.
   // ``telemetry_flat``: on a step a RotationMonitor records, the device's (N, 4) float64 buffer
+  // ((N, 8) with the direction statistics)
   // laid out by set_telemetry_layout, which the kernels fill in their update pass (csrc/ops.cpp
   // states the contract): the CPU kernels get pointers into it, the operator views made here.
   void run(int64_t bucket, double lr, const std::optional<at::Tensor>& lr_tensor, double decay_lr_scale,
@@ -367,9 +368,9 @@ struct GroupPlan : torch::CustomClassHolder {
     if (monitored) {
       const at::Tensor& flat = *telemetry_flat;
       TORCH_CHECK(b.telemetry_rows.size() == b.members.size(), "GroupPlan: bucket ", bucket, " has no telemetry layout");
-      TORCH_CHECK(flat.scalar_type() == at::kDouble && flat.is_contiguous() && flat.dim() == 2 && flat.size(1) == 4 &&
-                      flat.device() == b.params[0].device(),
-                  "GroupPlan: telemetry_flat must be a contiguous float64 (N, 4) tensor on the bucket's device");
+      TORCH_CHECK(flat.scalar_type() == at::kDouble && flat.is_contiguous() && flat.dim() == 2 &&
+                      (flat.size(1) == 4 || flat.size(1) == 8) && flat.device() == b.params[0].device(),
+                  "GroupPlan: telemetry_flat must be a contiguous float64 (N, 4) or (N, 8) tensor on the bucket's device");
       for (size_t j = 0; j < b.members.size(); ++j) {
         TORCH_CHECK(b.telemetry_offsets[j] + b.telemetry_rows[j] <= flat.size(0), "GroupPlan: telemetry_flat has ",
                     flat.size(0), " rows; member ", j, " needs rows up to ", b.telemetry_offsets[j] + b.telemetry_rows[j]);
@@ -382,19 +383,21 @@ struct GroupPlan : torch::CustomClassHolder {
         ~Clear() {
           t.telemetry.clear();
           t.rows.clear();
+          t.columns = 4;
         }
       } clear{t};
       if (monitored) {  // pointers into the flat buffer: no view per member
         double* base = telemetry_flat->data_ptr<double>();
+        t.columns = telemetry_flat->size(1);
         for (size_t j = 0; j < b.members.size(); ++j) {
-          t.telemetry.push_back(base + 4 * b.telemetry_offsets[j]);
+          t.telemetry.push_back(base + t.columns * b.telemetry_offsets[j]);
           t.rows.push_back(b.telemetry_rows[j]);
         }
       }
       run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
       return;
     }
-    std::vector<at::Tensor> telemetry;  // the operator takes one (K, 4) buffer per member
+    std::vector<at::Tensor> telemetry;  // the operator takes one (K, 4) or (K, 8) buffer per member
     if (monitored) {
       telemetry.reserve(b.members.size());
       for (size_t j = 0; j < b.members.size(); ++j) {

@@ -38,7 +38,8 @@ class Record:
     step's buffers, so that recording a step costs no per-tensor Python work."""
 
     def __init__(self, step: int, request: dict, layout: list, names, found_inf: torch.Tensor | None = None,
-                 read_timeout: float = 300.0, monitor: int = 0, statistics: dict | None = None):
+                 read_timeout: float = 300.0, monitor: int = 0, statistics: dict | None = None,
+                 with_statistics: bool = False):
         self.step = step
         self.read_timeout = read_timeout  # seconds a read waits for the other ranks (DTensors)
         self.monitor = monitor  # its monitor's creation number in this process
@@ -46,6 +47,7 @@ class Record:
         self.found_inf = found_inf  # GradScaler's flag: the step was skipped when non-zero
         self._request = request  # id(param) -> buffer
         self._statistics_request = statistics  # id(param) -> (K, 4) direction statistics, or None
+        self._with_statistics = with_statistics  # its monitor asked for them
         self._statistics: dict | None = None
         self.optimizer_kind = None  # the optimizer's direction statistics kind ("adamw", "sgd", "lion")
         self._layout = layout  # per group: (its hyperparameters at this step, its parameters)
@@ -60,8 +62,11 @@ class Record:
             for pi, p in enumerate(params):
                 if id(p) in self._request and p.numel() > 0:  # an empty tensor has nothing to measure
                     name = self._names(p, gi, pi)
-                    sums[name] = self._request[id(p)]
-                    if self._statistics_request is not None and id(p) in self._statistics_request:
+                    buffer = self._request[id(p)]
+                    sums[name] = buffer[:, :tm.COLUMNS]
+                    if buffer.shape[1] > tm.COLUMNS and self._with_statistics:
+                        statistics[name] = buffer[:, tm.COLUMNS:]
+                    elif self._statistics_request is not None and id(p) in self._statistics_request:
                         statistics[name] = self._statistics_request[id(p)]
                     if hasattr(p, "_local_tensor") and hasattr(p, "device_mesh"):
                         _all_ranks_read(p.device_mesh, self, joined)
@@ -82,6 +87,10 @@ class Record:
         (wdopt/reference/telemetry.py), for a monitor made with ``statistics=True``; else empty."""
         if self._statistics is None:
             self._build()
+        if not getattr(self, "_statistics_checked", False):
+            # Rows no kernel or snapshot measured (sparse or complex parameters) stay NaN.
+            self._statistics = {k: v for k, v in self._statistics.items() if not bool(torch.isnan(v).all())}
+            self._statistics_checked = True
         return self._statistics
 
     def hyperparameters(self, name: str) -> dict:
@@ -149,9 +158,10 @@ class RotationMonitor:
         keep: how many records to keep in ``history`` (None: all).
         read_timeout: seconds a read of a record waits for the other ranks (sharded parameters).
         statistics: also record each row's direction statistics (``Record.statistics``), which
-            ``wdopt.theory.refined`` predicts the equilibrium from. They are read from the
-            gradients and the state before a recorded step: one extra read of both on recorded
-            steps only. Not for rotated, sparse, complex or sharded parameters.
+            ``wdopt.theory.refined`` predicts the equilibrium from. The C++ CPU kernels gather
+            them in their update pass with the four sums; other backends read the gradients
+            and the state before a recorded step (an extra read on recorded steps only). Not
+            for rotated, sparse, complex or sharded parameters.
 
     Sharded parameters (DTensors: FSDP2, tensor parallelism) are measured on each rank's shard at
     the step, without communication; their per-row sums are summed across the mesh when a record
@@ -209,7 +219,7 @@ class RotationMonitor:
         groups' hyperparameters as they are now, and their parameter lists."""
         layout = [(self._hyper(optimizer, group), list(group["params"])) for group in optimizer.param_groups]
         record = Record(self.steps, request, layout, self.name, None if found_inf is None else found_inf.clone(),
-                        self.read_timeout, self.number, statistics if self.statistics else None)
+                        self.read_timeout, self.number, statistics if self.statistics else None, self.statistics)
         record.optimizer_kind = optimizer._statistics_kind
         self.history.append(record)
         if self.keep is not None and len(self.history) > self.keep:
@@ -255,9 +265,10 @@ class FlatRequest:
         return self._dict().get(key, default)
 
 
-def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """The buffers one monitored step fills: a (K, 4) float64 view per parameter, one allocation
-    per device, NaN until a kernel writes it. A DTensor gets a buffer for the rows of its local
+def telemetry_request(params: list[torch.Tensor], columns: int = tm.COLUMNS) -> dict[int, torch.Tensor]:
+    """The buffers one monitored step fills: a (K, columns) float64 view per parameter (4 sums,
+    8 with the direction statistics), one allocation per device, NaN until a kernel writes it.
+    DTensors' buffers have the 4 sums only. A DTensor gets a buffer for the rows of its local
     shard (zeros for an empty shard), summed across ranks when a record is read; one whose rows
     are interleaved across ranks (``_StridedShard``) is not measured, nor is the rest of its bucket."""
     from .optim import _dtensor
@@ -275,7 +286,7 @@ def telemetry_request(params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
             by_device.setdefault(p.device, []).append(p)
     for device, group in by_device.items():
         rows = [p.shape[0] if p.dim() >= 2 and p.shape[0] > 0 else 1 for p in group]  # tm.telemetry_rows
-        flat = torch.full((sum(rows), tm.COLUMNS), float("nan"), dtype=torch.float64, device=device)
+        flat = torch.full((sum(rows), columns), float("nan"), dtype=torch.float64, device=device)
         for p, view in zip(group, flat.split(rows)):
             request[id(p)] = view
     return request

@@ -135,8 +135,8 @@ inline void prefetch_tensor(const TensorTable& t, int64_t i) {
 
 // Calls body(tensor_index, begin, end, sums) over every element of every tensor, split into one
 // contiguous range of equal size per thread. Without telemetry, ``sums`` is null. With it (one
-// float64 (K, 4) buffer per tensor), every cut is moved down to a row boundary and body is called
-// once per row with that row's four sums to fill.
+// float64 (K, 4) or (K, 8) buffer per tensor), every cut is moved down to a row boundary and body
+// is called once per row with that row's sums to fill.
 template <typename Body>
 void for_each_range(const TensorTable& table, const Body& body) {
   const int64_t n = static_cast<int64_t>(table.size());
@@ -166,7 +166,7 @@ void for_each_range(const TensorTable& table, const Body& body) {
       const int64_t stop = std::min(end, offsets[t + 1]);
       if (stop > pos && !monitored) body(t, pos - offsets[t], stop - offsets[t], nullptr);
       for (int64_t row = pos - offsets[t]; monitored && row < stop - offsets[t]; row += row_size[t]) {
-        body(t, row, row + row_size[t], table.telemetry[t] + row / row_size[t] * 4);
+        body(t, row, row + row_size[t], table.telemetry[t] + row / row_size[t] * table.columns);
       }
       pos = stop;
     }
@@ -203,6 +203,7 @@ TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer
     t.telemetry.push_back(telemetry[i].data_ptr<double>());
     t.rows.push_back(telemetry[i].size(0));
   }
+  if (!telemetry.empty()) t.columns = telemetry[0].size(1);
   return t;
 }
 
@@ -212,18 +213,20 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& b = telemetry[i];
     TORCH_CHECK(b.scalar_type() == at::kDouble && b.device().is_cpu() && b.is_contiguous() && b.dim() == 2 &&
-                    b.size(1) == 4 && b.size(0) > 0 && params[i].numel() % b.size(0) == 0 &&
-                    params[i].is_contiguous(),
-                "wdopt: telemetry[", i, "] must be a contiguous float64 (K, 4) CPU tensor, K dividing the "
-                "contiguous parameter's ", params[i].numel(), " elements");
+                    (b.size(1) == 4 || b.size(1) == 8) && b.size(1) == telemetry[0].size(1) && b.size(0) > 0 &&
+                    params[i].numel() % b.size(0) == 0 && params[i].is_contiguous(),
+                "wdopt: telemetry[", i, "] must be a contiguous float64 (K, 4) or (K, 8) CPU tensor (all with the "
+                "same columns), K dividing the contiguous parameter's ", params[i].numel(), " elements");
   }
 }
 
 // One element loop: p[i] ← element(i, p[i], ĝ[i]) over [begin, end), the state updated inside
-// element. With ``sums`` (a monitored row) the same loop also accumulates the row's telemetry.
-template <typename scalar_t, typename opmath, typename Element>
+// element. With ``sums`` (a monitored row) the same loop also accumulates the row's telemetry, and
+// with ``columns`` 8 the direction statistics of direction(i, ĝ[i]) (read before element runs).
+template <typename scalar_t, typename opmath, typename Element, typename Dir>
 inline void update_elements(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
-                            const GradTransform<opmath>& transform, double* sums, const Element& element_arg) {
+                            const GradTransform<opmath>& transform, double* sums, int64_t columns,
+                            const Element& element_arg, const Dir& direction) {
   // A local copy of the element function (which captures its state pointers by value): the
   // pointers then live in registers and the loops vectorize with contiguous loads and stores.
   const Element element = element_arg;
@@ -234,9 +237,13 @@ WDOPT_SIMD
     }
     return;
   }
-  write_and_measure(
-      p, begin, end, [=](int64_t i, opmath w) { return element(i, w, transform(static_cast<opmath>(g[i]))); },
-      [=](int64_t i) { return transform(static_cast<opmath>(g[i])); }, sums);
+  const auto next = [=](int64_t i, opmath w) { return element(i, w, transform(static_cast<opmath>(g[i]))); };
+  const auto grad = [=](int64_t i) { return transform(static_cast<opmath>(g[i])); };
+  if (columns == 8) {
+    write_and_measure_directions(p, begin, end, next, grad, direction, sums);
+  } else {
+    write_and_measure(p, begin, end, next, grad, sums);
+  }
 }
 
 template <typename scalar_t> scalar_t* data(void* p) { return static_cast<scalar_t*>(p); }
@@ -278,7 +285,7 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
         scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(t.state3[k]) : nullptr;
         const auto c = coefficients[k];
         update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                        [=](int64_t i, opmath pi, opmath gi) {
+                        t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
           adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
@@ -286,6 +293,9 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
           v[i] = vi;
           if (AMSGRAD) v_max[i] = vmi;
           return pi;
+        }, [=](int64_t i, opmath gi) {
+          return adamw_direction_statistics<AMSGRAD>(gi, static_cast<opmath>(m[i]), static_cast<opmath>(v[i]),
+                                                     AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0), c);
         });
       });
     });
@@ -313,11 +323,14 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
             scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(t.state1[k]) : nullptr;
             const bool first = HAS_MOMENTUM && t.first[k];
             update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                            [=](int64_t i, opmath pi, opmath gi) {
+                            t.columns, [=](int64_t i, opmath pi, opmath gi) {
               opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
               sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
               if (HAS_MOMENTUM) b[i] = bi;
               return pi;
+            }, [=](int64_t i, opmath gi) {
+              return sgd_direction_statistics<HAS_MOMENTUM>(gi, HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0),
+                                                            first);
             });
           });
         });
@@ -339,12 +352,12 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
       scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
       update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                      [=](int64_t i, opmath pi, opmath gi) {
+                      t.columns, [=](int64_t i, opmath pi, opmath gi) {
         opmath mi = m[i];
         lion_update(pi, gi, mi, c);
         m[i] = mi;
         return pi;
-      });
+      }, [=](int64_t i, opmath gi) { return lion_direction_statistics(gi, static_cast<opmath>(m[i]), c); });
     });
   });
 }

@@ -20,8 +20,9 @@ struct TensorTable {
   std::vector<const void*> grad;
   std::vector<float*> step;        // AdamW's step counts
   std::vector<char> first;         // SGD: the momentum buffer has no history yet
-  std::vector<double*> telemetry;  // empty, or one (K, 4) float64 buffer per tensor ...
+  std::vector<double*> telemetry;  // empty, or one (K, columns) float64 buffer per tensor ...
   std::vector<int64_t> rows;       // ... of K rows
+  int64_t columns = 4;             // 4 sums, or 8 with the direction statistics
 
   void resize(size_t n) {
     numel.assign(n, 0);

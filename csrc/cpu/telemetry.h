@@ -8,6 +8,9 @@
 
 #include "../include/wdopt/hd.h"
 
+// Telemetry buffers have kTelemetrySums columns, or kTelemetryColumnsWithDirections with the
+// direction statistics (wdopt/reference/telemetry.py).
+
 namespace wdopt::cpu {
 
 // Products and partial sums of a chunk of this many elements in the math dtype (64 per SIMD
@@ -49,6 +52,43 @@ inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t e
   sums[1] = wd;
   sums[2] = d2;
   sums[3] = g2;
+}
+
+// write_and_measure with direction statistics (a (K, 8) buffer): also Σn², Σn·s, Σω·n and Σs² into
+// sums[4..7], with (n, s) = direction(i, ĝ) the optimizer's direction and momentum *before* the
+// step, so it is called before ``next`` (which writes the state). Same chunking: the products and
+// chunk sums in the math dtype, the totals in double.
+template <typename scalar_t, typename Next, typename Grad, typename Dir>
+inline void write_and_measure_directions(scalar_t* __restrict__ p, int64_t begin, int64_t end, const Next& next_arg,
+                                         const Grad& grad_arg, const Dir& direction_arg, double* sums) {
+  using opmath = opmath_t<scalar_t>;
+  const Next next = next_arg;
+  const Grad grad = grad_arg;
+  const Dir direction = direction_arg;
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t chunk = begin; chunk < end; chunk += kTelemetryChunk) {
+    const int64_t stop = std::min(end, chunk + kTelemetryChunk);
+    opmath cw2 = 0, cwd = 0, cd2 = 0, cg2 = 0, cn2 = 0, cns = 0, cwn = 0, cs2 = 0;
+#pragma omp simd reduction(+ : cw2, cwd, cd2, cg2, cn2, cns, cwn, cs2)
+    for (int64_t i = chunk; i < stop; ++i) {
+      const opmath w = static_cast<opmath>(p[i]), g = grad(i);
+      const auto dir = direction(i, g);
+      const scalar_t after = static_cast<scalar_t>(next(i, w));
+      p[i] = after;
+      const opmath d = static_cast<opmath>(after) - w;
+      cw2 += w * w;
+      cwd += w * d;
+      cd2 += d * d;
+      cg2 += g * g;
+      cn2 += dir.n * dir.n;
+      cns += dir.n * dir.s;
+      cwn += w * dir.n;
+      cs2 += dir.s * dir.s;
+    }
+    const opmath chunk_sums[8] = {cw2, cwd, cd2, cg2, cn2, cns, cwn, cs2};
+    for (int k = 0; k < 8; ++k) acc[k] += chunk_sums[k];
+  }
+  for (int k = 0; k < 8; ++k) sums[k] = acc[k];
 }
 
 }  // namespace wdopt::cpu

@@ -74,6 +74,12 @@ def check_common(lr, weight_decay, decay_scaling, backend, differentiable, const
         raise ValueError("wdopt optimizers do not support differentiable=True; use torch.optim for that")
 
 
+def _kernel_statistics(backend, device: torch.device) -> bool:
+    """Whether ``backend``'s kernels on ``device`` gather the direction statistics in their
+    update pass (telemetry buffers of 8 columns; ``STATISTICS``: the device types that do)."""
+    return device.type in getattr(backend, "STATISTICS", ())
+
+
 def _is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: its elements fill one block of memory in some dim order."""
     if t.is_contiguous():
@@ -226,7 +232,8 @@ class FusedOptimizer(Optimizer):
                 # A TorchDispatchMode (a FLOP counter, a tracer) would not see the fast path's CPU
                 # kernels, called from C++ below the dispatcher: the validation path's operators it sees.
                 if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or \
-                        (fast.launches_from_python and self._monitor_due_next()):
+                        (fast.launches_from_python and self._monitor_due_next()) or \
+                        (not fast.kernel_statistics and self._monitor_due_next(statistics=True)):
                     pass  # a step the validation path must run; the fast one is kept for the next
                 elif self._capture_health_check() and self._fast_usable(fast):
                     # Monitors count the step (refusing graph capture); those that record it get
@@ -234,7 +241,7 @@ class FusedOptimizer(Optimizer):
                     due = [monitor for monitor in self._monitors if monitor._due()]
                     flats = request = None
                     if due:
-                        flats, request = fast.telemetry_request()
+                        flats, request = fast.telemetry_request(self._telemetry_columns(due))
                     statistics = self._direction_statistics(due)
                     fast.run(self, grad_scale, found_inf, flats)
                     for monitor in due:
@@ -253,13 +260,15 @@ class FusedOptimizer(Optimizer):
         for group, _, params, _ in plan:
             for p in params:
                 self._init_state(p, group)
-        # Rotation telemetry (wdopt.RotationMonitor): {id(param): (K, 4) buffer} for this step.
+        # Rotation telemetry (wdopt.RotationMonitor): {id(param): (K, 4) buffer} for this step,
+        # (K, 8) with the direction statistics (RotationMonitor(statistics=True)).
         due = [monitor for monitor in self._monitors if monitor._due()]
         monitored = None
         if due:
             from ..telemetry import telemetry_request
 
-            monitored = telemetry_request([p for _, backend, params, _ in plan if backend is not None for p in params])
+            monitored = telemetry_request([p for _, backend, params, _ in plan if backend is not None for p in params],
+                                          self._telemetry_columns(due))
         statistics = self._direction_statistics(due)
         for group, backend, params, kernel_ready in plan:
             if backend is None:
@@ -285,7 +294,8 @@ class FusedOptimizer(Optimizer):
             buffers = [monitored.get(id(p)) for p in params] if monitored else []
             if not buffers or any(b is None for b in buffers):
                 self._update(*args)
-            elif self._kernel_telemetry(backend, kernel_ready):
+            elif self._kernel_telemetry(backend, kernel_ready) and \
+                    (buffers[0].shape[1] == tm.COLUMNS or _kernel_statistics(backend, device)):
                 self._update(*args, telemetry=buffers)  # gathered by the kernels in their update pass
             else:
                 self._update_measured(args, buffers)
@@ -310,14 +320,26 @@ class FusedOptimizer(Optimizer):
 
     #: The kind of direction statistics (wdopt/reference/telemetry.py) this optimizer's update has.
     _statistics_kind: str | None = None
+    #: Whether the statistics are gathered with the four sums (columns 4-7 of the telemetry
+    #: buffers; by the kernels in their update pass where they can) rather than read before the
+    #: step by ``_direction_statistics`` (the rotational optimizers).
+    _statistics_in_buffers = True
+
+    def _telemetry_columns(self, due: list) -> int:
+        """Columns of this step's telemetry buffers: the four sums, and the direction statistics
+        when a monitor in ``due`` asked for them and the buffers carry them."""
+        wanted = self._statistics_kind is not None and self._statistics_in_buffers and \
+            any(monitor.statistics for monitor in due)
+        return tm.COLUMNS + tm.STATISTICS if wanted else tm.COLUMNS
 
     def _direction_statistics(self, due: list) -> dict | None:
         """{id(param): (K, 4) float64} direction statistics for the monitors in ``due`` that asked
-        for them (``RotationMonitor(statistics=True)``), from the gradients and the state *before*
-        the step. An extra read of gradients and state, on recorded steps only (the four sums are
-        gathered by the kernels in their pass). Not measured: rotated, sparse, complex and
-        sharded (DTensor) parameters, and parameters without a gradient."""
-        if self._statistics_kind is None or not any(monitor.statistics for monitor in due):
+        for them (``RotationMonitor(statistics=True)``), for optimizers whose telemetry buffers do
+        not carry them (``_statistics_in_buffers``): read from the gradients and the state *before*
+        the step, an extra read of both on recorded steps. Not measured: rotated, sparse, complex
+        and sharded (DTensor) parameters, and parameters without a gradient."""
+        if self._statistics_kind is None or self._statistics_in_buffers or \
+                not any(monitor.statistics for monitor in due):
             return None
         grad_scale = getattr(self, "grad_scale", None)
         rotational = getattr(self, "_is_rotational", None)
@@ -332,10 +354,11 @@ class FusedOptimizer(Optimizer):
                 out[id(p)] = tm.direction_sums(p, n, s, tm.telemetry_rows(p))
         return out
 
-    def _monitor_due_next(self) -> bool:
+    def _monitor_due_next(self, statistics: bool = False) -> bool:
         """Whether a RotationMonitor records the coming step (its kernels then gather telemetry,
-        which the validation path arranges)."""
-        return any((monitor.steps + 1) % monitor.every == 0 for monitor in self._monitors)
+        which the validation path arranges); ``statistics``: one that wants direction statistics."""
+        return any((monitor.steps + 1) % monitor.every == 0 and (monitor.statistics or not statistics)
+                   for monitor in self._monitors)
 
     def _capture_health_check(self) -> bool:
         """torch's check that a step being captured in a CUDA graph is capturable (raises if not)."""
@@ -393,7 +416,7 @@ class FusedOptimizer(Optimizer):
         self._update_sparse(group, params, grad_scale, found_inf)
         if before is not None and not step_skipped(found_inf):
             for b, p, p0 in zip(buffers, params, before):
-                b.copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
+                b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
 
     def _update_measured_local(self, args, buffers) -> None:
         """A bucket with DTensors, monitored: per-row sums of each local shard from snapshots (a
@@ -409,13 +432,22 @@ class FusedOptimizer(Optimizer):
 
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
-        and strided or complex buckets): costs a copy of the parameters and a pass over them."""
+        and strided or complex buckets): costs a copy of the parameters and a pass over them;
+        the direction statistics (buffers of 8 columns) from the gradients and the state before
+        the update (not of complex tensors: left NaN, not measured)."""
         group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
         before = [p.detach().clone() for p in params]
+        statistics = []
+        if buffers[0].shape[1] > tm.COLUMNS:
+            statistics = [None if p.is_complex() else
+                          tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, self.state[p], grad_scale),
+                                            b.shape[0]) for b, p, g in zip(buffers, params, grads)]
         self._update(*args)
         if not step_skipped(found_inf):
-            for b, p, p0, g in zip(buffers, params, before, grads):
-                b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+            for i, (b, p, p0, g) in enumerate(zip(buffers, params, before, grads)):
+                b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+                if statistics and statistics[i] is not None:
+                    b[:, tm.COLUMNS:].copy_(statistics[i])
 
     def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
         """Phase 1: check everything and change nothing. Returns (group, backend, params, kernel_ready)

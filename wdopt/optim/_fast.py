@@ -71,7 +71,7 @@ class FastStep:
     """The cached step of one optimizer (``FusedOptimizer._fast``)."""
 
     __slots__ = ("groups", "state", "state_keys", "state_dicts", "state_columns", "checks", "finish", "params",
-                 "launches_from_python", "telemetry_layout")
+                 "launches_from_python", "kernel_statistics", "telemetry_layout")
 
     @classmethod
     def build(cls, optimizer, plan: list) -> "FastStep | None":
@@ -153,6 +153,9 @@ class FastStep:
         self.params = [p for _, bucket in (entry for buckets in by_group.values() for entry in buckets) for p in bucket]
         #: Triton buckets: a monitored step (row-wise tables) takes the validation path.
         self.launches_from_python = any(triton is not None for g in self.groups for _, triton, _ in g.runs)
+        #: Whether the C++ kernels of every device here gather direction statistics (else a step
+        #: that a monitor wants them of takes the validation path).
+        self.kernel_statistics = all(p.device.type in cpp.STATISTICS for p in self.params)
         # A monitored step's telemetry: one flat (N, 4) buffer per device, each parameter's rows at
         # a fixed offset its bucket's plan is told once; a step then makes no view per tensor
         # (10,000 views cost more than the step) and a record makes them when it is read.
@@ -214,13 +217,12 @@ class FastStep:
                         return False
         return True
 
-    def telemetry_request(self):
-        """A monitored step's buffers: ({device: flat (N, 4) float64 buffer, NaN until written},
-        the request a RotationMonitor records, whose per-parameter views are made when read)."""
-        from ..reference.telemetry import COLUMNS
+    def telemetry_request(self, columns: int = 4):
+        """A monitored step's buffers: ({device: flat (N, columns) float64 buffer, NaN until
+        written}, the request a RotationMonitor records, whose per-parameter views are made when read)."""
         from ..telemetry import FlatRequest
 
-        flats = {device: torch.full((sum(rows), COLUMNS), float("nan"), dtype=torch.float64, device=device)
+        flats = {device: torch.full((sum(rows), columns), float("nan"), dtype=torch.float64, device=device)
                  for device, (_, rows) in self.telemetry_layout.items()}
         return flats, FlatRequest([(flats[device], params, rows)
                                    for device, (params, rows) in self.telemetry_layout.items()])

@@ -49,6 +49,16 @@ WDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& v_max, const AdamWCoefficie
   p = p - c.step_size * (m / denom);
 }
 
+// Direction statistics: n = ĝ/(sqrt(v̂)+ε) and s = m/(sqrt(v̂)+ε), v̂ this step's, from the state
+// before the step (adamw_update's v and denominator, recomputed: the update is left as it is).
+template <bool AMSGRAD, typename T>
+WDOPT_HD Direction<T> adamw_direction_statistics(T g, T m, T v, T v_max, const AdamWCoefficients<T>& c) {
+  T second_moment = v * c.beta2 + c.one_minus_beta2 * g * g;
+  if (AMSGRAD) second_moment = max_nan(v_max, second_moment);
+  const T denom = sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
+  return {g / denom, m / denom};
+}
+
 }  // namespace wdopt
 
 namespace wdopt {

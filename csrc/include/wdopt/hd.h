@@ -27,4 +27,10 @@ template <typename T> WDOPT_HD T max_nan(T a, T b) {
   return ((a != a) | (a > b)) ? a : b;
 }
 
+// Direction statistics (wdopt/reference/telemetry.py): an optimizer's per-element direction n and
+// its momentum s before the step, in n's units; a monitored step sums Σn², Σn·s, Σω·n and Σs².
+template <typename T> struct Direction {
+  T n, s;
+};
+
 }  // namespace wdopt

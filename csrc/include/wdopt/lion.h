@@ -37,6 +37,12 @@ WDOPT_HD void lion_update(T& p, T g, T& m, const LionCoefficients<T>& c) {
   m = m + c.one_minus_beta2 * (g - m);
 }
 
+// Direction statistics: n = c = m + (1−β1)(ĝ − m), whose sign is the update, and s = m before the step.
+template <typename T>
+WDOPT_HD Direction<T> lion_direction_statistics(T g, T m, const LionCoefficients<T>& c) {
+  return {m + c.one_minus_beta1 * (g - m), m};
+}
+
 }  // namespace wdopt
 
 namespace wdopt {

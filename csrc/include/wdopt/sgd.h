@@ -37,6 +37,13 @@ WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients
   p = p - c.lr * g;
 }
 
+// Direction statistics: n = ĝ (the loss's gradient, without the L2 term) and s = the momentum
+// buffer before the step (zero on its first step and without momentum).
+template <bool HAS_MOMENTUM, typename T>
+WDOPT_HD Direction<T> sgd_direction_statistics(T g, T b, bool first_step) {
+  return {g, HAS_MOMENTUM && !first_step ? b : T(0)};
+}
+
 }  // namespace wdopt
 
 namespace wdopt {
