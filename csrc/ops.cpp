@@ -15,7 +15,9 @@
 //     one contiguous float64 (K, 4) tensor per parameter on its device; the kernel overwrites row r
 //     with [Σω², Σω·Δω, ΣΔω², Σĝ²] over elements [r·C, (r+1)·C) of the contiguous parameter
 //     (C = numel/K; ω before the step, Δω the stored change, ĝ the unscaled gradient), gathered
-//     while it updates them; a skipped step (found_inf) leaves it unwritten.
+//     while it updates them; a skipped step (found_inf) leaves it unwritten. adamw_, sgd_ and
+//     lion_ also take (K, 8) tensors (all alike): columns 4-7 then get the direction statistics
+//     [Σn², Σn·s, Σω·n, Σs²] of the optimizer's direction n and momentum s before the step.
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {

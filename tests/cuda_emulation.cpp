@@ -62,6 +62,7 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
   g_telemetry.buffers = buffers;
   g_telemetry.rows = rows;
 }
+void emu_set_telemetry_columns(int columns) { g_telemetry.columns = columns; }
 wc::DeviceScalar g_rate;  // applied to the next rotational calls (emu_set_rate)
 void emu_set_rate(const void* rate, int is_double) { g_rate = scalar(rate, is_double); }
 int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, const int64_t* rows, void** p,

@@ -140,8 +140,9 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     updates = {k: v for k, v in entries.items() if "UpdateKernel" in k}
     # AdamW (4 dtypes x amsgrad), SGD (4 dtypes x 6 momentum/nesterov/decoupled cases), Lion (4 dtypes).
     assert len(updates) == 8 + 24 + 4, sorted(updates)
-    # the monitored twins (TelemetryKernel) and the rotational row kernels (4 dtypes x 5 directions)
-    assert sum("TelemetryKernel" in k for k in entries) == 8 + 24 + 4
+    # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
+    # rotational row kernels (4 dtypes x 5 directions)
+    assert sum("TelemetryKernel" in k for k in entries) == 2 * (8 + 24 + 4)
     assert sum("RotationalRowKernel" in k for k in entries) == 20
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
@@ -228,6 +229,8 @@ def emu(tmp_path_factory):
     lib.emu_scratch_bytes.argtypes = [I64]
     lib.emu_set_telemetry.argtypes = [P, P]
     lib.emu_set_telemetry.restype = None
+    lib.emu_set_telemetry_columns.argtypes = [I]
+    lib.emu_set_telemetry_columns.restype = None
     lib.emu_rotational.argtypes = [I, I, I64, P, P, P, P, P, P, P, P, P, P, P, P, I, I, I, I] + grad_args[2:] + [P, I64]
     lib.emu_rotational_scratch_bytes.argtypes = [I64]
     lib.emu_set_rate.argtypes = [P, I]
@@ -432,36 +435,54 @@ def _rows_of(n: int) -> int:
     return 1
 
 
-def _telemetry(emu, params, rows):
-    bufs = [torch.full((k, 4), float("nan"), dtype=torch.float64) for k in rows]
+def _telemetry(emu, params, rows, columns=4):
+    bufs = [torch.full((k, columns), float("nan"), dtype=torch.float64) for k in rows]
     keep = (_ptrs(bufs), (ctypes.c_int64 * len(rows))(*rows))
     emu.emu_set_telemetry(*keep)
+    emu.emu_set_telemetry_columns(columns)
     return bufs, keep
 
 
 def _assert_telemetry(bufs, before, after, grads, rows, grad_scale=None):
     for i, (buf, b, a, g, k) in enumerate(zip(bufs, before, after, grads, rows)):
         want = reference_telemetry.row_sums(b, a, g, k, grad_scale)
-        torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-300, msg=lambda m: f"telemetry[{i}]: {m}")
+        torch.testing.assert_close(buf[:, :4], want, rtol=1e-12, atol=1e-300, msg=lambda m: f"telemetry[{i}]: {m}")
+
+
+def _assert_statistics(bufs, before, directions, rows):
+    """Columns 4-7 against the specification's direction sums of (n, s) in float64; the kernels
+    form n and s in the math dtype (fp32 for fp32/bf16/fp16), then sum in double."""
+    for i, (buf, b, (n, s), k) in enumerate(zip(bufs, before, directions, rows)):
+        want = reference_telemetry.direction_sums(b, n, s, k)
+        w, n, s = b.double().reshape(k, -1), n.reshape(k, -1), s.reshape(k, -1)
+        magnitude = torch.stack([(n * n).sum(1), (n * s).abs().sum(1), (w * n).abs().sum(1), (s * s).sum(1)], 1)
+        rtol = 1e-12 if b.dtype == torch.float64 else 1e-5
+        assert ((buf[:, 4:] - want).abs() <= rtol * magnitude + 1e-300).all(), (i, buf[:, 4:], want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
-def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, name):
+@pytest.mark.parametrize("columns", [4, 8])
+def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, name, columns):
     """The monitored kernels: parameters and state bit-identical to the reference (as the plain
-    kernels), and each telemetry row the row sums of the specification; same launch count."""
+    kernels), and each telemetry row the row sums of the specification (8 columns: and the
+    direction statistics); same launch count."""
     n = len(SIZES)
     params, grads = _tensors(dtype, 0), _tensors(dtype, 1, scale=50.0)
     rows = [_rows_of(t.numel()) for t in params]
     before = _clone(params)
     grad_scale = torch.tensor(768.0)
     launches = emu.emu_launches()
-    bufs, keep = _telemetry(emu, params, rows)
+    bufs, keep = _telemetry(emu, params, rows, columns)
+    unscaled = [g.double() / 768.0 for g in grads]
     try:
         if name == "adamw":
             m, v = _tensors(dtype, 2, scale=0.1), _tensors(dtype, 3, scale=0.01, positive=True)
             steps = [torch.tensor(float(i % 3)) for i in range(n)]
             hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0)
+            directions = [tuple(t.clone() for t in reference_telemetry.direction(
+                "adamw", {"betas": (0.9, 0.99), "eps": 1e-8, "maximize": True},
+                g, {"step": st, "exp_avg": mi, "exp_avg_sq": vi}, grad_scale)) for g, st, mi, vi in zip(grads, steps, m, v)]
             want = [_clone(x) for x in (params, m, v, steps)]
             reference.adamw(want[0], grads, want[1], want[2], [None] * n, want[3], **hyper, amsgrad=False,
                             maximize=True, grad_scale=grad_scale)
@@ -474,6 +495,8 @@ def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, 
         elif name == "sgd":
             b = _tensors(dtype, 2)
             first = [i % 2 == 0 for i in range(n)]
+            # A buffer without history (first) has no momentum: s = 0.
+            directions = [(g, torch.zeros_like(g) if f else bi.double().clone()) for g, f, bi in zip(unscaled, first, b)]
             hyper = dict(lr=0.05, weight_decay=0.1, momentum=0.9, dampening=0.1, decay_lr_scale=1.0)
             want = [_clone(params), _clone(b)]
             reference.sgd(want[0], grads, want[1], first, **hyper, nesterov=False, decoupled_weight_decay=False,
@@ -487,6 +510,9 @@ def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, 
         else:
             m = _tensors(dtype, 2, scale=0.1)
             hyper = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.5, decay_lr_scale=0.25)
+            # (n, s) copied now: s is the fp64 state itself, which the kernel overwrites.
+            directions = [tuple(t.clone() for t in reference_telemetry.direction(
+                "lion", {"betas": (0.9, 0.99), "maximize": True}, g, {"exp_avg": mi}, grad_scale)) for g, mi in zip(grads, m)]
             want = [_clone(params), _clone(m)]
             reference.lion(want[0], grads, want[1], **hyper, maximize=True, grad_scale=grad_scale)
             err = emu.emu_lion(DTYPE_CODES[dtype], n, _numels(params), _ptrs(params), _ptrs(grads), _ptrs(m),
@@ -495,10 +521,13 @@ def test_emulated_telemetry_kernels_update_identically_and_sum_rows(emu, dtype, 
             assert emu.emu_launches() - launches == 1
     finally:
         emu.emu_set_telemetry(None, None)
+        emu.emu_set_telemetry_columns(4)
     assert err == 0
     for i, (a, b) in enumerate(zip(got, expected)):
         _assert_identical(a, b, f"{name} tensor list {i}")
     _assert_telemetry(bufs, before, params, grads, rows, grad_scale)
+    if columns == 8:
+        _assert_statistics(bufs, before, directions, rows)
 
 
 def test_emulated_telemetry_not_written_when_found_inf(emu):

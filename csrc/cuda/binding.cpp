@@ -145,32 +145,39 @@ void check_launch(const char* op, cudaError_t err) {
 
 // Rotation telemetry (ops.cpp): [] or one contiguous float64 (K, 4) tensor per parameter on its
 // device, K dividing the parameter's numel; the parameters must then be contiguous (rows are
-// ranges of the contiguous tensor, the kernels walk memory).
+// ranges of the contiguous tensor, the kernels walk memory). The element-wise optimizers also
+// take (K, 8) tensors (all of a call alike): the sums and the direction statistics.
 struct TelemetryTables {
   std::vector<double*> buffers;
   std::vector<int64_t> rows;
+  int columns = 4;
   wc::Telemetry get() const {
     wc::Telemetry t;
     if (!buffers.empty()) {
       t.buffers = buffers.data();
       t.rows = rows.data();
+      t.columns = columns;
     }
     return t;
   }
 };
 
-TelemetryTables telemetry_tables(const char* op, at::TensorList telemetry, at::TensorList params) {
+TelemetryTables telemetry_tables(const char* op, at::TensorList telemetry, at::TensorList params,
+                                 bool statistics = true) {
   TelemetryTables out;
   if (telemetry.empty()) return out;
+  out.columns = telemetry[0].defined() && telemetry[0].dim() == 2 ? static_cast<int>(telemetry[0].size(1)) : 4;
+  TORCH_CHECK(out.columns == 4 || (statistics && out.columns == 8), op, ": telemetry buffers must have 4 columns",
+              statistics ? " (8 with the direction statistics)" : "", ", got ", out.columns);
   TORCH_CHECK(telemetry.size() == params.size(), op, ": expected [] or ", params.size(),
               " telemetry buffers (one per parameter), got ", telemetry.size());
   for (size_t i = 0; i < telemetry.size(); ++i) {
     const at::Tensor& t = telemetry[i];
     const at::Tensor& p = params[i];
     TORCH_CHECK(t.defined() && t.device() == p.device() && t.scalar_type() == at::kDouble && t.dim() == 2 &&
-                    t.size(1) == 4 && t.size(0) >= 1 && t.is_contiguous(),
-                op, ": telemetry[", i, "] must be a contiguous float64 (K, 4) tensor with K >= 1 on ", p.device(),
-                ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+                    t.size(1) == out.columns && t.size(0) >= 1 && t.is_contiguous(),
+                op, ": telemetry[", i, "] must be a contiguous float64 (K, ", out.columns, ") tensor with K >= 1 on ",
+                p.device(), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
     TORCH_CHECK(p.numel() % t.size(0) == 0, op, ": telemetry[", i, "] has ", t.size(0), " rows, which do not divide the ",
                 p.numel(), " elements of params[", i, "]");
     TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous when monitored (telemetry rows are ",
@@ -391,7 +398,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
     TORCH_CHECK(rows[t] > 0 && p.numel() % rows[t] == 0, op, ": parameter ", t, " has ", p.numel(),
                 " elements, not a multiple of its ", rows[t], " rows");
   }
-  TelemetryTables tel = telemetry_tables(op, telemetry, params);
+  TelemetryTables tel = telemetry_tables(op, telemetry, params, /*statistics=*/false);
   // The kernel gathers telemetry rows inside rotation rows (K_tel a multiple of K_rot). Other
   // shapes (a per-neuron 1-D tensor has K_rot = numel, K_tel = 1) go through a finer buffer of
   // lcm(K_tel, K_rot) rows, summed into the caller's after the kernel (on the stream, graph-safe).

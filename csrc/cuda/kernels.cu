@@ -94,6 +94,14 @@ template <typename M, bool AMSGRAD> struct AdamWOp {
       adamw_update<false>(x[0], x[1], x[2], x[3], unused, c);
     }
   }
+  // Direction statistics, from the values before update() (x[1] unscaled).
+  WDOPT_HD Direction<M> direction(const Context& c, const M (&x)[kDepth]) const {
+    if constexpr (AMSGRAD) {
+      return adamw_direction_statistics<true>(x[1], x[2], x[3], x[4], c);
+    } else {
+      return adamw_direction_statistics<false>(x[1], x[2], x[3], M(0), c);
+    }
+  }
 };
 
 template <typename M> cudaError_t adamw_coefficients_all(const AdamWArgs& a, AdamWCoefficients<M>* out, cudaStream_t stream) {
@@ -136,6 +144,13 @@ template <typename M, bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED> struct S
       sgd_update<false, NESTEROV, DECOUPLED>(x[0], x[1], unused, false, ctx.c);
     }
   }
+  WDOPT_HD Direction<M> direction(const Context& ctx, const M (&x)[kDepth]) const {
+    if constexpr (HAS_MOMENTUM) {
+      return sgd_direction_statistics<true>(x[1], x[2], ctx.first_step);
+    } else {
+      return sgd_direction_statistics<false>(x[1], M(0), false);
+    }
+  }
 };
 
 // ------------------------------------------------------------------------------------ Lion
@@ -150,6 +165,9 @@ template <typename M> struct LionOp {
 
   WDOPT_HD Context context(int, FirstStepFlag) const { return lion_coefficients<M>(hyper, lr_value(hyper.lr, lr_tensor)); }
   WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const { lion_update(x[0], x[1], x[2], c); }
+  WDOPT_HD Direction<M> direction(const Context& c, const M (&x)[kDepth]) const {
+    return lion_direction_statistics(x[1], x[2], c);
+  }
 };
 
 }  // namespace

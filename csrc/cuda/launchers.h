@@ -44,9 +44,13 @@ struct GradOptions {
 // before the step, Δω = stored new value − ω in double, ĝ the unscaled gradient). The sums are
 // gathered by the update kernel itself, in double, in a fixed order (deterministic); the update
 // of parameters and state is bit-identical to the unmonitored kernels. found_inf: not written.
+// With ``columns`` 8 (the element-wise optimizers) each row also gets the direction statistics
+// [Σn², Σn·s, Σω·n, Σs²] of the optimizer's direction n and momentum s before the step (the
+// optimizer's *_direction_statistics, csrc/include/wdopt).
 struct Telemetry {
   double* const* buffers = nullptr;
   const int64_t* rows = nullptr;  // >= 1, dividing numels[i]
+  int columns = 4;                // 4, or 8 with the direction statistics
 };
 
 struct AdamWArgs {

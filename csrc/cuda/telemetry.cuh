@@ -29,8 +29,9 @@ template <int DEPTH> struct TelemetryTable {
 };
 
 // The monitored update: the same element function as update_block (so parameters and state are
-// bit-identical), walked row by row with the telemetry sums reduced per row.
-template <typename T, class Op> struct TelemetryKernel {
+// bit-identical), walked row by row with the telemetry sums reduced per row; COLS 8 adds the
+// direction statistics of Op::direction, taken before the update.
+template <typename T, class Op, int COLS> struct TelemetryKernel {
   using Table = TelemetryTable<Op::kDepth>;
   static constexpr int kMinBlocks = 1;  // __launch_bounds__ hint: resident blocks per SM
   WDOPT_BLOCK static void run_block(const Table& table, const Op& op, const GradOptions& grad, int64_t block,
@@ -50,7 +51,7 @@ template <typename T, class Op> struct TelemetryKernel {
     double* red = reinterpret_cast<double*>(shared);
     const Block blk{};
     blk.each([&](int t) {
-      double acc[4] = {0, 0, 0, 0};
+      double acc[COLS] = {};
       const int64_t row = first_row + (t >> lg);
       if (row < rows) {
         const int64_t end = (row + 1) * cols;
@@ -62,23 +63,31 @@ template <typename T, class Op> struct TelemetryKernel {
           const T g = static_cast<const T*>(table.ptr[1][e])[j];
           if (unscale) x[1] = x[1] * inv_scale;
           if (grad.maximize) x[1] = -x[1];
+          if constexpr (COLS == 8) {
+            const Direction<M> dir = op.direction(ctx, x);
+            const double w = static_cast<double>(x[0]), n = static_cast<double>(dir.n), s = static_cast<double>(dir.s);
+            acc[4] += n * n;
+            acc[5] += n * s;
+            acc[6] += w * n;
+            acc[7] += s * s;
+          }
           op.update(ctx, x);
           WDOPT_UNROLL
           for (int d = 0; d < D; ++d) {
             if ((Op::kWrites >> d) & 1u) static_cast<T*>(table.ptr[d][e])[j] = to_storage<T>(x[d]);
           }
-          telemetry_add(acc, old, to_storage<T>(x[0]), g, inv_scale_d);
+          telemetry_add(reinterpret_cast<double(&)[4]>(acc), old, to_storage<T>(x[0]), g, inv_scale_d);
         }
       }
       WDOPT_UNROLL
-      for (int k = 0; k < 4; ++k) red[k * kThreads + t] = acc[k];
+      for (int k = 0; k < COLS; ++k) red[k * kThreads + t] = acc[k];
     });
-    group_reduce<4>(blk, red, lg);
+    group_reduce<COLS>(blk, red, lg);
     blk.each([&](int t) {
       const int64_t row = first_row + (t >> lg);
       if ((t & ((1 << lg) - 1)) != 0 || row >= rows) return;
       WDOPT_UNROLL
-      for (int k = 0; k < 4; ++k) table.telemetry[e][row * 4 + k] = red[k * kThreads + t];
+      for (int k = 0; k < COLS; ++k) table.telemetry[e][row * COLS + k] = red[k * kThreads + t];
     });
   }
 };
@@ -109,7 +118,11 @@ cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, 
         table.flag[r] = flags != nullptr ? flags[i] : nullptr;
       },
       [&](int64_t blocks) {
-        return launch_rows<TelemetryKernel<T, Op>>(blocks, 4 * kThreads * sizeof(double), stream, table, op, grad);
+        if (telemetry.columns == 8) {
+          return launch_rows<TelemetryKernel<T, Op, 8>>(blocks, 8 * kThreads * sizeof(double), stream, table, op,
+                                                        grad);
+        }
+        return launch_rows<TelemetryKernel<T, Op, 4>>(blocks, 4 * kThreads * sizeof(double), stream, table, op, grad);
       });
 }
 
@@ -119,7 +132,7 @@ cudaError_t update_or_monitor(const void* const* const* columns, int64_t n_tenso
                               const FirstStepFlag* flags, const Telemetry& telemetry, const Op& op,
                               const GradOptions& grad, cudaStream_t stream) {
   if (telemetry.buffers != nullptr) {
-    if (telemetry.rows == nullptr) return cudaErrorInvalidValue;
+    if (telemetry.rows == nullptr || (telemetry.columns != 4 && telemetry.columns != 8)) return cudaErrorInvalidValue;
     return telemetry_all<T>(columns, n_tensors, numels, flags, telemetry, op, grad, stream);
   }
   return update_all<T>(columns, n_tensors, numels, flags, op, grad, stream);

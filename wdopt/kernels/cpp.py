@@ -316,7 +316,7 @@ def _register_fakes() -> None:
 #: The kernels write rotation telemetry in the update pass (wdopt/reference/telemetry.py).
 TELEMETRY = True
 #: Device types whose kernels also gather the direction statistics there ((K, 8) buffers).
-STATISTICS = ("cpu",)
+STATISTICS = ("cpu", "cuda")
 
 
 def _lr_args(lr):
