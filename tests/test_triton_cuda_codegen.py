@@ -60,7 +60,8 @@ LONG_WARPS = 16
 
 def _tile_warps(rows, block):
     return 4 if rows * block <= 512 else 16 if block >= 2048 else 8
-FLAGS = dict(MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, CHUNK=16384, BLOCK=1024)
+FLAGS = dict(MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, CHUNK=16384, BLOCK=1024,
+             TELEMETRY=False, STATISTICS=False)
 ELEMENTWISE = {
     "adamw": ("adamw", "_adamw_kernel", dict(AMSGRAD=True)),
     "sgd": ("sgd", "_sgd_kernel", dict(HAS_MOMENTUM=True, NESTEROV=True, DECOUPLED=False, LR_ON_DEVICE=True)),
@@ -85,6 +86,11 @@ def _cases():
     for name, (module, kernel, extra) in ELEMENTWISE.items():
         cases.append(dict(id=f"{name}-telemetry", module=module, kernel=kernel, dtype="fp32", arch=90,
                           constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 1024, "TELEMETRY": True},
+                          num_warps=ELEMENTWISE_WARPS))
+        # ... and with the direction statistics (eight row sums: a quarter of the block, telemetry_block_size).
+        cases.append(dict(id=f"{name}-statistics", module=module, kernel=kernel, dtype="fp32", arch=90,
+                          constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 256, "TELEMETRY": True,
+                                      "STATISTICS": True},
                           num_warps=ELEMENTWISE_WARPS))
     # The rotational row engine: short rows as a [ROWS, BLOCK] tile, long rows in two passes.
     for optimizer, extra in ROTATIONAL.items():
@@ -138,7 +144,7 @@ def _exact(code):
                                      and c["module"] != "rotational"])
 def test_elementwise_kernels_compile_vectorized_and_exact(ptx, case_id):
     code = _compiled(ptx, case_id)
-    if case_id != "adamw-unaligned" and not case_id.endswith("-telemetry"):
+    if case_id != "adamw-unaligned" and not case_id.endswith(("-telemetry", "-statistics")):
         assert re.search(r"ld\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector loads"
         assert re.search(r"st\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector stores"
     _exact(code)

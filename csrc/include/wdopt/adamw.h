@@ -55,8 +55,9 @@ template <bool AMSGRAD, typename T>
 WDOPT_HD Direction<T> adamw_direction_statistics(T g, T m, T v, T v_max, const AdamWCoefficients<T>& c) {
   T second_moment = v * c.beta2 + c.one_minus_beta2 * g * g;
   if (AMSGRAD) second_moment = max_nan(v_max, second_moment);
-  const T denom = sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
-  return {g / denom, m / denom};
+  // One division (the Triton kernels' form too): statistics need not round as the update does.
+  const T inv_denom = T(1) / (sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps);
+  return {g * inv_denom, m * inv_denom};
 }
 
 }  // namespace wdopt

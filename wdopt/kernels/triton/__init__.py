@@ -19,5 +19,7 @@ from .sgd import sgd  # noqa: E402
 
 #: The driver gathers rotation telemetry with these kernels (``telemetry=`` on every step function).
 TELEMETRY = True
+#: Device types whose kernels also gather the direction statistics ((K, 8) telemetry buffers).
+STATISTICS = ("cpu", "cuda")
 
-__all__ = ["INTERPRETED", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]
+__all__ = ["INTERPRETED", "STATISTICS", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .multi_tensor import (
     PreparedLaunch, block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
-    lr_value, optional, sqrt, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale,
+    lr_value, optional, sqrt, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, to_storage, unscale,
     work_item,
 )
 
@@ -51,6 +51,19 @@ def adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
         denom = adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE)
     p = p - step_size * div(m, denom, COMPUTE)
     return p, m, v, v_max
+
+
+@triton.jit
+def adamw_statistics(g, m, v, v_max, inv_bias_correction2_sqrt, beta2, one_minus_beta2, eps,
+                     AMSGRAD: tl.constexpr, COMPUTE: tl.constexpr):
+    """Direction statistics' (n, s) (wdopt/reference/telemetry.py): ĝ and m over this step's
+    denominator, from the state before the step (adamw_math's v and denominator, recomputed)."""
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        v = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
+    # One division (each is a slow path in exact math): statistics need not round as the update does.
+    inv_denom = div(1.0, adam_denominator(v, inv_bias_correction2_sqrt, eps, COMPUTE), COMPUTE)
+    return g * inv_denom, m * inv_denom
 
 
 @triton.jit
@@ -108,7 +121,7 @@ def _adamw_coefficients_kernel(
 def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
                  decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                  DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr):
+                 HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr = False):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
@@ -118,6 +131,10 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     v_max = v
     if AMSGRAD:
         v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+    n, s = g, m
+    if STATISTICS:
+        n, s = adamw_statistics(g, m, v, v_max, inv_bias_correction2_sqrt, beta2, one_minus_beta2, eps, AMSGRAD,
+                                COMPUTE)
     p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
     new = to_storage(p, DTYPE)
@@ -126,7 +143,7 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
     if AMSGRAD:
         tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
-    return stored, new, grad  # for telemetry
+    return stored, new, grad, n, s  # for telemetry
 
 
 @triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits"])
@@ -135,7 +152,7 @@ def _adamw_kernel(
     beta1_bits, beta2_bits, eps_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -157,16 +174,18 @@ def _adamw_kernel(
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
         w2 = tl.zeros((BLOCK,), tl.float64)
-        wd, d2, g2 = w2, w2, w2
+        wd, d2, g2, n2, ns, wn, s2 = w2, w2, w2, w2, w2, w2, w2
         for block_start in range(start * size, end * size, BLOCK):
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
-            before, after, grad = _adamw_block(
+            before, after, grad, n, s = _adamw_block(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+                DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+            if STATISTICS:
+                n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
+        store_row(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2, n2, ns, wn, s2, STATISTICS)
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):

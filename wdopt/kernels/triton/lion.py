@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .multi_tensor import (
     PreparedLaunch, block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
-    optional, table_value, telemetry_add, telemetry_store, tensor_pointer, to_storage, unscale, work_item,
+    optional, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, to_storage, unscale, work_item,
 )
 
 # Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
@@ -40,17 +40,22 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
 @triton.jit
 def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2,
-                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                STATISTICS: tl.constexpr = False):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+    # Direction statistics (wdopt/reference/telemetry.py): n = c, whose sign is the update; s = m.
+    n, s = g, m
+    if STATISTICS:
+        n = m + one_minus_beta1 * (g - m)
     p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
     new = to_storage(p, DTYPE)
     tl.store(param_ptr + offs, new, mask=mask)
     tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
-    return stored, new, grad  # for telemetry
+    return stored, new, grad, n, s  # for telemetry
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
@@ -59,7 +64,7 @@ def _lion_kernel(
     lr_bits, beta1_bits, beta2_bits, weight_decay_bits, decay_lr_scale_bits,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -74,15 +79,17 @@ def _lion_kernel(
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
         w2 = tl.zeros((BLOCK,), tl.float64)
-        wd, d2, g2 = w2, w2, w2
+        wd, d2, g2, n2, ns, wn, s2 = w2, w2, w2, w2, w2, w2, w2
         for block_start in range(start * size, end * size, BLOCK):
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
-            before, after, grad = _lion_block(
+            before, after, grad, n, s = _lion_block(
                 param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
-                lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+                lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+            if STATISTICS:
+                n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
+        store_row(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2, n2, ns, wn, s2, STATISTICS)
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):

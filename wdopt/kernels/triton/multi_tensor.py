@@ -75,7 +75,7 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
     optimizer's columns (``columns()`` makes them), then the two telemetry columns; work items are
     chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step (``telemetry``: a
-    float64 (K, 4) buffer per parameter) one telemetry row each.
+    float64 (K, 4) buffer per parameter, (K, 8) with the direction statistics) one telemetry row each.
 
     ``table``: None (a cached table, wdopt/kernels/tables.py) or "prepare", a new table owned by
     the caller (the step driver's fast path), whose gradient column the caller keeps up to date.
@@ -86,12 +86,13 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
         assert not owned, "the fast path does not gather telemetry"
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
         table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes)
+        chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8)
     else:
         table = tables.DeviceTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device, CHUNK,
                                    owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
-    return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry))
+    return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
+                       STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8)
 
 
 class PreparedLaunch:
@@ -237,25 +238,51 @@ def telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS
 
 
 @triton.jit
-def telemetry_store(table_ptr, tensor, COLUMN: tl.constexpr, NCOL: tl.constexpr, row, active, w2, wd, d2, g2):
-    """Row ``row`` of the tensor's (K, 4) telemetry buffer ← the accumulators' sums (fixed-order
-    in-program reductions: deterministic)."""
-    out = tl.load(table_ptr + tensor * NCOL + COLUMN).to(tl.pointer_type(tl.float64)) + row * 4
+def telemetry_store(table_ptr, tensor, COLUMN: tl.constexpr, NCOL: tl.constexpr, row, active, w2, wd, d2, g2,
+                    STRIDE: tl.constexpr = 4, FIRST: tl.constexpr = 0):
+    """Columns FIRST..FIRST+3 of row ``row`` of the tensor's (K, STRIDE) telemetry buffer ← the
+    accumulators' sums (fixed-order in-program reductions: deterministic)."""
+    out = tl.load(table_ptr + tensor * NCOL + COLUMN).to(tl.pointer_type(tl.float64)) + row * STRIDE + FIRST
     tl.store(out + 0, tl.sum(w2, axis=0), mask=active)
     tl.store(out + 1, tl.sum(wd, axis=0), mask=active)
     tl.store(out + 2, tl.sum(d2, axis=0), mask=active)
     tl.store(out + 3, tl.sum(g2, axis=0), mask=active)
 
 
+@triton.jit
+def store_row(table_ptr, tensor, COLUMN: tl.constexpr, NCOL: tl.constexpr, row, active, w2, wd, d2, g2,
+              n2, ns, wn, s2, STATISTICS: tl.constexpr):
+    """A monitored row's sums: the four telemetry sums, then (STATISTICS, an (K, 8) buffer) the
+    direction statistics."""
+    if STATISTICS:
+        telemetry_store(table_ptr, tensor, COLUMN, NCOL, row, active, w2, wd, d2, g2, 8, 0)
+        telemetry_store(table_ptr, tensor, COLUMN, NCOL, row, active, n2, ns, wn, s2, 8, 4)
+    else:
+        telemetry_store(table_ptr, tensor, COLUMN, NCOL, row, active, w2, wd, d2, g2)
+
+
+@triton.jit
+def statistics_add(n2, ns, wn, s2, before, n, s, mask):
+    """Add a block's direction statistics (wdopt/reference/telemetry.py) to float64 accumulators:
+    Σn², Σn·s, Σω·n, Σs² of the optimizer's direction n and momentum s before the step (formed in
+    the math dtype), ω as stored before. Masked lanes add nothing."""
+    w = tl.where(mask, before.to(tl.float64), 0.0)
+    n = tl.where(mask, n.to(tl.float64), 0.0)
+    s = tl.where(mask, s.to(tl.float64), 0.0)
+    return n2 + n * n, ns + n * s, wn + w * n, s2 + s * s
+
+
 def telemetry_columns(params, telemetry):
     """The two table columns of a monitored step, (buffers, row sizes), and the row counts that
     replace the element counts: one work item per telemetry row."""
     rows = [t.shape[0] for t in telemetry]
+    columns = telemetry[0].shape[1] if telemetry[0].dim() == 2 else 0
     for p, t, k in zip(params, telemetry, rows):
-        if t.dtype != torch.float64 or not t.is_contiguous() or t.dim() != 2 or t.shape[1] != 4 or \
-                k == 0 or p.numel() % k:
+        if t.dtype != torch.float64 or not t.is_contiguous() or t.dim() != 2 or t.shape[1] != columns or \
+                columns not in (4, 8) or k == 0 or p.numel() % k:
             raise ValueError(f"wdopt triton: telemetry buffer of shape {tuple(t.shape)} ({t.dtype}) does not "
-                             f"fit a parameter of {p.numel()} elements: a contiguous float64 (K, 4) is needed")
+                             f"fit a parameter of {p.numel()} elements: a contiguous float64 (K, 4) is needed "
+                             "((K, 8) with the direction statistics, all alike)")
     return list(telemetry), [p.numel() // k for p, k in zip(params, rows)], rows
 
 
@@ -263,10 +290,14 @@ def telemetry_columns(params, telemetry):
 TELEMETRY_MAX_BLOCK = CHUNK if INTERPRETED else GPU_BLOCK
 
 
-def telemetry_block_size(row_sizes) -> int:
-    """Monitored steps run one program per telemetry row, looping over it BLOCK elements at a time."""
+def telemetry_block_size(row_sizes, statistics: bool = False) -> int:
+    """Monitored steps run one program per telemetry row, looping over it BLOCK elements at a time.
+    With the direction statistics (eight float64 accumulators a lane, not four, and one more
+    division) a quarter as many: at half, AdamW with amsgrad spilled 4 bytes at sm_90; at a
+    quarter it uses 60 registers (tests/test_triton_cuda_codegen.py). Statistics steps are rare
+    (a monitor's every-N), so their lower throughput costs little."""
     longest = triton.next_power_of_2(max(max(row_sizes, default=1), 1))
-    return max(16, min(longest, TELEMETRY_MAX_BLOCK))
+    return max(16, min(longest, TELEMETRY_MAX_BLOCK // (4 if statistics else 1)))
 
 
 def compute_dtype(dtype: torch.dtype):

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .multi_tensor import (
     PreparedLaunch, block_offsets, check_first_steps, elementwise_table, f64, f64_bits, first_step_flag, full_blocks_end,
-    gradient_constexprs, launch, lr_value, optional, table_value, telemetry_add, telemetry_store,
+    gradient_constexprs, launch, lr_value, optional, table_value, statistics_add, store_row, telemetry_add,
     tensor_pointer, to_storage, unscale, work_item,
 )
 
@@ -51,7 +51,8 @@ def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_d
 def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, first_step,
                lr, decay, weight_decay, momentum, one_minus_dampening,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+               DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               STATISTICS: tl.constexpr = False):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
@@ -59,13 +60,18 @@ def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, firs
     b = g
     if HAS_MOMENTUM:
         b = tl.load(buffer_ptr + offs, mask=mask).to(COMPUTE)  # a fresh buffer holds zeros
+    # Direction statistics (wdopt/reference/telemetry.py): n = ĝ, s = the buffer before the step
+    # (zero without history or momentum).
+    s = tl.zeros_like(g)
+    if HAS_MOMENTUM:
+        s = tl.where(first_step, 0.0, b)
     p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
                     HAS_MOMENTUM, NESTEROV, DECOUPLED)
     new = to_storage(p, DTYPE)
     tl.store(param_ptr + offs, new, mask=mask)
     if HAS_MOMENTUM:
         tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
-    return stored, new, grad  # for telemetry
+    return stored, new, grad, g, s  # for telemetry
 
 
 @triton.jit(do_not_specialize=["lr_bits", "weight_decay_bits", "decay_lr_scale_bits", "momentum_bits", "dampening_bits"])
@@ -75,7 +81,7 @@ def _sgd_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -93,16 +99,18 @@ def _sgd_kernel(
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
         w2 = tl.zeros((BLOCK,), tl.float64)
-        wd, d2, g2 = w2, w2, w2
+        wd, d2, g2, n2, ns, wn, s2 = w2, w2, w2, w2, w2, w2, w2
         for block_start in range(start * size, end * size, BLOCK):
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
-            before, after, grad = _sgd_block(
+            before, after, grad, n, s = _sgd_block(
                 param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr,
                 first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
-        telemetry_store(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2)
+            if STATISTICS:
+                n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
+        store_row(table_ptr, row, TELEMETRY_COLUMN, NCOL, start, end > start, w2, wd, d2, g2, n2, ns, wn, s2, STATISTICS)
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
