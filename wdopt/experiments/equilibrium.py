@@ -251,6 +251,13 @@ def verdict_sentences(rows: list[dict], control: list[dict]) -> list[str]:
             out.append(f"{name}: {layers}: norm {harness.within([r['norm_error'] for r in settled])}, angle "
                        f"{harness.within([r['angle_error'] for r in settled])} of the prediction "
                        f"(at equilibrium: ≥ {min(r['relaxation_times'] for r in settled):.2g} relaxation times)")
+            refined = [r for r in settled if r.get("refined_norm_error") is not None
+                       and not math.isnan(r["refined_norm_error"])]
+            if refined and name != "lion":
+                out.append(f"{name}: refined prediction (docs/theory.md section 2.4): norm "
+                           f"{harness.within([r['refined_norm_error'] for r in refined])}, RMS angle "
+                           f"{harness.within([r['refined_angle_error'] for r in refined])} (the paper's: RMS angle "
+                           f"{harness.within([r['angle_rms_error'] for r in refined])})")
         if unsettled:
             reasons = []
             spans = [r["relaxation_times"] for r in unsettled if r["relaxation_times"] < harness.MIN_RELAXATION_TIMES]
