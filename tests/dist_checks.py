@@ -600,6 +600,31 @@ _add_monitor_checks()
 
 
 @check
+def rotation_monitor_statistics_beside_sharded_parameters():
+    """RotationMonitor(statistics=True) on a model whose first layer alone is sharded (a bucket
+    of DTensors and plain tensors): the sums are those of a monitor without statistics, the plain
+    parameters get their statistics, the sharded ones none."""
+    from torch.distributed.fsdp import fully_shard
+
+    def run(statistics):
+        model = mlp()
+        fully_shard(model[0])
+        opt = wdopt.FusedAdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        names = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in model.named_parameters()}
+        monitor = wdopt.RotationMonitor(opt, every=2, names=names, statistics=statistics)
+        train(model, opt, 4, ranks=[rank()])
+        return monitor
+
+    with_statistics, plain = run(True), run(False)
+    for a, b in zip(with_statistics.history, plain.history):
+        da, db = a.as_dict(), b.as_dict()
+        assert da == db, (da, db)
+        assert set(a.statistics) == {"2.weight", "2.bias", "4.weight", "4.bias"}, sorted(a.statistics)
+        assert all(bool(torch.isfinite(v).all()) for v in a.statistics.values())
+        assert b.statistics == {}
+
+
+@check
 def rotation_monitor_read_on_one_rank_fails_clearly():
     """Reading a sharded record is a collective: a read on rank 0 alone raises after read_timeout
     with a message saying so, before any collective, so the group still works; reads on both

@@ -424,11 +424,18 @@ class FusedOptimizer(Optimizer):
         (wdopt/telemetry.py). Costs a copy of the local shards, on monitored steps only."""
         group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
         before = [p.detach().clone() for p in params]
+        # Plain parameters beside the DTensors have buffers with the statistics columns (the
+        # DTensors' have none): from the state before the update, as on the snapshot path.
+        statistics = [tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, self.state[p], grad_scale),
+                                        b.shape[0]) if b.shape[1] > tm.COLUMNS and not p.is_complex() else None
+                      for b, p, g in zip(buffers, params, grads)]
         self._update(*args)
         if not step_skipped(found_inf):
-            for b, p, p0, g in zip(buffers, params, before, grads):
+            for b, p, p0, g, stat in zip(buffers, params, before, grads, statistics):
                 if p.numel():  # an empty shard's buffer is zeros: it adds nothing to the sums
-                    b.copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+                    b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+                    if stat is not None:
+                        b[:, tm.COLUMNS:].copy_(stat)
 
     def _update_measured(self, args, buffers) -> None:
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
