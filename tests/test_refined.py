@@ -167,6 +167,29 @@ def test_statistics_with_grad_scaler_and_without_request():
     torch.testing.assert_close(n2, g.double().pow(2).sum(1), rtol=1e-6, atol=0)
 
 
+def test_refined_refuses_what_it_cannot_predict():
+    """Records without statistics, an empty window and a window across an lr change get a
+    clear error; a NaN gradient gives a NaN prediction, not a number."""
+    w, opt = _case("adamw")
+    plain = wdopt.RotationMonitor(opt, every=1)
+    monitor = wdopt.RotationMonitor(opt, every=1, statistics=True)
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 5e-3
+        w.grad = torch.randn_like(w)
+        opt.step()
+    with pytest.raises(ValueError, match="statistics=True"):
+        theory.refined(plain.history)
+    with pytest.raises(ValueError, match="at least one record"):
+        theory.refined([])
+    with pytest.raises(ValueError, match="lr or the decay fraction changed"):
+        theory.refined(monitor.history)
+    assert theory.refined(monitor.history[2:])["group0.param0"].norm > 0
+    w.grad = torch.full_like(w, float("nan"))
+    opt.step()
+    assert math.isnan(theory.refined(monitor.last)["group0.param0"].norm)
+
+
 def test_rotated_parameters_have_no_statistics():
     w = torch.nn.Parameter(torch.randn(4, 9))
     opt = wdopt.RotationalAdamW([w], lr=1e-2, weight_decay=0.1)
@@ -253,3 +276,34 @@ def test_statistics_every_backend(backend, device, name, dtype):
         assert torch.equal(p, q)
         for key, value in opt_plain.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
+
+
+def test_statistics_of_complex_and_sparse_parameters():
+    """Buckets measured from snapshots get statistics too: a complex AdamW tensor as its real
+    pairs, SGD with a sparse gradient as its dense one."""
+    torch.manual_seed(7)
+    z = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.complex64))
+    opt = wdopt.FusedAdamW([z], lr=1e-2, weight_decay=0.1)
+    monitor = wdopt.RotationMonitor(opt, every=1, statistics=True)
+    for step in range(1, 3):
+        z.grad = torch.randn_like(z)
+        p0 = torch.view_as_real(z.detach()).clone()
+        state = {k: (torch.view_as_real(v) if v.is_complex() else v).clone() for k, v in opt.state[z].items()}
+        opt.step()
+        expect, magnitude = _expected("adamw", {}, step, p0, torch.view_as_real(z.grad), state, 1.0)
+        got = monitor.last.statistics["group0.param0"]
+        assert ((got - expect).abs() <= 1e-5 * magnitude).all(), (got, expect)
+
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    opt = wdopt.FusedSGD(emb.parameters(), lr=0.1, momentum=0.9)
+    monitor = wdopt.RotationMonitor(opt, every=1, statistics=True)
+    for step in range(1, 4):
+        opt.zero_grad()
+        emb(torch.tensor([1, 4, 4])).sum().backward()
+        p0 = emb.weight.detach().clone()
+        state = {k: v.to_dense().clone() for k, v in opt.state[emb.weight].items()}
+        opt.step()
+        expect, magnitude = _expected("sgd", {}, step, p0, emb.weight.grad.to_dense(), state, 1.0)
+        got = monitor.last.statistics["weight"] if "weight" in monitor.last.statistics else \
+            monitor.last.statistics["group0.param0"]
+        assert ((got - expect).abs() <= 1e-6 * magnitude + 1e-12).all(), (step, got, expect)

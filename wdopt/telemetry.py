@@ -87,10 +87,6 @@ class Record:
         (wdopt/reference/telemetry.py), for a monitor made with ``statistics=True``; else empty."""
         if self._statistics is None:
             self._build()
-        if not getattr(self, "_statistics_checked", False):
-            # Rows no kernel or snapshot measured (sparse or complex parameters) stay NaN.
-            self._statistics = {k: v for k, v in self._statistics.items() if not bool(torch.isnan(v).all())}
-            self._statistics_checked = True
         return self._statistics
 
     def hyperparameters(self, name: str) -> dict:
@@ -158,10 +154,11 @@ class RotationMonitor:
         keep: how many records to keep in ``history`` (None: all).
         read_timeout: seconds a read of a record waits for the other ranks (sharded parameters).
         statistics: also record each row's direction statistics (``Record.statistics``), which
-            ``wdopt.theory.refined`` predicts the equilibrium from. The C++ CPU kernels gather
-            them in their update pass with the four sums; other backends read the gradients
-            and the state before a recorded step (an extra read on recorded steps only). Not
-            for rotated, sparse, complex or sharded parameters.
+            ``wdopt.theory.refined`` predicts the equilibrium from. The kernels of every
+            backend gather them in their update pass with the four sums; buckets measured from
+            snapshots (the reference backend, strided, complex or sparse ones) and the
+            rotational optimizers read the gradients and the state before the update. Not for
+            rotated or sharded (DTensor) parameters.
 
     Sharded parameters (DTensors: FSDP2, tensor parallelism) are measured on each rank's shard at
     the step, without communication; their per-row sums are summed across the mesh when a record

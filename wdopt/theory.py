@@ -316,6 +316,9 @@ def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
     if not records:
         raise ValueError("refined() needs at least one record that was not skipped")
     last = records[-1]
+    if not all(r._with_statistics or r._statistics_request is not None for r in records):
+        raise ValueError("refined() needs records with direction statistics: make the monitor with "
+                         "wdopt.RotationMonitor(optimizer, ..., statistics=True)")
     kind = last.optimizer_kind
     out = {}
     for name in list(last.statistics) if names is None else list(names):
@@ -324,6 +327,13 @@ def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
             continue
         group = last.hyperparameters(name)
         d, lr = decay_fraction(group), float(group["lr"])
+        for r in records:
+            other = r.hyperparameters(name)
+            if not (math.isclose(float(other["lr"]), lr, rel_tol=1e-9) and
+                    math.isclose(decay_fraction(other), d, rel_tol=1e-9, abs_tol=1e-300)):
+                raise ValueError(f"{name}: lr or the decay fraction changed within the window (step {r.step}: lr "
+                                 f"{float(other['lr']):g}, d {decay_fraction(other):g}; step {last.step}: lr {lr:g}, "
+                                 f"d {d:g}): the equilibrium moves with them; pass records of constant lr and λ")
         if d <= 0 or (kind == "adamw" and group.get("amsgrad")) or \
                 (kind == "sgd" and (group.get("nesterov") or group.get("dampening") or group.get("decoupled_weight_decay"))):
             continue

@@ -410,13 +410,33 @@ class FusedOptimizer(Optimizer):
         """Parameters with sparse gradients, for optimizers that take them (``_sparse_grads``)."""
         raise NotImplementedError
 
+    def _snapshot_statistics(self, group, p, g, buffer, grad_scale) -> torch.Tensor | None:
+        """The direction statistics of ``p`` for a buffer with their columns, from the state
+        before the update (the snapshot paths; the kernels gather them in their pass): a sparse
+        gradient made dense, a complex tensor as its real pairs (as its sums)."""
+        if buffer.shape[1] <= tm.COLUMNS:
+            return None
+        if g.is_sparse:
+            g = g.to_dense()
+        # torch's sparse SGD keeps a sparse momentum buffer: made dense too.
+        state = {k: v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v for k, v in self.state[p].items()}
+        if p.is_complex():
+            p, g = torch.view_as_real(p), torch.view_as_real(g)
+            state = {k: torch.view_as_real(v) if isinstance(v, torch.Tensor) and v.is_complex() else v
+                     for k, v in state.items()}
+        return tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, state, grad_scale), buffer.shape[0])
+
     def _update_sparse_measured(self, group, params, grad_scale, found_inf, monitored) -> None:
         buffers = [monitored.get(id(p)) for p in params] if monitored else []
         before = [p.detach().clone() for p in params] if buffers and all(b is not None for b in buffers) else None
+        statistics = [self._snapshot_statistics(group, p, p.grad, b, grad_scale) for b, p in zip(buffers, params)] \
+            if before is not None else []
         self._update_sparse(group, params, grad_scale, found_inf)
         if before is not None and not step_skipped(found_inf):
-            for b, p, p0 in zip(buffers, params, before):
+            for b, p, p0, stat in zip(buffers, params, before, statistics):
                 b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, p.grad.to_dense(), b.shape[0], grad_scale))
+                if stat is not None:
+                    b[:, tm.COLUMNS:].copy_(stat)
 
     def _update_measured_local(self, args, buffers) -> None:
         """A bucket with DTensors, monitored: per-row sums of each local shard from snapshots (a
@@ -426,9 +446,7 @@ class FusedOptimizer(Optimizer):
         before = [p.detach().clone() for p in params]
         # Plain parameters beside the DTensors have buffers with the statistics columns (the
         # DTensors' have none): from the state before the update, as on the snapshot path.
-        statistics = [tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, self.state[p], grad_scale),
-                                        b.shape[0]) if b.shape[1] > tm.COLUMNS and not p.is_complex() else None
-                      for b, p, g in zip(buffers, params, grads)]
+        statistics = [self._snapshot_statistics(group, p, g, b, grad_scale) for b, p, g in zip(buffers, params, grads)]
         self._update(*args)
         if not step_skipped(found_inf):
             for b, p, p0, g, stat in zip(buffers, params, before, grads, statistics):
@@ -441,20 +459,16 @@ class FusedOptimizer(Optimizer):
         """Telemetry from snapshots, for backends whose kernels do not gather it (the reference,
         and strided or complex buckets): costs a copy of the parameters and a pass over them;
         the direction statistics (buffers of 8 columns) from the gradients and the state before
-        the update (not of complex tensors: left NaN, not measured)."""
+        the update."""
         group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
         before = [p.detach().clone() for p in params]
-        statistics = []
-        if buffers[0].shape[1] > tm.COLUMNS:
-            statistics = [None if p.is_complex() else
-                          tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, self.state[p], grad_scale),
-                                            b.shape[0]) for b, p, g in zip(buffers, params, grads)]
+        statistics = [self._snapshot_statistics(group, p, g, b, grad_scale) for b, p, g in zip(buffers, params, grads)]
         self._update(*args)
         if not step_skipped(found_inf):
-            for i, (b, p, p0, g) in enumerate(zip(buffers, params, before, grads)):
+            for b, p, p0, g, stat in zip(buffers, params, before, grads, statistics):
                 b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
-                if statistics and statistics[i] is not None:
-                    b[:, tm.COLUMNS:].copy_(statistics[i])
+                if stat is not None:
+                    b[:, tm.COLUMNS:].copy_(stat)
 
     def _plan(self) -> list[tuple[dict[str, Any], Any, list[torch.Tensor], bool]]:
         """Phase 1: check everything and change nothing. Returns (group, backend, params, kernel_ready)
