@@ -185,9 +185,28 @@ def test_refined_refuses_what_it_cannot_predict():
     with pytest.raises(ValueError, match="lr or the decay fraction changed"):
         theory.refined(monitor.history)
     assert theory.refined(monitor.history[2:])["group0.param0"].norm > 0
+    assert theory.refined(monitor.history[2:], names="group0.param0").keys() == {"group0.param0"}
+    with pytest.raises(TypeError, match="True or False"):
+        wdopt.RotationMonitor(opt, statistics="no")
+    with pytest.raises(ValueError, match="momentum"):
+        theory.sgd_refined(0.1, 1e-4, 1.0, 0.0, momentum=1.0)
+    # A tensor without a gradient at one recorded step is left out, not a KeyError.
+    a, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    opt2 = wdopt.FusedAdamW([a, b], lr=1e-2, weight_decay=0.1)
+    mon2 = wdopt.RotationMonitor(opt2, every=1, statistics=True)
+    for step in range(3):
+        a.grad = torch.randn_like(a)
+        b.grad = torch.randn_like(b) if step != 1 else None
+        opt2.step()
+    assert set(theory.refined(mon2.history)) == {"group0.param0"}
     w.grad = torch.full_like(w, float("nan"))
     opt.step()
     assert math.isnan(theory.refined(monitor.last)["group0.param0"].norm)
+    opt.param_groups[0]["betas"] = (0.8, 0.999)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    with pytest.raises(ValueError, match="betas changed"):
+        theory.refined(monitor.history[-2:])
 
 
 def test_rotated_parameters_have_no_statistics():

@@ -178,7 +178,9 @@ class RotationMonitor:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.optimizer, self.every, self.keep = optimizer, every, keep
         self.read_timeout = read_timeout
-        self.statistics = bool(statistics)
+        if not isinstance(statistics, bool):
+            raise TypeError(f"statistics must be True or False, got {statistics!r}")
+        self.statistics = statistics
         global _MONITORS
         _MONITORS += 1
         self.number = _MONITORS  # identifies its records across ranks (monitors made in the same order)

@@ -218,6 +218,7 @@ def adamw_refined(lr: float, d: float, power: float, correlation: float, radial:
     1/(2d + η·radial/‖ω̂‖). power = C, correlation = radial = 0 give ``adamw_equilibrium``."""
     _check(lr, d)
     beta1 = betas[0]
+    _check_beta(beta1, "β1")
     q = power + 2 * beta1 / (1 - beta1) * correlation
     if not q > 0:
         raise ValueError(f"the measured diffusion Q = {q} must be positive")
@@ -237,6 +238,7 @@ def sgd_refined(lr: float, d: float, power_unit: float, correlation_unit: float,
     RMS angle is η·sqrt(Q̃/(1−μ²))/x and the relaxation time (1−μ)/(4d + 2η·radial/x).
     correlation_unit = radial = 0 give ``sgd_equilibrium``."""
     _check(lr, d)
+    _check_beta(momentum, "momentum")
     q = power_unit + 2 * momentum * correlation_unit
     if not q > 0:
         raise ValueError(f"the measured diffusion Q̃ = {q} must be positive")
@@ -254,11 +256,13 @@ def lion_linear_response(lr: float, d: float, power: float, correlation: float, 
     η²·(C + κ²·(T − E Σc²)), T = power + 2β1/(1−β2)·correlation. White unit noise gives the
     paper's η·sqrt(C/(π·d·σ²)) up to the residual's (π/2 − 1)σ².
 
-    **Not a predictor**: on the equilibrium experiment it is 20–30% off (worse than the paper's
-    formula), because the measured radial part of sign(c) is 1.6–1.9× the linear response's
-    (docs/theory.md section 2.4). It is here so that the sweep can show that with data."""
+    **Not a predictor**: on ``wdopt equilibrium-sweep`` its norm errors run from −5% to +119%,
+    because the measured radial part of sign(c) is 1.1–1.5× the linear response's (docs/theory.md
+    section 2.4). It is here so that the sweep can show that with data."""
     _check(lr, d)
     beta1, beta2 = betas
+    _check_beta(beta1, "β1")
+    _check_beta(beta2, "β2")
     t = power + 2 * beta1 / (1 - beta2) * correlation
     kappa_sq = 2 * neuron_size / (math.pi * direction_power)
     diffusion = neuron_size + kappa_sq * (t - direction_power)
@@ -307,10 +311,14 @@ def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
 
     For FusedAdamW (not amsgrad) and FusedSGD (momentum, L2, no nesterov or dampening) tensors of
     dim ≥ 2 with weight decay; the hyperparameters are the last record's (keep lr and λ constant
-    over the window). Lion has none: its update is the sign of a filter of the gradient, and the
-    same argument with the sign linearised (``lion_linear_response``, included with ``lion=True``)
-    predicts norms 20–30% off on the equilibrium experiment, worse than the paper's formula
-    (docs/theory.md section 2.4)."""
+    over the window: a change of lr, λ, betas, momentum, amsgrad or nesterov inside it raises).
+    Only tensors measured in every record are predicted (a parameter without a gradient at a
+    recorded step has none there). Lion has none: its update is the sign of a filter of the
+    gradient, and the same argument with the sign linearised (``lion_linear_response``, included
+    with ``lion=True``) predicts norms from −5% to +119% off on the sweep (docs/theory.md section
+    2.4). Reading a record of sharded (DTensor) parameters is a collective: call this on every rank."""
+    if isinstance(names, str):
+        names = [names]
     records = [records] if not isinstance(records, (list, tuple)) else list(records)
     records = [r for r in records if not r.skipped]
     if not records:
@@ -320,20 +328,24 @@ def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
         raise ValueError("refined() needs records with direction statistics: make the monitor with "
                          "wdopt.RotationMonitor(optimizer, ..., statistics=True)")
     kind = last.optimizer_kind
+    measured = set.intersection(*(set(r.statistics) & set(r.predictions) for r in records))
     out = {}
-    for name in list(last.statistics) if names is None else list(names):
-        if name not in last.statistics or name not in last.predictions or \
-                kind not in ("adamw", "sgd", *(("lion",) if lion else ())):
+    for name in sorted(measured) if names is None else list(names):
+        if name not in measured or kind not in ("adamw", "sgd", *(("lion",) if lion else ())):
             continue
         group = last.hyperparameters(name)
         d, lr = decay_fraction(group), float(group["lr"])
         for r in records:
             other = r.hyperparameters(name)
+            changed = [key for key in ("betas", "momentum", "amsgrad", "nesterov", "dampening")
+                       if other.get(key) != group.get(key)]
             if not (math.isclose(float(other["lr"]), lr, rel_tol=1e-9) and
                     math.isclose(decay_fraction(other), d, rel_tol=1e-9, abs_tol=1e-300)):
-                raise ValueError(f"{name}: lr or the decay fraction changed within the window (step {r.step}: lr "
-                                 f"{float(other['lr']):g}, d {decay_fraction(other):g}; step {last.step}: lr {lr:g}, "
-                                 f"d {d:g}): the equilibrium moves with them; pass records of constant lr and λ")
+                changed.insert(0, "lr or the decay fraction")
+            if changed:
+                raise ValueError(f"{name}: {', '.join(changed)} changed within the window (step {r.step} against "
+                                 f"step {last.step}): the equilibrium moves with them; pass records of constant "
+                                 "hyperparameters")
         if d <= 0 or (kind == "adamw" and group.get("amsgrad")) or \
                 (kind == "sgd" and (group.get("nesterov") or group.get("dampening") or group.get("decoupled_weight_decay"))):
             continue
@@ -363,6 +375,11 @@ def refined(records, names=None, lion: bool = False) -> dict[str, Refined]:
                             time_constant=_mean([p.time_constant for p in rows]), drive=_mean([p.drive for p in rows]),
                             radial=_mean([p.radial for p in rows]))
     return out
+
+
+def _check_beta(beta: float, name: str) -> None:
+    if not 0 <= beta < 1:
+        raise ValueError(f"the refined equilibrium needs 0 <= {name} < 1 (an average that forgets), got {beta}")
 
 
 def _rms(values: list[float]) -> float:

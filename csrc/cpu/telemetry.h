@@ -8,8 +8,8 @@
 
 #include "../include/wdopt/hd.h"
 
-// Telemetry buffers have kTelemetrySums columns, or kTelemetryColumnsWithDirections with the
-// direction statistics (wdopt/reference/telemetry.py).
+// Telemetry buffers have 4 columns (the sums), or 8 with the direction statistics
+// (wdopt/reference/telemetry.py); TensorTable::columns says which.
 
 namespace wdopt::cpu {
 
