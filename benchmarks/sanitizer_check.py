@@ -9,7 +9,8 @@ tools can. Each run starts a fresh process under ``compute-sanitizer --tool TOOL
 step of every engine on small tensors, with one backend ("cuda", then "triton"):
 
   * the multi-tensor update (FusedAdamW with amsgrad, FusedSGD with Nesterov momentum, FusedLion),
-  * the monitored update (a RotationMonitor recording the step: per-row telemetry sums),
+  * the monitored update (a RotationMonitor recording the step: per-row telemetry sums, then with
+    the direction statistics),
   * the rotational row engine, rows held on chip (3 × 96) and two-pass rows (3 × 65,536), for
     RotationalAdamW, RotationalSGD and RotationalLion.
 
@@ -93,11 +94,12 @@ def run_steps(device: str, backend: str) -> str:
             p.grad = torch.randn(p.shape, generator=gen).to(device)
         opt.step()  # the fast path (its own table, the prepared launch), with new gradients
         done.append(cls.__name__ + ("" if opt.__dict__.get("_fast") is not None else " (no fast path)"))
-    opt = wdopt.FusedAdamW(tensors(elementwise), lr=1e-2, weight_decay=0.1, backend=backend)
-    monitor = wdopt.RotationMonitor(opt, every=1)
-    opt.step()
-    assert monitor.history, "the monitored step recorded nothing"
-    done.append("FusedAdamW monitored")
+    for statistics in (False, True):  # 4 sums, then 8 (the direction statistics' twin kernels)
+        opt = wdopt.FusedAdamW(tensors(elementwise), lr=1e-2, weight_decay=0.1, backend=backend)
+        monitor = wdopt.RotationMonitor(opt, every=1, statistics=statistics)
+        opt.step()
+        assert monitor.history, "the monitored step recorded nothing"
+        done.append("FusedAdamW monitored" + (" with statistics" if statistics else ""))
     for cls, kw in ((wdopt.RotationalAdamW, dict(weight_decay=0.1)),
                     (wdopt.RotationalSGD, dict(momentum=0.9, weight_decay=0.1)),
                     (wdopt.RotationalLion, dict(weight_decay=0.1))):

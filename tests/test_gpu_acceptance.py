@@ -74,8 +74,8 @@ def test_sanitizer_steps_run_every_engine_on_cpu(sanitizer):
     """The steps compute-sanitizer watches on the GPU (benchmarks/sanitizer_check.py), here on the
     CPU backend: every engine's step must at least run before a lent GPU runs it under the tool."""
     ran = sanitizer.run_steps("cpu", "cpu")
-    for name in ("FusedAdamW", "FusedSGD", "FusedLion", "monitored", "RotationalAdamW", "RotationalSGD",
-                 "RotationalLion"):
+    for name in ("FusedAdamW", "FusedSGD", "FusedLion", "monitored", "monitored with statistics", "RotationalAdamW",
+                 "RotationalSGD", "RotationalLion"):
         assert name in ran
     assert "no fast path" not in ran  # the second step of each element-wise optimizer took the fast path
 
