@@ -326,3 +326,23 @@ def test_statistics_of_complex_and_sparse_parameters():
         got = monitor.last.statistics["weight"] if "weight" in monitor.last.statistics else \
             monitor.last.statistics["group0.param0"]
         assert ((got - expect).abs() <= 1e-6 * magnitude + 1e-12).all(), (step, got, expect)
+
+
+def test_rotational_optimizer_measures_its_plain_groups_as_the_base_does():
+    """A rotational optimizer's non-rotated parameters (a complex one included) get the same
+    statistics as the base optimizer records for them (the rotational path reads them before the
+    step, the base one in its kernels or snapshots)."""
+    records = []
+    for cls in (wdopt.RotationalAdamW, wdopt.FusedAdamW):
+        torch.manual_seed(11)
+        z = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+        w = torch.nn.Parameter(torch.randn(4, 5))  # the rotated one a rotational optimizer needs
+        groups = [{"params": [z], "rotational": False}, {"params": [w]}] if cls is wdopt.RotationalAdamW \
+            else [{"params": [z]}]
+        opt = cls(groups, lr=1e-2, weight_decay=0.1)
+        monitor = wdopt.RotationMonitor(opt, every=1, statistics=True)
+        for _ in range(2):
+            z.grad, w.grad = torch.randn_like(z), torch.randn_like(w)
+            opt.step()
+        records.append(monitor.last.statistics["group0.param0"])
+    torch.testing.assert_close(records[0], records[1], rtol=1e-6, atol=1e-9)

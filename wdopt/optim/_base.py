@@ -336,8 +336,8 @@ class FusedOptimizer(Optimizer):
         """{id(param): (K, 4) float64} direction statistics for the monitors in ``due`` that asked
         for them (``RotationMonitor(statistics=True)``), for optimizers whose telemetry buffers do
         not carry them (``_statistics_in_buffers``): read from the gradients and the state *before*
-        the step, an extra read of both on recorded steps. Not measured: rotated, sparse, complex
-        and sharded (DTensor) parameters, and parameters without a gradient."""
+        the step, an extra read of both on recorded steps. Not measured: rotated and sharded
+        (DTensor) parameters, and parameters without a gradient."""
         if self._statistics_kind is None or self._statistics_in_buffers or \
                 not any(monitor.statistics for monitor in due):
             return None
@@ -347,11 +347,9 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                if g is None or p.numel() == 0 or g.is_sparse or p.is_complex() or _dtensor.is_dtensor(p) \
-                        or (rotational is not None and rotational(p, group)):
+                if g is None or p.numel() == 0 or _dtensor.is_dtensor(p) or (rotational is not None and rotational(p, group)):
                     continue
-                n, s = tm.direction(self._statistics_kind, group, g, self.state[p], _on(grad_scale, p.device))
-                out[id(p)] = tm.direction_sums(p, n, s, tm.telemetry_rows(p))
+                out[id(p)] = self._statistics_before(group, p, g, tm.telemetry_rows(p), _on(grad_scale, p.device))
         return out
 
     def _monitor_due_next(self, statistics: bool = False) -> bool:
@@ -411,11 +409,14 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _snapshot_statistics(self, group, p, g, buffer, grad_scale) -> torch.Tensor | None:
-        """The direction statistics of ``p`` for a buffer with their columns, from the state
-        before the update (the snapshot paths; the kernels gather them in their pass): a sparse
-        gradient made dense, a complex tensor as its real pairs (as its sums)."""
-        if buffer.shape[1] <= tm.COLUMNS:
-            return None
+        """The direction statistics of ``p`` for a buffer with their columns (the snapshot paths;
+        the kernels gather them in their pass), else None."""
+        return self._statistics_before(group, p, g, buffer.shape[0], grad_scale) if buffer.shape[1] > tm.COLUMNS \
+            else None
+
+    def _statistics_before(self, group, p, g, rows: int, grad_scale) -> torch.Tensor:
+        """The (rows, 4) direction statistics of ``p`` from its gradient and its state before the
+        update: a sparse gradient made dense, a complex tensor as its real pairs (as its sums)."""
         if g.is_sparse:
             g = g.to_dense()
         # torch's sparse SGD keeps a sparse momentum buffer: made dense too.
@@ -424,7 +425,7 @@ class FusedOptimizer(Optimizer):
             p, g = torch.view_as_real(p), torch.view_as_real(g)
             state = {k: torch.view_as_real(v) if isinstance(v, torch.Tensor) and v.is_complex() else v
                      for k, v in state.items()}
-        return tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, state, grad_scale), buffer.shape[0])
+        return tm.direction_sums(p, *tm.direction(self._statistics_kind, group, g, state, grad_scale), rows)
 
     def _update_sparse_measured(self, group, params, grad_scale, found_inf, monitored) -> None:
         buffers = [monitored.get(id(p)) for p in params] if monitored else []
