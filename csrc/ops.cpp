@@ -18,6 +18,10 @@
 //     while it updates them; a skipped step (found_inf) leaves it unwritten. adamw_, sgd_ and
 //     lion_ also take (K, 8) tensors (all alike): columns 4-7 then get the direction statistics
 //     [Σn², Σn·s, Σω·n, Σs²] of the optimizer's direction n and momentum s before the step.
+//   * ``rng`` (stochastic rounding, wdopt/reference/rounding.py is its specification): [] (every
+//     store rounds to nearest) or one int64 [key, count] tensor of 2 elements per parameter on its
+//     device, read by the kernel (not written: the driver advances count after the call); stores
+//     to bf16/fp16 tensors then round stochastically with the bits of (key, count, lane, element).
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {
@@ -25,13 +29,13 @@ TORCH_LIBRARY(wdopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] first_steps, "
       "Tensor(c!)[] telemetry, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
   // Rotational variants (docs/theory.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
   // momentum_buffer / exp_avg, ``state2`` exp_avg_sq (AdamW, else []), ``steps`` AdamW's step
   // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
@@ -51,5 +55,5 @@ TORCH_LIBRARY(wdopt, m) {
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
 }

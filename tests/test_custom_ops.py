@@ -30,15 +30,18 @@ def test_opcheck(backend, device):
     steps = [torch.zeros((), device=device) for _ in params]
     # A monitored step writes its telemetry buffers: that mutation is part of the schema too.
     telemetry = [torch.zeros(p.shape[0] if p.dim() > 1 else 1, 4, dtype=torch.float64, device=device) for p in params]
+    # Stochastic rounding's [key, count] per parameter: read, never written by the kernels.
+    rng = [torch.tensor([7, i], device=device) for i in range(len(params))] \
+        if device in cpp.STOCHASTIC_ROUNDING else []
     adamw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0,
-                 amsgrad=True, maximize=False)
+                 amsgrad=True, maximize=False, rng=rng)
     torch.library.opcheck(torch.ops.wdopt.adamw_.default, (params, grads, m, v, vmax, steps, telemetry), adamw)
     sgd = dict(lr=1e-2, weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=True,
-               decoupled_weight_decay=False, decay_lr_scale=1.0, maximize=False)
+               decoupled_weight_decay=False, decay_lr_scale=1.0, maximize=False, rng=rng)
     # First-step flags: a fresh buffer's (nonzero), a cleared one, and None (a loaded buffer).
     flags = [torch.ones((), device=device), torch.zeros((), device=device), None]
     torch.library.opcheck(torch.ops.wdopt.sgd_.default, (params, grads, m, flags, []), sgd)
-    lion = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0, maximize=True)
+    lion = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0, maximize=True, rng=rng)
     torch.library.opcheck(torch.ops.wdopt.lion_.default, (params, grads, m, telemetry), lion)
 
 

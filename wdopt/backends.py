@@ -155,6 +155,12 @@ def load(backend: str) -> ModuleType:
     raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
 
 
+def rounds_stochastically(module: ModuleType, device) -> bool:
+    """Whether a loaded backend's kernels round bf16/fp16 stores stochastically on ``device``
+    (``STOCHASTIC_ROUNDING``: the device types that do; the reference does everywhere)."""
+    return module.__name__ == "wdopt.reference" or _device_type(device) in getattr(module, "STOCHASTIC_ROUNDING", ())
+
+
 # Dtypes each backend's kernels handle (complex parameters are viewed as real pairs first).
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_DTYPES = {"reference": _FLOATS, "triton": _FLOATS, "cpu": _FLOATS, "cuda": _FLOATS}

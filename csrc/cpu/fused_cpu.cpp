@@ -24,6 +24,7 @@
 
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
+#include "../include/wdopt/rounding.h"
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
 #include "fused_cpu.h"
@@ -183,7 +184,7 @@ void for_each_range(const TensorTable& table, const Body& body) {
 // The table of an operator call, after its checks: ``states`` are the optimizer's state lists
 // in order (an empty list: that state is absent).
 TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-                   at::TensorList steps, at::TensorList telemetry) {
+                   at::TensorList steps, at::TensorList telemetry, at::TensorList rng) {
   TensorTable t;
   const size_t n = params.size();
   t.resize(n);
@@ -204,7 +205,18 @@ TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer
     t.rows.push_back(telemetry[i].size(0));
   }
   if (!telemetry.empty()) t.columns = telemetry[0].size(1);
+  for (const auto& r : rng) t.rng.push_back(r.const_data_ptr<int64_t>());
   return t;
+}
+
+void check_rng(const at::TensorList& rng, const at::TensorList& params) {
+  if (rng.empty()) return;
+  TORCH_CHECK(rng.size() == params.size(), "wdopt: one rng tensor per parameter is needed");
+  for (size_t i = 0; i < rng.size(); ++i) {
+    TORCH_CHECK(rng[i].scalar_type() == at::kLong && rng[i].numel() == 2 && rng[i].device().is_cpu() &&
+                    rng[i].is_contiguous(),
+                "wdopt: rng[", i, "] must be a contiguous int64 CPU tensor of 2 elements ([key, count])");
+  }
 }
 
 void check_telemetry(const at::TensorList& telemetry, const at::TensorList& params) {
@@ -220,29 +232,59 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
   }
 }
 
+// How a kernel stores its results in scalar_t: rounded to nearest or, with SR (bf16 and fp16
+// storage only), stochastically with the bits of (tensor, step, LANE, element i): LANE 0 is the
+// parameter, 1-3 the state tensors in the operator's order (wdopt/reference/rounding.py).
+template <typename scalar_t, bool SR_ARG> struct Rounding {
+  static constexpr bool SR = SR_ARG && (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>);
+  uint32_t stream[4];
+
+  template <int LANE, typename opmath> inline scalar_t store(int64_t i, opmath x) const {
+    if constexpr (!SR) {
+      return static_cast<scalar_t>(x);
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return static_cast<scalar_t>(stochastic_round_bf16(x, rounding_bits(stream[LANE], i)));  // exact conversion
+    } else {
+      return c10::Half(stochastic_round_fp16(x, c10::Half(x).x, rounding_bits(stream[LANE], i)), c10::Half::from_bits());
+    }
+  }
+};
+
+// Tensor k's words for this step, from its [key, count] (the driver advances count afterwards).
+template <typename scalar_t, bool SR> Rounding<scalar_t, SR> rounding_of(const TensorTable& t, int64_t k) {
+  Rounding<scalar_t, SR> r{};
+  if constexpr (Rounding<scalar_t, SR>::SR) {
+    for (uint32_t lane = 0; lane < 4; ++lane) r.stream[lane] = rounding_stream(t.rng[k][0], t.rng[k][1], lane);
+  }
+  return r;
+}
+
 // One element loop: p[i] ← element(i, p[i], ĝ[i]) over [begin, end), the state updated inside
-// element. With ``sums`` (a monitored row) the same loop also accumulates the row's telemetry, and
-// with ``columns`` 8 the direction statistics of direction(i, ĝ[i]) (read before element runs).
-template <typename scalar_t, typename opmath, typename Element, typename Dir>
+// element and the parameter stored through ``rounding``'s lane 0. With ``sums`` (a monitored row)
+// the same loop also accumulates the row's telemetry, and with ``columns`` 8 the direction
+// statistics of direction(i, ĝ[i]) (read before element runs).
+template <typename scalar_t, typename opmath, typename Round, typename Element, typename Dir>
 inline void update_elements(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
                             const GradTransform<opmath>& transform, double* sums, int64_t columns,
-                            const Element& element_arg, const Dir& direction) {
+                            const Round& rounding, const Element& element_arg, const Dir& direction) {
   // A local copy of the element function (which captures its state pointers by value): the
   // pointers then live in registers and the loops vectorize with contiguous loads and stores.
   const Element element = element_arg;
+  const Round r = rounding;
   if (sums == nullptr) {
 WDOPT_SIMD
     for (int64_t i = begin; i < end; ++i) {
-      p[i] = static_cast<scalar_t>(element(i, static_cast<opmath>(p[i]), transform(static_cast<opmath>(g[i]))));
+      p[i] = r.template store<0>(i, element(i, static_cast<opmath>(p[i]), transform(static_cast<opmath>(g[i]))));
     }
     return;
   }
   const auto next = [=](int64_t i, opmath w) { return element(i, w, transform(static_cast<opmath>(g[i]))); };
   const auto grad = [=](int64_t i) { return transform(static_cast<opmath>(g[i])); };
+  const auto store = [=](int64_t i, opmath x) { return r.template store<0>(i, x); };
   if (columns == 8) {
-    write_and_measure_directions(p, begin, end, next, grad, direction, sums);
+    write_and_measure_directions(p, begin, end, next, grad, direction, store, sums);
   } else {
-    write_and_measure(p, begin, end, next, grad, sums);
+    write_and_measure(p, begin, end, next, grad, store, sums);
   }
 }
 
@@ -279,25 +321,28 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
     }
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
+     dispatch_bool(!t.rng.empty(), [&](auto SR) {
       for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
         scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
         scalar_t* __restrict__ v = data<scalar_t>(t.state2[k]);
         scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(t.state3[k]) : nullptr;
         const auto c = coefficients[k];
+        const auto r = rounding_of<scalar_t, SR>(t, k);
         update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                        t.columns, [=](int64_t i, opmath pi, opmath gi) {
+                        t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
           adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
-          m[i] = mi;
-          v[i] = vi;
-          if (AMSGRAD) v_max[i] = vmi;
+          m[i] = r.template store<1>(i, mi);
+          v[i] = r.template store<2>(i, vi);
+          if (AMSGRAD) v_max[i] = r.template store<3>(i, vmi);
           return pi;
         }, [=](int64_t i, opmath gi) {
           return adamw_direction_statistics<AMSGRAD>(gi, static_cast<opmath>(m[i]), static_cast<opmath>(v[i]),
                                                      AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0), c);
         });
       });
+     });
     });
   });
 }
@@ -319,20 +364,23 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
       dispatch_bool(nesterov, [&](auto NESTEROV) {
         // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
         dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
+         dispatch_bool(!t.rng.empty(), [&](auto SR) {
           for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
             scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(t.state1[k]) : nullptr;
             const bool first = HAS_MOMENTUM && t.first[k];
+            const auto r = rounding_of<scalar_t, SR>(t, k);
             update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                            t.columns, [=](int64_t i, opmath pi, opmath gi) {
+                            t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
               opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
               sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
-              if (HAS_MOMENTUM) b[i] = bi;
+              if (HAS_MOMENTUM) b[i] = r.template store<1>(i, bi);
               return pi;
             }, [=](int64_t i, opmath gi) {
               return sgd_direction_statistics<HAS_MOMENTUM>(gi, HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0),
                                                             first);
             });
           });
+         });
         });
       });
     });
@@ -349,15 +397,18 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     using opmath = opmath_t<scalar_t>;
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
-      scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
-      update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                      t.columns, [=](int64_t i, opmath pi, opmath gi) {
-        opmath mi = m[i];
-        lion_update(pi, gi, mi, c);
-        m[i] = mi;
-        return pi;
-      }, [=](int64_t i, opmath gi) { return lion_direction_statistics(gi, static_cast<opmath>(m[i]), c); });
+    dispatch_bool(!t.rng.empty(), [&](auto SR) {
+      for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
+        scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
+        const auto r = rounding_of<scalar_t, SR>(t, k);
+        update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
+                        t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
+          opmath mi = m[i];
+          lion_update(pi, gi, mi, c);
+          m[i] = r.template store<1>(i, mi);
+          return pi;
+        }, [=](int64_t i, opmath gi) { return lion_direction_statistics(gi, static_cast<opmath>(m[i]), c); });
+      });
     });
   });
 }
@@ -370,7 +421,7 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList telemetry, double lr, double beta1,
             double beta2, double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
             const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf) {
+            const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
@@ -379,9 +430,10 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
   check_steps(steps, params);
   check_telemetry(telemetry, params);
+  check_rng(rng, params);
   if (skipped(found_inf)) return;
   const TensorTable t = gather(params, grads, {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
-                               steps, telemetry);
+                               steps, telemetry, rng);
   adamw_table(t, params[0].scalar_type(), lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
               lr_tensor, grad_scale, std::nullopt);
 }
@@ -391,7 +443,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           at::TensorList telemetry, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
           bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf) {
+          const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_params(params);
@@ -401,8 +453,9 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     TORCH_CHECK(first_steps.size() == params.size(), "wdopt: one first_steps flag per parameter is needed");
   }
   check_telemetry(telemetry, params);
+  check_rng(rng, params);
   if (skipped(found_inf)) return;
-  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry);
+  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry, rng);
   t.first = first_step_flags(first_steps, "wdopt::sgd_");
   sgd_table(t, params[0].scalar_type(), lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay,
             decay_lr_scale, maximize, lr_tensor, grad_scale, std::nullopt);
@@ -411,14 +464,15 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry, double lr,
            double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf) {
+           const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
   check_list(exp_avgs, params, "exp_avgs");
   check_telemetry(telemetry, params);
+  check_rng(rng, params);
   if (skipped(found_inf)) return;
-  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry);
+  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry, rng);
   lion_table(t, params[0].scalar_type(), lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, lr_tensor,
              grad_scale, std::nullopt);
 }

@@ -23,6 +23,7 @@ struct TensorTable {
   std::vector<double*> telemetry;  // empty, or one (K, columns) float64 buffer per tensor ...
   std::vector<int64_t> rows;       // ... of K rows
   int64_t columns = 4;             // 4 sums, or 8 with the direction statistics
+  std::vector<const int64_t*> rng;  // empty (round to nearest), or per tensor its stochastic-rounding [key, count]
 
   void resize(size_t n) {
     numel.assign(n, 0);

@@ -125,7 +125,8 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
   }
   write_and_measure(
       p, 0, size,
-      [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
+      [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at,
+      [](int64_t, opmath x) { return static_cast<scalar_t>(x); }, sums);
 }
 
 // The longest row whose copy lives in a thread's scratch memory (see the walk below).

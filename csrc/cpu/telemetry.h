@@ -18,13 +18,13 @@ namespace wdopt::cpu {
 // vector width (a monitored step then costs 1.2× an unmonitored one instead of 1.05×).
 constexpr int64_t kTelemetryChunk = 1024;
 
-// p[i] ← next(i, ω_i) over [begin, end), ω_i = p[i] in the math dtype, and the range's sums
+// p[i] ← store(i, next(i, ω_i)) over [begin, end), ω_i = p[i] in the math dtype, and the range's sums
 // [Σω², Σω·Δω, ΣΔω², Σĝ²] into sums[0..3], Δω = stored new value − ω, ĝ = grad(i).
 // ``next`` and ``grad`` should capture by value: pointers captured by reference are reloaded
 // through memory and the loop falls back to gathers.
-template <typename scalar_t, typename Next, typename Grad>
+template <typename scalar_t, typename Next, typename Grad, typename Store>
 inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t end, const Next& next_arg,
-                              const Grad& grad_arg, double* sums) {
+                              const Grad& grad_arg, const Store& store, double* sums) {
   using opmath = opmath_t<scalar_t>;
   const Next next = next_arg;  // local copies: their captured pointers stay in registers
   const Grad grad = grad_arg;
@@ -35,7 +35,7 @@ inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t e
 #pragma omp simd reduction(+ : cw2, cwd, cd2, cg2)
     for (int64_t i = chunk; i < stop; ++i) {
       const opmath w = static_cast<opmath>(p[i]);
-      const scalar_t after = static_cast<scalar_t>(next(i, w));
+      const scalar_t after = store(i, next(i, w));
       p[i] = after;
       const opmath d = static_cast<opmath>(after) - w, g = grad(i);
       cw2 += w * w;
@@ -58,9 +58,10 @@ inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t e
 // sums[4..7], with (n, s) = direction(i, ĝ) the optimizer's direction and momentum *before* the
 // step, so it is called before ``next`` (which writes the state). Same chunking: the products and
 // chunk sums in the math dtype, the totals in double.
-template <typename scalar_t, typename Next, typename Grad, typename Dir>
+template <typename scalar_t, typename Next, typename Grad, typename Dir, typename Store>
 inline void write_and_measure_directions(scalar_t* __restrict__ p, int64_t begin, int64_t end, const Next& next_arg,
-                                         const Grad& grad_arg, const Dir& direction_arg, double* sums) {
+                                         const Grad& grad_arg, const Dir& direction_arg, const Store& store,
+                                         double* sums) {
   using opmath = opmath_t<scalar_t>;
   const Next next = next_arg;
   const Grad grad = grad_arg;
@@ -73,7 +74,7 @@ inline void write_and_measure_directions(scalar_t* __restrict__ p, int64_t begin
     for (int64_t i = chunk; i < stop; ++i) {
       const opmath w = static_cast<opmath>(p[i]), g = grad(i);
       const auto dir = direction(i, g);
-      const scalar_t after = static_cast<scalar_t>(next(i, w));
+      const scalar_t after = store(i, next(i, w));
       p[i] = after;
       const opmath d = static_cast<opmath>(after) - w;
       cw2 += w * w;

@@ -195,8 +195,9 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta1, double beta2,
                 double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   constexpr const char* op = "wdopt::adamw_";
+  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -264,8 +265,9 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double momentum, double dampening,
               bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   constexpr const char* op = "wdopt::sgd_";
+  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -311,8 +313,9 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry,
                double lr, double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
   constexpr const char* op = "wdopt::lion_";
+  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);

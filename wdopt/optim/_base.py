@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends
+from ..reference import rounding
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
 from . import _dtensor
@@ -72,6 +73,19 @@ def check_common(lr, weight_decay, decay_scaling, backend, differentiable, const
         raise ValueError(f"Unknown backend {backend!r}; choose one of {backends.BACKEND_CHOICES}")
     if differentiable:
         raise ValueError("wdopt optimizers do not support differentiable=True; use torch.optim for that")
+
+
+def check_rounding(group: dict[str, Any], cls_name: str, supported: bool = True) -> None:
+    """``stochastic_rounding`` must be a bool and ``rounding_seed`` an integer in [0, 2^64)."""
+    on = group.get("stochastic_rounding", False)
+    seed = group.get("rounding_seed", 0)
+    if not isinstance(on, bool):
+        raise ValueError(f"stochastic_rounding must be True or False, got {on!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"rounding_seed must be an integer in [0, 2**64), got {seed!r}")
+    if on and not supported:
+        raise ValueError(f"{cls_name} does not support stochastic_rounding yet; FusedAdamW, FusedSGD and "
+                         "FusedLion do")
 
 
 def _kernel_statistics(backend, device: torch.device) -> bool:
@@ -178,9 +192,23 @@ class FusedOptimizer(Optimizer):
         # ``backend`` says where this process runs, not how the checkpoint was made: a state dict
         # saved on a GPU machine ("triton") must load on a CPU one. Keep this optimizer's choice.
         chosen = [group["backend"] for group in self.param_groups]
+        # torch casts every state tensor of a floating-point parameter to its dtype: stochastic
+        # rounding's int64 [key, count] would become bf16. Keep the saved ones as they are; one
+        # already cast (a state dict that went through torch.optim) is dropped and made anew.
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        rngs = {}
+        for i, p in zip(saved_ids, (p for group in self.param_groups for p in group["params"])):
+            rng = state_dict.get("state", {}).get(i, {}).get("rng")
+            if isinstance(rng, torch.Tensor):
+                rngs[p] = rng if rng.dtype == torch.int64 else None
         super().load_state_dict(state_dict)
         for group, backend in zip(self.param_groups, chosen):
             group["backend"] = backend
+        for p, rng in rngs.items():
+            if rng is None:
+                self.state[p].pop("rng", None)
+            else:
+                self.state[p]["rng"] = rng.to(device=p.device, copy=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -260,6 +288,7 @@ class FusedOptimizer(Optimizer):
         for group, _, params, _ in plan:
             for p in params:
                 self._init_state(p, group)
+            self._init_rng(group, params)
         # Rotation telemetry (wdopt.RotationMonitor): {id(param): (K, 4) buffer} for this step,
         # (K, 8) with the direction statistics (RotationMonitor(statistics=True)).
         due = [monitor for monitor in self._monitors if monitor._due()]
@@ -308,6 +337,62 @@ class FusedOptimizer(Optimizer):
             if fast is not None:
                 self.__dict__["_fast"] = fast
         return loss
+
+    # ------------------------------------------------------------------ stochastic rounding
+
+    #: Whether this class's kernels round bf16/fp16 stores stochastically (``stochastic_rounding``).
+    _stochastic_rounding_supported = True
+
+    def _init_rng(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """State ``rng`` = int64 [key, count] of each bf16/fp16 parameter of a group with stochastic
+        rounding (wdopt/reference/rounding.py): the key from the group's ``rounding_seed`` and the
+        parameter's position in the optimizer (as in its state dict), the count 0."""
+        if not group["stochastic_rounding"]:
+            return
+        missing = [p for p in params if _rounded(p.dtype) and "rng" not in self.state[p]]
+        if not missing:
+            return
+        position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        for p in missing:
+            key = rounding.parameter_key(group["rounding_seed"], position[id(p)])
+            self.state[p]["rng"] = torch.tensor([key, 0], dtype=torch.int64, device=p.device)
+
+    def _rngs(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The bucket's ``rng`` tensors for its kernels, or [] (rounding to nearest)."""
+        if not (group["stochastic_rounding"] and params and _rounded(params[0].dtype)):
+            return []
+        return [self.state[p]["rng"] for p in params]
+
+    def _advance_rng(self, rngs: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
+        """count += 1 after the kernels drew this step's bits, on the device (a CUDA graph's replay
+        advances it too); not when GradScaler skipped the step (nothing was written)."""
+        if not rngs:
+            return
+        device = rngs[0].device
+        increments = self.__dict__.setdefault("_rng_increments", {})
+        one = increments.get(device)
+        if one is None:
+            one = increments[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
+        if found_inf is not None:
+            one = one * (found_inf == 0)
+        torch._foreach_add_(rngs, [one] * len(rngs))
+
+    def _run_bucket(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()) -> list:
+        """One bucket through its backend: state lists, dense work tensors, the launch, stochastic
+        rounding's counts. Returns the bucket's first-step flags (FusedSGD clears them)."""
+        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
+        tensors = KernelTensors(params, grads, lists, kernel_ready)
+        rngs = self._rngs(group, params)
+        extra = {}
+        if telemetry:
+            extra["telemetry"] = telemetry
+        if rngs:
+            extra["rng"] = rngs
+        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
+                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf, **extra)
+        tensors.write_back()
+        self._advance_rng(rngs, found_inf)
+        return first_steps
 
     def _fast_usable(self, fast) -> bool:
         """``fast.usable``; a check stopped halfway (an interrupt, an error) drops the fast step:
@@ -502,6 +587,10 @@ class FusedOptimizer(Optimizer):
                     continue
                 signature = (p.dtype, p.shape, p.device)
                 if type(p) not in _PLAIN or type(g) not in _PLAIN:  # e.g. DTensors (FSDP2, tensor parallel)
+                    if group["stochastic_rounding"] and _rounded(p.dtype):
+                        raise NotImplementedError(
+                            f"stochastic_rounding of sharded (DTensor) parameters is not supported yet: parameter "
+                            f"{param_index} of param group {group_index}")
                     _dtensor.check_grad(p, g, f"parameter {param_index} of param group {group_index} "
                                               f"(shape {tuple(p.shape)})")
                     # Kernels see local shards: their layout and addresses are what matters.
@@ -548,7 +637,12 @@ class FusedOptimizer(Optimizer):
                 if real_dtype not in backends.SUPPORTED_DTYPES[backend]:
                     raise ValueError(f"backend {backend!r} does not support {dtype} parameters")
                 kernel_ready = key not in not_kernel_ready and not dtype.is_complex
-                entries.append((group, backends.load(backend), params, kernel_ready))  # may build the C++ extension
+                module = backends.load(backend)  # may build the C++ extension
+                if group["stochastic_rounding"] and _rounded(dtype) and not backends.rounds_stochastically(module, device):
+                    raise NotImplementedError(
+                        f"param group {group_index}: backend {backend!r} has no stochastic rounding for {dtype} "
+                        f"parameters on {device.type} yet; use backend='reference' or stochastic_rounding=False")
+                entries.append((group, module, params, kernel_ready))
             if sparse:
                 entries.append((group, SPARSE, sparse, False))
             if self._overlapping(entries, tuple(addresses), checks):
@@ -664,6 +758,12 @@ class FusedOptimizer(Optimizer):
             if _dtensor.is_dtensor(t):
                 contiguous = contiguous and t._local_tensor.is_contiguous()
         self._check_other_state(p, state, group_index, f"parameter {param_index} of param group {group_index}")
+        rng = state.get("rng")
+        if rng is not None and not (isinstance(rng, torch.Tensor) and type(rng) in _PLAIN and rng.dtype == torch.int64
+                                    and rng.shape == (2,) and rng.device == p.device and rng.is_contiguous()):
+            raise RuntimeError(f"state 'rng' of parameter {param_index} of param group {group_index} must be a "
+                               f"contiguous int64 tensor of 2 elements (stochastic rounding's key and count) on "
+                               f"{p.device}, got {rng!r:.200}")
         step = state.get("step")
         if isinstance(step, torch.Tensor) and _dtensor.is_dtensor(step):
             raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} is a "
@@ -814,6 +914,11 @@ def _settled_float(x) -> float:
         cached = (weakref.ref(x), x._version, x.item())
         _SETTLED[id(x)] = cached
     return cached[2]
+
+
+def _rounded(dtype: torch.dtype) -> bool:
+    """Stored in bf16 or fp16 (complex32 as fp16 pairs): what stochastic rounding applies to."""
+    return dtype in (torch.bfloat16, torch.float16, torch.complex32)
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:

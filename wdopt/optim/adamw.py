@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, KernelTensors, _step_tensor, check_betas, check_common
+from ._base import FusedOptimizer, _step_tensor, check_betas, check_common, check_rounding
 
 
 class FusedAdamW(FusedOptimizer):
@@ -32,6 +32,11 @@ class FusedAdamW(FusedOptimizer):
         decay_scaling: "lr" for torch's p·(1 − lr·λ); "schedule" for p·(1 − λ·lr/initial_lr):
             decay follows an LR schedule's shape but not lr's magnitude (muP, LR sweeps).
         backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``wdopt.available_backends``).
+        stochastic_rounding: store bf16/fp16 parameters and states rounded stochastically (unbiased)
+            instead of to nearest, so updates and decay far below half an ulp still act on average;
+            fp32/fp64 tensors are unaffected. Bits are a hash of (seed, parameter, step, element):
+            every backend gives the same bits (wdopt/reference/rounding.py). Adds state ``rng``.
+        rounding_seed: the integer the parameters' random streams derive from (saved in ``rng``).
         foreach, fused: accepted for compatibility with torch.optim calls; they have no effect.
         differentiable: must be False.
     """
@@ -49,6 +54,8 @@ class FusedAdamW(FusedOptimizer):
         capturable: bool = False,
         decay_scaling: str = "lr",
         backend: str = "auto",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -61,12 +68,14 @@ class FusedAdamW(FusedOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, decay_scaling=decay_scaling, backend=backend,
+            stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
 
     def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
                      group["differentiable"], constructing)
+        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported)
         group["betas"] = check_betas(group["betas"])
         if not 0.0 <= group["eps"]:
             raise ValueError(f"Invalid epsilon value: {group['eps']}")
@@ -101,12 +110,7 @@ class FusedAdamW(FusedOptimizer):
         return {key: [s[key] for s in states] for key in keys}, [s["step"] for s in states], [None] * len(params)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
-        tensors = KernelTensors(params, grads, lists, kernel_ready)
-        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
-                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
-                     **({"telemetry": telemetry} if telemetry else {}))
-        tensors.write_back()
+        self._run_bucket(group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry)
 
     def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
                 found_inf, **extra):

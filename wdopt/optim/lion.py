@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, KernelTensors, check_betas, check_common
+from ._base import FusedOptimizer, check_betas, check_common, check_rounding
 
 
 class FusedLion(FusedOptimizer):
@@ -29,7 +29,8 @@ class FusedLion(FusedOptimizer):
         params: parameters or parameter groups.
         lr: learning rate, a float or a 1-element tensor (read on device when ``capturable``).
         betas: (β1, β2), the interpolation for the update sign and the momentum decay.
-        weight_decay, maximize, capturable, decay_scaling, backend: see FusedAdamW.
+        weight_decay, maximize, capturable, decay_scaling, stochastic_rounding, rounding_seed,
+            backend: see FusedAdamW.
         foreach, fused: accepted for compatibility; they have no effect.
         differentiable: must be False.
     """
@@ -45,6 +46,8 @@ class FusedLion(FusedOptimizer):
         capturable: bool = False,
         decay_scaling: str = "lr",
         backend: str = "auto",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -54,12 +57,14 @@ class FusedLion(FusedOptimizer):
             lr=lr, betas=check_betas(betas), weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decay_scaling=decay_scaling, backend=backend,
+            stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
 
     def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
                      group["differentiable"], constructing)
+        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported)
         group["betas"] = check_betas(group["betas"])
 
     _state_tensors = ("exp_avg",)
@@ -81,12 +86,7 @@ class FusedLion(FusedOptimizer):
         return {"exp_avg": [s["exp_avg"] for s in states]}, [], [None] * len(params)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
-        tensors = KernelTensors(params, grads, lists, kernel_ready)
-        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
-                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
-                     **({"telemetry": telemetry} if telemetry else {}))
-        tensors.write_back()
+        self._run_bucket(group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry)
 
     def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
                 found_inf, **extra):

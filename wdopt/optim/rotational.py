@@ -33,6 +33,7 @@ class _Rotational:
     the split of each step into rotational and base updates."""
 
     _fast_kind = None  # every step through the validation path: the rotational driver is Python
+    _stochastic_rounding_supported = False  # the rotational kernels round to nearest (for now)
     _statistics_in_buffers = False  # its kernels take (K, 4) buffers: statistics are read before the step
 
     def _init_rotational(self, options: dict) -> None:

@@ -9,7 +9,7 @@ import torch
 from ..reference._common import step_skipped
 from ..reference.sgd import sgd_sparse_step
 from . import _dtensor
-from ._base import FusedOptimizer, KernelTensors, _float, check_common
+from ._base import FusedOptimizer, _float, check_common, check_rounding
 
 
 class FusedSGD(FusedOptimizer):
@@ -41,6 +41,11 @@ class FusedSGD(FusedOptimizer):
         capturable: read lr on the device, never syncing the host (CUDA graphs).
         decay_scaling: "lr" or "schedule" (see FusedAdamW); only with decoupled_weight_decay.
         backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``wdopt.available_backends``).
+        stochastic_rounding: store bf16/fp16 parameters and states rounded stochastically (unbiased)
+            instead of to nearest, so updates and decay far below half an ulp still act on average;
+            fp32/fp64 tensors are unaffected. Bits are a hash of (seed, parameter, step, element):
+            every backend gives the same bits (wdopt/reference/rounding.py). Adds state ``rng``.
+        rounding_seed: the integer the parameters' random streams derive from (saved in ``rng``).
         foreach, fused: accepted for compatibility with torch.optim calls; they have no effect.
         differentiable: must be False.
     """
@@ -59,6 +64,8 @@ class FusedSGD(FusedOptimizer):
         capturable: bool = False,
         decay_scaling: str = "lr",
         backend: str = "auto",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -68,6 +75,7 @@ class FusedSGD(FusedOptimizer):
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
             decay_scaling=decay_scaling, backend=backend,
+            stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
         )
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -75,6 +83,7 @@ class FusedSGD(FusedOptimizer):
     def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
                      group["differentiable"], constructing)
+        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported)
         if group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -114,12 +123,7 @@ class FusedSGD(FusedOptimizer):
         self._flags.clear(flags, found_inf)
 
     def _update(self, group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry=()):
-        lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
-        tensors = KernelTensors(params, grads, lists, kernel_ready)
-        self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
-                     self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf,
-                     **({"telemetry": telemetry} if telemetry else {}))
-        tensors.write_back()
+        first_steps = self._run_bucket(group, backend, params, grads, grad_scale, found_inf, kernel_ready, telemetry)
         self._flags.clear(first_steps, found_inf)
 
     def _launch(self, backend, group, params, grads, lists, steps, first_steps, lr, decay_lr_scale, grad_scale,
@@ -142,6 +146,9 @@ class FusedSGD(FusedOptimizer):
     _sparse_grads = True
 
     def _check_sparse_grad(self, p, group, where):
+        if group["stochastic_rounding"] and p.dtype in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"FusedSGD: stochastic_rounding with a sparse gradient ({where}) is not supported: "
+                               "torch's sparse ops update the parameter, rounding to nearest")
         if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
             raise RuntimeError(f"FusedSGD: weight_decay with a sparse gradient ({where}): torch.optim.SGD refuses "
                                "it too (add(sparse, dense) is not supported); use weight_decay=0 or "

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .rounding import Rounder
 from ._common import compute_dtype, decay_factor, lerp, reciprocal, scalar, sqrt, step_skipped, unscaled
 
 
@@ -47,32 +48,38 @@ def adamw_step(
     decay_lr_scale: float = 1.0,
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step on one real tensor, in place. ``step`` is the count after this step (≥ 1)."""
+    """One AdamW step on one real tensor, in place. ``step`` is the count after this step (≥ 1).
+    ``rng``: the parameter's (key, count) for stochastic rounding of bf16/fp16 stores (rounding.py)."""
     dt = compute_dtype(param)
     g = unscaled(grad, dt, grad_scale, maximize)
     p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
     m, v = moments(g, exp_avg, exp_avg_sq, beta1, beta2)
     if max_exp_avg_sq is not None:
         v_max = torch.maximum(max_exp_avg_sq.to(dt), v)
-        max_exp_avg_sq.copy_(v_max)
     else:
         v_max = v
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = sqrt(v_max) * reciprocal(bias_correction2_sqrt, dt) + scalar(eps, dt)
     p = p - scalar(step_size, dt) * (m / denom)
-    param.copy_(p)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    store = Rounder(rng, param)
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq.copy_(store(v_max, max_exp_avg_sq.dtype, 3))
+    param.copy_(store(p, param.dtype, 0))
+    exp_avg.copy_(store(m, exp_avg.dtype, 1))
+    exp_avg_sq.copy_(store(v, exp_avg_sq.dtype, 2))
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None,
+    grad_scale=None, found_inf=None, rng=(),
 ) -> None:
-    """The reference backend: ``adamw_step`` on each tensor; ``steps`` are advanced here."""
+    """The reference backend: ``adamw_step`` on each tensor; ``steps`` are advanced here. ``rng``:
+    [] (round to nearest) or one (key, count) int64 tensor per parameter (stochastic rounding; the
+    caller advances the counts)."""
     if step_skipped(found_inf):
         return
     lr = float(lr)
@@ -82,5 +89,5 @@ def adamw(
             param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
             int(steps[i].item()), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-            grad_scale=grad_scale,
+            grad_scale=grad_scale, rng=rng[i] if rng else None,
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .rounding import Rounder
 from ._common import compute_dtype, decay_factor, lerp, scalar, step_skipped, unscaled
 
 
@@ -44,21 +45,23 @@ def lion_step(
     decay_lr_scale: float = 1.0,
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None,
 ) -> None:
-    """One Lion step on one real tensor, in place."""
+    """One Lion step on one real tensor, in place (``rng``: as adamw_step's)."""
     dt = compute_dtype(param)
     g = unscaled(grad, dt, grad_scale, maximize)
     c, m = interpolations(g, exp_avg, beta1, beta2)
     p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
-    param.copy_(p - scalar(lr, dt) * sign(c))
-    exp_avg.copy_(m)
+    store = Rounder(rng, param)
+    param.copy_(store(p - scalar(lr, dt) * sign(c), param.dtype, 0))
+    exp_avg.copy_(store(m, exp_avg.dtype, 1))
 
 
 def lion(
     params, grads, exp_avgs,
-    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None,
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, rng=(),
 ) -> None:
-    """The reference backend: ``lion_step`` on each tensor."""
+    """The reference backend: ``lion_step`` on each tensor (``rng``: as adamw's)."""
     if step_skipped(found_inf):
         return
     lr = float(lr)
@@ -66,5 +69,5 @@ def lion(
         lion_step(
             param, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
             weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-            grad_scale=grad_scale,
+            grad_scale=grad_scale, rng=rng[i] if rng else None,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .rounding import Rounder
 from ._common import compute_dtype, decay_factor, reciprocal, scalar, step_skipped, unscaled
 
 
@@ -31,9 +32,12 @@ def sgd_step(
     decay_lr_scale: float = 1.0,
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None,
 ) -> None:
-    """One SGD step on one real tensor, in place. ``first_step``: the buffer holds no history yet."""
+    """One SGD step on one real tensor, in place. ``first_step``: the buffer holds no history yet.
+    ``rng``: the parameter's (key, count) for stochastic rounding of bf16/fp16 stores (rounding.py)."""
     dt = compute_dtype(param)
+    store = Rounder(rng, param)
     g = unscaled(grad, dt, grad_scale, maximize)
     p = param.to(dt)
     if decoupled_weight_decay:
@@ -45,17 +49,17 @@ def sgd_step(
             b = g
         else:
             b = momentum_buffer.to(dt) * scalar(momentum, dt) + scalar(1.0 - dampening, dt) * g
-        momentum_buffer.copy_(b)
+        momentum_buffer.copy_(store(b, momentum_buffer.dtype, 1))
         g = g + scalar(momentum, dt) * b if nesterov else b
-    param.copy_(p - scalar(lr, dt) * g)
+    param.copy_(store(p - scalar(lr, dt) * g, param.dtype, 0))
 
 
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None,
+    maximize, grad_scale=None, found_inf=None, rng=(),
 ) -> None:
-    """The reference backend: ``sgd_step`` on each tensor. ``first_steps``: per buffer, None (it has
+    """The reference backend: ``sgd_step`` on each tensor (``rng``: as adamw's). ``first_steps``: per buffer, None (it has
     history) or the optimizer's 0-d flag tensor, nonzero while it has none (read on the host here:
     the reference backend syncs)."""
     if step_skipped(found_inf):
@@ -66,7 +70,7 @@ def sgd(
             param, grads[i], momentum_buffers[i], first_steps[i] is not None and bool(first_steps[i]), lr=lr,
             weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
             decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale,
-            maximize=maximize, grad_scale=grad_scale,
+            maximize=maximize, grad_scale=grad_scale, rng=rng[i] if rng else None,
         )
 
 

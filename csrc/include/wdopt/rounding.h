@@ -1,0 +1,79 @@
+// Stochastic rounding of fp32 results to bf16/fp16 storage, the one C++ statement of it
+// (wdopt/reference/rounding.py is the specification; its docstring derives it). Shared by the CPU
+// and CUDA kernels. The random bits are a hash of (key, count, lane, element index): the same on
+// every backend whatever the threads, blocks or launch shape.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "hd.h"
+
+namespace wdopt {
+
+// MurmurHash3's 32-bit finalizer.
+WDOPT_HD uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The word of one tensor, step and lane (0: the parameter; 1-3: the optimizer's state tensors).
+WDOPT_HD uint32_t rounding_stream(int64_t key, int64_t count, uint32_t lane) {
+  const uint64_t c = static_cast<uint64_t>(count);
+  uint32_t h = fmix32(static_cast<uint32_t>(c >> 32) + lane * 0x632BE5ABu);
+  h = fmix32(static_cast<uint32_t>(c) ^ h);
+  return fmix32(static_cast<uint32_t>(key) ^ h);
+}
+
+// The word of element ``index`` (its offset in the tensor's memory).
+WDOPT_HD uint32_t rounding_bits(uint32_t stream, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  return fmix32(stream + static_cast<uint32_t>(i) * 0x9E3779B9u + static_cast<uint32_t>(i >> 32) * 0x85EBCA77u);
+}
+
+WDOPT_HD uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+WDOPT_HD float bits_float(uint32_t u) {
+  float x;
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// x rounded stochastically to bf16, returned as the fp32 value it is (its low 16 bits zero: the
+// caller's conversion to bf16 is then exact). Adding r to the 16 bits bf16 drops carries into
+// the kept bits exactly when the dropped fraction is at least (2^16 − r)/2^16. NaN: to nearest.
+WDOPT_HD float stochastic_round_bf16(float x, uint32_t bits) {
+  if (x != x) return x;
+  return bits_float((float_bits(x) + (bits & 0xFFFFu)) & 0xFFFF0000u);
+}
+
+// The non-negative fp16 value of a 15-bit magnitude, as fp32 (exact).
+WDOPT_HD float half_magnitude(uint32_t m) {
+  if (m < 0x400u) return static_cast<float>(m) * 5.9604644775390625e-08f;  // subnormal: m·2^-24
+  if (m >= 0x7C00u) return bits_float(0x7F800000u);                          // inf (m never exceeds it here)
+  return bits_float(((m >> 10) + 112u) << 23 | (m & 0x3FFu) << 13);           // exponent − 15 + 127
+}
+
+// x rounded stochastically to fp16, as fp16 bits; ``nearest`` is x rounded to nearest (fp16 bits,
+// from the platform's conversion). a, b: x's neighbours toward and away from zero; round up when
+// (|x| − a) ≥ (2^16 − r)·(b − a)·2^-16, every operation exact in fp32. NaN and |x| > 65504 (the
+// largest finite fp16): to nearest.
+WDOPT_HD uint16_t stochastic_round_fp16(float x, uint16_t nearest, uint32_t bits) {
+  const float ax = x < 0.0f ? -x : x;
+  if (x != x || ax > 65504.0f) return nearest;
+  const uint32_t sign = nearest & 0x8000u, magnitude = nearest & 0x7FFFu;
+  const uint32_t a_mag = half_magnitude(magnitude) > ax ? magnitude - 1u : magnitude;
+  const float a = half_magnitude(a_mag), b = half_magnitude(a_mag + 1u);
+  const float threshold = static_cast<float>(65536u - (bits & 0xFFFFu)) * (b - a) * 1.52587890625e-05f;  // 2^-16
+  return static_cast<uint16_t>(sign | ((ax - a) >= threshold ? a_mag + 1u : a_mag));
+}
+
+}  // namespace wdopt
