@@ -22,6 +22,10 @@
 //     store rounds to nearest) or one int64 [key, count] tensor of 2 elements per parameter on its
 //     device, read by the kernel (not written: the driver advances count after the call); stores
 //     to bf16/fp16 tensors then round stochastically with the bits of (key, count, lane, element).
+//   * ``correction`` (compensated bf16 parameters, same specification): [] or, for bfloat16
+//     parameters, one int16 (32-bit master weights) or int8 (24-bit) tensor per parameter, all
+//     alike, shaped and laid out like it: the low bits of its master weight, which the kernel
+//     loads with the parameter, updates, and stores back split into the two.
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {
@@ -29,13 +33,13 @@ TORCH_LIBRARY(wdopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(g!)[] correction) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] first_steps, "
       "Tensor(c!)[] telemetry, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction) -> ()");
   // Rotational variants (docs/theory.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
   // momentum_buffer / exp_avg, ``state2`` exp_avg_sq (AdamW, else []), ``steps`` AdamW's step
   // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
@@ -55,5 +59,5 @@ TORCH_LIBRARY(wdopt, m) {
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction) -> ()");
 }

@@ -7,6 +7,7 @@
 namespace wc = wdopt::cuda;
 namespace {
 wc::Telemetry g_telemetry;  // applied to the next adamw/sgd/lion calls (emu_set_telemetry)
+const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion calls (emu_set_rng)
 wc::DeviceScalar scalar(const void* p, int is_double) {
   wc::DeviceScalar s;
   s.ptr = p;
@@ -34,6 +35,7 @@ int emu_adamw(int dtype, int64_t n, const int64_t* numels, void** p, const void*
   a.amsgrad = amsgrad != 0; a.lr_tensor = scalar(lr_t, lr_d); a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.scratch = scratch;
   a.telemetry = g_telemetry;
+  a.rng = g_rng;
   return static_cast<int>(wc::adamw(a, nullptr));
 }
 int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** b, const float* const* first,
@@ -46,6 +48,7 @@ int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** 
   a.nesterov = nesterov != 0; a.decoupled_weight_decay = decoupled != 0;
   a.lr_tensor = scalar(lr_t, lr_d); a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
+  a.rng = g_rng;
   return static_cast<int>(wc::sgd(a, nullptr));
 }
 int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** m, const double* h,
@@ -56,6 +59,7 @@ int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void**
   a.lr = h[0]; a.beta1 = h[1]; a.beta2 = h[2]; a.weight_decay = h[3]; a.decay_lr_scale = h[4];
   a.lr_tensor = scalar(lr_t, lr_d); a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
+  a.rng = g_rng;
   return static_cast<int>(wc::lion(a, nullptr));
 }
 void emu_set_telemetry(double** buffers, const int64_t* rows) {
@@ -63,6 +67,7 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
   g_telemetry.rows = rows;
 }
 void emu_set_telemetry_columns(int columns) { g_telemetry.columns = columns; }
+void emu_set_rng(const int64_t* const* rng) { g_rng = rng; }
 wc::DeviceScalar g_rate;  // applied to the next rotational calls (emu_set_rate)
 void emu_set_rate(const void* rate, int is_double) { g_rate = scalar(rate, is_double); }
 int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, const int64_t* rows, void** p,
@@ -94,6 +99,15 @@ int emu_table_capacity(int depth) {
     case 3: return wc::UpdateTable<3>::kCapacity;
     case 4: return wc::UpdateTable<4>::kCapacity;
     case 5: return wc::UpdateTable<5>::kCapacity;
+  }
+  return -1;
+}
+int emu_rounding_table_capacity(int depth) {  // the stochastic-rounding kernels' tables
+  switch (depth) {
+    case 2: return wc::UpdateTable<2, true>::kCapacity;
+    case 3: return wc::UpdateTable<3, true>::kCapacity;
+    case 4: return wc::UpdateTable<4, true>::kCapacity;
+    case 5: return wc::UpdateTable<5, true>::kCapacity;
   }
   return -1;
 }

@@ -6,7 +6,8 @@
 * csrc/cuda/binding.cpp passes the host compiler's syntax check against torch's headers.
 * The engine's logic runs on the CPU: kernels.cu built with WDOPT_HOST_EMULATION executes every
   launch as host loops over blocks and threads, and must reproduce the reference bit for bit
-  (chunking, tails, misaligned tensors, table batching, step counts, GradScaler, capturable lr).
+  (chunking, tails, misaligned tensors, table batching, step counts, GradScaler, capturable lr,
+  stochastic rounding's bits).
 
 What the emulation cannot prove: it runs a block's phases one after another (each phase for
 all its threads, one thread after another, then the next phase) and blocks one after another, so
@@ -36,6 +37,7 @@ import torch
 from wdopt import reference, theory
 from wdopt.kernels.build import cxx_standard
 from wdopt.reference import rotational as rv
+from wdopt.reference import rounding
 from wdopt.reference import telemetry as reference_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +101,9 @@ def nvcc_build(tmp_path_factory):
     cmd = [nvcc, *NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, "--threads", "2", "-Xcompiler", "-Wall",
            "-Xptxas", "-warn-spills,-warn-lmem-usage,-v", "--keep", "--keep-dir", str(out),
            "-c", str(KERNELS), "-o", str(out / "kernels.o")]
-    result = _run(cmd, cwd=out)
+    # About 110 s of CPU (2 threads) on an idle machine, the stochastic-rounding kernels included;
+    # the limit only guards against a hang, with room for a busy machine.
+    result = _run(cmd, cwd=out, timeout=600)
     return result, out
 
 
@@ -138,11 +142,12 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     entries = _ptx_entries(out, arch)
     updates = {k: v for k, v in entries.items() if "UpdateKernel" in k}
-    # AdamW (4 dtypes x amsgrad), SGD (4 dtypes x 6 momentum/nesterov/decoupled cases), Lion (4 dtypes).
-    assert len(updates) == 8 + 24 + 4, sorted(updates)
+    # AdamW (4 dtypes x amsgrad), SGD (4 dtypes x 6 momentum/nesterov/decoupled cases), Lion (4 dtypes),
+    # each once more with stochastic rounding for bf16 and fp16 (half the count).
+    assert len(updates) == (8 + 24 + 4) * 3 // 2, sorted(updates)
     # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
     # rotational row kernels (4 dtypes x 5 directions)
-    assert sum("TelemetryKernel" in k for k in entries) == 2 * (8 + 24 + 4)
+    assert sum("TelemetryKernel" in k for k in entries) == 2 * (8 + 24 + 4) * 3 // 2
     assert sum("RotationalRowKernel" in k for k in entries) == 20
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
@@ -236,6 +241,9 @@ def emu(tmp_path_factory):
     lib.emu_set_rate.argtypes = [P, I]
     lib.emu_set_rate.restype = None
     lib.emu_table_capacity.argtypes = [I]
+    lib.emu_rounding_table_capacity.argtypes = [I]
+    lib.emu_set_rng.argtypes = [P]
+    lib.emu_set_rng.restype = None
     for name in ("emu_scratch_bytes", "emu_launches", "emu_rotational_scratch_bytes"):
         getattr(lib, name).restype = I64
     return lib
@@ -545,6 +553,211 @@ def test_emulated_telemetry_not_written_when_found_inf(emu):
     assert err == 0
     _assert_identical(params, before, "params")
     assert all(bool(b.isnan().all()) for b in bufs)
+
+
+# ------------------------------------------------------------------------------------ stochastic rounding
+
+# bf16/fp16 chunks are 32768 elements: odd sizes, and tensors of two and three chunks, whose bits
+# are those of the element's offset in the tensor (a chunk-relative index would repeat the first
+# chunk's bits); 32773 is misaligned (the scalar path across chunks); monitored, 65535 is 17 rows
+# of 3855 elements, 65537 (prime) one row.
+SR_SIZES = [0, 1, 3, 17, 255, 1031, 32773, 65535, 65537]
+SR_MISALIGNED = {2, 6}
+SR_CHUNK = 32768
+# Every launcher with its stored streams (AdamW: 3 lanes, 4 with amsgrad), GradScaler and maximize.
+SR_CASES = {
+    "adamw": dict(hyper=dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0),
+                  amsgrad=False, maximize=False, grad_scale=None),
+    "adamw_amsgrad": dict(hyper=dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=0.5),
+                          amsgrad=True, maximize=True, grad_scale=768.0),
+    "sgd": dict(hyper=dict(lr=0.05, weight_decay=0.1, momentum=0.9, dampening=0.1, decay_lr_scale=1.0),
+                nesterov=False, decoupled=False, maximize=False, grad_scale=768.0),
+    "sgd_nesterov": dict(hyper=dict(lr=0.05, weight_decay=0.1, momentum=0.9, dampening=0.0, decay_lr_scale=1.0),
+                         nesterov=True, decoupled=True, maximize=False, grad_scale=None),
+    "sgd_no_momentum": dict(hyper=dict(lr=0.05, weight_decay=0.1, momentum=0.0, dampening=0.0, decay_lr_scale=1.0),
+                            nesterov=False, decoupled=False, maximize=True, grad_scale=None),
+    "lion": dict(hyper=dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.5, decay_lr_scale=0.25),
+                 maximize=True, grad_scale=3.0),
+}
+
+
+def _rng_states(n, seed=7):
+    """[key, count] per tensor, as the optimizer keeps them: distinct keys and counts, one count
+    past 2^32 (its high word enters the hash)."""
+    return [torch.tensor([rounding.parameter_key(seed, i), 3 * i + (2**32 + 1 if i == 4 else 0)], dtype=torch.int64)
+            for i in range(n)]
+
+
+def _sr_problem(case, dtype, sizes=SR_SIZES, misaligned=SR_MISALIGNED):
+    """Fresh tensors of one SR_CASES case: what the emulation and the reference both update."""
+    n = len(sizes)
+    st = {"params": _tensors(dtype, 0, sizes, misaligned)}
+    if case.startswith("adamw"):
+        st["m"] = _tensors(dtype, 2, sizes, misaligned, scale=0.1)
+        st["v"] = _tensors(dtype, 3, sizes, misaligned, scale=0.01, positive=True)
+        st["vmax"] = _tensors(dtype, 4, sizes, misaligned, scale=0.01, positive=True) if "amsgrad" in case else []
+        st["steps"] = [torch.tensor(float(i % 3)) for i in range(n)]
+    elif case.startswith("sgd"):
+        st["b"] = _tensors(dtype, 2, sizes, misaligned) if SR_CASES[case]["hyper"]["momentum"] else []
+        st["first"] = [i % 2 == 0 for i in range(n)]
+    else:
+        st["m"] = _tensors(dtype, 2, sizes, misaligned, scale=0.1)
+    return st
+
+
+def _sr_stored(case, st):
+    """The tensor lists a step writes, in lane order (parameter first)."""
+    if case.startswith("adamw"):
+        return [st["params"], st["m"], st["v"], st["vmax"], st["steps"]]
+    if case.startswith("sgd"):
+        return [st["params"], st["b"]]
+    return [st["params"], st["m"]]
+
+
+def _sr_reference(case, st, grads, rng):
+    c = SR_CASES[case]
+    n = len(st["params"])
+    gs = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])
+    if case.startswith("adamw"):
+        reference.adamw(st["params"], grads, st["m"], st["v"], st["vmax"] if c["amsgrad"] else [None] * n, st["steps"],
+                        **c["hyper"], amsgrad=c["amsgrad"], maximize=c["maximize"], grad_scale=gs, rng=rng)
+    elif case.startswith("sgd"):
+        momentum = c["hyper"]["momentum"]
+        reference.sgd(st["params"], grads, st["b"] if momentum else [None] * n, st["first"], **c["hyper"],
+                      nesterov=c["nesterov"], decoupled_weight_decay=c["decoupled"], maximize=c["maximize"],
+                      grad_scale=gs, rng=rng)
+        st["first"] = [False] * n
+    else:
+        reference.lion(st["params"], grads, st["m"], **c["hyper"], maximize=c["maximize"], grad_scale=gs, rng=rng)
+
+
+def _sr_emulated(emu, case, dtype, st, grads, rng):
+    """One emulated call of ``case`` with stochastic rounding (``rng``; None: to nearest)."""
+    c = SR_CASES[case]
+    n = len(st["params"])
+    grad_scale = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])  # alive through the call
+    gs = _scalar(grad_scale)
+    rng_ptrs = _ptrs(rng) if rng is not None else None
+    emu.emu_set_rng(rng_ptrs)
+    try:
+        if case.startswith("adamw"):
+            scratch = torch.empty(emu.emu_scratch_bytes(n), dtype=torch.uint8)
+            err = emu.emu_adamw(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
+                                _ptrs(st["m"]), _ptrs(st["v"]), _ptrs(st["vmax"]), _ptrs(st["steps"]),
+                                (ctypes.c_double * 6)(*c["hyper"].values()), c["amsgrad"], c["maximize"], None, 0,
+                                *gs, None, 0, scratch.data_ptr())
+        elif case.startswith("sgd"):
+            first_ptrs, _keep = _first_step_flags(st["first"])
+            err = emu.emu_sgd(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
+                              _ptrs(st["b"]), first_ptrs, (ctypes.c_double * 5)(*c["hyper"].values()), c["nesterov"],
+                              c["decoupled"], c["maximize"], None, 0, *gs, None, 0)
+            st["first"] = [False] * n
+        else:
+            err = emu.emu_lion(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
+                               _ptrs(st["m"]), (ctypes.c_double * 5)(*c["hyper"].values()), c["maximize"], None, 0,
+                               *gs, None, 0)
+    finally:
+        emu.emu_set_rng(None)
+    assert err == 0
+
+
+@pytest.mark.parametrize("columns", [0, 4, 8], ids=["plain", "monitored4", "monitored8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(SR_CASES))
+def test_emulated_stochastic_rounding_matches_reference(emu, case, dtype, columns):
+    """Every launcher with rng, plain and monitored (the row kernels, 4 and 8 columns): parameters
+    and state bit for bit the reference's stochastic rounding, over two steps with the counts
+    advanced in place between them (as the driver does, after the kernel: a kernel must read them
+    on the device); monitored, the telemetry sums the stochastically rounded parameter."""
+    n = len(SR_SIZES)
+    got, want = _sr_problem(case, dtype), _sr_problem(case, dtype)
+    rng = _rng_states(n)
+    gen = torch.Generator().manual_seed(1)
+    grad_scale = SR_CASES[case]["grad_scale"]
+    for step in range(2):
+        grads = [(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (grad_scale or 1.0)).to(dtype)
+                 for p in want["params"]]
+        _sr_reference(case, want, grads, rng)
+        before = _clone(got["params"])
+        rows = [_rows_of(p.numel()) for p in got["params"]]
+        if columns:
+            bufs, keep = _telemetry(emu, got["params"], rows, columns)
+        launches = emu.emu_launches()
+        try:
+            _sr_emulated(emu, case, dtype, got, grads, rng)
+        finally:
+            emu.emu_set_telemetry(None, None)
+            emu.emu_set_telemetry_columns(4)
+        assert emu.emu_launches() - launches == (2 if case.startswith("adamw") else 1)
+        for i, (a, b) in enumerate(zip(_sr_stored(case, got), _sr_stored(case, want))):
+            _assert_identical(a, b, f"{case} step {step} lane {i}")
+        if columns:
+            _assert_telemetry(bufs, before, got["params"], grads, rows,
+                              None if grad_scale is None else torch.tensor(grad_scale))
+        for r in rng:
+            r[1] += 1
+
+
+def test_emulated_stochastic_rounding_check_catches_wrong_bits(emu, monkeypatch):
+    """The comparison above can fail: a kernel that hashed a chunk-relative index, or stored a
+    state tensor with another lane's bits, or rounded to nearest, would not have matched (the
+    reference computed that way differs from the kernel's result)."""
+    sizes = [65537]  # three chunks
+    rng = _rng_states(1)
+    grads = _tensors(torch.bfloat16, 1, sizes, set())
+    got = _sr_problem("adamw", torch.bfloat16, sizes, set())
+    _sr_emulated(emu, "adamw", torch.bfloat16, got, grads, rng)
+    stored = _sr_stored("adamw", got)
+
+    def reference_with(rng_arg=rng, **patches):
+        with monkeypatch.context() as m:
+            for name, f in patches.items():
+                m.setattr(rounding, name, f)
+            want = _sr_problem("adamw", torch.bfloat16, sizes, set())
+            _sr_reference("adamw", want, grads, rng_arg)
+        return _sr_stored("adamw", want)
+
+    same = [torch.equal(a[0], b[0]) if a else True for a, b in zip(stored, reference_with())]
+    assert all(same), same
+    index, stream = rounding.element_index, rounding.stream
+    chunk_relative = reference_with(element_index=lambda t: index(t) % SR_CHUNK)
+    assert torch.equal(stored[0][0][:SR_CHUNK], chunk_relative[0][0][:SR_CHUNK])  # the first chunk agrees
+    assert not torch.equal(stored[0][0][SR_CHUNK:], chunk_relative[0][0][SR_CHUNK:])
+    swapped = reference_with(stream=lambda key, count, lane: stream(key, count, {1: 2, 2: 1}.get(lane, lane)))
+    assert torch.equal(stored[0][0], swapped[0][0])
+    assert not torch.equal(stored[1][0], swapped[1][0]) and not torch.equal(stored[2][0], swapped[2][0])
+    nearest = reference_with(rng_arg=[])
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(stored[:3], nearest[:3]))
+
+
+def test_emulated_stochastic_rounding_across_table_launches(emu):
+    """More tensors than one stochastic-rounding table holds (its rng column costs capacity, the
+    round-to-nearest tables keep theirs): several launches, each tensor with its own [key, count]."""
+    cap_sr, cap = emu.emu_rounding_table_capacity(3), emu.emu_table_capacity(3)
+    assert 300 < cap_sr < cap
+    n = cap_sr + 5
+    sizes = [1 + i % 7 for i in range(n)]
+    got, want = _sr_problem("lion", torch.bfloat16, sizes, set()), _sr_problem("lion", torch.bfloat16, sizes, set())
+    grads = _tensors(torch.bfloat16, 1, sizes, set())
+    rng = _rng_states(n)
+    _sr_reference("lion", want, grads, rng)
+    launches = emu.emu_launches()
+    _sr_emulated(emu, "lion", torch.bfloat16, got, grads, rng)
+    assert emu.emu_launches() - launches == 2
+    for i, (a, b) in enumerate(zip(_sr_stored("lion", got), _sr_stored("lion", want))):
+        _assert_identical(a, b, f"lane {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_rng_leaves_float32_and_float64_rounded_to_nearest(emu, dtype):
+    """rng with a float32/float64 call: to nearest, as the reference (and the CPU kernels) do."""
+    n = len(SR_SIZES)
+    got, want = _sr_problem("adamw_amsgrad", dtype), _sr_problem("adamw_amsgrad", dtype)
+    grads = _tensors(dtype, 1, SR_SIZES, SR_MISALIGNED, scale=768.0)
+    _sr_reference("adamw_amsgrad", want, grads, [])
+    _sr_emulated(emu, "adamw_amsgrad", dtype, got, grads, _rng_states(n))
+    for i, (a, b) in enumerate(zip(_sr_stored("adamw_amsgrad", got), _sr_stored("adamw_amsgrad", want))):
+        _assert_identical(a, b, f"lane {i}")
 
 
 # ------------------------------------------------------------------------------------ rotational

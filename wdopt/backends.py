@@ -161,6 +161,18 @@ def rounds_stochastically(module: ModuleType, device) -> bool:
     return module.__name__ == "wdopt.reference" or _device_type(device) in getattr(module, "STOCHASTIC_ROUNDING", ())
 
 
+def compensates(module: ModuleType, device) -> bool:
+    """Whether a loaded backend's kernels update compensated bf16 parameters (master_weight_bits
+    24 or 32) on ``device`` (``COMPENSATION``: the device types that do; the reference everywhere)."""
+    return module.__name__ == "wdopt.reference" or _device_type(device) in getattr(module, "COMPENSATION", ())
+
+
+def quantizes(module: ModuleType, device) -> bool:
+    """Whether a loaded backend's kernels update 8-bit states (state_bits=8) on ``device``
+    (``QUANTIZED_STATES``: the device types that do; the reference everywhere)."""
+    return module.__name__ == "wdopt.reference" or _device_type(device) in getattr(module, "QUANTIZED_STATES", ())
+
+
 # Dtypes each backend's kernels handle (complex parameters are viewed as real pairs first).
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_DTYPES = {"reference": _FLOATS, "triton": _FLOATS, "cpu": _FLOATS, "cuda": _FLOATS}

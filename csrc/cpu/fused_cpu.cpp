@@ -184,7 +184,8 @@ void for_each_range(const TensorTable& table, const Body& body) {
 // The table of an operator call, after its checks: ``states`` are the optimizer's state lists
 // in order (an empty list: that state is absent).
 TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
-                   at::TensorList steps, at::TensorList telemetry, at::TensorList rng) {
+                   at::TensorList steps, at::TensorList telemetry, at::TensorList rng,
+                   at::TensorList correction) {
   TensorTable t;
   const size_t n = params.size();
   t.resize(n);
@@ -206,6 +207,8 @@ TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer
   }
   if (!telemetry.empty()) t.columns = telemetry[0].size(1);
   for (const auto& r : rng) t.rng.push_back(r.const_data_ptr<int64_t>());
+  for (const auto& c : correction) t.correction.push_back(c.data_ptr());
+  t.master_bits = correction.empty() ? 16 : (correction[0].scalar_type() == at::kShort ? 32 : 24);
   return t;
 }
 
@@ -217,6 +220,23 @@ void check_rng(const at::TensorList& rng, const at::TensorList& params) {
                     rng[i].is_contiguous(),
                 "wdopt: rng[", i, "] must be a contiguous int64 CPU tensor of 2 elements ([key, count])");
   }
+}
+
+// Compensated bf16 parameters: one int16 or int8 correction per parameter, all alike, laid out
+// like it. Returns the master weight's bits (16: none).
+int check_correction(const at::TensorList& correction, const at::TensorList& params) {
+  if (correction.empty()) return 16;
+  TORCH_CHECK(correction.size() == params.size(), "wdopt: one correction tensor per parameter is needed");
+  TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, "wdopt: corrections compensate bfloat16 parameters, not ",
+              params[0].scalar_type());
+  const at::ScalarType type = correction[0].scalar_type();
+  TORCH_CHECK(type == at::kShort || type == at::kChar, "wdopt: corrections are int16 or int8, not ", type);
+  for (size_t i = 0; i < correction.size(); ++i) {
+    TORCH_CHECK(correction[i].scalar_type() == type && correction[i].device().is_cpu() &&
+                    same_layout(correction[i], params[i]),
+                "wdopt: correction[", i, "] must be a ", type, " CPU tensor with parameter ", i, "'s shape and layout");
+  }
+  return type == at::kShort ? 32 : 24;
 }
 
 void check_telemetry(const at::TensorList& telemetry, const at::TensorList& params) {
@@ -234,57 +254,121 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
 
 // How a kernel stores its results in scalar_t: rounded to nearest or, with SR (bf16 and fp16
 // storage only), stochastically with the bits of (tensor, step, LANE, element i): LANE 0 is the
-// parameter, 1-3 the state tensors in the operator's order (wdopt/reference/rounding.py).
-template <typename scalar_t, bool SR_ARG> struct Rounding {
-  static constexpr bool SR = SR_ARG && (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>);
+// parameter, 1-3 the state tensors in the operator's order (wdopt/reference/rounding.py). MASTER
+// 24 or 32 (bf16 only): a compensated parameter, loaded and stored as its master weight (the bf16
+// value and the correction's low bits).
+template <typename scalar_t, bool SR_ARG, int MASTER_ARG> struct Storage {
+  static constexpr bool kBF16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  static constexpr bool SR = SR_ARG && (kBF16 || std::is_same_v<scalar_t, c10::Half>);
+  static constexpr int MASTER = kBF16 ? MASTER_ARG : 16;
+  using Comp = Compensated<MASTER == 16 ? 32 : MASTER>;
   uint32_t stream[4];
+  void* correction;
 
   template <int LANE, typename opmath> inline scalar_t store(int64_t i, opmath x) const {
     if constexpr (!SR) {
       return static_cast<scalar_t>(x);
-    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    } else if constexpr (kBF16) {
       return static_cast<scalar_t>(stochastic_round_bf16(x, rounding_bits(stream[LANE], i)));  // exact conversion
     } else {
       return c10::Half(stochastic_round_fp16(x, c10::Half(x).x, rounding_bits(stream[LANE], i)), c10::Half::from_bits());
     }
   }
+
+  // The parameter as update_elements and telemetry.h address it (PlainParam's interface).
+  struct Param {
+    using opmath = opmath_t<scalar_t>;
+    scalar_t* __restrict__ p;
+    Storage s;
+    inline opmath load(int64_t i) const {
+      if constexpr (MASTER == 16) {
+        return static_cast<opmath>(p[i]);
+      } else {
+        return Comp::combine(p[i].x, static_cast<const typename Comp::correction_t*>(s.correction)[i]);
+      }
+    }
+    inline opmath store(int64_t i, opmath x) const {
+      if constexpr (MASTER == 16) {
+        const scalar_t stored = s.template store<0>(i, x);
+        p[i] = stored;
+        return static_cast<opmath>(stored);
+      } else {
+        auto* c = static_cast<typename Comp::correction_t*>(s.correction);
+        // A 24-bit master rounds w at its 8th-lowest bit: stochastically with lane 0's word.
+        const uint32_t add = MASTER == 24 ? (SR ? rounding_bits(s.stream[0], i) : 0x80u) : 0u;
+        uint16_t bits;
+        typename Comp::correction_t low;
+        Comp::split(x, add, bits, low);
+        p[i] = c10::BFloat16(bits, c10::BFloat16::from_bits());
+        c[i] = low;
+        return Comp::combine(bits, low);
+      }
+    }
+  };
+  Param param(scalar_t* p) const { return Param{p, *this}; }
 };
 
-// Tensor k's words for this step, from its [key, count] (the driver advances count afterwards).
-template <typename scalar_t, bool SR> Rounding<scalar_t, SR> rounding_of(const TensorTable& t, int64_t k) {
-  Rounding<scalar_t, SR> r{};
-  if constexpr (Rounding<scalar_t, SR>::SR) {
+// Calls f(SR, MASTER) (integral constants) for a step's storage, instantiating only what exists
+// for scalar_t: stochastic rounding for bf16/fp16, master weights for bf16.
+template <typename scalar_t, typename F> void dispatch_storage(const TensorTable& t, F&& f) {
+  constexpr bool bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool low = bf16 || std::is_same_v<scalar_t, c10::Half>;
+  const bool sr = low && !t.rng.empty();
+  if constexpr (bf16) {
+    if (t.master_bits != 16) {
+      const auto go = [&](auto MASTER) {
+        if (sr) f(Bool<true>{}, MASTER); else f(Bool<false>{}, MASTER);
+      };
+      if (t.master_bits == 32) go(std::integral_constant<int, 32>{}); else go(std::integral_constant<int, 24>{});
+      return;
+    }
+  }
+  if constexpr (low) {
+    if (sr) {
+      f(Bool<true>{}, std::integral_constant<int, 16>{});
+      return;
+    }
+  }
+  f(Bool<false>{}, std::integral_constant<int, 16>{});
+}
+
+// Tensor k's storage for this step: its words from its [key, count] (the driver advances count
+// afterwards) and its correction.
+template <typename scalar_t, bool SR, int MASTER>
+Storage<scalar_t, SR, MASTER> storage_of(const TensorTable& t, int64_t k) {
+  Storage<scalar_t, SR, MASTER> r{};
+  if constexpr (Storage<scalar_t, SR, MASTER>::SR) {
     for (uint32_t lane = 0; lane < 4; ++lane) r.stream[lane] = rounding_stream(t.rng[k][0], t.rng[k][1], lane);
   }
+  r.correction = t.correction.empty() ? nullptr : t.correction[k];
   return r;
 }
 
-// One element loop: p[i] ← element(i, p[i], ĝ[i]) over [begin, end), the state updated inside
-// element and the parameter stored through ``rounding``'s lane 0. With ``sums`` (a monitored row)
-// the same loop also accumulates the row's telemetry, and with ``columns`` 8 the direction
-// statistics of direction(i, ĝ[i]) (read before element runs).
-template <typename scalar_t, typename opmath, typename Round, typename Element, typename Dir>
-inline void update_elements(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
+// One element loop: ω_i ← element(i, ω_i, ĝ[i]) over [begin, end) through the parameter accessor
+// (Storage::Param: its loads and stores), the state updated inside element. With ``sums`` (a
+// monitored row) the same loop also accumulates the row's telemetry, and with ``columns`` 8 the
+// direction statistics of direction(i, ĝ[i]) (read before element runs).
+template <typename scalar_t, typename opmath, typename Param, typename Element, typename Dir>
+inline void update_elements(const Param& param_arg, const scalar_t* __restrict__ g, int64_t begin, int64_t end,
                             const GradTransform<opmath>& transform, double* sums, int64_t columns,
-                            const Round& rounding, const Element& element_arg, const Dir& direction) {
-  // A local copy of the element function (which captures its state pointers by value): the
-  // pointers then live in registers and the loops vectorize with contiguous loads and stores.
+                            const Element& element_arg, const Dir& direction) {
+  // Local copies (the functions capture their state pointers by value): the pointers then live
+  // in registers and the loops vectorize with contiguous loads and stores.
   const Element element = element_arg;
-  const Round r = rounding;
+  const Param param = param_arg;
   if (sums == nullptr) {
 WDOPT_SIMD
     for (int64_t i = begin; i < end; ++i) {
-      p[i] = r.template store<0>(i, element(i, static_cast<opmath>(p[i]), transform(static_cast<opmath>(g[i]))));
+      param.store(i, element(i, param.load(i), transform(static_cast<opmath>(g[i]))));
     }
     return;
   }
   const auto next = [=](int64_t i, opmath w) { return element(i, w, transform(static_cast<opmath>(g[i]))); };
   const auto grad = [=](int64_t i) { return transform(static_cast<opmath>(g[i])); };
-  const auto store = [=](int64_t i, opmath x) { return r.template store<0>(i, x); };
   if (columns == 8) {
-    write_and_measure_directions(p, begin, end, next, grad, direction, store, sums);
+    write_and_measure_directions<opmath>(param, begin, end, next, grad, direction, sums);
   } else {
-    write_and_measure(p, begin, end, next, grad, store, sums);
+    write_and_measure<opmath>(param, begin, end, next, grad, sums);
   }
 }
 
@@ -321,15 +405,15 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
     }
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
-     dispatch_bool(!t.rng.empty(), [&](auto SR) {
+     dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
       for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
         scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
         scalar_t* __restrict__ v = data<scalar_t>(t.state2[k]);
         scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(t.state3[k]) : nullptr;
         const auto c = coefficients[k];
-        const auto r = rounding_of<scalar_t, SR>(t, k);
-        update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                        t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
+        const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+        update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
+                        sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
           adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
@@ -364,13 +448,13 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
       dispatch_bool(nesterov, [&](auto NESTEROV) {
         // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
         dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
-         dispatch_bool(!t.rng.empty(), [&](auto SR) {
+         dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
           for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
             scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(t.state1[k]) : nullptr;
             const bool first = HAS_MOMENTUM && t.first[k];
-            const auto r = rounding_of<scalar_t, SR>(t, k);
-            update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                            t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
+            const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+            update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
+                            sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
               opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
               sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
               if (HAS_MOMENTUM) b[i] = r.template store<1>(i, bi);
@@ -397,12 +481,12 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     using opmath = opmath_t<scalar_t>;
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    dispatch_bool(!t.rng.empty(), [&](auto SR) {
+    dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
       for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
         scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
-        const auto r = rounding_of<scalar_t, SR>(t, k);
-        update_elements(data<scalar_t>(t.param[k]), data<scalar_t>(t.grad[k]), begin, end, transform, sums,
-                        t.columns, r, [=](int64_t i, opmath pi, opmath gi) {
+        const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+        update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
+                        sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i];
           lion_update(pi, gi, mi, c);
           m[i] = r.template store<1>(i, mi);
@@ -421,7 +505,8 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList telemetry, double lr, double beta1,
             double beta2, double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
             const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+            const std::optional<at::Tensor>& found_inf, at::TensorList rng,
+            at::TensorList correction) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
@@ -431,9 +516,10 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
   check_steps(steps, params);
   check_telemetry(telemetry, params);
   check_rng(rng, params);
+  check_correction(correction, params);
   if (skipped(found_inf)) return;
   const TensorTable t = gather(params, grads, {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
-                               steps, telemetry, rng);
+                               steps, telemetry, rng, correction);
   adamw_table(t, params[0].scalar_type(), lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
               lr_tensor, grad_scale, std::nullopt);
 }
@@ -443,7 +529,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           at::TensorList telemetry, double lr, double weight_decay, double momentum, double dampening, bool nesterov,
           bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+          const std::optional<at::Tensor>& found_inf, at::TensorList rng,
+            at::TensorList correction) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_params(params);
@@ -454,8 +541,9 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   }
   check_telemetry(telemetry, params);
   check_rng(rng, params);
+  check_correction(correction, params);
   if (skipped(found_inf)) return;
-  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry, rng);
+  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry, rng, correction);
   t.first = first_step_flags(first_steps, "wdopt::sgd_");
   sgd_table(t, params[0].scalar_type(), lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay,
             decay_lr_scale, maximize, lr_tensor, grad_scale, std::nullopt);
@@ -464,15 +552,17 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry, double lr,
            double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+           const std::optional<at::Tensor>& found_inf, at::TensorList rng,
+            at::TensorList correction) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
   check_list(exp_avgs, params, "exp_avgs");
   check_telemetry(telemetry, params);
   check_rng(rng, params);
+  check_correction(correction, params);
   if (skipped(found_inf)) return;
-  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry, rng);
+  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry, rng, correction);
   lion_table(t, params[0].scalar_type(), lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, lr_tensor,
              grad_scale, std::nullopt);
 }

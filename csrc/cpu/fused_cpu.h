@@ -24,6 +24,8 @@ struct TensorTable {
   std::vector<int64_t> rows;       // ... of K rows
   int64_t columns = 4;             // 4 sums, or 8 with the direction statistics
   std::vector<const int64_t*> rng;  // empty (round to nearest), or per tensor its stochastic-rounding [key, count]
+  std::vector<void*> correction;    // empty, or per tensor the low bits of its master weight ...
+  int master_bits = 16;             // ... int16 (32-bit master) or int8 (24-bit); 16: plain parameters
 
   void resize(size_t n) {
     numel.assign(n, 0);

@@ -123,10 +123,9 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     for (int64_t j = 0; j < size; ++j) p[j] = ((static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q) * to_sphere;
     return;
   }
-  write_and_measure(
-      p, 0, size,
-      [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at,
-      [](int64_t, opmath x) { return static_cast<scalar_t>(x); }, sums);
+  write_and_measure<opmath>(
+      PlainParam<scalar_t>{p}, 0, size,
+      [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
 }
 
 // The longest row whose copy lives in a thread's scratch memory (see the walk below).

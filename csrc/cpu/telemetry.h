@@ -18,15 +18,29 @@ namespace wdopt::cpu {
 // vector width (a monitored step then costs 1.2× an unmonitored one instead of 1.05×).
 constexpr int64_t kTelemetryChunk = 1024;
 
-// p[i] ← store(i, next(i, ω_i)) over [begin, end), ω_i = p[i] in the math dtype, and the range's sums
+// A parameter as the loops below address it: ω_i = load(i) in the math dtype, and store(i, x)
+// writes the new value and returns it as stored, in the math dtype. The plain form; the fused
+// kernels' own (csrc/cpu/fused_cpu.cpp) also round stochastically or keep a master weight.
+template <typename scalar_t> struct PlainParam {
+  using opmath = opmath_t<scalar_t>;
+  scalar_t* __restrict__ p;
+  inline opmath load(int64_t i) const { return static_cast<opmath>(p[i]); }
+  inline opmath store(int64_t i, opmath x) const {
+    const scalar_t stored = static_cast<scalar_t>(x);
+    p[i] = stored;
+    return static_cast<opmath>(stored);
+  }
+};
+
+// param.store(i, next(i, ω_i)) over [begin, end), ω_i = param.load(i), and the range's sums
 // [Σω², Σω·Δω, ΣΔω², Σĝ²] into sums[0..3], Δω = stored new value − ω, ĝ = grad(i).
 // ``next`` and ``grad`` should capture by value: pointers captured by reference are reloaded
 // through memory and the loop falls back to gathers.
-template <typename scalar_t, typename Next, typename Grad, typename Store>
-inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t end, const Next& next_arg,
-                              const Grad& grad_arg, const Store& store, double* sums) {
-  using opmath = opmath_t<scalar_t>;
-  const Next next = next_arg;  // local copies: their captured pointers stay in registers
+template <typename opmath, typename Param, typename Next, typename Grad>
+inline void write_and_measure(const Param& param_arg, int64_t begin, int64_t end, const Next& next_arg,
+                              const Grad& grad_arg, double* sums) {
+  const Param param = param_arg;  // local copies: their captured pointers stay in registers
+  const Next next = next_arg;
   const Grad grad = grad_arg;
   double w2 = 0, wd = 0, d2 = 0, g2 = 0;
   for (int64_t chunk = begin; chunk < end; chunk += kTelemetryChunk) {
@@ -34,10 +48,8 @@ inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t e
     opmath cw2 = 0, cwd = 0, cd2 = 0, cg2 = 0;
 #pragma omp simd reduction(+ : cw2, cwd, cd2, cg2)
     for (int64_t i = chunk; i < stop; ++i) {
-      const opmath w = static_cast<opmath>(p[i]);
-      const scalar_t after = store(i, next(i, w));
-      p[i] = after;
-      const opmath d = static_cast<opmath>(after) - w, g = grad(i);
+      const opmath w = param.load(i);
+      const opmath d = param.store(i, next(i, w)) - w, g = grad(i);
       cw2 += w * w;
       cwd += w * d;
       cd2 += d * d;
@@ -58,11 +70,10 @@ inline void write_and_measure(scalar_t* __restrict__ p, int64_t begin, int64_t e
 // sums[4..7], with (n, s) = direction(i, ĝ) the optimizer's direction and momentum *before* the
 // step, so it is called before ``next`` (which writes the state). Same chunking: the products and
 // chunk sums in the math dtype, the totals in double.
-template <typename scalar_t, typename Next, typename Grad, typename Dir, typename Store>
-inline void write_and_measure_directions(scalar_t* __restrict__ p, int64_t begin, int64_t end, const Next& next_arg,
-                                         const Grad& grad_arg, const Dir& direction_arg, const Store& store,
-                                         double* sums) {
-  using opmath = opmath_t<scalar_t>;
+template <typename opmath, typename Param, typename Next, typename Grad, typename Dir>
+inline void write_and_measure_directions(const Param& param_arg, int64_t begin, int64_t end, const Next& next_arg,
+                                         const Grad& grad_arg, const Dir& direction_arg, double* sums) {
+  const Param param = param_arg;
   const Next next = next_arg;
   const Grad grad = grad_arg;
   const Dir direction = direction_arg;
@@ -72,11 +83,9 @@ inline void write_and_measure_directions(scalar_t* __restrict__ p, int64_t begin
     opmath cw2 = 0, cwd = 0, cd2 = 0, cg2 = 0, cn2 = 0, cns = 0, cwn = 0, cs2 = 0;
 #pragma omp simd reduction(+ : cw2, cwd, cd2, cg2, cn2, cns, cwn, cs2)
     for (int64_t i = chunk; i < stop; ++i) {
-      const opmath w = static_cast<opmath>(p[i]), g = grad(i);
+      const opmath w = param.load(i), g = grad(i);
       const auto dir = direction(i, g);
-      const scalar_t after = store(i, next(i, w));
-      p[i] = after;
-      const opmath d = static_cast<opmath>(after) - w;
+      const opmath d = param.store(i, next(i, w)) - w;
       cw2 += w * w;
       cwd += w * d;
       cd2 += d * d;

@@ -188,6 +188,27 @@ TelemetryTables telemetry_tables(const char* op, at::TensorList telemetry, at::T
   return out;
 }
 
+// Stochastic rounding (ops.cpp): [] (round to nearest) or one contiguous int64 [key, count] tensor
+// of 2 elements per parameter on its device, read by the kernels and never written (the driver
+// advances count on the device after the call). Empty: no pointers (launchers.h: rng null).
+std::vector<const int64_t*> rng_pointers(const char* op, at::TensorList rng, at::TensorList params) {
+  std::vector<const int64_t*> out;
+  if (rng.empty()) return out;
+  TORCH_CHECK(rng.size() == params.size(), op, ": expected [] or ", params.size(),
+              " rng tensors (one per parameter), got ", rng.size());
+  out.reserve(rng.size());
+  for (size_t i = 0; i < rng.size(); ++i) {
+    const at::Tensor& r = rng[i];
+    TORCH_CHECK(r.defined(), op, ": rng[", i, "] is undefined");
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.numel() == 2 && r.is_contiguous() && r.device() == params[i].device(),
+                op, ": rng[", i, "] must be a contiguous int64 tensor of 2 elements ([key, count]) on ",
+                params[i].device(), ", got ", r.scalar_type(), " of shape ", r.sizes(), " on ", r.device(),
+                r.is_contiguous() ? "" : " (not contiguous)");
+    out.push_back(r.const_data_ptr<int64_t>());
+  }
+  return out;
+}
+
 // ------------------------------------------------------------------------------------ operators
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -195,9 +216,9 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta1, double beta2,
                 double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+                const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::adamw_";
-  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
+  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -220,6 +241,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
   }
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
+  const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto n = static_cast<int64_t>(params.size());
@@ -256,6 +278,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.scratch = scratch.mutable_data_ptr();
   a.telemetry = tel.get();
+  a.rng = rounding.empty() ? nullptr : rounding.data();
   check_launch(op, wc::adamw(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
@@ -265,9 +288,9 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double momentum, double dampening,
               bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+              const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::sgd_";
-  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
+  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -282,6 +305,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               params.size(), " first_steps (one per parameter), got ", first_steps.size());
   const at::Device device = params[0].device();
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
+  const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -307,21 +331,23 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
+  a.rng = rounding.empty() ? nullptr : rounding.data();
   check_launch(op, wc::sgd(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry,
                double lr, double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, at::TensorList rng) {
+               const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::lion_";
-  TORCH_CHECK(rng.empty(), op, ": stochastic rounding is not implemented in the CUDA kernels yet");
+  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
   check_like(op, "exp_avgs", exp_avgs, params);
   const at::Device device = params[0].device();
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
+  const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -343,6 +369,7 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   a.lr_tensor = device_scalar(op, "lr_tensor", lr_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
+  a.rng = rounding.empty() ? nullptr : rounding.data();
   check_launch(op, wc::lion(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 

@@ -20,6 +20,7 @@
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/hd.h"
 #include "../include/wdopt/lion.h"
+#include "../include/wdopt/rounding.h"
 #include "../include/wdopt/sgd.h"
 
 // Loops over streams and vector lanes have compile-time trip counts: unrolled, they keep every
@@ -95,6 +96,65 @@ template <> WDOPT_HD float to_storage<float>(float x) { return x; }
 template <> WDOPT_HD double to_storage<double>(double x) { return x; }
 template <> WDOPT_HD __half to_storage<__half>(float x) { return __float2half_rn(x); }
 template <> WDOPT_HD __nv_bfloat16 to_storage<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ------------------------------------------------------------------------------------ stochastic rounding
+
+// Storage types whose stores may round stochastically; float and double stores always round to
+// nearest, so no stochastic-rounding kernels are built for them.
+template <typename T> constexpr bool kLowPrecision = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// The rounding lane of update stream d (wdopt/reference/rounding.py): stream 0, the parameter, is
+// lane 0; stream 1, the gradient, is never stored; state stream d >= 2 is lane d - 1 (the
+// operator's order: AdamW exp_avg 1, exp_avg_sq 2, max_exp_avg_sq 3; SGD's buffer and Lion's
+// exp_avg 1).
+WDOPT_HD constexpr uint32_t stream_lane(int d) { return d == 0 ? 0u : static_cast<uint32_t>(d - 1); }
+
+// The lanes (a bit each) of the streams an Op writes (Op::kWrites, a bit per stream).
+constexpr unsigned written_lanes(unsigned writes) { return (writes & 1u) | (writes >> 2) << 1; }
+
+// How a kernel stores its results in T: rounded to nearest (to_storage), or with SR (bf16 and
+// fp16 only) stochastically with the bits of (tensor, step, lane, element index), which
+// csrc/include/wdopt/rounding.h computes; the CPU kernels' Rounding (csrc/cpu/fused_cpu.cpp) is
+// the twin. ``index`` is the element's offset in its tensor, never in a chunk or row: the bits
+// must not depend on how a launch cuts the tensor.
+template <typename T, bool SR> struct Rounding {
+  WDOPT_HD Rounding(const int64_t*, unsigned) {}
+  WDOPT_HD T store(uint32_t, int64_t, opmath_t<T> x) const { return to_storage<T>(x); }
+};
+
+template <typename T> struct Rounding<T, true> {
+  static_assert(kLowPrecision<T>, "stochastic rounding stores bf16 or fp16");
+  uint32_t stream[4];
+
+  // One tensor's words for this step, for each lane in ``lanes``, from its [key, count] read on
+  // the device (the driver advances count after the kernel: a CUDA-graph replay draws new bits).
+  // Three hashes a word, which each thread takes once per block: only for the lanes it stores.
+  WDOPT_HD Rounding(const int64_t* rng, unsigned lanes) {
+    const int64_t key = rng[0], count = rng[1];
+    WDOPT_UNROLL
+    for (uint32_t lane = 0; lane < 4; ++lane) {
+      stream[lane] = (lanes >> lane) & 1u ? rounding_stream(key, count, lane) : 0u;
+    }
+  }
+
+  WDOPT_HD T store(uint32_t lane, int64_t index, float x) const {
+    const uint32_t bits = rounding_bits(stream[lane], index);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __float2bfloat16_rn(stochastic_round_bf16(x, bits));  // exact: the value is a bf16
+    } else {
+      return __ushort_as_half(stochastic_round_fp16(x, __half_as_ushort(__float2half_rn(x)), bits));
+    }
+  }
+};
+
+// f(std::integral_constant<bool, SR>): stochastic rounding when ``rng`` is given and T is bf16 or
+// fp16 (a float or double call with rng rounds to nearest, as the reference does).
+template <typename T, class F> cudaError_t dispatch_rounding(const int64_t* const* rng, F&& f) {
+  if constexpr (kLowPrecision<T>) {
+    if (rng != nullptr) return f(std::true_type{});
+  }
+  return f(std::false_type{});
+}
 
 // 16 bytes of one stream; loaded and stored as one vector access.
 template <typename T> struct alignas(kVectorBytes) Pack {

@@ -28,6 +28,10 @@
 //   writes. Full 16-byte vectors are used when every stream of the tensor is 16-byte aligned,
 //   with a scalar tail; misaligned tensors (views) take the scalar path. Offsets are int64 across
 //   chunks and int32 inside one.
+// * Stochastic rounding (``rng`` given, bf16/fp16): the same engines built with SR = true, whose
+//   tables carry each tensor's [key, count] pointer; a block hashes its tensor's lane words once
+//   (Rounding) and each store hashes the element's offset in the tensor, so the bits are the
+//   reference's whatever the chunking. The round-to-nearest kernels are built as before.
 // * Bit-for-bit agreement with the CPU backend needs IEEE division and square root (no fast
 //   math) and no FMA contraction: build with --fmad=false. The reference (wdopt/reference) then
 //   agrees bit for bit too: it takes correctly rounded square roots, as this code does.
@@ -188,11 +192,13 @@ cudaError_t adamw(const AdamWArgs& a, cudaStream_t stream) {
     auto* coefficients = static_cast<AdamWCoefficients<M>*>(a.scratch);
     cudaError_t err = adamw_coefficients_all<M>(a, coefficients, stream);
     if (err != cudaSuccess) return err;
-    return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
-      using Op = AdamWOp<M, decltype(amsgrad)::value>;
-      const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
-      return update_or_monitor<T>(columns, a.n_tensors, a.numels, nullptr, a.telemetry, Op{coefficients}, a.grad,
-                                  stream);
+    return dispatch_rounding<T>(a.rng, [&](auto sr) {
+      return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
+        using Op = AdamWOp<M, decltype(amsgrad)::value>;
+        const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
+        return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, nullptr, a.rng, a.telemetry,
+                                                         Op{coefficients}, a.grad, stream);
+      });
     });
   });
 }
@@ -211,15 +217,17 @@ cudaError_t sgd(const SGDArgs& a, cudaStream_t stream) {
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     using M = opmath_t<T>;
-    return dispatch_bool(has_momentum, [&](auto momentum) {
-      return dispatch_bool(nesterov, [&](auto nest) {
-        return dispatch_bool(decoupled, [&](auto dec) {
-          constexpr bool kMomentum = decltype(momentum)::value;
-          // (no momentum, nesterov) never runs; folding it into (no momentum, plain) saves a kernel.
-          using Op = SGDOp<M, kMomentum, kMomentum && decltype(nest)::value, decltype(dec)::value>;
-          const void* const* columns[] = {a.params, a.grads, a.momentum_buffers};
-          return update_or_monitor<T>(columns, a.n_tensors, a.numels, a.first_steps, a.telemetry,
-                                      Op{hyper, a.lr_tensor}, a.grad, stream);
+    return dispatch_rounding<T>(a.rng, [&](auto sr) {
+      return dispatch_bool(has_momentum, [&](auto momentum) {
+        return dispatch_bool(nesterov, [&](auto nest) {
+          return dispatch_bool(decoupled, [&](auto dec) {
+            constexpr bool kMomentum = decltype(momentum)::value;
+            // (no momentum, nesterov) never runs; folding it into (no momentum, plain) saves a kernel.
+            using Op = SGDOp<M, kMomentum, kMomentum && decltype(nest)::value, decltype(dec)::value>;
+            const void* const* columns[] = {a.params, a.grads, a.momentum_buffers};
+            return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, a.first_steps, a.rng,
+                                                             a.telemetry, Op{hyper, a.lr_tensor}, a.grad, stream);
+          });
         });
       });
     });
@@ -234,8 +242,10 @@ cudaError_t lion(const LionArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     using Op = LionOp<opmath_t<T>>;
     const void* const* columns[] = {a.params, a.grads, a.exp_avgs};
-    return update_or_monitor<T>(columns, a.n_tensors, a.numels, nullptr, a.telemetry, Op{hyper, a.lr_tensor}, a.grad,
-                                stream);
+    return dispatch_rounding<T>(a.rng, [&](auto sr) {
+      return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, nullptr, a.rng, a.telemetry,
+                                                       Op{hyper, a.lr_tensor}, a.grad, stream);
+    });
   });
 }
 

@@ -22,7 +22,7 @@ namespace cuda {
 
 // The storage dtype of every tensor of a call (parameters, gradients and state alike). Math is in
 // fp32 for Float32, Float16 and BFloat16, in fp64 for Float64; results are rounded to the storage
-// dtype to nearest even.
+// dtype to nearest even, or stochastically (``rng`` below).
 enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // A one-element float32 or float64 tensor read by the kernels on the device (never by the host).
@@ -53,6 +53,14 @@ struct Telemetry {
   int columns = 4;                // 4, or 8 with the direction statistics
 };
 
+// Stochastic rounding (wdopt/reference/rounding.py): when an optimizer's ``rng`` is not null and
+// the dtype is Float16 or BFloat16, rng[i] is a device pointer to tensor i's int64 [key, count],
+// read (never written) by the kernels, and every store to tensor i and its state rounds
+// stochastically with the bits of (key, count, lane, element offset in the tensor); lanes: 0 the
+// parameter, then the state tensors in the order of the args (AdamW: exp_avgs 1, exp_avg_sqs 2,
+// max_exp_avg_sqs 3; SGD: momentum_buffers 1; Lion: exp_avgs 1). Null, or Float32/Float64: to
+// nearest.
+
 struct AdamWArgs {
   DType dtype = DType::Float32;
   int64_t n_tensors = 0;
@@ -68,6 +76,7 @@ struct AdamWArgs {
   DeviceScalar lr_tensor;  // capturable: when present, lr is read from it instead of ``lr``
   GradOptions grad;
   Telemetry telemetry;
+  const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
   // Device memory of at least adamw_scratch_bytes(n_tensors) bytes, 16-byte aligned, usable on
   // ``stream`` (e.g. from the caching allocator): per-tensor coefficients of this step.
   void* scratch = nullptr;
@@ -90,6 +99,7 @@ struct SGDArgs {
   DeviceScalar lr_tensor;
   GradOptions grad;
   Telemetry telemetry;
+  const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
 };
 
 struct LionArgs {
@@ -103,6 +113,7 @@ struct LionArgs {
   DeviceScalar lr_tensor;
   GradOptions grad;
   Telemetry telemetry;
+  const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
 };
 
 // Rotational variants (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp and

@@ -10,10 +10,11 @@ namespace {
 
 // ------------------------------------------------------------------------------------ tables
 
-// The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums and a per-tensor
-// flag pointer (SGD's "first step", see FirstStepFlag). Passed by value as a kernel argument.
-template <int DEPTH> struct UpdateTable {
-  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8;
+// The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums, a per-tensor flag
+// pointer (SGD's "first step", see FirstStepFlag) and, for the SR kernels, a per-tensor pointer to
+// its stochastic-rounding [key, count]. Passed by value as a kernel argument.
+template <int DEPTH, bool SR = false> struct UpdateTable {
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8 + (SR ? 8 : 0);
   static constexpr int kCapacity =
       static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);  // 32: counts, padding
 
@@ -23,6 +24,7 @@ template <int DEPTH> struct UpdateTable {
   int32_t n_tensors;
   int32_t first_tensor;  // index in the call of row 0 (AdamW's coefficients are per call)
   FirstStepFlag flag[kCapacity];
+  const int64_t* rng[SR ? kCapacity : 1];  // read with SR only (C++ has no zero-length arrays)
 
   // The row owning chunk ``block``: the last row whose chunks start at or before it (empty
   // tensors own no chunk and are skipped, since the next row starts at the same chunk).
@@ -33,9 +35,9 @@ template <int DEPTH> struct UpdateTable {
 
 // One block's work: chunk ``block`` of the table, element-wise through ``op``. Streams: 0 is the
 // parameter, 1 the gradient (read only), then the optimizer's state; Op::kWrites says which are
-// written back.
-template <typename T, class Op>
-WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, const GradOptions& grad,
+// written back, rounded to nearest or, with SR, stochastically (Rounding).
+template <typename T, bool SR, class Op>
+WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR>& table, const Op& op, const GradOptions& grad,
                            int64_t block, int thread) {
   using M = opmath_t<T>;
   constexpr int D = Op::kDepth;
@@ -54,6 +56,7 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, c
     aligned = aligned && aligned16(ptr[d]);
   }
   const typename Op::Context ctx = op.context(table.first_tensor + row, table.flag[row]);
+  const Rounding<T, SR> rounding(SR ? table.rng[row] : nullptr, written_lanes(Op::kWrites));
   // GradScaler's unscale multiplies by the reciprocal of the scale rounded to M, as torch's
   // unscale and the reference do (not a division per element).
   const bool unscale = grad.grad_scale.ptr != nullptr;
@@ -81,7 +84,7 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, c
         element(x);
         WDOPT_UNROLL
         for (int d = 0; d < D; ++d) {
-          if ((Op::kWrites >> d) & 1u) pack[d].v[e] = to_storage<T>(x[d]);
+          if ((Op::kWrites >> d) & 1u) pack[d].v[e] = rounding.store(stream_lane(d), first + i * V + e, x[d]);
         }
       }
       WDOPT_UNROLL
@@ -98,24 +101,26 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth>& table, const Op& op, c
     element(x);
     WDOPT_UNROLL
     for (int d = 0; d < D; ++d) {
-      if ((Op::kWrites >> d) & 1u) ptr[d][i] = to_storage<T>(x[d]);
+      if ((Op::kWrites >> d) & 1u) ptr[d][i] = rounding.store(stream_lane(d), first + i, x[d]);
     }
   }
 }
 
-template <typename T, class Op> struct UpdateKernel {
-  using Table = UpdateTable<Op::kDepth>;
+template <typename T, bool SR, class Op> struct UpdateKernel {
+  using Table = UpdateTable<Op::kDepth, SR>;
   WDOPT_HD static void run(const Table& table, const Op& op, const GradOptions& grad, int64_t block, int thread) {
-    update_block<T>(table, op, grad, block, thread);
+    update_block<T, SR>(table, op, grad, block, thread);
   }
 };
 
-// Every tensor of a call through UpdateKernel<T, Op>: rows are packed into tables of
-// UpdateTable::kCapacity and each full table is launched (one launch for most models).
-template <typename T, class Op>
+// Every tensor of a call through UpdateKernel<T, SR, Op>: rows are packed into tables of
+// UpdateTable::kCapacity and each full table is launched (one launch for most models). ``rng``:
+// per tensor its [key, count], read with SR only.
+template <typename T, bool SR, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                       const FirstStepFlag* flags, const Op& op, const GradOptions& grad, cudaStream_t stream) {
-  UpdateTable<Op::kDepth> table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
+                       const FirstStepFlag* flags, const int64_t* const* rng, const Op& op, const GradOptions& grad,
+                       cudaStream_t stream) {
+  UpdateTable<Op::kDepth, SR> table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
   return pack_tables(
       table, n_tensors,
       [&](int64_t i) { return numels[i] < 0 ? int64_t{-1} : (numels[i] + kChunk<T> - 1) / kChunk<T>; },
@@ -123,8 +128,9 @@ cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, con
         for (int d = 0; d < Op::kDepth; ++d) table.ptr[d][r] = const_cast<void*>(columns[d][i]);
         table.numel[r] = numels[i];
         table.flag[r] = flags != nullptr ? flags[i] : nullptr;
+        if constexpr (SR) table.rng[r] = rng[i];
       },
-      [&](int64_t blocks) { return launch<UpdateKernel<T, Op>>(blocks, stream, table, op, grad); });
+      [&](int64_t blocks) { return launch<UpdateKernel<T, SR, Op>>(blocks, stream, table, op, grad); });
 }
 
 

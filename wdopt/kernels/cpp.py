@@ -318,7 +318,9 @@ TELEMETRY = True
 #: Device types whose kernels also gather the direction statistics there ((K, 8) buffers).
 STATISTICS = ("cpu", "cuda")
 #: Device types whose kernels round bf16/fp16 stores stochastically when handed ``rng``.
-STOCHASTIC_ROUNDING = ("cpu",)
+STOCHASTIC_ROUNDING = ("cpu", "cuda")
+#: Device types whose kernels update compensated bf16 parameters when handed ``correction``.
+COMPENSATION = ("cpu",)
 
 
 def _lr_args(lr):
@@ -328,18 +330,19 @@ def _lr_args(lr):
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-          decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None, telemetry=(), rng=()) -> None:
+          decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None, telemetry=(), rng=(),
+          correction=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, list(telemetry),
         lr=lr_value, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_lr_scale=decay_lr_scale,
         amsgrad=amsgrad, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        rng=list(rng))
+        rng=list(rng), correction=list(correction))
 
 
 def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momentum, dampening, nesterov,
         decoupled_weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
-        rng=()) -> None:
+        rng=(), correction=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     has_momentum = momentum != 0
     torch.ops.wdopt.sgd_(
@@ -347,16 +350,17 @@ def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momen
         list(telemetry),
         lr=lr_value, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
         decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rng=list(rng))
+        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rng=list(rng), correction=list(correction))
 
 
 def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize,
-         grad_scale=None, found_inf=None, telemetry=(), rng=()) -> None:
+         grad_scale=None, found_inf=None, telemetry=(), rng=(),
+         correction=()) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.lion_(
         params, grads, exp_avgs, list(telemetry), lr=lr_value, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         decay_lr_scale=decay_lr_scale, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-        found_inf=found_inf, rng=list(rng))
+        found_inf=found_inf, rng=list(rng), correction=list(correction))
 
 
 def rotational_available(device: torch.device) -> bool:

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends
-from ..reference import rounding
+from ..reference import quantization, rounding
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
 from . import _dtensor
@@ -76,7 +76,29 @@ def check_common(lr, weight_decay, decay_scaling, backend, differentiable, const
 
 
 def check_rounding(group: dict[str, Any], cls_name: str, supported: bool = True) -> None:
-    """``stochastic_rounding`` must be a bool and ``rounding_seed`` an integer in [0, 2^64)."""
+    """``stochastic_rounding`` must be a bool, ``rounding_seed`` an integer in [0, 2^64) and
+    ``master_weight_bits`` 16, 24 or 32, above 16 only for bf16 parameters."""
+    bits = group.get("master_weight_bits", 16)
+    if isinstance(bits, bool) or bits not in (16, 24, 32):
+        raise ValueError(f"master_weight_bits must be 16 (plain parameters), 24 or 32 (compensated bf16), got {bits!r}")
+    if bits != 16:
+        if not supported:
+            raise ValueError(f"{cls_name} does not support master_weight_bits yet; FusedAdamW, FusedSGD and "
+                             "FusedLion do")
+        for i, p in enumerate(group.get("params", [])):
+            if p.dtype != torch.bfloat16:
+                raise ValueError(f"master_weight_bits={bits} compensates bfloat16 parameters, but parameter {i} of "
+                                 f"the group is {p.dtype}: put the other parameters in a group of their own")
+    state_bits = group.get("state_bits")
+    if state_bits not in (None, 8) or isinstance(state_bits, bool):
+        raise ValueError(f"state_bits must be None (states in the parameter's dtype) or 8, got {state_bits!r}")
+    if state_bits == 8:
+        if not supported:
+            raise ValueError(f"{cls_name} does not support state_bits yet; FusedAdamW, FusedSGD and FusedLion do")
+        for i, p in enumerate(group.get("params", [])):
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"state_bits=8 quantizes the states of float32, bfloat16 and float16 parameters; "
+                                 f"parameter {i} of the group is {p.dtype}")
     on = group.get("stochastic_rounding", False)
     seed = group.get("rounding_seed", 0)
     if not isinstance(on, bool):
@@ -146,7 +168,7 @@ class KernelTensors:
         t = _real(t)
         if t.stride() == p.stride():
             return t
-        work = torch.empty_like(p)  # p is dense: empty_like keeps its strides
+        work = torch.empty_like(p, dtype=t.dtype)  # p is dense: empty_like keeps its strides
         work.copy_(t)
         if writes:
             self._write_back.append((t, work))
@@ -193,22 +215,32 @@ class FusedOptimizer(Optimizer):
         # saved on a GPU machine ("triton") must load on a CPU one. Keep this optimizer's choice.
         chosen = [group["backend"] for group in self.param_groups]
         # torch casts every state tensor of a floating-point parameter to its dtype: stochastic
-        # rounding's int64 [key, count] would become bf16. Keep the saved ones as they are; one
-        # already cast (a state dict that went through torch.optim) is dropped and made anew.
+        # rounding's int64 [key, count], a compensated parameter's int16/int8 correction and 8-bit
+        # states' codes would become floats. Keep every integer tensor as saved. Of a state dict
+        # that went through torch.optim, 8-bit codes (small integers, exact as floats) are taken
+        # back; an rng or a correction is dropped and made anew (a correction as zero: the master
+        # weight is then the bf16 parameter).
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
-        rngs = {}
+        integer_state = {}
         for i, p in zip(saved_ids, (p for group in self.param_groups for p in group["params"])):
-            rng = state_dict.get("state", {}).get(i, {}).get("rng")
-            if isinstance(rng, torch.Tensor):
-                rngs[p] = rng if rng.dtype == torch.int64 else None
+            saved = state_dict.get("state", {}).get(i, {})
+            for key, value in saved.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if not value.is_floating_point() and not value.is_complex():
+                    integer_state[(p, key)] = value
+                elif key in _INTEGER_STATE:
+                    integer_state[(p, key)] = None
+                elif key in self._quantized_states and key + "_scale" in saved and value.shape == p.shape:
+                    integer_state[(p, key)] = value.round().to(self._quantized_states[key])
         super().load_state_dict(state_dict)
         for group, backend in zip(self.param_groups, chosen):
             group["backend"] = backend
-        for p, rng in rngs.items():
-            if rng is None:
-                self.state[p].pop("rng", None)
+        for (p, key), value in integer_state.items():
+            if value is None:
+                self.state[p].pop(key, None)
             else:
-                self.state[p]["rng"] = rng.to(device=p.device, copy=True)
+                self.state[p][key] = value.to(device=p.device, copy=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -289,6 +321,8 @@ class FusedOptimizer(Optimizer):
             for p in params:
                 self._init_state(p, group)
             self._init_rng(group, params)
+            self._init_correction(group, params)
+            self._convert_states(group, params)
         # Rotation telemetry (wdopt.RotationMonitor): {id(param): (K, 4) buffer} for this step,
         # (K, 8) with the direction statistics (RotationMonitor(statistics=True)).
         due = [monitor for monitor in self._monitors if monitor._due()]
@@ -349,7 +383,7 @@ class FusedOptimizer(Optimizer):
         parameter's position in the optimizer (as in its state dict), the count 0."""
         if not group["stochastic_rounding"]:
             return
-        missing = [p for p in params if _rounded(p.dtype) and "rng" not in self.state[p]]
+        missing = [p for p in params if self._wants_rng(group, p.dtype) and "rng" not in self.state[p]]
         if not missing:
             return
         position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
@@ -357,11 +391,130 @@ class FusedOptimizer(Optimizer):
             key = rounding.parameter_key(group["rounding_seed"], position[id(p)])
             self.state[p]["rng"] = torch.tensor([key, 0], dtype=torch.int64, device=p.device)
 
+    def _init_correction(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """State ``correction`` of each parameter of a group with ``master_weight_bits`` 24 or 32:
+        the low bits of its master weight (wdopt/reference/rounding.py), zero at first (the master
+        weight is the bf16 parameter). A group set back to 16 bits drops them."""
+        bits = group["master_weight_bits"]
+        for p in params:
+            state = self.state[p]
+            old = state.get("correction")
+            if bits == 16:
+                state.pop("correction", None)
+            elif old is None:
+                state["correction"] = torch.zeros_like(p, dtype=rounding.CORRECTION_DTYPES[bits],
+                                                       memory_format=torch.preserve_format)
+            elif old.dtype != rounding.CORRECTION_DTYPES[bits]:  # the group's precision was changed
+                with torch.no_grad():
+                    bf16, low = rounding.split(rounding.combine(p.detach(), old), rounding.CORRECTION_DTYPES[bits])
+                    p.copy_(bf16)
+                state["correction"] = low
+
+    def _corrections(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The bucket's ``correction`` tensors for its kernels, or [] (plain parameters)."""
+        if group["master_weight_bits"] == 16 or not params:
+            return []
+        return [self.state[p]["correction"] for p in params]
+
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s master weight as a new float32 tensor: the bf16 parameter and its correction
+        (``master_weight_bits`` 24 or 32), or ``p`` itself in float32. To hand a compensated
+        model to torch.optim or evaluate it in fp32."""
+        correction = self.state.get(p, {}).get("correction")
+        if correction is None:
+            return p.detach().float().clone()
+        return rounding.combine(p.detach(), correction)
+
+    @torch.no_grad()
+    def set_master_weight(self, p: torch.Tensor, weight: torch.Tensor) -> None:
+        """Set ``p`` from a float32 master weight (an fp32 checkpoint): the bf16 parameter and its
+        correction, which keeps 32 bits of it (24 with ``master_weight_bits=24``, rounded to nearest)."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise ValueError("set_master_weight: the tensor is not a parameter of this optimizer")
+        if weight.shape != p.shape:
+            raise ValueError(f"set_master_weight: weight of shape {tuple(weight.shape)} for a parameter of shape "
+                             f"{tuple(p.shape)}")
+        self._init_correction(group, [p])
+        correction = self.state[p].get("correction")
+        if correction is None:
+            p.copy_(weight)
+            return
+        bf16, low = rounding.split(weight.detach().to(device=p.device, dtype=torch.float32).contiguous(),
+                                   correction.dtype)
+        p.copy_(bf16)
+        correction.copy_(low)
+
+    def _weight(self, p: torch.Tensor) -> torch.Tensor:
+        """What telemetry measures of ``p``: its master weight when compensated, else ``p``."""
+        correction = self.state.get(p, {}).get("correction")
+        return p.detach() if correction is None else rounding.combine(p.detach(), correction)
+
     def _rngs(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The bucket's ``rng`` tensors for its kernels, or [] (rounding to nearest)."""
-        if not (group["stochastic_rounding"] and params and _rounded(params[0].dtype)):
+        if not (params and self._wants_rng(group, params[0].dtype)):
             return []
         return [self.state[p]["rng"] for p in params]
+
+    @staticmethod
+    def _wants_rng(group: dict[str, Any], dtype: torch.dtype) -> bool:
+        """Stochastic rounding has something to round: bf16/fp16 stores, or 8-bit states' codes."""
+        return group["stochastic_rounding"] and (_rounded(dtype) or group["state_bits"] == 8)
+
+    #: {state key: its 8-bit code dtype} of the states ``state_bits=8`` quantizes (subclasses),
+    #: int8 for signed states, uint8 for second moments (wdopt/reference/quantization.py).
+    _quantized_states: dict = {}
+
+    def _zeros_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
+        """A new state tensor ``key`` of ``p``: zeros in p's dtype, or (``state_bits=8``) zero codes,
+        with their block scales in state ``key + "_scale"``."""
+        if group["state_bits"] == 8 and key in self._quantized_states:
+            self.state[p][key + "_scale"] = torch.zeros(quantization.blocks(p.numel()), dtype=torch.float32,
+                                                        device=p.device)
+            return torch.zeros_like(p, dtype=self._quantized_states[key], memory_format=torch.preserve_format)
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _convert_states(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """States in the form the group asks for: float states (loaded from torch.optim's layout,
+        or state_bits switched on) encoded to 8 bits, to nearest; 8-bit ones decoded back to the
+        parameter's dtype when state_bits is switched off."""
+        quantize = group["state_bits"] == 8
+        for p in params:
+            state = self.state[p]
+            for key, code_dtype in self._quantized_states.items():
+                t = state.get(key)
+                if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                    continue
+                if quantize and t.is_floating_point():
+                    state[key], state[key + "_scale"] = quantization.encode(t.detach().float(), code_dtype, p.detach())
+                elif not quantize and t.dtype in quantization.CODE_DTYPES:
+                    decoded = quantization.decode(t, state.pop(key + "_scale"))
+                    state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(decoded)
+
+    def _scales(self, group: dict[str, Any], params: list[torch.Tensor], keys) -> dict:
+        """{lane: the bucket's block scales} of its 8-bit states (lanes count the kernel's state
+        lists from 1), or {}."""
+        if group["state_bits"] != 8 or not params:
+            return {}
+        return {lane: [self.state[p][key + "_scale"] for p in params]
+                for lane, key in enumerate(keys, 1) if key in self._quantized_states}
+
+    def to_torch_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` in torch.optim's layout, for torch.optim (or a wdopt optimizer without
+        these options) to load: 8-bit states decoded to float32, and the stochastic-rounding
+        streams, compensated parameters' corrections and block scales left out (a compensated
+        parameter's master weight is then its bf16 value: see ``master_weight``)."""
+        out = self.state_dict()
+        out["state"] = {index: dict(state) for index, state in out["state"].items()}  # not the live dicts
+        for index, state in out["state"].items():
+            for key in list(state):
+                value = state[key]
+                if isinstance(value, torch.Tensor) and value.dtype in quantization.CODE_DTYPES and \
+                        key + "_scale" in state:
+                    state[key] = quantization.decode(value, state[key + "_scale"])
+            for key in [k for k in state if k.endswith("_scale") or k in _INTEGER_STATE]:
+                del state[key]
+        return out
 
     def _advance_rng(self, rngs: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
         """count += 1 after the kernels drew this step's bits, on the device (a CUDA graph's replay
@@ -383,11 +536,17 @@ class FusedOptimizer(Optimizer):
         lists, steps, first_steps = self._state_lists(group, params, [self.state[p] for p in params])
         tensors = KernelTensors(params, grads, lists, kernel_ready)
         rngs = self._rngs(group, params)
+        corrections = self._corrections(group, params)
+        scales = self._scales(group, params, lists)
         extra = {}
         if telemetry:
             extra["telemetry"] = telemetry
         if rngs:
             extra["rng"] = rngs
+        if corrections:
+            extra["correction"] = corrections
+        if scales:
+            extra["scales"] = scales
         self._launch(backend, group, tensors.params, tensors.grads, tensors.states, steps, first_steps,
                      self._lr(group, params[0].device), self._decay_lr_scale(group), grad_scale, found_inf, **extra)
         tensors.write_back()
@@ -506,6 +665,10 @@ class FusedOptimizer(Optimizer):
             g = g.to_dense()
         # torch's sparse SGD keeps a sparse momentum buffer: made dense too.
         state = {k: v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v for k, v in self.state[p].items()}
+        for key in self._quantized_states:  # 8-bit states: their values
+            if isinstance(state.get(key), torch.Tensor) and state[key].dtype in quantization.CODE_DTYPES:
+                state[key] = quantization.decode(state[key], state[key + "_scale"])
+        p = self._weight(p)  # a compensated parameter's master weight
         if p.is_complex():
             p, g = torch.view_as_real(p), torch.view_as_real(g)
             state = {k: torch.view_as_real(v) if isinstance(v, torch.Tensor) and v.is_complex() else v
@@ -514,7 +677,7 @@ class FusedOptimizer(Optimizer):
 
     def _update_sparse_measured(self, group, params, grad_scale, found_inf, monitored) -> None:
         buffers = [monitored.get(id(p)) for p in params] if monitored else []
-        before = [p.detach().clone() for p in params] if buffers and all(b is not None for b in buffers) else None
+        before = [self._weight(p).clone() for p in params] if buffers and all(b is not None for b in buffers) else None
         statistics = [self._snapshot_statistics(group, p, p.grad, b, grad_scale) for b, p in zip(buffers, params)] \
             if before is not None else []
         self._update_sparse(group, params, grad_scale, found_inf)
@@ -547,12 +710,12 @@ class FusedOptimizer(Optimizer):
         the direction statistics (buffers of 8 columns) from the gradients and the state before
         the update."""
         group, backend, params, grads, grad_scale, found_inf, kernel_ready = args
-        before = [p.detach().clone() for p in params]
+        before = [self._weight(p).clone() for p in params]
         statistics = [self._snapshot_statistics(group, p, g, b, grad_scale) for b, p, g in zip(buffers, params, grads)]
         self._update(*args)
         if not step_skipped(found_inf):
             for b, p, p0, g, stat in zip(buffers, params, before, grads, statistics):
-                b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, p, g, b.shape[0], grad_scale))
+                b[:, :tm.COLUMNS].copy_(tm.row_sums(p0, self._weight(p), g, b.shape[0], grad_scale))
                 if stat is not None:
                     b[:, tm.COLUMNS:].copy_(stat)
 
@@ -587,10 +750,11 @@ class FusedOptimizer(Optimizer):
                     continue
                 signature = (p.dtype, p.shape, p.device)
                 if type(p) not in _PLAIN or type(g) not in _PLAIN:  # e.g. DTensors (FSDP2, tensor parallel)
-                    if group["stochastic_rounding"] and _rounded(p.dtype):
+                    if (group["stochastic_rounding"] and _rounded(p.dtype)) or group["master_weight_bits"] != 16 or \
+                            group["state_bits"] is not None:
                         raise NotImplementedError(
-                            f"stochastic_rounding of sharded (DTensor) parameters is not supported yet: parameter "
-                            f"{param_index} of param group {group_index}")
+                            f"stochastic_rounding, master_weight_bits and state_bits of sharded (DTensor) parameters are not "
+                            f"supported yet: parameter {param_index} of param group {group_index}")
                     _dtensor.check_grad(p, g, f"parameter {param_index} of param group {group_index} "
                                               f"(shape {tuple(p.shape)})")
                     # Kernels see local shards: their layout and addresses are what matters.
@@ -642,6 +806,14 @@ class FusedOptimizer(Optimizer):
                     raise NotImplementedError(
                         f"param group {group_index}: backend {backend!r} has no stochastic rounding for {dtype} "
                         f"parameters on {device.type} yet; use backend='reference' or stochastic_rounding=False")
+                if group["master_weight_bits"] != 16 and not backends.compensates(module, device):
+                    raise NotImplementedError(
+                        f"param group {group_index}: backend {backend!r} has no compensated bf16 parameters on "
+                        f"{device.type} yet; use backend='reference' or master_weight_bits=16")
+                if group["state_bits"] == 8 and not backends.quantizes(module, device):
+                    raise NotImplementedError(
+                        f"param group {group_index}: backend {backend!r} has no 8-bit states on {device.type} yet; "
+                        "use backend='reference' or state_bits=None")
                 entries.append((group, module, params, kernel_ready))
             if sparse:
                 entries.append((group, SPARSE, sparse, False))
@@ -749,6 +921,15 @@ class FusedOptimizer(Optimizer):
                 contiguous = None
             elif contiguous is not None:
                 contiguous = contiguous and t.is_contiguous()
+            if t.dtype in quantization.CODE_DTYPES and t.shape == p.shape and t.device == p.device:
+                scale = state.get(key + "_scale")
+                if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device == p.device
+                        and scale.dim() == 1 and scale.numel() == quantization.blocks(p.numel())):
+                    raise RuntimeError(
+                        f"state {key!r} of parameter {param_index} of param group {group_index} is 8-bit codes, but "
+                        f"{key + '_scale'!r} is not a float32 vector of {quantization.blocks(p.numel())} block scales "
+                        f"on {p.device}")
+                continue
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise RuntimeError(
                     f"state {key!r} of parameter {param_index} of param group {group_index} is "
@@ -758,6 +939,14 @@ class FusedOptimizer(Optimizer):
             if _dtensor.is_dtensor(t):
                 contiguous = contiguous and t._local_tensor.is_contiguous()
         self._check_other_state(p, state, group_index, f"parameter {param_index} of param group {group_index}")
+        correction = state.get("correction")
+        if correction is not None and not (isinstance(correction, torch.Tensor) and type(correction) in _PLAIN
+                                           and correction.dtype in (torch.int8, torch.int16)
+                                           and correction.shape == p.shape and correction.device == p.device
+                                           and correction.stride() == p.stride()):
+            raise RuntimeError(f"state 'correction' of parameter {param_index} of param group {group_index} must be an "
+                               f"int16 or int8 tensor shaped and laid out like the parameter ({tuple(p.shape)} on "
+                               f"{p.device}), got {correction!r:.200}")
         rng = state.get("rng")
         if rng is not None and not (isinstance(rng, torch.Tensor) and type(rng) in _PLAIN and rng.dtype == torch.int64
                                     and rng.shape == (2,) and rng.device == p.device and rng.is_contiguous()):
@@ -889,6 +1078,8 @@ FusedOptimizer.step = _hooked_only_when_needed(FusedOptimizer.step)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: State kept in integer dtypes, which torch.optim's load_state_dict would cast to the parameter's.
+_INTEGER_STATE = ("rng", "correction")
 
 
 def _float(x) -> float:

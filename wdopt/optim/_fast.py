@@ -91,8 +91,10 @@ class FastStep:
         # A parameter listed in two groups (possible by editing group["params"]) is updated by
         # each; the validation path orders what happens between them (SGD's first-step flags).
         # Stochastic rounding's counts are advanced after each launch (FusedOptimizer._advance_rng),
-        # which the C++ step plan does not do: such groups stay on the validation path.
-        if any(group.get("stochastic_rounding") for group in optimizer.param_groups):
+        # and compensated parameters add a correction list, neither of which the C++ step plan
+        # does: such groups stay on the validation path.
+        if any(group.get("stochastic_rounding") or group.get("master_weight_bits", 16) != 16 or
+               group.get("state_bits") is not None for group in optimizer.param_groups):
             return None
         listed = [id(p) for group in optimizer.param_groups for p in group["params"]]
         if len(set(listed)) != len(listed):

@@ -37,6 +37,12 @@ class FusedAdamW(FusedOptimizer):
             fp32/fp64 tensors are unaffected. Bits are a hash of (seed, parameter, step, element):
             every backend gives the same bits (wdopt/reference/rounding.py). Adds state ``rng``.
         rounding_seed: the integer the parameters' random streams derive from (saved in ``rng``).
+        master_weight_bits: 16 (plain parameters), or 24/32 for bf16 parameters with a master
+            weight of that precision: the bf16 parameter plus its low bits in state ``correction``
+            (int8/int16), 1 or 2 bytes more per parameter (``master_weight``, ``set_master_weight``).
+        state_bits: None (states in the parameter's dtype, as torch) or 8: each state one byte per
+            element plus a float32 scale per 256 (wdopt/reference/quantization.py); a torch.optim
+            state dict loads (quantized at the next step), ``to_torch_state_dict`` goes back.
         foreach, fused: accepted for compatibility with torch.optim calls; they have no effect.
         differentiable: must be False.
     """
@@ -56,6 +62,8 @@ class FusedAdamW(FusedOptimizer):
         backend: str = "auto",
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        master_weight_bits: int = 16,
+        state_bits: int | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -69,6 +77,7 @@ class FusedAdamW(FusedOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, decay_scaling=decay_scaling, backend=backend,
             stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
+            master_weight_bits=master_weight_bits, state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
@@ -88,14 +97,16 @@ class FusedAdamW(FusedOptimizer):
     _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _required_state = ("step", "exp_avg", "exp_avg_sq")  # max_exp_avg_sq is made when amsgrad is turned on
 
+    _quantized_states = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8, "max_exp_avg_sq": torch.uint8}
+
     def _init_state(self, p, group):
         state = self.state[p]
         if not state:
             state["step"] = _step_tensor(0.0, p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = self._zeros_state(p, group, "exp_avg")
+            state["exp_avg_sq"] = self._zeros_state(p, group, "exp_avg_sq")
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = self._zeros_state(p, group, "max_exp_avg_sq")
 
     _fast_kind = "adamw"
     _statistics_kind = "adamw"

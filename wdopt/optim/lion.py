@@ -30,6 +30,7 @@ class FusedLion(FusedOptimizer):
         lr: learning rate, a float or a 1-element tensor (read on device when ``capturable``).
         betas: (β1, β2), the interpolation for the update sign and the momentum decay.
         weight_decay, maximize, capturable, decay_scaling, stochastic_rounding, rounding_seed,
+            master_weight_bits, state_bits,
             backend: see FusedAdamW.
         foreach, fused: accepted for compatibility; they have no effect.
         differentiable: must be False.
@@ -48,6 +49,8 @@ class FusedLion(FusedOptimizer):
         backend: str = "auto",
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        master_weight_bits: int = 16,
+        state_bits: int | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -58,6 +61,7 @@ class FusedLion(FusedOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decay_scaling=decay_scaling, backend=backend,
             stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
+            master_weight_bits=master_weight_bits, state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
@@ -70,10 +74,12 @@ class FusedLion(FusedOptimizer):
     _state_tensors = ("exp_avg",)
     _required_state = ("exp_avg",)
 
+    _quantized_states = {"exp_avg": torch.int8}
+
     def _init_state(self, p, group):
         state = self.state[p]
         if not state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = self._zeros_state(p, group, "exp_avg")
 
     _fast_kind = "lion"
     _statistics_kind = "lion"

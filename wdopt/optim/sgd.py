@@ -46,6 +46,12 @@ class FusedSGD(FusedOptimizer):
             fp32/fp64 tensors are unaffected. Bits are a hash of (seed, parameter, step, element):
             every backend gives the same bits (wdopt/reference/rounding.py). Adds state ``rng``.
         rounding_seed: the integer the parameters' random streams derive from (saved in ``rng``).
+        master_weight_bits: 16 (plain parameters), or 24/32 for bf16 parameters with a master
+            weight of that precision: the bf16 parameter plus its low bits in state ``correction``
+            (int8/int16), 1 or 2 bytes more per parameter (``master_weight``, ``set_master_weight``).
+        state_bits: None (states in the parameter's dtype, as torch) or 8: each state one byte per
+            element plus a float32 scale per 256 (wdopt/reference/quantization.py); a torch.optim
+            state dict loads (quantized at the next step), ``to_torch_state_dict`` goes back.
         foreach, fused: accepted for compatibility with torch.optim calls; they have no effect.
         differentiable: must be False.
     """
@@ -66,6 +72,8 @@ class FusedSGD(FusedOptimizer):
         backend: str = "auto",
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        master_weight_bits: int = 16,
+        state_bits: int | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -76,6 +84,7 @@ class FusedSGD(FusedOptimizer):
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
             decay_scaling=decay_scaling, backend=backend,
             stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
+            master_weight_bits=master_weight_bits, state_bits=state_bits,
         )
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -94,6 +103,8 @@ class FusedSGD(FusedOptimizer):
 
     _state_tensors = ("momentum_buffer",)  # none required: a missing one is made, as torch does
 
+    _quantized_states = {"momentum_buffer": torch.int8}
+
     def _init_state(self, p, group):
         if group["momentum"] == 0:
             return  # torch keeps no state for SGD without momentum
@@ -102,7 +113,7 @@ class FusedSGD(FusedOptimizer):
         state = self.state[p]
         if state.get("momentum_buffer") is None:  # torch ≤ 2.0 checkpoints store None
             # Zeros, flagged "no history yet": the kernel then stores b = g.
-            buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffer = self._zeros_state(p, group, "momentum_buffer")
             state["momentum_buffer"] = buffer
             self._flags.add(_dtensor.local(buffer))  # kernels see a DTensor's local buffer (_dtensor.py)
 

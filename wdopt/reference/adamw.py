@@ -49,37 +49,43 @@ def adamw_step(
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
     rng: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
+    scales: dict | None = None,
 ) -> None:
     """One AdamW step on one real tensor, in place. ``step`` is the count after this step (≥ 1).
-    ``rng``: the parameter's (key, count) for stochastic rounding of bf16/fp16 stores (rounding.py)."""
+    ``rng``: the parameter's (key, count) for stochastic rounding of bf16/fp16 stores;
+    ``correction``: the low bits of a compensated bf16 parameter's master weight (rounding.py);
+    ``scales``: {lane: block scales} of the 8-bit states (lanes 1-3: exp_avg, exp_avg_sq,
+    max_exp_avg_sq; quantization.py)."""
     dt = compute_dtype(param)
+    store = Rounder(rng, param, correction, scales)
     g = unscaled(grad, dt, grad_scale, maximize)
-    p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
-    m, v = moments(g, exp_avg, exp_avg_sq, beta1, beta2)
+    p = store.load(param, dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
+    m, v = moments(g, store.load_state(exp_avg, 1, dt), store.load_state(exp_avg_sq, 2, dt), beta1, beta2)
     if max_exp_avg_sq is not None:
-        v_max = torch.maximum(max_exp_avg_sq.to(dt), v)
+        v_max = torch.maximum(store.load_state(max_exp_avg_sq, 3, dt), v)
     else:
         v_max = v
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = sqrt(v_max) * reciprocal(bias_correction2_sqrt, dt) + scalar(eps, dt)
     p = p - scalar(step_size, dt) * (m / denom)
-    store = Rounder(rng, param)
     if max_exp_avg_sq is not None:
-        max_exp_avg_sq.copy_(store(v_max, max_exp_avg_sq.dtype, 3))
-    param.copy_(store(p, param.dtype, 0))
-    exp_avg.copy_(store(m, exp_avg.dtype, 1))
-    exp_avg_sq.copy_(store(v, exp_avg_sq.dtype, 2))
+        store.store_state(max_exp_avg_sq, v_max, 3)
+    store.store_param(param, p)
+    store.store_state(exp_avg, m, 1)
+    store.store_state(exp_avg_sq, v, 2)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None, rng=(),
+    grad_scale=None, found_inf=None, rng=(), correction=(), scales=None,
 ) -> None:
     """The reference backend: ``adamw_step`` on each tensor; ``steps`` are advanced here. ``rng``:
     [] (round to nearest) or one (key, count) int64 tensor per parameter (stochastic rounding; the
-    caller advances the counts)."""
+    caller advances the counts); ``correction``: [] or one per parameter (compensated bf16);
+    ``scales``: None or {lane: one block-scale tensor per parameter} for 8-bit states."""
     if step_skipped(found_inf):
         return
     lr = float(lr)
@@ -89,5 +95,6 @@ def adamw(
             param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
             int(steps[i].item()), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-            grad_scale=grad_scale, rng=rng[i] if rng else None,
+            grad_scale=grad_scale, rng=rng[i] if rng else None, correction=correction[i] if correction else None,
+            scales={lane: s[i] for lane, s in scales.items()} if scales else None,
         )

@@ -46,22 +46,26 @@ def lion_step(
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
     rng: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
+    scales: dict | None = None,
 ) -> None:
-    """One Lion step on one real tensor, in place (``rng``: as adamw_step's)."""
+    """One Lion step on one real tensor, in place (``rng``, ``correction``, ``scales`` (lane 1:
+    exp_avg): as adamw_step's)."""
     dt = compute_dtype(param)
+    store = Rounder(rng, param, correction, scales)
     g = unscaled(grad, dt, grad_scale, maximize)
-    c, m = interpolations(g, exp_avg, beta1, beta2)
-    p = param.to(dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
-    store = Rounder(rng, param)
-    param.copy_(store(p - scalar(lr, dt) * sign(c), param.dtype, 0))
-    exp_avg.copy_(store(m, exp_avg.dtype, 1))
+    c, m = interpolations(g, store.load_state(exp_avg, 1, dt), beta1, beta2)
+    p = store.load(param, dt) * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
+    store.store_param(param, p - scalar(lr, dt) * sign(c))
+    store.store_state(exp_avg, m, 1)
 
 
 def lion(
     params, grads, exp_avgs,
     *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, rng=(),
+    correction=(), scales=None,
 ) -> None:
-    """The reference backend: ``lion_step`` on each tensor (``rng``: as adamw's)."""
+    """The reference backend: ``lion_step`` on each tensor (``rng``, ``correction``, ``scales``: as adamw's)."""
     if step_skipped(found_inf):
         return
     lr = float(lr)
@@ -69,5 +73,6 @@ def lion(
         lion_step(
             param, grads[i], exp_avgs[i], lr=lr, beta1=beta1, beta2=beta2,
             weight_decay=weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-            grad_scale=grad_scale, rng=rng[i] if rng else None,
+            grad_scale=grad_scale, rng=rng[i] if rng else None, correction=correction[i] if correction else None,
+            scales={lane: s[i] for lane, s in scales.items()} if scales else None,
         )

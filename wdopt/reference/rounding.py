@@ -145,18 +145,118 @@ def _half(magnitude: torch.Tensor) -> torch.Tensor:
 
 
 class Rounder:
-    """Stores one tensor's fp32 results: stochastically rounded with the parameter's (key, count)
-    where the stored dtype is bf16 or fp16, else (or with no rng) rounded to nearest."""
+    """How one tensor's fp32 results are loaded and stored: its parameter (``load``/``store_param``)
+    and its state tensors (``load_state``/``store_state``). Stochastically rounded with the
+    parameter's ``rng`` (key, count) where the stored dtype is bf16 or fp16 or the state is 8-bit,
+    else rounded to nearest; with a ``correction`` (a compensated bf16 parameter, below) the
+    parameter is its master weight; a state whose lane has ``scales`` is 8-bit (quantization.py)."""
 
-    def __init__(self, rng: torch.Tensor | None, like: torch.Tensor):
+    def __init__(self, rng: torch.Tensor | None, param: torch.Tensor, correction: torch.Tensor | None = None,
+                 scales: dict | None = None):
         self.key_count = None
-        if rng is not None and like.dtype in LOW_PRECISION:
+        self.correction = correction
+        self.scales = scales or {}
+        if rng is not None:
             key, count = (int(v) for v in rng.tolist())
             self.key_count = (key, count)
-            self.index = element_index(like).cpu()
+            self.index = element_index(param).cpu()
+
+    def load_state(self, t: torch.Tensor, lane: int, dtype: torch.dtype) -> torch.Tensor:
+        """State tensor ``t`` (of ``lane``) in the math dtype."""
+        if lane in self.scales:
+            from .quantization import decode
+
+            return decode(t, self.scales[lane])
+        return t.to(dtype)
+
+    def store_state(self, t: torch.Tensor, x: torch.Tensor, lane: int) -> None:
+        """Write the new state ``x`` (math dtype) into ``t``: rounded to its dtype, or encoded."""
+        if lane in self.scales:
+            from .quantization import encode
+
+            codes, scales = encode(x, t.dtype, t, self.bits(lane, x.device))
+            t.copy_(codes)
+            self.scales[lane].copy_(scales)
+            return
+        t.copy_(self(x, t.dtype, lane))
+
+    def bits(self, lane: int, device) -> torch.Tensor | None:
+        if self.key_count is None:
+            return None
+        return element_bits(stream(*self.key_count, lane), self.index).to(device)
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype, lane: int) -> torch.Tensor:
-        if self.key_count is None or dtype not in LOW_PRECISION:
+        if self.key_count is None or dtype not in LOW_PRECISION or x.dtype != torch.float32:
             return x.to(dtype)
-        bits = element_bits(stream(*self.key_count, lane), self.index).to(x.device)
-        return stochastic_round(x, dtype, bits)
+        return stochastic_round(x, dtype, self.bits(lane, x.device))
+
+    def load(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The parameter in the math dtype: its master weight when compensated."""
+        return param.to(dtype) if self.correction is None else combine(param, self.correction)
+
+    def store_param(self, param: torch.Tensor, w: torch.Tensor) -> None:
+        """Write the new parameter (lane 0): a compensated one as bf16 and correction."""
+        if self.correction is None:
+            param.copy_(self(w, param.dtype, 0))
+            return
+        p, c = split(w, self.correction.dtype, self.bits(0, w.device) if self.correction.dtype == torch.int8 else None)
+        param.copy_(p)
+        self.correction.copy_(c)
+
+
+# ---------------------------------------------------------------------------- compensated bf16
+#
+# A bf16 parameter plus a correction state holding the low bits of an fp32 master weight w: the
+# model computes with p = bf16(w) while the optimizer updates w, which therefore keeps 32 bits
+# (int16 correction: w exactly) or 24 bits (int8 correction: w rounded to 16 significant bits,
+# sign and 8 exponent bits, to nearest or stochastically). In bit patterns (as unsigned 32-bit
+# words, the sign bit on top, so adding to the pattern moves the magnitude):
+#
+#     p_bits = (w_bits + 0x8000) >> 16            p: w to nearest bf16, ties away from zero
+#     c      = w_bits − (p_bits << 16)            in [−2^15, 2^15): an int16 (32-bit master)
+#     w_bits = (p_bits << 16) + c                 exact reconstruction
+#
+# The 24-bit master first rounds w_bits to a multiple of 2^8, then c = (w_bits − (p_bits << 16)) / 2^8
+# is in [−128, 128): an int8. NaN is stored as bf16 NaN with c = 0. An fp32 w above bf16's largest
+# finite gives p = ±inf, as rounding to bf16 does, while c keeps w itself.
+
+CORRECTION_DTYPES = {32: torch.int16, 24: torch.int8}
+
+
+def _words(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32).to(torch.int64) & MASK32
+
+
+def _floats(words: torch.Tensor) -> torch.Tensor:
+    words = words & MASK32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(torch.float32)
+
+
+def combine(param: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """The fp32 master weight of a bf16 ``param`` and its int16 or int8 ``correction``."""
+    shift = 0 if correction.dtype == torch.int16 else 8
+    p_bits = param.view(torch.int16).to(torch.int64) & 0xFFFF
+    return _floats((p_bits << 16) + (correction.to(torch.int64) << shift))
+
+
+def split(w: torch.Tensor, correction_dtype: torch.dtype, bits: torch.Tensor | None = None):
+    """fp32 master ``w`` as (bf16 parameter, correction of ``correction_dtype``). A 24-bit master
+    (int8) is rounded to 24 bits first: with the words ``bits`` stochastically (their low 8 bits,
+    the carry rule of stochastic_round), else to nearest (ties away from zero)."""
+    if w.dtype != torch.float32:
+        raise TypeError(f"master weights are float32, got {w.dtype}")
+    nan = torch.isnan(w)
+    words = _words(w)
+    if correction_dtype == torch.int8:
+        add = (bits & 0xFF) if bits is not None else 0x80
+        words = (words + add) & 0xFFFFFF00
+    elif correction_dtype != torch.int16:
+        raise TypeError(f"corrections are int16 (32-bit master) or int8 (24-bit), got {correction_dtype}")
+    p_bits = (words + 0x8000) >> 16
+    c = words - (p_bits << 16)
+    if correction_dtype == torch.int8:
+        c = c >> 8
+    p_bits = torch.where(nan, 0x7FC0, p_bits)
+    c = torch.where(nan, 0, c)
+    param = torch.where(p_bits >= 2**15, p_bits - 2**16, p_bits).to(torch.int16).view(torch.bfloat16)
+    return param, c.to(correction_dtype)

@@ -33,13 +33,15 @@ def sgd_step(
     maximize: bool = False,
     grad_scale: torch.Tensor | None = None,
     rng: torch.Tensor | None = None,
+    correction: torch.Tensor | None = None,
+    scales: dict | None = None,
 ) -> None:
     """One SGD step on one real tensor, in place. ``first_step``: the buffer holds no history yet.
-    ``rng``: the parameter's (key, count) for stochastic rounding of bf16/fp16 stores (rounding.py)."""
+    ``rng``, ``correction`` and ``scales`` (lane 1: momentum_buffer): as adamw_step's."""
     dt = compute_dtype(param)
-    store = Rounder(rng, param)
+    store = Rounder(rng, param, correction, scales)
     g = unscaled(grad, dt, grad_scale, maximize)
-    p = param.to(dt)
+    p = store.load(param, dt)
     if decoupled_weight_decay:
         p = p * scalar(decay_factor(lr, weight_decay, decay_lr_scale), dt)
     elif weight_decay != 0:
@@ -48,18 +50,18 @@ def sgd_step(
         if first_step:
             b = g
         else:
-            b = momentum_buffer.to(dt) * scalar(momentum, dt) + scalar(1.0 - dampening, dt) * g
-        momentum_buffer.copy_(store(b, momentum_buffer.dtype, 1))
+            b = store.load_state(momentum_buffer, 1, dt) * scalar(momentum, dt) + scalar(1.0 - dampening, dt) * g
+        store.store_state(momentum_buffer, b, 1)
         g = g + scalar(momentum, dt) * b if nesterov else b
-    param.copy_(store(p - scalar(lr, dt) * g, param.dtype, 0))
+    store.store_param(param, p - scalar(lr, dt) * g)
 
 
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None, rng=(),
+    maximize, grad_scale=None, found_inf=None, rng=(), correction=(), scales=None,
 ) -> None:
-    """The reference backend: ``sgd_step`` on each tensor (``rng``: as adamw's). ``first_steps``: per buffer, None (it has
+    """The reference backend: ``sgd_step`` on each tensor (``rng``, ``correction``, ``scales``: as adamw's). ``first_steps``: per buffer, None (it has
     history) or the optimizer's 0-d flag tensor, nonzero while it has none (read on the host here:
     the reference backend syncs)."""
     if step_skipped(found_inf):
@@ -71,6 +73,8 @@ def sgd(
             weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
             decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale,
             maximize=maximize, grad_scale=grad_scale, rng=rng[i] if rng else None,
+            correction=correction[i] if correction else None,
+            scales={lane: s[i] for lane, s in scales.items()} if scales else None,
         )
 
 

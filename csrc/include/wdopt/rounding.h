@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "hd.h"
 
@@ -75,5 +76,40 @@ WDOPT_HD uint16_t stochastic_round_fp16(float x, uint16_t nearest, uint32_t bits
   const float threshold = static_cast<float>(65536u - (bits & 0xFFFFu)) * (b - a) * 1.52587890625e-05f;  // 2^-16
   return static_cast<uint16_t>(sign | ((ax - a) >= threshold ? a_mag + 1u : a_mag));
 }
+
+}  // namespace wdopt
+
+namespace wdopt {
+
+// Compensated bf16 parameters (wdopt/reference/rounding.py states and derives the encoding): a
+// bf16 parameter p plus the low bits c of its fp32 master weight w, an int16 (32-bit master: w
+// exactly) or an int8 (24-bit master: w rounded to a multiple of 2^8 in its bit pattern).
+template <int MASTER_BITS> struct Compensated {
+  static_assert(MASTER_BITS == 24 || MASTER_BITS == 32, "24- or 32-bit master weights");
+  static constexpr int kShift = MASTER_BITS == 32 ? 0 : 8;
+  using correction_t = std::conditional_t<MASTER_BITS == 32, int16_t, int8_t>;
+
+  // w from p's bf16 bits and the correction.
+  WDOPT_HD static float combine(uint16_t p_bits, correction_t c) {
+    return bits_float((static_cast<uint32_t>(p_bits) << 16) + (static_cast<uint32_t>(static_cast<int32_t>(c)) << kShift));
+  }
+
+  // w as (p's bf16 bits, correction). A 24-bit master first rounds w: ``add`` is 0x80 (to nearest,
+  // ties away from zero) or the element's random word's low 8 bits (stochastically).
+  WDOPT_HD static void split(float w, uint32_t add, uint16_t& p_bits, correction_t& c) {
+    if (w != w) {
+      p_bits = 0x7FC0u;
+      c = 0;
+      return;
+    }
+    uint32_t u = float_bits(w);
+    if (MASTER_BITS == 24) u = (u + (add & 0xFFu)) & 0xFFFFFF00u;
+    const uint32_t p = (u + 0x8000u) >> 16;
+    // u − p·2^16 is in [−2^15, 2^15) (a multiple of 2^8 for 24 bits): exact as a signed difference.
+    const int32_t low = static_cast<int32_t>(u - (p << 16));
+    p_bits = static_cast<uint16_t>(p);
+    c = static_cast<correction_t>(low / (1 << kShift));
+  }
+};
 
 }  // namespace wdopt

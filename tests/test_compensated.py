@@ -1,0 +1,211 @@
+"""Compensated bf16 parameters (``master_weight_bits=24|32``; wdopt/reference/rounding.py): the
+encoding, every backend bit for bit against the reference, and the master weight's precision —
+a 32-bit master follows an fp32 run exactly, a 24-bit one to its 16 significant bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wdopt
+from conftest import backend_device_pairs
+from helpers import SMALL_SHAPES, grad_stream, interpreted, make_params
+from wdopt import backends
+from wdopt.reference import rounding as R
+
+PAIRS = backend_device_pairs()
+
+
+def test_split_and_combine():
+    """32 bits: every fp32 word (of 200,000 spanning the range, and the special values) comes back
+    exactly, with p the nearest bf16; 24 bits: within half of 2^-15 relative, p nearest to it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200000, generator=g) * 10.0 ** torch.randint(-35, 35, (200000,), generator=g).float()
+    w = torch.cat([w, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45, 1.5, 2.0**-133])])
+    p, c = R.split(w, torch.int16)
+    assert c.dtype == torch.int16
+    assert torch.equal(R.combine(p, c).view(torch.int32), w.view(torch.int32))
+    finite = torch.isfinite(p.float())
+    assert ((p.float() - w).abs() <= (w.bfloat16().float() - w).abs())[finite].all()
+    p8, c8 = R.split(w, torch.int8)
+    w8 = R.combine(p8, c8)
+    normal = torch.isfinite(w) & (w.abs() > 1e-37) & (w.abs() < 3e38)
+    assert ((w8 - w).abs() <= w.abs() * 2.0**-16)[normal].all()
+    assert torch.equal(R.combine(*R.split(w8, torch.int8)).view(torch.int32), w8.view(torch.int32))  # idempotent
+    nan_p, nan_c = R.split(torch.tensor([float("nan")]), torch.int16)
+    assert torch.isnan(nan_p).all() and nan_c.item() == 0
+
+
+CASES = {
+    "adamw": (wdopt.FusedAdamW, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
+    "adamw-amsgrad": (wdopt.FusedAdamW, dict(lr=3e-3, weight_decay=0.5, amsgrad=True, maximize=True)),
+    "sgd-nesterov": (wdopt.FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    "sgdw": (wdopt.FusedSGD, dict(lr=1e-2, momentum=0.5, weight_decay=0.1, decoupled_weight_decay=True)),
+    "lion": (wdopt.FusedLion, dict(lr=1e-3, weight_decay=1.0)),
+}
+SHAPES = SMALL_SHAPES + [(65537,)]
+
+
+def _trajectory(cls, hyper, backend, device, shapes, bits, sr, steps=3, monitor=False):
+    params = [p.requires_grad_(True) for p in make_params(shapes, torch.bfloat16, device)]
+    opt = cls(params, backend=backend, master_weight_bits=bits, stochastic_rounding=sr, **hyper)
+    opt.monitor = wdopt.RotationMonitor(opt, every=2) if monitor else None
+    for grads in grad_stream(shapes, steps, top=0):
+        for p, g in zip(params, grads):
+            p.grad = g.to(device=device, dtype=torch.bfloat16)
+        opt.step()
+    return params, opt
+
+
+def _assert_identical(params_a, opt_a, params_b, opt_b):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(a.detach().cpu().view(torch.int16), b.detach().cpu().view(torch.int16)), f"param {i}"
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert sorted(state_a) == sorted(state_b)
+        for key in state_b:
+            va, vb = state_a[key].cpu(), state_b[key].cpu()
+            if va.dtype == torch.bfloat16:
+                va, vb = va.view(torch.int16), vb.view(torch.int16)
+            assert torch.equal(va, vb), f"param {i} state {key}"
+
+
+_expected: dict = {}
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("bits,sr", [(32, False), (24, False), (24, True), (32, True)], ids=lambda v: str(v))
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_backend_equals_the_reference_bit_for_bit(case, bits, sr, backend, device):
+    """Parameters, corrections and every state tensor after 3 steps (a monitored one among them)
+    on odd sizes: the reference's bits. A backend without compensation on this device says so."""
+    cls, hyper = CASES[case]
+    shapes = SMALL_SHAPES if interpreted(backend, device) else SHAPES
+    if not backends.compensates(backends.load(backend), device):
+        with pytest.raises(NotImplementedError, match="no compensated bf16"):
+            _trajectory(cls, hyper, backend, device, shapes, bits, sr)
+        return
+    key = (case, bits, sr, device, tuple(shapes))
+    if key not in _expected:
+        _expected[key] = _trajectory(cls, hyper, "reference", device, shapes, bits, sr, monitor=True)
+    params, opt = _trajectory(cls, hyper, backend, device, shapes, bits, sr, monitor=True)
+    _assert_identical(params, opt, *_expected[key])
+    assert opt.state[params[0]]["correction"].dtype == R.CORRECTION_DTYPES[bits]
+    # Telemetry measures the master weights (the kernels' in-pass sums and the reference's
+    # snapshots alike): sums of bf16 parameters would differ by far more than summation order.
+    ours, theirs = opt.monitor.history[-1].sums, _expected[key][1].monitor.history[-1].sums
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name].cpu(), theirs[name].cpu(), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu" and b != "triton"])
+def test_32_bit_master_follows_the_fp32_run_exactly(backend):
+    """SGD without momentum keeps no state: with the same (bf16) gradients, the 32-bit master
+    weights of bf16 parameters equal an fp32 run's parameters bit for bit, over 50 steps of
+    updates and decay far below bf16's resolution; the bf16 parameters are their nearest values."""
+    shapes = [(33, 17), (1023,)]
+    hyper = dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
+    fp32 = [p.bfloat16().float().requires_grad_(True) for p in make_params(shapes)]
+    comp = [p.detach().bfloat16().requires_grad_(True) for p in fp32]
+    opt32 = wdopt.FusedSGD(fp32, backend=backend, **hyper)
+    opt16 = wdopt.FusedSGD(comp, backend=backend, master_weight_bits=32, **hyper)
+    for grads in grad_stream(shapes, 50, top=0):
+        for a, b, g in zip(fp32, comp, grads):
+            b.grad = (g * 1e-2).bfloat16()
+            a.grad = b.grad.float()
+        opt32.step()
+        opt16.step()
+    for a, b in zip(fp32, comp):
+        master = opt16.master_weight(b)
+        assert torch.equal(master.view(torch.int32), a.detach().view(torch.int32))
+        assert torch.equal(b.detach(), R.split(master, torch.int16)[0])
+        assert not torch.equal(b.detach().float(), master)  # the master holds what bf16 cannot
+
+
+@pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu" and b != "triton"])
+def test_24_bit_master_keeps_decay_that_bf16_loses(backend):
+    """Decay alone at d = 1e-4 per step: bf16 rounded to nearest does not move; a 24-bit master
+    (half-ulp 2^-17 ≈ 7.6e-6 relative, below d) decays as fp32 does to its precision."""
+    p0 = make_params([(4096,)])[0].bfloat16()
+    out = {}
+    for bits in (16, 24):
+        p = p0.clone().requires_grad_(True)
+        opt = wdopt.FusedSGD([p], lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True, backend=backend,
+                             master_weight_bits=bits)
+        for _ in range(100):
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        out[bits] = opt.master_weight(p)
+    expected = p0.float() * (1 - 1e-4) ** 100  # -1%
+    assert torch.equal(out[16], p0.float())
+    # Each step rounds to 24 bits (at most 2^-16 relative): 100 of them bound the error, which
+    # is far below the 1% the decay moved; averaged over elements it is 10x smaller still.
+    assert ((out[24] - expected).abs() <= expected.abs() * 100 * 2.0**-16).all()
+    assert abs((out[24] / expected).mean().item() - 1) < 1e-4
+
+
+def test_master_weight_export_and_import():
+    """master_weight hands out the fp32 master; set_master_weight takes one (an fp32 checkpoint)
+    and a torch.optim run started from the export continues from the same weights."""
+    cls, hyper = CASES["adamw"]
+    params, opt = _trajectory(cls, hyper, "reference", "cpu", [(33, 17)], 32, False)
+    master = opt.master_weight(params[0])
+    assert master.dtype == torch.float32 and not torch.equal(master, params[0].detach().float())
+    fresh = torch.randn(33, 17)
+    opt.set_master_weight(params[0], fresh)
+    assert torch.equal(opt.master_weight(params[0]), fresh)
+    assert torch.equal(params[0].detach(), fresh.bfloat16())
+    torch_param = torch.nn.Parameter(opt.master_weight(params[0]))
+    torch.optim.AdamW([torch_param], **hyper)  # an fp32 model from the export
+    with pytest.raises(ValueError, match="not a parameter"):
+        opt.set_master_weight(torch.zeros(2, requires_grad=True), torch.zeros(2))
+    with pytest.raises(ValueError, match="shape"):
+        opt.set_master_weight(params[0], torch.zeros(2))
+
+
+def test_state_dict_resumes_and_precision_can_change():
+    cls, hyper = CASES["sgdw"]
+    shapes = [(33, 17)]
+    full, full_opt = _trajectory(cls, hyper, "reference", "cpu", shapes, 24, True, steps=4)
+    half, half_opt = _trajectory(cls, hyper, "reference", "cpu", shapes, 24, True, steps=2)
+    saved = half_opt.state_dict()
+    assert saved["state"][0]["correction"].dtype == torch.int8
+    resumed_params = [p.detach().clone().requires_grad_(True) for p in half]
+    resumed = cls(resumed_params, backend="reference", **hyper)
+    resumed.load_state_dict(saved)
+    for grads in grad_stream(shapes, 4, top=0)[2:]:
+        resumed_params[0].grad = grads[0].bfloat16()
+        resumed.step()
+    _assert_identical(resumed_params, resumed, full, full_opt)
+    # A 24-bit master widened to 32 bits keeps its value; set back to 16 bits, the correction goes.
+    before = resumed.master_weight(resumed_params[0])
+    resumed.param_groups[0]["master_weight_bits"] = 32
+    resumed_params[0].grad = torch.zeros_like(resumed_params[0])
+    resumed.param_groups[0]["lr"] = 0.0
+    resumed.step()
+    assert resumed.state[resumed_params[0]]["correction"].dtype == torch.int16
+    assert torch.equal(resumed.master_weight(resumed_params[0]), before)
+    resumed.param_groups[0]["master_weight_bits"] = 16
+    resumed.step()
+    assert "correction" not in resumed.state[resumed_params[0]]
+
+
+def test_bad_combinations_are_refused():
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        with pytest.raises(ValueError, match="compensates bfloat16 parameters"):
+            wdopt.FusedAdamW([torch.zeros(3, dtype=dtype, requires_grad=True)], master_weight_bits=32)
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    for bits in (8, 20, "32", True):
+        with pytest.raises(ValueError, match="master_weight_bits"):
+            wdopt.FusedLion([p], master_weight_bits=bits)
+    with pytest.raises(ValueError, match="does not support master_weight_bits"):
+        wdopt.RotationalSGD([p], master_weight_bits=32)
+    opt = wdopt.FusedSGD([p], master_weight_bits=32, backend="reference")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p]["correction"] = torch.zeros(3, dtype=torch.int32)
+    opt.__setstate__(opt.__getstate__())
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="'correction'.*int16 or int8"):
+        opt.step()
+    assert torch.equal(p, before)
