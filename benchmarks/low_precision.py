@@ -78,6 +78,12 @@ def arms(device):
         "wdopt bf16 + 32-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=32, **hyper)),
         "wdopt bf16 + 24-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=24, **hyper)),
     }
+    # 8-bit states run on the reference backend only so far: their resident bytes are measured
+    # (one step), their time is not (the reference is not a kernel).
+    out["wdopt bf16 + 24-bit master + 8-bit states (bytes only)"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, backend="reference", **hyper), False)
+    out["wdopt bf16 + 32-bit master + 8-bit states (bytes only)"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=32, state_bits=8, backend="reference", **hyper), False)
     ao, why = _torchao_adamw()
     out["torchao bf16 stochastic"] = why if ao is None else \
         (torch.bfloat16, lambda ps: ao(ps, bf16_stochastic_round=True, **hyper))
@@ -109,14 +115,20 @@ def bench(shape_set: str, device: str, iters: int) -> list[dict]:
         if isinstance(spec, str):
             rows.append({"arm": name, "skipped": spec})
             continue
-        dtype, make = spec
+        dtype, make, timed = spec if len(spec) == 3 else (*spec, True)
         params = _params(shapes, dtype, device)
         try:
             opt = make(params)
-            for _ in range(3):  # state made, kernels built or compiled
+            for _ in range(3 if timed else 1):  # state made, kernels built or compiled
                 opt.step()
         except Exception as error:  # noqa: BLE001 - a competitor failing here is reported, not fatal
             rows.append({"arm": name, "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
+            continue
+        if not timed:
+            resident = resident_bytes(opt, params)
+            rows.append({"arm": name, "median_ms": None, "ratio": None, "resident_B_per_param": resident,
+                         "moved_B_per_param": 2 * resident + params[0].element_size()})
+            del opt, params
             continue
         ready[name] = (opt, params)
     times = {name: [] for name in ready}
@@ -156,6 +168,9 @@ def main(argv=None) -> None:
         for row in bench(shape_set, args.device, args.iters):
             if "skipped" in row:
                 print(f"| {row['arm']} | not run: {row['skipped']} | | | |")
+            elif row["median_ms"] is None:
+                print(f"| {row['arm']} | not timed | | {row['resident_B_per_param']:.2f} | "
+                      f"{row['moved_B_per_param']:.1f} |")
             else:
                 print(f"| {row['arm']} | {row['median_ms']:.2f} | {row['ratio']:.2f} | "
                       f"{row['resident_B_per_param']:.2f} | {row['moved_B_per_param']:.1f} |")

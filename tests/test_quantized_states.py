@@ -203,3 +203,26 @@ def test_bad_combinations_are_refused():
     with pytest.raises(RuntimeError, match="block scales"):
         opt.step()
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu" and b != "triton"])
+def test_a_skipped_step_changes_nothing(backend):
+    """GradScaler found an inf: parameters, corrections, 8-bit codes and scales and the rounding
+    streams keep their values (every low-precision option on, where the backend has it)."""
+    module = backends.load(backend)
+    options = dict(stochastic_rounding=True, master_weight_bits=24 if backends.compensates(module, "cpu") else 16,
+                   state_bits=8 if backends.quantizes(module, "cpu") else None)
+    params = [p.requires_grad_(True) for p in make_params([(33, 17), (300,)], torch.bfloat16)]
+    opt = wdopt.FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend=backend, **options)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = copy.deepcopy((params, opt.state_dict()))
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())
+    opt.step()
+    after = opt.state_dict()
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    for index, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][index][key], value), key

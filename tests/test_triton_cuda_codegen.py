@@ -7,6 +7,7 @@ spill, and the element-wise kernels to at most 128 registers a thread (occupancy
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -61,7 +62,7 @@ LONG_WARPS = 16
 def _tile_warps(rows, block):
     return 4 if rows * block <= 512 else 16 if block >= 2048 else 8
 FLAGS = dict(MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, CHUNK=16384, BLOCK=1024,
-             TELEMETRY=False, STATISTICS=False)
+             TELEMETRY=False, STATISTICS=False, STOCHASTIC=False)
 ELEMENTWISE = {
     "adamw": ("adamw", "_adamw_kernel", dict(AMSGRAD=True)),
     "sgd": ("sgd", "_sgd_kernel", dict(HAS_MOMENTUM=True, NESTEROV=True, DECOUPLED=False, LR_ON_DEVICE=True)),
@@ -92,6 +93,20 @@ def _cases():
                           constexprs={**FLAGS, **extra, "CHUNK": 1, "BLOCK": 256, "TELEMETRY": True,
                                       "STATISTICS": True},
                           num_warps=ELEMENTWISE_WARPS))
+    # Stochastic rounding (bf16/fp16 stores, wdopt/kernels/triton/rounding.py): the update, and the
+    # monitored steps at their blocks (telemetry_block_size: half the block, a quarter with statistics).
+    for name, (module, kernel, extra) in ELEMENTWISE.items():
+        for dtype in ("bf16", "fp16"):
+            stochastic = {**FLAGS, **extra, "STOCHASTIC": True}
+            cases.append(dict(id=f"{name}-{dtype}-stochastic", module=module, kernel=kernel, dtype=dtype, arch=90,
+                              constexprs=stochastic, num_warps=ELEMENTWISE_WARPS))
+            cases.append(dict(id=f"{name}-stochastic-{dtype}-telemetry", module=module, kernel=kernel, dtype=dtype,
+                              arch=90, constexprs={**stochastic, "CHUNK": 1, "BLOCK": 512, "TELEMETRY": True},
+                              num_warps=ELEMENTWISE_WARPS))
+            cases.append(dict(id=f"{name}-stochastic-{dtype}-statistics", module=module, kernel=kernel, dtype=dtype,
+                              arch=90, constexprs={**stochastic, "CHUNK": 1, "BLOCK": 256, "TELEMETRY": True,
+                                                   "STATISTICS": True},
+                              num_warps=ELEMENTWISE_WARPS))
     # The rotational row engine: short rows as a [ROWS, BLOCK] tile, long rows in two passes.
     for optimizer, extra in ROTATIONAL.items():
         # Tiles: 16 rows of 128 (2,048 elements), and one row of 2,048 (the largest on chip).
@@ -150,6 +165,17 @@ def test_elementwise_kernels_compile_vectorized_and_exact(ptx, case_id):
     _exact(code)
 
 
+# fmix32's first multiplier 0x85EBCA6B as PTX writes the immediate of a 32-bit multiply.
+_HASH = re.compile(r"mul\.lo\.s32\s+%r\d+, %r\d+, -2048144789;")
+
+
+@pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["module"] in ELEMENTWISE])
+def test_stochastic_rounding_only_in_its_variants(ptx, case_id):
+    """The random bits are drawn in the STOCHASTIC variants, and nothing of them is left in the
+    others (round to nearest compiles as it did before stochastic rounding)."""
+    assert bool(_HASH.search(_compiled(ptx, case_id))) == ("stochastic" in case_id)
+
+
 @pytest.mark.parametrize("case_id", [c["id"] for c in CASES if c["module"] == "rotational"])
 def test_rotational_kernels_compile_exact(ptx, case_id):
     _exact(_compiled(ptx, case_id))
@@ -191,3 +217,71 @@ def test_kernels_fit_in_registers_at_sm90(ptx, case_id):
     assert spilled <= allowed, f"{case_id}: {spilled} bytes of spill stores and loads ({registers} registers)"
     if not case_id.startswith("rotational"):
         assert registers <= 128, f"{case_id}: {registers} registers a thread (at most 128 keeps occupancy)"
+
+
+# ---------------------------------------------------------------------------- monitored steps, run
+# (Here rather than in tests/test_stochastic_rounding.py, whose bit-for-bit test runs the Triton
+# update path: this one runs the row kernels of monitored steps, interpreted without a GPU.)
+
+
+@pytest.mark.parametrize("name,dtype", [("adamw", "bfloat16"), ("sgd", "float16"), ("lion", "bfloat16")])
+def test_monitored_stochastic_steps_store_the_reference_bits(name, dtype, monkeypatch):
+    """Monitored steps with stochastic rounding (one program per telemetry row, rows looping over
+    blocks, with the direction statistics) store the bits of the reference backend, and the sums
+    measure the stored values. A channels_last parameter (a bucket of its own, its telemetry
+    measured from snapshots) draws its bits by memory offset."""
+    import torch
+
+    import wdopt
+    from wdopt.kernels.triton import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "TELEMETRY_MAX_BLOCK", 32)  # rows of 45 and 129 loop over blocks
+    launches = []
+    kernels = importlib.import_module(f"wdopt.kernels.triton.{name}")  # the module (the package's attribute is the step)
+    monkeypatch.setattr(kernels, "elementwise_table", _recording(kernels.elementwise_table, launches))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype)
+    cls, hyper = {"adamw": (wdopt.FusedAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                  "sgd": (wdopt.FusedSGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+                  "lion": (wdopt.FusedLion, dict(lr=1e-3, weight_decay=1.0))}[name]
+    runs = []
+    for backend in ("reference", "triton"):
+        g = torch.Generator().manual_seed(0)
+        conv = torch.randn(6, 5, 3, 3, generator=g).to(device=device, dtype=dtype)
+        params = [conv.clone().requires_grad_(True),
+                  torch.randn(4, 129, generator=g).to(device=device, dtype=dtype).requires_grad_(True),
+                  torch.randn(7, generator=g).to(device=device, dtype=dtype).requires_grad_(True),
+                  conv.to(memory_format=torch.channels_last).requires_grad_(True)]
+        # Only contiguous buckets have their telemetry gathered by the kernels: the channels_last
+        # parameter in a group of its own leaves the first group's to them.
+        opt = cls([{"params": params[:3]}, {"params": params[3:]}], backend=backend, stochastic_rounding=True,
+                  rounding_seed=3, **hyper)
+        monitor = wdopt.RotationMonitor(opt, every=2, statistics=True)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype)
+            opt.step()
+        assert len(monitor.history) == 2
+        runs.append((params, opt, monitor))
+    # The kernels' monitored steps, with statistics (columns 4-7), rounded stochastically.
+    assert sum(shape["TELEMETRY"] and shape["STATISTICS"] and shape["STOCHASTIC"] for shape in launches) == 2
+    (ref, ref_opt, ref_monitor), (out, opt, monitor) = runs
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"param {i}"
+        for key, value in ref_opt.state[b].items():
+            got = opt.state[a][key]
+            if value.dtype == dtype:
+                got, value = got.view(torch.int16), value.view(torch.int16)
+            assert torch.equal(got, value), f"param {i} state {key}"
+    for record, expected in zip(monitor.history, ref_monitor.history):
+        for key, sums in expected.sums.items():
+            torch.testing.assert_close(record.sums[key].cpu(), sums.cpu(), rtol=1e-5, atol=1e-12)
+
+
+def _recording(elementwise_table, launches):
+    """``elementwise_table`` that also keeps the shape constexprs of each launch in ``launches``."""
+    def recorded(*args, **kwargs):
+        table, shape = elementwise_table(*args, **kwargs)
+        launches.append(shape)
+        return table, shape
+    return recorded

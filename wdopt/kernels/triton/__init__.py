@@ -21,5 +21,7 @@ from .sgd import sgd  # noqa: E402
 TELEMETRY = True
 #: Device types whose kernels also gather the direction statistics ((K, 8) telemetry buffers).
 STATISTICS = ("cpu", "cuda")
+#: Device types whose kernels round bf16/fp16 stores stochastically when handed ``rng`` (rounding.py).
+STOCHASTIC_ROUNDING = ("cpu", "cuda")
 
-__all__ = ["INTERPRETED", "STATISTICS", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]
+__all__ = ["INTERPRETED", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]

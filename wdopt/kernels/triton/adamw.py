@@ -11,13 +11,15 @@ import triton.language as tl
 
 from .multi_tensor import (
     PreparedLaunch, block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
-    lr_value, optional, sqrt, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, to_storage, unscale,
-    work_item,
+    lr_value, optional, sqrt, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
+from .rounding import rounded, rounding_words
 
-# Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(8))
-NCOL = tl.constexpr(9)
+# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding). The element
+# count, or the row count of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, TELEMETRY_COLUMN, ROW_SIZE = \
+    (tl.constexpr(i) for i in range(9))
+NCOL = tl.constexpr(10)
 # Per-tensor coefficients computed once per step, in fp64 (kernels round them once to the compute
 # dtype): decay factor, step size lr/(1−β1^t), sqrt(1−β2^t).
 NCOEF = tl.constexpr(3)
@@ -120,8 +122,8 @@ def _adamw_coefficients_kernel(
 @triton.jit
 def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
                  decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr = False):
+                 words, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
@@ -137,13 +139,14 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
                                 COMPUTE)
     p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
-    new = to_storage(p, DTYPE)
+    # Stored through the lanes of rounding.py's specification: the parameter 0, then the states in order.
+    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
     tl.store(param_ptr + offs, new, mask=mask)
-    tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, to_storage(v, DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, rounded(v, DTYPE, words[2], offs, STOCHASTIC), mask=mask)
     if AMSGRAD:
-        tl.store(max_exp_avg_sq_ptr + offs, to_storage(v_max, DTYPE), mask=mask)
-    return stored, new, grad, n, s  # for telemetry
+        tl.store(max_exp_avg_sq_ptr + offs, rounded(v_max, DTYPE, words[3], offs, STOCHASTIC), mask=mask)
+    return stored, new, grad, n, s  # for telemetry: Δω from the value stored
 
 
 @triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits"])
@@ -153,6 +156,7 @@ def _adamw_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -170,6 +174,7 @@ def _adamw_kernel(
     one_minus_beta2 = (1.0 - beta2).to(COMPUTE)
     beta2 = beta2.to(COMPUTE)
     eps = f64(eps_bits).to(COMPUTE)
+    words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -181,7 +186,7 @@ def _adamw_kernel(
             before, after, grad, n, s = _adamw_block(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
+                words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -192,23 +197,25 @@ def _adamw_kernel(
             _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                          block_offsets(block_start, BLOCK), None, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
             _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                          offs, offs < end, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None, telemetry=(), table=None,
+    grad_scale=None, found_inf=None, telemetry=(), rng=(), table=None,
 ):
     """AdamW on tensors of one device and dtype: two launches whatever their number. With
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
-    per telemetry row and fills the buffers as it updates the elements.
+    per telemetry row and fills the buffers as it updates the elements. With ``rng`` (one int64
+    [key, count] per parameter, read on the device) bf16/fp16 parameters and states are rounded
+    stochastically (wdopt/reference/rounding.py; lanes: exp_avg 1, exp_avg_sq 2, max_exp_avg_sq 3).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -220,7 +227,7 @@ def adamw(
         *elementwise_table(
             lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params),
                      steps],
-            params, telemetry, device, table),
+            params, telemetry, device, table, rng),
         dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     if table == "prepare":
         return prepared

@@ -11,12 +11,14 @@ import triton.language as tl
 
 from .multi_tensor import (
     PreparedLaunch, block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
-    optional, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, to_storage, unscale, work_item,
+    optional, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
+from .rounding import rounded, rounding_words
 
-# Table columns (the element count, or the row count of a monitored step, is the last, NCOL - 1).
-PARAM, GRAD, EXP_AVG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(5))
-NCOL = tl.constexpr(6)
+# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding). The element
+# count, or the row count of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, RNG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(6))
+NCOL = tl.constexpr(7)
 
 
 @triton.jit
@@ -39,9 +41,9 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
 
 @triton.jit
 def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
-                lr, decay, one_minus_beta1, one_minus_beta2,
+                lr, decay, one_minus_beta1, one_minus_beta2, words,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                STATISTICS: tl.constexpr = False):
+                STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
@@ -52,10 +54,11 @@ def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
     if STATISTICS:
         n = m + one_minus_beta1 * (g - m)
     p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
-    new = to_storage(p, DTYPE)
+    # Stored through the lanes of rounding.py's specification: the parameter 0, exp_avg 1.
+    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
     tl.store(param_ptr + offs, new, mask=mask)
-    tl.store(exp_avg_ptr + offs, to_storage(m, DTYPE), mask=mask)
-    return stored, new, grad, n, s  # for telemetry
+    tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+    return stored, new, grad, n, s  # for telemetry: Δω from the value stored
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "weight_decay_bits", "decay_lr_scale_bits"])
@@ -65,6 +68,7 @@ def _lion_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -75,6 +79,7 @@ def _lion_kernel(
     lr = lr64.to(COMPUTE)
     one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
     one_minus_beta2 = (1.0 - f64(beta2_bits)).to(COMPUTE)
+    words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -85,7 +90,8 @@ def _lion_kernel(
             mask = offs < end * size
             before, after, grad, n, s = _lion_block(
                 param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
-                lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
+                lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
+                STATISTICS, STOCHASTIC)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -94,19 +100,22 @@ def _lion_kernel(
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
             _lion_block(param_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                        lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+                        lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
+                        False, STOCHASTIC)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
             _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
-                        lr, decay, one_minus_beta1, one_minus_beta2, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE)
+                        lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
+                        False, STOCHASTIC)
 
 
 def lion(
     params, grads, exp_avgs,
-    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(), table=None,
+    *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
+    rng=(), table=None,
 ):
-    """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
-    in ``adamw``).
+    """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry`` and
+    ``rng``: as in ``adamw``; exp_avg is lane 1).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -115,7 +124,7 @@ def lion(
         return None
     device, dtype = params[0].device, params[0].dtype
     prepared = _LionLaunch(params[0],
-                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table),
+                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table, rng),
                            dtype, beta1, beta2, weight_decay, maximize)
     if table == "prepare":
         return prepared

@@ -71,28 +71,57 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def elementwise_table(columns, params, telemetry, device: torch.device, table=None):
+def elementwise_table(columns, params, telemetry, device: torch.device, table=None, rng=()):
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
-    optimizer's columns (``columns()`` makes them), then the two telemetry columns; work items are
-    chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step (``telemetry``: a
-    float64 (K, 4) buffer per parameter, (K, 8) with the direction statistics) one telemetry row each.
+    optimizer's columns (``columns()`` makes them), the rng column, then the two telemetry columns;
+    work items are chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step
+    (``telemetry``: a float64 (K, 4) buffer per parameter, (K, 8) with the direction statistics) one
+    telemetry row each.
+
+    ``rng``: one int64 [key, count] tensor per parameter, or none. With them, bf16 and fp16 stores
+    round stochastically (STOCHASTIC, wdopt/kernels/triton/rounding.py) and the rng column holds
+    their addresses; otherwise it holds zeros, which nothing reads.
 
     ``table``: None (a cached table, wdopt/kernels/tables.py) or "prepare", a new table owned by
     the caller (the step driver's fast path), whose gradient column the caller keeps up to date.
     ``columns`` is a function so that the launchers' signatures stay one per optimizer."""
-    columns = columns()
+    stochastic = stochastic_rounding(rng, params)
+    # Addresses as plain ints: the pair is read as two scalars, so its alignment must not count
+    # against the 16-byte vector accesses of the whole table (DeviceTable checks tensors' addresses).
+    columns = columns() + [[r.data_ptr() for r in rng] if stochastic else [None] * len(params)]
     owned = table == "prepare"
     if telemetry:
         assert not owned, "the fast path does not gather telemetry"
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
         table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8)
+        chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8, stochastic=stochastic)
     else:
         table = tables.DeviceTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device, CHUNK,
                                    owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
     return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
-                       STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8)
+                       STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8, STOCHASTIC=stochastic)
+
+
+#: The storage dtypes that stochastic rounding applies to; wider ones are stored as computed.
+STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def stochastic_rounding(rng, params) -> bool:
+    """Whether a launch rounds stochastically: ``rng`` given and bf16/fp16 parameters. The kernels
+    read each pair through its address, so anything but one contiguous int64 [key, count] on the
+    parameters' device per parameter is refused here."""
+    if not rng:
+        return False
+    if len(rng) != len(params):
+        raise ValueError(f"wdopt triton: one rng tensor per parameter is needed, got {len(rng)} for {len(params)}")
+    device = params[0].device
+    for i, r in enumerate(rng):
+        if not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.numel() != 2 or not r.is_contiguous() or \
+                r.device != device:
+            raise ValueError(f"wdopt triton: rng[{i}] must be a contiguous int64 tensor of 2 elements ([key, count]) "
+                             f"on {device}")
+    return params[0].dtype in STOCHASTIC_DTYPES
 
 
 class PreparedLaunch:
@@ -290,14 +319,16 @@ def telemetry_columns(params, telemetry):
 TELEMETRY_MAX_BLOCK = CHUNK if INTERPRETED else GPU_BLOCK
 
 
-def telemetry_block_size(row_sizes, statistics: bool = False) -> int:
+def telemetry_block_size(row_sizes, statistics: bool = False, stochastic: bool = False) -> int:
     """Monitored steps run one program per telemetry row, looping over it BLOCK elements at a time.
     With the direction statistics (eight float64 accumulators a lane, not four, and one more
     division) a quarter as many: at half, AdamW with amsgrad spilled 4 bytes at sm_90; at a
-    quarter it uses 60 registers (tests/test_triton_cuda_codegen.py). Statistics steps are rare
-    (a monitor's every-N), so their lower throughput costs little."""
+    quarter it uses 60 registers (tests/test_triton_cuda_codegen.py). With stochastic rounding
+    (a hash per stored array) half as many: bf16 AdamW with amsgrad held 158 registers at the full
+    block, 80 at half. Monitored steps are rare (a monitor's every-N), so their lower throughput
+    costs little."""
     longest = triton.next_power_of_2(max(max(row_sizes, default=1), 1))
-    return max(16, min(longest, TELEMETRY_MAX_BLOCK // (4 if statistics else 1)))
+    return max(16, min(longest, TELEMETRY_MAX_BLOCK // (4 if statistics else 2 if stochastic else 1)))
 
 
 def compute_dtype(dtype: torch.dtype):

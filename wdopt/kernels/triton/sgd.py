@@ -12,13 +12,15 @@ import triton.language as tl
 from .multi_tensor import (
     PreparedLaunch, block_offsets, check_first_steps, elementwise_table, f64, f64_bits, first_step_flag, full_blocks_end,
     gradient_constexprs, launch, lr_value, optional, table_value, statistics_add, store_row, telemetry_add,
-    tensor_pointer, to_storage, unscale, work_item,
+    tensor_pointer, unscale, work_item,
 )
+from .rounding import rounded, rounding_words
 
-# Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``). The
-# element count, or the row count of a monitored step, is the last column, NCOL - 1.
-PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(6))
-NCOL = tl.constexpr(7)
+# Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``),
+# RNG that of the tensor's [key, count] (stochastic rounding). The element count, or the row count
+# of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, RNG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(7))
+NCOL = tl.constexpr(8)
 
 
 @triton.jit
@@ -49,10 +51,10 @@ def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_d
 
 @triton.jit
 def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, first_step,
-               lr, decay, weight_decay, momentum, one_minus_dampening,
+               lr, decay, weight_decay, momentum, one_minus_dampening, words,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               STATISTICS: tl.constexpr = False):
+               STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
     stored = tl.load(param_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
@@ -67,11 +69,12 @@ def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, firs
         s = tl.where(first_step, 0.0, b)
     p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
                     HAS_MOMENTUM, NESTEROV, DECOUPLED)
-    new = to_storage(p, DTYPE)
+    # Stored through the lanes of rounding.py's specification: the parameter 0, the buffer 1.
+    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
     tl.store(param_ptr + offs, new, mask=mask)
     if HAS_MOMENTUM:
-        tl.store(buffer_ptr + offs, to_storage(b, DTYPE), mask=mask)
-    return stored, new, grad, g, s  # for telemetry
+        tl.store(buffer_ptr + offs, rounded(b, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+    return stored, new, grad, g, s  # for telemetry: Δω from the value stored
 
 
 @triton.jit(do_not_specialize=["lr_bits", "weight_decay_bits", "decay_lr_scale_bits", "momentum_bits", "dampening_bits"])
@@ -82,6 +85,7 @@ def _sgd_kernel(
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -95,6 +99,7 @@ def _sgd_kernel(
     weight_decay = weight_decay64.to(COMPUTE)
     momentum = f64(momentum_bits).to(COMPUTE)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(COMPUTE)
+    words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -105,8 +110,8 @@ def _sgd_kernel(
             mask = offs < end * size
             before, after, grad, n, s = _sgd_block(
                 param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr,
-                first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS)
+                first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
+                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -115,22 +120,22 @@ def _sgd_kernel(
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
             _sgd_block(param_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
-                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
             _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
-                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
-                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE)
+                       first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
 
 
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None, telemetry=(), table=None,
+    maximize, grad_scale=None, found_inf=None, telemetry=(), rng=(), table=None,
 ):
-    """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry``: as
-    in ``adamw``).
+    """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry`` and
+    ``rng``: as in ``adamw``; the momentum buffer is lane 1).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -146,7 +151,7 @@ def sgd(
         return [params, grads, momentum_buffers if has_momentum else [None] * len(params),
                 list(first_steps) if has_momentum else [None] * len(params)]
 
-    prepared = _SGDLaunch(params[0], *elementwise_table(columns, params, telemetry, device, table), dtype,
+    prepared = _SGDLaunch(params[0], *elementwise_table(columns, params, telemetry, device, table, rng), dtype,
                           weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize)
     if table == "prepare":
         return prepared
