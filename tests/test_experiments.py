@@ -81,7 +81,8 @@ def outputs(tmp_path_factory):
 
 
 def test_registry():
-    assert list(EXPERIMENTS) == ["equilibrium", "equilibrium-sweep", "rotational", "sphere", "lr-wd", "why-wd"]
+    assert list(EXPERIMENTS) == ["equilibrium", "equilibrium-sweep", "rotational", "sphere", "lr-wd", "why-wd",
+                                 "precision"]
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -399,3 +400,85 @@ def test_report_renders_every_run_with_its_torch_version(outputs):
     assert md.count(f"torch {torch.__version__}") >= 2  # beside the table and the seed spread
     assert all(f"- {v}" in md for v in summary["verdict"])
     assert "| conv1.weight |" in md and "×" in md  # the λ = 0 growth range
+
+
+# ---------------------------------------------------------------------- precision (bf16 storage)
+
+ROW_KEYS["precision"] = {"arm", "dtype", "eta_r", "d", "lr", "weight_decay", "steps", "relaxation_times",
+                         "predicted_angular_update", "measured_angular_update", "angle_error", "computed_update",
+                         "stored_update", "rounding_factor", "model_rounding_factor", "norm_ratio", "norm_error",
+                         "at_equilibrium", "unchanged_fraction", "grad_power", "final_loss", "test_accuracy"}
+PNGS["precision"] = {"precision.png"}
+
+
+def test_precision_numbers_recomputed(outputs):
+    """wdopt precision --quick: every arm at every point; η_r, the predicted norms and the errors
+    recomputed with AdamW's formulas written out here (docs/theory.md section 2.2), the rounding
+    factor from the fp32 row, and the unchanged fraction from the weights saved around the last
+    step; then the science that --quick can already show at η_r = 2^-10: stochastic rounding
+    inflates the stored update (the element model says ×1.4), and fp32 changes every element."""
+    out = outputs("precision")
+    summary = json.loads((out / "summary.json").read_text())
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    rows, layers = summary["rows"], summary["layers"]
+    arms = ["fp32", "bf16-nearest", "bf16-stochastic", "bf16-master24", "bf16-master24-stochastic"]
+    exponents = sorted({r["exponent"] for r in rows})
+    assert exponents == pytest.approx([5.0, 10.0])
+    assert sorted((r["arm"], round(r["exponent"])) for r in rows) == sorted((a, k) for a in arms for k in (5, 10))
+    beta1 = 0.9
+    for row in rows:
+        d = row["lr"] * row["weight_decay"]
+        eta_r = math.sqrt(2 * d * (1 - beta1) / (1 + beta1))
+        assert row["d"] == pytest.approx(d, rel=1e-12)
+        assert row["eta_r"] == pytest.approx(eta_r, rel=1e-12) == pytest.approx(2.0 ** -row["exponent"], rel=1e-9)
+        assert row["predicted_angular_update"] == pytest.approx(eta_r, rel=1e-12)
+        assert row["angle_error"] == pytest.approx(row["measured_angular_update"] / eta_r - 1, rel=1e-9)
+        assert row["relaxation_times"] == pytest.approx(row["steps"] * 2 * d, rel=1e-9)
+        mine = [r for r in layers if r["arm"] == row["arm"] and r["exponent"] == row["exponent"]]
+        assert [r["layer"] for r in mine] == list(CONV)
+        for r in mine:
+            assert r["predicted_norm"] == pytest.approx(row["lr"] * math.sqrt(r["neuron_size"] / (2 * d)), rel=1e-12)
+        errors = [r["measured_norm"] / r["predicted_norm"] - 1 for r in mine]
+        assert row["norm_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-9)
+        angles = [r["measured_angular_update"] for r in mine]
+        assert row["measured_angular_update"] == pytest.approx(sum(angles) / len(angles), rel=1e-12)
+        base = next(r for r in rows if r["arm"] == "fp32" and r["exponent"] == row["exponent"])
+        assert row["rounding_factor"] == pytest.approx(
+            (row["stored_update"] / row["computed_update"]) / (base["stored_update"] / base["computed_update"]), rel=1e-9)
+        saved = weights[f"{row['arm']} 2^-{row['exponent']:.3g}"]
+        same = sum((saved["final"][n] == saved["before_last_step"][n]).sum().item() for n in CONV)
+        total = sum(saved["final"][n].numel() for n in CONV)
+        assert row["unchanged_fraction"] == pytest.approx(same / total, abs=1e-12)
+        assert saved["final"]["conv1.weight"].dtype == (torch.float32 if row["arm"] == "fp32" else torch.bfloat16)
+    small = {r["arm"]: r for r in rows if r["exponent"] == 10.0}
+    assert small["fp32"]["unchanged_fraction"] < 0.01 < small["bf16-nearest"]["unchanged_fraction"]
+    assert small["bf16-stochastic"]["rounding_factor"] > 1.2
+    assert small["bf16-stochastic"]["model_rounding_factor"] > 1.2
+    assert any(v.startswith("bf16-stochastic:") for v in summary["verdict"])
+    # A 24-bit master weight stores the update the kernel computed (its rounding is 2^-8 of bf16's).
+    for arm in ("bf16-master24", "bf16-master24-stochastic"):
+        assert abs(small[arm]["rounding_factor"] - 1) < 0.05, (arm, small[arm]["rounding_factor"])
+
+
+def test_precision_element_model_against_the_rounding_spec():
+    """The element model's stored/computed factor against a Monte Carlo of the real roundings:
+    torch's round-to-nearest bf16 cast and wdopt.reference.rounding's stochastic rounding with
+    random words; and SR's |u| ≪ ulp limit sqrt(1 + 2^-7/(π ln 2)/η_r) (docs/theory.md section 6)."""
+    from wdopt.experiments.precision import element_model
+    from wdopt.reference import rounding as R
+
+    g = torch.Generator().manual_seed(123)
+    n = 1 << 18
+    for eta_r in (2.0 ** -6, 2.0 ** -9, 2.0 ** -11):
+        w = torch.randn(n, generator=g).to(torch.bfloat16).float()
+        u = eta_r * torch.randn(n, generator=g)
+        x = w + u
+        bits = torch.randint(0, 2 ** 32, (n,), generator=g, dtype=torch.int64)
+        stored = {"nearest": x.to(torch.bfloat16).float(), "stochastic": R.stochastic_round(x, torch.bfloat16, bits).float()}
+        for rounding, s in stored.items():
+            empirical = math.sqrt(((s - w).double().pow(2).mean() / u.double().pow(2).mean()).item())
+            assert element_model(eta_r, rounding, samples=n) == pytest.approx(empirical, rel=0.04), (eta_r, rounding)
+    limit = math.sqrt(1 + 2.0 ** -7 / (math.pi * math.log(2)) / 2.0 ** -13)
+    assert element_model(2.0 ** -13, "stochastic") == pytest.approx(limit, rel=0.05)
+    assert element_model(2.0 ** -4, "nearest") == pytest.approx(1.0, abs=0.01)
+    assert element_model(2.0 ** -12, "nearest") < 0.6

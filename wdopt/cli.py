@@ -4,7 +4,7 @@
                     and show the two runs follow the same trajectory
     wdopt env       versions and available backends (as ``python -m wdopt.env``)
     wdopt bench     the kernel benchmark (as ``python -m wdopt.bench``; its options follow)
-    wdopt equilibrium, rotational, sphere, lr-wd, why-wd
+    wdopt equilibrium, rotational, sphere, lr-wd, why-wd, precision
                     the experiments (wdopt/experiments/, EXPERIMENTS.md)
     wdopt report    rerun the experiments and regenerate EXPERIMENTS.md (wdopt/experiments/report.py)
 """

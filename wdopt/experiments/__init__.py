@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "sphere": "wdopt.experiments.sphere",
     "lr-wd": "wdopt.experiments.lr_wd",
     "why-wd": "wdopt.experiments.why_wd",
+    "precision": "wdopt.experiments.precision",
 }
 
 
