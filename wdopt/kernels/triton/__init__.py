@@ -23,5 +23,8 @@ TELEMETRY = True
 STATISTICS = ("cpu", "cuda")
 #: Device types whose kernels round bf16/fp16 stores stochastically when handed ``rng`` (rounding.py).
 STOCHASTIC_ROUNDING = ("cpu", "cuda")
+#: Device types whose kernels update compensated bf16 parameters when handed ``correction`` (rounding.py).
+COMPENSATION = ("cpu", "cuda")
 
-__all__ = ["INTERPRETED", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY", "adamw", "lion", "rotational", "sgd"]
+__all__ = ["COMPENSATION", "INTERPRETED", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY", "adamw", "lion",
+           "rotational", "sgd"]

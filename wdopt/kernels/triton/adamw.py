@@ -13,13 +13,14 @@ from .multi_tensor import (
     PreparedLaunch, block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
     lr_value, optional, sqrt, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
-from .rounding import rounded, rounding_words
+from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
 
-# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding). The element
-# count, or the row count of a monitored step, is the last column, NCOL - 1.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, TELEMETRY_COLUMN, ROW_SIZE = \
-    (tl.constexpr(i) for i in range(9))
-NCOL = tl.constexpr(10)
+# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
+# that of a compensated parameter's correction. The element count, or the row count of a monitored
+# step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, CORRECTION, TELEMETRY_COLUMN, ROW_SIZE = \
+    (tl.constexpr(i) for i in range(10))
+NCOL = tl.constexpr(11)
 # Per-tensor coefficients computed once per step, in fp64 (kernels round them once to the compute
 # dtype): decay factor, step size lr/(1−β1^t), sqrt(1−β2^t).
 NCOEF = tl.constexpr(3)
@@ -120,11 +121,12 @@ def _adamw_coefficients_kernel(
 
 
 @triton.jit
-def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
-                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 words, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    stored = tl.load(param_ptr + offs, mask=mask)
+def _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask,
+                 grad_scale_ptr, decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2,
+                 eps, words, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 MASTER: tl.constexpr):
+    stored = load_param(param_ptr, correction_ptr, offs, mask, MASTER)  # the master weight when compensated
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
@@ -140,8 +142,7 @@ def _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_s
     p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
     # Stored through the lanes of rounding.py's specification: the parameter 0, then the states in order.
-    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
-    tl.store(param_ptr + offs, new, mask=mask)
+    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER)
     tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, rounded(v, DTYPE, words[2], offs, STOCHASTIC), mask=mask)
     if AMSGRAD:
@@ -156,7 +157,7 @@ def _adamw_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -175,6 +176,7 @@ def _adamw_kernel(
     beta2 = beta2.to(COMPUTE)
     eps = f64(eps_bits).to(COMPUTE)
     words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
+    correction_ptr = correction_pointer(table_ptr, row, CORRECTION, NCOL, ALIGNED, MASTER)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -184,9 +186,10 @@ def _adamw_kernel(
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
             before, after, grad, n, s = _adamw_block(
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask, grad_scale_ptr,
+                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask,
+                grad_scale_ptr,
                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC)
+                words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC, MASTER)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -194,28 +197,30 @@ def _adamw_kernel(
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
-            _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                          block_offsets(block_start, BLOCK), None, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                          offs, offs < end, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None, telemetry=(), rng=(), table=None,
+    grad_scale=None, found_inf=None, telemetry=(), rng=(), correction=(), table=None,
 ):
     """AdamW on tensors of one device and dtype: two launches whatever their number. With
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
     per telemetry row and fills the buffers as it updates the elements. With ``rng`` (one int64
     [key, count] per parameter, read on the device) bf16/fp16 parameters and states are rounded
     stochastically (wdopt/reference/rounding.py; lanes: exp_avg 1, exp_avg_sq 2, max_exp_avg_sq 3).
+    With ``correction`` (one int16 or int8 tensor per bf16 parameter) the parameters are compensated:
+    the update, and telemetry, act on their 32- or 24-bit master weights (rounding.py).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -227,7 +232,7 @@ def adamw(
         *elementwise_table(
             lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params),
                      steps],
-            params, telemetry, device, table, rng),
+            params, telemetry, device, table, rng, correction),
         dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     if table == "prepare":
         return prepared

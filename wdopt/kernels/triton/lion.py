@@ -13,12 +13,13 @@ from .multi_tensor import (
     PreparedLaunch, block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
     optional, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
-from .rounding import rounded, rounding_words
+from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
 
-# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding). The element
-# count, or the row count of a monitored step, is the last column, NCOL - 1.
-PARAM, GRAD, EXP_AVG, RNG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(6))
-NCOL = tl.constexpr(7)
+# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
+# that of a compensated parameter's correction. The element count, or the row count of a monitored
+# step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, RNG, CORRECTION, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(7))
+NCOL = tl.constexpr(8)
 
 
 @triton.jit
@@ -40,11 +41,11 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
 
 
 @triton.jit
-def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+def _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2, words,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    stored = tl.load(param_ptr + offs, mask=mask)
+                STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr, MASTER: tl.constexpr):
+    stored = load_param(param_ptr, correction_ptr, offs, mask, MASTER)  # the master weight when compensated
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
@@ -55,8 +56,7 @@ def _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
         n = m + one_minus_beta1 * (g - m)
     p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
     # Stored through the lanes of rounding.py's specification: the parameter 0, exp_avg 1.
-    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
-    tl.store(param_ptr + offs, new, mask=mask)
+    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER)
     tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
     return stored, new, grad, n, s  # for telemetry: Δω from the value stored
 
@@ -68,7 +68,7 @@ def _lion_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -80,6 +80,7 @@ def _lion_kernel(
     one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
     one_minus_beta2 = (1.0 - f64(beta2_bits)).to(COMPUTE)
     words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
+    correction_ptr = correction_pointer(table_ptr, row, CORRECTION, NCOL, ALIGNED, MASTER)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -89,9 +90,9 @@ def _lion_kernel(
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
             before, after, grad, n, s = _lion_block(
-                param_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                STATISTICS, STOCHASTIC)
+                STATISTICS, STOCHASTIC, MASTER)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -99,23 +100,24 @@ def _lion_kernel(
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
-            _lion_block(param_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None,
+                        grad_scale_ptr,
                         lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                        False, STOCHASTIC)
+                        False, STOCHASTIC, MASTER)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            _lion_block(param_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
+            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
                         lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                        False, STOCHASTIC)
+                        False, STOCHASTIC, MASTER)
 
 
 def lion(
     params, grads, exp_avgs,
     *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
-    rng=(), table=None,
+    rng=(), correction=(), table=None,
 ):
-    """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry`` and
-    ``rng``: as in ``adamw``; exp_avg is lane 1).
+    """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``,
+    ``rng`` and ``correction``: as in ``adamw``; exp_avg is lane 1).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -124,7 +126,8 @@ def lion(
         return None
     device, dtype = params[0].device, params[0].dtype
     prepared = _LionLaunch(params[0],
-                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table, rng),
+                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table, rng,
+                                              correction),
                            dtype, beta1, beta2, weight_decay, maximize)
     if table == "prepare":
         return prepared

@@ -71,16 +71,20 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def elementwise_table(columns, params, telemetry, device: torch.device, table=None, rng=()):
+def elementwise_table(columns, params, telemetry, device: torch.device, table=None, rng=(), correction=()):
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
-    optimizer's columns (``columns()`` makes them), the rng column, then the two telemetry columns;
-    work items are chunks of CHUNK elements looped over BLOCK at a time, or on a monitored step
-    (``telemetry``: a float64 (K, 4) buffer per parameter, (K, 8) with the direction statistics) one
-    telemetry row each.
+    optimizer's columns (``columns()`` makes them), the rng and correction columns, then the two
+    telemetry columns; work items are chunks of CHUNK elements looped over BLOCK at a time, or on a
+    monitored step (``telemetry``: a float64 (K, 4) buffer per parameter, (K, 8) with the direction
+    statistics) one telemetry row each.
 
     ``rng``: one int64 [key, count] tensor per parameter, or none. With them, bf16 and fp16 stores
     round stochastically (STOCHASTIC, wdopt/kernels/triton/rounding.py) and the rng column holds
     their addresses; otherwise it holds zeros, which nothing reads.
+
+    ``correction``: one int16 or int8 tensor per bf16 parameter, or none: the parameters are
+    compensated (MASTER 32 or 24, rounding.py's load_param/store_param) and the correction column
+    holds their addresses; otherwise zeros, and MASTER 16.
 
     ``table``: None (a cached table, wdopt/kernels/tables.py) or "prepare", a new table owned by
     the caller (the step driver's fast path), whose gradient column the caller keeps up to date.
@@ -88,19 +92,23 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
     stochastic = stochastic_rounding(rng, params)
     # Addresses as plain ints: the pair is read as two scalars, so its alignment must not count
     # against the 16-byte vector accesses of the whole table (DeviceTable checks tensors' addresses).
-    columns = columns() + [[r.data_ptr() for r in rng] if stochastic else [None] * len(params)]
+    master = master_bits(correction, params)
+    columns = columns() + [[r.data_ptr() for r in rng] if stochastic else [None] * len(params),
+                           list(correction) if master != 16 else [None] * len(params)]
     owned = table == "prepare"
     if telemetry:
         assert not owned, "the fast path does not gather telemetry"
         buffers, row_sizes, rows = telemetry_columns(params, telemetry)
         table = work_table(columns + [buffers, row_sizes], rows, device, chunk=1)
-        chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8, stochastic=stochastic)
+        chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8,
+                                               stochastic=stochastic, compensated=master != 16)
     else:
         table = tables.DeviceTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device, CHUNK,
                                    owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
     return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
-                       STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8, STOCHASTIC=stochastic)
+                       STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8, STOCHASTIC=stochastic,
+                       MASTER=master)
 
 
 #: The storage dtypes that stochastic rounding applies to; wider ones are stored as computed.
@@ -122,6 +130,29 @@ def stochastic_rounding(rng, params) -> bool:
             raise ValueError(f"wdopt triton: rng[{i}] must be a contiguous int64 tensor of 2 elements ([key, count]) "
                              f"on {device}")
     return params[0].dtype in STOCHASTIC_DTYPES
+
+
+#: A correction tensor's dtype → the bits of the master weight it completes (wdopt/reference/rounding.py).
+MASTER_BITS = {torch.int16: 32, torch.int8: 24}
+
+
+def master_bits(correction, params) -> int:
+    """MASTER of a launch: 16 without ``correction``, else 32 (int16) or 24 (int8). The kernels read
+    element i of a correction at element i of its parameter's memory, so anything but one
+    correction of the parameter's shape, strides and device per bf16 parameter, all of one dtype,
+    is refused here."""
+    if not correction:
+        return 16
+    if len(correction) != len(params):
+        raise ValueError(f"wdopt triton: one correction tensor per parameter is needed, got {len(correction)} for "
+                         f"{len(params)}")
+    dtype = correction[0].dtype if isinstance(correction[0], torch.Tensor) else None
+    for i, (c, p) in enumerate(zip(correction, params)):
+        if p.dtype != torch.bfloat16 or not isinstance(c, torch.Tensor) or c.dtype not in MASTER_BITS or \
+                c.dtype != dtype or c.shape != p.shape or c.stride() != p.stride() or c.device != p.device:
+            raise ValueError(f"wdopt triton: correction[{i}] must be an int16 or int8 tensor (all alike) with the "
+                             "shape, strides and device of its bfloat16 parameter")
+    return MASTER_BITS[dtype]
 
 
 class PreparedLaunch:
@@ -319,16 +350,20 @@ def telemetry_columns(params, telemetry):
 TELEMETRY_MAX_BLOCK = CHUNK if INTERPRETED else GPU_BLOCK
 
 
-def telemetry_block_size(row_sizes, statistics: bool = False, stochastic: bool = False) -> int:
+def telemetry_block_size(row_sizes, statistics: bool = False, stochastic: bool = False,
+                         compensated: bool = False) -> int:
     """Monitored steps run one program per telemetry row, looping over it BLOCK elements at a time.
     With the direction statistics (eight float64 accumulators a lane, not four, and one more
     division) a quarter as many: at half, AdamW with amsgrad spilled 4 bytes at sm_90; at a
     quarter it uses 60 registers (tests/test_triton_cuda_codegen.py). With stochastic rounding
     (a hash per stored array) half as many: bf16 AdamW with amsgrad held 158 registers at the full
-    block, 80 at half. Monitored steps are rare (a monitor's every-N), so their lower throughput
-    costs little."""
+    block, 80 at half. So with compensated parameters (a correction loaded and split per element):
+    bf16 AdamW with amsgrad held 128 registers at the full block with a 32-bit master, 168 with a
+    stochastic 24-bit one; 64 and 80 at half (each with an 8-byte spill, ptxas trading a register
+    for occupancy, tests/test_triton_cuda_codegen.py). Monitored steps are rare (a monitor's every-N), so
+    their lower throughput costs little."""
     longest = triton.next_power_of_2(max(max(row_sizes, default=1), 1))
-    return max(16, min(longest, TELEMETRY_MAX_BLOCK // (4 if statistics else 2 if stochastic else 1)))
+    return max(16, min(longest, TELEMETRY_MAX_BLOCK // (4 if statistics else 2 if stochastic or compensated else 1)))
 
 
 def compute_dtype(dtype: torch.dtype):

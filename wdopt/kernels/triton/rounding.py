@@ -115,3 +115,73 @@ def rounded(x, DTYPE: tl.constexpr, word, index, STOCHASTIC: tl.constexpr):
             return stochastic_round_fp16(x, bits)
     else:
         return to_storage(x, DTYPE)
+
+
+# ---------------------------------------------------------------------------- compensated bf16
+#
+# A bf16 parameter with an int16 (MASTER 32) or int8 (MASTER 24) correction holding the low bits
+# of its fp32 master weight (wdopt/reference/rounding.py: combine, split; MASTER 16: a plain
+# parameter). Every kernel reads and writes its parameter through ``load_param``/``store_param``,
+# so that the update and the telemetry see the master weight and plain kernels compile unchanged.
+
+
+@triton.jit
+def correction_pointer(table_ptr, row, COLUMN: tl.constexpr, NCOL: tl.constexpr, ALIGNED: tl.constexpr,
+                       MASTER: tl.constexpr):
+    """The correction tensor of ``row`` (its address in ``COLUMN``), int8 for a 24-bit master and
+    int16 otherwise; MASTER 16: address 0, which nothing reads."""
+    pointer = table_value(table_ptr, row, COLUMN, NCOL)
+    if MASTER == 24:
+        pointer = pointer.to(tl.pointer_type(tl.int8))
+    else:
+        pointer = pointer.to(tl.pointer_type(tl.int16))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def load_param(param_ptr, correction_ptr, offs, mask, MASTER: tl.constexpr):
+    """The parameter as the update reads it: as stored, or (MASTER 24/32) its fp32 master weight,
+    w_bits = (p_bits << 16) + (c << shift) mod 2^32, shift 8 for an int8 correction (exact)."""
+    stored = tl.load(param_ptr + offs, mask=mask)
+    if MASTER == 16:
+        return stored
+    else:
+        c = tl.load(correction_ptr + offs, mask=mask).to(tl.int32)
+        if MASTER == 24:
+            c = c << 8
+        word = (stored.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) + c.to(tl.uint32, bitcast=True)
+        return word.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_param(param_ptr, correction_ptr, offs, mask, w, DTYPE: tl.constexpr, word, STOCHASTIC: tl.constexpr,
+                MASTER: tl.constexpr):
+    """Store the updated parameter ``w`` (lane 0's ``word``) and return its value as stored, which
+    telemetry's Δω measures: rounded to DTYPE, or (MASTER 24/32, fp32 ``w``) split into bf16 and
+    correction, a 24-bit master rounded first to a multiple of 2^8 in bit pattern (nearest, or
+    stochastically with the low 8 bits of the element's word)."""
+    if MASTER == 16:
+        new = rounded(w, DTYPE, word, offs, STOCHASTIC)
+        tl.store(param_ptr + offs, new, mask=mask)
+        return new
+    else:
+        bits = w.to(tl.uint32, bitcast=True)
+        if MASTER == 24:
+            if STOCHASTIC:
+                bits = (bits + (rounding_bits(word, offs) & 0xFF)) & 0xFFFFFF00
+            else:
+                bits = (bits + 0x80) & 0xFFFFFF00
+        p_bits = (bits + 0x8000) >> 16
+        c = (bits - (p_bits << 16)).to(tl.int32, bitcast=True)
+        nan = w != w
+        p_bits = tl.where(nan, 0x7FC0, p_bits)
+        c = tl.where(nan, 0, c)
+        tl.store(param_ptr + offs, p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        if MASTER == 24:
+            tl.store(correction_ptr + offs, (c >> 8).to(tl.int8), mask=mask)  # exact: bits is a multiple of 2^8
+        else:
+            tl.store(correction_ptr + offs, c.to(tl.int16), mask=mask)
+        # The stored master, combine(p, c), is the split word itself (c = bits − p_bits·2^16); NaN stays NaN.
+        return tl.where(nan, w, bits.to(tl.float32, bitcast=True))

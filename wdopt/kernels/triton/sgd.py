@@ -14,13 +14,15 @@ from .multi_tensor import (
     gradient_constexprs, launch, lr_value, optional, table_value, statistics_add, store_row, telemetry_add,
     tensor_pointer, unscale, work_item,
 )
-from .rounding import rounded, rounding_words
+from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
 
 # Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``),
-# RNG that of the tensor's [key, count] (stochastic rounding). The element count, or the row count
-# of a monitored step, is the last column, NCOL - 1.
-PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, RNG, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(7))
-NCOL = tl.constexpr(8)
+# RNG that of the tensor's [key, count] (stochastic rounding), CORRECTION that of a compensated
+# parameter's correction. The element count, or the row count of a monitored step, is the last
+# column, NCOL - 1.
+PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, RNG, CORRECTION, TELEMETRY_COLUMN, ROW_SIZE = \
+    (tl.constexpr(i) for i in range(8))
+NCOL = tl.constexpr(9)
 
 
 @triton.jit
@@ -50,12 +52,12 @@ def sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_d
 
 
 @triton.jit
-def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, first_step,
+def _sgd_block(param_ptr, correction_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, first_step,
                lr, decay, weight_decay, momentum, one_minus_dampening, words,
                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    stored = tl.load(param_ptr + offs, mask=mask)
+               STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr, MASTER: tl.constexpr):
+    stored = load_param(param_ptr, correction_ptr, offs, mask, MASTER)  # the master weight when compensated
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
@@ -70,8 +72,7 @@ def _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr, firs
     p, b = sgd_math(p, g, b, first_step, lr, decay, weight_decay, momentum, one_minus_dampening,
                     HAS_MOMENTUM, NESTEROV, DECOUPLED)
     # Stored through the lanes of rounding.py's specification: the parameter 0, the buffer 1.
-    new = rounded(p, DTYPE, words[0], offs, STOCHASTIC)
-    tl.store(param_ptr + offs, new, mask=mask)
+    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER)
     if HAS_MOMENTUM:
         tl.store(buffer_ptr + offs, rounded(b, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
     return stored, new, grad, g, s  # for telemetry: Δω from the value stored
@@ -85,7 +86,7 @@ def _sgd_kernel(
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
@@ -100,6 +101,7 @@ def _sgd_kernel(
     momentum = f64(momentum_bits).to(COMPUTE)
     one_minus_dampening = (1.0 - f64(dampening_bits)).to(COMPUTE)
     words = rounding_words(table_ptr, row, RNG, NCOL, STOCHASTIC)
+    correction_ptr = correction_pointer(table_ptr, row, CORRECTION, NCOL, ALIGNED, MASTER)
 
     if TELEMETRY:  # the work item is one telemetry row: elements [start·C, end·C)
         size = table_value(table_ptr, row, ROW_SIZE, NCOL)
@@ -109,9 +111,10 @@ def _sgd_kernel(
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
             before, after, grad, n, s = _sgd_block(
-                param_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr,
+                param_ptr, correction_ptr, grad_ptr, buffer_ptr, offs, mask, grad_scale_ptr,
                 first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
-                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC)
+                DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC,
+                MASTER)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -119,23 +122,26 @@ def _sgd_kernel(
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
-            _sgd_block(param_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None, grad_scale_ptr,
+            _sgd_block(param_ptr, correction_ptr, grad_ptr, buffer_ptr, block_offsets(block_start, BLOCK), None,
+                       grad_scale_ptr,
                        first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
-                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC,
+                       MASTER)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            _sgd_block(param_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
+            _sgd_block(param_ptr, correction_ptr, grad_ptr, buffer_ptr, offs, offs < end, grad_scale_ptr,
                        first_step, lr, decay, weight_decay, momentum, one_minus_dampening, words,
-                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC)
+                       DTYPE, COMPUTE, HAS_MOMENTUM, NESTEROV, DECOUPLED, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC,
+                       MASTER)
 
 
 def sgd(
     params, grads, momentum_buffers, first_steps,
     *, lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, decay_lr_scale,
-    maximize, grad_scale=None, found_inf=None, telemetry=(), rng=(), table=None,
+    maximize, grad_scale=None, found_inf=None, telemetry=(), rng=(), correction=(), table=None,
 ):
-    """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry`` and
-    ``rng``: as in ``adamw``; the momentum buffer is lane 1).
+    """SGD on tensors of one device and dtype: one launch whatever their number (``telemetry``,
+    ``rng`` and ``correction``: as in ``adamw``; the momentum buffer is lane 1).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -151,8 +157,8 @@ def sgd(
         return [params, grads, momentum_buffers if has_momentum else [None] * len(params),
                 list(first_steps) if has_momentum else [None] * len(params)]
 
-    prepared = _SGDLaunch(params[0], *elementwise_table(columns, params, telemetry, device, table, rng), dtype,
-                          weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize)
+    prepared = _SGDLaunch(params[0], *elementwise_table(columns, params, telemetry, device, table, rng, correction),
+                          dtype, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize)
     if table == "prepare":
         return prepared
     prepared(lr, decay_lr_scale, grad_scale, found_inf)
