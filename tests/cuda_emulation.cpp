@@ -8,6 +8,8 @@ namespace wc = wdopt::cuda;
 namespace {
 wc::Telemetry g_telemetry;  // applied to the next adamw/sgd/lion calls (emu_set_telemetry)
 const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion calls (emu_set_rng)
+void* const* g_corrections = nullptr;   // compensated parameters of the next calls (emu_set_corrections)
+int g_master_bits = 32;
 wc::DeviceScalar scalar(const void* p, int is_double) {
   wc::DeviceScalar s;
   s.ptr = p;
@@ -36,6 +38,8 @@ int emu_adamw(int dtype, int64_t n, const int64_t* numels, void** p, const void*
   a.scratch = scratch;
   a.telemetry = g_telemetry;
   a.rng = g_rng;
+  a.corrections = g_corrections;
+  a.master_bits = g_master_bits;
   return static_cast<int>(wc::adamw(a, nullptr));
 }
 int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** b, const float* const* first,
@@ -49,6 +53,8 @@ int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** 
   a.lr_tensor = scalar(lr_t, lr_d); a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
   a.rng = g_rng;
+  a.corrections = g_corrections;
+  a.master_bits = g_master_bits;
   return static_cast<int>(wc::sgd(a, nullptr));
 }
 int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** m, const double* h,
@@ -60,6 +66,8 @@ int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void**
   a.lr_tensor = scalar(lr_t, lr_d); a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
   a.rng = g_rng;
+  a.corrections = g_corrections;
+  a.master_bits = g_master_bits;
   return static_cast<int>(wc::lion(a, nullptr));
 }
 void emu_set_telemetry(double** buffers, const int64_t* rows) {
@@ -68,6 +76,10 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
 }
 void emu_set_telemetry_columns(int columns) { g_telemetry.columns = columns; }
 void emu_set_rng(const int64_t* const* rng) { g_rng = rng; }
+void emu_set_corrections(void* const* corrections, int master_bits) {
+  g_corrections = corrections;
+  g_master_bits = master_bits;
+}
 wc::DeviceScalar g_rate;  // applied to the next rotational calls (emu_set_rate)
 void emu_set_rate(const void* rate, int is_double) { g_rate = scalar(rate, is_double); }
 int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, const int64_t* rows, void** p,
@@ -108,6 +120,15 @@ int emu_rounding_table_capacity(int depth) {  // the stochastic-rounding kernels
     case 3: return wc::UpdateTable<3, true>::kCapacity;
     case 4: return wc::UpdateTable<4, true>::kCapacity;
     case 5: return wc::UpdateTable<5, true>::kCapacity;
+  }
+  return -1;
+}
+int emu_compensated_table_capacity(int depth, int sr) {  // the compensated kernels' tables (24 or 32 alike)
+  switch (depth * 2 + (sr != 0)) {
+    case 6: return wc::UpdateTable<3, false, 32>::kCapacity;
+    case 7: return wc::UpdateTable<3, true, 32>::kCapacity;
+    case 8: return wc::UpdateTable<4, false, 32>::kCapacity;
+    case 9: return wc::UpdateTable<4, true, 32>::kCapacity;
   }
   return -1;
 }

@@ -101,8 +101,8 @@ def nvcc_build(tmp_path_factory):
     cmd = [nvcc, *NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, "--threads", "2", "-Xcompiler", "-Wall",
            "-Xptxas", "-warn-spills,-warn-lmem-usage,-v", "--keep", "--keep-dir", str(out),
            "-c", str(KERNELS), "-o", str(out / "kernels.o")]
-    # About 110 s of CPU (2 threads) on an idle machine, the stochastic-rounding kernels included;
-    # the limit only guards against a hang, with room for a busy machine.
+    # About 155 s of CPU (2 threads; 115 s before the compensated bf16 kernels); the limit only
+    # guards against a hang, with room for a busy machine.
     result = _run(cmd, cwd=out, timeout=600)
     return result, out
 
@@ -143,11 +143,14 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     entries = _ptx_entries(out, arch)
     updates = {k: v for k, v in entries.items() if "UpdateKernel" in k}
     # AdamW (4 dtypes x amsgrad), SGD (4 dtypes x 6 momentum/nesterov/decoupled cases), Lion (4 dtypes),
-    # each once more with stochastic rounding for bf16 and fp16 (half the count).
-    assert len(updates) == (8 + 24 + 4) * 3 // 2, sorted(updates)
+    # each once more with stochastic rounding for bf16 and fp16 (half the count), and the bf16
+    # ones (a quarter) four times more with compensated parameters: 24 and 32 bits, with and
+    # without stochastic rounding.
+    kernels = (8 + 24 + 4) * 3 // 2 + (8 + 24 + 4) // 4 * 4
+    assert len(updates) == kernels, sorted(updates)
     # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
     # rotational row kernels (4 dtypes x 5 directions)
-    assert sum("TelemetryKernel" in k for k in entries) == 2 * (8 + 24 + 4) * 3 // 2
+    assert sum("TelemetryKernel" in k for k in entries) == 2 * kernels
     assert sum("RotationalRowKernel" in k for k in entries) == 20
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
@@ -156,6 +159,15 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
             assert not re.search(r"\bfma\.rn\.f(32|64)\b", body), f"{name}: contracted FMA"
             assert not re.search(r"\b(atom|red)\.(global|shared)", body), f"{name}: atomics (not deterministic)"
     assert sum("AdamWCoefficientKernel" in k for k in entries) == 2
+    # A compensated kernel loads and stores its corrections as one vector (16 bytes of int16, 8 of
+    # int8) beside each of the parameter's: one vector access more than its plain twin each way.
+    compensated = [k for k in updates if re.search(r"UpdateKernelI13__nv_bfloat16Lb[01]ELi(24|32)E", k)]
+    assert len(compensated) == (8 + 24 + 4) // 4 * 4, compensated
+    vector_load, vector_store = r"ld\.global(?:\.nc)?\.v[24]\.", r"st\.global\.v[24]\."
+    for name in compensated:
+        twin = updates[re.sub(r"Li(24|32)E", "Li16E", name)]
+        for access in (vector_load, vector_store):
+            assert len(re.findall(access, updates[name])) == len(re.findall(access, twin)) + 1, (name, access)
     for name, body in updates.items():
         assert re.search(r"ld\.global(\.nc)?\.v(4|2)\.", body), f"{name}: no 16-byte vector load"
         assert re.search(r"st\.global\.v(4|2)\.", body), f"{name}: no 16-byte vector store"
@@ -221,7 +233,9 @@ def emu(tmp_path_factory):
     cmd = [compiler, CXX_STD, "-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall",
            "-Wextra",
            f"-I{CUDA_DIR}", *[f"-isystem{d}" for d in includes], str(out / "shim.cpp"), "-o", str(out / "emu.so")]
-    result = _run(cmd, cwd=out)
+    # About 70 s of CPU on an idle machine (50 s before the compensated bf16 kernels); as for nvcc,
+    # the limit only guards against a hang, with room for a busy machine (the nvcc build beside it).
+    result = _run(cmd, cwd=out, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert "warning" not in log.lower(), log[-6000:]
@@ -244,6 +258,9 @@ def emu(tmp_path_factory):
     lib.emu_rounding_table_capacity.argtypes = [I]
     lib.emu_set_rng.argtypes = [P]
     lib.emu_set_rng.restype = None
+    lib.emu_set_corrections.argtypes = [P, I]
+    lib.emu_set_corrections.restype = None
+    lib.emu_compensated_table_capacity.argtypes = [I, I]
     for name in ("emu_scratch_bytes", "emu_launches", "emu_rotational_scratch_bytes"):
         getattr(lib, name).restype = I64
     return lib
@@ -614,31 +631,36 @@ def _sr_stored(case, st):
     return [st["params"], st["m"]]
 
 
-def _sr_reference(case, st, grads, rng):
+def _sr_reference(case, st, grads, rng, correction=()):
     c = SR_CASES[case]
     n = len(st["params"])
     gs = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])
     if case.startswith("adamw"):
         reference.adamw(st["params"], grads, st["m"], st["v"], st["vmax"] if c["amsgrad"] else [None] * n, st["steps"],
-                        **c["hyper"], amsgrad=c["amsgrad"], maximize=c["maximize"], grad_scale=gs, rng=rng)
+                        **c["hyper"], amsgrad=c["amsgrad"], maximize=c["maximize"], grad_scale=gs, rng=rng,
+                        correction=correction)
     elif case.startswith("sgd"):
         momentum = c["hyper"]["momentum"]
         reference.sgd(st["params"], grads, st["b"] if momentum else [None] * n, st["first"], **c["hyper"],
                       nesterov=c["nesterov"], decoupled_weight_decay=c["decoupled"], maximize=c["maximize"],
-                      grad_scale=gs, rng=rng)
+                      grad_scale=gs, rng=rng, correction=correction)
         st["first"] = [False] * n
     else:
-        reference.lion(st["params"], grads, st["m"], **c["hyper"], maximize=c["maximize"], grad_scale=gs, rng=rng)
+        reference.lion(st["params"], grads, st["m"], **c["hyper"], maximize=c["maximize"], grad_scale=gs, rng=rng,
+                       correction=correction)
 
 
-def _sr_emulated(emu, case, dtype, st, grads, rng):
-    """One emulated call of ``case`` with stochastic rounding (``rng``; None: to nearest)."""
+def _sr_emulated(emu, case, dtype, st, grads, rng, correction=None, master_bits=32):
+    """One emulated call of ``case`` with stochastic rounding (``rng``; None: to nearest) and
+    compensated parameters (``correction``: their int16 or int8 corrections; None: plain)."""
     c = SR_CASES[case]
     n = len(st["params"])
     grad_scale = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])  # alive through the call
     gs = _scalar(grad_scale)
     rng_ptrs = _ptrs(rng) if rng is not None else None
+    correction_ptrs = _ptrs(correction) if correction is not None else None
     emu.emu_set_rng(rng_ptrs)
+    emu.emu_set_corrections(correction_ptrs, master_bits)
     try:
         if case.startswith("adamw"):
             scratch = torch.empty(emu.emu_scratch_bytes(n), dtype=torch.uint8)
@@ -658,6 +680,7 @@ def _sr_emulated(emu, case, dtype, st, grads, rng):
                                *gs, None, 0)
     finally:
         emu.emu_set_rng(None)
+        emu.emu_set_corrections(None, 32)
     assert err == 0
 
 
@@ -758,6 +781,193 @@ def test_emulated_rng_leaves_float32_and_float64_rounded_to_nearest(emu, dtype):
     _sr_emulated(emu, "adamw_amsgrad", dtype, got, grads, _rng_states(n))
     for i, (a, b) in enumerate(zip(_sr_stored("adamw_amsgrad", got), _sr_stored("adamw_amsgrad", want))):
         _assert_identical(a, b, f"lane {i}")
+
+
+# ------------------------------------------------------------------------------------ compensated bf16
+
+# Compensated bf16 parameters (a correction per parameter: int16 for a 32-bit master weight, int8
+# for a 24-bit one). Sizes: the empty tensor, tails, a tensor with special master weights, 65537
+# (three chunks: a 24-bit master's rounding bits are those of the offset in the tensor), 32773 all
+# misaligned (the scalar path across chunks), and two whose parameter is aligned but whose
+# correction starts 4 elements in (misaligned for either width: the scalar path) or 8 (16 bytes of
+# int16, 8 of int8: the vector path, on a correction that is not 16-byte aligned when int8).
+CP_SIZES = [0, 1, 17, 1031, 4099, 8200, 32773, 65537]
+CP_MISALIGNED = {6}  # parameter and state 1 element in (its correction too: CP_CORRECTION_OFFSET)
+CP_CORRECTION_OFFSET = {4: 4, 5: 8, 6: 1}
+CP_SPECIAL = 3  # master weights: ±inf, NaN, −0, a subnormal, fp32 values above bf16's largest finite
+CORRECTION = {32: torch.int16, 24: torch.int8}
+
+
+def _at_offset(t, offset):
+    """A copy of ``t`` ``offset`` elements into its storage."""
+    out = torch.empty(t.numel() + offset, dtype=t.dtype)[offset:]
+    return out.copy_(t)
+
+
+def _cp_problem(case, bits, sizes=CP_SIZES, misaligned=CP_MISALIGNED, offsets=CP_CORRECTION_OFFSET, special=None):
+    """An SR_CASES problem in bf16 whose parameters are compensated: fp32 master weights split
+    into the parameters (where _sr_problem lays them out) and their corrections (``offsets``)."""
+    st = _sr_problem(case, torch.bfloat16, sizes, misaligned)
+    gen = torch.Generator().manual_seed(3)
+    st["c"] = []
+    for i, n in enumerate(sizes):
+        w = torch.randn(n, generator=gen)
+        if i == special:
+            w[:7] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1e-40, 3.3961e38, -3.3962e38])
+        p, c = rounding.split(w, CORRECTION[bits])
+        st["params"][i].copy_(p)
+        st["c"].append(_at_offset(c, offsets.get(i, 0)))
+    return st
+
+
+def _cp_stored(case, st):
+    """Every tensor a compensated step writes: the parameters, their corrections, then the state."""
+    return [st["params"], st["c"]] + _sr_stored(case, st)[1:]
+
+
+def _masters(st):
+    return [rounding.combine(p, c) for p, c in zip(st["params"], st["c"])]
+
+
+def _cp_directions(case, st, grads):
+    """The reference's (n, s) of every tensor before the step (the 8-column statistics)."""
+    c = SR_CASES[case]
+    gs = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])
+    out = []
+    for i, g in enumerate(grads):
+        if case.startswith("adamw"):
+            group = {"betas": (c["hyper"]["beta1"], c["hyper"]["beta2"]), "eps": c["hyper"]["eps"],
+                     "maximize": c["maximize"], "amsgrad": c["amsgrad"]}
+            state = {"step": st["steps"][i], "exp_avg": st["m"][i], "exp_avg_sq": st["v"][i]}
+            if c["amsgrad"]:
+                state["max_exp_avg_sq"] = st["vmax"][i]
+            kind = "adamw"
+        elif case.startswith("sgd"):
+            group, kind = {"maximize": c["maximize"]}, "sgd"
+            state = {} if not st["b"] or st["first"][i] else {"momentum_buffer": st["b"][i]}
+        else:
+            group, kind = {"betas": (c["hyper"]["beta1"], c["hyper"]["beta2"]), "maximize": c["maximize"]}, "lion"
+            state = {"exp_avg": st["m"][i]}
+        out.append(tuple(t.clone() for t in reference_telemetry.direction(kind, group, g, state, gs)))
+    return out
+
+
+@pytest.mark.parametrize("columns", [0, 4, 8], ids=["plain", "monitored4", "monitored8"])
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("bits", [32, 24])
+@pytest.mark.parametrize("case", list(SR_CASES))
+def test_emulated_compensated_parameters_match_reference(emu, case, bits, sr, columns):
+    """Every launcher with corrections (int16 and int8), to nearest and with rng, plain and
+    monitored (the row kernels, 4 and 8 columns): parameters, corrections and state bit for bit
+    the reference's over two steps; monitored, the telemetry and the direction statistics measure
+    the master weights (ω and Δω of combine(p, c) before and after)."""
+    n = len(CP_SIZES)
+    special = None if columns else CP_SPECIAL  # NaN and inf weights would make the sums NaN
+    got, want = _cp_problem(case, bits, special=special), _cp_problem(case, bits, special=special)
+    rng = _rng_states(n) if sr else None
+    gen = torch.Generator().manual_seed(1)
+    grad_scale = SR_CASES[case]["grad_scale"]
+    for step in range(2):
+        grads = [(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (grad_scale or 1.0)).to(torch.bfloat16)
+                 for p in want["params"]]
+        before = _masters(got)
+        directions = _cp_directions(case, want, grads) if columns == 8 else None
+        _sr_reference(case, want, grads, rng or [], correction=want["c"])
+        rows = [_rows_of(p.numel()) for p in got["params"]]
+        if columns:
+            bufs, keep = _telemetry(emu, got["params"], rows, columns)
+        launches = emu.emu_launches()
+        try:
+            _sr_emulated(emu, case, torch.bfloat16, got, grads, rng, correction=got["c"], master_bits=bits)
+        finally:
+            emu.emu_set_telemetry(None, None)
+            emu.emu_set_telemetry_columns(4)
+        assert emu.emu_launches() - launches == (2 if case.startswith("adamw") else 1)
+        for i, (a, b) in enumerate(zip(_cp_stored(case, got), _cp_stored(case, want))):
+            _assert_identical(a, b, f"{case} step {step} stored list {i}")
+        if columns:
+            _assert_telemetry(bufs, before, _masters(got), grads, rows,
+                              None if grad_scale is None else torch.tensor(grad_scale))
+        if columns == 8:
+            _assert_statistics(bufs, before, directions, rows)
+        for r in rng or []:
+            r[1] += 1
+
+
+def test_emulated_compensated_check_catches_wrong_masters(emu, monkeypatch):
+    """The comparison above can fail: a kernel that updated the bf16 parameter alone, rounded a
+    24-bit master to nearest under rng, or took its rounding bits from a chunk-relative index or
+    another lane would not have matched (the reference computed that way differs)."""
+    sizes = [65537]  # three chunks
+    rng = _rng_states(1)
+    grads = _tensors(torch.bfloat16, 1, sizes, set())
+    got = _cp_problem("adamw", 24, sizes, set(), {})
+    _sr_emulated(emu, "adamw", torch.bfloat16, got, grads, rng, correction=got["c"], master_bits=24)
+    stored = _cp_stored("adamw", got)
+
+    def reference_with(rng_arg=rng, compensated=True, **patches):
+        with monkeypatch.context() as m:
+            for name, f in patches.items():
+                m.setattr(rounding, name, f)
+            want = _cp_problem("adamw", 24, sizes, set(), {})
+            _sr_reference("adamw", want, grads, rng_arg, correction=want["c"] if compensated else ())
+        return _cp_stored("adamw", want)
+
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(stored, reference_with()) if a)
+    assert not torch.equal(stored[0][0], reference_with(compensated=False)[0][0])
+    # To nearest: the same master weights before the split (the update reads the state's values
+    # before their stores round), then another rounding at their 8th-lowest bit.
+    assert not torch.equal(stored[1][0], reference_with(rng_arg=[])[1][0])
+    index = rounding.element_index
+    chunk_relative = reference_with(element_index=lambda t: index(t) % SR_CHUNK)
+    assert torch.equal(stored[1][0][:SR_CHUNK], chunk_relative[1][0][:SR_CHUNK])  # the first chunk agrees
+    assert not torch.equal(stored[1][0][SR_CHUNK:], chunk_relative[1][0][SR_CHUNK:])
+    stream = rounding.stream
+    lane1 = reference_with(stream=lambda key, count, lane: stream(key, count, 1 if lane == 0 else lane))
+    assert not torch.equal(stored[1][0], lane1[1][0])
+
+
+def test_emulated_compensated_across_table_launches(emu):
+    """More tensors than one compensated table holds (its correction column costs capacity, the
+    other tables keep theirs): several launches, each tensor with its own correction."""
+    cap, cap_sr = emu.emu_compensated_table_capacity(3, 0), emu.emu_compensated_table_capacity(3, 1)
+    assert 300 < cap_sr < cap < emu.emu_table_capacity(3) and cap == emu.emu_rounding_table_capacity(3)
+    n = cap_sr + 5
+    sizes = [1 + i % 7 for i in range(n)]
+    got, want = _cp_problem("lion", 24, sizes, set(), {}), _cp_problem("lion", 24, sizes, set(), {})
+    grads = _tensors(torch.bfloat16, 1, sizes, set())
+    rng = _rng_states(n)
+    _sr_reference("lion", want, grads, rng, correction=want["c"])
+    launches = emu.emu_launches()
+    _sr_emulated(emu, "lion", torch.bfloat16, got, grads, rng, correction=got["c"], master_bits=24)
+    assert emu.emu_launches() - launches == 2
+    for i, (a, b) in enumerate(zip(_cp_stored("lion", got), _cp_stored("lion", want))):
+        _assert_identical(a, b, f"list {i}")
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 32), (torch.float16, 24), (torch.bfloat16, 16)], ids=str)
+def test_emulated_invalid_corrections_write_nothing(emu, dtype, bits):
+    """Corrections of a dtype other than bf16, or of a width other than 24 or 32 bits: an invalid
+    value before any launch (AdamW's steps not advanced)."""
+    sizes = [5, 40]
+    st = _sr_problem("adamw", dtype, sizes, set())
+    corrections = [torch.zeros(n, dtype=torch.int16) for n in sizes]
+    before = [_clone(x) for x in _sr_stored("adamw", st)]
+    launches = emu.emu_launches()
+    c = SR_CASES["adamw"]
+    grads = _tensors(dtype, 1, sizes, set())
+    scratch = torch.empty(emu.emu_scratch_bytes(2), dtype=torch.uint8)
+    emu.emu_set_corrections(_ptrs(corrections), bits)
+    try:
+        err = emu.emu_adamw(DTYPE_CODES[dtype], 2, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
+                            _ptrs(st["m"]), _ptrs(st["v"]), None,
+                            _ptrs(st["steps"]), (ctypes.c_double * 6)(*c["hyper"].values()), False, False, None, 0,
+                            None, 0, None, 0, scratch.data_ptr())
+    finally:
+        emu.emu_set_corrections(None, 32)
+    assert err != 0 and emu.emu_launches() == launches
+    for a, b in zip(_sr_stored("adamw", st), before):
+        _assert_identical(a, b, "state")
 
 
 # ------------------------------------------------------------------------------------ rotational

@@ -209,6 +209,40 @@ std::vector<const int64_t*> rng_pointers(const char* op, at::TensorList rng, at:
   return out;
 }
 
+// Compensated bf16 parameters (ops.cpp; the CPU's check_correction is the twin): [] or, for
+// bfloat16 parameters, one int16 (32-bit master weights) or int8 (24-bit) tensor per parameter, all
+// alike, on its device with its shape and layout (element k of its memory is the parameter's
+// element k's: the kernels walk both as flat arrays).
+struct Corrections {
+  std::vector<void*> pointers;  // empty: none (launchers.h: corrections null)
+  int master_bits = 32;
+};
+
+Corrections corrections(const char* op, at::TensorList correction, at::TensorList params) {
+  Corrections out;
+  if (correction.empty()) return out;
+  TORCH_CHECK(correction.size() == params.size(), op, ": expected [] or ", params.size(),
+              " correction tensors (one per parameter), got ", correction.size());
+  TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, op, ": corrections compensate bfloat16 parameters, not ",
+              params[0].scalar_type());
+  TORCH_CHECK(correction[0].defined(), op, ": correction[0] is undefined");
+  const at::ScalarType type = correction[0].scalar_type();
+  TORCH_CHECK(type == at::kShort || type == at::kChar, op, ": corrections are int16 or int8, not ", type);
+  out.pointers.reserve(correction.size());
+  for (size_t i = 0; i < correction.size(); ++i) {
+    const at::Tensor& c = correction[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(c.defined(), op, ": correction[", i, "] is undefined");
+    TORCH_CHECK(c.scalar_type() == type && c.device() == p.device() && same_layout(c, p), op, ": correction[", i,
+                "] must be a ", type, " tensor on ", p.device(), " with the shape ", p.sizes(), " and strides ",
+                p.strides(), " of params[", i, "], got ", c.scalar_type(), " of shape ", c.sizes(), " and strides ",
+                c.strides(), " on ", c.device());
+    out.pointers.push_back(c.mutable_data_ptr());
+  }
+  out.master_bits = type == at::kShort ? 32 : 24;
+  return out;
+}
+
 // ------------------------------------------------------------------------------------ operators
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -218,7 +252,6 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::adamw_";
-  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -242,6 +275,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   }
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
   const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
+  const Corrections compensation = corrections(op, correction, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto n = static_cast<int64_t>(params.size());
@@ -279,6 +313,8 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   a.scratch = scratch.mutable_data_ptr();
   a.telemetry = tel.get();
   a.rng = rounding.empty() ? nullptr : rounding.data();
+  a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
+  a.master_bits = compensation.master_bits;
   check_launch(op, wc::adamw(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
@@ -290,7 +326,6 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::sgd_";
-  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -306,6 +341,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   const at::Device device = params[0].device();
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
   const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
+  const Corrections compensation = corrections(op, correction, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -332,6 +368,8 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
   a.rng = rounding.empty() ? nullptr : rounding.data();
+  a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
+  a.master_bits = compensation.master_bits;
   check_launch(op, wc::sgd(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
@@ -340,7 +378,6 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::lion_";
-  TORCH_CHECK(correction.empty(), op, ": compensated bf16 parameters are not implemented in the CUDA kernels yet");
   if (params.empty()) return;
   check_params(op, params);
   check_like(op, "grads", grads, params);
@@ -348,6 +385,7 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const at::Device device = params[0].device();
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
   const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
+  const Corrections compensation = corrections(op, correction, params);
 
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> sizes = numels(params);
@@ -370,6 +408,8 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
   a.rng = rounding.empty() ? nullptr : rounding.data();
+  a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
+  a.master_bits = compensation.master_bits;
   check_launch(op, wc::lion(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 

@@ -120,6 +120,8 @@ constexpr unsigned written_lanes(unsigned writes) { return (writes & 1u) | (writ
 template <typename T, bool SR> struct Rounding {
   WDOPT_HD Rounding(const int64_t*, unsigned) {}
   WDOPT_HD T store(uint32_t, int64_t, opmath_t<T> x) const { return to_storage<T>(x); }
+  // The ``add`` with which a 24-bit master weight is split (Compensation below): to nearest.
+  WDOPT_HD uint32_t master_add(int64_t) const { return 0x80u; }
 };
 
 template <typename T> struct Rounding<T, true> {
@@ -145,6 +147,9 @@ template <typename T> struct Rounding<T, true> {
       return __ushort_as_half(stochastic_round_fp16(x, __half_as_ushort(__float2half_rn(x)), bits));
     }
   }
+
+  // Stochastically: the element's lane-0 word (the parameter's), as the reference's split takes it.
+  WDOPT_HD uint32_t master_add(int64_t index) const { return rounding_bits(stream[0], index); }
 };
 
 // f(std::integral_constant<bool, SR>): stochastic rounding when ``rng`` is given and T is bf16 or
@@ -154,6 +159,57 @@ template <typename T, class F> cudaError_t dispatch_rounding(const int64_t* cons
     if (rng != nullptr) return f(std::true_type{});
   }
   return f(std::false_type{});
+}
+
+// ------------------------------------------------------------------------------------ compensated bf16
+
+// Compensated bf16 parameters (wdopt/reference/rounding.py; rounding.h's Compensated holds the
+// encoding): MASTER 32 or 24, a bf16 parameter whose fp32 master weight keeps its low bits in an
+// int16 or int8 correction laid out like it; 16: a plain parameter (no correction). The kernels
+// load stream 0 as the master weight, update it as an fp32 parameter value, and store it split.
+template <int MASTER> struct Compensation {
+  static constexpr bool kOn = MASTER != 16;
+  using Comp = Compensated<kOn ? MASTER : 32>;
+  using C = typename Comp::correction_t;
+  // The corrections of one 16-byte parameter vector (16 bytes of int16, 8 of int8): one access.
+  static constexpr int kPackBytes = kVec<__nv_bfloat16> * static_cast<int>(sizeof(C));
+  struct alignas(kPackBytes) Pack {
+    C v[kVec<__nv_bfloat16>];
+  };
+
+  WDOPT_HD static bool aligned(const void* c) { return reinterpret_cast<uintptr_t>(c) % kPackBytes == 0; }
+
+  WDOPT_HD static float load(__nv_bfloat16 p, C c) { return Comp::combine(__bfloat16_as_ushort(p), c); }
+
+  // Writes w split into p and c (element ``index`` of its tensor: a 24-bit master's rounding bits)
+  // and returns the master weight as stored.
+  template <bool SR>
+  WDOPT_HD static float store(const Rounding<__nv_bfloat16, SR>& rounding, int64_t index, float w, __nv_bfloat16& p,
+                              C& c) {
+    uint16_t bits;
+    C low;
+    Comp::split(w, MASTER == 24 ? rounding.master_add(index) : 0u, bits, low);
+    p = __ushort_as_bfloat16(bits);
+    c = low;
+    return Comp::combine(bits, low);
+  }
+};
+
+// The lanes whose words a kernel's Rounding hashes: those of the streams it writes, less the
+// parameter's where a 32-bit master weight is split exactly (no rounding bits).
+constexpr unsigned rounded_lanes(unsigned writes, int master) {
+  return written_lanes(writes) & (master == 32 ? ~1u : ~0u);
+}
+
+// f(std::integral_constant<int, MASTER>): 24 or 32 with ``corrections`` (bf16 only: a call of
+// another dtype with corrections is invalid), else 16. Only bf16 builds compensated kernels.
+template <typename T, class F> cudaError_t dispatch_master(void* const* corrections, int master_bits, F&& f) {
+  if (corrections == nullptr) return f(std::integral_constant<int, 16>{});
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if (master_bits == 32) return f(std::integral_constant<int, 32>{});
+    if (master_bits == 24) return f(std::integral_constant<int, 24>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 // 16 bytes of one stream; loaded and stored as one vector access.

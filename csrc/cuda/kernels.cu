@@ -32,6 +32,11 @@
 //   tables carry each tensor's [key, count] pointer; a block hashes its tensor's lane words once
 //   (Rounding) and each store hashes the element's offset in the tensor, so the bits are the
 //   reference's whatever the chunking. The round-to-nearest kernels are built as before.
+// * Compensated bf16 parameters (``corrections`` given): the bf16 engines built with MASTER = 32
+//   or 24 (int16 or int8 corrections), whose tables carry each parameter's correction pointer;
+//   stream 0 is loaded as the fp32 master weight (Compensation), updated as an fp32 parameter
+//   value would be, and stored split. A parameter's 16-byte vector goes with one 16- or 8-byte
+//   vector of its corrections; a misaligned correction takes the scalar path.
 // * Bit-for-bit agreement with the CPU backend needs IEEE division and square root (no fast
 //   math) and no FMA contraction: build with --fmad=false. The reference (wdopt/reference) then
 //   agrees bit for bit too: it takes correctly rounded square roots, as this code does.
@@ -190,14 +195,18 @@ cudaError_t adamw(const AdamWArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     using M = opmath_t<T>;
     auto* coefficients = static_cast<AdamWCoefficients<M>*>(a.scratch);
-    cudaError_t err = adamw_coefficients_all<M>(a, coefficients, stream);
-    if (err != cudaSuccess) return err;
-    return dispatch_rounding<T>(a.rng, [&](auto sr) {
-      return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
-        using Op = AdamWOp<M, decltype(amsgrad)::value>;
-        const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
-        return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, nullptr, a.rng, a.telemetry,
-                                                         Op{coefficients}, a.grad, stream);
+    // Corrections of a wrong dtype or width fail here, before the first kernel advances the steps.
+    return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      const cudaError_t err = adamw_coefficients_all<M>(a, coefficients, stream);
+      if (err != cudaSuccess) return err;
+      return dispatch_rounding<T>(a.rng, [&](auto sr) {
+        return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
+          using Op = AdamWOp<M, decltype(amsgrad)::value>;
+          const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
+          return update_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+              columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.telemetry, Op{coefficients}, a.grad,
+              stream);
+        });
       });
     });
   });
@@ -217,16 +226,19 @@ cudaError_t sgd(const SGDArgs& a, cudaStream_t stream) {
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     using M = opmath_t<T>;
-    return dispatch_rounding<T>(a.rng, [&](auto sr) {
-      return dispatch_bool(has_momentum, [&](auto momentum) {
-        return dispatch_bool(nesterov, [&](auto nest) {
-          return dispatch_bool(decoupled, [&](auto dec) {
-            constexpr bool kMomentum = decltype(momentum)::value;
-            // (no momentum, nesterov) never runs; folding it into (no momentum, plain) saves a kernel.
-            using Op = SGDOp<M, kMomentum, kMomentum && decltype(nest)::value, decltype(dec)::value>;
-            const void* const* columns[] = {a.params, a.grads, a.momentum_buffers};
-            return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, a.first_steps, a.rng,
-                                                             a.telemetry, Op{hyper, a.lr_tensor}, a.grad, stream);
+    return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      return dispatch_rounding<T>(a.rng, [&](auto sr) {
+        return dispatch_bool(has_momentum, [&](auto momentum) {
+          return dispatch_bool(nesterov, [&](auto nest) {
+            return dispatch_bool(decoupled, [&](auto dec) {
+              constexpr bool kMomentum = decltype(momentum)::value;
+              // (no momentum, nesterov) never runs; folding it into (no momentum, plain) saves a kernel.
+              using Op = SGDOp<M, kMomentum, kMomentum && decltype(nest)::value, decltype(dec)::value>;
+              const void* const* columns[] = {a.params, a.grads, a.momentum_buffers};
+              return update_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+                  columns, a.n_tensors, a.numels, a.first_steps, a.rng, a.corrections, a.telemetry,
+                  Op{hyper, a.lr_tensor}, a.grad, stream);
+            });
           });
         });
       });
@@ -242,9 +254,12 @@ cudaError_t lion(const LionArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     using Op = LionOp<opmath_t<T>>;
     const void* const* columns[] = {a.params, a.grads, a.exp_avgs};
-    return dispatch_rounding<T>(a.rng, [&](auto sr) {
-      return update_or_monitor<T, decltype(sr)::value>(columns, a.n_tensors, a.numels, nullptr, a.rng, a.telemetry,
-                                                       Op{hyper, a.lr_tensor}, a.grad, stream);
+    return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      return dispatch_rounding<T>(a.rng, [&](auto sr) {
+        return update_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+            columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.telemetry, Op{hyper, a.lr_tensor},
+            a.grad, stream);
+      });
     });
   });
 }

@@ -61,6 +61,14 @@ struct Telemetry {
 // max_exp_avg_sqs 3; SGD: momentum_buffers 1; Lion: exp_avgs 1). Null, or Float32/Float64: to
 // nearest.
 
+// Compensated bf16 parameters (wdopt/reference/rounding.py, csrc/include/wdopt/rounding.h): when an
+// optimizer's ``corrections`` is not null (BFloat16 only; another dtype is an invalid value),
+// corrections[i] is a device array of numels[i] int16 (``master_bits`` 32) or int8 (24) values laid
+// out as params[i]: the low bits of its fp32 master weight, which the kernels load with the
+// parameter, update (as an fp32 parameter value), and store split back into the two; a 24-bit
+// master is first rounded at its 8th-lowest bit, to nearest or, with ``rng``, with lane 0's bits.
+// Telemetry then measures the master weight.
+
 struct AdamWArgs {
   DType dtype = DType::Float32;
   int64_t n_tensors = 0;
@@ -77,6 +85,8 @@ struct AdamWArgs {
   GradOptions grad;
   Telemetry telemetry;
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
+  void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
+  int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
   // Device memory of at least adamw_scratch_bytes(n_tensors) bytes, 16-byte aligned, usable on
   // ``stream`` (e.g. from the caching allocator): per-tensor coefficients of this step.
   void* scratch = nullptr;
@@ -100,6 +110,8 @@ struct SGDArgs {
   GradOptions grad;
   Telemetry telemetry;
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
+  void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
+  int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
 };
 
 struct LionArgs {
@@ -114,6 +126,8 @@ struct LionArgs {
   GradOptions grad;
   Telemetry telemetry;
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
+  void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
+  int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
 };
 
 // Rotational variants (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp and

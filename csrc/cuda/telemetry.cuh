@@ -13,8 +13,8 @@ namespace {
 
 // The tensors of one telemetry launch: the update kernels' columns plus each tensor's telemetry
 // buffer and row count; blocks are numbered tensor after tensor, kThreads / G rows per block.
-template <int DEPTH, bool SR = false> struct TelemetryTable {
-  static constexpr int kRowBytes = DEPTH * 8 + 8 + 8 + 8 + 8 + 4 + 1 + (SR ? 8 : 0);
+template <int DEPTH, bool SR = false, int MASTER = 16> struct TelemetryTable {
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 8 + 8 + 8 + 4 + 1 + (SR ? 8 : 0) + (MASTER != 16 ? 8 : 0);
   static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
 
   void* ptr[DEPTH][kCapacity];
@@ -27,14 +27,18 @@ template <int DEPTH, bool SR = false> struct TelemetryTable {
   FirstStepFlag flag[kCapacity];
   uint8_t group_log2[kCapacity];
   const int64_t* rng[SR ? kCapacity : 1];  // read with SR only (as UpdateTable's)
+  void* correction[MASTER != 16 ? kCapacity : 1];  // read with MASTER 24 or 32 only
 };
 
 // The monitored update: the same element function as update_block (so parameters and state are
 // bit-identical), walked row by row with the telemetry sums reduced per row; COLS 8 adds the
-// direction statistics of Op::direction, taken before the update. SR: stores as update_block's.
-template <typename T, class Op, int COLS, bool SR> struct TelemetryKernel {
-  using Table = TelemetryTable<Op::kDepth, SR>;
+// direction statistics of Op::direction, taken before the update. SR and MASTER: loads and
+// stores as update_block's; a compensated parameter's telemetry measures its master weight.
+template <typename T, class Op, int COLS, bool SR, int MASTER> struct TelemetryKernel {
+  using Table = TelemetryTable<Op::kDepth, SR, MASTER>;
+  using Master = Compensation<MASTER>;
   static_assert(Op::kWrites & 1u, "the telemetry measures the stored parameter (stream 0)");
+  static_assert(!Master::kOn || std::is_same_v<T, __nv_bfloat16>, "a compensated parameter is a bf16 one");
   static constexpr int kMinBlocks = 1;  // __launch_bounds__ hint: resident blocks per SM
   WDOPT_BLOCK static void run_block(const Table& table, const Op& op, const GradOptions& grad, int64_t block,
                                     unsigned char* shared) {
@@ -47,7 +51,9 @@ template <typename T, class Op, int COLS, bool SR> struct TelemetryKernel {
     const int64_t cols = table.numel[e] / rows;
     const int64_t first_row = (block - table.block_begin[e]) << (kLog2Threads - lg);
     const typename Op::Context ctx = op.context(table.first_tensor + e, table.flag[e]);
-    const Rounding<T, SR> rounding(SR ? table.rng[e] : nullptr, written_lanes(Op::kWrites));
+    const Rounding<T, SR> rounding(SR ? table.rng[e] : nullptr, rounded_lanes(Op::kWrites, MASTER));
+    [[maybe_unused]] typename Master::C* const correction =
+        Master::kOn ? static_cast<typename Master::C*>(table.correction[e]) : nullptr;
     const bool unscale = grad.grad_scale.ptr != nullptr;
     const M inv_scale = unscale ? M(1) / static_cast<M>(read_scalar(grad.grad_scale)) : M(1);
     const double inv_scale_d = inverse_scale(grad);
@@ -62,8 +68,10 @@ template <typename T, class Op, int COLS, bool SR> struct TelemetryKernel {
           M x[D];
           WDOPT_UNROLL
           for (int d = 0; d < D; ++d) x[d] = to_math(static_cast<const T*>(table.ptr[d][e])[j]);
-          const T old = static_cast<const T*>(table.ptr[0][e])[j];
-          const T g = static_cast<const T*>(table.ptr[1][e])[j];
+          T& p = static_cast<T*>(table.ptr[0][e])[j];
+          if constexpr (Master::kOn) x[0] = Master::load(p, correction[j]);
+          const M old = x[0];
+          const M g = to_math(static_cast<const T*>(table.ptr[1][e])[j]);
           if (unscale) x[1] = x[1] * inv_scale;
           if (grad.maximize) x[1] = -x[1];
           if constexpr (COLS == 8) {
@@ -76,8 +84,14 @@ template <typename T, class Op, int COLS, bool SR> struct TelemetryKernel {
           }
           op.update(ctx, x);
           // j is the element's offset in its tensor: the index of its rounding bits.
-          const T now = rounding.store(0, j, x[0]);
-          static_cast<T*>(table.ptr[0][e])[j] = now;
+          M now;
+          if constexpr (Master::kOn) {
+            now = Master::store(rounding, j, x[0], p, correction[j]);
+          } else {
+            const T stored = rounding.store(0, j, x[0]);
+            p = stored;
+            now = to_math(stored);
+          }
           WDOPT_UNROLL
           for (int d = 1; d < D; ++d) {
             if ((Op::kWrites >> d) & 1u) static_cast<T*>(table.ptr[d][e])[j] = rounding.store(stream_lane(d), j, x[d]);
@@ -98,12 +112,12 @@ template <typename T, class Op, int COLS, bool SR> struct TelemetryKernel {
   }
 };
 
-// update_all's monitored twin: every tensor of a call through TelemetryKernel<T, Op, COLS, SR>.
-template <typename T, bool SR, class Op>
+// update_all's monitored twin: every tensor of a call through TelemetryKernel<T, Op, COLS, SR, MASTER>.
+template <typename T, bool SR, int MASTER, class Op>
 cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                          const FirstStepFlag* flags, const int64_t* const* rng, const Telemetry& telemetry,
-                          const Op& op, const GradOptions& grad, cudaStream_t stream) {
-  TelemetryTable<Op::kDepth, SR> table;  // deliberately not zeroed: rows past n_tensors are never read
+                          const FirstStepFlag* flags, const int64_t* const* rng, void* const* corrections,
+                          const Telemetry& telemetry, const Op& op, const GradOptions& grad, cudaStream_t stream) {
+  TelemetryTable<Op::kDepth, SR, MASTER> table;  // deliberately not zeroed: rows past n_tensors are never read
   auto valid = [&](int64_t i) {
     const int64_t rows = telemetry.rows[i];
     return numels[i] >= 0 && rows >= 1 && numels[i] % rows == 0 && telemetry.buffers[i] != nullptr;
@@ -123,27 +137,30 @@ cudaError_t telemetry_all(const void* const* const* columns, int64_t n_tensors, 
         table.group_log2[r] = static_cast<uint8_t>(group_log2(numels[i] / telemetry.rows[i]));
         table.flag[r] = flags != nullptr ? flags[i] : nullptr;
         if constexpr (SR) table.rng[r] = rng[i];
+        if constexpr (MASTER != 16) table.correction[r] = corrections[i];
       },
       [&](int64_t blocks) {
         if (telemetry.columns == 8) {
-          return launch_rows<TelemetryKernel<T, Op, 8, SR>>(blocks, 8 * kThreads * sizeof(double), stream, table, op,
-                                                            grad);
+          return launch_rows<TelemetryKernel<T, Op, 8, SR, MASTER>>(blocks, 8 * kThreads * sizeof(double), stream,
+                                                                    table, op, grad);
         }
-        return launch_rows<TelemetryKernel<T, Op, 4, SR>>(blocks, 4 * kThreads * sizeof(double), stream, table, op,
-                                                          grad);
+        return launch_rows<TelemetryKernel<T, Op, 4, SR, MASTER>>(blocks, 4 * kThreads * sizeof(double), stream,
+                                                                  table, op, grad);
       });
 }
 
-// Either engine, by whether the call is monitored; SR: stochastic rounding with ``rng``.
-template <typename T, bool SR, class Op>
+// Either engine, by whether the call is monitored; SR: stochastic rounding with ``rng``; MASTER 24
+// or 32: compensated parameters with ``corrections``.
+template <typename T, bool SR, int MASTER, class Op>
 cudaError_t update_or_monitor(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                              const FirstStepFlag* flags, const int64_t* const* rng, const Telemetry& telemetry,
-                              const Op& op, const GradOptions& grad, cudaStream_t stream) {
+                              const FirstStepFlag* flags, const int64_t* const* rng, void* const* corrections,
+                              const Telemetry& telemetry, const Op& op, const GradOptions& grad, cudaStream_t stream) {
   if (telemetry.buffers != nullptr) {
     if (telemetry.rows == nullptr || (telemetry.columns != 4 && telemetry.columns != 8)) return cudaErrorInvalidValue;
-    return telemetry_all<T, SR>(columns, n_tensors, numels, flags, rng, telemetry, op, grad, stream);
+    return telemetry_all<T, SR, MASTER>(columns, n_tensors, numels, flags, rng, corrections, telemetry, op, grad,
+                                        stream);
   }
-  return update_all<T, SR>(columns, n_tensors, numels, flags, rng, op, grad, stream);
+  return update_all<T, SR, MASTER>(columns, n_tensors, numels, flags, rng, corrections, op, grad, stream);
 }
 
 

@@ -11,10 +11,11 @@ namespace {
 // ------------------------------------------------------------------------------------ tables
 
 // The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums, a per-tensor flag
-// pointer (SGD's "first step", see FirstStepFlag) and, for the SR kernels, a per-tensor pointer to
-// its stochastic-rounding [key, count]. Passed by value as a kernel argument.
-template <int DEPTH, bool SR = false> struct UpdateTable {
-  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8 + (SR ? 8 : 0);
+// pointer (SGD's "first step", see FirstStepFlag), for the SR kernels a per-tensor pointer to its
+// stochastic-rounding [key, count] and, for the compensated ones (MASTER 24 or 32), to its
+// parameter's correction. Passed by value as a kernel argument.
+template <int DEPTH, bool SR = false, int MASTER = 16> struct UpdateTable {
+  static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8 + (SR ? 8 : 0) + (MASTER != 16 ? 8 : 0);
   static constexpr int kCapacity =
       static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);  // 32: counts, padding
 
@@ -25,6 +26,7 @@ template <int DEPTH, bool SR = false> struct UpdateTable {
   int32_t first_tensor;  // index in the call of row 0 (AdamW's coefficients are per call)
   FirstStepFlag flag[kCapacity];
   const int64_t* rng[SR ? kCapacity : 1];  // read with SR only (C++ has no zero-length arrays)
+  void* correction[MASTER != 16 ? kCapacity : 1];  // read with MASTER 24 or 32 only
 
   // The row owning chunk ``block``: the last row whose chunks start at or before it (empty
   // tensors own no chunk and are skipped, since the next row starts at the same chunk).
@@ -35,13 +37,18 @@ template <int DEPTH, bool SR = false> struct UpdateTable {
 
 // One block's work: chunk ``block`` of the table, element-wise through ``op``. Streams: 0 is the
 // parameter, 1 the gradient (read only), then the optimizer's state; Op::kWrites says which are
-// written back, rounded to nearest or, with SR, stochastically (Rounding).
-template <typename T, bool SR, class Op>
-WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR>& table, const Op& op, const GradOptions& grad,
+// written back, rounded to nearest or, with SR, stochastically (Rounding). MASTER 24 or 32: the
+// parameter is compensated, loaded with its correction as the master weight and stored split.
+template <typename T, bool SR, int MASTER, class Op>
+WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR, MASTER>& table, const Op& op, const GradOptions& grad,
                            int64_t block, int thread) {
   using M = opmath_t<T>;
+  using Master = Compensation<MASTER>;
+  using C = typename Master::C;
   constexpr int D = Op::kDepth;
   constexpr int V = kVec<T>;
+  static_assert(!Master::kOn || (std::is_same_v<T, __nv_bfloat16> && (Op::kWrites & 1u)),
+                "a compensated parameter is a stored bf16 one");
   if (step_skipped(grad.found_inf)) return;
 
   const int row = table.find_row(block);
@@ -55,8 +62,14 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR>& table, const Op& o
     ptr[d] = static_cast<T*>(table.ptr[d][row]) + first;
     aligned = aligned && aligned16(ptr[d]);
   }
+  // The parameter's corrections from this chunk on, read from the table where they are used: a
+  // pointer held in registers across the update (live across its division's slow-path call) made
+  // ptxas spill in AdamW with amsgrad (sm_80).
+  [[maybe_unused]] auto correction = [&] { return static_cast<C*>(table.correction[row]) + first; };
+  // The corrections' vectors go with the parameter's: a misaligned correction takes the scalar path too.
+  if constexpr (Master::kOn) aligned = aligned && Master::aligned(correction());
   const typename Op::Context ctx = op.context(table.first_tensor + row, table.flag[row]);
-  const Rounding<T, SR> rounding(SR ? table.rng[row] : nullptr, written_lanes(Op::kWrites));
+  const Rounding<T, SR> rounding(SR ? table.rng[row] : nullptr, rounded_lanes(Op::kWrites, MASTER));
   // GradScaler's unscale multiplies by the reciprocal of the scale rounded to M, as torch's
   // unscale and the reference do (not a division per element).
   const bool unscale = grad.grad_scale.ptr != nullptr;
@@ -76,21 +89,26 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR>& table, const Op& o
       Pack<T> pack[D];
       WDOPT_UNROLL
       for (int d = 0; d < D; ++d) pack[d] = reinterpret_cast<const Pack<T>*>(ptr[d])[i];
+      [[maybe_unused]] typename Master::Pack low;
+      if constexpr (Master::kOn) low = reinterpret_cast<const typename Master::Pack*>(correction())[i];
       WDOPT_UNROLL
       for (int e = 0; e < V; ++e) {
         M x[D];
         WDOPT_UNROLL
         for (int d = 0; d < D; ++d) x[d] = to_math(pack[d].v[e]);
+        if constexpr (Master::kOn) x[0] = Master::load(pack[0].v[e], low.v[e]);
         element(x);
         WDOPT_UNROLL
-        for (int d = 0; d < D; ++d) {
+        for (int d = Master::kOn ? 1 : 0; d < D; ++d) {
           if ((Op::kWrites >> d) & 1u) pack[d].v[e] = rounding.store(stream_lane(d), first + i * V + e, x[d]);
         }
+        if constexpr (Master::kOn) Master::store(rounding, first + i * V + e, x[0], pack[0].v[e], low.v[e]);
       }
       WDOPT_UNROLL
       for (int d = 0; d < D; ++d) {
         if ((Op::kWrites >> d) & 1u) reinterpret_cast<Pack<T>*>(ptr[d])[i] = pack[d];
       }
+      if constexpr (Master::kOn) reinterpret_cast<typename Master::Pack*>(correction())[i] = low;
     }
     done = vectors * V;
   }
@@ -98,29 +116,32 @@ WDOPT_HD void update_block(const UpdateTable<Op::kDepth, SR>& table, const Op& o
     M x[D];
     WDOPT_UNROLL
     for (int d = 0; d < D; ++d) x[d] = to_math(ptr[d][i]);
+    if constexpr (Master::kOn) x[0] = Master::load(ptr[0][i], correction()[i]);
     element(x);
     WDOPT_UNROLL
-    for (int d = 0; d < D; ++d) {
+    for (int d = Master::kOn ? 1 : 0; d < D; ++d) {
       if ((Op::kWrites >> d) & 1u) ptr[d][i] = rounding.store(stream_lane(d), first + i, x[d]);
     }
+    if constexpr (Master::kOn) Master::store(rounding, first + i, x[0], ptr[0][i], correction()[i]);
   }
 }
 
-template <typename T, bool SR, class Op> struct UpdateKernel {
-  using Table = UpdateTable<Op::kDepth, SR>;
+template <typename T, bool SR, int MASTER, class Op> struct UpdateKernel {
+  using Table = UpdateTable<Op::kDepth, SR, MASTER>;
   WDOPT_HD static void run(const Table& table, const Op& op, const GradOptions& grad, int64_t block, int thread) {
-    update_block<T, SR>(table, op, grad, block, thread);
+    update_block<T, SR, MASTER>(table, op, grad, block, thread);
   }
 };
 
-// Every tensor of a call through UpdateKernel<T, SR, Op>: rows are packed into tables of
+// Every tensor of a call through UpdateKernel<T, SR, MASTER, Op>: rows are packed into tables of
 // UpdateTable::kCapacity and each full table is launched (one launch for most models). ``rng``:
-// per tensor its [key, count], read with SR only.
-template <typename T, bool SR, class Op>
+// per tensor its [key, count], read with SR only; ``corrections``: per tensor its parameter's
+// correction, read with MASTER 24 or 32 only.
+template <typename T, bool SR, int MASTER, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,
-                       const FirstStepFlag* flags, const int64_t* const* rng, const Op& op, const GradOptions& grad,
-                       cudaStream_t stream) {
-  UpdateTable<Op::kDepth, SR> table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
+                       const FirstStepFlag* flags, const int64_t* const* rng, void* const* corrections, const Op& op,
+                       const GradOptions& grad, cudaStream_t stream) {
+  UpdateTable<Op::kDepth, SR, MASTER> table;  // ~32 KB, deliberately not zeroed: rows past n_tensors are never read
   return pack_tables(
       table, n_tensors,
       [&](int64_t i) { return numels[i] < 0 ? int64_t{-1} : (numels[i] + kChunk<T> - 1) / kChunk<T>; },
@@ -129,8 +150,9 @@ cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, con
         table.numel[r] = numels[i];
         table.flag[r] = flags != nullptr ? flags[i] : nullptr;
         if constexpr (SR) table.rng[r] = rng[i];
+        if constexpr (MASTER != 16) table.correction[r] = corrections[i];
       },
-      [&](int64_t blocks) { return launch<UpdateKernel<T, SR, Op>>(blocks, stream, table, op, grad); });
+      [&](int64_t blocks) { return launch<UpdateKernel<T, SR, MASTER, Op>>(blocks, stream, table, op, grad); });
 }
 
 

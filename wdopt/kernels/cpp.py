@@ -320,7 +320,7 @@ STATISTICS = ("cpu", "cuda")
 #: Device types whose kernels round bf16/fp16 stores stochastically when handed ``rng``.
 STOCHASTIC_ROUNDING = ("cpu", "cuda")
 #: Device types whose kernels update compensated bf16 parameters when handed ``correction``.
-COMPENSATION = ("cpu",)
+COMPENSATION = ("cpu", "cuda")
 
 
 def _lr_args(lr):
