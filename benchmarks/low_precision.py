@@ -8,7 +8,8 @@ parameters, gradients and states rounded to nearest; the same with stochastic ro
 compensated parameters (``master_weight_bits`` 32 and 24); and, where installed (``pip install
 wdopt[bench]``), the like-for-like competitors: torchao's AdamW with ``bf16_stochastic_round=True``
 (of stochastic rounding) and optimi's AdamW with ``kahan_sum=True`` (of compensation). A
-competitor that cannot run here is listed with the reason.
+competitor that cannot run here is listed with the reason. 8-bit states (``state_bits=8``) beside
+torchao's and bitsandbytes' AdamW8bit (fp32 parameters, like for like).
 
 Shape sets: GPT-2 small (124M parameters, 148 tensors: memory-bound) and a cache-resident set
 (16 × 16,384 elements, 1 MiB of fp32 parameters: the compute floor, where bytes do not matter).
@@ -58,6 +59,24 @@ def _torchao_adamw():
     return _AdamW, None
 
 
+def _torchao_adamw8bit():
+    """torchao's AdamW8bit (blockwise 8-bit states), or the reason it cannot run."""
+    try:
+        from torchao.optim import AdamW8bit
+    except Exception as error:  # noqa: BLE001
+        return None, f"torchao is not importable ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    return AdamW8bit, None
+
+
+def _bitsandbytes_adamw8bit():
+    """bitsandbytes' AdamW8bit, or the reason it cannot run."""
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except Exception as error:  # noqa: BLE001
+        return None, f"bitsandbytes is not importable ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    return AdamW8bit, None
+
+
 def _optimi_adamw():
     """optimi's AdamW (Kahan-compensated bf16 parameters), or the reason it cannot run."""
     try:
@@ -78,15 +97,23 @@ def arms(device):
         "wdopt bf16 + 32-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=32, **hyper)),
         "wdopt bf16 + 24-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=24, **hyper)),
     }
-    # 8-bit states run on the reference backend only so far: their resident bytes are measured
-    # (one step), their time is not (the reference is not a kernel).
-    out["wdopt bf16 + 24-bit master + 8-bit states (bytes only)"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
-        ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, backend="reference", **hyper), False)
-    out["wdopt bf16 + 32-bit master + 8-bit states (bytes only)"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
-        ps, master_weight_bits=32, state_bits=8, backend="reference", **hyper), False)
+    # 8-bit states: kernels in the C++ CPU backend; on a GPU only their resident bytes are measured
+    # (one step of the reference backend, which is not a kernel).
+    eight = {"backend": "reference"} if device == "cuda" else {}
+    suffix = " (bytes only)" if device == "cuda" else ""
+    out["wdopt fp32 + 8-bit states" + suffix] = (torch.float32, lambda ps: wdopt.FusedAdamW(
+        ps, state_bits=8, **eight, **hyper), device != "cuda")
+    out["wdopt bf16 + 24-bit master + 8-bit states" + suffix] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, **eight, **hyper), device != "cuda")
+    out["wdopt bf16 + 32-bit master + 8-bit states" + suffix] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=32, state_bits=8, **eight, **hyper), device != "cuda")
     ao, why = _torchao_adamw()
     out["torchao bf16 stochastic"] = why if ao is None else \
         (torch.bfloat16, lambda ps: ao(ps, bf16_stochastic_round=True, **hyper))
+    ao8, why = _torchao_adamw8bit()
+    out["torchao AdamW8bit fp32"] = why if ao8 is None else (torch.float32, lambda ps: ao8(ps, **hyper))
+    bnb8, why = _bitsandbytes_adamw8bit()
+    out["bitsandbytes AdamW8bit fp32"] = why if bnb8 is None else (torch.float32, lambda ps: bnb8(ps, **hyper))
     optimi, why = _optimi_adamw()
     # optimi's weight decay is decoupled and scaled by lr (decouple_lr=False): torch's AdamW's.
     out["optimi bf16 Kahan"] = why if optimi is None else \

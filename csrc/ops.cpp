@@ -26,6 +26,11 @@
 //     parameters, one int16 (32-bit master weights) or int8 (24-bit) tensor per parameter, all
 //     alike, shaped and laid out like it: the low bits of its master weight, which the kernel
 //     loads with the parameter, updates, and stores back split into the two.
+//   * ``scales`` (8-bit states, wdopt/reference/quantization.py): [] or, for each state list in
+//     the schema's order, one float32 vector of ceil(numel/256) block scales per parameter
+//     (concatenated: list 1's for every parameter, then list 2's ...); the state lists then hold
+//     codes (int8; uint8 for exp_avg_sq and max_exp_avg_sq), which the kernel decodes, updates
+//     and encodes with new scales block by block. The "cpu" kernels only (the "cuda" ones refuse).
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {
@@ -33,13 +38,13 @@ TORCH_LIBRARY(wdopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, float decay_lr_scale, bool amsgrad, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(g!)[] correction) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(g!)[] correction, Tensor(h!)[] scales) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] first_steps, "
       "Tensor(c!)[] telemetry, *, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, "
       "bool decoupled_weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction, Tensor(e!)[] scales) -> ()");
   // Rotational variants (docs/theory.md section 3) of "adamw", "sgd" or "lion": ``state1`` is exp_avg /
   // momentum_buffer / exp_avg, ``state2`` exp_avg_sq (AdamW, else []), ``steps`` AdamW's step
   // counts (else []), ``first_steps`` SGD's fresh-buffer flags (0-d float32 tensors, nonzero: no history; None: history; else []). Per tensor: K rows
@@ -59,5 +64,5 @@ TORCH_LIBRARY(wdopt, m) {
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[] rng, Tensor(d!)[] correction, Tensor(e!)[] scales) -> ()");
 }

@@ -421,27 +421,27 @@ struct GroupPlan : torch::CustomClassHolder {
           at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
           at::TensorList, double, double, double, double, double, double, bool, bool,
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-          at::TensorList, at::TensorList)>();
+          at::TensorList, at::TensorList, at::TensorList)>();
       const bool amsgrad = flags_[0];
       op.call(b.params, b.grads, b.states[0], b.states[1], amsgrad ? at::TensorList(b.states[2]) : at::TensorList(none),
               b.steps, telemetry, lr, constants_[0], constants_[1], constants_[2], constants_[3], decay_lr_scale, amsgrad,
-              flags_[1], lr_tensor, grad_scale, found_inf, none, none);  // rng, correction: such steps run on the validation path
+              flags_[1], lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
     } else if (optimizer_ == "sgd") {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::sgd_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList,
           double, double, double, double, bool, bool, double, bool, const std::optional<at::Tensor>&,
-          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::TensorList, at::TensorList)>();
+          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::TensorList, at::TensorList, at::TensorList)>();
       const bool has_momentum = constants_[1] != 0.0;
       op.call(b.params, b.grads, has_momentum ? at::TensorList(b.states[0]) : at::TensorList(none), b.first_steps,
               telemetry, lr, constants_[0], constants_[1], constants_[2], flags_[0], flags_[1], decay_lr_scale, flags_[2],
-              lr_tensor, grad_scale, found_inf, none, none);  // rng, correction: such steps run on the validation path
+              lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
     } else {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::lion_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, double, double, double, bool,
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-          at::TensorList, at::TensorList)>();
+          at::TensorList, at::TensorList, at::TensorList)>();
       op.call(b.params, b.grads, b.states[0], telemetry, lr, constants_[0], constants_[1], constants_[2], decay_lr_scale,
-              flags_[0], lr_tensor, grad_scale, found_inf, none, none);  // rng, correction: such steps run on the validation path
+              flags_[0], lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
     }
   }
 

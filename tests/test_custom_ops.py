@@ -34,17 +34,28 @@ def test_opcheck(backend, device):
     rng = [torch.tensor([7, i], device=device) for i in range(len(params))] \
         if device in cpp.STOCHASTIC_ROUNDING else []
     adamw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0,
-                 amsgrad=True, maximize=False, rng=rng, correction=[])
+                 amsgrad=True, maximize=False, rng=rng, correction=[], scales=[])
     torch.library.opcheck(torch.ops.wdopt.adamw_.default, (params, grads, m, v, vmax, steps, telemetry), adamw)
     sgd = dict(lr=1e-2, weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=True,
                decoupled_weight_decay=False, decay_lr_scale=1.0, maximize=False, rng=rng,
-               correction=[])
+               correction=[], scales=[])
     # First-step flags: a fresh buffer's (nonzero), a cleared one, and None (a loaded buffer).
     flags = [torch.ones((), device=device), torch.zeros((), device=device), None]
     torch.library.opcheck(torch.ops.wdopt.sgd_.default, (params, grads, m, flags, []), sgd)
     lion = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, decay_lr_scale=1.0, maximize=True, rng=rng,
-                correction=[])
+                correction=[], scales=[])
     torch.library.opcheck(torch.ops.wdopt.lion_.default, (params, grads, m, telemetry), lion)
+    if device in cpp.QUANTIZED_STATES:
+        # 8-bit states: codes in the state lists, block scales written beside them.
+        from wdopt.reference import quantization as Q
+
+        lists, scales = [], []
+        for states, code_dtype in ((m, torch.int8), (v, torch.uint8), (vmax, torch.uint8)):
+            encoded = [Q.encode(t.float(), code_dtype, t) for t in states]
+            lists.append([codes for codes, _ in encoded])
+            scales += [block_scales for _, block_scales in encoded]
+        torch.library.opcheck(torch.ops.wdopt.adamw_.default, (params, grads, *lists, steps, telemetry),
+                              {**adamw, "scales": scales})
 
 
 @pytest.mark.parametrize("backend,device", CPP[:1])

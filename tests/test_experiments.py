@@ -421,7 +421,8 @@ def test_precision_numbers_recomputed(outputs):
     summary = json.loads((out / "summary.json").read_text())
     weights = torch.load(out / "weights.pt", weights_only=True)
     rows, layers = summary["rows"], summary["layers"]
-    arms = ["fp32", "bf16-nearest", "bf16-stochastic", "bf16-master24", "bf16-master24-stochastic"]
+    arms = ["fp32", "bf16-nearest", "bf16-stochastic", "bf16-master24", "bf16-master24-stochastic",
+            "bf16-master24-states8"]
     exponents = sorted({r["exponent"] for r in rows})
     assert exponents == pytest.approx([5.0, 10.0])
     assert sorted((r["arm"], round(r["exponent"])) for r in rows) == sorted((a, k) for a in arms for k in (5, 10))
@@ -456,7 +457,7 @@ def test_precision_numbers_recomputed(outputs):
     assert small["bf16-stochastic"]["model_rounding_factor"] > 1.2
     assert any(v.startswith("bf16-stochastic:") for v in summary["verdict"])
     # A 24-bit master weight stores the update the kernel computed (its rounding is 2^-8 of bf16's).
-    for arm in ("bf16-master24", "bf16-master24-stochastic"):
+    for arm in ("bf16-master24", "bf16-master24-stochastic", "bf16-master24-states8"):
         assert abs(small[arm]["rounding_factor"] - 1) < 0.05, (arm, small[arm]["rounding_factor"])
 
 

@@ -90,6 +90,62 @@ def test_backends_without_8_bit_states_say_so(case, backend, device):
             opt.step()
 
 
+# Storages of the bit-for-bit test: (dtype, stochastic rounding, master_weight_bits).
+STORAGES = {"fp32": (torch.float32, False, 16), "fp32-sr": (torch.float32, True, 16),
+            "bf16-sr": (torch.bfloat16, True, 16), "fp16": (torch.float16, False, 16),
+            "bf16-master24-sr": (torch.bfloat16, True, 24), "bf16-master32": (torch.bfloat16, False, 32)}
+# Odd sizes: partial last blocks, a tensor of one block and one element, 65,537 elements (blocks
+# split between threads), a channels_last tensor (blocks in memory order).
+BLOCK_SHAPES = [(33, 17), (1023,), (7,), (256,), (1,), (65537,), (3, 5, 7, 11)]
+
+
+def _quantized_run(cls, hyper, backend, storage, steps=4):
+    dtype, sr, bits = STORAGES[storage]
+    params = [p.to(dtype).requires_grad_(True) for p in make_params(BLOCK_SHAPES)]
+    params[-1] = params[-1].detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    opt = cls(params, backend=backend, state_bits=8, stochastic_rounding=sr, master_weight_bits=bits, **hyper)
+    monitor = wdopt.RotationMonitor(opt, every=2, statistics=True)
+    for grads in grad_stream(BLOCK_SHAPES, steps, top=0):
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype)
+            if p.dim() == 4:
+                p.grad = p.grad.to(memory_format=torch.channels_last)
+        opt.step()
+    return params, opt, monitor
+
+
+_reference_runs: dict = {}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("storage", list(STORAGES))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cpu" and b not in ("reference", "triton")])
+def test_kernels_equal_the_reference_bit_for_bit(backend, case, storage):
+    """Parameters, corrections, codes, block scales and step counts after 4 steps (two of them
+    monitored with direction statistics) on odd sizes: the reference's bits; telemetry to
+    summation order."""
+    cls, hyper = CASES[case]
+    if (case, storage) not in _reference_runs:
+        _reference_runs[case, storage] = _quantized_run(cls, hyper, "reference", storage)
+    params, opt, monitor = _quantized_run(cls, hyper, backend, storage)
+    ref_params, ref_opt, ref_monitor = _reference_runs[case, storage]
+    for i, (a, b) in enumerate(zip(params, ref_params)):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach())), f"param {i}"
+        assert sorted(opt.state[a]) == sorted(ref_opt.state[b])
+        for key, value in ref_opt.state[b].items():
+            ours = opt.state[a][key]
+            assert ours.dtype == value.dtype and ours.stride() == value.stride(), key
+            assert torch.equal(_bits(ours), _bits(value)), f"param {i} {key}"
+    assert len(monitor.history) == len(ref_monitor.history) == 2
+    ours, theirs = monitor.history[-1].sums, ref_monitor.history[-1].sums
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_training_follows_fp32_states(case, dtype):

@@ -19,20 +19,28 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
 #include "../include/wdopt/adamw.h"
 #include "../include/wdopt/lion.h"
+#include "../include/wdopt/quantization.h"
 #include "../include/wdopt/rounding.h"
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
 #include "fused_cpu.h"
+#include "quantized_blocks.h"
 #include "scratch.h"
 #include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
 #define WDOPT_SIMD _Pragma("omp simd")
+// What the element loops call: a call left in a loop keeps it scalar (GCC does not inline the
+// stochastic-rounding stores of the larger instantiations on its own).
+#define WDOPT_INLINE inline __attribute__((always_inline))
 
 namespace wdopt::cpu {
 namespace {
@@ -62,14 +70,18 @@ bool same_layout(const at::Tensor& t, const at::Tensor& p) {
   return true;
 }
 
-void check_list(const at::TensorList& list, const at::TensorList& params, const char* name) {
+// ``list`` holds one tensor per parameter, laid out like it, of the parameter's dtype or ``dtype``
+// (8-bit codes).
+void check_list(const at::TensorList& list, const at::TensorList& params, const char* name,
+                at::ScalarType dtype = at::ScalarType::Undefined) {
   TORCH_CHECK(list.size() == params.size(), "wdopt: ", name, " has ", list.size(), " tensors for ",
               params.size(), " parameters");
   for (size_t i = 0; i < list.size(); ++i) {
     const auto& t = list[i];
     const auto& p = params[i];
-    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == p.scalar_type(), "wdopt: ", name, "[", i,
-                "] is ", t.scalar_type(), " on ", t.device(), ", parameter ", i, " is ", p.scalar_type(), " on ",
+    const at::ScalarType want = dtype == at::ScalarType::Undefined ? p.scalar_type() : dtype;
+    TORCH_CHECK(t.device() == p.device() && t.scalar_type() == want, "wdopt: ", name, "[", i,
+                "] is ", t.scalar_type(), " on ", t.device(), ", expected ", want, " on parameter ", i, "'s device ",
                 p.device());
     TORCH_CHECK(same_layout(t, p), "wdopt: ", name, "[", i,
                 "] does not have parameter ", i, "'s shape and layout");
@@ -134,29 +146,26 @@ inline void prefetch_tensor(const TensorTable& t, int64_t i) {
   if (t.state3[i] != nullptr) __builtin_prefetch(t.state3[i], 1);
 }
 
-// Calls body(tensor_index, begin, end, sums) over every element of every tensor, split into one
-// contiguous range of equal size per thread. Without telemetry, ``sums`` is null. With it (one
-// float64 (K, 4) or (K, 8) buffer per tensor), every cut is moved down to a row boundary and body
-// is called once per row with that row's sums to fill.
-template <typename Body>
-void for_each_range(const TensorTable& table, const Body& body) {
+// Calls slice(tensor_index, begin, end) over every element of every tensor, split into one
+// contiguous range of equal size per thread, each cut moved down to a multiple of its tensor's
+// ``granule`` (null: none; telemetry rows, 8-bit state blocks): no row or block is split between
+// threads.
+template <typename Slice>
+void for_each_slice(const TensorTable& table, const int64_t* granule, const Slice& slice) {
   const int64_t n = static_cast<int64_t>(table.size());
   int64_t* const offsets = scratch<int64_t, 0>(n + 1);  // prefix sums of element counts
   offsets[0] = 0;
   for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + table.numel[i];
   const int64_t total = offsets[n];
   if (total == 0) return;
-  const bool monitored = !table.telemetry.empty();
-  int64_t* const row_size = monitored ? scratch<int64_t, 1>(n) : nullptr;
-  for (int64_t i = 0; monitored && i < n; ++i) row_size[i] = std::max<int64_t>(1, table.numel[i] / table.rows[i]);
   auto tensor_at = [&](int64_t pos) {
     return std::upper_bound(offsets, offsets + n + 1, pos) - offsets - 1;
   };
   auto cut = [&](int64_t part, int64_t parts) {
     const int64_t pos = total * part / parts;
-    if (!monitored || pos >= total) return pos;
+    if (granule == nullptr || pos >= total) return pos;
     const int64_t t = tensor_at(pos), within = pos - offsets[t];
-    return offsets[t] + within / row_size[t] * row_size[t];
+    return offsets[t] + within / granule[t] * granule[t];
   };
   const int64_t parts = total + kTensorWork * n < kSerialElements ? 1 : std::max<int64_t>(1, at::get_num_threads());
   auto run_part = [&](int64_t part) {
@@ -165,10 +174,7 @@ void for_each_range(const TensorTable& table, const Body& body) {
     for (int64_t pos = begin; pos < end; ++t) {
       if (t + kPrefetchAhead < n) prefetch_tensor(table, t + kPrefetchAhead);
       const int64_t stop = std::min(end, offsets[t + 1]);
-      if (stop > pos && !monitored) body(t, pos - offsets[t], stop - offsets[t], nullptr);
-      for (int64_t row = pos - offsets[t]; monitored && row < stop - offsets[t]; row += row_size[t]) {
-        body(t, row, row + row_size[t], table.telemetry[t] + row / row_size[t] * table.columns);
-      }
+      if (stop > pos) slice(t, pos - offsets[t], stop - offsets[t]);
       pos = stop;
     }
   };
@@ -181,11 +187,95 @@ void for_each_range(const TensorTable& table, const Body& body) {
   }
 }
 
+inline int64_t row_size(const TensorTable& t, int64_t k) { return std::max<int64_t>(1, t.numel[k] / t.rows[k]); }
+
+// Calls body(tensor_index, begin, end, sums, states) over every element of every tensor (see
+// for_each_slice), ``states`` the tensor's state arrays (scalar_t*). Without telemetry, ``sums``
+// is null. With it (one float64 (K, 4) or (K, 8) buffer per tensor), body is called once per row
+// with that row's sums to fill.
+template <typename scalar_t, typename Body>
+void for_each_range(const TensorTable& table, const Body& body) {
+  const bool monitored = !table.telemetry.empty();
+  const int64_t n = static_cast<int64_t>(table.size());
+  int64_t* const rows = monitored ? scratch<int64_t, 1>(n) : nullptr;
+  for (int64_t k = 0; monitored && k < n; ++k) rows[k] = row_size(table, k);
+  for_each_slice(table, rows, [&](int64_t k, int64_t begin, int64_t end) {
+    const std::array<scalar_t*, 3> states{static_cast<scalar_t*>(table.state1[k]),
+                                          static_cast<scalar_t*>(table.state2[k]),
+                                          static_cast<scalar_t*>(table.state3[k])};
+    if (!monitored) {
+      body(k, begin, end, nullptr, states);
+      return;
+    }
+    for (int64_t row = begin; row < end; row += rows[k]) {
+      body(k, row, row + rows[k], table.telemetry[k] + row / rows[k] * table.columns, states);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ 8-bit states
+
+// for_each_range for 8-bit states (wdopt/reference/quantization.py): the cuts fall on block
+// boundaries (monitored: on multiples of both the block and the row). Per block of 256, the
+// states' codes are decoded into float buffers, body(k, begin, end, sums, states) updates the
+// block with ``states`` pointing into them (once per row segment when monitored, each segment's
+// sums added into its row's), and the new values are encoded with the block's new scale. SIGNED:
+// per state list, whether its codes are signed (int8) or a second moment's (uint8).
+template <bool... SIGNED, typename Body>
+void for_each_block(const TensorTable& table, const Body& body) {
+  constexpr int kLanes = sizeof...(SIGNED);
+  const bool monitored = !table.telemetry.empty();
+  const bool stochastic = !table.rng.empty();
+  const int64_t n = static_cast<int64_t>(table.size());
+  int64_t* const granule = scratch<int64_t, 1>(n);
+  for (int64_t k = 0; k < n; ++k) granule[k] = monitored ? std::lcm(row_size(table, k), kQuantBlock) : kQuantBlock;
+  void* const* codes[3] = {table.state1.data(), table.state2.data(), table.state3.data()};
+  for_each_slice(table, granule, [&](int64_t k, int64_t begin, int64_t end) {
+    alignas(64) float buffer[kLanes][kQuantBlock];
+    std::array<float*, 3> states{};
+    uint32_t stream[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane) {
+      stream[lane] = stochastic ? rounding_stream(table.rng[k][0], table.rng[k][1], lane + 1) : 0u;
+    }
+    const int64_t rows = monitored ? row_size(table, k) : 0;
+    for (int64_t first = begin; first < end; first += kQuantBlock) {
+      const int64_t last = std::min(end, first + kQuantBlock), block = first / kQuantBlock;
+      int lane = 0;
+      // The old states, decoded: ``states`` address them by element index.
+      ([&] {
+        decode_block<SIGNED>(static_cast<const int8_t*>(codes[lane][k]) + first, table.scales[lane][k][block],
+                             buffer[lane], last - first);
+        states[lane] = buffer[lane] - first;
+        ++lane;
+      }(), ...);
+      if (!monitored) {
+        body(k, first, last, nullptr, states);
+      } else {
+        for (int64_t segment = first; segment < last;) {
+          const int64_t row = segment / rows, stop = std::min(last, (row + 1) * rows);
+          double part[8];
+          body(k, segment, stop, part, states);
+          double* sums = table.telemetry[k] + row * table.columns;
+          for (int64_t c = 0; c < table.columns; ++c) sums[c] = segment == row * rows ? part[c] : sums[c] + part[c];
+          segment = stop;
+        }
+      }
+      lane = 0;
+      // The new states, encoded with the block's new scale.
+      ([&] {
+        table.scales[lane][k][block] = encode_block<SIGNED>(buffer[lane], static_cast<int8_t*>(codes[lane][k]) + first,
+                                                            last - first, stochastic, stream[lane], first);
+        ++lane;
+      }(), ...);
+    }
+  });
+}
+
 // The table of an operator call, after its checks: ``states`` are the optimizer's state lists
 // in order (an empty list: that state is absent).
 TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer_list<at::TensorList> states,
                    at::TensorList steps, at::TensorList telemetry, at::TensorList rng,
-                   at::TensorList correction) {
+                   at::TensorList correction, at::TensorList scales) {
   TensorTable t;
   const size_t n = params.size();
   t.resize(n);
@@ -209,6 +299,7 @@ TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer
   for (const auto& r : rng) t.rng.push_back(r.const_data_ptr<int64_t>());
   for (const auto& c : correction) t.correction.push_back(c.data_ptr());
   t.master_bits = correction.empty() ? 16 : (correction[0].scalar_type() == at::kShort ? 32 : 24);
+  for (size_t j = 0; j < scales.size(); ++j) t.scales[j / n].push_back(scales[j].data_ptr<float>());
   return t;
 }
 
@@ -239,6 +330,26 @@ int check_correction(const at::TensorList& correction, const at::TensorList& par
   return type == at::kShort ? 32 : 24;
 }
 
+// 8-bit states: ``scales`` is [] or, for each of the ``lists`` state lists in order, one float32
+// vector of ceil(numel/256) block scales per parameter (wdopt/reference/quantization.py); the
+// state lists then hold codes: int8, uint8 for second moments. Returns whether they are 8-bit.
+bool check_scales(const at::TensorList& scales, const at::TensorList& params, size_t lists) {
+  if (scales.empty()) return false;
+  TORCH_CHECK(scales.size() == lists * params.size(), "wdopt: scales has ", scales.size(), " tensors for ", lists,
+              " state lists of ", params.size(), " parameters");
+  TORCH_CHECK(params[0].scalar_type() != at::kDouble, "wdopt: 8-bit states are for float32, bfloat16 and float16 "
+              "parameters, not float64");
+  for (size_t j = 0; j < scales.size(); ++j) {
+    const auto& s = scales[j];
+    const auto& p = params[j % params.size()];
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.device().is_cpu() && s.is_contiguous() &&
+                    s.numel() == (p.numel() + kQuantBlock - 1) / kQuantBlock,
+                "wdopt: scales[", j, "] must be a contiguous float32 CPU tensor of ",
+                (p.numel() + kQuantBlock - 1) / kQuantBlock, " block scales");
+  }
+  return true;
+}
+
 void check_telemetry(const at::TensorList& telemetry, const at::TensorList& params) {
   if (telemetry.empty()) return;
   TORCH_CHECK(telemetry.size() == params.size(), "wdopt: one telemetry buffer per parameter is needed");
@@ -265,13 +376,25 @@ template <typename scalar_t, bool SR_ARG, int MASTER_ARG> struct Storage {
   uint32_t stream[4];
   void* correction;
 
-  template <int LANE, typename opmath> inline scalar_t store(int64_t i, opmath x) const {
-    if constexpr (!SR) {
+  template <int LANE, typename opmath> WDOPT_INLINE scalar_t store(int64_t i, opmath x) const {
+    if constexpr (kBF16) {
+      // Integer conversions (rounding.h): c10::BFloat16's own does not vectorize.
+      const uint16_t bits = SR ? bf16_bits_stochastic(x, rounding_bits(stream[LANE], i)) : bf16_bits_nearest(x);
+      return c10::BFloat16(bits, c10::BFloat16::from_bits());
+    } else if constexpr (!SR) {
       return static_cast<scalar_t>(x);
-    } else if constexpr (kBF16) {
-      return static_cast<scalar_t>(stochastic_round_bf16(x, rounding_bits(stream[LANE], i)));  // exact conversion
     } else {
       return c10::Half(stochastic_round_fp16(x, c10::Half(x).x, rounding_bits(stream[LANE], i)), c10::Half::from_bits());
+    }
+  }
+
+  // A state's new value as its array holds it: stored in scalar_t, or (S = float: an 8-bit
+  // state's decoded block, encoded after the update) as computed.
+  template <int LANE, typename S, typename opmath> WDOPT_INLINE S state(int64_t i, opmath x) const {
+    if constexpr (std::is_same_v<S, scalar_t>) {
+      return store<LANE>(i, x);
+    } else {
+      return x;
     }
   }
 
@@ -280,15 +403,21 @@ template <typename scalar_t, bool SR_ARG, int MASTER_ARG> struct Storage {
     using opmath = opmath_t<scalar_t>;
     scalar_t* __restrict__ p;
     Storage s;
-    inline opmath load(int64_t i) const {
+    WDOPT_INLINE opmath load(int64_t i) const {
       if constexpr (MASTER == 16) {
         return static_cast<opmath>(p[i]);
       } else {
         return Comp::combine(p[i].x, static_cast<const typename Comp::correction_t*>(s.correction)[i]);
       }
     }
-    inline opmath store(int64_t i, opmath x) const {
-      if constexpr (MASTER == 16) {
+    WDOPT_INLINE opmath store(int64_t i, opmath x) const {
+      if constexpr (MASTER == 16 && kBF16) {
+        // Through the bits: a c10::BFloat16 temporary copied into p[i] is an aggregate copy the
+        // vectorizer gives up on.
+        const uint16_t bits = s.template store<0>(i, x).x;
+        p[i].x = bits;
+        return bits_float(static_cast<uint32_t>(bits) << 16);
+      } else if constexpr (MASTER == 16) {
         const scalar_t stored = s.template store<0>(i, x);
         p[i] = stored;
         return static_cast<opmath>(stored);
@@ -343,6 +472,21 @@ Storage<scalar_t, SR, MASTER> storage_of(const TensorTable& t, int64_t k) {
   r.correction = t.correction.empty() ? nullptr : t.correction[k];
   return r;
 }
+
+// Walks a step's elements with body(k, begin, end, sums, states): states held in scalar_t
+// (for_each_range) or 8-bit (for_each_block; SIGNED per state list).
+template <typename scalar_t, bool... SIGNED, typename Body>
+void for_each_state_range(const TensorTable& t, const Body& body) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (t.quantized()) {
+      for_each_block<SIGNED...>(t, body);
+      return;
+    }
+  }
+  for_each_range<scalar_t>(t, body);
+}
+
+template <typename Array> using element_of = std::remove_pointer_t<typename Array::value_type>;
 
 // One element loop: ω_i ← element(i, ω_i, ĝ[i]) over [begin, end) through the parameter accessor
 // (Storage::Param: its loads and stores), the state updated inside element. With ``sums`` (a
@@ -406,10 +550,11 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
      dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
-      for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
-        scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
-        scalar_t* __restrict__ v = data<scalar_t>(t.state2[k]);
-        scalar_t* __restrict__ v_max = AMSGRAD ? data<scalar_t>(t.state3[k]) : nullptr;
+      const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
+        using S = element_of<decltype(states)>;
+        S* __restrict__ m = states[0];
+        S* __restrict__ v = states[1];
+        S* __restrict__ v_max = AMSGRAD ? states[2] : nullptr;
         const auto c = coefficients[k];
         const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
         update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
@@ -417,15 +562,20 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
           opmath mi = m[i], vi = v[i];
           opmath vmi = AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0);
           adamw_update<AMSGRAD>(pi, gi, mi, vi, vmi, c);
-          m[i] = r.template store<1>(i, mi);
-          v[i] = r.template store<2>(i, vi);
-          if (AMSGRAD) v_max[i] = r.template store<3>(i, vmi);
+          m[i] = r.template state<1, S>(i, mi);
+          v[i] = r.template state<2, S>(i, vi);
+          if (AMSGRAD) v_max[i] = r.template state<3, S>(i, vmi);
           return pi;
         }, [=](int64_t i, opmath gi) {
           return adamw_direction_statistics<AMSGRAD>(gi, static_cast<opmath>(m[i]), static_cast<opmath>(v[i]),
                                                      AMSGRAD ? static_cast<opmath>(v_max[i]) : opmath(0), c);
         });
-      });
+      };
+      if constexpr (AMSGRAD) {
+        for_each_state_range<scalar_t, true, false, false>(t, body);
+      } else {
+        for_each_state_range<scalar_t, true, false>(t, body);
+      }
      });
     });
   });
@@ -445,27 +595,31 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
     const auto c = sgd_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
-      dispatch_bool(nesterov, [&](auto NESTEROV) {
-        // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
-        dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
-         dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
-          for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
-            scalar_t* __restrict__ b = HAS_MOMENTUM ? data<scalar_t>(t.state1[k]) : nullptr;
-            const bool first = HAS_MOMENTUM && t.first[k];
-            const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
-            update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
-                            sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
-              opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
-              sgd_update<HAS_MOMENTUM, NESTEROV, DECOUPLED>(pi, gi, bi, first, c);
-              if (HAS_MOMENTUM) b[i] = r.template store<1>(i, bi);
-              return pi;
-            }, [=](int64_t i, opmath gi) {
-              return sgd_direction_statistics<HAS_MOMENTUM>(gi, HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0),
-                                                            first);
-            });
+      // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
+      dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
+       dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
+        const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
+          using S = element_of<decltype(states)>;
+          S* __restrict__ b = HAS_MOMENTUM ? states[0] : nullptr;
+          const bool first = HAS_MOMENTUM && t.first[k];
+          const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+          update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
+                          sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
+            opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
+            sgd_update<HAS_MOMENTUM, DECOUPLED>(pi, gi, bi, first, nesterov, c);
+            if (HAS_MOMENTUM) b[i] = r.template state<1, S>(i, bi);
+            return pi;
+          }, [=](int64_t i, opmath gi) {
+            return sgd_direction_statistics<HAS_MOMENTUM>(gi, HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0),
+                                                          first);
           });
-         });
-        });
+        };
+        if constexpr (HAS_MOMENTUM) {
+          for_each_state_range<scalar_t, true>(t, body);
+        } else {
+          for_each_range<scalar_t>(t, body);  // no state to quantize
+        }
+       });
       });
     });
   });
@@ -482,17 +636,19 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
-      for_each_range(t, [&](int64_t k, int64_t begin, int64_t end, double* sums) {
-        scalar_t* __restrict__ m = data<scalar_t>(t.state1[k]);
+      const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
+        using S = element_of<decltype(states)>;
+        S* __restrict__ m = states[0];
         const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
         update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
                         sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i];
           lion_update(pi, gi, mi, c);
-          m[i] = r.template store<1>(i, mi);
+          m[i] = r.template state<1, S>(i, mi);
           return pi;
         }, [=](int64_t i, opmath gi) { return lion_direction_statistics(gi, static_cast<opmath>(m[i]), c); });
-      });
+      };
+      for_each_state_range<scalar_t, true>(t, body);
     });
   });
 }
@@ -506,20 +662,21 @@ void adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs
             double beta2, double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
             const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, at::TensorList rng,
-            at::TensorList correction) {
+            at::TensorList correction, at::TensorList scales) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
-  check_list(exp_avgs, params, "exp_avgs");
-  check_list(exp_avg_sqs, params, "exp_avg_sqs");
-  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs");
+  const bool q = check_scales(scales, params, amsgrad ? 3 : 2);
+  check_list(exp_avgs, params, "exp_avgs", q ? at::kChar : at::ScalarType::Undefined);
+  check_list(exp_avg_sqs, params, "exp_avg_sqs", q ? at::kByte : at::ScalarType::Undefined);
+  if (amsgrad) check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", q ? at::kByte : at::ScalarType::Undefined);
   check_steps(steps, params);
   check_telemetry(telemetry, params);
   check_rng(rng, params);
   check_correction(correction, params);
   if (skipped(found_inf)) return;
   const TensorTable t = gather(params, grads, {exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList()},
-                               steps, telemetry, rng, correction);
+                               steps, telemetry, rng, correction, scales);
   adamw_table(t, params[0].scalar_type(), lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
               lr_tensor, grad_scale, std::nullopt);
 }
@@ -530,20 +687,22 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf, at::TensorList rng,
-            at::TensorList correction) {
+          at::TensorList correction, at::TensorList scales) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_params(params);
   check_list(grads, params, "grads");
+  const bool q = check_scales(scales, params, has_momentum ? 1 : 0);
   if (has_momentum) {
-    check_list(momentum_buffers, params, "momentum_buffers");
+    check_list(momentum_buffers, params, "momentum_buffers", q ? at::kChar : at::ScalarType::Undefined);
     TORCH_CHECK(first_steps.size() == params.size(), "wdopt: one first_steps flag per parameter is needed");
   }
   check_telemetry(telemetry, params);
   check_rng(rng, params);
   check_correction(correction, params);
   if (skipped(found_inf)) return;
-  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry, rng, correction);
+  TensorTable t = gather(params, grads, {has_momentum ? momentum_buffers : at::TensorList()}, {}, telemetry, rng, correction,
+                         scales);
   t.first = first_step_flags(first_steps, "wdopt::sgd_");
   sgd_table(t, params[0].scalar_type(), lr, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay,
             decay_lr_scale, maximize, lr_tensor, grad_scale, std::nullopt);
@@ -553,16 +712,17 @@ void lion_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf, at::TensorList rng,
-            at::TensorList correction) {
+           at::TensorList correction, at::TensorList scales) {
   if (params.empty()) return;
   check_params(params);
   check_list(grads, params, "grads");
-  check_list(exp_avgs, params, "exp_avgs");
+  const bool q = check_scales(scales, params, 1);
+  check_list(exp_avgs, params, "exp_avgs", q ? at::kChar : at::ScalarType::Undefined);
   check_telemetry(telemetry, params);
   check_rng(rng, params);
   check_correction(correction, params);
   if (skipped(found_inf)) return;
-  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry, rng, correction);
+  const TensorTable t = gather(params, grads, {exp_avgs}, {}, telemetry, rng, correction, scales);
   lion_table(t, params[0].scalar_type(), lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, lr_tensor,
              grad_scale, std::nullopt);
 }

@@ -26,6 +26,9 @@ struct TensorTable {
   std::vector<const int64_t*> rng;  // empty (round to nearest), or per tensor its stochastic-rounding [key, count]
   std::vector<void*> correction;    // empty, or per tensor the low bits of its master weight ...
   int master_bits = 16;             // ... int16 (32-bit master) or int8 (24-bit); 16: plain parameters
+  std::vector<float*> scales[3];    // 8-bit states: per state list, per tensor its block scales (state1-3
+                                    // then hold codes: int8, or uint8 for second moments); else empty
+  bool quantized() const { return !scales[0].empty(); }
 
   void resize(size_t n) {
     numel.assign(n, 0);

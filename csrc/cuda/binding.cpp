@@ -243,6 +243,13 @@ Corrections corrections(const char* op, at::TensorList correction, at::TensorLis
   return out;
 }
 
+// 8-bit states (``scales``) are in the CPU kernels only; the driver refuses them on CUDA before
+// a launch (wdopt.kernels.cpp.QUANTIZED_STATES), this guards direct calls of the operator.
+void refuse_scales(const char* op, at::TensorList scales) {
+  TORCH_CHECK(scales.empty(), op, ": 8-bit states (scales) are not in the CUDA kernels yet; use the cpu or reference "
+              "backend, or state_bits=None");
+}
+
 // ------------------------------------------------------------------------------------ operators
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -250,9 +257,11 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta1, double beta2,
                 double eps, double weight_decay, double decay_lr_scale, bool amsgrad, bool maximize,
                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
+                const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction,
+                at::TensorList scales) {
   constexpr const char* op = "wdopt::adamw_";
   if (params.empty()) return;
+  refuse_scales(op, scales);
   check_params(op, params);
   check_like(op, "grads", grads, params);
   check_like(op, "exp_avgs", exp_avgs, params);
@@ -324,9 +333,11 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double momentum, double dampening,
               bool nesterov, bool decoupled_weight_decay, double decay_lr_scale, bool maximize,
               const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
+              const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction,
+                at::TensorList scales) {
   constexpr const char* op = "wdopt::sgd_";
   if (params.empty()) return;
+  refuse_scales(op, scales);
   check_params(op, params);
   check_like(op, "grads", grads, params);
   const bool has_momentum = momentum != 0;
@@ -376,9 +387,11 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList telemetry,
                double lr, double beta1, double beta2, double weight_decay, double decay_lr_scale, bool maximize,
                const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction) {
+               const std::optional<at::Tensor>& found_inf, at::TensorList rng, at::TensorList correction,
+                at::TensorList scales) {
   constexpr const char* op = "wdopt::lion_";
   if (params.empty()) return;
+  refuse_scales(op, scales);
   check_params(op, params);
   check_like(op, "grads", grads, params);
   check_like(op, "exp_avgs", exp_avgs, params);

@@ -321,6 +321,14 @@ STATISTICS = ("cpu", "cuda")
 STOCHASTIC_ROUNDING = ("cpu", "cuda")
 #: Device types whose kernels update compensated bf16 parameters when handed ``correction``.
 COMPENSATION = ("cpu", "cuda")
+#: Device types whose kernels update 8-bit states when handed their block ``scales``.
+QUANTIZED_STATES = ("cpu",)
+
+
+def _scale_list(scales) -> list:
+    """{lane: one block-scale tensor per parameter} (8-bit states) as the operators take them:
+    the lanes' lists concatenated in order."""
+    return [t for lane in sorted(scales) for t in scales[lane]] if scales else []
 
 
 def _lr_args(lr):
@@ -331,18 +339,18 @@ def _lr_args(lr):
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
           decay_lr_scale, amsgrad, maximize, grad_scale=None, found_inf=None, telemetry=(), rng=(),
-          correction=()) -> None:
+          correction=(), scales=None) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps, list(telemetry),
         lr=lr_value, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay_lr_scale=decay_lr_scale,
         amsgrad=amsgrad, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        rng=list(rng), correction=list(correction))
+        rng=list(rng), correction=list(correction), scales=_scale_list(scales))
 
 
 def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momentum, dampening, nesterov,
         decoupled_weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
-        rng=(), correction=()) -> None:
+        rng=(), correction=(), scales=None) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     has_momentum = momentum != 0
     torch.ops.wdopt.sgd_(
@@ -350,17 +358,18 @@ def sgd(params, grads, momentum_buffers, first_steps, *, lr, weight_decay, momen
         list(telemetry),
         lr=lr_value, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
         decoupled_weight_decay=decoupled_weight_decay, decay_lr_scale=decay_lr_scale, maximize=maximize,
-        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rng=list(rng), correction=list(correction))
+        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, rng=list(rng), correction=list(correction),
+        scales=_scale_list(scales))
 
 
 def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize,
          grad_scale=None, found_inf=None, telemetry=(), rng=(),
-         correction=()) -> None:
+         correction=(), scales=None) -> None:
     lr_value, lr_tensor = _lr_args(lr)
     torch.ops.wdopt.lion_(
         params, grads, exp_avgs, list(telemetry), lr=lr_value, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         decay_lr_scale=decay_lr_scale, maximize=maximize, lr_tensor=lr_tensor, grad_scale=grad_scale,
-        found_inf=found_inf, rng=list(rng), correction=list(correction))
+        found_inf=found_inf, rng=list(rng), correction=list(correction), scales=_scale_list(scales))
 
 
 def rotational_available(device: torch.device) -> bool:

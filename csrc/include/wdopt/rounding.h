@@ -56,6 +56,25 @@ WDOPT_HD float stochastic_round_bf16(float x, uint32_t bits) {
   return bits_float((float_bits(x) + (bits & 0xFFFFu)) & 0xFFFF0000u);
 }
 
+// Whether float bits u are a NaN, in integers: a float comparison in a select keeps GCC from
+// vectorizing the loop (it will not if-convert it under the default -ftrapping-math).
+WDOPT_HD bool nan_bits(uint32_t u) { return (u & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// x rounded to nearest bf16 (ties to even), as bf16 bits: c10::BFloat16's conversion bit for bit
+// (NaN becomes 0x7FC0), in integer operations a CPU loop vectorizes (c10's branch does not).
+WDOPT_HD uint16_t bf16_bits_nearest(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(nan_bits(u) ? 0x7FC0u : rounded);
+}
+
+// stochastic_round_bf16's result as bf16 bits (NaN: 0x7FC0, as the conversion to nearest).
+WDOPT_HD uint16_t bf16_bits_stochastic(float x, uint32_t bits) {
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + (bits & 0xFFFFu)) >> 16;
+  return static_cast<uint16_t>(nan_bits(u) ? 0x7FC0u : rounded);
+}
+
 // The non-negative fp16 value of a 15-bit magnitude, as fp32 (exact).
 WDOPT_HD float half_magnitude(uint32_t m) {
   if (m < 0x400u) return static_cast<float>(m) * 5.9604644775390625e-08f;  // subnormal: m·2^-24

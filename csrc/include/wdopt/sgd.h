@@ -22,9 +22,10 @@ WDOPT_HD SGDCoefficients<T> sgd_coefficients(const SGDHyper& h, double lr) {
                             static_cast<T>(1.0 - h.dampening)};
 }
 
-// One element. ``first_step``: the momentum buffer holds no history yet (b <- g).
-template <bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED, typename T>
-WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients<T>& c) {
+// One element. ``first_step``: the momentum buffer holds no history yet (b <- g). ``nesterov``
+// at run time (the CPU kernels: a select, half the instantiations) ...
+template <bool HAS_MOMENTUM, bool DECOUPLED, typename T>
+WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, bool nesterov, const SGDCoefficients<T>& c) {
   if (DECOUPLED) {
     p = p * c.decay;
   } else {
@@ -32,9 +33,15 @@ WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients
   }
   if (HAS_MOMENTUM) {
     b = first_step ? g : b * c.momentum + c.one_minus_dampening * g;
-    g = NESTEROV ? g + c.momentum * b : b;
+    g = nesterov ? g + c.momentum * b : b;
   }
   p = p - c.lr * g;
+}
+
+// ... or at compile time (the CUDA kernels).
+template <bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED, typename T>
+WDOPT_HD void sgd_update(T& p, T g, T& b, bool first_step, const SGDCoefficients<T>& c) {
+  sgd_update<HAS_MOMENTUM, DECOUPLED>(p, g, b, first_step, NESTEROV, c);
 }
 
 // Direction statistics: n = ĝ (the loss's gradient, without the L2 term) and s = the momentum
