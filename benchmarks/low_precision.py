@@ -127,11 +127,11 @@ def resident_bytes(opt, params) -> float:
     total = sum(p.numel() * p.element_size() for p in params)
     for p in params:
         for value in opt.state.get(p, {}).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif hasattr(value, "__tensor_flatten__"):  # torchao's tensor subclasses
+            if hasattr(value, "__tensor_flatten__"):  # torchao's tensor subclasses: their inner tensors
                 names, _ = value.__tensor_flatten__()
                 total += sum(getattr(value, n).numel() * getattr(value, n).element_size() for n in names)
+            elif isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
     return total / sum(p.numel() for p in params)
 
 
