@@ -127,6 +127,18 @@ def _cases():
                               constexprs={**FLAGS, **extra, "MASTER": bits, "STOCHASTIC": True, "CHUNK": 1,
                                           "BLOCK": 256, "TELEMETRY": True, "STATISTICS": True},
                               num_warps=ELEMENTWISE_WARPS))
+    # 8-bit states (wdopt/kernels/triton/quantization.py): fp32 parameters to nearest, and the
+    # 5-byte configuration (bf16 + 24-bit master, stochastic); a monitored step's measuring pass.
+    for name, (module, kernel, extra) in ELEMENTWISE.items():
+        states8 = {**FLAGS, **extra, "QUANTIZED": True}
+        cases.append(dict(id=f"{name}-states8", module=module, kernel=kernel, dtype="fp32", arch=90,
+                          constexprs=states8, num_warps=ELEMENTWISE_WARPS))
+        cases.append(dict(id=f"{name}-master24-stochastic-states8", module=module, kernel=kernel, dtype="bf16",
+                          arch=90, constexprs={**states8, "MASTER": 24, "STOCHASTIC": True, "BLOCK": 512},
+                          num_warps=ELEMENTWISE_WARPS))
+        cases.append(dict(id=f"{name}-states8-telemetry", module=module, kernel=kernel, dtype="fp32", arch=90,
+                          constexprs={**states8, "CHUNK": 1, "TELEMETRY": True, "WRITE": False},
+                          num_warps=ELEMENTWISE_WARPS))
     # The rotational row engine: short rows as a [ROWS, BLOCK] tile, long rows in two passes.
     for optimizer, extra in ROTATIONAL.items():
         # Tiles: 16 rows of 128 (2,048 elements), and one row of 2,048 (the largest on chip).
@@ -179,7 +191,9 @@ def _exact(code):
                                      and c["module"] != "rotational"])
 def test_elementwise_kernels_compile_vectorized_and_exact(ptx, case_id):
     code = _compiled(ptx, case_id)
-    if case_id != "adamw-unaligned" and not case_id.endswith(("-telemetry", "-statistics")):
+    # Monitored steps' rows start anywhere; 8-bit states with a stochastic master run 2 elements a
+    # thread (multi_tensor.QUANTIZED_ROUNDED_GPU_BLOCK): 4-byte bf16 pairs, not vectors.
+    if case_id != "adamw-unaligned" and not case_id.endswith(("-telemetry", "-statistics", "stochastic-states8")):
         assert re.search(r"ld\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector loads"
         assert re.search(r"st\.global(\.\w+)*\.v[24]\.", code), "full blocks must use vector stores"
     _exact(code)

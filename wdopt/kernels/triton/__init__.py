@@ -25,6 +25,9 @@ STATISTICS = ("cpu", "cuda")
 STOCHASTIC_ROUNDING = ("cpu", "cuda")
 #: Device types whose kernels update compensated bf16 parameters when handed ``correction`` (rounding.py).
 COMPENSATION = ("cpu", "cuda")
+#: Device types whose kernels update 8-bit states when handed their block ``scales`` (quantization.py).
+QUANTIZED_STATES = ("cpu", "cuda")
 
-__all__ = ["COMPENSATION", "INTERPRETED", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY", "adamw", "lion",
+__all__ = ["COMPENSATION", "INTERPRETED", "QUANTIZED_STATES", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY",
+           "adamw", "lion",
            "rotational", "sgd"]

@@ -10,17 +10,18 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    PreparedLaunch, block_offsets, cdiv, div, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
+    PreparedLaunch, block_offsets, cdiv, div, elementwise_passes, f64, f64_bits, full_blocks_end, gradient_constexprs, launch,
     lr_value, optional, sqrt, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
-from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
+from .quantization import load_state, scale_pointer, state_pointer, store_state
+from .rounding import correction_pointer, load_param, rounding_words, store_param
 
 # Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
-# that of a compensated parameter's correction. The element count, or the row count of a monitored
-# step, is the last column, NCOL - 1.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, CORRECTION, TELEMETRY_COLUMN, ROW_SIZE = \
-    (tl.constexpr(i) for i in range(10))
-NCOL = tl.constexpr(11)
+# that of a compensated parameter's correction, *_SCALE those of the states' block scales (8-bit
+# states). The element count, or the row count of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, CORRECTION, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE, \
+    MAX_EXP_AVG_SQ_SCALE, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(13))
+NCOL = tl.constexpr(14)
 # Per-tensor coefficients computed once per step, in fp64 (kernels round them once to the compute
 # dtype): decay factor, step size lr/(1−β1^t), sqrt(1−β2^t).
 NCOEF = tl.constexpr(3)
@@ -121,20 +122,21 @@ def _adamw_coefficients_kernel(
 
 
 @triton.jit
-def _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask,
+def _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scale_ptrs,
+                 offs, mask,
                  grad_scale_ptr, decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2,
                  eps, words, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  HAS_GRAD_SCALE: tl.constexpr, STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                 MASTER: tl.constexpr):
+                 MASTER: tl.constexpr, QUANTIZED: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
     stored = load_param(param_ptr, correction_ptr, offs, mask, MASTER)  # the master weight when compensated
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
-    m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+    m = load_state(exp_avg_ptr, scale_ptrs[0], offs, mask, COMPUTE, QUANTIZED, True)
+    v = load_state(exp_avg_sq_ptr, scale_ptrs[1], offs, mask, COMPUTE, QUANTIZED, False)
     v_max = v
     if AMSGRAD:
-        v_max = tl.load(max_exp_avg_sq_ptr + offs, mask=mask).to(COMPUTE)
+        v_max = load_state(max_exp_avg_sq_ptr, scale_ptrs[2], offs, mask, COMPUTE, QUANTIZED, False)
     n, s = g, m
     if STATISTICS:
         n, s = adamw_statistics(g, m, v, v_max, inv_bias_correction2_sqrt, beta2, one_minus_beta2, eps, AMSGRAD,
@@ -142,11 +144,13 @@ def _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_pt
     p, m, v, v_max = adamw_math(p, g, m, v, v_max, decay, step_size, inv_bias_correction2_sqrt,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, AMSGRAD, COMPUTE)
     # Stored through the lanes of rounding.py's specification: the parameter 0, then the states in order.
-    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER)
-    tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, rounded(v, DTYPE, words[2], offs, STOCHASTIC), mask=mask)
-    if AMSGRAD:
-        tl.store(max_exp_avg_sq_ptr + offs, rounded(v_max, DTYPE, words[3], offs, STOCHASTIC), mask=mask)
+    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER, WRITE)
+    if WRITE:
+        store_state(exp_avg_ptr, scale_ptrs[0], offs, mask, m, DTYPE, words[1], STOCHASTIC, QUANTIZED, True, BLOCK)
+        store_state(exp_avg_sq_ptr, scale_ptrs[1], offs, mask, v, DTYPE, words[2], STOCHASTIC, QUANTIZED, False, BLOCK)
+        if AMSGRAD:
+            store_state(max_exp_avg_sq_ptr, scale_ptrs[2], offs, mask, v_max, DTYPE, words[3], STOCHASTIC, QUANTIZED,
+                        False, BLOCK)
     return stored, new, grad, n, s  # for telemetry: Δω from the value stored
 
 
@@ -157,14 +161,18 @@ def _adamw_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16,
+    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16, QUANTIZED: tl.constexpr = False,
+    WRITE: tl.constexpr = True,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
     grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
-    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED)
-    exp_avg_sq_ptr = tensor_pointer(table_ptr, row, EXP_AVG_SQ, NCOL, DTYPE, ALIGNED)
-    max_exp_avg_sq_ptr = tensor_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE, ALIGNED)
+    exp_avg_ptr = state_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED, QUANTIZED, True)
+    exp_avg_sq_ptr = state_pointer(table_ptr, row, EXP_AVG_SQ, NCOL, DTYPE, ALIGNED, QUANTIZED, False)
+    max_exp_avg_sq_ptr = state_pointer(table_ptr, row, MAX_EXP_AVG_SQ, NCOL, DTYPE, ALIGNED, QUANTIZED, False)
+    scale_ptrs = (scale_pointer(table_ptr, row, EXP_AVG_SCALE, NCOL),
+                  scale_pointer(table_ptr, row, EXP_AVG_SQ_SCALE, NCOL),
+                  scale_pointer(table_ptr, row, MAX_EXP_AVG_SQ_SCALE, NCOL))
     decay = tl.load(coef_ptr + row * NCOEF + 0).to(COMPUTE)
     step_size = tl.load(coef_ptr + row * NCOEF + 1).to(COMPUTE)
     # 1/sqrt(1−β2^t) from the rounded root, as the reference computes it.
@@ -186,10 +194,12 @@ def _adamw_kernel(
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
             before, after, grad, n, s = _adamw_block(
-                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offs, mask,
+                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scale_ptrs,
+                offs, mask,
                 grad_scale_ptr,
                 decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC, MASTER)
+                words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, STATISTICS, STOCHASTIC, MASTER,
+                QUANTIZED, WRITE, BLOCK)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -197,22 +207,24 @@ def _adamw_kernel(
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
-            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scale_ptrs,
                          block_offsets(block_start, BLOCK), None, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER,
+                         QUANTIZED, WRITE, BLOCK)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            _adamw_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scale_ptrs,
                          offs, offs < end, grad_scale_ptr,
                          decay, step_size, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER)
+                         words, DTYPE, COMPUTE, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, False, STOCHASTIC, MASTER,
+                         QUANTIZED, WRITE, BLOCK)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     *, lr, beta1, beta2, eps, weight_decay, decay_lr_scale, amsgrad, maximize,
-    grad_scale=None, found_inf=None, telemetry=(), rng=(), correction=(), table=None,
+    grad_scale=None, found_inf=None, telemetry=(), rng=(), correction=(), scales=None, table=None,
 ):
     """AdamW on tensors of one device and dtype: two launches whatever their number. With
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
@@ -220,7 +232,10 @@ def adamw(
     [key, count] per parameter, read on the device) bf16/fp16 parameters and states are rounded
     stochastically (wdopt/reference/rounding.py; lanes: exp_avg 1, exp_avg_sq 2, max_exp_avg_sq 3).
     With ``correction`` (one int16 or int8 tensor per bf16 parameter) the parameters are compensated:
-    the update, and telemetry, act on their 32- or 24-bit master weights (rounding.py).
+    the update, and telemetry, act on their 32- or 24-bit master weights (rounding.py). With
+    ``scales`` ({lane: one float32 vector of block scales per parameter}, every state lane) the
+    states are 8-bit codes (wdopt/reference/quantization.py), decoded, updated and encoded in the
+    same pass; a monitored step then takes two element-wise launches (multi_tensor.elementwise_passes).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -229,10 +244,11 @@ def adamw(
         return None
     device, dtype = params[0].device, params[0].dtype
     prepared = _AdamWLaunch(
-        *elementwise_table(
+        elementwise_passes(
             lambda: [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params),
                      steps],
-            params, telemetry, device, table, rng, correction),
+            params, telemetry, device, table, rng, correction, scales,
+            [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None]),
         dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize)
     if table == "prepare":
         return prepared
@@ -244,8 +260,8 @@ class _AdamWLaunch(PreparedLaunch):
 
     __slots__ = ("dtype", "amsgrad", "maximize", "beta1", "beta2", "eps", "weight_decay")
 
-    def __init__(self, table, shape, dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize):
-        super().__init__(table, shape)
+    def __init__(self, passes, dtype, beta1, beta2, eps, weight_decay, amsgrad, maximize):
+        super().__init__(passes)
         self.dtype, self.amsgrad, self.maximize = dtype, amsgrad, maximize
         self.beta1, self.beta2, self.eps, self.weight_decay = map(f64_bits, (beta1, beta2, eps, weight_decay))
 
@@ -260,10 +276,11 @@ class _AdamWLaunch(PreparedLaunch):
             f64_bits(decay_lr_scale),
             LR_ON_DEVICE=lr_on_device, HAS_FOUND_INF=found_inf is not None, ROWS=ROWS_PER_PROGRAM,
         )
-        launch(
-            _adamw_kernel, (table.programs,), device,
-            table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
-            self.beta1, self.beta2, self.eps,
-            AMSGRAD=self.amsgrad, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
-            **self.shape,
-        )
+        for table, shape in self.passes:  # the tables list the tensors in one order: coef's rows
+            launch(
+                _adamw_kernel, (table.programs,), device,
+                table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
+                self.beta1, self.beta2, self.eps,
+                AMSGRAD=self.amsgrad, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
+                **shape,
+            )

@@ -10,16 +10,17 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    PreparedLaunch, block_offsets, elementwise_table, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
+    PreparedLaunch, block_offsets, elementwise_passes, f64, f64_bits, full_blocks_end, gradient_constexprs, launch, lr_value,
     optional, table_value, statistics_add, store_row, telemetry_add, tensor_pointer, unscale, work_item,
 )
-from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
+from .quantization import load_state, scale_pointer, state_pointer, store_state
+from .rounding import correction_pointer, load_param, rounding_words, store_param
 
 # Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
-# that of a compensated parameter's correction. The element count, or the row count of a monitored
-# step, is the last column, NCOL - 1.
-PARAM, GRAD, EXP_AVG, RNG, CORRECTION, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(7))
-NCOL = tl.constexpr(8)
+# that of a compensated parameter's correction, EXP_AVG_SCALE that of exp_avg's block scales (8-bit
+# states). The element count, or the row count of a monitored step, is the last column, NCOL - 1.
+PARAM, GRAD, EXP_AVG, RNG, CORRECTION, EXP_AVG_SCALE, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(8))
+NCOL = tl.constexpr(9)
 
 
 @triton.jit
@@ -41,23 +42,25 @@ def lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2):
 
 
 @triton.jit
-def _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+def _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_scale_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2, words,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr, MASTER: tl.constexpr):
+                STATISTICS: tl.constexpr, STOCHASTIC: tl.constexpr, MASTER: tl.constexpr, QUANTIZED: tl.constexpr,
+                WRITE: tl.constexpr, BLOCK: tl.constexpr):
     stored = load_param(param_ptr, correction_ptr, offs, mask, MASTER)  # the master weight when compensated
     grad = tl.load(grad_ptr + offs, mask=mask)
     p = stored.to(COMPUTE)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
-    m = tl.load(exp_avg_ptr + offs, mask=mask).to(COMPUTE)
+    m = load_state(exp_avg_ptr, exp_avg_scale_ptr, offs, mask, COMPUTE, QUANTIZED, True)
     # Direction statistics (wdopt/reference/telemetry.py): n = c, whose sign is the update; s = m.
     n, s = g, m
     if STATISTICS:
         n = m + one_minus_beta1 * (g - m)
     p, m = lion_math(p, g, m, lr, decay, one_minus_beta1, one_minus_beta2)
     # Stored through the lanes of rounding.py's specification: the parameter 0, exp_avg 1.
-    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER)
-    tl.store(exp_avg_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+    new = store_param(param_ptr, correction_ptr, offs, mask, p, DTYPE, words[0], STOCHASTIC, MASTER, WRITE)
+    if WRITE:
+        store_state(exp_avg_ptr, exp_avg_scale_ptr, offs, mask, m, DTYPE, words[1], STOCHASTIC, QUANTIZED, True, BLOCK)
     return stored, new, grad, n, s  # for telemetry: Δω from the value stored
 
 
@@ -68,12 +71,14 @@ def _lion_kernel(
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr = False, STATISTICS: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16,
+    STOCHASTIC: tl.constexpr = False, MASTER: tl.constexpr = 16, QUANTIZED: tl.constexpr = False,
+    WRITE: tl.constexpr = True,
 ):
     row, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
     param_ptr = tensor_pointer(table_ptr, row, PARAM, NCOL, DTYPE, ALIGNED)
     grad_ptr = tensor_pointer(table_ptr, row, GRAD, NCOL, DTYPE, ALIGNED)
-    exp_avg_ptr = tensor_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED)
+    exp_avg_ptr = state_pointer(table_ptr, row, EXP_AVG, NCOL, DTYPE, ALIGNED, QUANTIZED, True)
+    exp_avg_scale_ptr = scale_pointer(table_ptr, row, EXP_AVG_SCALE, NCOL)
     lr64 = lr_value(lr_bits, lr_ptr, LR_ON_DEVICE)
     decay = (1.0 - lr64 * f64(weight_decay_bits) * f64(decay_lr_scale_bits)).to(COMPUTE)
     lr = lr64.to(COMPUTE)
@@ -90,9 +95,9 @@ def _lion_kernel(
             offs = block_start + tl.arange(0, BLOCK)
             mask = offs < end * size
             before, after, grad, n, s = _lion_block(
-                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, mask, grad_scale_ptr,
+                param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_scale_ptr, offs, mask, grad_scale_ptr,
                 lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                STATISTICS, STOCHASTIC, MASTER)
+                STATISTICS, STOCHASTIC, MASTER, QUANTIZED, WRITE, BLOCK)
             w2, wd, d2, g2 = telemetry_add(w2, wd, d2, g2, before, after, grad, mask, grad_scale_ptr, HAS_GRAD_SCALE)
             if STATISTICS:
                 n2, ns, wn, s2 = statistics_add(n2, ns, wn, s2, before, n, s, mask)
@@ -100,24 +105,26 @@ def _lion_kernel(
     else:
         full_end = full_blocks_end(start, end, BLOCK)
         for block_start in range(start, full_end, BLOCK):
-            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, block_offsets(block_start, BLOCK), None,
+            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_scale_ptr,
+                        block_offsets(block_start, BLOCK), None,
                         grad_scale_ptr,
                         lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                        False, STOCHASTIC, MASTER)
+                        False, STOCHASTIC, MASTER, QUANTIZED, WRITE, BLOCK)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, offs, offs < end, grad_scale_ptr,
+            _lion_block(param_ptr, correction_ptr, grad_ptr, exp_avg_ptr, exp_avg_scale_ptr, offs, offs < end,
+                        grad_scale_ptr,
                         lr, decay, one_minus_beta1, one_minus_beta2, words, DTYPE, COMPUTE, MAXIMIZE, HAS_GRAD_SCALE,
-                        False, STOCHASTIC, MASTER)
+                        False, STOCHASTIC, MASTER, QUANTIZED, WRITE, BLOCK)
 
 
 def lion(
     params, grads, exp_avgs,
     *, lr, beta1, beta2, weight_decay, decay_lr_scale, maximize, grad_scale=None, found_inf=None, telemetry=(),
-    rng=(), correction=(), table=None,
+    rng=(), correction=(), scales=None, table=None,
 ):
     """Lion on tensors of one device and dtype: one launch whatever their number (``telemetry``,
-    ``rng`` and ``correction``: as in ``adamw``; exp_avg is lane 1).
+    ``rng``, ``correction`` and ``scales``: as in ``adamw``; exp_avg is lane 1).
 
     ``table="prepare"`` (the step driver's fast path): make the bucket's own table and return,
     without launching, the launch with everything but lr, decay_lr_scale and GradScaler's tensors
@@ -126,8 +133,8 @@ def lion(
         return None
     device, dtype = params[0].device, params[0].dtype
     prepared = _LionLaunch(params[0],
-                           *elementwise_table(lambda: [params, grads, exp_avgs], params, telemetry, device, table, rng,
-                                              correction),
+                           elementwise_passes(lambda: [params, grads, exp_avgs], params, telemetry, device, table, rng,
+                                              correction, scales, [exp_avgs]),
                            dtype, beta1, beta2, weight_decay, maximize)
     if table == "prepare":
         return prepared
@@ -139,21 +146,21 @@ class _LionLaunch(PreparedLaunch):
 
     __slots__ = ("dummy", "dtype", "maximize", "constants")
 
-    def __init__(self, dummy, table, shape, dtype, beta1, beta2, weight_decay, maximize):
-        super().__init__(table, shape)
+    def __init__(self, dummy, passes, dtype, beta1, beta2, weight_decay, maximize):
+        super().__init__(passes)
         self.dummy = dummy  # any tensor of the parameters' dtype: a pointer argument the kernel does not read
         self.dtype, self.maximize = dtype, maximize
         self.constants = f64_bits(beta1), f64_bits(beta2), f64_bits(weight_decay)
 
     def __call__(self, lr, decay_lr_scale, grad_scale, found_inf):
-        table = self.table
         lr_on_device = isinstance(lr, torch.Tensor)
         dummy = self.dummy
-        launch(
-            _lion_kernel, (table.programs,), self.device,
-            table.table, table.work, optional(lr if lr_on_device else None, dummy),
-            optional(grad_scale, dummy), optional(found_inf, dummy),
-            0 if lr_on_device else f64_bits(lr), *self.constants, f64_bits(decay_lr_scale),
-            LR_ON_DEVICE=lr_on_device, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
-            **self.shape,
-        )
+        for table, shape in self.passes:
+            launch(
+                _lion_kernel, (table.programs,), self.device,
+                table.table, table.work, optional(lr if lr_on_device else None, dummy),
+                optional(grad_scale, dummy), optional(found_inf, dummy),
+                0 if lr_on_device else f64_bits(lr), *self.constants, f64_bits(decay_lr_scale),
+                LR_ON_DEVICE=lr_on_device, **gradient_constexprs(self.dtype, self.maximize, grad_scale, found_inf),
+                **shape,
+            )

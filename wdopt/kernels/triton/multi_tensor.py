@@ -71,30 +71,39 @@ def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def elementwise_table(columns, params, telemetry, device: torch.device, table=None, rng=(), correction=()):
+def elementwise_table(columns, params, telemetry, device, table=None, rng=(), correction=(), scales=None,
+                      states=(), write=True):
     """The table of one element-wise launch (AdamW, SGD, Lion) and its shape constexprs: the
-    optimizer's columns (``columns()`` makes them), the rng and correction columns, then the two
-    telemetry columns; work items are chunks of CHUNK elements looped over BLOCK at a time, or on a
-    monitored step (``telemetry``: a float64 (K, 4) buffer per parameter, (K, 8) with the direction
-    statistics) one telemetry row each.
+    optimizer's columns (``columns()`` makes them), the rng and correction columns, a block-scale
+    column per state lane, then the two telemetry columns; work items are chunks of CHUNK elements
+    looped over BLOCK at a time, or on a monitored step (``telemetry``: a float64 (K, 4) buffer per
+    parameter, (K, 8) with the direction statistics) one telemetry row each.
 
     ``rng``: one int64 [key, count] tensor per parameter, or none. With them, bf16 and fp16 stores
-    round stochastically (STOCHASTIC, wdopt/kernels/triton/rounding.py) and the rng column holds
-    their addresses; otherwise it holds zeros, which nothing reads.
+    (and 8-bit states' codes) round stochastically (STOCHASTIC, wdopt/kernels/triton/rounding.py)
+    and the rng column holds their addresses; otherwise it holds zeros, which nothing reads.
 
     ``correction``: one int16 or int8 tensor per bf16 parameter, or none: the parameters are
     compensated (MASTER 32 or 24, rounding.py's load_param/store_param) and the correction column
     holds their addresses; otherwise zeros, and MASTER 16.
 
+    ``scales``: {lane: one float32 vector of block scales per parameter} for 8-bit states
+    (QUANTIZED, wdopt/kernels/triton/quantization.py), every state lane of ``states`` (the
+    optimizer's state lists in lane order, None for one it does not keep) quantized; or None.
+    ``write`` False: a measuring pass that stores only telemetry (``elementwise_passes``).
+
     ``table``: None (a cached table, wdopt/kernels/tables.py) or "prepare", a new table owned by
     the caller (the step driver's fast path), whose gradient column the caller keeps up to date.
     ``columns`` is a function so that the launchers' signatures stay one per optimizer."""
-    stochastic = stochastic_rounding(rng, params)
+    quantized = quantized_states(scales, states, params)
+    stochastic = stochastic_rounding(rng, params, quantized)
     # Addresses as plain ints: the pair is read as two scalars, so its alignment must not count
     # against the 16-byte vector accesses of the whole table (DeviceTable checks tensors' addresses).
     master = master_bits(correction, params)
     columns = columns() + [[r.data_ptr() for r in rng] if stochastic else [None] * len(params),
                            list(correction) if master != 16 else [None] * len(params)]
+    columns += [list(scales[lane]) if quantized and lane in scales else [None] * len(params)
+                for lane in range(1, len(states) + 1)]
     owned = table == "prepare"
     if telemetry:
         assert not owned, "the fast path does not gather telemetry"
@@ -103,20 +112,78 @@ def elementwise_table(columns, params, telemetry, device: torch.device, table=No
         chunk, block = 1, telemetry_block_size(row_sizes, statistics=telemetry[0].shape[1] == 8,
                                                stochastic=stochastic, compensated=master != 16)
     else:
+        assert write, "only a monitored step measures"
         table = tables.DeviceTable(columns + [[None] * len(params)] * 2, [p.numel() for p in params], device, CHUNK,
                                    owned=owned)
         chunk, block = CHUNK, block_size(table.max_numel)
+        if quantized:  # an iteration holds whole blocks of scale (CHUNK is a multiple of QBLOCK)
+            block = max(block, QBLOCK)
+            if not INTERPRETED and (stochastic or master != 16):
+                block = QUANTIZED_ROUNDED_GPU_BLOCK
     return table, dict(ALIGNED=table.aligned, CHUNK=chunk, BLOCK=block, TELEMETRY=bool(telemetry),
                        STATISTICS=bool(telemetry) and telemetry[0].shape[1] == 8, STOCHASTIC=stochastic,
-                       MASTER=master)
+                       MASTER=master, QUANTIZED=quantized, WRITE=write)
+
+
+def elementwise_passes(columns, params, telemetry, device, table=None, rng=(), correction=(), scales=None,
+                       states=()) -> list[tuple]:
+    """The (table, constexprs) of each element-wise launch of a step: one, except on a monitored
+    step with 8-bit states, whose telemetry rows cut the blocks of scale: then a measuring pass over
+    the rows (nothing stored but telemetry), then the storing pass over chunks of whole blocks.
+    Both compute the update from the same memory, so the telemetry is that of the update stored."""
+    first = elementwise_table(columns, params, telemetry, device, table, rng, correction, scales, states,
+                              write=not (telemetry and scales))
+    if not (telemetry and first[1]["QUANTIZED"]):
+        return [first]
+    return [first, elementwise_table(columns, params, (), device, table, rng, correction, scales, states)]
+
+
+#: Elements per block scale of 8-bit states (wdopt/reference/quantization.py BLOCK).
+QBLOCK = 256
+#: The GPU iteration of 8-bit states with stochastic rounding or compensated parameters: at
+#: GPU_BLOCK, bf16 AdamW with a stochastic 24-bit master and 8-bit states held 128 registers and
+#: spilled 96 bytes at sm_90; at 512, 118 and none, with 4-byte instead of 8-byte accesses
+#: (tests/test_triton_cuda_codegen.py).
+QUANTIZED_ROUNDED_GPU_BLOCK = 512
+#: The code dtype of each kind of 8-bit state: signed (first moments, momentum) and second moments.
+CODE_DTYPES = {True: torch.int8, False: torch.uint8}
+
+
+def quantized_states(scales, states, params) -> bool:
+    """Whether a launch's states are 8-bit: ``scales`` given, for every lane of ``states`` the
+    optimizer keeps. The kernels read codes and scales through their addresses, so anything but
+    int8/uint8 codes laid out as their parameters and contiguous float32 vectors of ⌈numel/256⌉
+    scales on their device is refused here."""
+    if not scales:
+        return False
+    kept = [lane for lane, s in enumerate(states, 1) if s is not None]
+    if sorted(scales) != kept:
+        raise ValueError(f"wdopt triton: 8-bit states need block scales for every state lane {kept}, "
+                         f"got {sorted(scales)}")
+    for lane in kept:
+        codes, lane_scales = states[lane - 1], scales[lane]
+        if len(lane_scales) != len(params) or len(codes) != len(params):
+            raise ValueError(f"wdopt triton: one scale vector per parameter is needed, got {len(lane_scales)} for "
+                             f"{len(params)} (lane {lane})")
+        for i, (c, s, p) in enumerate(zip(codes, lane_scales, params)):
+            if not isinstance(c, torch.Tensor) or c.dtype not in CODE_DTYPES.values() or c.shape != p.shape or \
+                    c.stride() != p.stride() or c.device != p.device:
+                raise ValueError(f"wdopt triton: 8-bit state {i} of lane {lane} must be int8/uint8 codes with the "
+                                 "shape, strides and device of its parameter")
+            if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.dim() != 1 or not s.is_contiguous() \
+                    or s.numel() != cdiv(p.numel(), QBLOCK) or s.device != p.device:
+                raise ValueError(f"wdopt triton: scales[{lane}][{i}] must be a contiguous float32 vector of "
+                                 f"{cdiv(p.numel(), QBLOCK)} block scales on {p.device}")
+    return True
 
 
 #: The storage dtypes that stochastic rounding applies to; wider ones are stored as computed.
 STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def stochastic_rounding(rng, params) -> bool:
-    """Whether a launch rounds stochastically: ``rng`` given and bf16/fp16 parameters. The kernels
+def stochastic_rounding(rng, params, quantized: bool = False) -> bool:
+    """Whether a launch rounds stochastically: ``rng`` given and bf16/fp16 parameters or 8-bit
+    states (``quantized``; float32 parameters are then stored exactly, rounding.rounded). The kernels
     read each pair through its address, so anything but one contiguous int64 [key, count] on the
     parameters' device per parameter is refused here."""
     if not rng:
@@ -129,7 +196,7 @@ def stochastic_rounding(rng, params) -> bool:
                 r.device != device:
             raise ValueError(f"wdopt triton: rng[{i}] must be a contiguous int64 tensor of 2 elements ([key, count]) "
                              f"on {device}")
-    return params[0].dtype in STOCHASTIC_DTYPES
+    return params[0].dtype in STOCHASTIC_DTYPES or quantized
 
 
 #: A correction tensor's dtype → the bits of the master weight it completes (wdopt/reference/rounding.py).
@@ -156,17 +223,19 @@ def master_bits(correction, params) -> int:
 
 
 class PreparedLaunch:
-    """One bucket's launches with its table and hyperparameters fixed: what an optimizer's entry
+    """One bucket's launches with its tables and hyperparameters fixed: what an optimizer's entry
     point returns for ``table="prepare"``. The step driver's fast path keeps one per bucket and
     calls it at each step with what changes between steps; the entry point itself makes one and
-    calls it once, so both run the same code. Subclasses set ``table`` (a DeviceTable),
-    ``shape`` (its constexprs) and ``device``, and define ``__call__(lr, decay_lr_scale,
-    grad_scale, found_inf)``."""
+    calls it once, so both run the same code. ``passes``: the (DeviceTable, constexprs) of each
+    element-wise launch (``elementwise_passes``), ``table`` and ``shape`` the first's; subclasses
+    define ``__call__(lr, decay_lr_scale, grad_scale, found_inf)``."""
 
-    __slots__ = ("table", "shape", "device")
+    __slots__ = ("passes", "table", "shape", "device")
 
-    def __init__(self, table, shape: dict):
-        self.table, self.shape, self.device = table, shape, table.table.device
+    def __init__(self, passes: list):
+        self.passes = passes
+        self.table, self.shape = passes[0]
+        self.device = self.table.table.device
 
 
 def gradient_constexprs(dtype: torch.dtype, maximize: bool, grad_scale, found_inf) -> dict:

@@ -106,13 +106,12 @@ def stochastic_round_fp16(x, bits):
 @triton.jit
 def rounded(x, DTYPE: tl.constexpr, word, index, STOCHASTIC: tl.constexpr):
     """fp32/fp64 ``x`` as stored in DTYPE: rounded to nearest, or (STOCHASTIC, bf16 and fp16 only)
-    stochastically with the bits of its lane's ``word`` and the elements' offsets ``index``."""
-    if STOCHASTIC:
-        bits = rounding_bits(word, index)
-        if DTYPE == tl.bfloat16:
-            return stochastic_round_bf16(x, bits)
-        else:
-            return stochastic_round_fp16(x, bits)
+    stochastically with the bits of its lane's ``word`` and the elements' offsets ``index``. (A
+    float32 launch is STOCHASTIC when its 8-bit states round stochastically: its stores are exact.)"""
+    if STOCHASTIC and DTYPE == tl.bfloat16:
+        return stochastic_round_bf16(x, rounding_bits(word, index))
+    elif STOCHASTIC and DTYPE == tl.float16:
+        return stochastic_round_fp16(x, rounding_bits(word, index))
     else:
         return to_storage(x, DTYPE)
 
@@ -157,14 +156,16 @@ def load_param(param_ptr, correction_ptr, offs, mask, MASTER: tl.constexpr):
 
 @triton.jit
 def store_param(param_ptr, correction_ptr, offs, mask, w, DTYPE: tl.constexpr, word, STOCHASTIC: tl.constexpr,
-                MASTER: tl.constexpr):
+                MASTER: tl.constexpr, WRITE: tl.constexpr = True):
     """Store the updated parameter ``w`` (lane 0's ``word``) and return its value as stored, which
     telemetry's Δω measures: rounded to DTYPE, or (MASTER 24/32, fp32 ``w``) split into bf16 and
     correction, a 24-bit master rounded first to a multiple of 2^8 in bit pattern (nearest, or
-    stochastically with the low 8 bits of the element's word)."""
+    stochastically with the low 8 bits of the element's word). WRITE False: only the value
+    (a measuring pass, wdopt/kernels/triton/quantization.py)."""
     if MASTER == 16:
         new = rounded(w, DTYPE, word, offs, STOCHASTIC)
-        tl.store(param_ptr + offs, new, mask=mask)
+        if WRITE:
+            tl.store(param_ptr + offs, new, mask=mask)
         return new
     else:
         bits = w.to(tl.uint32, bitcast=True)
@@ -178,10 +179,11 @@ def store_param(param_ptr, correction_ptr, offs, mask, w, DTYPE: tl.constexpr, w
         nan = w != w
         p_bits = tl.where(nan, 0x7FC0, p_bits)
         c = tl.where(nan, 0, c)
-        tl.store(param_ptr + offs, p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        if MASTER == 24:
-            tl.store(correction_ptr + offs, (c >> 8).to(tl.int8), mask=mask)  # exact: bits is a multiple of 2^8
-        else:
-            tl.store(correction_ptr + offs, c.to(tl.int16), mask=mask)
+        if WRITE:
+            tl.store(param_ptr + offs, p_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            if MASTER == 24:
+                tl.store(correction_ptr + offs, (c >> 8).to(tl.int8), mask=mask)  # exact: bits is a multiple of 2^8
+            else:
+                tl.store(correction_ptr + offs, c.to(tl.int16), mask=mask)
         # The stored master, combine(p, c), is the split word itself (c = bits − p_bits·2^16); NaN stays NaN.
         return tl.where(nan, w, bits.to(tl.float32, bitcast=True))
