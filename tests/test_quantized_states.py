@@ -99,15 +99,15 @@ STORAGES = {"fp32": (torch.float32, False, 16), "fp32-sr": (torch.float32, True,
 BLOCK_SHAPES = [(33, 17), (1023,), (7,), (256,), (1,), (65537,), (3, 5, 7, 11)]
 
 
-def _quantized_run(cls, hyper, backend, storage, steps=4):
+def _quantized_run(cls, hyper, backend, storage, steps=4, device="cpu"):
     dtype, sr, bits = STORAGES[storage]
-    params = [p.to(dtype).requires_grad_(True) for p in make_params(BLOCK_SHAPES)]
+    params = [p.to(dtype).requires_grad_(True) for p in make_params(BLOCK_SHAPES, device=device)]
     params[-1] = params[-1].detach().to(memory_format=torch.channels_last).requires_grad_(True)
     opt = cls(params, backend=backend, state_bits=8, stochastic_rounding=sr, master_weight_bits=bits, **hyper)
     monitor = wdopt.RotationMonitor(opt, every=2, statistics=True)
     for grads in grad_stream(BLOCK_SHAPES, steps, top=0):
         for p, g in zip(params, grads):
-            p.grad = g.to(dtype)
+            p.grad = g.to(device=device, dtype=dtype)
             if p.dim() == 4:
                 p.grad = p.grad.to(memory_format=torch.channels_last)
         opt.step()
@@ -127,29 +127,29 @@ TRITON_COVER = {("adamw", "bf16-master24-sr"), ("adamw-amsgrad", "fp32-sr"), ("a
                 ("sgd", "bf16-sr"), ("sgd", "bf16-master32"), ("lion", "fp32")}
 
 
-@pytest.mark.parametrize("backend,case,storage",
-                         [(b, c, s) for b, d in PAIRS if d == "cpu" and b != "reference" for c in CASES
-                          for s in STORAGES if b != "triton" or (c, s) in TRITON_COVER])
-def test_kernels_equal_the_reference_bit_for_bit(backend, case, storage):
+@pytest.mark.parametrize("backend,device,case,storage",
+                         [(b, d, c, s) for b, d in PAIRS if b != "reference" for c in CASES
+                          for s in STORAGES if (b, d) != ("triton", "cpu") or (c, s) in TRITON_COVER])
+def test_kernels_equal_the_reference_bit_for_bit(backend, device, case, storage):
     """Parameters, corrections, codes, block scales and step counts after 4 steps (two of them
     monitored with direction statistics) on odd sizes: the reference's bits; telemetry to
     summation order."""
     cls, hyper = CASES[case]
     if (case, storage) not in _reference_runs:
         _reference_runs[case, storage] = _quantized_run(cls, hyper, "reference", storage)
-    params, opt, monitor = _quantized_run(cls, hyper, backend, storage)
-    ref_params, ref_opt, ref_monitor = _reference_runs[case, storage]
+    params, opt, monitor = _quantized_run(cls, hyper, backend, storage, device=device)
+    ref_params, ref_opt, ref_monitor = _reference_runs[case, storage]  # on the CPU: the same bits everywhere
     for i, (a, b) in enumerate(zip(params, ref_params)):
-        assert torch.equal(_bits(a.detach()), _bits(b.detach())), f"param {i}"
+        assert torch.equal(_bits(a.detach().cpu()), _bits(b.detach())), f"param {i}"
         assert sorted(opt.state[a]) == sorted(ref_opt.state[b])
         for key, value in ref_opt.state[b].items():
             ours = opt.state[a][key]
             assert ours.dtype == value.dtype and ours.stride() == value.stride(), key
-            assert torch.equal(_bits(ours), _bits(value)), f"param {i} {key}"
+            assert torch.equal(_bits(ours.cpu()), _bits(value)), f"param {i} {key}"
     assert len(monitor.history) == len(ref_monitor.history) == 2
     ours, theirs = monitor.history[-1].sums, ref_monitor.history[-1].sums
     for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(ours[name].cpu(), theirs[name], rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))
