@@ -11,7 +11,9 @@
 # parametrizations: Triton natively, the CUDA backend, parity with torch, graph capture,
 # GradScaler, rotational kernels, telemetry), sanitizer (benchmarks/sanitizer_check.py:
 # compute-sanitizer racecheck and synccheck on one small step of each engine), fsdp2 (examples/fsdp2_train.py and
-# benchmarks/dtensor_overhead.py on one GPU), equilibrium (the main experiment, quick size), bench
+# benchmarks/dtensor_overhead.py on one GPU), equilibrium (the main experiment, quick size), lowprec
+# (benchmarks/low_precision.py at GPT-2-small shapes: every low-precision configuration and the
+# competitors installed there, against torch's fused fp32 AdamW), bench
 # (last: fp32 AdamW against torch at the GPT-2, ResNet-50 and 10,000 × 256 shapes, with the
 # copy-bandwidth ceiling). Each step runs under
 # `timeout`, its output is streamed to OUTDIR/<step>.log, and its exit code and duration are
@@ -106,6 +108,12 @@ step fsdp2 "${GPU_CHECK_FSDP2_S:-45}" \
 # The main experiment, quick size, on the GPU backends (rotation telemetry in the kernels).
 step equilibrium "${GPU_CHECK_EQUILIBRIUM_S:-40}" \
     python -m wdopt equilibrium --device cuda --quick --no-progress --out "$OUTDIR/equilibrium"
+# Issue 11's GPU target: low-precision AdamW at GPT-2-small shapes against torch's fused fp32
+# (stochastic rounding, compensated bf16, 8-bit states; torchao/bitsandbytes/optimi/FlashOptim
+# where installed), resident bytes per parameter beside each.
+step lowprec "${GPU_CHECK_LOWPREC_S:-60}" \
+    python benchmarks/low_precision.py --device cuda --shapes gpt2 --iters 10
+
 # Results are written per shape set as they finish (results.partial.csv): a cut run keeps them.
 step bench "${GPU_CHECK_BENCH_S:-120}" \
     python -m wdopt.bench --device cuda --skip-slow --warmup 10 --iters 40 --out "$OUTDIR/bench"

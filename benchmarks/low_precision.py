@@ -9,7 +9,8 @@ compensated parameters (``master_weight_bits`` 32 and 24); and, where installed 
 wdopt[bench]``), the like-for-like competitors: torchao's AdamW with ``bf16_stochastic_round=True``
 (of stochastic rounding) and optimi's AdamW with ``kahan_sum=True`` (of compensation). A
 competitor that cannot run here is listed with the reason. 8-bit states (``state_bits=8``) beside
-torchao's and bitsandbytes' AdamW8bit (fp32 parameters, like for like).
+torchao's and bitsandbytes' AdamW8bit (fp32 parameters, like for like), and on a GPU FlashOptim's
+FlashAdamW where it is installed (bf16 with a 24-bit master and quantized states).
 
 Shape sets: GPT-2 small (124M parameters, 148 tensors: memory-bound) and a cache-resident set
 (16 × 16,384 elements, 1 MiB of fp32 parameters: the compute floor, where bytes do not matter).
@@ -86,6 +87,19 @@ def _optimi_adamw():
     return AdamW, None
 
 
+def _flashoptim_adamw(device):
+    """FlashOptim's FlashAdamW (bf16 parameters with a 24-bit master and quantized states, Triton
+    kernels on CUDA only), or the reason it cannot run. Never installed by wdopt: measured where
+    the GPU machine has it."""
+    if device != "cuda":
+        return None, "FlashOptim runs on CUDA only"
+    try:
+        from flashoptim import FlashAdamW
+    except Exception as error:  # noqa: BLE001
+        return None, f"flashoptim is not importable ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    return FlashAdamW, None
+
+
 def arms(device):
     """name -> (dtype, make(params) -> optimizer) or name -> reason (cannot run)."""
     hyper = HYPER["adamw"]
@@ -97,16 +111,15 @@ def arms(device):
         "wdopt bf16 + 32-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=32, **hyper)),
         "wdopt bf16 + 24-bit master": (torch.bfloat16, lambda ps: wdopt.FusedAdamW(ps, master_weight_bits=24, **hyper)),
     }
-    # 8-bit states: kernels in the C++ CPU backend; on a GPU only their resident bytes are measured
-    # (one step of the reference backend, which is not a kernel).
-    eight = {"backend": "reference"} if device == "cuda" else {}
-    suffix = " (bytes only)" if device == "cuda" else ""
-    out["wdopt fp32 + 8-bit states" + suffix] = (torch.float32, lambda ps: wdopt.FusedAdamW(
-        ps, state_bits=8, **eight, **hyper), device != "cuda")
-    out["wdopt bf16 + 24-bit master + 8-bit states" + suffix] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
-        ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, **eight, **hyper), device != "cuda")
-    out["wdopt bf16 + 32-bit master + 8-bit states" + suffix] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
-        ps, master_weight_bits=32, state_bits=8, **eight, **hyper), device != "cuda")
+    # 8-bit states: kernels in every backend (the default one here; on a GPU Triton's too).
+    out["wdopt fp32 + 8-bit states"] = (torch.float32, lambda ps: wdopt.FusedAdamW(ps, state_bits=8, **hyper))
+    out["wdopt bf16 + 24-bit master + 8-bit states"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, **hyper))
+    out["wdopt bf16 + 32-bit master + 8-bit states"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=32, state_bits=8, **hyper))
+    if device == "cuda":
+        out["wdopt bf16 + 24-bit master + 8-bit states (triton)"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+            ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, backend="triton", **hyper))
     ao, why = _torchao_adamw()
     out["torchao bf16 stochastic"] = why if ao is None else \
         (torch.bfloat16, lambda ps: ao(ps, bf16_stochastic_round=True, **hyper))
@@ -119,6 +132,10 @@ def arms(device):
     out["optimi bf16 Kahan"] = why if optimi is None else \
         (torch.bfloat16, lambda ps: optimi(ps, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
                                            weight_decay=hyper["weight_decay"], kahan_sum=True, foreach=True))
+    flash, why = _flashoptim_adamw(device)
+    out["FlashOptim FlashAdamW bf16 (24-bit master)"] = why if flash is None else \
+        (torch.bfloat16, lambda ps: flash(ps, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                          weight_decay=hyper["weight_decay"]))
     return out
 
 
