@@ -10,6 +10,7 @@ wc::Telemetry g_telemetry;  // applied to the next adamw/sgd/lion calls (emu_set
 const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion calls (emu_set_rng)
 void* const* g_corrections = nullptr;   // compensated parameters of the next calls (emu_set_corrections)
 int g_master_bits = 32;
+float* const* g_scales = nullptr;       // 8-bit states of the next calls (emu_set_scales)
 wc::DeviceScalar scalar(const void* p, int is_double) {
   wc::DeviceScalar s;
   s.ptr = p;
@@ -40,6 +41,7 @@ int emu_adamw(int dtype, int64_t n, const int64_t* numels, void** p, const void*
   a.rng = g_rng;
   a.corrections = g_corrections;
   a.master_bits = g_master_bits;
+  a.scales = g_scales;
   return static_cast<int>(wc::adamw(a, nullptr));
 }
 int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** b, const float* const* first,
@@ -55,6 +57,7 @@ int emu_sgd(int dtype, int64_t n, const int64_t* numels, void** p, const void** 
   a.rng = g_rng;
   a.corrections = g_corrections;
   a.master_bits = g_master_bits;
+  a.scales = g_scales;
   return static_cast<int>(wc::sgd(a, nullptr));
 }
 int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void** g, void** m, const double* h,
@@ -68,6 +71,7 @@ int emu_lion(int dtype, int64_t n, const int64_t* numels, void** p, const void**
   a.rng = g_rng;
   a.corrections = g_corrections;
   a.master_bits = g_master_bits;
+  a.scales = g_scales;
   return static_cast<int>(wc::lion(a, nullptr));
 }
 void emu_set_telemetry(double** buffers, const int64_t* rows) {
@@ -76,6 +80,16 @@ void emu_set_telemetry(double** buffers, const int64_t* rows) {
 }
 void emu_set_telemetry_columns(int columns) { g_telemetry.columns = columns; }
 void emu_set_rng(const int64_t* const* rng) { g_rng = rng; }
+void emu_set_scales(float* const* scales) { g_scales = scales; }
+int emu_quantized_table_capacity(int depth, int sr) {  // the 8-bit kernels' tables (uncompensated)
+  switch (depth * 2 + (sr != 0)) {
+    case 6: return wc::QuantTable<3, false, 16>::kCapacity;
+    case 7: return wc::QuantTable<3, true, 16>::kCapacity;
+    case 8: return wc::QuantTable<4, false, 16>::kCapacity;
+    case 9: return wc::QuantTable<4, true, 16>::kCapacity;
+  }
+  return -1;
+}
 void emu_set_corrections(void* const* corrections, int master_bits) {
   g_corrections = corrections;
   g_master_bits = master_bits;

@@ -36,6 +36,7 @@ import torch
 
 from wdopt import reference, theory
 from wdopt.kernels.build import cxx_standard
+from wdopt.reference import quantization
 from wdopt.reference import rotational as rv
 from wdopt.reference import rounding
 from wdopt.reference import telemetry as reference_telemetry
@@ -150,13 +151,20 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     # without stochastic rounding.
     kernels = (8 + 24 + 4) * 3 // 2 + (8 + 24 + 4) // 4 * 4
     assert len(updates) == kernels, sorted(updates)
+    # 8-bit states (QuantizedKernel): AdamW (amsgrad or not), SGD with momentum (L2 or decoupled;
+    # nesterov a run-time select), Lion, for fp32, fp16 (each to nearest and stochastic) and bf16
+    # (the same, times plain, 24- and 32-bit masters); their measuring twins (TelemetryKernel with
+    # QUANT, one for 4 and 8 columns) only where the parameter's rounding differs (not fp32's).
+    quantized = 5 * (2 + 2 + 6)
+    measuring = 5 * (1 + 2 + 6)
+    assert sum("QuantizedKernel" in k for k in entries) == quantized
     # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
     # rotational row kernels (4 dtypes x 5 directions)
-    assert sum("TelemetryKernel" in k for k in entries) == 2 * kernels
+    assert sum("TelemetryKernel" in k for k in entries) == 2 * kernels + measuring
     assert sum("RotationalRowKernel" in k for k in entries) == 20
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
-        if "RotationalRowKernel" in name or "TelemetryKernel" in name:
+        if "RotationalRowKernel" in name or "TelemetryKernel" in name or "QuantizedKernel" in name:
             assert not re.search(r"\b(div|sqrt|rcp)\.approx", body), f"{name}: approximate division or sqrt"
             assert not re.search(r"\bfma\.rn\.f(32|64)\b", body), f"{name}: contracted FMA"
             assert not re.search(r"\b(atom|red)\.(global|shared)", body), f"{name}: atomics (not deterministic)"
@@ -170,6 +178,16 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
         twin = updates[re.sub(r"Li(24|32)E", "Li16E", name)]
         for access in (vector_load, vector_store):
             assert len(re.findall(access, updates[name])) == len(re.findall(access, twin)) + 1, (name, access)
+    # The 8-bit kernels move parameters and gradients as 16-byte vectors and a thread's 8 codes of
+    # each state as one 8-byte access.
+    for name, body in entries.items():
+        if "QuantizedKernel" in name:
+            assert re.search(r"ld\.global(\.nc)?\.v2\.[bu]64", body), f"{name}: no 16-byte vector load"
+            assert re.search(r"st\.global(\.wb)?\.v2\.[bu]64", body), f"{name}: no 16-byte vector store"
+            assert re.search(r"ld\.global(\.nc)?\.[bu]64", body), f"{name}: no 8-byte code load"
+            assert re.search(r"st\.global\.[bu]64", body), f"{name}: no 8-byte code store"
+            assert not re.search(r"\b(div|sqrt)\.full", body), f"{name}: approximate division"
+            assert ".local" not in body, f"{name}: local memory"
     for name, body in updates.items():
         assert re.search(r"ld\.global(\.nc)?\.v(4|2)\.", body), f"{name}: no 16-byte vector load"
         assert re.search(r"st\.global\.v(4|2)\.", body), f"{name}: no 16-byte vector store"
@@ -264,6 +282,9 @@ def emu(tmp_path_factory):
     lib.emu_set_corrections.argtypes = [P, I]
     lib.emu_set_corrections.restype = None
     lib.emu_compensated_table_capacity.argtypes = [I, I]
+    lib.emu_set_scales.argtypes = [P]
+    lib.emu_set_scales.restype = None
+    lib.emu_quantized_table_capacity.argtypes = [I, I]
     for name in ("emu_scratch_bytes", "emu_launches", "emu_rotational_scratch_bytes"):
         getattr(lib, name).restype = I64
     return lib
@@ -634,56 +655,64 @@ def _sr_stored(case, st):
     return [st["params"], st["m"]]
 
 
-def _sr_reference(case, st, grads, rng, correction=()):
+def _sr_reference(case, st, grads, rng, correction=(), scales=None, found_inf=None):
+    """``scales``: {lane: block scales per parameter} of 8-bit states (the state lists hold codes)."""
     c = SR_CASES[case]
     n = len(st["params"])
     gs = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])
     if case.startswith("adamw"):
         reference.adamw(st["params"], grads, st["m"], st["v"], st["vmax"] if c["amsgrad"] else [None] * n, st["steps"],
                         **c["hyper"], amsgrad=c["amsgrad"], maximize=c["maximize"], grad_scale=gs, rng=rng,
-                        correction=correction)
+                        correction=correction, scales=scales, found_inf=found_inf)
     elif case.startswith("sgd"):
         momentum = c["hyper"]["momentum"]
         reference.sgd(st["params"], grads, st["b"] if momentum else [None] * n, st["first"], **c["hyper"],
                       nesterov=c["nesterov"], decoupled_weight_decay=c["decoupled"], maximize=c["maximize"],
-                      grad_scale=gs, rng=rng, correction=correction)
-        st["first"] = [False] * n
+                      grad_scale=gs, rng=rng, correction=correction, scales=scales, found_inf=found_inf)
+        if found_inf is None or not found_inf.item():
+            st["first"] = [False] * n
     else:
         reference.lion(st["params"], grads, st["m"], **c["hyper"], maximize=c["maximize"], grad_scale=gs, rng=rng,
-                       correction=correction)
+                       correction=correction, scales=scales, found_inf=found_inf)
 
 
-def _sr_emulated(emu, case, dtype, st, grads, rng, correction=None, master_bits=32):
+def _sr_emulated(emu, case, dtype, st, grads, rng, correction=None, master_bits=32, scales=None, found_inf=None):
     """One emulated call of ``case`` with stochastic rounding (``rng``; None: to nearest) and
-    compensated parameters (``correction``: their int16 or int8 corrections; None: plain)."""
+    compensated parameters (``correction``: their int16 or int8 corrections; None: plain), 8-bit
+    states (``scales``: as _sr_reference's) and GradScaler's ``found_inf``."""
     c = SR_CASES[case]
     n = len(st["params"])
     grad_scale = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])  # alive through the call
     gs = _scalar(grad_scale)
+    fi = _scalar(found_inf)
     rng_ptrs = _ptrs(rng) if rng is not None else None
     correction_ptrs = _ptrs(correction) if correction is not None else None
+    scale_ptrs = _ptrs([t for lane in sorted(scales) for t in scales[lane]]) if scales else None
     emu.emu_set_rng(rng_ptrs)
     emu.emu_set_corrections(correction_ptrs, master_bits)
+    emu.emu_set_scales(scale_ptrs)
     try:
         if case.startswith("adamw"):
             scratch = torch.empty(emu.emu_scratch_bytes(n), dtype=torch.uint8)
             err = emu.emu_adamw(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
                                 _ptrs(st["m"]), _ptrs(st["v"]), _ptrs(st["vmax"]), _ptrs(st["steps"]),
                                 (ctypes.c_double * 6)(*c["hyper"].values()), c["amsgrad"], c["maximize"], None, 0,
-                                *gs, None, 0, scratch.data_ptr())
+                                *gs, *fi, scratch.data_ptr())
         elif case.startswith("sgd"):
             first_ptrs, _keep = _first_step_flags(st["first"])
             err = emu.emu_sgd(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
                               _ptrs(st["b"]), first_ptrs, (ctypes.c_double * 5)(*c["hyper"].values()), c["nesterov"],
-                              c["decoupled"], c["maximize"], None, 0, *gs, None, 0)
-            st["first"] = [False] * n
+                              c["decoupled"], c["maximize"], None, 0, *gs, *fi)
+            if found_inf is None or not found_inf.item():
+                st["first"] = [False] * n
         else:
             err = emu.emu_lion(DTYPE_CODES[dtype], n, _numels(st["params"]), _ptrs(st["params"]), _ptrs(grads),
                                _ptrs(st["m"]), (ctypes.c_double * 5)(*c["hyper"].values()), c["maximize"], None, 0,
-                               *gs, None, 0)
+                               *gs, *fi)
     finally:
         emu.emu_set_rng(None)
         emu.emu_set_corrections(None, 32)
+        emu.emu_set_scales(None)
     assert err == 0
 
 
@@ -969,6 +998,205 @@ def test_emulated_invalid_corrections_write_nothing(emu, dtype, bits):
     finally:
         emu.emu_set_corrections(None, 32)
     assert err != 0 and emu.emu_launches() == launches
+    for a, b in zip(_sr_stored("adamw", st), before):
+        _assert_identical(a, b, "state")
+
+
+# ------------------------------------------------------------------------------------ 8-bit states
+
+# 8-bit states (a code byte per element, a float32 scale per block of 256; quantization.py).
+# Sizes: one element, a partial block, one block, a block and one element, a partial last block
+# misaligned (parameter, gradient and codes one element in: the scalar path), and 33,000 (three
+# fp32 chunks, two bf16 ones, whole and partial sweeps). Monitored, 33,000 is 5 rows of 6600 and
+# 1023 three of 341: rows that are not multiples of 256 (blocks span rows).
+Q_SIZES = [1, 7, 256, 257, 1023, 33000]
+Q_MISALIGNED = {4}
+# Storages: (dtype, stochastic rounding, master weight bits).
+Q_STORAGES = {"fp32": (torch.float32, False, 16), "fp32-sr": (torch.float32, True, 16),
+              "fp16": (torch.float16, False, 16), "bf16-sr": (torch.bfloat16, True, 16),
+              "bf16-master24-sr": (torch.bfloat16, True, 24), "bf16-master32": (torch.bfloat16, False, 32)}
+# The 8-bit state lists of each SR_CASES case, by lane (int8 codes for lane 1, uint8 for the rest).
+Q_STATES = {"adamw": {1: "m", 2: "v"}, "adamw_amsgrad": {1: "m", 2: "v", 3: "vmax"}, "sgd": {1: "b"},
+            "sgd_nesterov": {1: "b"}, "lion": {1: "m"}}
+
+
+def _q_problem(case, storage, sizes=Q_SIZES, misaligned=Q_MISALIGNED):
+    """An SR_CASES problem whose states are 8-bit: _sr_problem's (or _cp_problem's, compensated)
+    random states encoded to codes laid out like their parameters, and their block scales."""
+    dtype, _, bits = Q_STORAGES[storage]
+    if bits == 16:
+        st = _sr_problem(case, dtype, sizes, misaligned)
+    else:
+        st = _cp_problem(case, bits, sizes, misaligned, {i: 1 for i in misaligned})
+    st["scales"] = {}
+    for lane, key in Q_STATES[case].items():
+        codes, scales = [], []
+        for i, t in enumerate(st[key]):
+            c, sc = quantization.encode(t.float(), torch.int8 if lane == 1 else torch.uint8, t)
+            codes.append(_at_offset(c, 1 if i in misaligned else 0))
+            scales.append(sc)
+        st[key], st["scales"][lane] = codes, scales
+    return st
+
+
+def _q_stored(case, st):
+    """Every tensor a step writes: parameters (and corrections), codes, scales (and steps)."""
+    out = _cp_stored(case, st) if "c" in st else _sr_stored(case, st)
+    return out + [st["scales"][lane] for lane in sorted(st["scales"])]
+
+
+def _q_directions(case, st, grads):
+    """The reference's (n, s) of every tensor before the step, from the decoded states."""
+    c = SR_CASES[case]
+    gs = None if c["grad_scale"] is None else torch.tensor(c["grad_scale"])
+    decoded = {key: [quantization.decode(q, sc) for q, sc in zip(st[key], st["scales"][lane])]
+               for lane, key in Q_STATES[case].items()}
+    out = []
+    for i, g in enumerate(grads):
+        if case.startswith("adamw"):
+            group = {"betas": (c["hyper"]["beta1"], c["hyper"]["beta2"]), "eps": c["hyper"]["eps"],
+                     "maximize": c["maximize"], "amsgrad": c["amsgrad"]}
+            state = {"step": st["steps"][i], "exp_avg": decoded["m"][i], "exp_avg_sq": decoded["v"][i]}
+            if c["amsgrad"]:
+                state["max_exp_avg_sq"] = decoded["vmax"][i]
+            kind = "adamw"
+        elif case.startswith("sgd"):
+            group, kind = {"maximize": c["maximize"]}, "sgd"
+            state = {} if st["first"][i] else {"momentum_buffer": decoded["b"][i]}
+        else:
+            group, kind = {"betas": (c["hyper"]["beta1"], c["hyper"]["beta2"]), "maximize": c["maximize"]}, "lion"
+            state = {"exp_avg": decoded["m"][i]}
+        out.append(reference_telemetry.direction(kind, group, g, state, gs))
+    return out
+
+
+def _q_params(st):
+    """The parameters as the telemetry measures them: master weights when compensated."""
+    return _masters(st) if "c" in st else _clone(st["params"])
+
+
+@pytest.mark.parametrize("case,storage", [
+    *[(case, storage) for case in Q_STATES for storage in ("fp32", "bf16-sr")],
+    ("adamw_amsgrad", "bf16-master24-sr"), ("sgd", "bf16-master32"), ("lion", "fp32-sr"), ("adamw", "fp16")])
+def test_emulated_8_bit_states_match_reference(emu, case, storage):
+    """Every launcher with 8-bit states (AdamW with and without amsgrad, SGD with L2 and decoupled
+    decay, plain and nesterov momentum, Lion), to nearest and stochastically, with plain, rounded
+    and compensated parameters: parameters, corrections, codes, block scales and steps bit for bit
+    the reference's over four steps. Step 0 is monitored with 8 columns and step 1 with 4 (the
+    measuring launch, then the update: telemetry as the specification's row sums of the stored
+    values, direction statistics from the decoded states); step 2 has a NaN and an infinite
+    gradient (their blocks' scales become NaN, codes zero), which step 3 decodes."""
+    dtype, sr, bits = Q_STORAGES[storage]
+    n = len(Q_SIZES)
+    got, want = _q_problem(case, storage), _q_problem(case, storage)
+    rng = _rng_states(n) if sr else None
+    gen = torch.Generator().manual_seed(1)
+    grad_scale = SR_CASES[case]["grad_scale"]
+    compensated = {} if bits == 16 else dict(correction=got["c"], master_bits=bits)
+    for step in range(4):
+        grads = [(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (grad_scale or 1.0)).to(dtype)
+                 for p in want["params"]]
+        if step == 2:
+            grads[5][300], grads[5][20000] = float("nan"), float("inf")
+        columns = {0: 8, 1: 4}.get(step, 0)
+        before = _q_params(got)
+        directions = _q_directions(case, want, grads) if columns == 8 else None
+        _sr_reference(case, want, grads, rng or [], correction=want.get("c", ()), scales=want["scales"])
+        rows = [_rows_of(p.numel()) for p in got["params"]]
+        if columns:
+            bufs, keep = _telemetry(emu, got["params"], rows, columns)
+        launches = emu.emu_launches()
+        try:
+            _sr_emulated(emu, case, dtype, got, grads, rng, scales=got["scales"], **compensated)
+        finally:
+            emu.emu_set_telemetry(None, None)
+            emu.emu_set_telemetry_columns(4)
+        assert emu.emu_launches() - launches == case.startswith("adamw") + 1 + bool(columns)
+        for i, (a, b) in enumerate(zip(_q_stored(case, got), _q_stored(case, want))):
+            _assert_identical(a, b, f"{case} step {step} stored list {i}")
+        if columns:
+            _assert_telemetry(bufs, before, _q_params(got), grads, rows,
+                              None if grad_scale is None else torch.tensor(grad_scale))
+        if columns == 8:
+            _assert_statistics(bufs, before, directions, rows)
+        for r in rng or []:
+            r[1] += 1
+    scales = got["scales"][1][5]
+    assert scales[1].isnan() and scales[78].isnan() and scales[~torch.tensor(
+        [i in (1, 78) for i in range(len(scales))])].isfinite().all()
+
+
+def test_emulated_8_bit_states_found_inf_writes_nothing(emu):
+    """GradScaler's skipped step, monitored: codes, scales, parameters, corrections, steps and
+    telemetry buffers as they were (no launch writes anything)."""
+    case = "adamw_amsgrad"
+    st = _q_problem(case, "bf16-master24-sr")
+    n = len(Q_SIZES)
+    before = [_clone(x) for x in _q_stored(case, st)]
+    grads = _tensors(torch.bfloat16, 1, Q_SIZES, Q_MISALIGNED)
+    rows = [_rows_of(p.numel()) for p in st["params"]]
+    bufs, keep = _telemetry(emu, st["params"], rows, 8)
+    try:
+        _sr_emulated(emu, case, torch.bfloat16, st, grads, _rng_states(n), correction=st["c"], master_bits=24,
+                     scales=st["scales"], found_inf=torch.tensor(1.0))
+    finally:
+        emu.emu_set_telemetry(None, None)
+        emu.emu_set_telemetry_columns(4)
+    for i, (a, b) in enumerate(zip(_q_stored(case, st), before)):
+        _assert_identical(a, b, f"stored list {i}")
+    assert all(bool(b.isnan().all()) for b in bufs)
+
+
+def test_emulated_8_bit_states_across_table_launches(emu):
+    """More tensors than one 8-bit table holds (its scale columns cost capacity): several launches,
+    each tensor with its own codes and scales (state k of tensor i: scales[k·n + i]), as when the
+    same tensors are updated in two calls of one launch each (the reference's agreement is the
+    test above's; random codes and scales here, to keep it fast)."""
+    cap = emu.emu_quantized_table_capacity(4, 0)
+    assert 300 < cap < emu.emu_quantized_table_capacity(3, 1) < emu.emu_rounding_table_capacity(3)
+    n = cap + 3
+    sizes = [1 + i % 7 for i in range(n)]
+    gen = torch.Generator().manual_seed(0)
+    st = {"params": _tensors(torch.float32, 0, sizes, set()), "m": [torch.randint(-127, 128, (k,), generator=gen,
+          dtype=torch.int8) for k in sizes], "v": [torch.randint(0, 256, (k,), generator=gen, dtype=torch.uint8)
+          for k in sizes], "vmax": [], "steps": [torch.tensor(float(i % 3)) for i in range(n)],
+          "scales": {lane: [torch.rand(1, generator=gen) for _ in sizes] for lane in (1, 2)}}
+    grads = _tensors(torch.float32, 1, sizes, set())
+    split = {key: _clone(st[key]) for key in ("params", "m", "v", "vmax", "steps")}
+    split["scales"] = {lane: _clone(x) for lane, x in st["scales"].items()}
+    launches = emu.emu_launches()
+    _sr_emulated(emu, "adamw", torch.float32, st, grads, None, scales=st["scales"])
+    assert emu.emu_launches() - launches == 3  # coefficients, two 8-bit launches
+    for part in (slice(0, n // 2), slice(n // 2, n)):
+        half = {key: split[key][part] for key in ("params", "m", "v", "vmax", "steps")}
+        half["scales"] = {lane: x[part] for lane, x in split["scales"].items()}
+        _sr_emulated(emu, "adamw", torch.float32, half, grads[part], None, scales=half["scales"])
+    assert emu.emu_launches() - launches == 3 + 2 * 2
+    for i, (a, b) in enumerate(zip(_q_stored("adamw", st), _q_stored("adamw", split))):
+        _assert_identical(a, b, f"list {i}")
+
+
+def test_emulated_8_bit_states_of_float64_or_without_momentum_are_invalid(emu):
+    """Scales with float64 parameters, or with SGD without momentum (no state): an invalid value
+    before any launch (AdamW's steps not advanced)."""
+    st = _sr_problem("adamw", torch.float64, [5, 300], set())
+    scales = {1: [torch.zeros(1), torch.zeros(2)], 2: [torch.zeros(1), torch.zeros(2)]}
+    before = [_clone(x) for x in _sr_stored("adamw", st)]
+    launches = emu.emu_launches()
+    emu.emu_set_scales(_ptrs([t for lane in (1, 2) for t in scales[lane]]))
+    try:
+        err = emu.emu_adamw(1, 2, _numels(st["params"]), _ptrs(st["params"]), _ptrs(st["params"]), _ptrs(st["m"]),
+                            _ptrs(st["v"]), None, _ptrs(st["steps"]),
+                            (ctypes.c_double * 6)(1e-3, 0.9, 0.99, 1e-8, 0, 1), False, False, None, 0, None, 0, None,
+                            0, torch.empty(emu.emu_scratch_bytes(2), dtype=torch.uint8).data_ptr())
+        assert err != 0
+        err = emu.emu_sgd(0, 2, _numels(st["params"]), _ptrs(st["params"]), _ptrs(st["params"]), None, None,
+                          (ctypes.c_double * 5)(0.1, 0.0, 0.0, 0.0, 1.0), False, False, False, None, 0, None, 0, None,
+                          0)
+        assert err != 0
+    finally:
+        emu.emu_set_scales(None)
+    assert emu.emu_launches() == launches
     for a, b in zip(_sr_stored("adamw", st), before):
         _assert_identical(a, b, "state")
 

@@ -64,8 +64,9 @@ bool same_layout(const at::Tensor& t, const at::Tensor& p) {
 }
 
 // A tensor list that goes with the parameters: one tensor per parameter, same device, dtype,
-// shape and layout.
-void check_like(const char* op, const char* name, at::TensorList list, at::TensorList params) {
+// shape and layout; ``codes`` (8-bit states): of that dtype instead of the parameters'.
+void check_like(const char* op, const char* name, at::TensorList list, at::TensorList params,
+                std::optional<at::ScalarType> codes = std::nullopt) {
   TORCH_CHECK(list.size() == params.size(), op, ": expected ", params.size(), " ", name, " (one per parameter), got ",
               list.size());
   for (size_t i = 0; i < list.size(); ++i) {
@@ -74,8 +75,13 @@ void check_like(const char* op, const char* name, at::TensorList list, at::Tenso
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
     TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
                 "] is on ", p.device());
-    TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] is ", t.scalar_type(), " but params[",
-                i, "] is ", p.scalar_type(), "; parameters, gradients and state share one dtype");
+    if (codes.has_value()) {
+      TORCH_CHECK(t.scalar_type() == *codes, op, ": ", name, "[", i, "] is ", t.scalar_type(), "; with 8-bit states ",
+                  "(scales given) it holds their ", *codes, " codes");
+    } else {
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] is ", t.scalar_type(),
+                  " but params[", i, "] is ", p.scalar_type(), "; parameters, gradients and state share one dtype");
+    }
     TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
                 "] has shape ", p.sizes());
     TORCH_CHECK(same_layout(t, p), op, ": ", name, "[", i, "] has strides ", t.strides(), " but params[", i,
@@ -243,11 +249,34 @@ Corrections corrections(const char* op, at::TensorList correction, at::TensorLis
   return out;
 }
 
-// 8-bit states (``scales``) are in the CPU kernels only; the driver refuses them on CUDA before
-// a launch (wdopt.kernels.cpp.QUANTIZED_STATES), this guards direct calls of the operator.
-void refuse_scales(const char* op, at::TensorList scales) {
-  TORCH_CHECK(scales.empty(), op, ": 8-bit states (scales) are not in the CUDA kernels yet; use the cpu or reference "
-              "backend, or state_bits=None");
+// 8-bit states (ops.cpp; the CPU's check_scales is the twin): [] or, for each of the op's
+// ``lists`` state lists in order, one contiguous float32 vector of ceil(numel / 256) block scales
+// per parameter on its device, the lists concatenated; float32, float16 or bfloat16 parameters.
+// Returns the scales' pointers in that order (launchers.h), empty for none.
+std::vector<float*> scale_pointers(const char* op, at::TensorList scales, at::TensorList params, size_t lists,
+                                   const char* names) {
+  std::vector<float*> out;
+  if (scales.empty()) return out;
+  TORCH_CHECK(lists > 0, op, ": scales given, but this call has no state to hold in 8 bits (", names, ")");
+  TORCH_CHECK(scales.size() == lists * params.size(), op, ": expected [] or ", lists * params.size(),
+              " scales (one per parameter for each of ", names, "), got ", scales.size());
+  TORCH_CHECK(params[0].scalar_type() != at::kDouble, op, ": 8-bit states are for float32, bfloat16 and float16 ",
+              "parameters, not float64");
+  out.reserve(scales.size());
+  for (size_t j = 0; j < scales.size(); ++j) {
+    const at::Tensor& s = scales[j];
+    const size_t i = j % params.size();
+    const at::Tensor& p = params[i];
+    const int64_t blocks = (p.numel() + 255) / 256;
+    TORCH_CHECK(s.defined(), op, ": scales[", j, "] is undefined");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.device() == p.device() && s.numel() == blocks && s.is_contiguous(),
+                op, ": scales[", j, "] (state list ", j / params.size(), ", params[", i, "]) must be a contiguous ",
+                "float32 tensor of ", blocks, " block scales (ceil(", p.numel(), " / 256)) on ", p.device(), ", got ",
+                s.scalar_type(), " of ", s.numel(), " elements on ", s.device(),
+                s.is_contiguous() ? "" : " (not contiguous)");
+    out.push_back(s.mutable_data_ptr<float>());
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------ operators
@@ -261,13 +290,16 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList scales) {
   constexpr const char* op = "wdopt::adamw_";
   if (params.empty()) return;
-  refuse_scales(op, scales);
   check_params(op, params);
+  const std::vector<float*> quantized = scale_pointers(op, scales, params, amsgrad ? 3 : 2,
+                                                       amsgrad ? "exp_avgs, exp_avg_sqs, max_exp_avg_sqs"
+                                                               : "exp_avgs, exp_avg_sqs");
+  const bool q = !quantized.empty();
   check_like(op, "grads", grads, params);
-  check_like(op, "exp_avgs", exp_avgs, params);
-  check_like(op, "exp_avg_sqs", exp_avg_sqs, params);
+  check_like(op, "exp_avgs", exp_avgs, params, q ? std::optional(at::kChar) : std::nullopt);
+  check_like(op, "exp_avg_sqs", exp_avg_sqs, params, q ? std::optional(at::kByte) : std::nullopt);
   if (amsgrad) {
-    check_like(op, "max_exp_avg_sqs", max_exp_avg_sqs, params);
+    check_like(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, q ? std::optional(at::kByte) : std::nullopt);
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad, got ",
                 max_exp_avg_sqs.size(), " tensors");
@@ -324,6 +356,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   a.rng = rounding.empty() ? nullptr : rounding.data();
   a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
   a.master_bits = compensation.master_bits;
+  a.scales = q ? quantized.data() : nullptr;
   check_launch(op, wc::adamw(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
@@ -337,12 +370,14 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
                 at::TensorList scales) {
   constexpr const char* op = "wdopt::sgd_";
   if (params.empty()) return;
-  refuse_scales(op, scales);
   check_params(op, params);
   check_like(op, "grads", grads, params);
   const bool has_momentum = momentum != 0;
+  const std::vector<float*> quantized =
+      scale_pointers(op, scales, params, has_momentum ? 1 : 0, has_momentum ? "momentum_buffers" : "momentum 0");
+  const bool q = !quantized.empty();
   if (has_momentum) {
-    check_like(op, "momentum_buffers", momentum_buffers, params);
+    check_like(op, "momentum_buffers", momentum_buffers, params, q ? std::optional(at::kChar) : std::nullopt);
   } else {
     TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty without momentum, got ",
                 momentum_buffers.size(), " tensors");
@@ -381,6 +416,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   a.rng = rounding.empty() ? nullptr : rounding.data();
   a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
   a.master_bits = compensation.master_bits;
+  a.scales = q ? quantized.data() : nullptr;
   check_launch(op, wc::sgd(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 
@@ -391,10 +427,11 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                 at::TensorList scales) {
   constexpr const char* op = "wdopt::lion_";
   if (params.empty()) return;
-  refuse_scales(op, scales);
   check_params(op, params);
+  const std::vector<float*> quantized = scale_pointers(op, scales, params, 1, "exp_avgs");
+  const bool q = !quantized.empty();
   check_like(op, "grads", grads, params);
-  check_like(op, "exp_avgs", exp_avgs, params);
+  check_like(op, "exp_avgs", exp_avgs, params, q ? std::optional(at::kChar) : std::nullopt);
   const at::Device device = params[0].device();
   const TelemetryTables tel = telemetry_tables(op, telemetry, params);
   const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
@@ -423,6 +460,7 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   a.rng = rounding.empty() ? nullptr : rounding.data();
   a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
   a.master_bits = compensation.master_bits;
+  a.scales = q ? quantized.data() : nullptr;
   check_launch(op, wc::lion(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
 }
 

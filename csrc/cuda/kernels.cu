@@ -37,6 +37,9 @@
 //   stream 0 is loaded as the fp32 master weight (Compensation), updated as an fp32 parameter
 //   value would be, and stored split. A parameter's 16-byte vector goes with one 16- or 8-byte
 //   vector of its corrections; a misaligned correction takes the scalar path.
+// * 8-bit states (``scales`` given): quantized.cuh's engine, the same Ops (their update and the
+//   math of csrc/include/wdopt), a chunk's states decoded block by block with their old scales,
+//   updated, and encoded with the new ones; monitored, TelemetryKernel measures first (QUANT).
 // * Bit-for-bit agreement with the CPU backend needs IEEE division and square root (no fast
 //   math) and no FMA contraction: build with --fmad=false. The reference (wdopt/reference) then
 //   agrees bit for bit too: it takes correctly rounded square roots, as this code does.
@@ -45,9 +48,11 @@
 // runs the same block bodies in host loops over blocks and threads, on host memory. Tests use it
 // to check the engine's indexing, tails and step logic against the reference without a GPU
 // (the update bodies use neither shared memory nor barriers, so their emulation is exact; the row
-// engines' phases run one after another per block, so only a GPU run can show a missing barrier).
+// engines' and the 8-bit engine's phases run one after another per block, so only a GPU run can
+// show a missing barrier).
 
 #include "launchers.h"
+#include "quantized.cuh"
 #include "telemetry.cuh"
 #include "update.cuh"
 #include "rotational.cuh"
@@ -162,6 +167,15 @@ template <typename M, bool HAS_MOMENTUM, bool NESTEROV, bool DECOUPLED> struct S
   }
 };
 
+// SGD with momentum, nesterov read at run time (a select; sgd.h's run-time form): the 8-bit
+// kernels' SGD, half the instantiations of a compile-time flag.
+template <typename M, bool DECOUPLED> struct SGDSelectOp : SGDOp<M, true, false, DECOUPLED> {
+  using Context = typename SGDOp<M, true, false, DECOUPLED>::Context;
+  WDOPT_HD void update(const Context& ctx, M (&x)[3]) const {
+    sgd_update<true, DECOUPLED>(x[0], x[1], x[2], ctx.first_step, this->hyper.nesterov, ctx.c);
+  }
+};
+
 // ------------------------------------------------------------------------------------ Lion
 
 template <typename M> struct LionOp {
@@ -195,14 +209,23 @@ cudaError_t adamw(const AdamWArgs& a, cudaStream_t stream) {
     using T = decltype(tag);
     using M = opmath_t<T>;
     auto* coefficients = static_cast<AdamWCoefficients<M>*>(a.scratch);
-    // Corrections of a wrong dtype or width fail here, before the first kernel advances the steps.
+    // Corrections of a wrong dtype or width, and 8-bit states of float64, fail here, before the
+    // first kernel advances the steps.
     return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      if (a.scales != nullptr && !kQuantizable<T>) return cudaErrorInvalidValue;
       const cudaError_t err = adamw_coefficients_all<M>(a, coefficients, stream);
       if (err != cudaSuccess) return err;
-      return dispatch_rounding<T>(a.rng, [&](auto sr) {
-        return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
-          using Op = AdamWOp<M, decltype(amsgrad)::value>;
-          const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
+      return dispatch_bool(a.amsgrad, [&](auto amsgrad) {
+        using Op = AdamWOp<M, decltype(amsgrad)::value>;
+        const void* const* columns[] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs};
+        if (a.scales != nullptr) {
+          return dispatch_quantized<T>(a.rng, [&](auto sr) {
+            return quantized_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+                columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.scales, a.telemetry,
+                Op{coefficients}, a.grad, stream);
+          });
+        }
+        return dispatch_rounding<T>(a.rng, [&](auto sr) {
           return update_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
               columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.telemetry, Op{coefficients}, a.grad,
               stream);
@@ -223,10 +246,22 @@ cudaError_t sgd(const SGDArgs& a, cudaStream_t stream) {
   // bit for bit (signed zeros, infinities), where g + 0·p would not.
   const bool nesterov = has_momentum && a.nesterov;
   const bool decoupled = a.decoupled_weight_decay || a.weight_decay == 0;
+  if (a.scales != nullptr && !has_momentum) return cudaErrorInvalidValue;  // no state to quantize
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     using M = opmath_t<T>;
     return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      if (a.scales != nullptr) {
+        return dispatch_quantized<T>(a.rng, [&](auto sr) {
+          return dispatch_bool(decoupled, [&](auto dec) {
+            using Op = SGDSelectOp<M, decltype(dec)::value>;
+            const void* const* columns[] = {a.params, a.grads, a.momentum_buffers};
+            return quantized_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+                columns, a.n_tensors, a.numels, a.first_steps, a.rng, a.corrections, a.scales, a.telemetry,
+                Op{{hyper, a.lr_tensor}}, a.grad, stream);
+          });
+        });
+      }
       return dispatch_rounding<T>(a.rng, [&](auto sr) {
         return dispatch_bool(has_momentum, [&](auto momentum) {
           return dispatch_bool(nesterov, [&](auto nest) {
@@ -255,6 +290,13 @@ cudaError_t lion(const LionArgs& a, cudaStream_t stream) {
     using Op = LionOp<opmath_t<T>>;
     const void* const* columns[] = {a.params, a.grads, a.exp_avgs};
     return dispatch_master<T>(a.corrections, a.master_bits, [&](auto master) {
+      if (a.scales != nullptr) {
+        return dispatch_quantized<T>(a.rng, [&](auto sr) {
+          return quantized_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
+              columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.scales, a.telemetry,
+              Op{hyper, a.lr_tensor}, a.grad, stream);
+        });
+      }
       return dispatch_rounding<T>(a.rng, [&](auto sr) {
         return update_or_monitor<T, decltype(sr)::value, decltype(master)::value>(
             columns, a.n_tensors, a.numels, nullptr, a.rng, a.corrections, a.telemetry, Op{hyper, a.lr_tensor},

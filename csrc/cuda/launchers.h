@@ -69,6 +69,18 @@ struct Telemetry {
 // master is first rounded at its 8th-lowest bit, to nearest or, with ``rng``, with lane 0's bits.
 // Telemetry then measures the master weight.
 
+// 8-bit optimizer states (wdopt/reference/quantization.py, csrc/include/wdopt/quantization.h): when
+// an optimizer's ``scales`` is not null (Float32, Float16 or BFloat16; Float64 is an invalid
+// value), its state pointers hold one code byte per element instead of values: int8 for the
+// signed states (exp_avgs, momentum_buffers), uint8 for the second moments (exp_avg_sqs,
+// max_exp_avg_sqs), laid out as params[i]; scales[k * n_tensors + i] is a device array of
+// ceil(numels[i] / 256) float32 block scales of tensor i's state k (k in the args' state order:
+// AdamW exp_avgs 0, exp_avg_sqs 1, max_exp_avg_sqs 2; SGD momentum_buffers 0 (momentum != 0
+// only); Lion exp_avgs 0). The kernels decode each block of 256 with its scale, update it, and
+// encode it with the new scale (the block's largest new magnitude; NaN if any is not finite),
+// to nearest or, with ``rng`` (any of the three dtypes), stochastically with the state's lane.
+// found_inf: codes and scales are not written. Monitored, one launch more (telemetry.cuh).
+
 struct AdamWArgs {
   DType dtype = DType::Float32;
   int64_t n_tensors = 0;
@@ -87,6 +99,7 @@ struct AdamWArgs {
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
   void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
   int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
+  float* const* scales = nullptr;       // 8-bit states (see above)
   // Device memory of at least adamw_scratch_bytes(n_tensors) bytes, 16-byte aligned, usable on
   // ``stream`` (e.g. from the caching allocator): per-tensor coefficients of this step.
   void* scratch = nullptr;
@@ -112,6 +125,7 @@ struct SGDArgs {
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
   void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
   int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
+  float* const* scales = nullptr;       // 8-bit states (see above)
 };
 
 struct LionArgs {
@@ -128,6 +142,7 @@ struct LionArgs {
   const int64_t* const* rng = nullptr;  // stochastic rounding (see above)
   void* const* corrections = nullptr;   // compensated bf16 parameters (see above)
   int master_bits = 32;                 // with corrections: 32 (int16) or 24 (int8)
+  float* const* scales = nullptr;       // 8-bit states (see above)
 };
 
 // Rotational variants (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp and

@@ -322,7 +322,7 @@ STOCHASTIC_ROUNDING = ("cpu", "cuda")
 #: Device types whose kernels update compensated bf16 parameters when handed ``correction``.
 COMPENSATION = ("cpu", "cuda")
 #: Device types whose kernels update 8-bit states when handed their block ``scales``.
-QUANTIZED_STATES = ("cpu",)
+QUANTIZED_STATES = ("cpu", "cuda")
 
 
 def _scale_list(scales) -> list:
