@@ -30,7 +30,7 @@
 //     the schema's order, one float32 vector of ceil(numel/256) block scales per parameter
 //     (concatenated: list 1's for every parameter, then list 2's ...); the state lists then hold
 //     codes (int8; uint8 for exp_avg_sq and max_exp_avg_sq), which the kernel decodes, updates
-//     and encodes with new scales block by block. The "cpu" kernels only (the "cuda" ones refuse).
+//     and encodes with new scales block by block ("cpu" and "cuda" kernels alike).
 #include <torch/library.h>
 
 TORCH_LIBRARY(wdopt, m) {
