@@ -1,6 +1,7 @@
 """The CUDA backend's sources on any machine, GPU or not.
 
-* csrc/cuda/kernels.cu compiles with nvcc for sm_80 and sm_90 with the flags the extension is
+* csrc/cuda/kernels.cu compiles with nvcc for sm_90 (and sm_80 with WDOPT_TEST_CUDA_ARCHS="80 90")
+  with the flags the extension is
   built with, without a warning, spill or local-memory use; its PTX has the properties speed and
   exactness rest on (16-byte vector accesses, IEEE division/square root, no FMA contraction).
 * csrc/cuda/binding.cpp passes the host compiler's syntax check against torch's headers.
@@ -54,7 +55,11 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
 # extension (c++20 from torch 2.13's builder on; torch 2.14's headers need it).
 CXX_STD = f"-std={cxx_standard()}"
 NVCC_FLAGS = [CXX_STD, "--fmad=false", "-O3"]
-ARCHS = (80, 90)
+# The architectures compiled: sm_90 (H100/H200, the GPUs the project is checked on), and sm_80 on
+# request. Each adds about 75 s of CPU to the suite since the 8-bit kernels (2026-11-28, AMD EPYC);
+# nothing in kernels.cu is specific to either, but their register allocation differs, so a
+# change to launch bounds or register use is worth the run with both.
+ARCHS = tuple(int(a) for a in os.environ.get("WDOPT_TEST_CUDA_ARCHS", "90").split())
 
 
 def _nvcc() -> str:
@@ -93,7 +98,7 @@ def _cuda_includes(nvcc: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def nvcc_build(tmp_path_factory):
-    """One nvcc run for both architectures, keeping the PTX."""
+    """One nvcc run for the architectures of ARCHS, keeping the PTX."""
     nvcc = _nvcc()
     out = tmp_path_factory.mktemp("nvcc")
     gencode = []
@@ -104,13 +109,13 @@ def nvcc_build(tmp_path_factory):
     cmd = [nvcc, *NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, "--threads", "2", "-Xcompiler", "-Wall",
            "-Xptxas", "-warn-spills,-warn-lmem-usage,-v", "--keep", "--keep-dir", str(out),
            "--fatbin", str(KERNELS), "-o", str(out / "kernels.fatbin")]
-    # About 110 s of CPU (2 threads; 130 s with the host object); the limit only guards against a
-    # hang, with room for a busy machine.
+    # About 75 s of CPU an architecture (2 threads); the limit only guards against a hang, with
+    # room for a busy machine.
     result = _run(cmd, cwd=out, timeout=600)
     return result, out
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_warnings(nvcc_build):
+def test_kernels_compile_without_warnings(nvcc_build):
     result, out = nvcc_build
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"nvcc failed ({result.returncode}):\n{log[-6000:]}"
@@ -130,6 +135,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_warnings(nvcc_build):
 
 def _ptx_entries(out: Path, arch: int) -> dict[str, str]:
     ptx = [p for p in out.glob("*.ptx") if f"sm_{arch}" in p.name or f"compute_{arch}" in p.name]
+    if len(ARCHS) == 1:  # nvcc names the PTX of a single architecture after the source alone
+        ptx = list(out.glob("*.ptx"))
     assert len(ptx) == 1, [p.name for p in out.glob("*.ptx")]
     text = ptx[0].read_text()
     entries = {}
