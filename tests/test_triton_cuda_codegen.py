@@ -7,7 +7,6 @@ spill, and the element-wise kernels to at most 128 registers a thread (occupancy
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -62,7 +61,7 @@ LONG_WARPS = 16
 def _tile_warps(rows, block):
     return 4 if rows * block <= 512 else 16 if block >= 2048 else 8
 FLAGS = dict(MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, CHUNK=16384, BLOCK=1024,
-             TELEMETRY=False, STATISTICS=False, STOCHASTIC=False, MASTER=16)
+             TELEMETRY=False, STATISTICS=False, STOCHASTIC=False, MASTER=16, QUANTIZED=False, WRITE=True)
 ELEMENTWISE = {
     "adamw": ("adamw", "_adamw_kernel", dict(AMSGRAD=True)),
     "sgd": ("sgd", "_sgd_kernel", dict(HAS_MOMENTUM=True, NESTEROV=True, DECOUPLED=False, LR_ON_DEVICE=True)),
@@ -273,8 +272,8 @@ def test_monitored_stochastic_steps_store_the_reference_bits(name, dtype, monkey
 
     monkeypatch.setattr(multi_tensor, "TELEMETRY_MAX_BLOCK", 32)  # rows of 45 and 129 loop over blocks
     launches = []
-    kernels = importlib.import_module(f"wdopt.kernels.triton.{name}")  # the module (the package's attribute is the step)
-    monkeypatch.setattr(kernels, "elementwise_table", _recording(kernels.elementwise_table, launches))
+    # Every launch's table is made by multi_tensor.elementwise_table (through elementwise_passes).
+    monkeypatch.setattr(multi_tensor, "elementwise_table", _recording(multi_tensor.elementwise_table, launches))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype)
     cls, hyper = {"adamw": (wdopt.FusedAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
