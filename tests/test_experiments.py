@@ -196,6 +196,21 @@ def test_why_wd_parts(outputs):
     sizes = [r for r in summary["rows"] if r["part"] == "b"]
     assert max(sizes, key=lambda r: r["train_size"])["one_pass"]
     assert min(sizes, key=lambda r: r["train_size"])["epochs"] > 1
+    # Part c in three precisions (wdopt precision's arms, with their optimizer options), each at
+    # the preset's D points; the others against bf16 to nearest at the same D and seed.
+    c = [r for r in summary["rows"] if r["part"] == "c"]
+    options = {r["precision"]: r["options"] for r in c}
+    assert options == {"bf16-nearest": {"stochastic_rounding": False}, "bf16-stochastic": {"stochastic_rounding": True},
+                       "bf16-master24-states8": {"master_weight_bits": 24, "state_bits": 8, "stochastic_rounding": True}}
+    assert all(r["dtype"] == "bfloat16" for r in c)
+    assert {p["label"]: p["decays"] for p in summary["precisions"]} == {
+        "bf16-nearest": [0.0, 10.0], "bf16-stochastic": [10.0], "bf16-master24-states8": [10.0]}
+    for name in ("bf16-stochastic", "bf16-master24-states8"):
+        line = next(v for v in summary["verdict"] if v.startswith(f"c, {name}: final loss minus bf16-nearest's"))
+        mine = {r["seed"]: r["final_loss"] for r in c if r["precision"] == name}
+        nearest = {r["seed"]: r["final_loss"] for r in c if r["precision"] == "bf16-nearest" and r["decays"] == 10.0}
+        changes = [mine[s] - nearest[s] for s in summary["seeds"]]
+        assert f"{sum(changes) / len(changes):+.4f} [" in line and "at D = 10" in line
 
 
 def test_why_wd_sweeps_decay_time_constants(outputs):
@@ -211,18 +226,22 @@ def test_why_wd_sweeps_decay_time_constants(outputs):
         if r["part"] in ("a", "c") and r["diverged_at"] is None:
             assert r["decay_sum"] == pytest.approx(r["decays"], rel=1e-9, abs=1e-12)
         assert {q["seed"] for q in rows if q["part"] == r["part"] and q["decays"] == r["decays"]
-                and q.get("train_size") == r.get("train_size")} == set(seeds)
+                and q.get("train_size") == r.get("train_size") and q.get("precision") == r.get("precision")} == set(seeds)
     for point in summary["points"]:
-        same = [r for r in rows if r["part"] == point["part"] and r["decays"] == point["decays"]
-                and r.get("train_size", 0) == point.get("train_size", 0)]
-        base = {r["seed"]: r for r in rows if r["part"] == point["part"] and r["decays"] == 0
-                and r.get("train_size", 0) == point.get("train_size", 0)}
+        def group(r):  # part c: each precision against its own λ = 0
+            return (r["part"], r.get("train_size", 0), r.get("precision")) == (
+                point["part"], point.get("train_size", 0), point.get("precision"))
+
+        same = [r for r in rows if group(r) and r["decays"] == point["decays"]]
+        base = {r["seed"]: r for r in rows if group(r) and r["decays"] == 0}
+        assert same and [r["seed"] for r in same] == point["seeds"]
         metric = point["metric"]
 
         def value(r):
             return math.inf if r.get("diverged_at") else r[metric]
 
-        assert point["changes"] == pytest.approx([value(r) - value(base[r["seed"]]) for r in same])
+        assert point["changes"] == pytest.approx([value(r) - value(base[r["seed"]]) for r in same if base])
+        assert (point["vs_no_decay"] == "—") == (point["decays"] == 0 or not base)  # no λ = 0 run: nothing paired
     b = next(r for r in rows if r["part"] == "b" and r["decays"] > 0)
     total = why_wd.schedule_sum(b["steps"]) * b["lr"]
     assert b["weight_decay"] * total / (1 - why_wd.MOMENTUM) == pytest.approx(b["decays"])
@@ -408,7 +427,7 @@ ROW_KEYS["precision"] = {"arm", "dtype", "eta_r", "d", "lr", "weight_decay", "st
                          "predicted_angular_update", "measured_angular_update", "angle_error", "computed_update",
                          "stored_update", "rounding_factor", "model_rounding_factor", "norm_ratio", "norm_error",
                          "at_equilibrium", "unchanged_fraction", "grad_power", "final_loss", "test_accuracy"}
-PNGS["precision"] = {"precision.png"}
+PNGS["precision"] = {"precision.png", "quality.png"}
 
 
 def test_precision_numbers_recomputed(outputs):
@@ -483,3 +502,69 @@ def test_precision_element_model_against_the_rounding_spec():
     assert element_model(2.0 ** -13, "stochastic") == pytest.approx(limit, rel=0.05)
     assert element_model(2.0 ** -4, "nearest") == pytest.approx(1.0, abs=0.01)
     assert element_model(2.0 ** -12, "nearest") < 0.6
+
+
+def test_precision_quality_part(outputs):
+    """wdopt precision --quick's part quality (issue #11's target, in small): every arm, model and
+    seed ran; the table's means, spreads and relative differences (of the means, and per seed
+    against fp32 of the same seed) and the target's verdict recomputed from the runs; the runs'
+    configuration read from why-wd's and the equilibrium experiment's presets."""
+    from wdopt.experiments import equilibrium, precision, why_wd
+
+    out = outputs("precision")
+    summary = json.loads((out / "summary.json").read_text())
+    quality = summary["quality"]
+    runs, seeds = quality["runs"], quality["seeds"]
+    arms = ["fp32", "bf16-nearest", "bf16-master24-states8", "bf16-master32-states8"]
+    assert summary["parts"] == ["sweep", "quality"] and len(seeds) == 2
+    assert sorted((r["model"], r["arm"], r["seed"]) for r in runs) == sorted(
+        (m, a, s) for m in ("tinygpt", "convnet") for a in arms for s in seeds)
+    assert {a["label"]: a["bytes_per_parameter"] for a in quality["arms"]} == pytest.approx(
+        {"fp32": 12, "bf16-nearest": 6, "bf16-master24-states8": 5 + 1 / 32, "bf16-master32-states8": 6 + 1 / 32})
+    for row in quality["table"]:
+        model = {"TinyGPT": "tinygpt", "ConvNet": "convnet"}[row["model"]]
+        mine = {r["seed"]: r["final_loss"] for r in runs if r["model"] == model and r["arm"] == row["arm"]}
+        fp32 = {r["seed"]: r["final_loss"] for r in runs if r["model"] == model and r["arm"] == "fp32"}
+        mean, base = sum(mine.values()) / len(mine), sum(fp32.values()) / len(fp32)
+        assert row["final_loss"] == pytest.approx(mean, rel=1e-12)
+        assert (row["loss_min"], row["loss_max"]) == (min(mine.values()), max(mine.values()))
+        if row["arm"] == "fp32":
+            assert row["relative_to_fp32"] is None and row["target"] == "—"
+            continue
+        assert row["relative_to_fp32"] == pytest.approx(mean / base - 1, rel=1e-9)
+        assert row["paired_relative"] == pytest.approx([mine[s] / fp32[s] - 1 for s in seeds], rel=1e-9)
+        assert row["within_target"] == (abs(mean / base - 1) <= 0.01)
+    target = next(v for v in summary["verdict"] if v.startswith("quality: issue #11's target"))
+    assert "bf16-master24-states8, 5.03 bytes a parameter" in target
+    assert any(v.startswith("quality: bf16-nearest in the same runs") for v in summary["verdict"])
+    printed = (out / "stdout.txt").read_text()
+    assert "quality (issue #11's target):" in printed and "bf16-master32-states8" in printed
+    # The fixed runs: why-wd's TinyGPT at λ = 0.1, the equilibrium experiment's ConvNet.
+    default = precision.PRESETS["default"]["quality"]
+    lm, conv = default["tinygpt"], default["convnet"]
+    assert (lm["lm"], lm["steps"], lm["lr"], lm["weight_decay"]) == (
+        why_wd.PRESETS["default"]["lm"], why_wd.PRESETS["default"]["steps"], why_wd.PRESETS["default"]["lr"], 0.1)
+    eq = equilibrium.PRESETS["default"]
+    assert (conv["width"], conv["batch"], conv["steps"], (conv["lr"], conv["weight_decay"])) == (
+        eq["width"], eq["batch"], eq["steps"], eq["adamw"])
+    assert default["seeds"] == 3
+
+
+def test_precision_quality_verdict_says_missed():
+    """The target's verdict follows the numbers: a mean outside 1% is 'missed', a diverged run
+    counts as infinitely worse, and per-seed differences beyond 1% under a mean within it are named."""
+    from wdopt.experiments.precision import QUALITY_ARMS, quality_table, quality_verdict
+
+    losses = {("tinygpt", "fp32"): (2.0, 2.2), ("tinygpt", "bf16-nearest"): (2.1, 2.3),
+              ("tinygpt", "bf16-master24-states8"): (2.03, 2.17), ("tinygpt", "bf16-master32-states8"): (2.0, 2.2),
+              ("convnet", "fp32"): (1.0, 1.0), ("convnet", "bf16-nearest"): (1.0, None),
+              ("convnet", "bf16-master24-states8"): (1.03, 1.01), ("convnet", "bf16-master32-states8"): (1.0, 1.0)}
+    runs = [{"model": m, "arm": a, "seed": s, "final_loss": v if v is not None else 0.5,
+             "diverged_at": None if v is not None else 7} for (m, a), vs in losses.items() for s, v in enumerate(vs)]
+    table = quality_table(runs, QUALITY_ARMS)
+    verdict = quality_verdict({"table": table, "target": 0.01, "subject": "bf16-master24-states8", "seeds": [0, 1]})
+    target = next(v for v in verdict if v.startswith("quality: issue #11's target"))
+    assert "met on TinyGPT (" in target and "missed on ConvNet (+2.00%)" in target
+    assert any("single seeds of TinyGPT differ by more than 1%" in v for v in verdict)
+    nearest = next(v for v in verdict if v.startswith("quality: bf16-nearest in the same runs"))
+    assert "TinyGPT +4.76% (outside 1% of fp32's)" in nearest and "ConvNet diverged (outside 1%" in nearest

@@ -33,10 +33,23 @@ after it, in weights.pt).
 
 Arms are a list (``ARMS``): compensated bf16 parameters (``master_weight_bits``) and 8-bit states
 (``state_bits``) slot in as further entries.
+
+Part *quality* (``--part quality``; ``--part sweep`` is the above; both run by default) is issue
+#11's training-quality target: with fixed runs — why-wd's TinyGPT configuration (``why_wd``'s
+preset: one pass over the standard library's sources, warm-up then cosine, betas (0.9, 0.95)) at
+its default steps with λ = 0.1, and the equilibrium experiment's ConvNet (its digits, width,
+batches, steps, AdamW lr and λ) — over 3 seeds, the final training loss (mean of the last 10% of
+steps) of compensated bf16 + 8-bit states within 1% of fp32 AdamW's, mean over seeds, with the
+seed spread. Arms (``QUALITY_ARMS``): fp32; bf16 rounded to nearest; a 24-bit master weight with
+8-bit states and stochastic rounding (5.03 bytes a parameter, the target's); the same with a
+32-bit master (6.03). Reported per model and arm: the mean final loss and its min…max over
+seeds, the mean's relative difference to fp32's and the per-seed paired ones, and the verdict
+against the 1% target, whatever it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -45,12 +58,13 @@ import torch
 
 from .. import theory
 from ..telemetry import RotationMonitor
-from . import data, harness
+from . import data, equilibrium, harness, why_wd
 from .equilibrium import LABEL_NOISE, WINDOW, equilibrium_status
 from .models import ConvNet
 
 NAME = "precision"
-HELP = "bf16 storage at the rotational equilibrium: round-to-nearest vs stochastic rounding vs fp32 (AdamW)"
+HELP = ("bf16 storage at the rotational equilibrium (round-to-nearest, stochastic rounding, compensated, 8-bit "
+        "states vs fp32, AdamW) and issue #11's 3-seed training-quality target")
 
 BETAS = (0.9, 0.999)
 CONV = ConvNet.scale_invariant
@@ -95,25 +109,72 @@ ARMS = [
         "bfloat16 parameters with a 24-bit master weight and 8-bit states, stochastic rounding"),
 ]
 
+_BY_LABEL = {a.label: a for a in ARMS}
+#: Part quality's arms: fp32, bf16 to nearest, and compensated bf16 with 8-bit states (24- and
+#: 32-bit master weights, stochastic rounding throughout, as ``state_bits=8`` wants).
+QUALITY_ARMS = [
+    _BY_LABEL["fp32"], _BY_LABEL["bf16-nearest"], _BY_LABEL["bf16-master24-states8"],
+    Arm("bf16-master32-states8", torch.bfloat16,
+        {"master_weight_bits": 32, "state_bits": 8, "stochastic_rounding": True}, "quantizes", None,
+        "bfloat16 parameters with a 32-bit master weight and 8-bit states, stochastic rounding"),
+]
+#: Issue #11's target: this arm's mean final training loss within QUALITY_TARGET of fp32's.
+QUALITY_SUBJECT = "bf16-master24-states8"
+QUALITY_TARGET = 0.01
+QUALITY_MODELS = {"tinygpt": "TinyGPT", "convnet": "ConvNet"}
+
+
+def quality_config(preset: str, seeds: int = 3, steps: int | None = None, width: int | None = None) -> dict:
+    """Part quality's fixed runs at ``preset``: why-wd's TinyGPT (model, steps, lr; λ = 0.1) and the
+    equilibrium experiment's ConvNet (width, batch, steps, telemetry interval, AdamW's lr and λ),
+    read from those experiments' presets; ``steps``/``width`` shrink them (--quick only)."""
+    lm, conv = why_wd.PRESETS[preset], equilibrium.PRESETS[preset]
+    return {"seeds": seeds,
+            "tinygpt": {"lm": dict(lm["lm"]), "steps": steps or lm["steps"], "lr": lm["lr"], "weight_decay": 0.1,
+                        "betas": why_wd.BETAS, "schedule": f"warm-up over {why_wd.WARMUP:.0%}, cosine to 0"},
+            "convnet": {"width": width or conv["width"], "batch": conv["batch"], "steps": steps or conv["steps"],
+                        "every": min(conv["every"], steps or conv["every"]), "lr": conv["adamw"][0],
+                        "weight_decay": conv["adamw"][1], "betas": (0.9, 0.999), "label_noise": LABEL_NOISE,
+                        "schedule": "constant"}}
+
+
+def bytes_per_parameter(arm: Arm) -> float:
+    """AdamW's resident bytes a parameter in the arm (the parameter, its correction, exp_avg and
+    exp_avg_sq; not the gradient): an 8-bit state is a byte and a float32 scale per 256 elements."""
+    size = torch.finfo(arm.dtype).bits / 8
+    correction = {24: 1, 32: 2}.get(arm.options.get("master_weight_bits"), 0)
+    state = 1 + 4 / 256 if arm.options.get("state_bits") == 8 else size
+    return size + correction + 2 * state
+
+
 # η_r = 2^-k for k in "exponents"; λ = d/lr. Steps per point: the smallest multiple of "every" that
 # spans "relax" relaxation times (at least "min_steps"), or, where that exceeds "max_steps",
 # "held_steps" (the run starts at the predicted norm and measures the angle there).
+# "quality": part quality's runs (quality_config).
 PRESETS = {
     "default": {"width": 8, "batch": 32, "every": 10, "lr": 3e-3, "exponents": (5, 6, 7, 8, 9, 10),
-                "relax": 5.2, "min_steps": 800, "max_steps": 4500, "held_steps": 1500, "model_samples": 1 << 18},
+                "relax": 5.2, "min_steps": 800, "max_steps": 4500, "held_steps": 1500, "model_samples": 1 << 18,
+                "quality": quality_config("default")},
     "quick": {"width": 4, "batch": 32, "every": 5, "lr": 3e-3, "exponents": (5, 10),
-              "relax": 5.2, "min_steps": 150, "max_steps": 250, "held_steps": 150, "model_samples": 1 << 16},
+              "relax": 5.2, "min_steps": 150, "max_steps": 250, "held_steps": 150, "model_samples": 1 << 16,
+              "quality": quality_config("quick", seeds=2, steps=6, width=4)},
     "gpu": {"width": 64, "batch": 128, "every": 10, "lr": 1e-3, "exponents": (5, 6, 7, 8, 9, 10, 11),
-            "relax": 5.2, "min_steps": 1000, "max_steps": 18000, "held_steps": 3000, "model_samples": 1 << 20},
+            "relax": 5.2, "min_steps": 1000, "max_steps": 18000, "held_steps": 3000, "model_samples": 1 << 20,
+            "quality": quality_config("gpu")},
 }
 
 
 def add_arguments(parser) -> None:
     harness.add_common_arguments(parser, optimizers=("adamw",))
+    parser.add_argument("--part", choices=("sweep", "quality", "all"), default="all",
+                        help="sweep: the η_r sweep; quality: issue #11's 3-seed training-quality target (why-wd's "
+                        "TinyGPT and the equilibrium ConvNet); all: both (default)")
     parser.add_argument("--arms", nargs="+", choices=[a.label for a in ARMS], default=None,
-                        help="run only these arms (default: all: " + ", ".join(a.label for a in ARMS) + ")")
+                        help="the sweep: run only these arms (default: all: " + ", ".join(a.label for a in ARMS) + ")")
     parser.add_argument("--exponents", type=float, nargs="+", default=None, metavar="K",
                         help="the sweep: η_r = 2^-K for each K (default: the preset's; --weight-decay replaces it)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="part quality: seeds per run, from --seed on (default: the preset's, 3)")
 
 
 # ---------------------------------------------------------------------- theory beside the data
@@ -224,28 +285,28 @@ def plan_points(run: harness.Run) -> list[dict]:
     return points
 
 
-def check_arms(run: harness.Run, arms: list[Arm], explicit: bool) -> list[Arm]:
+def check_arms(run: harness.Run, arms: list[Arm], explicit: bool, name: str = NAME) -> list[Arm]:
     """The arms the backend can run, checked before training: one it cannot (e.g. 8-bit states on
     a GPU backend that does not have them yet) fails the run when asked for by name (``explicit``,
-    --arms), else is left out with a note on stderr."""
+    --arms), else is left out with a note on stderr (``name``: the experiment that says so)."""
     from .. import backends
 
     needs = {a.requires for a in arms if a.requires}
     if not needs:
         return arms
     try:
-        name = backends.resolve(run.args.backend, run.device)
-        module = backends.load(name)
+        backend = backends.resolve(run.args.backend, run.device)
+        module = backends.load(backend)
     except (ValueError, RuntimeError, OSError) as error:
-        harness.fail(NAME, f"backend {run.args.backend!r}: {error}")
+        harness.fail(name, f"backend {run.args.backend!r}: {error}")
     runnable = []
     for arm in arms:
         if arm.requires and not getattr(backends, arm.requires)(module, run.device):
-            why = (f"arm {arm.label} needs {arm.requires.replace('_', ' ')}, which backend {name!r} does not do on "
+            why = (f"arm {arm.label} needs {arm.requires.replace('_', ' ')}, which backend {backend!r} does not do on "
                    f"{run.device.type} yet")
             if explicit:
-                harness.fail(NAME, why + "; use --backend reference or leave the arm out (--arms)")
-            print(f"wdopt {NAME}: {why}: left out", file=sys.stderr)
+                harness.fail(name, why + "; use --backend reference or leave the arm out (--arms)")
+            print(f"wdopt {name}: {why}: left out", file=sys.stderr)
             continue
         runnable.append(arm)
     return runnable
@@ -299,11 +360,25 @@ def train(run: harness.Run, arm: Arm, point: dict, bar, label: str):
             row[f"{layer}:grad_power"] = float((n2 / c).mean())
         return row
 
-    run.config["steps"] = point["steps"]  # train_classifier's step count (restored by run())
-    losses, _ = harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure, before_step=snapshot)
+    with _steps(run, point["steps"]):
+        losses, _ = harness.train_classifier(run, model, opt, monitor, batches, label, bar, measure,
+                                             before_step=snapshot)
     _, test_acc = harness.accuracy(model, x_test.to(arm.dtype), y_test)
     log = [r for r in run.metrics if r["run"] == label]
     return log, losses, model, before_last, test_acc
+
+
+@contextlib.contextmanager
+def _steps(run: harness.Run, steps: int):
+    """``run["steps"]`` (harness.train_classifier's step count) set to ``steps`` for one run."""
+    given = run.config.get("steps")
+    run.config["steps"] = steps
+    try:
+        yield
+    finally:
+        run.config.pop("steps")
+        if given is not None:
+            run.config["steps"] = given
 
 
 def point_rows(arm: Arm, point: dict, log: list[dict], losses: list[float], model, before_last: dict,
@@ -368,13 +443,46 @@ def _power(exponent: float) -> str:
 
 def run(args) -> dict:
     run = harness.Run(NAME, args, PRESETS)
-    arms = [a for a in ARMS if args.arms is None or a.label in args.arms]
-    arms = check_arms(run, arms, explicit=args.arms is not None)
-    points = plan_points(run)
-    total = sum(p["steps"] for p in points) * len(arms)
+    parts = ("sweep", "quality") if args.part == "all" else (args.part,)
+    if args.seeds is not None and args.seeds < 1:
+        harness.fail(NAME, f"--seeds must be at least 1, got {args.seeds}")
+    arms, points, quality_arms, seeds = [], [], [], []
+    if "sweep" in parts:
+        arms = check_arms(run, [a for a in ARMS if args.arms is None or a.label in args.arms],
+                          explicit=args.arms is not None)
+        points = plan_points(run)
+    cfg = run["quality"]
+    if "quality" in parts:
+        quality_arms = check_arms(run, QUALITY_ARMS, explicit=False)
+        seeds = [args.seed + i for i in range(args.seeds if args.seeds is not None else cfg["seeds"])]
+    total = (sum(p["steps"] for p in points) * len(arms)
+             + len(seeds) * len(quality_arms) * sum(cfg[m]["steps"] for m in QUALITY_MODELS))
     bar = run.progress(total, NAME)
-    rows, layers, weights, runs = [], [], {}, {}
-    given_steps = run.config.get("steps")
+    summary, table, columns, notes, verdict, weights, plotters = {}, [], [], [], [], {}, []
+    if "sweep" in parts:
+        summary, table, columns, notes, verdict, plot = _sweep(run, arms, points, bar, weights)
+        plotters.append(plot)
+    if "quality" in parts:
+        quality = run_quality(run, quality_arms, seeds, bar, weights)
+        q_table, q_columns, q_notes, q_verdict = quality_report(quality)
+        summary["quality"] = quality
+        if table:  # after the sweep's table
+            notes += ["", "quality (issue #11's target):", harness.format_table(q_table, q_columns), *q_notes]
+        else:
+            table, columns, notes = q_table, q_columns, q_notes
+            summary["rows"] = []
+        verdict += q_verdict
+        plotters.append(lambda out: [_quality_plot(out, quality)])
+    bar.close()
+    summary["parts"] = list(parts)
+    return run.finish(summary, table, columns, weights=weights, notes=notes, verdict=verdict,
+                      plots=lambda out: [png for plot in plotters for png in plot(out)])
+
+
+def _sweep(run: harness.Run, arms: list[Arm], points: list[dict], bar, weights: dict):
+    """Part sweep: every arm at every η_r; returns the summary, its table, columns, notes, verdict
+    and plot (``weights`` gains each run's conv weights)."""
+    rows, layers, runs = [], [], {}
     for point in points:
         for arm in arms:
             label = f"{arm.label} {_power(point['exponent'])}"
@@ -388,10 +496,6 @@ def run(args) -> dict:
             weights[label] = {"final": {n: p.detach().cpu() for n, p in model.named_parameters() if n in CONV},
                               "before_last_step": {n: t.cpu() for n, t in before_last.items()}}
             runs[label] = {"arm": arm.label, "exponent": point["exponent"], "steps": point["steps"]}
-    bar.close()
-    run.config.pop("steps", None)
-    if given_steps is not None:
-        run.config["steps"] = given_steps
     fill_rounding_factors(rows, arms, run["model_samples"])
     thresholds = {"nearest": model_threshold("nearest", 1 - DEPARTURE, run["model_samples"]),
                   "stochastic": model_threshold("stochastic", 1 + DEPARTURE, run["model_samples"])}
@@ -419,8 +523,7 @@ def run(args) -> dict:
          f"{harness.MIN_RELAXATION_TIMES:g} relaxation times τ = 1/(2d), so its norm_ratio is not a test of the "
          "theory; its angle still is, measured at the predicted norm."),
     ]
-    return run.finish(summary, rows, columns, weights=weights, notes=notes, verdict=verdict,
-                      plots=lambda out: _plots(out, rows, arms, run["model_samples"]))
+    return summary, rows, columns, notes, verdict, lambda out: _plots(out, rows, arms, run["model_samples"])
 
 
 def fill_rounding_factors(rows: list[dict], arms: list[Arm], samples: int) -> None:
@@ -681,3 +784,204 @@ def _plots(out, rows, arms, samples) -> list[str]:
     fig.suptitle("AdamW, bf16 storage: measured over predicted (dashed: 1; dotted: ±10%); element model dotted "
                  "in the arm's colour", fontsize=10)
     return [harness.savefig(fig, out / "precision.png")]
+
+
+# ---------------------------------------------------------------------- quality (issue #11's target)
+
+
+def train_convnet(run: harness.Run, arm: Arm, seed: int, cfg: dict, label: str, bar):
+    """The equilibrium experiment's ConvNet run (``equilibrium.train``: the digits split,
+    initialisation and batches of ``seed``, AdamW at its lr and λ) with the model stored as the
+    arm says; returns the per-step losses, the model and the test accuracy."""
+    x, y, x_test, y_test = harness.digits(run, LABEL_NOISE, seed)
+    torch.manual_seed(seed)
+    model = _ConvNet(cfg["width"]).to(device=run.device, dtype=arm.dtype)
+    options = dict(arm.options)
+    if options.get("stochastic_rounding"):
+        options.setdefault("rounding_seed", seed)
+    opt = harness.make_optimizer("adamw", harness.param_groups(model, cfg["weight_decay"]), cfg["lr"],
+                                 cfg["weight_decay"], run.args.backend, **options)
+    monitor = RotationMonitor(opt, every=cfg["every"], names=dict(model.named_parameters()))  # the loss curve
+    batches = data.Batches(x.to(arm.dtype), y, cfg["batch"], seed=seed + 1)
+    with _steps(run, cfg["steps"]):
+        losses, _ = harness.train_classifier(run, model, opt, monitor, batches, label, bar, lambda record: {})
+    _, test_acc = harness.accuracy(model, x_test.to(arm.dtype), y_test)
+    return losses, model, test_acc
+
+
+def run_quality(run: harness.Run, arms: list[Arm], seeds: list[int], bar, weights: dict) -> dict:
+    """Part quality: every arm, model and seed; returns summary["quality"]: the runs, the table
+    (one row per model and arm) and the configuration (``weights`` gains the first seed's models)."""
+    cfg = run["quality"]
+    runs = []
+    for seed in seeds:
+        for model_name in QUALITY_MODELS:
+            c = cfg[model_name]
+            for arm in arms:
+                label = f"quality {model_name} {arm.label} seed={seed}"
+                bar.set_postfix_str(label)
+                if model_name == "tinygpt":
+                    model, result = why_wd.train_lm(run, seed, c["weight_decay"], c["lr"], c["steps"], arm.dtype,
+                                                    label, bar, options=arm.options, lm=c["lm"])
+                    row = {"final_loss": result["final_loss"], "diverged_at": result["diverged_at"],
+                           "spikes": result["spikes"]}
+                else:
+                    losses, model, test_acc = train_convnet(run, arm, seed, c, label, bar)
+                    finite = all(math.isfinite(v) for v in losses)
+                    row = {"final_loss": harness.tail_mean(losses, 0.1), "test_accuracy": test_acc,
+                           "diverged_at": None if finite else next(i + 1 for i, v in enumerate(losses)
+                                                                   if not math.isfinite(v))}
+                runs.append({"model": model_name, "arm": arm.label, "seed": seed, "run": label,
+                             "steps": c["steps"], "lr": c["lr"], "weight_decay": c["weight_decay"], **row})
+                if seed == seeds[0]:
+                    weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    lm = cfg["tinygpt"]
+    return {"runs": runs, "table": quality_table(runs, arms), "seeds": seeds, "target": QUALITY_TARGET,
+            "subject": QUALITY_SUBJECT, "config": cfg,
+            "tinygpt_decays": lm["weight_decay"] * lm["lr"] * why_wd.schedule_sum(lm["steps"]),
+            "arms": [{"label": a.label, "dtype": str(a.dtype).removeprefix("torch."), "options": a.options,
+                      "about": a.about, "bytes_per_parameter": bytes_per_parameter(a)} for a in arms]}
+
+
+def _value(run: dict) -> float:
+    """A run's final loss, a diverged run's infinite (its loss before diverging is not comparable)."""
+    return math.inf if run.get("diverged_at") else run["final_loss"]
+
+
+def quality_table(runs: list[dict], arms: list[Arm]) -> list[dict]:
+    """Per model and arm: the final loss over seeds (mean, min, max), the mean's relative
+    difference to fp32's mean and the per-seed paired ones, and the target's verdict."""
+    out = []
+    for model_name, title in QUALITY_MODELS.items():
+        fp32 = {r["seed"]: _value(r) for r in runs if r["model"] == model_name and r["arm"] == "fp32"}
+        base = sum(fp32.values()) / len(fp32) if fp32 else None
+        for arm in arms:
+            mine = [r for r in runs if r["model"] == model_name and r["arm"] == arm.label]
+            if not mine:
+                continue
+            values = [_value(r) for r in mine]
+            mean = sum(values) / len(values)
+            paired = [v / fp32[r["seed"]] - 1 for r, v in zip(mine, values) if r["seed"] in fp32] \
+                if arm.label != "fp32" else []
+            relative = mean / base - 1 if base is not None and arm.label != "fp32" else None
+            within = None if relative is None else bool(abs(relative) <= QUALITY_TARGET)
+            out.append({
+                "model": title, "arm": arm.label, "bytes_per_param": bytes_per_parameter(arm),
+                "seeds": [r["seed"] for r in mine], "losses": values, "final_loss": mean,
+                "loss_min": min(values), "loss_max": max(values),
+                "loss": f"{mean:.4f} [{min(values):.4f}…{max(values):.4f}]",
+                "diverged": sum(1 for r in mine if r.get("diverged_at")),
+                "relative_to_fp32": relative, "paired_relative": paired,
+                "vs_fp32": "—" if relative is None else _percent(relative),
+                "per_seed": "—" if not paired else _span(paired, "{:+.2%}"),
+                "target": "—" if within is None else f"{'within' if within else 'outside'} {QUALITY_TARGET:.0%}",
+                "within_target": within,
+            })
+    return out
+
+
+def _percent(x: float) -> str:
+    return f"{x:+.2%}" if math.isfinite(x) else "diverged"
+
+
+def quality_report(quality: dict) -> tuple[list[dict], list[str], list[str], list[str]]:
+    """Part quality's table, columns, notes and verdict."""
+    table, cfg, seeds = quality["table"], quality["config"], quality["seeds"]
+    lm, conv = cfg["tinygpt"], cfg["convnet"]
+    columns = ["model", "arm", "bytes_per_param", "loss", "vs_fp32", "per_seed", "target"]
+    notes = [
+        "",
+        (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), the same data, initialisation and batches in every "
+         "arm. TinyGPT: why-wd's (d {d}, {layers} layer(s), context {context}, batch {batch}; one pass over the "
+         "standard library's sources), AdamW β = {betas}, lr {lr:g} with {schedule}, {steps} steps, λ = {wd:g} "
+         "(D = Σ_t η_t·λ = {D:.3g}). ConvNet: the equilibrium experiment's (width {width}, batch {cbatch}, "
+         "{label_noise:.0%} label noise), AdamW β = {cbetas}, lr {clr:g} constant, λ = {cwd:g}, {csteps} steps."
+         ).format(**lm["lm"], betas=tuple(lm["betas"]), lr=lm["lr"], schedule=lm["schedule"], steps=lm["steps"],
+                  wd=lm["weight_decay"], D=quality["tinygpt_decays"], width=conv["width"], cbatch=conv["batch"],
+                  label_noise=conv["label_noise"], cbetas=tuple(conv["betas"]), clr=conv["lr"],
+                  cwd=conv["weight_decay"], csteps=conv["steps"]),
+        ("loss: final training loss (mean of the last 10% of steps), mean [min…max] over seeds. vs_fp32: the mean's "
+         "relative difference to fp32's mean; per_seed: each seed's against fp32's of the same seed, min…max. "
+         f"target: |vs_fp32| ≤ {QUALITY_TARGET:.0%} (issue #11). bytes_per_param: AdamW's resident bytes a "
+         "parameter (parameter, correction, states; not the gradient)."),
+    ]
+    return table, columns, notes, quality_verdict(quality)
+
+
+def quality_verdict(quality: dict) -> list[str]:
+    """The target in words, per model, then what bf16 to nearest and the 32-bit master did in the
+    same runs; numbers only from the table."""
+    table, target, subject = quality["table"], quality["target"], quality["subject"]
+    n = len(quality["seeds"])
+    out = []
+    models = list(dict.fromkeys(r["model"] for r in table))
+    for model in models:
+        rows = {r["arm"]: r for r in table if r["model"] == model}
+        fp32 = rows.get("fp32")
+        if fp32 is None:
+            continue
+        spread = (fp32["loss_max"] - fp32["loss_min"]) / fp32["final_loss"]
+        parts = []
+        for arm, r in rows.items():
+            if arm == "fp32":
+                continue
+            text = f"{arm} {r['final_loss']:.4f} ({r['vs_fp32']}; per seed {r['per_seed']}"
+            signs = {p > 0 for p in r["paired_relative"] if p != 0}
+            if len(r["paired_relative"]) > 1 and len(signs) == 1:
+                text += f", {'higher' if signs == {True} else 'lower'} than fp32's for every seed"
+            parts.append(text + ")")
+        out.append(f"quality, {model}, {n} seeds: fp32 final loss {fp32['final_loss']:.4f} "
+                   f"[{fp32['loss_min']:.4f}…{fp32['loss_max']:.4f}] (its seed spread {spread:.1%} of the mean); "
+                   + "; ".join(parts))
+    judged = [r for r in table if r["arm"] == subject and r["within_target"] is not None]
+    if judged:
+        met = [r for r in judged if r["within_target"]]
+        missed = [r for r in judged if not r["within_target"]]
+        words = []
+        if met:
+            words.append("met on " + " and ".join(f"{r['model']} ({r['vs_fp32']})" for r in met))
+        if missed:
+            words.append("missed on " + " and ".join(f"{r['model']} ({r['vs_fp32']})" for r in missed))
+        out.append(f"quality: issue #11's target — compensated bf16 + 8-bit states ({subject}, "
+                   f"{judged[0]['bytes_per_param']:.2f} bytes a parameter against fp32's 12) within {target:.0%} of "
+                   f"fp32's final training loss, mean over {n} seeds — " + "; ".join(words))
+        wider = [r for r in judged if r["within_target"] and max(map(abs, r["paired_relative"] or [0])) > target]
+        if wider:
+            out.append("quality: single seeds of " + ", ".join(r["model"] for r in wider) + f" differ by more than "
+                       f"{target:.0%} (per seed " + "; ".join(r["per_seed"] for r in wider) + "): the target holds "
+                       "for the mean only")
+    for arm in dict.fromkeys(r["arm"] for r in table):
+        if arm in ("fp32", subject):
+            continue
+        rows = [r for r in table if r["arm"] == arm and r["within_target"] is not None]
+        if rows:
+            out.append(f"quality: {arm} in the same runs: " + "; ".join(
+                f"{r['model']} {r['vs_fp32']} ({r['target']} of fp32's)" for r in rows))
+    return out
+
+
+def _quality_plot(out, quality: dict) -> str:
+    """Per model: each seed's final loss relative to fp32's of the same seed (dots), the mean's
+    relative to fp32's mean (bar), and the ±target band."""
+    plt = harness.pyplot()
+    models = list(dict.fromkeys(r["model"] for r in quality["table"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    colors = {a["label"]: f"C{i}" for i, a in enumerate(quality["arms"])}
+    target = quality["target"]
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in quality["table"] if r["model"] == model and r["arm"] != "fp32"]
+        ax.axhspan(-100 * target, 100 * target, color="0.9", zorder=0, label=f"±{target:.0%}: the target")
+        ax.axhline(0, color="black", lw=0.8)
+        for i, r in enumerate(rows):
+            if r["relative_to_fp32"] is not None and math.isfinite(r["relative_to_fp32"]):
+                ax.bar(i, 100 * r["relative_to_fp32"], width=0.5, color=colors[r["arm"]], alpha=0.5)
+            finite = [100 * p for p in r["paired_relative"] if math.isfinite(p)]
+            ax.plot([i] * len(finite), finite, "o", color=colors[r["arm"]], ms=5)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r["arm"] for r in rows], fontsize=7)
+        ax.set_ylabel("final training loss vs fp32's (%)")
+        ax.set_title(f"{model}: mean (bar), each seed (dots)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Issue #11: final training loss relative to fp32 AdamW's, {len(quality['seeds'])} seeds",
+                 fontsize=10)
+    return harness.savefig(fig, out / "quality.png")

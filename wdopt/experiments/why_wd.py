@@ -24,7 +24,11 @@ Three claims:
     (logits cast to float32 for the loss), one pass at a high lr (30× part (a)'s: at 10× no run
     spiked). Counted: loss spikes (loss > 2× the median of the previous 50 steps) and divergences
     (a non-finite loss; the run stops there); the final loss is compared as in (a), a diverged
-    run counting as infinitely worse. Claim: weight decay prevents divergences in bf16.
+    run counting as infinitely worse. Claim: weight decay prevents divergences in bf16. Three
+    ways of storing the model (``wdopt precision``'s arms): bf16 rounded to nearest (at every D),
+    bf16 with stochastic rounding and compensated bf16 (a 24-bit master weight, 8-bit states,
+    stochastic rounding: 5.03 bytes a parameter) at the preset's subset of D (``"arms"``), so that
+    each precision has its λ = 0 run and the precisions meet at the same D and seed.
 
 A claim *holds* at a point D when weight decay is better than λ = 0 for every seed (paired by
 seed), is *reversed* when it is worse for every seed, and is *within seed noise* otherwise.
@@ -58,19 +62,24 @@ PRESETS = {
     "default": {"steps": 500, "lr": 3e-3, "seeds": 3,
                 "lm": {"context": 32, "d": 32, "layers": 1, "heads": 2, "batch": 16},
                 "decay_sums": (0.0, 0.1, 0.3, 1.0, 3.0, 10.0),
-                "c": {"steps": 500, "lr_factor": 30.0, "decay_sums": (0.0, 1.0, 10.0)},
+                "c": {"steps": 500, "lr_factor": 30.0,
+                      "arms": {"bf16-nearest": (0.0, 1.0, 10.0), "bf16-stochastic": (0.0, 10.0),
+                               "bf16-master24-states8": (0.0, 10.0)}},
                 "b": {"steps": 400, "batch": 32, "dim": 16, "hidden": 64, "classes": 5, "lr": 0.1,
                       "decay_sums": (0.0, 0.3, 3.0, 10.0), "sizes": (100, 1000, 12800), "test": 4095}},
     "quick": {"steps": 60, "lr": 3e-3, "seeds": 2,
               "lm": {"context": 16, "d": 16, "layers": 1, "heads": 2, "batch": 8},
               "decay_sums": (0.0, 1.0, 10.0),
-              "c": {"steps": 60, "lr_factor": 30.0, "decay_sums": (0.0, 10.0)},
+              "c": {"steps": 30, "lr_factor": 30.0,  # the other precisions at D = 10 only: test time
+                    "arms": {"bf16-nearest": (0.0, 10.0), "bf16-stochastic": (10.0,), "bf16-master24-states8": (10.0,)}},
               "b": {"steps": 100, "batch": 16, "dim": 8, "hidden": 16, "classes": 4, "lr": 0.1,
                     "decay_sums": (0.0, 10.0), "sizes": (50, 1600), "test": 1023}},
     "gpu": {"steps": 4000, "lr": 1e-3, "seeds": 3,
             "lm": {"context": 256, "d": 384, "layers": 6, "heads": 6, "batch": 32},
             "decay_sums": (0.0, 0.1, 0.3, 1.0, 3.0, 10.0),
-            "c": {"steps": 4000, "lr_factor": 30.0, "decay_sums": (0.0, 1.0, 3.0, 10.0)},
+            "c": {"steps": 4000, "lr_factor": 30.0,
+                  "arms": {"bf16-nearest": (0.0, 1.0, 3.0, 10.0), "bf16-stochastic": (0.0, 1.0, 3.0, 10.0),
+                           "bf16-master24-states8": (0.0, 1.0, 3.0, 10.0)}},
             "b": {"steps": 5000, "batch": 256, "dim": 64, "hidden": 512, "classes": 10, "lr": 0.1,
                   "decay_sums": (0.0, 0.3, 1.0, 3.0, 10.0), "sizes": (500, 5000, 50000, 1280000),
                   "test": 16383}},
@@ -105,10 +114,9 @@ def sweep(decay_sums, lr: float, steps: int, weight_decay: float | None, per_ste
 # ---------------------------------------------------------------------- language model (a, c)
 
 
-def _corpus(run: harness.Run, steps: int) -> torch.Tensor:
-    lm = run["lm"]
+def _corpus(run: harness.Run, steps: int, lm: dict) -> torch.Tensor:
     need = (steps * lm["batch"] + 1) * lm["context"] + 1
-    corpus = data.stdlib_corpus(need, run.args.data)
+    corpus = data.stdlib_corpus(need, getattr(run.args, "data", None))
     if corpus.shape[0] < need:
         raise ValueError(f"the corpus has {corpus.shape[0]} bytes; {steps} one-pass steps need {need}")
     return corpus
@@ -119,13 +127,19 @@ def matrix_norm(model: torch.nn.Module) -> float:
     return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters() if p.dim() >= 2))
 
 
-def train_lm(run: harness.Run, seed: int, wd: float, lr: float, steps: int, dtype, label: str, bar):
-    lm = run["lm"]
-    corpus = _corpus(run, steps)
+def train_lm(run: harness.Run, seed: int, wd: float, lr: float, steps: int, dtype, label: str, bar,
+             options: dict | None = None, lm: dict | None = None):
+    """One one-pass TinyGPT run (``lm``: its size, default the preset's; ``options``: extra
+    optimizer options, e.g. a ``wdopt precision`` arm's); returns the model and its results."""
+    lm = run["lm"] if lm is None else lm
+    corpus = _corpus(run, steps, lm)
     torch.manual_seed(seed)
     model = TinyGPT(lm["context"], lm["d"], lm["layers"], lm["heads"]).to(device=run.device, dtype=dtype)
     name = run.args.optimizer or "adamw"  # "sgd" is refused for parts a and c in run()
     extra = {"betas": BETAS} if name == "adamw" else {}
+    extra.update(options or {})
+    if extra.get("stochastic_rounding"):
+        extra.setdefault("rounding_seed", seed)
     opt = harness.make_optimizer(name, harness.param_groups(model, wd), lr, wd, run.args.backend, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, harness.warmup_schedule(steps, int(WARMUP * steps), "cosine"))
     batches = data.text_batches(corpus, lm["context"], lm["batch"], seed=seed + 1)
@@ -219,14 +233,16 @@ def run(args) -> dict:
         "a": sweep(run["decay_sums"], lr, steps, args.weight_decay),
         "b": sweep(cfg_b["decay_sums"], b_lr(cfg_b, run.args.optimizer or "sgd"), cfg_b["steps"], args.weight_decay,
                    per_step=1 - MOMENTUM if sgd_b else 1.0),
-        "c": sweep(cfg_c["decay_sums"], lr_c, steps_c, args.weight_decay),
     }
+    # Part c: per precision (a ``wdopt precision`` arm the backend can run), its own D points.
+    arms_c = c_arms(run, cfg_c["arms"]) if "c" in parts else []
+    points_c = {arm.label: sweep(cfg_c["arms"][arm.label], lr_c, steps_c, args.weight_decay) for arm in arms_c}
     sizes = list(cfg_b["sizes"])
     if "b" in parts and sizes[-1] < cfg_b["steps"] * cfg_b["batch"]:
         raise ValueError("the largest training set must be one pass (≥ steps × batch)")
     total = len(seeds) * ((steps * len(points["a"]) if "a" in parts else 0)
                           + (cfg_b["steps"] * len(sizes) * len(points["b"]) if "b" in parts else 0)
-                          + (steps_c * len(points["c"]) if "c" in parts else 0))
+                          + steps_c * sum(len(p) for p in points_c.values()))
     bar = run.progress(total, NAME)
     rows, weights = [], {}
 
@@ -234,18 +250,21 @@ def run(args) -> dict:
         if seed == seeds[0]:  # the first seed's final weights (all seeds' would be large)
             weights[label] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
-    def language_model(part, seed, lr_part, steps_part, dtype, name):  # parts a and c: one run per D
-        for d, wd in points[part]:
+    def language_model(part, seed, lr_part, steps_part, dtype, name, points_part, arm=None):  # a, c: a run per D
+        for d, wd in points_part:
             label = f"{name}D={d:g} seed={seed}"
             bar.set_postfix_str(label)
-            model, result = train_lm(run, seed, wd, lr_part, steps_part, dtype, label, bar)
+            model, result = train_lm(run, seed, wd, lr_part, steps_part, dtype, label, bar,
+                                     options=arm.options if arm is not None else None)
             keep(label, seed, model)
             rows.append({"part": part, "run": label, "decays": d, "weight_decay": wd, "seed": seed, "lr": lr_part,
-                         "steps": steps_part, "dtype": str(dtype).removeprefix("torch."), **result})
+                         "steps": steps_part, "dtype": str(dtype).removeprefix("torch."),
+                         **({"precision": arm.label, "options": dict(arm.options)} if arm is not None else {}),
+                         **result})
 
     for seed in seeds:
         if "a" in parts:
-            language_model("a", seed, lr, steps, torch.float32, "a ")
+            language_model("a", seed, lr, steps, torch.float32, "a ", points["a"])
         if "b" in parts:
             for n in sizes:
                 for d, wd in points["b"]:
@@ -255,8 +274,8 @@ def run(args) -> dict:
                     keep(label, seed, model)
                     rows.append({"part": "b", "run": label, "decays": d, "weight_decay": wd, "seed": seed,
                                  "steps": cfg_b["steps"], **result})
-        if "c" in parts:
-            language_model("c", seed, lr_c, steps_c, torch.bfloat16, "c bf16 ")
+        for arm in arms_c:
+            language_model("c", seed, lr_c, steps_c, arm.dtype, f"c {arm.label} ", points_c[arm.label], arm)
     bar.close()
     points_table = aggregate(rows)
     columns = ["part", "point", "decays", "weight_decay", "result", "vs_no_decay", "norm_ratio", "relaxation_times"]
@@ -265,15 +284,28 @@ def run(args) -> dict:
              f"each D; warm-up then cosine to 0; {len(seeds)} seeds per point, paired: vs_no_decay is the change "
              "against λ = 0 of the same seed, mean [min…max] over seeds. a: one-pass LM, "
              f"{lm_optimizer}, loss = mean training loss over the last 10% of steps. b: test error at a fixed budget "
-             "of steps × batch samples. c: bf16 parameters and state; runs diverged (non-finite loss) / spikes (loss > "
-             f"{SPIKE_FACTOR:g}× the median of the previous {SPIKE_WINDOW} steps), summed over seeds. norm_ratio: "
-             "‖W‖ of all matrices at the end over λ = 0's (mean over seeds). relaxation_times: 2D, the run in AdamW "
-             "relaxation times of ‖w‖²."]
+             "of steps × batch samples. c: bf16 parameters, stored as the point says (bf16-nearest: parameters and "
+             "states rounded to nearest; bf16-stochastic: stochastic rounding; bf16-master24-states8: a 24-bit master "
+             "weight and 8-bit states, stochastic rounding), each against its own λ = 0; runs diverged (non-finite "
+             f"loss) / spikes (loss > {SPIKE_FACTOR:g}× the median of the previous {SPIKE_WINDOW} steps), summed over "
+             "seeds. norm_ratio: ‖W‖ of all matrices at the end over λ = 0's (mean over seeds). relaxation_times: 2D, "
+             "the run in AdamW relaxation times of ‖w‖²."]
     summary = {"rows": rows, "points": points_table, "parts": list(parts), "seeds": seeds, "betas": BETAS,
-               "momentum": MOMENTUM, "spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW}
+               "momentum": MOMENTUM, "spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW,
+               "precisions": [{"label": a.label, "dtype": str(a.dtype).removeprefix("torch."), "options": a.options,
+                               "about": a.about, "decays": [d for d, _ in points_c[a.label]]} for a in arms_c]}
     return run.finish(summary, points_table, columns, weights=weights, notes=notes,
                       verdict=verdict_sentences(points_table),
                       plots=lambda out: _plots(out, run.metrics, rows, points_table))
+
+
+def c_arms(run: harness.Run, labels) -> list:
+    """Part c's precisions: ``wdopt precision``'s arms of these labels, those the backend cannot
+    run left out with a note (imported here: precision imports this module)."""
+    from . import precision
+
+    by = {a.label: a for a in precision.ARMS}
+    return precision.check_arms(run, [by[label] for label in labels], explicit=False, name=NAME)
 
 
 # ---------------------------------------------------------------------- aggregation and verdicts
@@ -286,17 +318,25 @@ def _spread(values: list[float], fmt: str = "+.3f") -> str:
     return f"{mean:{fmt}} [{min(values):{fmt}}…{max(values):{fmt}}]"
 
 
+def _group(row: dict) -> tuple:
+    """What a row is compared within: its part, training-set size (b) and precision (c)."""
+    return row["part"], row.get("train_size", 0), row.get("precision", "")
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per (part, training-set size, D): the metric over seeds and its paired change
-    against λ = 0 of the same seed (lower is better for every part's metric)."""
+    """One row per (part, training-set size or precision, D): the metric over seeds and its paired
+    change against λ = 0 of the same seed and group (lower is better for every part's metric)."""
     out = []
-    keys = sorted({(r["part"], r.get("train_size", 0), r["decays"]) for r in rows})
-    for part, size, d in keys:
-        mine = [r for r in rows if (r["part"], r.get("train_size", 0), r["decays"]) == (part, size, d)]
-        base = {r["seed"]: r for r in rows if (r["part"], r.get("train_size", 0), r["decays"]) == (part, size, 0.0)}
-        point = {"part": part, "point": f"n={size}" if part == "b" else ("bf16" if part == "c" else "LM"),
+    order = {p: i for i, p in enumerate(dict.fromkeys(r.get("precision", "") for r in rows))}  # as they ran
+    keys = sorted({(*_group(r), r["decays"]) for r in rows}, key=lambda k: (k[0], k[1], order[k[2]], k[3]))
+    for part, size, precision, d in keys:
+        mine = [r for r in rows if (*_group(r), r["decays"]) == (part, size, precision, d)]
+        base = {r["seed"]: r for r in rows if (*_group(r), r["decays"]) == (part, size, precision, 0.0)}
+        point = {"part": part, "point": f"n={size}" if part == "b" else (precision or "bf16") if part == "c" else "LM",
                  "decays": d, "weight_decay": mine[0]["weight_decay"], "relaxation_times": 2 * d,
                  "seeds": [r["seed"] for r in mine]}
+        if part == "c":
+            point["precision"] = precision
         if part == "b":
             point.update(train_size=size, one_pass=mine[0]["one_pass"], epochs=mine[0]["epochs"])
         metric = "test_error" if part == "b" else "final_loss"
@@ -356,17 +396,58 @@ def verdict_sentences(points: list[dict]) -> list[str]:
         out.append("b: test error with weight decay against λ = 0 — " + "; ".join(pieces))
     c = [p for p in points if p["part"] == "c"]
     if c:
-        events = "; ".join(f"D = {p['decays']:g}: {p['diverged']}/{len(p['seeds'])} diverged, {p['spikes']} spikes"
-                           for p in c)
-        base = next((p for p in c if p["decays"] == 0), None)
-        if not any(p["diverged"] or p["spikes"] for p in c):
-            out.append(f"c: no bf16 run spiked or diverged at any D, so stability could not be compared ({events})")
-        else:
-            fewer = [p["decays"] for p in c if base is not None and p["decays"] > 0 and p["diverged"] < base["diverged"]]
-            out.append(f"c: {events}; weight decay reduced divergences {_where(fewer)}")
-        decayed = [p for p in c if p["decays"] > 0]
+        out += _c_sentences(c)
+    return out
+
+
+def _c_sentences(c: list[dict]) -> list[str]:
+    """Part c per precision: divergences and spikes with and without decay, what decay did to the
+    final loss; then each precision against bf16 rounded to nearest at the same D and seed."""
+    out = []
+    precisions = list(dict.fromkeys(p.get("precision", "bf16") for p in c))
+    by = {name: [p for p in c if p.get("precision", "bf16") == name] for name in precisions}
+
+    def events(mine):
+        return "; ".join(f"D = {p['decays']:g}: {p['diverged']}/{len(p['seeds'])} diverged, {p['spikes']} spikes"
+                         for p in mine)
+
+    if not any(p["diverged"] or p["spikes"] for p in c):
+        out.append("c: no bf16 run spiked or diverged at any D" + (" in any precision" if len(by) > 1 else "")
+                   + ", so stability could not be compared ("
+                   + " | ".join((f"{name}: " if len(by) > 1 else "") + events(mine) for name, mine in by.items()) + ")")
+    for name, mine in by.items():
+        tag = f"c, {name}" if len(by) > 1 else "c"
+        if any(p["diverged"] or p["spikes"] for p in c):
+            base = next((p for p in mine if p["decays"] == 0), None)
+            fewer = [p["decays"] for p in mine if base is not None and p["decays"] > 0 and p["diverged"] < base["diverged"]]
+            out.append(f"{tag}: {events(mine)}; weight decay reduced divergences {_where(fewer)}")
+        decayed = [p for p in mine if p["decays"] > 0 and p["changes"]]  # those with a λ = 0 run to pair with
         if decayed:
-            out.append(_loss_sentence(decayed, "c (bf16 at 30× the lr)"))
+            out.append(_loss_sentence(decayed, f"{tag} (bf16 at 30× the lr)"))
+    norms = [f"{name} " + ", ".join(f"×{p['norm_ratio']:.2f} at D = {p['decays']:g}" for p in mine
+                                    if p["decays"] > 0 and p["changes"])
+             for name, mine in by.items() if any(p["decays"] > 0 and p["changes"] for p in mine)]
+    if len(by) > 1 and norms:
+        out.append("c: matrix norms at the end relative to the same precision's λ = 0: " + "; ".join(norms))
+    reference = by.get("bf16-nearest")
+    if reference:
+        for name, mine in by.items():
+            if name == "bf16-nearest":
+                continue
+            parts = []
+            for p in mine:
+                ref = next((q for q in reference if q["decays"] == p["decays"]), None)
+                if ref is None:
+                    continue
+                own = dict(zip(p["seeds"], p["values"]))
+                changes = [own[s] - v for s, v in zip(ref["seeds"], ref["values"]) if s in own]
+                if changes:
+                    verdict = _judge(changes)
+                    word = {"holds": "lower for every seed", "reversed": "higher for every seed",
+                            "noise": "seeds disagree"}[verdict]
+                    parts.append(f"{_spread(changes, '+.4f')} at D = {p['decays']:g} ({word})")
+            if parts:
+                out.append(f"c, {name}: final loss minus bf16-nearest's at the same D and seed: " + "; ".join(parts))
     return out
 
 
@@ -386,42 +467,50 @@ def _plots(out, metrics, rows, points) -> list[str]:
     plt = harness.pyplot()
     written = []
     first_seed = min(r["seed"] for r in rows)
-    lm_runs = [r["run"] for r in rows if r["part"] in ("a", "c") and r["seed"] == first_seed]
+    lm_runs = [r for r in rows if r["part"] in ("a", "c") and r["seed"] == first_seed]
     if lm_runs:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for i, label in enumerate(lm_runs):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        # a solid; c by precision: nearest dashed, stochastic dotted, compensated dash-dotted; colour by D
+        styles = dict(zip(dict.fromkeys(r.get("precision", "bf16") for r in lm_runs if r["part"] == "c"),
+                          ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))))
+        colours = {d: f"C{i % 10}" for i, d in enumerate(sorted({r["decays"] for r in lm_runs}))}
+        for r in lm_runs:
+            label = r["run"]
             pts = [(m["step"], m["loss"]) for m in metrics if m["run"] == label and math.isfinite(m["loss"])]
             k = max(1, len(pts) // 100)  # smooth: mean of k consecutive steps
             xs = [pts[j][0] for j in range(k - 1, len(pts), k)]
             ys = [sum(p[1] for p in pts[j - k + 1:j + 1]) / k for j in range(k - 1, len(pts), k)]
-            ax.plot(xs, ys, lw=1, color=f"C{i % 10}", ls="-" if label.startswith("a") else "--",
+            ax.plot(xs, ys, lw=1, color=colours[r["decays"]],
+                    ls="-" if r["part"] == "a" else styles[r.get("precision", "bf16")],
                     label=label.removesuffix(f" seed={first_seed}"))
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (smoothed)")
-        ax.set_title(f"(a) one-pass LM, float32 (solid); (c) bfloat16 (dashed); seed {first_seed}", fontsize=9)
+        ax.set_title(f"(a) one-pass LM, float32 (solid); (c) bfloat16 at 30× the lr, by precision (broken "
+                     f"lines); colour: D; seed {first_seed}", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
         written.append(harness.savefig(fig, out / "lm_loss.png"))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, part, title in zip(axes, ("a", "b", "c"), ("(a) LM: final loss − λ=0's", "(b) test error − λ=0's",
-                                                      "(c) bf16, 30× lr: final loss − λ=0's")):
+                                                      "(c) bf16, 30× lr: final loss − λ=0's, per precision")):
         mine = [p for p in points if p["part"] == part]
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("D = Σ η·λ (decay time constants)")
         ax.set_xscale("symlog", linthresh=0.1)
-        for i, size in enumerate(sorted({p.get("train_size", 0) for p in mine})):
+        groups = list(dict.fromkeys(p.get("train_size", p.get("precision", 0)) for p in mine))
+        for i, group in enumerate(groups):
             # mean and seed range; a diverged run (an infinite change) is left out of the plot
-            pts = [p for p in mine if p.get("train_size", 0) == size and p["decays"] > 0
-                   and all(math.isfinite(c) for c in p["changes"])]
+            pts = [p for p in mine if p.get("train_size", p.get("precision", 0)) == group and p["decays"] > 0
+                   and p["changes"] and all(math.isfinite(c) for c in p["changes"])]
             if not pts:
                 continue
-            xs = [p["decays"] for p in pts]
+            xs = [p["decays"] * (1 + 0.04 * i) for p in pts]  # side by side where groups share a D
             means = [sum(p["changes"]) / len(p["changes"]) for p in pts]
             lows = [m - min(p["changes"]) for m, p in zip(means, pts)]
             highs = [max(p["changes"]) - m for m, p in zip(means, pts)]
             ax.errorbar(xs, means, yerr=[lows, highs], fmt="o-", color=f"C{i}", capsize=3,
-                        label=f"n={size}" if part == "b" else None)
+                        label=f"n={group}" if part == "b" else group if part == "c" else None)
         ax.axhline(0, color="black", lw=0.8)
-        if part == "b" and mine:
+        if part in ("b", "c") and len(groups) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(harness.savefig(fig, out / "sweep.png"))
