@@ -248,7 +248,9 @@ def test_kernels_fit_in_registers_at_sm90(ptx, case_id):
     # 256; none at 3.9), not pressure: allowed there, up to 16 bytes. So for the monitored steps of
     # compensated parameters: bf16 AdamW with a 32-bit master spills 8 bytes at 64 registers (block
     # 512) and at 48 (block 256), where the 24-bit one holds 70 and none (triton 3.9).
-    allowed = 16 if case_id.endswith("-statistics") or ("master" in case_id and case_id.endswith("-telemetry")) else 0
+    # The 8-bit SGD kernel likewise: 8 bytes at 64 registers with triton 3.8, none with 3.9.
+    allowed = 16 if case_id.endswith(("-statistics", "states8")) or \
+        ("master" in case_id and case_id.endswith("-telemetry")) else 0
     assert spilled <= allowed, f"{case_id}: {spilled} bytes of spill stores and loads ({registers} registers)"
     if not case_id.startswith("rotational"):
         assert registers <= 128, f"{case_id}: {registers} registers a thread (at most 128 keeps occupancy)"
