@@ -380,3 +380,27 @@ def test_auto_on_cuda_says_once_how_to_build_the_cuda_kernels(monkeypatch):
     messages = [str(w.message) for w in caught if "C++/CUDA kernels are not built" in str(w.message)]
     assert len(messages) == 1 and "c.load()" in messages[0]
     assert backends.auto_backend("cuda", build=False) == "triton"  # reports (wdopt env) stay quiet
+
+
+def test_auto_on_cuda_takes_a_finished_build_from_the_cache(monkeypatch):
+    """A new process has loaded nothing, but a finished JIT build in the cache loads without
+    compiling: "auto" takes the CUDA kernels then, and says nothing (on the H200, 2026-11-28,
+    every process after the build fell back to Triton with the how-to-build warning)."""
+    import warnings
+
+    from wdopt import backends
+    from wdopt.kernels import cpp
+
+    loaded = []
+    monkeypatch.setattr(backends, "available_backends", lambda device: ["cuda", "triton", "reference"])
+    monkeypatch.setattr(cpp, "has_cuda_kernels", lambda: bool(loaded))
+    monkeypatch.setattr(cpp, "prebuilt_available", lambda: False)
+    monkeypatch.setattr(cpp, "load_if_built", lambda: loaded.append(True) or True)
+    monkeypatch.setattr(cpp, "load", lambda verbose=False: None)
+    monkeypatch.setattr(backends, "_warned", set())
+    assert backends.auto_backend("cuda", build=False) == "triton"  # reports load nothing
+    assert not loaded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.auto_backend("cuda") == "cuda"
+    assert loaded and not [w for w in caught if "not built" in str(w.message)]

@@ -99,7 +99,10 @@ def auto_backend(device, build: bool = True) -> str:
     for backend in available_backends(device):
         if backend == "triton" and device_type != "cuda":
             continue
-        if backend == "cuda" and not (cpp.has_cuda_kernels() or cpp.prebuilt_available()):
+        # A finished JIT build in the cache loads in a second: "auto" takes it (a fresh process
+        # has loaded nothing yet; on the H200, 2026-11-28, every later process fell back to Triton).
+        if backend == "cuda" and not (cpp.has_cuda_kernels() or cpp.prebuilt_available()
+                                      or (build and cpp.load_if_built() and cpp.has_cuda_kernels())):
             if build:
                 _warn_once("cuda-not-built", CUDA_NOT_BUILT)
             continue

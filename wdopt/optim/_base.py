@@ -189,6 +189,18 @@ class FusedOptimizer(Optimizer):
     #: GradScaler then hands over ``grad_scale``/``found_inf`` and kernels unscale in place.
     _step_supports_amp_scaling = True
 
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        self._fresh_caches()
+        super().__init__(params, defaults)
+
+    def _fresh_caches(self) -> None:
+        """The step driver's caches, made here rather than on first use: torch.compile (dynamo, torch
+        2.11 on the H200, 2026-11-28) refuses a ``__dict__`` write inside a traced step."""
+        self.__dict__["_checked"] = {}
+        self.__dict__["_group_checks"] = {}
+        self.__dict__.setdefault("_monitors", [])
+        self.__dict__.setdefault("_rng_increments", {})
+
     # ------------------------------------------------------------------ groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -245,8 +257,7 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Loaded state is checked again at the next step (required keys, layout, overlaps).
-        self.__dict__.pop("_checked", None)
-        self.__dict__.pop("_group_checks", None)
+        self._fresh_caches()
         self.__dict__.pop("_fast", None)
         # Groups saved by torch.optim or older wdopt versions lack wdopt's options.
         for group in self.param_groups:
@@ -522,7 +533,7 @@ class FusedOptimizer(Optimizer):
         if not rngs:
             return
         device = rngs[0].device
-        increments = self.__dict__.setdefault("_rng_increments", {})
+        increments = self._rng_increments
         one = increments.get(device)
         if one is None:
             one = increments[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
