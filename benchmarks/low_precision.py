@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wdopt  # noqa: E402
+from wdopt import backends  # noqa: E402
 from wdopt.env import cpu_model  # noqa: E402
 from wdopt.bench.shapes import HYPER, gpt2_small_shapes  # noqa: E402
 
@@ -205,6 +206,9 @@ def main(argv=None) -> None:
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else cpu_model()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}, "
           f"wdopt {wdopt.__version__}")
+    # Arms that name no backend take "auto"; say which it is (on the H200, 2026-11-28, a process
+    # that had not loaded the built CUDA kernels yet took Triton for its first arms).
+    print(f"# wdopt arms without '(backend)': backend='auto' = {backends.resolve('auto', args.device)!r}")
     for shape_set in (SHAPES if args.shapes == "all" else [args.shapes]):
         print(f"\n## {shape_set} ({args.iters} interleaved iterations)\n")
         print("| arm | median ms | × torch fused fp32 | resident B/param | moved B/param |")
