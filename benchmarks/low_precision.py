@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wdopt  # noqa: E402
 from wdopt import backends  # noqa: E402
-from wdopt.env import cpu_model  # noqa: E402
 from wdopt.bench.shapes import HYPER, gpt2_small_shapes  # noqa: E402
+from wdopt.env import cpu_model  # noqa: E402
 
 SHAPES = {"gpt2": gpt2_small_shapes, "cache": lambda: [(16384,)] * 16}
 
