@@ -68,8 +68,9 @@ def extension():
     kind = CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        # No -std: BuildExtension adds the standard this torch's headers need.
-        flags["nvcc"] = ["-O3", "--fmad=false"]
+        # No -std: BuildExtension adds the standard this torch's headers need. -compress-all: as
+        # wdopt/kernels/cpp.py's NVCC_FLAGS says, else each architecture ships ~20 MB uncompressed.
+        flags["nvcc"] = ["-O3", "--fmad=false", "-Xfatbin=-compress-all"]
         kind = CUDAExtension
     # at::parallel_for is inline OpenMP: link torch's own OpenMP runtime (one thread pool).
     bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))

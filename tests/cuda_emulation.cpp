@@ -1,8 +1,12 @@
-// The CUDA engine's host emulation: csrc/cuda/kernels.cu compiled by the host compiler with
-// WDOPT_HOST_EMULATION, behind a C interface that tests/test_cuda_sources.py calls through ctypes
-// to run every launcher on CPU memory against the reference. Built by that test, never shipped.
-#define WDOPT_HOST_EMULATION 1
-#include "kernels.cu"
+// The CUDA engine's host emulation: csrc/cuda/*.cu compiled by the host compiler with
+// WDOPT_HOST_EMULATION, each file separately, and linked with this C interface, which
+// tests/test_cuda_sources.py calls through ctypes to run every launcher on CPU memory against the
+// reference. Built by that test, never shipped. The headers below only give the tables' capacities.
+#ifndef WDOPT_HOST_EMULATION
+#error "build with -DWDOPT_HOST_EMULATION=1, as the .cu files it links with (tests/test_cuda_sources.py)"
+#endif
+#include "optimizers.cuh"
+#include "quantized.cuh"
 
 namespace wc = wdopt::cuda;
 namespace {

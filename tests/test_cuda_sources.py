@@ -1,12 +1,14 @@
 """The CUDA backend's sources on any machine, GPU or not.
 
-* csrc/cuda/kernels.cu compiles with nvcc for sm_90 (and sm_80 with WDOPT_TEST_CUDA_ARCHS="80 90")
-  with the flags the extension is
-  built with, without a warning, spill or local-memory use; its PTX has the properties speed and
-  exactness rest on (16-byte vector accesses, IEEE division/square root, no FMA contraction).
+* Every csrc/cuda/*.cu compiles with nvcc for sm_90 (and sm_80 with WDOPT_TEST_CUDA_ARCHS="80 90")
+  with the flags the extension is built with, one nvcc run per file as the extension's build runs
+  them, without a warning, spill or local-memory use; their PTX has the properties speed and
+  exactness rest on (16-byte vector accesses, IEEE division/square root, no FMA contraction), and
+  every kernel is built by exactly one of them.
 * csrc/cuda/binding.cpp passes the host compiler's syntax check against torch's headers.
-* The engine's logic runs on the CPU: kernels.cu built with WDOPT_HOST_EMULATION executes every
-  launch as host loops over blocks and threads, and must reproduce the reference bit for bit
+* The engine's logic runs on the CPU: the .cu files built with WDOPT_HOST_EMULATION, each
+  separately as in the extension's build, and linked together, execute every launch as host
+  loops over blocks and threads, and must reproduce the reference bit for bit
   (chunking, tails, misaligned tensors, table batching, step counts, GradScaler, capturable lr,
   stochastic rounding's bits).
 
@@ -30,6 +32,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,9 @@ from wdopt.reference import telemetry as reference_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-KERNELS = CUDA_DIR / "kernels.cu"
+# The translation units of the CUDA kernels (csrc/cuda/common.cuh says how they are split), as
+# the extension's build (wdopt/kernels/cpp.py, setup.py) gathers them.
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 BINDING = CUDA_DIR / "binding.cpp"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -54,10 +59,10 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
 # The language standard of the torch under test, as torch's builder passes it when it builds the
 # extension (c++20 from torch 2.13's builder on; torch 2.14's headers need it).
 CXX_STD = f"-std={cxx_standard()}"
-NVCC_FLAGS = [CXX_STD, "--fmad=false", "-O3"]
+NVCC_FLAGS = [CXX_STD, "--fmad=false", "-O3", "-Xfatbin=-compress-all"]
 # The architectures compiled: sm_90 (H100/H200, the GPUs the project is checked on), and sm_80 on
 # request. Each adds about 75 s of CPU to the suite since the 8-bit kernels (2026-11-28, AMD EPYC);
-# nothing in kernels.cu is specific to either, but their register allocation differs, so a
+# nothing in the kernels is specific to either, but their register allocation differs, so a
 # change to launch bounds or register use is worth the run with both.
 ARCHS = tuple(int(a) for a in os.environ.get("WDOPT_TEST_CUDA_ARCHS", "90").split())
 
@@ -96,41 +101,71 @@ def _cuda_includes(nvcc: str) -> list[str]:
 # ------------------------------------------------------------------------------------ nvcc build
 
 
+# Compiles run two at a time when this process has the cores to itself (CI's machine has 2): the
+# file's wall time then drops by a sixth, for a quarter more CPU (contention; 2026-11-28, AMD EPYC).
+# Under pytest-xdist the other workers keep the cores busy: one at a time.
+JOBS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+
+
+def _in_parallel(function, items):
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        return list(pool.map(function, items))
+
+
 @pytest.fixture(scope="module")
 def nvcc_build(tmp_path_factory):
-    """One nvcc run for the architectures of ARCHS, keeping the PTX."""
+    """One nvcc run per .cu file for the architectures of ARCHS, keeping the PTX, each in its own
+    folder: {stem: (result, folder)}."""
     nvcc = _nvcc()
     out = tmp_path_factory.mktemp("nvcc")
     gencode = []
     for arch in ARCHS:
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    # Device code only (--fatbin: PTX and cubins, no host object): the host side of kernels.cu is
-    # compiled with -Wall -Wextra by the emulation build below, which fails on any warning.
-    cmd = [nvcc, *NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, "--threads", "2", "-Xcompiler", "-Wall",
-           "-Xptxas", "-warn-spills,-warn-lmem-usage,-v", "--keep", "--keep-dir", str(out),
-           "--fatbin", str(KERNELS), "-o", str(out / "kernels.fatbin")]
-    # About 75 s of CPU an architecture (2 threads); the limit only guards against a hang, with
-    # room for a busy machine.
-    result = _run(cmd, cwd=out, timeout=600)
-    return result, out
+
+    def compile_one(source: Path):
+        folder = out / source.stem
+        folder.mkdir()
+        # Device code only (--fatbin: PTX and cubins, no host object): the host side of the files
+        # is compiled with -Wall -Wextra by the emulation build below, which fails on any warning.
+        cmd = [nvcc, *NVCC_FLAGS, *TORCH_NVCC_FLAGS, *gencode, "-Xcompiler", "-Wall",
+               "-Xptxas", "-warn-spills,-warn-lmem-usage,-v", "--keep", "--keep-dir", str(folder),
+               "--fatbin", str(source), "-o", str(folder / f"{source.stem}.fatbin")]
+        # About 75 s of CPU an architecture for all the files together, no more than kernels.cu alone
+        # took before the split, and 20 s for the longest (2026-11-28, AMD EPYC); the limit only
+        # guards against a hang, with room for a busy machine.
+        return source.stem, (_run(cmd, cwd=folder, timeout=600), folder)
+
+    return dict(_in_parallel(compile_one, SOURCES))
 
 
 def test_kernels_compile_without_warnings(nvcc_build):
-    result, out = nvcc_build
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"nvcc failed ({result.returncode}):\n{log[-6000:]}"
-    assert (out / "kernels.fatbin").stat().st_size > 0
-    # Rotational row kernels: ptxas has spilled a few bytes around the IEEE division's slow-path
-    # call (fp32 AdamW before pass 1 summed in double; none with CUDA 13 now, min-blocks hints
-    # included): tolerated up to 32 bytes there, nowhere else.
-    rotational = "RotationalRowKernel"
-    warnings = [line for line in log.splitlines() if "warning" in line.lower() and rotational not in line]
-    assert not warnings, "\n".join(warnings[:20])
-    # ptxas -v: no kernel may use a stack frame (the tensor table must stay in parameter space).
-    frames = re.findall(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores", log)
-    assert frames, log[-3000:]
-    assert all((f, s) == ("0", "0") for name, f, s in frames if rotational not in name), sorted(set(frames))
-    assert all(int(f) <= 32 and int(s) <= 32 for name, f, s in frames), sorted(set(frames))
+    for stem, (result, out) in nvcc_build.items():
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, f"nvcc failed on {stem}.cu ({result.returncode}):\n{log[-6000:]}"
+        assert (out / f"{stem}.fatbin").stat().st_size > 0, stem
+        # Rotational row kernels: ptxas has spilled a few bytes around the IEEE division's slow-path
+        # call (fp32 AdamW before pass 1 summed in double; none with CUDA 13 now, min-blocks hints
+        # included): tolerated up to 32 bytes there, nowhere else.
+        rotational = "RotationalRowKernel"
+        warnings = [line for line in log.splitlines() if "warning" in line.lower() and rotational not in line]
+        assert not warnings, f"{stem}.cu:\n" + "\n".join(warnings[:20])
+        # ptxas -v: no kernel may use a stack frame (the tensor table must stay in parameter space).
+        frames = re.findall(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores",
+                            log)
+        assert frames, f"{stem}.cu:\n{log[-3000:]}"
+        assert all((f, s) == ("0", "0") for name, f, s in frames if rotational not in name), sorted(set(frames))
+        assert all(int(f) <= 32 and int(s) <= 32 for name, f, s in frames), sorted(set(frames))
+
+
+def _kernel_name(entry: str) -> str:
+    """A PTX entry's mangled name without its translation unit: nvcc names the anonymous namespace
+    after the file (``43_GLOBAL__N__4de237a3_10_kernels_cu_55ff2810``, the length first), so that
+    the same kernel built by two files reads the same."""
+    m = re.search(r"(\d+)_GLOBAL__N_", entry)
+    if m is None:
+        return entry
+    end = m.end(1) + int(m.group(1))
+    return entry[:m.start()] + "_GLOBAL__N_" + entry[end:]
 
 
 def _ptx_entries(out: Path, arch: int) -> dict[str, str]:
@@ -142,15 +177,26 @@ def _ptx_entries(out: Path, arch: int) -> dict[str, str]:
     entries = {}
     for m in re.finditer(r"^(?:\.visible\s+)?\.entry\s+(\S+)\(", text, re.M):
         body = text[m.end(): text.index("\n}", m.end())]
-        entries[m.group(1)] = body
+        entries[_kernel_name(m.group(1))] = body
+    return entries
+
+
+def _all_ptx_entries(nvcc_build, arch: int) -> dict[str, str]:
+    """The kernels of every file's PTX, each built by exactly one file: a kernel instantiated by
+    two would cost nvcc twice and ship twice (anonymous namespaces do not clash)."""
+    entries, built_by = {}, {}
+    for stem, (result, out) in sorted(nvcc_build.items()):
+        assert result.returncode == 0, f"{stem}.cu: " + (result.stdout + result.stderr)[-3000:]
+        for name, body in _ptx_entries(out, arch).items():
+            assert name not in built_by, f"{name} is built by both {built_by[name]}.cu and {stem}.cu"
+            built_by[name] = stem
+            entries[name] = body
     return entries
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
-    result, out = nvcc_build
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    entries = _ptx_entries(out, arch)
+    entries = _all_ptx_entries(nvcc_build, arch)
     updates = {k: v for k, v in entries.items() if "UpdateKernel" in k}
     # AdamW (4 dtypes x amsgrad), SGD (4 dtypes x 6 momentum/nesterov/decoupled cases), Lion (4 dtypes),
     # each once more with stochastic rounding for bf16 and fp16 (half the count), and the bf16
@@ -242,7 +288,7 @@ SHIM = Path(__file__).with_name("cuda_emulation.cpp")
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """kernels.cu in host-emulation mode, built by the host compiler into a shared library."""
+    """The .cu files in host-emulation mode, built by the host compiler into a shared library."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
@@ -259,15 +305,26 @@ def emu(tmp_path_factory):
     # the row kernels read the shared reduction slots as M or as double, phase by phase.
     # -O0: the emulated kernels run small tensors. Measured (2026-11-28, AMD EPYC, with the 8-bit
     # kernels): -O1 builds in 60 s of CPU and runs the emulated tests in 24 s, -O0 in 25 s and 34 s.
-    cmd = [compiler, CXX_STD, "-O0", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall",
-           "-Wextra",
-           f"-I{CUDA_DIR}", *[f"-isystem{d}" for d in includes], str(out / "shim.cpp"), "-o", str(out / "emu.so")]
-    # About 25 s of CPU on an idle machine; as for nvcc,
-    # the limit only guards against a hang, with room for a busy machine (the nvcc build beside it).
-    result = _run(cmd, cwd=out, timeout=600)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
-    assert "warning" not in log.lower(), log[-6000:]
+    flags = [CXX_STD, "-O0", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-Wall", "-Wextra",
+             "-DWDOPT_HOST_EMULATION=1", f"-I{CUDA_DIR}", *[f"-isystem{d}" for d in includes]]
+    # Each file its own object, linked together, as the extension's build does: a file that leans on
+    # another's includes, or state of which each file would hold its own copy (the launch counter),
+    # fails here.
+    units = [*SOURCES, out / "shim.cpp"]
+
+    def compile_one(source: Path):
+        # About 35 s of CPU for all on an idle machine (27 s as one file, before the split; 2026-11-28,
+        # AMD EPYC); as for nvcc, the limit only guards against a hang, with room for a busy machine.
+        return _run([compiler, *flags, "-x", "c++", "-c", str(source), "-o", str(out / f"{source.stem}.o")], cwd=out,
+                    timeout=600)
+
+    results = _in_parallel(compile_one, units)
+    results.append(_run([compiler, "-shared", *[str(out / f"{u.stem}.o") for u in units], "-o", str(out / "emu.so")],
+                        cwd=out, timeout=120))
+    for unit, result in zip([*units, Path("emu.so")], results):
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, f"{unit.name}:\n{log[-6000:]}"
+        assert "warning" not in log.lower(), f"{unit.name}:\n{log[-6000:]}"
     lib = ctypes.CDLL(str(out / "emu.so"))
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     grad_args = [P, I, P, I, P, I]  # lr_tensor, grad_scale, found_inf: (pointer, is_double)

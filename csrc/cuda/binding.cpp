@@ -1,6 +1,6 @@
 // CUDA implementations of the wdopt operators declared in csrc/ops.cpp: checks the call contract,
 // turns the tensors into the plain pointer tables of launchers.h and launches on the current
-// stream of the tensors' device. No kernel code here (csrc/cuda/kernels.cu), no torch there.
+// stream of the tensors' device. No kernel code here (csrc/cuda/*.cu), no torch there.
 //
 // Only c10/cuda headers are included (not ATen/cuda/CUDAContext.h, which pulls in cuSPARSE and
 // cuBLAS headers): the stream and the device guard are all this file needs.

@@ -1,7 +1,66 @@
 // What every engine of csrc/cuda shares: constants, the kernel-argument budget, scalars and
 // storage rounding, 16-byte packs, launching (device or host emulation), dtype dispatch, and the
-// binary search by which a block finds its table entry. Included by kernels.cu only (one
-// translation unit).
+// binary search by which a block finds its table entry.
+//
+// Translation units: the engines live in headers (this one; update.cuh, the element-wise update
+// engine; rows.cuh and telemetry.cuh, monitored updates row by row; quantized.cuh, 8-bit states;
+// rotational.cuh, the rotational row engine), the optimizers' Ops in optimizers.cuh, and the
+// launchers of launchers.h in the .cu files that instantiate the kernels: adamw.cu, sgd.cu (with
+// sgd_l2.cu, SGD's L2 kernels), lion.cu and rotational.cu. One file held them all until its nvcc
+// run alone outlasted the rest of a 16-core build (84 s); torch's builder runs nvcc once per file,
+// in parallel, and the files are cut to cost it about the same (15 to 20 s each on one core, 80 in
+// all as before, 2026-11-28). Everything in these headers is in an anonymous namespace (each file
+// its own copy, no symbol shared between files by accident) except the launch counter below, of
+// which there must be one. No torch headers: csrc/cuda/binding.cpp turns torch tensors into the
+// plain tables of launchers.h.
+//
+// Design
+// ------
+// * Work unit: one thread block updates one (tensor, chunk) pair; a chunk is kChunkBytes of each
+//   stream (param, grad, state...), so every block moves the same number of bytes whatever the
+//   dtype. Blocks are numbered tensor after tensor; ``UpdateTable::block_begin`` is the prefix
+//   sum of chunk counts and a block finds its tensor by binary search over it (uniform across the
+//   block, so every lookup is a broadcast from the constant bank). One launch therefore covers
+//   any number of chunks: the launch count depends only on how many tensors fit in one table.
+// * Tables travel in the kernel arguments (up to 32 KB since CUDA 12.1 on sm_70+, a few hundred
+//   tensors per launch), so a step performs no host-to-device copy: launches are asynchronous and
+//   can be captured in a CUDA graph, which then replays with the same addresses and reads lr,
+//   steps, grad_scale and found_inf from the device.
+// * AdamW's step race: every block of a tensor needs the same step count t, but the step must be
+//   advanced exactly once. A first tiny kernel reads each step, writes t = step + 1 back (one
+//   thread per tensor, so no other thread reads it) and stores the per-tensor coefficients,
+//   computed in double from the exact hyperparameters by ``adamw_coefficients``, into a scratch
+//   buffer; the element-wise kernel, ordered after it on the stream, reads only the scratch.
+//   SGD and Lion coefficients depend on lr alone: each block computes them itself.
+// * Memory movement is shared: ``update_block`` loads Op::kDepth streams, converts to the math
+//   type, unscales/negates the gradient (stream 1), calls the optimizer's element-wise function
+//   from csrc/include/wdopt/*.h, rounds to the storage type and stores the streams the optimizer
+//   writes. Full 16-byte vectors are used when every stream of the tensor is 16-byte aligned,
+//   with a scalar tail; misaligned tensors (views) take the scalar path. Offsets are int64 across
+//   chunks and int32 inside one.
+// * Stochastic rounding (``rng`` given, bf16/fp16): the same engines built with SR = true, whose
+//   tables carry each tensor's [key, count] pointer; a block hashes its tensor's lane words once
+//   (Rounding) and each store hashes the element's offset in the tensor, so the bits are the
+//   reference's whatever the chunking. The round-to-nearest kernels are built as before.
+// * Compensated bf16 parameters (``corrections`` given): the bf16 engines built with MASTER = 32
+//   or 24 (int16 or int8 corrections), whose tables carry each parameter's correction pointer;
+//   stream 0 is loaded as the fp32 master weight (Compensation), updated as an fp32 parameter
+//   value would be, and stored split. A parameter's 16-byte vector goes with one 16- or 8-byte
+//   vector of its corrections; a misaligned correction takes the scalar path.
+// * 8-bit states (``scales`` given): quantized.cuh's engine, the same Ops (their update and the
+//   math of csrc/include/wdopt), a chunk's states decoded block by block with their old scales,
+//   updated, and encoded with the new ones; monitored, TelemetryKernel measures first (QUANT).
+// * Bit-for-bit agreement with the CPU backend needs IEEE division and square root (no fast
+//   math) and no FMA contraction: build with --fmad=false. The reference (wdopt/reference) then
+//   agrees bit for bit too: it takes correctly rounded square roots, as this code does.
+//
+// Host emulation: with WDOPT_HOST_EMULATION defined, no device code is built and every "launch"
+// runs the same block bodies in host loops over blocks and threads, on host memory. Tests use it
+// to check the engine's indexing, tails and step logic against the reference without a GPU
+// (the update bodies use neither shared memory nor barriers, so their emulation is exact; the row
+// engines' and the 8-bit engine's phases run one after another per block, so only a GPU run can
+// show a missing barrier).
+
 #pragma once
 
 #include "launchers.h"
@@ -35,9 +94,13 @@
 #error "wdopt's CUDA kernels need IEEE division and square root: do not build them with --use_fast_math"
 #endif
 
-
 namespace wdopt {
 namespace cuda {
+
+// Every launch of every translation unit counts here (launch_count(), in adamw.cu): inline, so
+// that the files share one counter; in the anonymous namespace below each would count its own.
+inline std::atomic<int64_t> g_launches{0};
+
 namespace {
 
 // ------------------------------------------------------------------------------------ constants
@@ -62,8 +125,6 @@ constexpr size_t kOtherParamBytes = 256;
 template <typename T> constexpr int kVec = kVectorBytes / static_cast<int>(sizeof(T));
 template <typename T> constexpr int kChunk = static_cast<int>(kChunkBytes / static_cast<int64_t>(sizeof(T)));
 static_assert(kChunk<__half> % (kThreads * kVec<__half>) == 0, "a chunk is whole vector iterations");
-
-std::atomic<int64_t> g_launches{0};
 
 // ------------------------------------------------------------------------------------ scalars
 

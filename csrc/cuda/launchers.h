@@ -1,4 +1,4 @@
-// Host entry points of the CUDA kernels (csrc/cuda/kernels.cu), free of torch headers so that the
+// Host entry points of the CUDA kernels (csrc/cuda/*.cu), free of torch headers so that the
 // kernels build with nvcc alone and the torch glue (csrc/cuda/binding.cpp) builds with the host
 // compiler alone.
 //

@@ -80,8 +80,9 @@ __global__ void __launch_bounds__(kThreads, K::kMinBlocks)
 #endif
 
 // Bytes of dynamic shared memory a block may opt in to on the current device (the binding set it);
-// no limit in the host emulation.
-int64_t shared_memory_optin_bytes() {
+// no limit in the host emulation. Inline: a file that includes this header without launching rows
+// (the emulation's C interface) must not warn that it is unused.
+inline int64_t shared_memory_optin_bytes() {
 #ifdef WDOPT_HOST_EMULATION
   return INT64_MAX / 2;
 #else

@@ -1,5 +1,5 @@
 // The element-wise update engine: one block per (tensor, chunk), tables of tensors in the kernel
-// arguments, 16-byte vectors with a scalar tail (kernels.cu's design notes).
+// arguments, 16-byte vectors with a scalar tail (common.cuh's design notes).
 #pragma once
 
 #include "common.cuh"
