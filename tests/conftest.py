@@ -92,3 +92,24 @@ def backend_device_pairs():
 
 def pytest_report_header(config):
     return [f"wdopt backends: {backend_device_pairs()}"]
+
+
+# ------------------------------------------------------------------------------------ slow checks
+#
+# Checks marked ``slow`` compile every CUDA source with nvcc (about 110 s of the 2 cores' time, a
+# sixth of the suite's): the README's test command skips them, so that a newcomer's run stays well
+# under 10 minutes; CI's second run (.ci/run) and ``pytest --slow`` run them.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the checks marked slow (nvcc's compile of every CUDA source)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (nvcc compiles every CUDA source): run by CI's second run and pytest --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -20,7 +20,9 @@ size, launch bounds, alignment faults, streams, CUDA graph capture) pass here wh
 wrong. Only a GPU run proves those: benchmarks/gpu_check.sh (the suite's CUDA parametrizations,
 which compare the CUDA kernels with the reference, and benchmarks/gpu_acceptance.py).
 
-Without nvcc the nvcc tests skip, except in CI (CI=true), where a missing nvcc is a failure.
+The nvcc and syntax checks are marked slow (about 110 s of CPU on the 2-core machine): the
+README's test command skips them, CI's second run (.ci/run) and ``pytest --slow`` run them.
+Without nvcc they skip, except in CI (CI=true), where a missing nvcc is a failure.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def nvcc_build(tmp_path_factory):
     return dict(_in_parallel(compile_one, SOURCES))
 
 
+@pytest.mark.slow
 def test_kernels_compile_without_warnings(nvcc_build):
     for stem, (result, out) in nvcc_build.items():
         log = result.stdout + result.stderr
@@ -194,6 +197,7 @@ def _all_ptx_entries(nvcc_build, arch: int) -> dict[str, str]:
     return entries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     entries = _all_ptx_entries(nvcc_build, arch)
@@ -253,6 +257,7 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
 # ------------------------------------------------------------------------------------ binding
 
 
+@pytest.mark.slow
 def test_binding_passes_the_host_compilers_syntax_check():
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
