@@ -18,7 +18,7 @@ The arms step in turn within each iteration (interleaved), so a machine's drifti
 all of them alike; the table gives each arm's median and its ratio to the baseline's median.
 
 Resident bytes per parameter are measured from the tensors (parameter + every state tensor,
-including stochastic rounding's 16-byte [key, count] per tensor; gradients counted separately).
+including stochastic rounding's 24-byte [key, count, index base] per tensor; gradients counted separately).
 Bytes moved per step are the model's (docs/performance.md): every resident byte read and written
 once, and the gradient read once (fp32 AdamW: 2·12 + 4 = 28).
 """

@@ -19,9 +19,10 @@
 //     lion_ also take (K, 8) tensors (all alike): columns 4-7 then get the direction statistics
 //     [Σn², Σn·s, Σω·n, Σs²] of the optimizer's direction n and momentum s before the step.
 //   * ``rng`` (stochastic rounding, wdopt/reference/rounding.py is its specification): [] (every
-//     store rounds to nearest) or one int64 [key, count] tensor of 2 elements per parameter on its
-//     device, read by the kernel (not written: the driver advances count after the call); stores
-//     to bf16/fp16 tensors then round stochastically with the bits of (key, count, lane, element).
+//     store rounds to nearest) or one int64 [key, count, index base] tensor of 3 elements per
+//     parameter on its device, read by the kernel (not written: the driver advances count after the
+//     call); stores to bf16/fp16 tensors then round stochastically with the bits of (key, count,
+//     lane, index base + element): the base is 0 for a whole tensor, a shard's first global index.
 //   * ``correction`` (compensated bf16 parameters, same specification): [] or, for bfloat16
 //     parameters, one int16 (32-bit master weights) or int8 (24-bit) tensor per parameter, all
 //     alike, shaped and laid out like it: the low bits of its master weight, which the kernel
@@ -54,13 +55,16 @@ TORCH_LIBRARY(wdopt, m) {
   // float64 one-element tensor on the parameters' device read instead, in the kernel: lr when
   // projected, else η_r², whose correctly rounded root the kernel takes (torch's CPU sqrt is not
   // correctly rounded, so the driver hands over the square and every path gets the host's bits).
+  // ``rng`` and ``correction`` as for adamw_: stochastic rounding of the parameter (lane 0) and of
+  // state1/state2 (lanes 1, 2) when bf16/fp16, compensated bf16 parameters (their master weight is
+  // what rotates, and what the row norms and telemetry see).
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
       "Tensor(g!)[] rotational_steps, Tensor?[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float momentum, bool nesterov, float angle, float norm_decay, float rotational_eps, bool zero_mean, "
       "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? rate_tensor=None) -> ()");
+      "Tensor? rate_tensor=None, Tensor[] rng, Tensor(i!)[] correction) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "

@@ -11,7 +11,7 @@
 namespace wc = wdopt::cuda;
 namespace {
 wc::Telemetry g_telemetry;  // applied to the next adamw/sgd/lion calls (emu_set_telemetry)
-const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion calls (emu_set_rng)
+const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion/rotational calls (emu_set_rng)
 void* const* g_corrections = nullptr;   // compensated parameters of the next calls (emu_set_corrections)
 int g_master_bits = 32;
 float* const* g_scales = nullptr;       // 8-bit states of the next calls (emu_set_scales)
@@ -114,6 +114,9 @@ int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, c
   a.rotational_eps = h[7];
   a.nesterov = nesterov != 0; a.zero_mean = zero_mean != 0; a.projected = projected != 0;
   a.rate = g_rate;
+  a.rng = g_rng;
+  a.corrections = g_corrections;
+  a.master_bits = g_master_bits;
   a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
   a.scratch = scratch;

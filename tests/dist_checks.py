@@ -52,6 +52,8 @@ def check(fn):
 
 
 def full(t):
+    if isinstance(t, DTensor) and t.dtype == torch.int16:
+        t = t.to(torch.int32)  # gloo gathers no int16 (a 32-bit master's correction)
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -559,6 +561,177 @@ def loaded_state_of_another_placement_refused():
         raise AssertionError("state of another placement was accepted")
     assert torch.equal(full(w), before) and torch.equal(full(opt.state[w]["exp_avg_sq"]), exp_avg_sq)
     assert float(opt.state[w]["step"]) == 1
+
+
+# ------------------------------------------------------------------ low precision on shards
+#
+# Stochastic rounding draws each element's bits from its index in the whole tensor, compensated
+# corrections and 8-bit codes are placed as their parameter, 8-bit block scales as the global
+# tensor's blocks (wdopt/optim/_dtensor.py): a sharded run equals the unsharded one bit for bit,
+# and a checkpoint resumes bit for bit on another number of ranks.
+
+#: (512, 3): 256 rows a rank, 3 whole 256-element blocks each; (6, 5) and (9,): shards that split
+#: blocks (no 8-bit states there); (4, 4) replicated.
+LOW_SHAPES = [(512, 3), (6, 5), (9,), (4, 4)]
+LOW_OPTIONS = {
+    "sr_bf16": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "master24_sr_bf16": (torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True)),
+    "master32_bf16": (torch.bfloat16, dict(master_weight_bits=32)),
+    "sr_8bit_fp32": (torch.float32, dict(state_bits=8, stochastic_rounding=True)),
+    "master24_sr_8bit_bf16": (torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True, state_bits=8)),
+}
+
+
+def _low_groups(params, options, placements):
+    """One group per parameter (so that 8-bit states go only where blocks fit the shards)."""
+    groups = []
+    for p, pl in zip(params, placements):
+        extra = dict(options)
+        if pl != Shard(0) or p.shape[0] != 512:
+            extra.pop("state_bits", None)
+        groups.append({"params": [p], **extra})
+    return groups
+
+
+def _assert_low_equal(opt_a, params_a, opt_b, params_b):
+    """assert_state_equal bit for bit, rng compared on its key and count (the index base is each
+    shard's own)."""
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(full(a.detach()), full(b.detach())), (i, "param")
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert sorted(sa) == sorted(sb), (i, sorted(sa), sorted(sb))
+        for key in sa:
+            x, y = full(sa[key]), full(sb[key])
+            if key == "rng":
+                x, y = x[:2], y[:2]
+            assert torch.equal(x, y), (i, key)
+
+
+def _low_precision_bitwise(cls, kw, backend, name):
+    dtype, options = LOW_OPTIONS[name]
+    mesh = init_device_mesh("cpu", (2,))
+    placements = [Shard(0), Shard(0), Shard(0), Replicate()]
+    start = [seeded(s, 20 + i).to(dtype) for i, s in enumerate(LOW_SHAPES)]
+    dparams = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl])) for pl, t in zip(placements, start)]
+    plain = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_d = cls(_low_groups(dparams, options, placements), backend=backend, **kw)
+    opt_p = cls(_low_groups(plain, options, placements), backend=backend, **kw)
+    for step in range(3):
+        grads = [seeded(s, 200 * step + i, scale=10.0 ** (i - 2)).to(dtype) for i, s in enumerate(LOW_SHAPES)]
+        for p, q, g in zip(dparams, plain, grads):
+            p.grad = distribute_tensor(g, mesh, p.placements)
+            q.grad = g.clone()
+        opt_d.step()
+        opt_p.step()
+    state = opt_d.state[dparams[0]]
+    if options.get("master_weight_bits", 16) != 16:
+        assert isinstance(state["correction"], DTensor) and state["correction"].placements == (Shard(0),)
+    if options.get("state_bits"):
+        assert isinstance(state["exp_avg_scale"], DTensor) and state["exp_avg_scale"].shape == (6,)
+        assert state["exp_avg_scale"].to_local().shape == (3,)
+    if options.get("stochastic_rounding") and dtype != torch.float32:
+        assert state["rng"].tolist()[2] == 768 * rank(), state["rng"]  # this shard's first element
+    _assert_low_equal(opt_d, dparams, opt_p, plain)
+
+
+def _add_low_precision_checks():
+    for backend in [b for b in BACKENDS if b != "triton"]:  # Triton's: one check (the interpreter is slow)
+        for name in LOW_OPTIONS:
+            for opt_name in ("adamw", "lion") if backend == "cpu" else ("adamw",):
+                cls, kw = ELEMENTWISE[opt_name]
+
+                def fn(cls=cls, kw=kw, backend=backend, name=name):
+                    _low_precision_bitwise(cls, kw, backend, name)
+                fn.__name__ = f"low_precision_{opt_name}_{name}_{backend}_sharded_equals_unsharded"
+                check(fn)
+    if "triton" in BACKENDS:
+        def fn():
+            _low_precision_bitwise(*ELEMENTWISE["adamw"], "triton", "master24_sr_8bit_bf16")
+        fn.__name__ = "low_precision_adamw_master24_sr_8bit_bf16_triton_sharded_equals_unsharded"
+        check(fn)
+    cls, kw = ROTATIONAL["rotational_sgd"]
+
+    def fn():
+        _low_precision_bitwise(cls, kw, "cpu", "master24_sr_bf16")
+    fn.__name__ = "low_precision_rotational_sgd_master24_sr_bf16_cpu_sharded_equals_unsharded"
+    check(fn)
+
+
+_add_low_precision_checks()
+
+
+@check
+def low_precision_refuses_tensor_parallel_and_split_blocks():
+    """Stochastic rounding of a Shard(1) parameter (its shard is no contiguous run of the tensor)
+    and 8-bit states whose blocks a shard boundary splits: clear errors, nothing written."""
+    mesh = init_device_mesh("cpu", (2,))
+    for shape, placement, options, message in [
+            ((4, 6), Shard(1), dict(stochastic_rounding=True), "one contiguous run"),
+            ((6, 5), Shard(0), dict(state_bits=8), "block"),
+    ]:
+        w = torch.nn.Parameter(distribute_tensor(seeded(shape, 1).to(torch.bfloat16), mesh, [placement]))
+        opt = wdopt.FusedAdamW([w], lr=0.1, **options)
+        w.grad = distribute_tensor(seeded(shape, 2).to(torch.bfloat16), mesh, [placement])
+        before = full(w).clone()
+        try:
+            opt.step()
+        except NotImplementedError as error:
+            assert message in str(error), error
+        else:
+            raise AssertionError(f"{placement} with {options} was accepted")
+        assert torch.equal(full(w), before) and not opt.state[w]
+
+
+@check
+def low_precision_checkpoint_resumes_bit_for_bit_on_1_rank():
+    """bf16 + 24-bit master + stochastic rounding + 8-bit states: 2 steps on 2 ranks, saved with
+    torch.distributed.checkpoint, 2 more; resumed on rank 0 alone (the whole tensors: resharded),
+    the same 2 steps end bit for bit where the 2-rank run did (the bits follow global indices)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import DeviceMesh
+
+    dtype, options = LOW_OPTIONS["master24_sr_8bit_bf16"]
+    directory = os.path.join(os.environ["WDOPT_DIST_OUT"], "ckpt_low_precision")
+
+    def make(mesh):
+        model = torch.nn.Linear(3, 512, bias=False).to(dtype)  # weight (512, 3): whole blocks per shard
+        with torch.no_grad():
+            model.weight.copy_(seeded((512, 3), 5).to(dtype))
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=mesh)
+        return model, wdopt.FusedAdamW(model.parameters(), lr=0.01, weight_decay=0.1, **options)
+
+    def steps(model, opt, first, n):
+        for step in range(first, first + n):
+            x = seeded((4, 3), 300 + step).to(dtype)
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = make(init_device_mesh("cpu", (2,)))
+    steps(model, opt, 0, 2)
+    dcp.save({"model": {"weight": model.weight}, "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=directory)
+    steps(model, opt, 2, 2)
+    w = model.weight
+    final = [full(w).clone()] + [full(v).clone() for k, v in sorted(opt.state[w].items()) if k != "rng"]
+    one = dist.new_group([0])
+    if rank() == 0:
+        model1, opt1 = make(DeviceMesh.from_group(one, "cpu"))
+        steps(model1, opt1, 0, 1)  # makes the state that the checkpoint then overwrites
+        state = {"model": {"weight": model1.weight}, "optim": get_optimizer_state_dict(model1, opt1)}
+        dcp.load(state, checkpoint_id=directory, process_group=one)
+        set_optimizer_state_dict(model1, opt1, optim_state_dict=state["optim"])
+        steps(model1, opt1, 2, 2)
+        w1 = model1.weight
+        got = [full(w1)] + [full(v) for k, v in sorted(opt1.state[w1].items()) if k != "rng"]
+        assert len(got) == len(final)
+        for i, (a, b) in enumerate(zip(got, final)):
+            assert torch.equal(a, b), (i, sorted(opt1.state[w1]))
+        assert opt1.state[w1]["rng"].tolist()[1:] == [4, 0]
+    dist.barrier()
 
 
 # ------------------------------------------------------------------ RotationMonitor

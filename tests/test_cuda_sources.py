@@ -216,9 +216,10 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     measuring = 5 * (1 + 2 + 6)
     assert sum("QuantizedKernel" in k for k in entries) == quantized
     # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
-    # rotational row kernels (4 dtypes x 5 directions)
+    # rotational row kernels (4 dtypes x 5 directions, bf16/fp16 x 5 with stochastic rounding, and
+    # bf16 x 5 compensated: 24- and 32-bit masters, each to nearest and stochastic)
     assert sum("TelemetryKernel" in k for k in entries) == 2 * kernels + measuring
-    assert sum("RotationalRowKernel" in k for k in entries) == 20
+    assert sum("RotationalRowKernel" in k for k in entries) == 4 * 5 + 2 * 5 + 4 * 5
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
         if "RotationalRowKernel" in name or "TelemetryKernel" in name or "QuantizedKernel" in name:
@@ -693,10 +694,11 @@ SR_CASES = {
 
 
 def _rng_states(n, seed=7):
-    """[key, count] per tensor, as the optimizer keeps them: distinct keys and counts, one count
-    past 2^32 (its high word enters the hash)."""
-    return [torch.tensor([rounding.parameter_key(seed, i), 3 * i + (2**32 + 1 if i == 4 else 0)], dtype=torch.int64)
-            for i in range(n)]
+    """[key, count, index base] per tensor, as the optimizer keeps them: distinct keys and counts,
+    one count past 2^32 (its high word enters the hash), and index bases (a shard's: every other
+    tensor draws the bits of elements 1000 + i)."""
+    return [torch.tensor([rounding.parameter_key(seed, i), 3 * i + (2**32 + 1 if i == 4 else 0), 1000 * (i % 2)],
+                         dtype=torch.int64) for i in range(n)]
 
 
 def _sr_problem(case, dtype, sizes=SR_SIZES, misaligned=SR_MISALIGNED):
@@ -1280,21 +1282,23 @@ ROT_OPTIMIZERS = {"adamw": 0, "sgd": 1, "lion": 2}
 ROT_SHAPES = [(6, 5), (9, 40), (3, 300), (4, 700), (2, 1500), (1, 5000), (2, 9000), (5, 2)]
 
 
-def _rot_reference_step(name, p, g, st, hyper, zero_mean, projected, maximize, grad_scale, k_rows):
+def _rot_reference_step(name, p, g, st, hyper, zero_mean, projected, maximize, grad_scale, k_rows, store=None):
+    """``store``: the parameter's wdopt.reference.rounding.Rounder (then p must be K×C already)."""
     if name == "adamw":
         st["step"] += 1
         u = rv.adamw_direction(g, st["s1"], st["s2"], int(st["step"].item()), beta1=hyper["beta1"],
-                               beta2=hyper["beta2"], eps=hyper["eps"], maximize=maximize, grad_scale=grad_scale)
+                               beta2=hyper["beta2"], eps=hyper["eps"], maximize=maximize, grad_scale=grad_scale,
+                               store=store)
     elif name == "sgd":
         u = rv.sgd_direction(g, st["s1"], st["first"], momentum=hyper["momentum"], nesterov=hyper["nesterov"],
-                             maximize=maximize, grad_scale=grad_scale)
+                             maximize=maximize, grad_scale=grad_scale, store=store)
     else:
         u = rv.lion_direction(g, st["s1"], beta1=hyper["beta1"], beta2=hyper["beta2"], maximize=maximize,
-                              grad_scale=grad_scale)
+                              grad_scale=grad_scale, store=store)
     view = p.view(k_rows, -1)
     rv.rotate_(view, u.view(k_rows, -1), st, angle=hyper["angle"], lr=hyper["lr"], norm_decay=hyper["norm_decay"],
                eps=hyper["rot_eps"], zero_mean=zero_mean, per_neuron=True,
-               mode="projected" if projected else "equilibrium")
+               mode="projected" if projected else "equilibrium", store=store)
 
 
 @pytest.mark.parametrize("on_chip_bytes", [0, 1], ids=["on_chip", "two_pass"])
@@ -1560,3 +1564,273 @@ def test_emulated_rotational_found_inf_writes_nothing(emu):
     for got, want in zip((p, m, v, steps, rsteps, norms, avgs), before):
         _assert_identical(got, want, "state")
     assert all(bool(b.isnan().all()) for b in bufs)
+
+
+# ------------------------------------------------------------------------------------ rotational, low precision
+
+# Storages of the low-precision rotational tests: (dtype, stochastic rounding, correction dtype or
+# None): bf16/fp16 stochastically rounded, and compensated bf16 with 32-bit (int16) and 24-bit
+# (int8) master weights, to nearest and with rng.
+ROT_LP_STORAGES = {
+    "bf16-sr": (torch.bfloat16, True, None),
+    "fp16-sr": (torch.float16, True, None),
+    "bf16-master32": (torch.bfloat16, False, torch.int16),
+    "bf16-master32-sr": (torch.bfloat16, True, torch.int16),
+    "bf16-master24": (torch.bfloat16, False, torch.int8),
+    "bf16-master24-sr": (torch.bfloat16, True, torch.int8),
+}
+# Odd row lengths, in one call: several rows to a block (G = 32), 64 threads a row, and a long row.
+# With ROT_LP_ON_CHIP bytes of row buffers a block holds 1536 elements (6 bytes each: u in fp32, p
+# in 16 bits) or 1280 (8 bytes: p as its fp32 master weight), so the 301-element rows (four to a
+# block: 1204 elements) are rotated on chip and the 1601-element row takes the two-pass path
+# (test_emulated_rotational_low_precision_check_can_fail checks both).
+ROT_LP_SHAPES = [(6, 5), (3, 301), (2, 1601)]
+ROT_LP_ON_CHIP = 10240
+ROT_LP_HYPER = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.9, nesterov=False, angle=0.05,
+                    norm_decay=0.9, rot_eps=1e-8)
+ROT_LP_STATE = ("s1", "s2", "step", "first", "rotational_norm", "update_norm_avg", "rotational_step")
+
+
+def _rot_lp_problem(storage, seed=5):
+    """Weights (not centred: the first step freezes the centred norm of the master weights) split
+    into parameters and corrections, and fresh rotational states."""
+    dtype, _, correction = ROT_LP_STORAGES[storage]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, c in ROT_LP_SHAPES:
+        w = torch.randn(k, c, generator=gen) + 0.1
+        side = _rot_state(w.to(dtype), torch.float32)
+        if correction is None:
+            side["p"], side["c"] = w.to(dtype), None
+        else:
+            side["p"], side["c"] = rounding.split(w, correction)
+        out.append(side)
+    return out
+
+
+def _rot_lp_grads(gen, dtype):
+    """Gradients with both signs in every row: Adam's first direction and Lion's are ±1, which a
+    row of one sign makes constant, its centred tangent then rounding noise that the step scales up
+    to the row's norm (degenerate rows, in which no two summation orders agree)."""
+    out = []
+    for k, c in ROT_LP_SHAPES:
+        g = torch.randn(k, c, generator=gen)
+        g[:, 0], g[:, 1] = g[:, 0].abs(), -g[:, 1].abs()
+        out.append(g.to(dtype))
+    return out
+
+
+def _rot_lp_copy(into, source):
+    """``into`` takes ``source``'s values (lock step: each step starts from the reference's)."""
+    for a, b in zip(into, source):
+        for key in ("p", "c", *ROT_LP_STATE):
+            if isinstance(b[key], torch.Tensor):
+                a[key].copy_(b[key])
+            else:
+                a[key] = b[key]
+
+
+def _rot_lp_reference(name, sides, grads, rng, projected, rounder=rounding.Rounder):
+    """The specification's step with each tensor's Rounder (its rng, None: to nearest; parameter;
+    correction, None: plain)."""
+    for i, (side, g) in enumerate(zip(sides, grads)):
+        store = rounder(rng[i] if rng is not None else None, side["p"], side["c"])
+        _rot_reference_step(name, side["p"], g, side, ROT_LP_HYPER, True, projected, False, None, side["p"].shape[0],
+                            store=store)
+        side["first"] = False
+
+
+def _rot_lp_emulated(emu, storage, name, sides, grads, rng, projected, on_chip_bytes=ROT_LP_ON_CHIP):
+    dtype, sr, correction = ROT_LP_STORAGES[storage]
+    keep = (_ptrs(rng) if sr else None, _ptrs([s["c"] for s in sides]) if correction is not None else None)
+    emu.emu_set_rng(keep[0])
+    emu.emu_set_corrections(keep[1], 32 if correction == torch.int16 else 24)
+    try:
+        _emu_rotational(emu, name, dtype, [s["p"] for s in sides], grads, sides, ROT_LP_HYPER, projected=projected,
+                        on_chip_bytes=on_chip_bytes)
+    finally:
+        emu.emu_set_rng(None)
+        emu.emu_set_corrections(None, 32)
+
+
+def _rot_lp_weights(side):
+    """The weights as the rotation sees them: the master weights when compensated."""
+    return (side["p"] if side["c"] is None else rounding.combine(side["p"], side["c"])).to(torch.float32)
+
+
+def _rot_lp_assert_matches(storage, name, got, want, first):
+    """The emulated step against the specification's. The states (lanes 1, 2) are functions of the
+    gradient and their old values only: bit for bit. The weights are the rotation's, whose row sums
+    the kernel takes in its own order and its own arrangement (closed forms on the two-pass path;
+    test_emulated_rotational_matches_reference compares plain calls to rounding for that reason):
+    the stored values round alike but where the two straddle a rounding boundary, so they are
+    equal in all but a few elements, and within a few fp32 ulps of their row's largest weight (plus
+    one unit of the stored precision where they differ)."""
+    dtype, _, correction = ROT_LP_STORAGES[storage]
+    for i, (a, b) in enumerate(zip(got, want)):
+        what = f"{storage} {name} {ROT_LP_SHAPES[i]}"
+        for key in ("s1", "s2", "step") if name == "adamw" else ("s1",):
+            assert torch.equal(a[key], b[key]), f"{what}: {key} differs in {int((a[key] != b[key]).sum())} elements"
+        assert torch.equal(a["rotational_step"], b["rotational_step"]), what
+        # the frozen norms: a row sum (bit for bit once frozen); s: the row's ‖t‖², summed in another order
+        torch.testing.assert_close(a["rotational_norm"], b["rotational_norm"], rtol=0 if not first else 4e-6, atol=0,
+                                   msg=lambda m, what=what: f"{what} rotational_norm: {m}")
+        torch.testing.assert_close(a["update_norm_avg"], b["update_norm_avg"], rtol=2e-5, atol=0,
+                                   msg=lambda m, what=what: f"{what} update_norm_avg: {m}")
+        wa, wb = _rot_lp_weights(a), _rot_lp_weights(b)
+        if correction is not None:
+            assert a["c"].dtype == correction and a["c"].shape == a["p"].shape, what
+            assert torch.equal(a["p"], rounding.split(wa, correction)[0]), f"{what}: p is not its master's bf16"
+        # Within 8 fp32 ulps of the row's largest weight (3.5 seen), plus, where the stored values
+        # differ, one unit of the stored precision: a bf16/fp16 ulp, 2^-15·|w| for a 24-bit master,
+        # none for a 32-bit one (exact). A parameter read without its correction is 2^-9·|w| off.
+        unit = {None: torch.finfo(dtype).eps, torch.int8: 2.0**-15, torch.int16: 0.0}[correction]
+        bound = unit * wb.abs() + 8 * 2.0**-24 * wb.abs().amax(dim=1, keepdim=True)
+        excess = (wa - wb).abs() - bound
+        assert (excess <= 0).all(), f"{what}: weights apart by up to {float(excess.max())} beyond their bound"
+        if correction != torch.int16:
+            # Rounded to 16 or 24 bits, the two values round alike but where they straddle a rounding
+            # boundary (0.3-0.7% of a 24-bit master's, fewer for bf16/fp16; other bits: about half).
+            # A 32-bit master keeps every last bit of its sums (30-55% of them differ): its bound only.
+            differ = int((wa != wb).sum())
+            assert differ <= 0.02 * wa.numel() + 2, f"{what}: {differ} of {wa.numel()} weights differ"
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["equilibrium", "projected"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("storage", list(ROT_LP_STORAGES))
+def test_emulated_rotational_low_precision_matches_reference(emu, storage, name, projected):
+    """The rotational kernel with ``rng`` (stochastic rounding of p in lane 0, state1 in lane 1,
+    state2 in lane 2) and ``correction`` (compensated bf16: every read of p is its master weight,
+    the new one stored split, a 24-bit one rounded with lane 0's bits under rng), zero_mean, three
+    steps in lock step with wdopt.reference.rotational through a Rounder (each step from the
+    reference's weights and state, the counts advanced between steps as the driver does), on
+    chip and on the two-pass path in one call; the last step monitored, its telemetry the
+    specification's row sums of the weights the rotation sees (masters: ω and Δω as loaded and
+    stored)."""
+    rng = _rng_states(len(ROT_LP_SHAPES))
+    want = _rot_lp_problem(storage)
+    got = _rot_lp_problem(storage)
+    dtype = ROT_LP_STORAGES[storage][0]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        grads = _rot_lp_grads(gen, dtype)
+        _rot_lp_copy(got, want)
+        before = [_rot_lp_weights(s) for s in got]
+        _rot_lp_reference(name, want, grads, rng if ROT_LP_STORAGES[storage][1] else None, projected)
+        monitored = step == 2
+        if monitored:
+            tel_rows = [k for k, _ in ROT_LP_SHAPES]
+            bufs, _keep = _telemetry(emu, [s["p"] for s in got], tel_rows)  # the C tables alive through the call
+        try:
+            _rot_lp_emulated(emu, storage, name, got, grads, rng, projected)
+        finally:
+            emu.emu_set_telemetry(None, None)
+        _rot_lp_assert_matches(storage, name, got, want, first=step == 0)
+        if monitored:
+            _assert_telemetry(bufs, before, [_rot_lp_weights(s) for s in got], grads, tel_rows)
+        for r in rng:
+            r[1] += 1
+
+
+def test_emulated_rotational_low_precision_check_can_fail(emu):
+    """The comparison above can fail: against the specification with another key, with the
+    parameter read without its correction, or with a 24-bit master split to nearest or with lane
+    1's bits instead of lane 0's, it does; the state's stores in lanes 1-2 catch a wrong key even where the
+    parameter's split takes no bits (32-bit masters). And ROT_LP_SHAPES take both paths: the long
+    row's weights are those of a call with every row on the two-pass path, the others those of a
+    call with every row on chip, and the two paths round the long row differently."""
+    gen = torch.Generator().manual_seed(2)
+    grads = _rot_lp_grads(gen, torch.bfloat16)
+
+    def emulated(storage, rng, on_chip_bytes=ROT_LP_ON_CHIP):
+        sides = _rot_lp_problem(storage)
+        _rot_lp_emulated(emu, storage, "adamw", sides, grads, rng, False, on_chip_bytes)
+        return sides
+
+    def reference(storage, rng, compensated=True, master_lane=0):
+        """``master_lane``: the lane whose bits split a 24-bit master (None: to nearest)."""
+        class Rounder(rounding.Rounder):
+            def bits(self, lane, device):
+                if lane != 0:
+                    return super().bits(lane, device)
+                return None if master_lane is None else super().bits(master_lane, device)
+
+        sides = _rot_lp_problem(storage)
+        if not compensated:
+            for side in sides:
+                side["c"] = None
+        _rot_lp_reference("adamw", sides, grads, rng, False, Rounder)
+        return sides
+
+    rng = _rng_states(len(ROT_LP_SHAPES))
+    wrong_key = [r.clone() for r in rng]
+    for r in wrong_key:
+        r[0] += 1
+    for storage in ("bf16-sr", "bf16-master24-sr", "bf16-master32-sr"):
+        got = emulated(storage, rng)
+        _rot_lp_assert_matches(storage, "adamw", got, reference(storage, rng), first=True)
+        with pytest.raises(AssertionError):
+            _rot_lp_assert_matches(storage, "adamw", got, reference(storage, wrong_key), first=True)
+        if storage != "bf16-sr":  # (its frozen norms already differ)
+            with pytest.raises(AssertionError):
+                _rot_lp_assert_matches(storage, "adamw", got, reference(storage, rng, compensated=False), first=True)
+    got = emulated("bf16-master24-sr", rng)
+    for lane in (None, 1):  # the states' stores (lanes 1, 2) as before: only the masters can differ
+        with pytest.raises(AssertionError, match="weights"):
+            want = reference("bf16-master24-sr", rng, master_lane=lane)
+            _rot_lp_assert_matches("bf16-master24-sr", "adamw", got, want, first=True)
+    # the paths: the long row (two passes) and the others (on chip) of the mixed call
+    mixed, two_pass = emulated("bf16-master32-sr", rng), emulated("bf16-master32-sr", rng, on_chip_bytes=1)
+    on_chip = emulated("bf16-master32-sr", rng, on_chip_bytes=0)  # the default buffers: every row on chip
+    for i, side in enumerate(mixed):
+        same = two_pass[i] if i == len(mixed) - 1 else on_chip[i]
+        assert torch.equal(side["p"], same["p"]) and torch.equal(side["c"], same["c"]), ROT_LP_SHAPES[i]
+    assert not torch.equal(_rot_lp_weights(mixed[-1]), _rot_lp_weights(on_chip[-1]))
+    assert not torch.equal(_rot_lp_weights(mixed[1]), _rot_lp_weights(two_pass[1]))
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 32), (torch.float16, 24), (torch.bfloat16, 16)], ids=str)
+def test_emulated_rotational_invalid_corrections_write_nothing(emu, dtype, bits):
+    """Corrections with a parameter dtype other than bf16, or of a width other than 24 or 32 bits:
+    an invalid value before any launch (no step count advanced, nothing written). (The operator's
+    checks of rng and correction lists are csrc/cuda/binding.cpp's, whose syntax the slow test
+    above checks; they run before anything is written.)"""
+    sides = _rot_lp_problem("bf16-sr")
+    for side in sides:
+        side["p"] = side["p"].to(dtype)
+        side["s1"], side["s2"] = side["s1"].to(dtype), side["s2"].to(dtype)
+    before = [{k: v.clone() for k, v in side.items() if isinstance(v, torch.Tensor)} for side in sides]
+    corrections = [torch.zeros(side["p"].shape, dtype=torch.int16) for side in sides]
+    grads = _rot_lp_grads(torch.Generator().manual_seed(0), dtype)
+    launches = emu.emu_launches()
+    emu.emu_set_corrections(_ptrs(corrections), bits)
+    try:
+        with pytest.raises(AssertionError):  # _emu_rotational asserts err == 0
+            _emu_rotational(emu, "adamw", dtype, [s["p"] for s in sides], grads, sides, ROT_LP_HYPER)
+    finally:
+        emu.emu_set_corrections(None, 32)
+    assert emu.emu_launches() == launches
+    for side, old in zip(sides, before):
+        for key, value in old.items():
+            assert torch.equal(side[key], value), key
+
+
+def test_emulated_rotational_rng_leaves_float32_rounded_to_nearest(emu):
+    """rng with a float32 call: ignored (to nearest), as the reference and the CPU kernel do."""
+    grads = [g.float() for g in _rot_lp_grads(torch.Generator().manual_seed(0), torch.float32)]
+    results = []
+    for rng in (None, _rng_states(len(ROT_LP_SHAPES))):
+        sides = _rot_lp_problem("bf16-sr")
+        for side in sides:
+            side["p"], side["s1"], side["s2"] = side["p"].float(), side["s1"].float(), side["s2"].float()
+        emu.emu_set_rng(_ptrs(rng) if rng else None)
+        try:
+            _emu_rotational(emu, "lion", torch.float32, [s["p"] for s in sides], grads, sides, ROT_LP_HYPER,
+                            on_chip_bytes=ROT_LP_ON_CHIP)
+        finally:
+            emu.emu_set_rng(None)
+        results.append(sides)
+    for a, b in zip(*results):
+        for key in ("p", "s1", "rotational_norm", "update_norm_avg"):
+            assert torch.equal(a[key], b[key]), key

@@ -30,8 +30,8 @@ def test_opcheck(backend, device):
     steps = [torch.zeros((), device=device) for _ in params]
     # A monitored step writes its telemetry buffers: that mutation is part of the schema too.
     telemetry = [torch.zeros(p.shape[0] if p.dim() > 1 else 1, 4, dtype=torch.float64, device=device) for p in params]
-    # Stochastic rounding's [key, count] per parameter: read, never written by the kernels.
-    rng = [torch.tensor([7, i], device=device) for i in range(len(params))] \
+    # Stochastic rounding's [key, count, index base] per parameter: read, never written by the kernels.
+    rng = [torch.tensor([7, i, 3 * i], device=device) for i in range(len(params))] \
         if device in cpp.STOCHASTIC_ROUNDING else []
     adamw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0,
                  amsgrad=True, maximize=False, rng=rng, correction=[], scales=[])

@@ -203,6 +203,25 @@ def test_exp_avg_sq_decays_after_the_gradient_scale_drops():
             assert abs(got / want - 1) < tolerance, (name, means)
 
 
+def test_bf16_state_dict_keeps_float32_block_scales():
+    """torch's load_state_dict casts a bf16 parameter's floating state to bf16: the block scales
+    stay float32 (as saved) and the resumed run equals the uninterrupted one bit for bit."""
+    params = [p.requires_grad_(True) for p in make_params([(300,)], torch.bfloat16)]
+    opt = wdopt.FusedAdamW(params, state_bits=8, stochastic_rounding=True, backend="reference")
+    params[0].grad = torch.randn(300, generator=torch.Generator().manual_seed(1)).bfloat16()
+    opt.step()
+    copy_ = params[0].detach().clone().requires_grad_(True)
+    resumed = wdopt.FusedAdamW([copy_], state_bits=8, stochastic_rounding=True, backend="reference")
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.state[copy_]["exp_avg_scale"].dtype == torch.float32
+    for o, p in ((opt, params[0]), (resumed, copy_)):
+        p.grad = torch.ones_like(p)
+        o.step()
+    assert torch.equal(params[0], copy_)
+    for key, value in opt.state[params[0]].items():
+        assert torch.equal(value, resumed.state[copy_][key]), key
+
+
 def test_state_dicts_move_to_and_from_torch_layout():
     """A torch.optim.AdamW state dict loads into an 8-bit FusedAdamW (quantized at its next
     step); ``to_torch_state_dict`` hands torch.optim float states back; an 8-bit state dict

@@ -373,3 +373,164 @@ def test_a_whole_tensor_sphere_longer_than_the_scratch_row():
             opt.step()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
     assert a.detach().norm().item() == pytest.approx(opts[0].state[a]["rotational_norm"].item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ low precision
+#
+# Stochastic rounding and compensated bf16 parameters (wdopt/reference/rotational.py, rounding.py).
+# The fused kernels sum rows in another order than torch's reductions, so a parameter agrees with
+# the reference to rounding: its fp32 value before the store may differ by an ulp, and a stochastic
+# store then lands on the other bf16 neighbour with probability ~2^-16 per element. The states do
+# not depend on p: their stochastic stores are bit for bit.
+
+LOW_PRECISION = {
+    "sr-bf16": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "sr-fp16": (torch.float16, dict(stochastic_rounding=True)),
+    "master32": (torch.bfloat16, dict(master_weight_bits=32)),
+    "master24-sr": (torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True)),
+}
+LOW_FUSED = [(b, d) for b, d in FUSED] or [("reference", "cpu")]
+#: Triton's rotational kernel under the interpreter (slow): two cases that cover its loads and stores.
+LOW_TRITON = [("triton", "cpu", name, option) for name, option in (("adamw", "master24-sr"), ("sgd", "sr-fp16"))
+              if ("triton", "cpu") in backend_device_pairs()]
+
+
+def _low_precision_model(cls, hyper, dtype, options, backend, device, seed=0, **extra):
+    torch.manual_seed(seed)
+    # Odd rows, one row over the CPU kernel's vector width, a 3-d tensor; a bias takes the base step.
+    shapes = [(6, 33), (4, 300), (3, 5, 7), (7,)]
+    params = [torch.nn.Parameter((torch.randn(s) * 0.5).to(device=device, dtype=dtype)) for s in shapes]
+    opt = cls([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}], backend=backend,
+              rounding_seed=1234, **hyper, **options, **extra)
+    return opt, params
+
+
+def _low_precision_run(cls, hyper, dtype, options, backend, device, steps, seed=0, **extra):
+    opt, params = _low_precision_model(cls, hyper, dtype, options, backend, device, seed, **extra)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("backend,device,name,option",
+                         [(b, d, n, o) for b, d in LOW_FUSED for n in CLASSES for o in LOW_PRECISION] + LOW_TRITON)
+def test_low_precision_fused_kernel_matches_the_reference(backend, device, name, option):
+    """Four steps on the fused kernel and on the reference in lock step, each from the reference's
+    weights (a one-ulp difference would otherwise spread through its row's norm): the states
+    (moments, rng counts, rotational steps) bit for bit, the norms to fp32 rounding, compensated
+    master weights to fp32 rounding, bf16/fp16 values to one ulp in rare elements."""
+    cls, _, hyper = CLASSES[name]
+    dtype, options = LOW_PRECISION[option]
+    ours, ps = _low_precision_model(cls, hyper, dtype, options, backend, device)
+    ref, qs = _low_precision_model(cls, hyper, dtype, options, "reference", device)
+    ulp = torch.finfo(dtype).eps
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p, q in zip(ps, qs):
+            q.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype)
+            p.grad = q.grad.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(ps, qs):
+            if "correction" in ref.state[q]:  # a 24-bit master's stochastic split may flip its last bit
+                a, b = ours.master_weight(p).double(), ref.master_weight(q).double()
+                rtol = 2.0**-15 if options["master_weight_bits"] == 24 else 1e-5
+                torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6)
+            differ = p.detach() != q.detach()
+            assert differ.float().mean() <= 0.01, f"{int(differ.sum())} of {p.numel()} elements differ"
+            assert ((p.double() - q.double()).abs() <= 2 * ulp * q.double().abs() + 1e-30).all()
+            sa, sb = ours.state[p], ref.state[q]
+            assert sorted(sa) == sorted(sb)
+            for key, value in sb.items():
+                if key in ("rotational_norm", "update_norm_avg"):
+                    torch.testing.assert_close(sa[key], value, rtol=1e-4, atol=1e-6,
+                                               msg=lambda m, key=key: f"{key}: {m}")
+                elif key != "correction":  # the master weight's low bits: compared above
+                    assert torch.equal(sa[key], value), key
+            with torch.no_grad():  # the next step from the same weights
+                p.copy_(q)
+                for key, value in sb.items():
+                    sa[key].copy_(value)
+    rng = ours.state[ps[0]].get("rng")
+    assert (rng is not None and int(rng[1]) == 4) == bool(options.get("stochastic_rounding"))
+
+
+def test_low_precision_rotation_survives_updates_below_half_an_ulp():
+    """RotationalSGD rotating by 1e-4 rad per step, far below bf16's half-ulp (2^-9), against a
+    fixed gradient d: the progress is the fall of the linear loss ⟨w, d⟩. Rounding to nearest
+    loses almost all of it (the weights barely move); stochastic rounding keeps it in expectation
+    (a random walk of about 7% of it around it, here), a 24-bit master weight as fp32 does."""
+    def progress(dtype, **options):
+        torch.manual_seed(3)
+        w = torch.nn.Parameter(torch.randn(8, 64).to(dtype))
+        opt = wdopt.RotationalSGD([w], lr=0.1, weight_decay=1e-3, target_rotation=1e-4, backend=BACKENDS[-1],
+                                  **options)
+        d = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+        for step in range(51):
+            w.grad = d.to(dtype)
+            opt.step()
+            if step == 0:  # the first step centres a bf16 row to fp32 rounding: measured after it
+                start = (opt.master_weight(w).double() * d.double()).sum()
+        return (start - (opt.master_weight(w).double() * d.double()).sum()).item()
+
+    exact = progress(torch.float32)
+    assert exact > 0.1
+    assert abs(progress(torch.bfloat16)) < 0.3 * exact  # round to nearest: most of the rotation is lost
+    assert abs(progress(torch.bfloat16, stochastic_rounding=True) - exact) < 0.25 * exact
+    assert abs(progress(torch.bfloat16, master_weight_bits=24) - exact) < 0.02 * exact
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_state_dict_resumes_identically(backend):
+    """Stochastic rounding's streams and the corrections travel in the state dict: a resumed run
+    draws the same bits as an uninterrupted one."""
+    cls, _, hyper = CLASSES["adamw"]
+    options = dict(master_weight_bits=24, stochastic_rounding=True)
+    whole, ps = _low_precision_run(cls, hyper, torch.bfloat16, options, backend, "cpu", 4)
+    half, qs = _low_precision_run(cls, hyper, torch.bfloat16, options, backend, "cpu", 2)
+    buffer = io.BytesIO()
+    torch.save({"opt": half.state_dict(), "params": [q.detach().clone() for q in qs]}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed, params = _low_precision_model(cls, hyper, torch.bfloat16, options, backend, "cpu", seed=5)
+    with torch.no_grad():
+        for p, q in zip(params, saved["params"]):
+            p.copy_(q)
+    resumed.load_state_dict(saved["opt"])
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params]
+        if step < 2:
+            continue  # the draws of the steps taken before the save
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        resumed.step()
+    for p, q in zip(ps, params):
+        assert torch.equal(p, q)
+        for key, value in whole.state[p].items():
+            assert torch.equal(value, resumed.state[q][key]), key
+
+
+@pytest.mark.parametrize("backend,device", LOW_FUSED)
+def test_low_precision_telemetry_measures_the_master_weight(backend, device):
+    """A monitored step of compensated, stochastically rounded parameters: the kernel's per-row
+    sums are those of the master weights before and after (reference/telemetry.py)."""
+    from wdopt.reference import telemetry as tm
+
+    cls, _, hyper = CLASSES["adamw"]
+    opt, params = _low_precision_model(cls, hyper, torch.bfloat16, LOW_PRECISION["master24-sr"][1], backend, device)
+    monitor = wdopt.RotationMonitor(opt, every=1)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=torch.bfloat16)
+        before = [opt.master_weight(p) for p in params]
+        opt.step()
+        for i, (p, w0) in enumerate(zip(params, before)):
+            sums = monitor.last.sums[f"group{0 if i < 3 else 1}.param{i if i < 3 else 0}"]
+            expected = tm.row_sums(w0, opt.master_weight(p), p.grad, sums.shape[0])
+            torch.testing.assert_close(sums.cpu(), expected.cpu(), rtol=1e-4, atol=1e-7)
+            assert expected[:, 2].sum() > 0  # the weights moved

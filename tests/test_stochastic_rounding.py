@@ -158,6 +158,43 @@ def test_every_backend_equals_the_reference_bit_for_bit(case, dtype, backend, de
     assert [opt.state[p]["rng"][1].item() for p in params] == [3] * len(params)
 
 
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_a_shard_with_an_index_base_draws_the_whole_tensors_bits(backend, device):
+    """rng = [key, count, base]: a tensor's second half updated on its own with base = its first
+    element's index equals the whole tensor's update, bit for bit: parameter (bf16, 24-bit master,
+    stochastically split) and 8-bit states (whose 256-element blocks the halves keep whole). This
+    is how a DTensor shard rounds (wdopt/optim/_dtensor.py); base 0 draws other bits."""
+    if backend == "triton" and device == "cpu":
+        pytest.importorskip("triton")
+    module = backends.load(backend)
+    from wdopt.reference import quantization as Q
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(8, 64, generator=g)).to(device=device, dtype=torch.bfloat16)
+    grad = torch.randn(8, 64, generator=g).to(device=device, dtype=torch.bfloat16)
+
+    def run(rows, base):
+        p = w[rows].clone()
+        c = torch.zeros_like(p, dtype=torch.int8)
+        codes = [torch.zeros_like(p, dtype=torch.int8), torch.zeros_like(p, dtype=torch.uint8)]
+        scales = {lane: [torch.zeros(Q.blocks(p.numel()), device=device)] for lane in (1, 2)}
+        step = torch.zeros((), device=device)
+        rng = torch.tensor([R.parameter_key(9, 0), 5, base], dtype=torch.int64, device=device)
+        module.adamw([p], [grad[rows].clone()], [codes[0]], [codes[1]], (), [step], lr=0.1, beta1=0.9, beta2=0.99,
+                     eps=1e-8, weight_decay=0.1, decay_lr_scale=1.0, amsgrad=False, maximize=False, rng=[rng],
+                     correction=[c], scales=scales)
+        return [p, c, *codes, scales[1][0], scales[2][0]]
+
+    whole = run(slice(0, 8), 0)
+    half = run(slice(4, 8), 256)
+    for a, b in zip(whole[:4], half[:4]):
+        assert torch.equal(a[4:], b)
+    for a, b in zip(whole[4:], half[4:]):
+        assert torch.equal(a[1:], b)
+    other = run(slice(4, 8), 0)
+    assert not torch.equal(whole[1][4:], other[1]) and not torch.equal(whole[2][4:], other[2])
+
+
 def test_rounding_differs_from_nearest_and_by_seed():
     cls, hyper = CASES["adamw"]
     a, _ = _trajectory(cls, hyper, "reference", "cpu", torch.bfloat16, [(4096,)], seed=1)
@@ -309,9 +346,6 @@ def test_bad_options_and_state_are_refused():
     for seed in (-1, 2**64, 1.5, True):
         with pytest.raises(ValueError, match="rounding_seed"):
             wdopt.FusedSGD([p], rounding_seed=seed)
-    for cls in (wdopt.RotationalAdamW, wdopt.RotationalSGD, wdopt.RotationalLion):
-        with pytest.raises(ValueError, match="does not support stochastic_rounding"):
-            cls([p], stochastic_rounding=True)
     opt = wdopt.FusedLion([p], stochastic_rounding=True, backend="reference")
     p.grad = torch.ones_like(p)
     opt.step()

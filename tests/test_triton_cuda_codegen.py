@@ -149,14 +149,17 @@ def _cases():
         # AdamW (the most registers) with the capturable device rate, the others with a host rate:
         # both variants compiled (the device rate, loaded at the top, once spilled 16 bytes).
         extra = dict(extra, HAS_RATE=optimizer == 0)
-        for long, rows, block, dtype in shapes:
+        # Low precision (AdamW, bf16): stochastic rounding and a 24-bit master weight, both paths.
+        low = [(False, 16, 128, "bf16", True, 24), (True, 1, 1024, "bf16", True, 24)] if optimizer == 0 else []
+        for long, rows, block, dtype, stochastic, master in [s + (False, 16) for s in shapes] + low:
+            suffix = f"-sr-master{master}" if stochastic else ""
             cases.append(dict(
-                id=f"rotational-{optimizer}-{'long' if long else f'tile{rows}x{block}'}-{dtype}", module="rotational",
-                kernel="_rotational_kernel", dtype=dtype, arch=90,
+                id=f"rotational-{optimizer}-{'long' if long else f'tile{rows}x{block}'}-{dtype}{suffix}",
+                module="rotational", kernel="_rotational_kernel", dtype=dtype, arch=90,
                 num_warps=LONG_WARPS if long else _tile_warps(rows, block),
                 constexprs=dict(OPTIMIZER=optimizer, ZERO_MEAN=True, PROJECTED=False, MAXIMIZE=True,
                                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
-                                ROWS=rows, BLOCK=block, **extra)))
+                                STOCHASTIC=stochastic, MASTER=master, ROWS=rows, BLOCK=block, **extra)))
     cases.append(dict(id="rotational-coefficients", module="rotational", kernel="_rotational_coefficients_kernel",
                       arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, HAS_RATE=True, PROJECTED=False,
                                                ROWS=128)))

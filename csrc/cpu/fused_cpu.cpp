@@ -34,13 +34,11 @@
 #include "fused_cpu.h"
 #include "quantized_blocks.h"
 #include "scratch.h"
+#include "storage.h"
 #include "telemetry.h"
 
 // A loop the compiler must vectorize (as _Pragma: it sits inside AT_DISPATCH's macro argument).
 #define WDOPT_SIMD _Pragma("omp simd")
-// What the element loops call: a call left in a loop keeps it scalar (GCC does not inline the
-// stochastic-rounding stores of the larger instantiations on its own).
-#define WDOPT_INLINE inline __attribute__((always_inline))
 
 namespace wdopt::cpu {
 namespace {
@@ -51,8 +49,6 @@ namespace {
 // the last tensor's): 10,000 one-element tensors are worth two threads.
 constexpr int64_t kSerialElements = 1 << 15;
 constexpr int64_t kTensorWork = 16;
-
-template <bool B> using Bool = std::integral_constant<bool, B>;
 
 template <typename F> void dispatch_bool(bool value, F&& f) {
   if (value) f(Bool<true>{}); else f(Bool<false>{});
@@ -237,6 +233,7 @@ void for_each_block(const TensorTable& table, const Body& body) {
     for (int lane = 0; lane < kLanes; ++lane) {
       stream[lane] = stochastic ? rounding_stream(table.rng[k][0], table.rng[k][1], lane + 1) : 0u;
     }
+    const int64_t base = stochastic ? table.rng[k][2] : 0;  // the index base (a shard's)
     const int64_t rows = monitored ? row_size(table, k) : 0;
     for (int64_t first = begin; first < end; first += kQuantBlock) {
       const int64_t last = std::min(end, first + kQuantBlock), block = first / kQuantBlock;
@@ -264,7 +261,7 @@ void for_each_block(const TensorTable& table, const Body& body) {
       // The new states, encoded with the block's new scale.
       ([&] {
         table.scales[lane][k][block] = encode_block<SIGNED>(buffer[lane], static_cast<int8_t*>(codes[lane][k]) + first,
-                                                            last - first, stochastic, stream[lane], first);
+                                                            last - first, stochastic, stream[lane], base + first);
         ++lane;
       }(), ...);
     }
@@ -303,13 +300,15 @@ TensorTable gather(at::TensorList params, at::TensorList grads, std::initializer
   return t;
 }
 
+}  // namespace
+
 void check_rng(const at::TensorList& rng, const at::TensorList& params) {
   if (rng.empty()) return;
   TORCH_CHECK(rng.size() == params.size(), "wdopt: one rng tensor per parameter is needed");
   for (size_t i = 0; i < rng.size(); ++i) {
-    TORCH_CHECK(rng[i].scalar_type() == at::kLong && rng[i].numel() == 2 && rng[i].device().is_cpu() &&
+    TORCH_CHECK(rng[i].scalar_type() == at::kLong && rng[i].numel() == 3 && rng[i].device().is_cpu() &&
                     rng[i].is_contiguous(),
-                "wdopt: rng[", i, "] must be a contiguous int64 CPU tensor of 2 elements ([key, count])");
+                "wdopt: rng[", i, "] must be a contiguous int64 CPU tensor of 3 elements ([key, count, index base])");
   }
 }
 
@@ -329,6 +328,8 @@ int check_correction(const at::TensorList& correction, const at::TensorList& par
   }
   return type == at::kShort ? 32 : 24;
 }
+
+namespace {
 
 // 8-bit states: ``scales`` is [] or, for each of the ``lists`` state lists in order, one float32
 // vector of ceil(numel/256) block scales per parameter (wdopt/reference/quantization.py); the
@@ -363,114 +364,11 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
   }
 }
 
-// How a kernel stores its results in scalar_t: rounded to nearest or, with SR (bf16 and fp16
-// storage only), stochastically with the bits of (tensor, step, LANE, element i): LANE 0 is the
-// parameter, 1-3 the state tensors in the operator's order (wdopt/reference/rounding.py). MASTER
-// 24 or 32 (bf16 only): a compensated parameter, loaded and stored as its master weight (the bf16
-// value and the correction's low bits).
-template <typename scalar_t, bool SR_ARG, int MASTER_ARG> struct Storage {
-  static constexpr bool kBF16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  static constexpr bool SR = SR_ARG && (kBF16 || std::is_same_v<scalar_t, c10::Half>);
-  static constexpr int MASTER = kBF16 ? MASTER_ARG : 16;
-  using Comp = Compensated<MASTER == 16 ? 32 : MASTER>;
-  uint32_t stream[4];
-  void* correction;
-
-  template <int LANE, typename opmath> WDOPT_INLINE scalar_t store(int64_t i, opmath x) const {
-    if constexpr (kBF16) {
-      // Integer conversions (rounding.h): c10::BFloat16's own does not vectorize.
-      const uint16_t bits = SR ? bf16_bits_stochastic(x, rounding_bits(stream[LANE], i)) : bf16_bits_nearest(x);
-      return c10::BFloat16(bits, c10::BFloat16::from_bits());
-    } else if constexpr (!SR) {
-      return static_cast<scalar_t>(x);
-    } else {
-      return c10::Half(stochastic_round_fp16(x, c10::Half(x).x, rounding_bits(stream[LANE], i)), c10::Half::from_bits());
-    }
-  }
-
-  // A state's new value as its array holds it: stored in scalar_t, or (S = float: an 8-bit
-  // state's decoded block, encoded after the update) as computed.
-  template <int LANE, typename S, typename opmath> WDOPT_INLINE S state(int64_t i, opmath x) const {
-    if constexpr (std::is_same_v<S, scalar_t>) {
-      return store<LANE>(i, x);
-    } else {
-      return x;
-    }
-  }
-
-  // The parameter as update_elements and telemetry.h address it (PlainParam's interface).
-  struct Param {
-    using opmath = opmath_t<scalar_t>;
-    scalar_t* __restrict__ p;
-    Storage s;
-    WDOPT_INLINE opmath load(int64_t i) const {
-      if constexpr (MASTER == 16) {
-        return static_cast<opmath>(p[i]);
-      } else {
-        return Comp::combine(p[i].x, static_cast<const typename Comp::correction_t*>(s.correction)[i]);
-      }
-    }
-    WDOPT_INLINE opmath store(int64_t i, opmath x) const {
-      if constexpr (MASTER == 16 && kBF16) {
-        // Through the bits: a c10::BFloat16 temporary copied into p[i] is an aggregate copy the
-        // vectorizer gives up on.
-        const uint16_t bits = s.template store<0>(i, x).x;
-        p[i].x = bits;
-        return bits_float(static_cast<uint32_t>(bits) << 16);
-      } else if constexpr (MASTER == 16) {
-        const scalar_t stored = s.template store<0>(i, x);
-        p[i] = stored;
-        return static_cast<opmath>(stored);
-      } else {
-        auto* c = static_cast<typename Comp::correction_t*>(s.correction);
-        // A 24-bit master rounds w at its 8th-lowest bit: stochastically with lane 0's word.
-        const uint32_t add = MASTER == 24 ? (SR ? rounding_bits(s.stream[0], i) : 0x80u) : 0u;
-        uint16_t bits;
-        typename Comp::correction_t low;
-        Comp::split(x, add, bits, low);
-        p[i] = c10::BFloat16(bits, c10::BFloat16::from_bits());
-        c[i] = low;
-        return Comp::combine(bits, low);
-      }
-    }
-  };
-  Param param(scalar_t* p) const { return Param{p, *this}; }
-};
-
-// Calls f(SR, MASTER) (integral constants) for a step's storage, instantiating only what exists
-// for scalar_t: stochastic rounding for bf16/fp16, master weights for bf16.
-template <typename scalar_t, typename F> void dispatch_storage(const TensorTable& t, F&& f) {
-  constexpr bool bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  constexpr bool low = bf16 || std::is_same_v<scalar_t, c10::Half>;
-  const bool sr = low && !t.rng.empty();
-  if constexpr (bf16) {
-    if (t.master_bits != 16) {
-      const auto go = [&](auto MASTER) {
-        if (sr) f(Bool<true>{}, MASTER); else f(Bool<false>{}, MASTER);
-      };
-      if (t.master_bits == 32) go(std::integral_constant<int, 32>{}); else go(std::integral_constant<int, 24>{});
-      return;
-    }
-  }
-  if constexpr (low) {
-    if (sr) {
-      f(Bool<true>{}, std::integral_constant<int, 16>{});
-      return;
-    }
-  }
-  f(Bool<false>{}, std::integral_constant<int, 16>{});
-}
-
-// Tensor k's storage for this step: its words from its [key, count] (the driver advances count
-// afterwards) and its correction.
+// Tensor k's storage for this step.
 template <typename scalar_t, bool SR, int MASTER>
 Storage<scalar_t, SR, MASTER> storage_of(const TensorTable& t, int64_t k) {
-  Storage<scalar_t, SR, MASTER> r{};
-  if constexpr (Storage<scalar_t, SR, MASTER>::SR) {
-    for (uint32_t lane = 0; lane < 4; ++lane) r.stream[lane] = rounding_stream(t.rng[k][0], t.rng[k][1], lane);
-  }
-  r.correction = t.correction.empty() ? nullptr : t.correction[k];
-  return r;
+  return storage_for<scalar_t, SR, MASTER>(t.rng.empty() ? nullptr : t.rng[k],
+                                           t.correction.empty() ? nullptr : t.correction[k]);
 }
 
 // Walks a step's elements with body(k, begin, end, sums, states): states held in scalar_t
@@ -549,7 +447,7 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
     }
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
-     dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
+     dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
       const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
         using S = element_of<decltype(states)>;
         S* __restrict__ m = states[0];
@@ -597,7 +495,7 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
     dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
       // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
       dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
-       dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
+       dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
         const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
           using S = element_of<decltype(states)>;
           S* __restrict__ b = HAS_MOMENTUM ? states[0] : nullptr;
@@ -635,7 +533,7 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     using opmath = opmath_t<scalar_t>;
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
-    dispatch_storage<scalar_t>(t, [&](auto SR, auto MASTER) {
+    dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
       const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
         using S = element_of<decltype(states)>;
         S* __restrict__ m = states[0];

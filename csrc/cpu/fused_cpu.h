@@ -23,7 +23,8 @@ struct TensorTable {
   std::vector<double*> telemetry;  // empty, or one (K, columns) float64 buffer per tensor ...
   std::vector<int64_t> rows;       // ... of K rows
   int64_t columns = 4;             // 4 sums, or 8 with the direction statistics
-  std::vector<const int64_t*> rng;  // empty (round to nearest), or per tensor its stochastic-rounding [key, count]
+  std::vector<const int64_t*> rng;  // empty (round to nearest), or per tensor its stochastic-rounding
+                                    // [key, count, index base] (a shard's base: the global index of its element 0)
   std::vector<void*> correction;    // empty, or per tensor the low bits of its master weight ...
   int master_bits = 16;             // ... int16 (32-bit master) or int8 (24-bit); 16: plain parameters
   std::vector<float*> scales[3];    // 8-bit states: per state list, per tensor its block scales (state1-3
@@ -41,6 +42,13 @@ struct TensorTable {
   }
   size_t size() const { return numel.size(); }
 };
+
+// The operators' checks of ``rng`` (one int64 [key, count, index base] CPU tensor per parameter,
+// or none) and ``correction`` (one int16 or int8 tensor laid out like each bf16 parameter, or none:
+// returns the master weight's bits, 16 for plain parameters), shared by fused_cpu.cpp and
+// rotational_cpu.cpp.
+void check_rng(const at::TensorList& rng, const at::TensorList& params);
+int check_correction(const at::TensorList& correction, const at::TensorList& params);
 
 // AdamW: state1 = exp_avg, state2 = exp_avg_sq, state3 = max_exp_avg_sq (amsgrad).
 void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double eps,

@@ -5,6 +5,8 @@
 // on the row in cache. Rows are spread over threads with one parallel region per step; the
 // reductions have a fixed order (deterministic: no atomics, the same result on every run).
 // Rotation telemetry (a monitored step) is summed in the last pass, while the row is written.
+// Low precision (stochastic rounding, compensated bf16 parameters) enters through storage.h, as in
+// fused_cpu.cpp: every read of p is its master weight, every store rounds in its lane.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,7 +22,9 @@
 #include "../include/wdopt/lion.h"
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
+#include "fused_cpu.h"
 #include "scratch.h"
+#include "storage.h"
 #include "telemetry.h"
 
 // Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
@@ -40,25 +44,36 @@ struct RotationOptions {
   bool zero_mean, projected;
 };
 
+// A row of a parameter (Storage::Param) as rotate_row addresses it: the row's element j is the
+// tensor's element offset + j, the index its random bits and its correction are taken at.
+template <typename Param> struct RowOf {
+  using opmath = typename Param::opmath;
+  Param param;
+  int64_t offset;
+  WDOPT_INLINE opmath load(int64_t j) const { return param.load(offset + j); }
+  WDOPT_INLINE opmath store(int64_t j, opmath x) const { return param.store(offset + j, x); }
+};
+
 // One row: ``direction(j)`` returns u_j (and updates that element's optimizer state). Three
 // vectorized passes over the row, which stays in cache after the first: (1) u and the sums
 // Σu, Σp, Σp², Σu·p; (2) the centred tangent t = u − mean(u) − p·⟨u − mean(u), p⟩/n² with ‖t‖²,
 // Σt, Σp·t; (3) p = (q − mean(q))·n/‖q − mean(q)‖ with q = p − step·t. ‖t‖² is summed from t
 // itself, never as a difference of moments: a nearly constant u would cancel catastrophically.
 // ``sums`` (a monitored step): the row's telemetry [Σω², Σω·Δω, ΣΔω², Σĝ²], ĝ = grad_at(j).
-template <typename scalar_t, typename Direction, typename GradAt>
-void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& direction_arg,
-                opmath_t<scalar_t>* __restrict__ buffer, opmath_t<scalar_t>* norm, opmath_t<scalar_t>* s_avg,
+template <typename Row, typename Direction, typename GradAt>
+void rotate_row(const Row& p_arg, int64_t size, const Direction& direction_arg,
+                typename Row::opmath* __restrict__ buffer, typename Row::opmath* norm, typename Row::opmath* s_avg,
                 double norm_decay_bias_correction, bool first, const RotationOptions& o, double* sums,
                 const GradAt& grad_at_arg) {
-  using opmath = opmath_t<scalar_t>;
-  const Direction direction = direction_arg;  // local copies: their pointers stay in registers
+  using opmath = typename Row::opmath;
+  const Row p = p_arg;  // local copies: their pointers stay in registers
+  const Direction direction = direction_arg;
   const GradAt grad_at = grad_at_arg;
   opmath sum_u = 0, sum_p = 0, sum_pp = 0, sum_up = 0;
   WDOPT_SIMD_SUM(sum_u, sum_p, sum_pp, sum_up)
   for (int64_t j = 0; j < size; ++j) {
     const opmath u = direction(j);
-    const opmath pj = static_cast<opmath>(p[j]);
+    const opmath pj = p.load(j);
     buffer[j] = u;
     sum_u += u;
     sum_p += pj;
@@ -70,7 +85,7 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     opmath centred_sq = 0;
     WDOPT_SIMD_SUM(centred_sq)
     for (int64_t j = 0; j < size; ++j) {
-      const opmath c = static_cast<opmath>(p[j]) - mean_p;
+      const opmath c = p.load(j) - mean_p;
       centred_sq += c * c;
     }
     *norm = std::sqrt(centred_sq);
@@ -81,7 +96,7 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
   opmath tangent_sq = 0, sum_t = 0, sum_pt = 0;
   WDOPT_SIMD_SUM(tangent_sq, sum_t, sum_pt)
   for (int64_t j = 0; j < size; ++j) {
-    const opmath pj = static_cast<opmath>(p[j]);
+    const opmath pj = p.load(j);
     const opmath t = buffer[j] - mean_u - pj * radial;
     buffer[j] = t;
     tangent_sq += t * t;
@@ -113,18 +128,18 @@ void rotate_row(scalar_t* __restrict__ p, int64_t size, const Direction& directi
     centred_qq = 0;
     WDOPT_SIMD_SUM(centred_qq)
     for (int64_t j = 0; j < size; ++j) {
-      const opmath c = (static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q;
+      const opmath c = (p.load(j) - step * buffer[j]) - mean_q;
       centred_qq += c * c;
     }
   }
   const opmath to_sphere = centred_qq > 0 ? n / std::sqrt(centred_qq) : opmath(0);  // a zero row stays zero
   if (sums == nullptr) {
     WDOPT_SIMD
-    for (int64_t j = 0; j < size; ++j) p[j] = ((static_cast<opmath>(p[j]) - step * buffer[j]) - mean_q) * to_sphere;
+    for (int64_t j = 0; j < size; ++j) p.store(j, ((p.load(j) - step * buffer[j]) - mean_q) * to_sphere);
     return;
   }
   write_and_measure<opmath>(
-      PlainParam<scalar_t>{p}, 0, size,
+      p, 0, size,
       [=](int64_t j, opmath w) { return ((w - step * buffer[j]) - mean_q) * to_sphere; }, grad_at, sums);
 }
 
@@ -158,8 +173,10 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                  at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
                  double norm_decay, double rotational_eps, bool zero_mean, bool projected, bool maximize,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                 const std::optional<at::Tensor>& rate_tensor) {
+                 const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction) {
   if (params.empty()) return;
+  check_rng(rng, params);
+  const int master_bits = check_correction(correction, params);
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
   const bool has_rate = rate_tensor.has_value() && rate_tensor->defined();
   TORCH_CHECK(!has_rate || (rate_tensor->device().is_cpu() && rate_tensor->numel() == 1 &&
@@ -249,59 +266,68 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     auto first_row = [&](int64_t part) {
       return static_cast<int64_t>(std::lower_bound(row_start, row_start + n_rows, total * part / parts) - row_start);
     };
-    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      // This thread's copy of a row: the thread's scratch for rows up to kScratchRow elements (a
-      // row of 65,536 fp32 columns is 256 KB); a longer one (a whole-tensor sphere) gets a buffer
-      // of its own, which the scratch would otherwise keep for the life of the process — its work
-      // dwarfs the page faults of a fresh allocation anyway.
-      std::vector<opmath> own;
-      opmath* const buffer = longest <= kScratchRow ? scratch<opmath, 3>(longest) : (own.resize(longest), own.data());
-      for (int64_t i = first_row(part_begin); i < first_row(part_end); ++i) {
-        const Row& r = rows[i];
-        const int64_t t = r.tensor, offset = r.row * r.size;
-        scalar_t* p = ptr<scalar_t>(params[t]) + offset;
-        const scalar_t* g = ptr<scalar_t>(grads[t]) + offset;
-        opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;
-        opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
-        // Captures by value (pointers, coefficients): the row loops then see plain local pointers and
-        // vectorize with contiguous loads; through captured references they fell back to gathers.
-        const auto grad_at = [=](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
-        double* sums = telemetry.empty() ? nullptr : ptr<double>(telemetry[t]) + 4 * r.row;
-        if (adamw) {
-          scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
-          scalar_t* v = ptr<scalar_t>(state2[t]) + offset;
-          const auto c = adamw_c[t];
-          const opmath inv_bias_correction1 = inv_bc1[t];
-          rotate_row(p, r.size, [=](int64_t j) {
-            opmath mj = m[j], vj = v[j];
-            const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
-            m[j] = mj;
-            v[j] = vj;
-            return u;
-          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-        } else if (lion) {
-          scalar_t* m = ptr<scalar_t>(state1[t]) + offset;
-          rotate_row(p, r.size, [=](int64_t j) {
-            opmath mj = m[j];
-            const opmath u = lion_direction(grad_at(j), mj, lion_c);
-            m[j] = mj;
-            return u;
-          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-        } else if (momentum != 0) {
-          scalar_t* b = ptr<scalar_t>(state1[t]) + offset;
-          const bool first_step = fresh[t];
-          rotate_row(p, r.size, [=](int64_t j) {
-            opmath bj = b[j];
-            const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
-                                      : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
-            b[j] = bj;
-            return u;
-          }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-        } else {
-          rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer, norm,
-                     s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+    dispatch_storage<scalar_t>(!rng.empty(), master_bits, [&](auto SR, auto MASTER) {
+      at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+        // This thread's copy of a row: the thread's scratch for rows up to kScratchRow elements (a
+        // row of 65,536 fp32 columns is 256 KB); a longer one (a whole-tensor sphere) gets a buffer
+        // of its own, which the scratch would otherwise keep for the life of the process — its work
+        // dwarfs the page faults of a fresh allocation anyway.
+        std::vector<opmath> own;
+        opmath* const buffer = longest <= kScratchRow ? scratch<opmath, 3>(longest) : (own.resize(longest), own.data());
+        for (int64_t k = first_row(part_begin); k < first_row(part_end); ++k) {
+          const Row& r = rows[k];
+          const int64_t t = r.tensor, offset = r.row * r.size;
+          // The tensor's storage: its stream words and correction; the row reads them at offset + j.
+          const int64_t* words = rng.empty() ? nullptr : rng[t].const_data_ptr<int64_t>();
+          void* const low_bits = correction.empty() ? nullptr : correction[t].data_ptr();
+          const auto st = storage_for<scalar_t, SR, MASTER>(words, low_bits);
+          const RowOf<typename decltype(st)::Param> p{st.param(ptr<scalar_t>(params[t])), offset};
+          const scalar_t* g = ptr<scalar_t>(grads[t]) + offset;
+          opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;
+          opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
+          // Captures by value (pointers, coefficients): the row loops then see plain local pointers and
+          // vectorize with contiguous loads; through captured references they fell back to gathers.
+          const auto grad_at = [=](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
+          double* sums = telemetry.empty() ? nullptr : ptr<double>(telemetry[t]) + 4 * r.row;
+          if (adamw) {
+            scalar_t* m = ptr<scalar_t>(state1[t]);
+            scalar_t* v = ptr<scalar_t>(state2[t]);
+            const auto c = adamw_c[t];
+            const opmath inv_bias_correction1 = inv_bc1[t];
+            rotate_row(p, r.size, [=](int64_t j) {
+              const int64_t i = offset + j;
+              opmath mj = m[i], vj = v[i];
+              const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
+              m[i] = st.template store<1>(i, mj);
+              v[i] = st.template store<2>(i, vj);
+              return u;
+            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          } else if (lion) {
+            scalar_t* m = ptr<scalar_t>(state1[t]);
+            rotate_row(p, r.size, [=](int64_t j) {
+              const int64_t i = offset + j;
+              opmath mj = m[i];
+              const opmath u = lion_direction(grad_at(j), mj, lion_c);
+              m[i] = st.template store<1>(i, mj);
+              return u;
+            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          } else if (momentum != 0) {
+            scalar_t* b = ptr<scalar_t>(state1[t]);
+            const bool first_step = fresh[t];
+            rotate_row(p, r.size, [=](int64_t j) {
+              const int64_t i = offset + j;
+              opmath bj = b[i];
+              const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
+                                        : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
+              b[i] = st.template store<1>(i, bj);
+              return u;
+            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          } else {
+            rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer, norm,
+                       s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          }
         }
-      }
+      });
     });
   });
 }

@@ -194,9 +194,9 @@ TelemetryTables telemetry_tables(const char* op, at::TensorList telemetry, at::T
   return out;
 }
 
-// Stochastic rounding (ops.cpp): [] (round to nearest) or one contiguous int64 [key, count] tensor
-// of 2 elements per parameter on its device, read by the kernels and never written (the driver
-// advances count on the device after the call). Empty: no pointers (launchers.h: rng null).
+// Stochastic rounding (ops.cpp): [] (round to nearest) or one contiguous int64 [key, count, index
+// base] tensor of 3 elements per parameter on its device, read by the kernels and never written (the
+// driver advances count on the device after the call). Empty: no pointers (launchers.h: rng null).
 std::vector<const int64_t*> rng_pointers(const char* op, at::TensorList rng, at::TensorList params) {
   std::vector<const int64_t*> out;
   if (rng.empty()) return out;
@@ -206,8 +206,8 @@ std::vector<const int64_t*> rng_pointers(const char* op, at::TensorList rng, at:
   for (size_t i = 0; i < rng.size(); ++i) {
     const at::Tensor& r = rng[i];
     TORCH_CHECK(r.defined(), op, ": rng[", i, "] is undefined");
-    TORCH_CHECK(r.scalar_type() == at::kLong && r.numel() == 2 && r.is_contiguous() && r.device() == params[i].device(),
-                op, ": rng[", i, "] must be a contiguous int64 tensor of 2 elements ([key, count]) on ",
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.numel() == 3 && r.is_contiguous() && r.device() == params[i].device(),
+                op, ": rng[", i, "] must be a contiguous int64 tensor of 3 elements ([key, count, index base]) on ",
                 params[i].device(), ", got ", r.scalar_type(), " of shape ", r.sizes(), " on ", r.device(),
                 r.is_contiguous() ? "" : " (not contiguous)");
     out.push_back(r.const_data_ptr<int64_t>());
@@ -474,7 +474,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                      double beta2, double eps, double momentum, bool nesterov, double angle, double norm_decay,
                      double rotational_eps, bool zero_mean, bool projected, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& rate_tensor) {
+                     const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction) {
   constexpr const char* op = "wdopt::rotational_";
   if (params.empty()) return;
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
@@ -520,6 +520,10 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                 " elements, not a multiple of its ", rows[t], " rows");
   }
   TelemetryTables tel = telemetry_tables(op, telemetry, params, /*statistics=*/false);
+  // Stochastic rounding and compensated bf16 parameters, checked as the element-wise ops check
+  // theirs, before anything is written (the kernel reads master weights wherever it reads p).
+  const std::vector<const int64_t*> rounding = rng_pointers(op, rng, params);
+  const Corrections compensation = corrections(op, correction, params);
   // The kernel gathers telemetry rows inside rotation rows (K_tel a multiple of K_rot). Other
   // shapes (a per-neuron 1-D tensor has K_rot = numel, K_tel = 1) go through a finer buffer of
   // lcm(K_tel, K_rot) rows, summed into the caller's after the kernel (on the stream, graph-safe).
@@ -576,6 +580,9 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
   a.rate = device_scalar(op, "rate_tensor", rate_tensor, device);
   a.grad = grad_options(op, grad_scale, found_inf, maximize, device);
   a.telemetry = tel.get();
+  a.rng = rounding.empty() ? nullptr : rounding.data();
+  a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
+  a.master_bits = compensation.master_bits;
   a.scratch = scratch.mutable_data_ptr();
   check_launch(op, wc::rotational(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
   for (auto& [t, buffer] : finer) {

@@ -39,7 +39,7 @@
 //   with a scalar tail; misaligned tensors (views) take the scalar path. Offsets are int64 across
 //   chunks and int32 inside one.
 // * Stochastic rounding (``rng`` given, bf16/fp16): the same engines built with SR = true, whose
-//   tables carry each tensor's [key, count] pointer; a block hashes its tensor's lane words once
+//   tables carry each tensor's [key, count, index base] pointer; a block hashes its tensor's lane words once
 //   (Rounding) and each store hashes the element's offset in the tensor, so the bits are the
 //   reference's whatever the chunking. The round-to-nearest kernels are built as before.
 // * Compensated bf16 parameters (``corrections`` given): the bf16 engines built with MASTER = 32
@@ -189,14 +189,15 @@ template <typename T> struct Rounding<T, true> {
   static_assert(kLowPrecision<T>, "stochastic rounding stores bf16 or fp16");
   uint32_t stream[4];
 
-  // One tensor's words for this step, for each lane in ``lanes``, from its [key, count] read on
-  // the device (the driver advances count after the kernel: a CUDA-graph replay draws new bits).
-  // Three hashes a word, which each thread takes once per block: only for the lanes it stores.
+  // One tensor's words for this step, for each lane in ``lanes``, from its [key, count, index base]
+  // read on the device (the driver advances count after the kernel: a CUDA-graph replay draws new
+  // bits), the base folded in (rounding.h). Three hashes a word, which each thread takes once per
+  // block: only for the lanes it stores.
   WDOPT_HD Rounding(const int64_t* rng, unsigned lanes) {
-    const int64_t key = rng[0], count = rng[1];
+    const int64_t key = rng[0], count = rng[1], base = rng[2];
     WDOPT_UNROLL
     for (uint32_t lane = 0; lane < 4; ++lane) {
-      stream[lane] = (lanes >> lane) & 1u ? rounding_stream(key, count, lane) : 0u;
+      stream[lane] = (lanes >> lane) & 1u ? fold_index_base(rounding_stream(key, count, lane), base) : 0u;
     }
   }
 

@@ -54,7 +54,7 @@ struct Telemetry {
 };
 
 // Stochastic rounding (wdopt/reference/rounding.py): when an optimizer's ``rng`` is not null and
-// the dtype is Float16 or BFloat16, rng[i] is a device pointer to tensor i's int64 [key, count],
+// the dtype is Float16 or BFloat16, rng[i] is a device pointer to tensor i's int64 [key, count, index base],
 // read (never written) by the kernels, and every store to tensor i and its state rounds
 // stochastically with the bits of (key, count, lane, element offset in the tensor); lanes: 0 the
 // parameter, then the state tensors in the order of the args (AdamW: exp_avgs 1, exp_avg_sqs 2,
@@ -166,6 +166,14 @@ struct RotationalArgs {
   void* const* update_norm_avgs = nullptr;  // rows[i] values of the math type: s
   float* const* rotational_steps = nullptr;  // float32 k, advanced by one; 0: first rotational step
   const FirstStepFlag* first_steps = nullptr;  // SGD with momentum, per tensor
+  // Stochastic rounding (bf16/fp16): per tensor a device pointer to its int64 [key, count, index
+  // base], as for adamw; the parameter is stored in lane 0, state1 in lane 1, state2 in lane 2.
+  const int64_t* const* rng = nullptr;
+  // Compensated bf16 parameters, as for adamw: per tensor its int16 (master_bits 32) or int8 (24)
+  // correction, laid out like it. The rotation reads the master weights everywhere (sums, norms,
+  // telemetry) and stores them split; bf16 only (another dtype with corrections is invalid).
+  void* const* corrections = nullptr;
+  int master_bits = 32;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, momentum = 0;
   bool nesterov = false;
   double angle = 0, norm_decay = 0, rotational_eps = 0;

@@ -184,7 +184,9 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
     const Rounding<T, kParamSR> rounding(kParamSR ? table.rng[e] : nullptr, rounded_lanes(1u, MASTER));
     uint32_t stream[S];
     WDOPT_UNROLL
-    for (int s = 0; s < S; ++s) stream[s] = SR ? rounding_stream(table.rng[e][0], table.rng[e][1], s + 1u) : 0u;
+    for (int s = 0; s < S; ++s) {  // the index base folded in (rounding.h)
+      stream[s] = SR ? fold_index_base(rounding_stream(table.rng[e][0], table.rng[e][1], s + 1u), table.rng[e][2]) : 0u;
+    }
     const bool unscale = grad.grad_scale.ptr != nullptr;
     const M inv_scale = unscale ? M(1) / static_cast<M>(read_scalar(grad.grad_scale)) : M(1);
     float* const values = reinterpret_cast<float*>(shared);

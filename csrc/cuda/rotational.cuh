@@ -1,6 +1,8 @@
 // The rotational row engine (docs/theory.md section 3; csrc/cpu/rotational_cpu.cpp is the CPU
 // twin): a prologue kernel per call, then row blocks, on-chip rows read and written once, longer
-// rows in two passes. Its launchers are rotational.cu's.
+// rows in two passes. Its launchers are rotational.cu's. Low precision (wdopt/reference/rotational.py)
+// enters only where arrays are read and written, through common.cuh's Rounding and Compensation
+// as in the update engines: the sums, norms and order of operations are those of a plain call.
 #pragma once
 
 #include "rows.cuh"
@@ -62,7 +64,7 @@ template <typename M> struct RotationPrologueKernel {
 
 // The rotational tensors of one row launch. ``tel_split``: telemetry rows per rotation row.
 struct RotationTable {
-  static constexpr int kRowBytes = 7 * 8 + 8 + 8 + 8 + 4 + 4 + 1;
+  static constexpr int kRowBytes = 9 * 8 + 8 + 8 + 8 + 4 + 4 + 1;
   static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
 
   void* param[kCapacity];
@@ -72,6 +74,8 @@ struct RotationTable {
   void* norm[kCapacity];
   void* s_avg[kCapacity];
   double* telemetry[kCapacity];
+  const int64_t* rng[kCapacity];  // stochastic rounding's [key, count, index base] (SR kernels only)
+  void* correction[kCapacity];    // a compensated parameter's int16/int8 low bits (MASTER 24 or 32 only)
   int64_t rows[kCapacity];
   int64_t cols[kCapacity];
   int32_t tel_split[kCapacity];
@@ -104,30 +108,32 @@ template <typename T> struct DirectionContext {
   T* state2;
 };
 
-// u_j from the unscaled gradient g_j (csrc/include/wdopt/*.h), the state written back if ``write``.
-template <typename T, int KIND>
-WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, opmath_t<T> g, int64_t j, bool write) {
+// u_j from the unscaled gradient g_j (csrc/include/wdopt/*.h), the state written back if ``write``,
+// stored through ``rounding`` (state1 in lane 1, state2 in lane 2; j: the element's tensor offset).
+template <typename T, int KIND, class R>
+WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, const R& rounding, opmath_t<T> g, int64_t j,
+                               bool write) {
   using M = opmath_t<T>;
   if constexpr (KIND == kAdamW) {
     M m = to_math(c.state1[j]), v = to_math(c.state2[j]);
     const M u = adamw_direction(g, m, v, c.inv_bias_correction1, c.adamw);
     if (write) {
-      c.state1[j] = to_storage<T>(m);
-      c.state2[j] = to_storage<T>(v);
+      c.state1[j] = rounding.store(1, j, m);
+      c.state2[j] = rounding.store(2, j, v);
     }
     return u;
   } else if constexpr (KIND == kLion) {
     M m = to_math(c.state1[j]);
     const M u = lion_direction(g, m, c.lion);
-    if (write) c.state1[j] = to_storage<T>(m);
+    if (write) c.state1[j] = rounding.store(1, j, m);
     return u;
   } else if constexpr (KIND == kSGDPlain) {
-    (void)c, (void)j, (void)write;
+    (void)c, (void)rounding, (void)j, (void)write;
     return g;
   } else {
     M b = to_math(c.state1[j]);
     const M u = sgd_direction<true, KIND == kSGDNesterov>(g, b, c.first_step, c.momentum);
-    if (write) c.state1[j] = to_storage<T>(b);
+    if (write) c.state1[j] = rounding.store(1, j, b);
     return u;
   }
 }
@@ -143,19 +149,41 @@ template <typename M> struct RowScalars {
 };
 static_assert(sizeof(RowScalars<double>) * kMaxGroups <= kGroupBytes, "raise kGroupBytes");
 
-template <typename T> size_t rotation_shared_bytes(int64_t on_chip) {
-  return kRowHeaderBytes + static_cast<size_t>(on_chip) * (sizeof(opmath_t<T>) + sizeof(T));
+// What the on-chip buffer keeps of p: its stored value (T), or a compensated parameter's master
+// weight (the fp32 combine of p and its correction, which every phase reads: loaded once).
+template <typename T, int MASTER> using RowParam = std::conditional_t<MASTER != 16, opmath_t<T>, T>;
+
+// Bytes of one element of the on-chip row buffers (u or its successors in M, p as RowParam).
+template <typename T, int MASTER> constexpr size_t rotation_element_bytes() {
+  return sizeof(opmath_t<T>) + sizeof(RowParam<T, MASTER>);
+}
+
+template <typename T, int MASTER> size_t rotation_shared_bytes(int64_t on_chip) {
+  return kRowHeaderBytes + static_cast<size_t>(on_chip) * rotation_element_bytes<T, MASTER>();
 }
 
 // One block: kThreads / G rotation rows of one tensor (the CPU kernel's rotate_row, per group).
 // On chip (the row fits the group's share of the row buffers): the row is read once (u into the
-// buffer, p kept as stored) and the phases of rotate_row run on the buffer, sums from the values
-// themselves. Longer rows: pass 1 computes u without writing state and sums pivot-shifted moments
-// in double (so a nearly constant u, an uncentred p or a mostly radial u loses nothing to
-// cancellation); ‖t‖², the centred norm of q and its mean follow in closed form from these
-// moments; pass 2 recomputes u, writes state and p.
-template <typename T, int KIND> struct RotationalRowKernel {
+// buffer, p kept as stored, or as its master weight) and the phases of rotate_row run on the
+// buffer, sums from the values themselves. Longer rows: pass 1 computes u without writing state
+// and sums pivot-shifted moments in double (so a nearly constant u, an uncentred p or a mostly
+// radial u loses nothing to cancellation); ‖t‖², the centred norm of q and its mean follow in
+// closed form from these moments; pass 2 recomputes u, writes state and p.
+// SR: bf16/fp16 stores rounded stochastically (common.cuh's Rounding: p in lane 0, state1 in lane
+// 1, state2 in lane 2, each with its element's offset in the tensor, row·C + column, whatever the
+// path or group size). MASTER 24 or 32: a compensated bf16 parameter; every read of p (sums, the
+// frozen norm, the tangent projection, the update, telemetry's ω) is its master weight, and the
+// new value is stored split (Compensation): the kernel rotates the master weights as a plain call
+// rotates fp32 ones.
+template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel {
   using M = opmath_t<T>;
+  using Master = Compensation<MASTER>;
+  using P = RowParam<T, MASTER>;  // p as the on-chip buffer holds it
+  static_assert(!Master::kOn || std::is_same_v<T, __nv_bfloat16>, "a compensated parameter is a bf16 one");
+  // The lanes whose words Rounding hashes: those this KIND stores (the direction's states), less
+  // the parameter's where a 32-bit master is split exactly (common.cuh, rounded_lanes).
+  static constexpr unsigned kLanes =
+      (KIND == kAdamW ? 0x7u : (KIND == kSGDPlain ? 0x1u : 0x3u)) & (MASTER == 32 ? ~1u : ~0u);
   // __launch_bounds__ hint: 3 resident blocks per SM caps registers at 80 per thread. Where ptxas
   // (CUDA 13, sm_80/sm_90) meets that without spilling, ask for it: 16-bit storage (64-77
   // registers unhinted) and fp32 Lion / plain SGD (90-96). fp32 AdamW and momentum SGD (96-108)
@@ -176,7 +204,18 @@ template <typename T, int KIND> struct RotationalRowKernel {
     const bool first = rc.first != 0;
     const DirectionContext<T> dc{rc.adamw, rc.inv_bias_correction1, args.lion, args.momentum, is_first_step(table.flag[e]),
                                  static_cast<T*>(table.state1[e]), static_cast<T*>(table.state2[e])};
+    const Rounding<T, SR> rounding(SR ? table.rng[e] : nullptr, kLanes);
     T* const p = static_cast<T*>(table.param[e]);
+    [[maybe_unused]] typename Master::C* const correction =
+        Master::kOn ? static_cast<typename Master::C*>(table.correction[e]) : nullptr;
+    // p_j as the rotation reads it, in every pass: the master weight of a compensated parameter.
+    auto param_at = [&](int64_t j) -> P {
+      if constexpr (Master::kOn) {
+        return Master::load(p[j], correction[j]);
+      } else {
+        return p[j];
+      }
+    };
     const T* const g = static_cast<const T*>(table.grad[e]);
     M* const norm = static_cast<M*>(table.norm[e]);
     M* const s_avg = static_cast<M*>(table.s_avg[e]);
@@ -192,7 +231,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
     RowScalars<M>* const rs = reinterpret_cast<RowScalars<M>*>(shared + kReductionBytes);
     const int64_t share = args.on_chip >> (kLog2Threads - lg);  // buffer elements per group
     M* const buf_u = reinterpret_cast<M*>(shared + kRowHeaderBytes);
-    T* const buf_p = reinterpret_cast<T*>(shared + kRowHeaderBytes + static_cast<size_t>(args.on_chip) * sizeof(M));
+    P* const buf_p = reinterpret_cast<P*>(shared + kRowHeaderBytes + static_cast<size_t>(args.on_chip) * sizeof(M));
     const bool zero_mean = args.zero_mean;
     const M size = static_cast<M>(cols);
     const Block blk{};
@@ -241,11 +280,11 @@ template <typename T, int KIND> struct RotationalRowKernel {
         const int64_t row = row_of(t);
         if (row >= 0) {
           M* const bu = buf_u + (t >> lg) * share;
-          T* const bp = buf_p + (t >> lg) * share;
+          P* const bp = buf_p + (t >> lg) * share;
           const int64_t base = row * cols;
           for (int64_t j = t & (G - 1); j < cols; j += G) {
-            const M u = direction<T, KIND>(dc, grad_at(base + j), base + j, true);
-            const T pt = p[base + j];
+            const M u = direction<T, KIND>(dc, rounding, grad_at(base + j), base + j, true);
+            const P pt = param_at(base + j);
             const M pj = to_math(pt);
             bu[j] = u;
             bp[j] = pt;
@@ -284,7 +323,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
         if (row_of(t) >= 0) {
           const RowScalars<M>& r = rs[t >> lg];
           M* const bu = buf_u + (t >> lg) * share;
-          const T* const bp = buf_p + (t >> lg) * share;
+          const P* const bp = buf_p + (t >> lg) * share;
           for (int64_t j = t & (G - 1); j < cols; j += G) {
             const M tj = bu[j] - r.mean_u - to_math(bp[j]) * r.radial;
             bu[j] = tj;
@@ -306,7 +345,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
         if (row_of(t) >= 0) {
           const M step = rs[t >> lg].step;
           M* const bu = buf_u + (t >> lg) * share;
-          const T* const bp = buf_p + (t >> lg) * share;
+          const P* const bp = buf_p + (t >> lg) * share;
           for (int64_t j = t & (G - 1); j < cols; j += G) {
             const M q = to_math(bp[j]) - step * bu[j];
             bu[j] = q;
@@ -347,9 +386,9 @@ template <typename T, int KIND> struct RotationalRowKernel {
         r.to_sphere = r.centred_qq > 0 ? r.n / sqrt(r.centred_qq) : M(0);  // a zero row stays zero
       });
       blk.sync();
-      write_rows(blk, table, e, lg, first_row, shared, grad, [&](int t, int64_t, int64_t j, T& old) {
+      write_rows(blk, table, e, lg, first_row, shared, grad, rounding, [&](int t, int64_t, int64_t j, M& old) {
         const RowScalars<M>& r = rs[t >> lg];
-        old = buf_p[(t >> lg) * share + j];
+        old = to_math(buf_p[(t >> lg) * share + j]);
         return (buf_u[(t >> lg) * share + j] - r.mean_q) * r.to_sphere;
       });
       return;
@@ -363,12 +402,12 @@ template <typename T, int KIND> struct RotationalRowKernel {
       const int64_t row = row_of(t);
       if (row >= 0) {
         const int64_t base = row * cols;
-        const M ku = direction<T, KIND>(dc, grad_at(base), base, false);
-        const M kp = to_math(p[base]);
+        const M ku = direction<T, KIND>(dc, rounding, grad_at(base), base, false);
+        const M kp = to_math(param_at(base));
         for (int64_t j = base + (t & (G - 1)); j < base + cols; j += G) {
           const double a =
-              static_cast<double>(direction<T, KIND>(dc, grad_at(j), j, false)) - static_cast<double>(ku);
-          const double b = static_cast<double>(to_math(p[j])) - static_cast<double>(kp);
+              static_cast<double>(direction<T, KIND>(dc, rounding, grad_at(j), j, false)) - static_cast<double>(ku);
+          const double b = static_cast<double>(to_math(param_at(j))) - static_cast<double>(kp);
           sa += a;
           sb += b;
           saa += a * a;
@@ -395,7 +434,7 @@ template <typename T, int KIND> struct RotationalRowKernel {
       r.mean_q = static_cast<M>(static_cast<double>(r.kp) + r.s[1] / static_cast<double>(cols));  // mean(p)
     });
     blk.sync();
-    if (first) freeze_norm([&](int, int64_t row, int64_t j) { return to_math(p[row * cols + j]); });
+    if (first) freeze_norm([&](int, int64_t row, int64_t j) { return to_math(param_at(row * cols + j)); });
     // Closed forms, in double from the sums (docs/theory.md section 3.3).
     blk.each([&](int t) {
       if (!leader(t)) return;
@@ -434,25 +473,29 @@ template <typename T, int KIND> struct RotationalRowKernel {
     });
     blk.sync();
     // Pass 2: u again (the state is unchanged), state and p written.
-    write_rows(blk, table, e, lg, first_row, shared, grad, [&](int t, int64_t base, int64_t j, T& old) {
+    write_rows(blk, table, e, lg, first_row, shared, grad, rounding, [&](int t, int64_t base, int64_t j, M& old) {
       const RowScalars<M>& r = rs[t >> lg];
-      const T pt = p[base + j];
-      old = pt;
-      const M pj = to_math(pt);
-      const M u = direction<T, KIND>(dc, grad_at(base + j), base + j, true);
+      const M pj = to_math(param_at(base + j));
+      old = pj;
+      const M u = direction<T, KIND>(dc, rounding, grad_at(base + j), base + j, true);
       const M q = pj - r.step * (u - r.mean_u - pj * r.radial);
       return (q - r.mean_q) * r.to_sphere;
     });
   }
 
   // The last phase: p ← value(t, base, j, old) for every element of the block's rows (``old``: p as
-  // stored before), with the telemetry sums per telemetry row (tel_split of them per rotation row).
+  // read before, in M: a compensated parameter's master weight), stored through ``rounding`` (lane
+  // 0) or split into p and its correction; the telemetry sums per telemetry row (tel_split of them
+  // per rotation row) measure ω and Δω as loaded and stored (master weights when compensated).
   template <class F>
   WDOPT_BLOCK static void write_rows(const Block& blk, const RotationTable& table, int e, int lg, int64_t first_row,
-                                     unsigned char* shared, const GradOptions& grad, F&& value) {
+                                     unsigned char* shared, const GradOptions& grad, const Rounding<T, SR>& rounding,
+                                     F&& value) {
     const int G = 1 << lg;
     const int64_t rows = table.rows[e], cols = table.cols[e];
     T* const p = static_cast<T*>(table.param[e]);
+    [[maybe_unused]] typename Master::C* const correction =
+        Master::kOn ? static_cast<typename Master::C*>(table.correction[e]) : nullptr;
     const T* const g = static_cast<const T*>(table.grad[e]);
     double* const tel = table.telemetry[e];
     const int64_t segments = tel != nullptr ? table.tel_split[e] : 1;
@@ -466,10 +509,17 @@ template <typename T, int KIND> struct RotationalRowKernel {
         if (row < rows) {
           const int64_t base = row * cols;
           for (int64_t j = s * seg_len + (t & (G - 1)); j < (s + 1) * seg_len; j += G) {
-            T old;
-            const T now = to_storage<T>(value(t, base, j, old));
-            p[base + j] = now;
-            if (tel != nullptr) telemetry_add(acc, old, now, g[base + j], inv_scale);
+            M old;
+            const M w = value(t, base, j, old);
+            M now;
+            if constexpr (Master::kOn) {
+              now = Master::store(rounding, base + j, w, p[base + j], correction[base + j]);
+            } else {
+              const T stored = rounding.store(0, base + j, w);
+              p[base + j] = stored;
+              now = to_math(stored);
+            }
+            if (tel != nullptr) telemetry_add(acc, old, now, to_math(g[base + j]), inv_scale);
           }
         }
         if (tel != nullptr) {
@@ -490,9 +540,14 @@ template <typename T, int KIND> struct RotationalRowKernel {
   }
 };
 
-template <typename T, int KIND>
-cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& base_args, int64_t limit,
+// ``buffer_bytes``: what a block's on-chip row buffers may take (rotational.cu), of which the rows'
+// elements take rotation_element_bytes each (more with compensated parameters: p as its master).
+template <typename T, int KIND, bool SR, int MASTER>
+cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& base_args, int64_t buffer_bytes,
                             cudaStream_t stream) {
+  // Elements of the row buffers per block: a multiple of kThreads (0: every row takes two passes).
+  const int64_t limit =
+      buffer_bytes / static_cast<int64_t>(rotation_element_bytes<T, MASTER>()) / kThreads * kThreads;
   RotationTable table;  // deliberately not zeroed: rows past n_tensors are never read
   int64_t on_chip = 0;   // elements of this launch's row buffers (the widest on-chip row group needs)
   // Telemetry rows per rotation row; 0: invalid arguments.
@@ -528,6 +583,8 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
         table.norm[r] = a.rotational_norms[i];
         table.s_avg[r] = a.update_norm_avgs[i];
         table.telemetry[r] = a.telemetry.buffers != nullptr ? a.telemetry.buffers[i] : nullptr;
+        table.rng[r] = SR ? a.rng[i] : nullptr;
+        table.correction[r] = MASTER != 16 ? a.corrections[i] : nullptr;
         table.rows[r] = rows;
         table.cols[r] = cols;
         table.tel_split[r] = static_cast<int32_t>(split_of(i, rows, cols));
@@ -540,8 +597,8 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
       [&](int64_t blocks) {
         RotationArgs<opmath_t<T>> args = base_args;
         args.on_chip = static_cast<int32_t>(on_chip);
-        const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND>>(
-            blocks, rotation_shared_bytes<T>(on_chip), stream, table, args, a.grad);
+        const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND, SR, MASTER>>(
+            blocks, rotation_shared_bytes<T, MASTER>(on_chip), stream, table, args, a.grad);
         on_chip = 0;
         return err;
       });

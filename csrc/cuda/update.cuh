@@ -12,7 +12,7 @@ namespace {
 
 // The tensors of one launch: DEPTH address columns, sizes, chunk prefix sums, a per-tensor flag
 // pointer (SGD's "first step", see FirstStepFlag), for the SR kernels a per-tensor pointer to its
-// stochastic-rounding [key, count] and, for the compensated ones (MASTER 24 or 32), to its
+// stochastic-rounding [key, count, index base] and, for the compensated ones (MASTER 24 or 32), to its
 // parameter's correction. Passed by value as a kernel argument.
 template <int DEPTH, bool SR = false, int MASTER = 16> struct UpdateTable {
   static constexpr int kRowBytes = DEPTH * 8 + 8 + 4 + 8 + (SR ? 8 : 0) + (MASTER != 16 ? 8 : 0);
@@ -135,7 +135,7 @@ template <typename T, bool SR, int MASTER, class Op> struct UpdateKernel {
 
 // Every tensor of a call through UpdateKernel<T, SR, MASTER, Op>: rows are packed into tables of
 // UpdateTable::kCapacity and each full table is launched (one launch for most models). ``rng``:
-// per tensor its [key, count], read with SR only; ``corrections``: per tensor its parameter's
+// per tensor its [key, count, index base], read with SR only; ``corrections``: per tensor its parameter's
 // correction, read with MASTER 24 or 32 only.
 template <typename T, bool SR, int MASTER, class Op>
 cudaError_t update_all(const void* const* const* columns, int64_t n_tensors, const int64_t* numels,

@@ -326,6 +326,9 @@ STOCHASTIC_ROUNDING = ("cpu", "cuda")
 COMPENSATION = ("cpu", "cuda")
 #: Device types whose kernels update 8-bit states when handed their block ``scales``.
 QUANTIZED_STATES = ("cpu", "cuda")
+#: Device types whose rotational kernel takes ``rng`` and ``correction`` (elsewhere the driver
+#: rotates such tensors with the reference).
+ROTATIONAL_LOW_PRECISION = ("cpu", "cuda")
 
 
 def _scale_list(scales) -> list:
@@ -383,11 +386,14 @@ def rotational_available(device: torch.device) -> bool:
 
 def rotational(optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
                first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean,
-               projected, maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None) -> None:
+               projected, maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None, rng=(),
+               correction=()) -> None:
     """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors.
-    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp)."""
+    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp); ``rng``,
+    ``correction``: stochastic rounding and compensated bf16 parameters, as for adamw."""
     torch.ops.wdopt.rotational_(
         optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
         list(first_steps), list(telemetry), lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
         nesterov=nesterov, angle=angle, norm_decay=norm_decay, rotational_eps=rotational_eps, zero_mean=zero_mean,
-        projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, rate_tensor=rate_tensor)
+        projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, rate_tensor=rate_tensor,
+        rng=list(rng), correction=list(correction))

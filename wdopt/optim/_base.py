@@ -75,7 +75,8 @@ def check_common(lr, weight_decay, decay_scaling, backend, differentiable, const
         raise ValueError("wdopt optimizers do not support differentiable=True; use torch.optim for that")
 
 
-def check_rounding(group: dict[str, Any], cls_name: str, supported: bool = True) -> None:
+def check_rounding(group: dict[str, Any], cls_name: str, supported: bool = True,
+                   state_bits_supported: bool = True) -> None:
     """``stochastic_rounding`` must be a bool, ``rounding_seed`` an integer in [0, 2^64) and
     ``master_weight_bits`` 16, 24 or 32, above 16 only for bf16 parameters."""
     bits = group.get("master_weight_bits", 16)
@@ -93,7 +94,7 @@ def check_rounding(group: dict[str, Any], cls_name: str, supported: bool = True)
     if state_bits not in (None, 8) or isinstance(state_bits, bool):
         raise ValueError(f"state_bits must be None (states in the parameter's dtype) or 8, got {state_bits!r}")
     if state_bits == 8:
-        if not supported:
+        if not (supported and state_bits_supported):
             raise ValueError(f"{cls_name} does not support state_bits yet; FusedAdamW, FusedSGD and FusedLion do")
         for i, p in enumerate(group.get("params", [])):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -227,8 +228,9 @@ class FusedOptimizer(Optimizer):
         # saved on a GPU machine ("triton") must load on a CPU one. Keep this optimizer's choice.
         chosen = [group["backend"] for group in self.param_groups]
         # torch casts every state tensor of a floating-point parameter to its dtype: stochastic
-        # rounding's int64 [key, count], a compensated parameter's int16/int8 correction and 8-bit
-        # states' codes would become floats. Keep every integer tensor as saved. Of a state dict
+        # rounding's int64 [key, count, index base], a compensated parameter's int16/int8 correction
+        # and 8-bit states' codes would become floats, their float32 block scales bf16. Keep every
+        # integer tensor and the scales as saved. Of a state dict
         # that went through torch.optim, 8-bit codes (small integers, exact as floats) are taken
         # back; an rng or a correction is dropped and made anew (a correction as zero: the master
         # weight is then the bf16 parameter).
@@ -241,6 +243,8 @@ class FusedOptimizer(Optimizer):
                     continue
                 if not value.is_floating_point() and not value.is_complex():
                     integer_state[(p, key)] = value
+                elif key.endswith("_scale") and key[:-len("_scale")] in self._quantized_states:
+                    integer_state[(p, key)] = value  # float32 block scales of a bf16 parameter: not rounded to bf16
                 elif key in _INTEGER_STATE:
                     integer_state[(p, key)] = None
                 elif key in self._quantized_states and key + "_scale" in saved and value.shape == p.shape:
@@ -385,22 +389,37 @@ class FusedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ stochastic rounding
 
-    #: Whether this class's kernels round bf16/fp16 stores stochastically (``stochastic_rounding``).
+    #: Whether this class's kernels round bf16/fp16 stores stochastically (``stochastic_rounding``)
+    #: and compensate bf16 parameters (``master_weight_bits``); whether they take 8-bit states.
     _stochastic_rounding_supported = True
+    _state_bits_supported = True
 
     def _init_rng(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """State ``rng`` = int64 [key, count] of each bf16/fp16 parameter of a group with stochastic
-        rounding (wdopt/reference/rounding.py): the key from the group's ``rounding_seed`` and the
-        parameter's position in the optimizer (as in its state dict), the count 0."""
+        """State ``rng`` = int64 [key, count, index base] of each bf16/fp16 parameter of a group with
+        stochastic rounding (wdopt/reference/rounding.py): the key from the group's ``rounding_seed``
+        and the parameter's position in the optimizer (as in its state dict), the count 0, the index
+        base 0 (a DTensor shard: the global index of its first element, _dtensor.py)."""
         if not group["stochastic_rounding"]:
             return
-        missing = [p for p in params if self._wants_rng(group, p.dtype) and "rng" not in self.state[p]]
+        missing = []
+        for p in params:
+            state = self.state[p]
+            rng = state.get("rng")
+            if rng is None:
+                if self._wants_rng(group, p.dtype):
+                    missing.append(p)
+            elif _dtensor.is_dtensor(p):  # a shard's, maybe loaded from another rank: this rank's base
+                _dtensor.set_index_base(p, state)
+            elif rng.numel() == 2:  # saved as [key, count] (wdopt < 0.2): a whole tensor's base, 0
+                state["rng"] = torch.cat([rng, rng.new_zeros(1)])
         if not missing:
             return
         position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
         for p in missing:
             key = rounding.parameter_key(group["rounding_seed"], position[id(p)])
-            self.state[p]["rng"] = torch.tensor([key, 0], dtype=torch.int64, device=p.device)
+            self.state[p]["rng"] = torch.tensor([key, 0, 0], dtype=torch.int64, device=p.device)
+            if _dtensor.is_dtensor(p):
+                _dtensor.set_index_base(p, self.state[p])
 
     def _init_correction(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """State ``correction`` of each parameter of a group with ``master_weight_bits`` 24 or 32:
@@ -417,9 +436,11 @@ class FusedOptimizer(Optimizer):
                                                        memory_format=torch.preserve_format)
             elif old.dtype != rounding.CORRECTION_DTYPES[bits]:  # the group's precision was changed
                 with torch.no_grad():
-                    bf16, low = rounding.split(rounding.combine(p.detach(), old), rounding.CORRECTION_DTYPES[bits])
-                    p.copy_(bf16)
-                state["correction"] = low
+                    lp = _dtensor.local(p)
+                    bf16, low = rounding.split(rounding.combine(lp.detach(), _dtensor.local(old)),
+                                               rounding.CORRECTION_DTYPES[bits])
+                    lp.copy_(bf16)
+                state["correction"] = _dtensor.like(p, low)
 
     def _corrections(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The bucket's ``correction`` tensors for its kernels, or [] (plain parameters)."""
@@ -434,7 +455,7 @@ class FusedOptimizer(Optimizer):
         correction = self.state.get(p, {}).get("correction")
         if correction is None:
             return p.detach().float().clone()
-        return rounding.combine(p.detach(), correction)
+        return _dtensor.like(p, rounding.combine(_dtensor.local(p).detach(), _dtensor.local(correction)))
 
     @torch.no_grad()
     def set_master_weight(self, p: torch.Tensor, weight: torch.Tensor) -> None:
@@ -451,15 +472,21 @@ class FusedOptimizer(Optimizer):
         if correction is None:
             p.copy_(weight)
             return
-        bf16, low = rounding.split(weight.detach().to(device=p.device, dtype=torch.float32).contiguous(),
-                                   correction.dtype)
-        p.copy_(bf16)
-        correction.copy_(low)
+        if _dtensor.is_dtensor(p) and not (_dtensor.is_dtensor(weight) and weight.device_mesh == p.device_mesh
+                                           and tuple(weight.placements) == tuple(p.placements)):
+            raise ValueError(f"set_master_weight: a DTensor parameter takes a DTensor weight placed as it "
+                             f"({tuple(p.placements)}), got {_dtensor.describe(weight)}")
+        weight = _dtensor.local(weight).detach().to(device=p.device, dtype=torch.float32).contiguous()
+        bf16, low = rounding.split(weight, correction.dtype)
+        _dtensor.local(p).copy_(bf16)
+        _dtensor.local(correction).copy_(low)
 
     def _weight(self, p: torch.Tensor) -> torch.Tensor:
         """What telemetry measures of ``p``: its master weight when compensated, else ``p``."""
         correction = self.state.get(p, {}).get("correction")
-        return p.detach() if correction is None else rounding.combine(p.detach(), correction)
+        if correction is None:
+            return p.detach()
+        return _dtensor.like(p, rounding.combine(_dtensor.local(p).detach(), _dtensor.local(correction)))
 
     def _rngs(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The bucket's ``rng`` tensors for its kernels, or [] (rounding to nearest)."""
@@ -480,8 +507,13 @@ class FusedOptimizer(Optimizer):
         """A new state tensor ``key`` of ``p``: zeros in p's dtype, or (``state_bits=8``) zero codes,
         with their block scales in state ``key + "_scale"``."""
         if group["state_bits"] == 8 and key in self._quantized_states:
-            self.state[p][key + "_scale"] = torch.zeros(quantization.blocks(p.numel()), dtype=torch.float32,
-                                                        device=p.device)
+            if _dtensor.is_dtensor(p):  # this rank's blocks, placed along the global tensor's
+                scales = torch.zeros(quantization.blocks(_dtensor.local(p).numel()), dtype=torch.float32,
+                                     device=p.device)
+                self.state[p][key + "_scale"] = _dtensor.wrap_scales(p, scales)
+            else:
+                self.state[p][key + "_scale"] = torch.zeros(quantization.blocks(p.numel()), dtype=torch.float32,
+                                                            device=p.device)
             return torch.zeros_like(p, dtype=self._quantized_states[key], memory_format=torch.preserve_format)
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -496,11 +528,16 @@ class FusedOptimizer(Optimizer):
                 t = state.get(key)
                 if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                     continue
+                # A DTensor's shard is encoded and decoded on its own: its blocks are the global
+                # tensor's (checked by _dtensor.check_low_precision).
+                lp, lt = _dtensor.local(p).detach(), _dtensor.local(t).detach()
                 if quantize and t.is_floating_point():
-                    state[key], state[key + "_scale"] = quantization.encode(t.detach().float(), code_dtype, p.detach())
+                    codes, scales = quantization.encode(lt.float(), code_dtype, lp)
+                    state[key], state[key + "_scale"] = _dtensor.like(p, codes), _dtensor.wrap_scales(p, scales)
                 elif not quantize and t.dtype in quantization.CODE_DTYPES:
-                    decoded = quantization.decode(t, state.pop(key + "_scale"))
-                    state[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(decoded)
+                    decoded = quantization.decode(lt, _dtensor.local(state.pop(key + "_scale")))
+                    kept = torch.empty_like(lp, memory_format=torch.preserve_format).copy_(decoded)
+                    state[key] = _dtensor.like(p, kept)
 
     def _scales(self, group: dict[str, Any], params: list[torch.Tensor], keys) -> dict:
         """{lane: the bucket's block scales} of its 8-bit states (lanes count the kernel's state
@@ -522,7 +559,8 @@ class FusedOptimizer(Optimizer):
                 value = state[key]
                 if isinstance(value, torch.Tensor) and value.dtype in quantization.CODE_DTYPES and \
                         key + "_scale" in state:
-                    state[key] = quantization.decode(value, state[key + "_scale"])
+                    decoded = quantization.decode(_dtensor.local(value), _dtensor.local(state[key + "_scale"]))
+                    state[key] = _dtensor.like(value, decoded)
             for key in [k for k in state if k.endswith("_scale") or k in _INTEGER_STATE]:
                 del state[key]
         return out
@@ -536,7 +574,7 @@ class FusedOptimizer(Optimizer):
         increments = self._rng_increments
         one = increments.get(device)
         if one is None:
-            one = increments[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
+            one = increments[device] = torch.tensor([0, 1, 0], dtype=torch.int64, device=device)
         if found_inf is not None:
             one = one * (found_inf == 0)
         torch._foreach_add_(rngs, [one] * len(rngs))
@@ -761,11 +799,8 @@ class FusedOptimizer(Optimizer):
                     continue
                 signature = (p.dtype, p.shape, p.device)
                 if type(p) not in _PLAIN or type(g) not in _PLAIN:  # e.g. DTensors (FSDP2, tensor parallel)
-                    if (group["stochastic_rounding"] and _rounded(p.dtype)) or group["master_weight_bits"] != 16 or \
-                            group["state_bits"] is not None:
-                        raise NotImplementedError(
-                            f"stochastic_rounding, master_weight_bits and state_bits of sharded (DTensor) parameters are not "
-                            f"supported yet: parameter {param_index} of param group {group_index}")
+                    _dtensor.check_low_precision(p, self._wants_rng(group, p.dtype), group["state_bits"] == 8,
+                                                 f"parameter {param_index} of param group {group_index}")
                     _dtensor.check_grad(p, g, f"parameter {param_index} of param group {group_index} "
                                               f"(shape {tuple(p.shape)})")
                     # Kernels see local shards: their layout and addresses are what matters.
@@ -940,6 +975,10 @@ class FusedOptimizer(Optimizer):
                         f"state {key!r} of parameter {param_index} of param group {group_index} is 8-bit codes, but "
                         f"{key + '_scale'!r} is not a float32 vector of {quantization.blocks(p.numel())} block scales "
                         f"on {p.device}")
+                if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(t):
+                    where = f"parameter {param_index} of param group {group_index}"
+                    _dtensor.check_state(p, key, t, where)
+                    _dtensor.check_state(p, key + "_scale", scale, where, _dtensor.scale_placements(p))
                 continue
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise RuntimeError(
@@ -951,19 +990,24 @@ class FusedOptimizer(Optimizer):
                 contiguous = contiguous and t._local_tensor.is_contiguous()
         self._check_other_state(p, state, group_index, f"parameter {param_index} of param group {group_index}")
         correction = state.get("correction")
+        lp = p
+        if correction is not None and _dtensor.is_dtensor(p) and isinstance(correction, torch.Tensor):
+            where = f"parameter {param_index} of param group {group_index}"
+            _dtensor.check_state(p, "correction", correction, where)  # placed as the parameter
+            lp, correction = _dtensor.local(p), _dtensor.local(correction)  # then laid out as it
         if correction is not None and not (isinstance(correction, torch.Tensor) and type(correction) in _PLAIN
                                            and correction.dtype in (torch.int8, torch.int16)
-                                           and correction.shape == p.shape and correction.device == p.device
-                                           and correction.stride() == p.stride()):
+                                           and correction.shape == lp.shape and correction.device == lp.device
+                                           and correction.stride() == lp.stride()):
             raise RuntimeError(f"state 'correction' of parameter {param_index} of param group {group_index} must be an "
                                f"int16 or int8 tensor shaped and laid out like the parameter ({tuple(p.shape)} on "
                                f"{p.device}), got {correction!r:.200}")
         rng = state.get("rng")
         if rng is not None and not (isinstance(rng, torch.Tensor) and type(rng) in _PLAIN and rng.dtype == torch.int64
-                                    and rng.shape == (2,) and rng.device == p.device and rng.is_contiguous()):
+                                    and rng.shape in ((2,), (3,)) and rng.device == p.device and rng.is_contiguous()):
             raise RuntimeError(f"state 'rng' of parameter {param_index} of param group {group_index} must be a "
-                               f"contiguous int64 tensor of 2 elements (stochastic rounding's key and count) on "
-                               f"{p.device}, got {rng!r:.200}")
+                               f"contiguous int64 tensor of 2 elements (stochastic rounding's key and count; 3 for a "
+                               f"shard: and its index base) on {p.device}, got {rng!r:.200}")
         step = state.get("step")
         if isinstance(step, torch.Tensor) and _dtensor.is_dtensor(step):
             raise RuntimeError(f"state 'step' of parameter {param_index} of param group {group_index} is a "

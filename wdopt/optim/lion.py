@@ -68,7 +68,7 @@ class FusedLion(FusedOptimizer):
     def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
                      group["differentiable"], constructing)
-        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported)
+        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported, self._state_bits_supported)
         group["betas"] = check_betas(group["betas"])
 
     _state_tensors = ("exp_avg",)

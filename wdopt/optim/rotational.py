@@ -20,6 +20,7 @@ from .. import theory
 from ..reference import rotational as rv
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
+from ..reference.rounding import Rounder
 from . import _dtensor
 from .adamw import FusedAdamW
 from .lion import FusedLion
@@ -33,7 +34,7 @@ class _Rotational:
     the split of each step into rotational and base updates."""
 
     _fast_kind = None  # every step through the validation path: the rotational driver is Python
-    _stochastic_rounding_supported = False  # the rotational kernels round to nearest (for now)
+    _state_bits_supported = False  # 8-bit states: the rotational kernels keep states in the parameter's dtype
     _statistics_in_buffers = False  # its kernels take (K, 4) buffers: statistics are read before the step
 
     def _init_rotational(self, options: dict) -> None:
@@ -215,25 +216,33 @@ class _Rotational:
             telemetry = [telemetry[i] for i in keep] if telemetry else []
         available = getattr(backend, "rotational_available", lambda device: callable(getattr(backend, "rotational", None)))
         fused = kernel_ready and available(params[0].device)
+        if fused and (self._rngs(group, params) or group["master_weight_bits"] != 16):
+            # Stochastic rounding or compensation: where the backend's rotational kernel has them.
+            fused = params[0].device.type in getattr(backend, "ROTATIONAL_LOW_PRECISION", ())
         # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
         if fused and (not telemetry or group["per_neuron"]):
             self._rotate_fused(group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry)
         elif telemetry:
-            before = [p.detach().clone() for p in params]
+            before = [self._weight(p).clone() for p in params]  # a compensated one: its master weight
             self._update(group, backend, params, grads, grad_scale, found_inf, kernel_ready)
             for b, p, p0, g in zip(telemetry, params, before, grads):
-                sums = tm.row_sums(p0, p, g, b.shape[0], grad_scale)
+                sums = tm.row_sums(p0, self._weight(p), g, b.shape[0], grad_scale)
                 if found_inf is not None:  # a skipped step leaves the buffer as it was (no host read)
                     sums = torch.where(found_inf.to(b.device) != 0, b, sums)
                 b.copy_(sums)
         elif not step_skipped(found_inf):  # the reference's rotation (it reads scalars on the host)
             angle = self._angle(group)
-            for p, g in zip(params, grads):
+            rngs = self._rngs(group, params)
+            corrections = self._corrections(group, params)
+            for i, (p, g) in enumerate(zip(params, grads)):
                 state = self.state[p]
-                rv.rotate_(p, self._direction(p, g, state, group, grad_scale), state, angle=angle,
+                # One Rounder for the direction's states and the parameter: the same (key, count).
+                store = Rounder(rngs[i] if rngs else None, p, corrections[i] if corrections else None)
+                rv.rotate_(p, self._direction(p, g, state, group, grad_scale, store), state, angle=angle,
                            lr=_float(group["lr"]), norm_decay=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
-                           per_neuron=group["per_neuron"], mode=group["mode"])
+                           per_neuron=group["per_neuron"], mode=group["mode"], store=store)
+            self._advance_rng(rngs, None)
 
     def _rotate_fused(self, group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry) -> None:
         """All rotational tensors of a bucket in one call of the backend's fused rotational kernel;
@@ -245,6 +254,12 @@ class _Rotational:
                 rv.init_state(p, state, group["per_neuron"])
         name, state1, state2, steps, first_steps, hyper = self._fused_arguments(group, params, states)
         projected = group["mode"] == "projected"
+        rngs = self._rngs(group, params)
+        low_precision = {}  # passed only when used: a backend without them is called as before
+        if rngs:
+            low_precision["rng"] = rngs
+        if group["master_weight_bits"] != 16:
+            low_precision["correction"] = self._corrections(group, params)
         backend.rotational(
             name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
             [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
@@ -253,7 +268,8 @@ class _Rotational:
             rate_tensor=rate, norm_decay=group["update_norm_decay_factor"],
             rotational_eps=group["rotational_eps"], zero_mean=group["zero_mean"],
             projected=projected, maximize=group["maximize"], grad_scale=grad_scale,
-            found_inf=found_inf, telemetry=telemetry, **hyper)
+            found_inf=found_inf, telemetry=telemetry, **low_precision, **hyper)
+        self._advance_rng(rngs, found_inf)
         if first_steps:  # RotationalSGD with momentum: its buffers have history now (see FirstStepFlags)
             self._flags.clear(first_steps, found_inf)
 
@@ -334,12 +350,12 @@ class RotationalAdamW(_Rotational, FusedAdamW):
         return ("adamw", [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], [], {**_NO_HYPER, "beta1": beta1, "beta2": beta2, "eps": group["eps"]})
 
-    def _direction(self, p, g, state, group, grad_scale):
+    def _direction(self, p, g, state, group, grad_scale, store=None):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         return rv.adamw_direction(g, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
                                   beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
-                                  grad_scale=grad_scale)
+                                  grad_scale=grad_scale, store=store)
 
 
 class RotationalSGD(_Rotational, FusedSGD):
@@ -372,10 +388,10 @@ class RotationalSGD(_Rotational, FusedSGD):
         return ("sgd", [s["momentum_buffer"] for s in states], [], [], first,
                 {**_NO_HYPER, "momentum": group["momentum"], "nesterov": group["nesterov"]})
 
-    def _direction(self, p, g, state, group, grad_scale):
+    def _direction(self, p, g, state, group, grad_scale, store=None):
         buffer = state.get("momentum_buffer")
         return rv.sgd_direction(g, buffer, self._flags.take(buffer), momentum=group["momentum"], nesterov=group["nesterov"],
-                                maximize=group["maximize"], grad_scale=grad_scale)
+                                maximize=group["maximize"], grad_scale=grad_scale, store=store)
 
 
 class RotationalLion(_Rotational, FusedLion):
@@ -400,7 +416,7 @@ class RotationalLion(_Rotational, FusedLion):
         beta1, beta2 = group["betas"]
         return "lion", [s["exp_avg"] for s in states], [], [], [], {**_NO_HYPER, "beta1": beta1, "beta2": beta2}
 
-    def _direction(self, p, g, state, group, grad_scale):
+    def _direction(self, p, g, state, group, grad_scale, store=None):
         beta1, beta2 = group["betas"]
         return rv.lion_direction(g, state["exp_avg"], beta1=beta1, beta2=beta2, maximize=group["maximize"],
-                                 grad_scale=grad_scale)
+                                 grad_scale=grad_scale, store=store)

@@ -92,7 +92,7 @@ class FusedSGD(FusedOptimizer):
     def _check_group(self, group, constructing=True):
         check_common(group["lr"], group["weight_decay"], group["decay_scaling"], group["backend"],
                      group["differentiable"], constructing)
-        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported)
+        check_rounding(group, type(self).__name__, self._stochastic_rounding_supported, self._state_bits_supported)
         if group["momentum"] < 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -13,6 +13,12 @@ angle of the base optimizer from the first step on:
 
 Projected mode, for projected optimization on the sphere: p ← n·(p − η·u)/‖p − η·u‖ with the
 same centred tangent u. Math in fp32 (fp64 for fp64 tensors), per-row reductions in that type.
+
+Low precision (rounding.py, quantization.py) enters only where arrays are read and written, as in
+the base optimizers, through one ``Rounder`` shared by the direction and the rotation: p is loaded
+as its master weight when compensated and stored (lane 0) stochastically, or split into bf16 and
+correction; the base optimizer's states are stored in their lanes (1, 2) stochastically or as
+8-bit codes. The rotational state (n, s, k) is in the math dtype and rounds nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from ._common import compute_dtype, reciprocal, scalar, sqrt, unscaled
 from .adamw import moments
 from .lion import interpolations, sign
+from .rounding import Rounder
 
 
 def rows(t: torch.Tensor, per_neuron: bool) -> torch.Tensor:
@@ -48,34 +55,43 @@ def centre_(p: torch.Tensor, per_neuron: bool) -> None:
         p.copy_(torch.where(mean.abs() <= rounding, r, rescaled).reshape(p.shape))
 
 
-def adamw_direction(grad, exp_avg, exp_avg_sq, step, *, beta1, beta2, eps, maximize, grad_scale):
-    """Adam's update direction m̂/(sqrt(v̂)+ε), with m and v updated in place (as in adamw_step)."""
-    dt = compute_dtype(exp_avg)
+def _store(store, param):
+    return Rounder(None, param) if store is None else store
+
+
+def adamw_direction(grad, exp_avg, exp_avg_sq, step, *, beta1, beta2, eps, maximize, grad_scale, store=None):
+    """Adam's update direction m̂/(sqrt(v̂)+ε), with m and v updated in place (as in adamw_step);
+    ``store``: the parameter's Rounder (low-precision states), None to round to nearest."""
+    dt = compute_dtype(grad)
+    store = _store(store, grad)
     g = unscaled(grad, dt, grad_scale, maximize)
-    m, v = moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    m, v = moments(g, store.load_state(exp_avg, 1, dt), store.load_state(exp_avg_sq, 2, dt), beta1, beta2)
+    store.store_state(exp_avg, m, 1)
+    store.store_state(exp_avg_sq, v, 2)
     denom = sqrt(v) * reciprocal(math.sqrt(1.0 - beta2**step), dt) + scalar(eps, dt)
     return (m * reciprocal(1.0 - beta1**step, dt)) / denom
 
 
-def sgd_direction(grad, momentum_buffer, first_step, *, momentum, nesterov, maximize, grad_scale):
+def sgd_direction(grad, momentum_buffer, first_step, *, momentum, nesterov, maximize, grad_scale, store=None):
     """SGD's momentum direction fed with g only (no L2 term, no dampening)."""
-    dt = compute_dtype(grad) if momentum_buffer is None else compute_dtype(momentum_buffer)
+    dt = compute_dtype(grad)
     g = unscaled(grad, dt, grad_scale, maximize)
     if momentum == 0:
         return g
-    b = g if first_step else momentum_buffer.to(dt) * scalar(momentum, dt) + g
-    momentum_buffer.copy_(b)
+    store = _store(store, grad)
+    b = g if first_step else store.load_state(momentum_buffer, 1, dt) * scalar(momentum, dt) + g
+    store.store_state(momentum_buffer, b, 1)
     return g + scalar(momentum, dt) * b if nesterov else b
 
 
-def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale):
+def lion_direction(grad, exp_avg, *, beta1, beta2, maximize, grad_scale, store=None):
     """sign(β1·m + (1−β1)·g), with m updated in place. Lion's NaN-propagating sign: a NaN gradient
     gives a NaN direction, which makes its whole row NaN (the row's norms are NaN)."""
-    g = unscaled(grad, compute_dtype(exp_avg), grad_scale, maximize)
-    c, m = interpolations(g, exp_avg, beta1, beta2)
-    exp_avg.copy_(m)
+    dt = compute_dtype(grad)
+    store = _store(store, grad)
+    g = unscaled(grad, dt, grad_scale, maximize)
+    c, m = interpolations(g, store.load_state(exp_avg, 1, dt), beta1, beta2)
+    store.store_state(exp_avg, m, 1)
     return sign(c)
 
 
@@ -89,11 +105,13 @@ def init_state(param: torch.Tensor, state: dict, per_neuron: bool) -> None:
 
 
 @torch.no_grad()
-def rotate_(param, direction, state, *, angle, lr, norm_decay, eps, zero_mean, per_neuron, mode) -> None:
+def rotate_(param, direction, state, *, angle, lr, norm_decay, eps, zero_mean, per_neuron, mode, store=None) -> None:
     """Apply one RV step to ``param`` given the base direction; ``state`` holds ``rotational_norm``
-    (n per row, set at the first step), ``update_norm_avg`` (s per row) and ``rotational_step`` (k)."""
+    (n per row, set at the first step), ``update_norm_avg`` (s per row) and ``rotational_step`` (k);
+    ``store``: the parameter's Rounder (stochastic rounding, compensation), None to round to nearest."""
     dt = compute_dtype(param)
-    p = rows(param, per_neuron).to(dt)
+    store = _store(store, param)
+    p = rows(store.load(param, dt), per_neuron)
     u = rows(direction, per_neuron).to(dt)
     if "rotational_norm" not in state:
         init_state(param, state, per_neuron)
@@ -112,7 +130,7 @@ def rotate_(param, direction, state, *, angle, lr, norm_decay, eps, zero_mean, p
         state["update_norm_avg"].copy_(s)
         u_bar = torch.sqrt(s / scalar(1.0 - norm_decay**k, dt)).unsqueeze(1)
         p = _onto_sphere(p - scalar(angle, dt) * n * u / (u_bar + scalar(eps, dt)), n, zero_mean)
-    param.copy_(p.reshape(param.shape))
+    store.store_param(param, p.reshape(param.shape))
 
 
 def _onto_sphere(p: torch.Tensor, n: torch.Tensor, zero_mean: bool) -> torch.Tensor:

@@ -16,7 +16,10 @@ blocks or launch shapes, so the reference, C++ CPU, CUDA and Triton backends dra
     lane    which stored array: 0 the parameter, 1, 2, 3 the optimizer's state tensors in the order
             of its kernel (AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq; SGD: momentum_buffer; Lion: exp_avg)
     index   the element's position in the tensor's memory (its offset from the first element; the
-            kernels see dense tensors, so this is the index they loop over)
+            kernels see dense tensors, so this is the index they loop over), plus the index base
+            ``rng[2]`` where the state has one: the global index of a shard's first element (a
+            DTensor's local shard, wdopt/optim/_dtensor.py), so that a sharded run draws the bits
+            of the unsharded one, whatever the number of ranks; 0 for a whole tensor
 
     s    = fmix32(key ^ fmix32(count_lo ^ fmix32(count_hi + lane·0x632BE5AB)))     once per tensor and lane
     bits = fmix32(s + index_lo·0x9E3779B9 + index_hi·0x85EBCA77)                    per element (mod 2^32)
@@ -157,9 +160,9 @@ class Rounder:
         self.correction = correction
         self.scales = scales or {}
         if rng is not None:
-            key, count = (int(v) for v in rng.tolist())
-            self.key_count = (key, count)
-            self.index = element_index(param).cpu()
+            words = [int(v) for v in rng.tolist()]  # [key, count] or [key, count, index base]
+            self.key_count = (words[0], words[1])
+            self.index = element_index(param).cpu() + (words[2] if len(words) > 2 else 0)
 
     def load_state(self, t: torch.Tensor, lane: int, dtype: torch.dtype) -> torch.Tensor:
         """State tensor ``t`` (of ``lane``) in the math dtype."""

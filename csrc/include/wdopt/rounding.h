@@ -36,6 +36,16 @@ WDOPT_HD uint32_t rounding_bits(uint32_t stream, int64_t index) {
   return fmix32(stream + static_cast<uint32_t>(i) * 0x9E3779B9u + static_cast<uint32_t>(i >> 32) * 0x85EBCA77u);
 }
 
+// A tensor's word with its index base folded in (a shard whose element 0 is element ``base`` of
+// the whole tensor): rounding_bits(fold_index_base(s, base), i) == rounding_bits(s, base + i)
+// whenever (base mod 2^32) + i < 2^32, i.e. the shard crosses no multiple of 2^32 elements, which
+// the driver ensures (wdopt/optim/_dtensor.py). The GPU kernels fold it once per tensor instead of
+// carrying a 64-bit base per thread (an extra register pair spilled the largest of them).
+WDOPT_HD uint32_t fold_index_base(uint32_t stream, int64_t base) {
+  const uint64_t b = static_cast<uint64_t>(base);
+  return stream + static_cast<uint32_t>(b) * 0x9E3779B9u + static_cast<uint32_t>(b >> 32) * 0x85EBCA77u;
+}
+
 WDOPT_HD uint32_t float_bits(float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof u);

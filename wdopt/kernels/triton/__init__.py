@@ -27,7 +27,11 @@ STOCHASTIC_ROUNDING = ("cpu", "cuda")
 COMPENSATION = ("cpu", "cuda")
 #: Device types whose kernels update 8-bit states when handed their block ``scales`` (quantization.py).
 QUANTIZED_STATES = ("cpu", "cuda")
+#: Device types whose rotational kernel takes ``rng`` and ``correction`` (elsewhere the driver
+#: rotates such tensors with the reference).
+ROTATIONAL_LOW_PRECISION = ("cpu", "cuda")
 
-__all__ = ["COMPENSATION", "INTERPRETED", "QUANTIZED_STATES", "STATISTICS", "STOCHASTIC_ROUNDING", "TELEMETRY",
+__all__ = ["COMPENSATION", "INTERPRETED", "QUANTIZED_STATES", "ROTATIONAL_LOW_PRECISION", "STATISTICS",
+           "STOCHASTIC_ROUNDING", "TELEMETRY",
            "adamw", "lion",
            "rotational", "sgd"]

@@ -16,7 +16,7 @@ from .multi_tensor import (
 from .quantization import load_state, scale_pointer, state_pointer, store_state
 from .rounding import correction_pointer, load_param, rounding_words, store_param
 
-# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
+# Table columns; RNG is the address of the tensor's [key, count, index base] (stochastic rounding), CORRECTION
 # that of a compensated parameter's correction, *_SCALE those of the states' block scales (8-bit
 # states). The element count, or the row count of a monitored step, is the last column, NCOL - 1.
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, RNG, CORRECTION, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE, \
@@ -229,7 +229,7 @@ def adamw(
     """AdamW on tensors of one device and dtype: two launches whatever their number. With
     ``telemetry`` (one float64 (K, 4) buffer per parameter) the element-wise kernel runs one program
     per telemetry row and fills the buffers as it updates the elements. With ``rng`` (one int64
-    [key, count] per parameter, read on the device) bf16/fp16 parameters and states are rounded
+    [key, count, index base] per parameter, read on the device) bf16/fp16 parameters and states are rounded
     stochastically (wdopt/reference/rounding.py; lanes: exp_avg 1, exp_avg_sq 2, max_exp_avg_sq 3).
     With ``correction`` (one int16 or int8 tensor per bf16 parameter) the parameters are compensated:
     the update, and telemetry, act on their 32- or 24-bit master weights (rounding.py). With

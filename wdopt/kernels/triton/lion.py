@@ -16,7 +16,7 @@ from .multi_tensor import (
 from .quantization import load_state, scale_pointer, state_pointer, store_state
 from .rounding import correction_pointer, load_param, rounding_words, store_param
 
-# Table columns; RNG is the address of the tensor's [key, count] (stochastic rounding), CORRECTION
+# Table columns; RNG is the address of the tensor's [key, count, index base] (stochastic rounding), CORRECTION
 # that of a compensated parameter's correction, EXP_AVG_SCALE that of exp_avg's block scales (8-bit
 # states). The element count, or the row count of a monitored step, is the last column, NCOL - 1.
 PARAM, GRAD, EXP_AVG, RNG, CORRECTION, EXP_AVG_SCALE, TELEMETRY_COLUMN, ROW_SIZE = (tl.constexpr(i) for i in range(8))

@@ -79,7 +79,7 @@ def elementwise_table(columns, params, telemetry, device, table=None, rng=(), co
     looped over BLOCK at a time, or on a monitored step (``telemetry``: a float64 (K, 4) buffer per
     parameter, (K, 8) with the direction statistics) one telemetry row each.
 
-    ``rng``: one int64 [key, count] tensor per parameter, or none. With them, bf16 and fp16 stores
+    ``rng``: one int64 [key, count, index base] tensor per parameter, or none. With them, bf16 and fp16 stores
     (and 8-bit states' codes) round stochastically (STOCHASTIC, wdopt/kernels/triton/rounding.py)
     and the rng column holds their addresses; otherwise it holds zeros, which nothing reads.
 
@@ -184,7 +184,7 @@ STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
 def stochastic_rounding(rng, params, quantized: bool = False) -> bool:
     """Whether a launch rounds stochastically: ``rng`` given and bf16/fp16 parameters or 8-bit
     states (``quantized``; float32 parameters are then stored exactly, rounding.rounded). The kernels
-    read each pair through its address, so anything but one contiguous int64 [key, count] on the
+    read each triple through its address, so anything but one contiguous int64 [key, count, index base] on the
     parameters' device per parameter is refused here."""
     if not rng:
         return False
@@ -192,10 +192,10 @@ def stochastic_rounding(rng, params, quantized: bool = False) -> bool:
         raise ValueError(f"wdopt triton: one rng tensor per parameter is needed, got {len(rng)} for {len(params)}")
     device = params[0].device
     for i, r in enumerate(rng):
-        if not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.numel() != 2 or not r.is_contiguous() or \
+        if not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.numel() != 3 or not r.is_contiguous() or \
                 r.device != device:
-            raise ValueError(f"wdopt triton: rng[{i}] must be a contiguous int64 tensor of 2 elements ([key, count]) "
-                             f"on {device}")
+            raise ValueError(f"wdopt triton: rng[{i}] must be a contiguous int64 tensor of 3 elements ([key, count, "
+                             f"index base]) on {device}")
     return params[0].dtype in STOCHASTIC_DTYPES or quantized
 
 

@@ -18,6 +18,9 @@ a fixed few launches, whatever the number of tensors:
 
 The per-optimizer direction is the base kernels' own math (``adamw_direction``, ``lion_direction``,
 ``sgd_direction``). Reductions are in-program and in a fixed order: deterministic, no atomics.
+Low precision goes through rounding.py as in the base kernels: p is read with ``load_param`` (a
+compensated parameter's master weight) in every pass and written with ``store_param``, the states
+with ``rounded`` in their lanes (1, 2), each element's bits taken at its offset in its tensor.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ...reference.rounding import combine
+
 from . import INTERPRETED
 from .adamw import adamw_direction, power
 from .lion import lion_direction
 from .multi_tensor import (
-    TRITON_DTYPES, cdiv, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, optional,
-    sqrt, table_value, telemetry_add, tensor_pointer, to_storage, unscale, work_item, work_table,
+    TRITON_DTYPES, cdiv, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, master_bits,
+    optional, sqrt, stochastic_rounding, table_value, telemetry_add, tensor_pointer, unscale, work_item, work_table,
 )
+from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
 from .sgd import sgd_direction
 
 #: Rows up to this many elements are held on chip (one read, one write); longer rows take two
@@ -55,10 +61,11 @@ ADAMW, LION, SGD = 0, 1, 2
 OPTIMIZERS = {"adamw": ADAMW, "lion": LION, "sgd": SGD}
 
 # Row table columns; the row count is the last column (NCOL - 1), so that ``work_item`` hands a
-# program ROWS rows. TENSOR is the tensor's row in the coefficient buffer.
+# program ROWS rows. TENSOR is the tensor's row in the coefficient buffer; RNG the address of its
+# [key, count, index base] (stochastic rounding), CORRECTION that of a compensated one's correction.
 (PARAM, GRAD, STATE1, STATE2, NORM, UPDATE_NORM_AVG, TELEMETRY_COLUMN, FIRST_STEP, TENSOR,
- ROW_SIZE) = (tl.constexpr(i) for i in range(10))
-NCOL = tl.constexpr(11)
+ ROW_SIZE, RNG, CORRECTION) = (tl.constexpr(i) for i in range(12))
+NCOL = tl.constexpr(13)
 # Coefficient table: the rotational step count and AdamW's step count, per tensor.
 ROTATIONAL_STEP, STEP = tl.constexpr(0), tl.constexpr(1)
 COEF_NCOL = tl.constexpr(3)
@@ -108,11 +115,12 @@ def _rotational_coefficients_kernel(
 @triton.jit
 def _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
                inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
-               momentum, OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               momentum, words, OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, STORE: tl.constexpr,
-               DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, STOCHASTIC: tl.constexpr):
     """The base optimizer's direction u (0 on masked lanes) and the stored gradient; the state is
-    written only when STORE (pass 1 of a long row computes u without writing)."""
+    written only when STORE (pass 1 of a long row computes u without writing), in lanes 1 and 2
+    of ``words`` (rounding_words)."""
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     if OPTIMIZER == 0:  # ADAMW
@@ -121,20 +129,20 @@ def _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd
         u, m, v = adamw_direction(g, m, v, inv_bias_correction1, inv_bias_correction2_sqrt,
                                   one_minus_beta1, beta2, one_minus_beta2, eps, COMPUTE)
         if STORE:
-            tl.store(state1_ptr + offs, to_storage(m, DTYPE), mask=mask)
-            tl.store(state2_ptr + offs, to_storage(v, DTYPE), mask=mask)
+            tl.store(state1_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+            tl.store(state2_ptr + offs, rounded(v, DTYPE, words[2], offs, STOCHASTIC), mask=mask)
     elif OPTIMIZER == 1:  # LION
         m = tl.load(state1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         u, m = lion_direction(g, m, one_minus_beta1, one_minus_beta2)
         if STORE:
-            tl.store(state1_ptr + offs, to_storage(m, DTYPE), mask=mask)
+            tl.store(state1_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
     else:  # SGD, fed with g only and without dampening
         b = g
         if HAS_MOMENTUM:
             b = tl.load(state1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         u, b = sgd_direction(g, b, sgd_first_step, momentum, 1.0, HAS_MOMENTUM, NESTEROV)
         if STORE and HAS_MOMENTUM:
-            tl.store(state1_ptr + offs, to_storage(b, DTYPE), mask=mask)
+            tl.store(state1_ptr + offs, rounded(b, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
     return tl.where(mask, u, 0.0), grad
 
 
@@ -146,7 +154,7 @@ def _rotational_kernel(
     OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ZERO_MEAN: tl.constexpr,
     PROJECTED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_RATE: tl.constexpr, TELEMETRY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LONG: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, MASTER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Rows [row_start, row_end) of ``tensor``; none when GradScaler found an inf.
     tensor, row_start, row_end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, ROWS, HAS_FOUND_INF)
@@ -159,6 +167,8 @@ def _rotational_kernel(
     avg_ptr = tensor_pointer(table_ptr, tensor, UPDATE_NORM_AVG, NCOL, COMPUTE, False)
     telemetry_ptr = tensor_pointer(table_ptr, tensor, TELEMETRY_COLUMN, NCOL, tl.float64, False)
     sgd_first_step = first_step_flag(table_ptr, tensor, FIRST_STEP, NCOL)
+    words = rounding_words(table_ptr, tensor, RNG, NCOL, STOCHASTIC)
+    correction_ptr = correction_pointer(table_ptr, tensor, CORRECTION, NCOL, False, MASTER)
     coef = coef_ptr + table_value(table_ptr, tensor, TENSOR, NCOL) * NCOEF
     first = tl.load(coef + FIRST) != 0.0
     norm_decay_bias_correction = tl.load(coef + NORM_DECAY_BIAS_CORRECTION).to(COMPUTE)
@@ -184,12 +194,12 @@ def _rotational_kernel(
         cols = tl.arange(0, BLOCK)
         offs = rows[:, None] * size + cols[None, :]
         mask = row_ok[:, None] & (cols < size)[None, :]
-        stored = tl.load(param_ptr + offs, mask=mask, other=0.0)
+        stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)  # a master weight
         p = stored.to(COMPUTE)
         u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
                              inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
-                             one_minus_beta2, eps, momentum, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                             HAS_GRAD_SCALE, True, DTYPE, COMPUTE)
+                             one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                             HAS_GRAD_SCALE, True, DTYPE, COMPUTE, STOCHASTIC)
         if ZERO_MEAN:
             centred = tl.where(mask, p - div(tl.sum(p, axis=1), count, COMPUTE)[:, None], 0.0)
             fresh = sqrt(tl.sum(centred * centred, axis=1), COMPUTE)
@@ -214,8 +224,8 @@ def _rotational_kernel(
             q = tl.where(mask, q - div(tl.sum(q, axis=1), count, COMPUTE)[:, None], 0.0)
         q_norm = sqrt(tl.sum(q * q, axis=1), COMPUTE)
         to_sphere = tl.where(q_norm > 0, div(n, tl.where(q_norm > 0, q_norm, 1.0), COMPUTE), 1.0)
-        new = to_storage(q * to_sphere[:, None], DTYPE)
-        tl.store(param_ptr + offs, new, mask=mask)
+        new = store_param(param_ptr, correction_ptr, offs, mask, q * to_sphere[:, None], DTYPE, words[0], STOCHASTIC,
+                          MASTER)
         tl.store(norm_ptr + rows, n, mask=row_ok)
         if TELEMETRY:
             w2, wd, d2, g2 = telemetry_add(0.0, 0.0, 0.0, 0.0, stored, new, grad, mask, grad_scale_ptr,
@@ -237,8 +247,8 @@ def _rotational_kernel(
         if ZERO_MEAN:
             u0, grad0 = _direction(grad_ptr, state1_ptr, state2_ptr, base + cols, cols < end, grad_scale_ptr,
                                sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1,
-                               beta2, one_minus_beta2, eps, momentum, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                               HAS_GRAD_SCALE, False, DTYPE, COMPUTE)
+                               beta2, one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV,
+                               MAXIMIZE, HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC)
             shift = div(tl.sum(u0, axis=0), tl.maximum(tl.minimum(end, BLOCK), 1).to(COMPUTE), COMPUTE)
         acc_u = tl.zeros((BLOCK,), COMPUTE)
         acc_uu, acc_p, acc_pp, acc_up = acc_u, acc_u, acc_u, acc_u
@@ -247,12 +257,12 @@ def _rotational_kernel(
         for start in range(0, end, BLOCK):  # pass 1: read only
             offs = base + start + cols
             mask = start + cols < end
-            stored = tl.load(param_ptr + offs, mask=mask, other=0.0)
+            stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)
             p = stored.to(COMPUTE)
             u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
                                  inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
-                                 one_minus_beta2, eps, momentum, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                                 HAS_GRAD_SCALE, False, DTYPE, COMPUTE)
+                                 one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                                 HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC)
             us = tl.where(mask, u - shift, 0.0)
             acc_u += us
             acc_uu += us * us
@@ -276,7 +286,7 @@ def _rotational_kernel(
             acc_cc = tl.zeros((BLOCK,), COMPUTE)
             for start in range(0, tl.where(first, end, 0), BLOCK):  # the exact centred norm, once
                 mask = start + cols < end
-                c = tl.where(mask, tl.load(param_ptr + base + start + cols, mask=mask, other=0.0).to(COMPUTE)
+                c = tl.where(mask, load_param(param_ptr, correction_ptr, base + start + cols, mask, MASTER).to(COMPUTE)
                              - mean_p, 0.0)
                 acc_cc += c * c
             # ‖p − mean(p)‖²: after the first step p is centred and the moment form loses nothing.
@@ -309,16 +319,16 @@ def _rotational_kernel(
         for start in range(0, end, BLOCK):  # pass 2: the same direction, written, and the step
             offs = base + start + cols
             mask = start + cols < end
-            stored = tl.load(param_ptr + offs, mask=mask, other=0.0)
+            stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)
             p = stored.to(COMPUTE)
             u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
                                  inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
-                                 one_minus_beta2, eps, momentum, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                                 HAS_GRAD_SCALE, True, DTYPE, COMPUTE)
+                                 one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                                 HAS_GRAD_SCALE, True, DTYPE, COMPUTE, STOCHASTIC)
             t = u - mean_u - p * radial
             q = p - scale * t
-            new = to_storage((q - mean_q) * to_sphere, DTYPE)
-            tl.store(param_ptr + offs, new, mask=mask)
+            new = store_param(param_ptr, correction_ptr, offs, mask, (q - mean_q) * to_sphere, DTYPE, words[0],
+                              STOCHASTIC, MASTER)
             if TELEMETRY:
                 unused_w2, wd, d2, unused_g2 = telemetry_add(w2, wd, d2, g2, stored, new, grad, mask, grad_scale_ptr,
                                                              False)
@@ -341,12 +351,13 @@ def _num_warps(rows: int, block: int) -> int:
 def rotational(
     optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
     first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean, projected,
-    maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None,
+    maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None, rng=(), correction=(),
 ) -> None:
     """One rotational step on tensors of one device and dtype (the contract of ``wdopt::rotational_``,
     csrc/ops.cpp): 1 + (number of row-length classes) launches, whatever the number of tensors.
     ``telemetry``: [] or one float64 (K, 4) buffer per parameter (wdopt/reference/telemetry.py);
-    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp)."""
+    ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp); ``rng``
+    and ``correction``: stochastic rounding and compensated bf16 parameters, as for ``adamw``."""
     if not params:
         return
     if optimizer not in OPTIMIZERS:
@@ -384,10 +395,15 @@ def rotational(
         if telemetry and (telemetry[i].dtype != torch.float64 or not telemetry[i].is_contiguous()
                           or tuple(telemetry[i].shape[1:]) != (4,) or params[i].numel() % telemetry[i].shape[0]):
             raise ValueError(f"wdopt rotational: telemetry buffer {i} must be a contiguous float64 (K, 4) tensor")
+    stochastic = stochastic_rounding(rng, params)  # validates them (ValueError) before anything is written
+    master = master_bits(correction, params)
     # Telemetry is gathered in the kernel when its rows are the rotation rows (per-neuron spheres);
     # otherwise (a per-tensor sphere monitored per neuron) from a snapshot, at the cost of a copy.
     in_kernel = [bool(telemetry) and telemetry[i].shape[0] == rows[i] for i in range(count)]
-    snapshots = {i: params[i].clone() for i in range(count) if telemetry and not in_kernel[i]}
+    def weight(i):  # what telemetry measures: a compensated parameter's master weight
+        return params[i].clone() if master == 16 else combine(params[i], correction[i])
+
+    snapshots = {i: weight(i) for i in range(count) if telemetry and not in_kernel[i]}
 
     coef = torch.empty((count, NCOEF.value), dtype=torch.float64, device=device)
     rate_out = torch.empty((1,), dtype=torch.float64, device=device) if rate_tensor is not None else coef
@@ -402,7 +418,10 @@ def rotational(
     )
 
     on_chip = ON_CHIP
-    widest = LONG_BLOCK if dtype != torch.float64 or INTERPRETED else LONG_BLOCK // 2
+    # fp64, and the stochastic or compensated loads and stores (60 bytes of spills at sm_90 over
+    # 2,048 elements, tests/test_triton_cuda_codegen.py), take half the loop width.
+    narrow = dtype == torch.float64 or stochastic or master != 16
+    widest = LONG_BLOCK if not narrow or INTERPRETED else LONG_BLOCK // 2
     long_block = max(16, min(widest, 1 << (max(on_chip, 16).bit_length() - 1)))
     # Launch classes: (BLOCK, or 0 for long rows; whether the kernel gathers telemetry).
     classes: dict[tuple[int, bool], list[int]] = {}
@@ -424,7 +443,9 @@ def rotational(
             [column(params), column(grads), column(state1) if with_state1 else none[:len(members)],
              column(state2) if kind == ADAMW else none[:len(members)], column(rotational_norms),
              column(update_norm_avgs), [telemetry[i] if in_kernel[i] else None for i in members],
-             [first_steps[i] if has_momentum else None for i in members], members, column(sizes)],
+             [first_steps[i] if has_momentum else None for i in members], members, column(sizes),
+             [rng[i].data_ptr() for i in members] if stochastic else [None] * len(members),
+             column(correction) if master != 16 else [None] * len(members)],
             column(rows), device, chunk=rows_per_program,
         )
         options = dict(num_warps=warps) if device.type == "cuda" else {}
@@ -436,7 +457,7 @@ def rotational(
             OPTIMIZER=kind, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), ZERO_MEAN=bool(zero_mean),
             PROJECTED=bool(projected), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_RATE=rate_tensor is not None, TELEMETRY=monitored,
-            DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), LONG=long,
+            DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), LONG=long, STOCHASTIC=stochastic, MASTER=master,
             ROWS=rows_per_program, BLOCK=block, **options,
         )
 
@@ -444,7 +465,7 @@ def rotational(
         from ...reference.telemetry import row_sums
 
         for i, before in snapshots.items():
-            sums = row_sums(before, params[i], grads[i], telemetry[i].shape[0], grad_scale)
+            sums = row_sums(before, weight(i), grads[i], telemetry[i].shape[0], grad_scale)
             if found_inf is not None:  # a skipped step leaves the buffer as it was
                 sums = torch.where(found_inf.to(device) != 0, telemetry[i], sums)
             telemetry[i].copy_(sums)

@@ -3,7 +3,7 @@ of it: wdopt/reference/rounding.py is the specification (and derives it), and
 csrc/include/wdopt/rounding.h its C++ twin, whose arithmetic this follows step for step.
 
 Words are tl.uint32, whose arithmetic wraps mod 2^32 as the specification's does. A kernel reads
-its tensor's [key, count] once per program (``rounding_words``: the four lanes' words) and stores
+its tensor's [key, count, index base] once per program (``rounding_words``: the four lanes' words) and stores
 every array through ``rounded`` with its lane's word and the elements' offsets in the tensor.
 """
 
@@ -44,15 +44,20 @@ def rounding_stream(key, count, LANE_INDEX: tl.constexpr):
 @triton.jit
 def rounding_words(table_ptr, row, COLUMN: tl.constexpr, NCOL: tl.constexpr, STOCHASTIC: tl.constexpr):
     """The four lanes' words (0: the parameter, 1-3: the state tensors in the kernel's order) of the
-    tensor in ``row``, from the [key, count] int64 pair whose address is in ``COLUMN``: read on the
-    device, so that a CUDA graph's replay (after the driver advanced the count) draws new bits.
+    tensor in ``row``, from the [key, count, index base] int64 triple whose address is in ``COLUMN``:
+    read on the device, so that a CUDA graph's replay (after the driver advanced the count) draws new
+    bits. The index base (a shard's global index of its element 0) is folded into the words:
+    rounding_bits(word + base·GOLDEN, i) is the bits of element base + i, exactly when base + i
+    does not carry out of its low 32 bits, which the driver ensures (wdopt/optim/_dtensor.py).
     Without STOCHASTIC, zeros that nothing reads."""
     if STOCHASTIC:
         rng = table_value(table_ptr, row, COLUMN, NCOL).to(tl.pointer_type(tl.int64))
         key = tl.load(rng)
         count = tl.load(rng + 1)
-        return (rounding_stream(key, count, 0), rounding_stream(key, count, 1), rounding_stream(key, count, 2),
-                rounding_stream(key, count, 3))
+        base = tl.load(rng + 2)
+        fold = base.to(tl.uint32) * GOLDEN + (base >> 32).to(tl.uint32) * INDEX_HI
+        return (rounding_stream(key, count, 0) + fold, rounding_stream(key, count, 1) + fold,
+                rounding_stream(key, count, 2) + fold, rounding_stream(key, count, 3) + fold)
     else:
         zero = tl.full((), 0, tl.uint32)
         return zero, zero, zero, zero

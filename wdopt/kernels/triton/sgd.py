@@ -18,7 +18,7 @@ from .quantization import load_state, scale_pointer, state_pointer, store_state
 from .rounding import correction_pointer, load_param, rounding_words, store_param
 
 # Table columns; FIRST_STEP is the address of the buffer's first-step flag (``first_step_flag``),
-# RNG that of the tensor's [key, count] (stochastic rounding), CORRECTION that of a compensated
+# RNG that of the tensor's [key, count, index base] (stochastic rounding), CORRECTION that of a compensated
 # parameter's correction, BUFFER_SCALE that of the buffer's block scales (8-bit states). The
 # element count, or the row count of a monitored step, is the last column, NCOL - 1.
 PARAM, GRAD, MOMENTUM_BUFFER, FIRST_STEP, RNG, CORRECTION, BUFFER_SCALE, TELEMETRY_COLUMN, ROW_SIZE = \
