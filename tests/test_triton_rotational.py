@@ -22,6 +22,7 @@ if not TRITON_DEVICES:
 from wdopt.kernels import triton as backend  # noqa: E402
 from wdopt.kernels.triton import multi_tensor  # noqa: E402
 from wdopt.reference import rotational as rv  # noqa: E402
+from wdopt.reference.rounding import Rounder, combine  # noqa: E402
 from wdopt.reference.telemetry import row_sums  # noqa: E402
 
 # The module (the package's ``rotational`` attribute is the step function).
@@ -41,9 +42,11 @@ def small_on_chip_limit(monkeypatch):
 
 
 def _state(name, dtype, shapes, momentum, per_neuron):
+    """``per_neuron``: one flag for every tensor, or one per tensor."""
     math = torch.float64 if dtype == torch.float64 else torch.float32
     zeros = lambda: [torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes]  # noqa: E731
-    rows = [s[0] if per_neuron else 1 for s in shapes]
+    flags = per_neuron if isinstance(per_neuron, (list, tuple)) else [per_neuron] * len(shapes)
+    rows = [s[0] if f else 1 for s, f in zip(shapes, flags)]
     return dict(
         state1=zeros() if name != "sgd" or momentum else [],
         state2=zeros() if name == "adamw" else [],
@@ -211,6 +214,232 @@ def test_rotational_launches_do_not_grow_with_tensor_count():
                        angle=0.05, norm_decay=0.9, rotational_eps=1e-8, zero_mean=True, projected=False, maximize=False,
                        **HYPER["lion"])
     assert multi_tensor.launch_count - before == 2
+
+
+# ------------------------------------------------------- stochastic rounding and compensated bf16
+#
+# The engine sums rows in another order than torch (and long rows through closed forms), so its
+# fp32 result before the store differs from rotate_'s by ulps: a compensated 32-bit master keeps
+# that difference, and any stochastic store lands on the other neighbour now and then. So the
+# rounding is checked bit for bit against the reference's Rounder applied to the engine's own
+# fp32 result, the same step run on fp32 copies of the master weights and states (its stores are
+# exact); that fp32 result is checked against rotate_'s to fp32 rounding, and the states, which
+# do not depend on p, against the reference's direction functions bit for bit.
+
+#: Two on-chip row sizes and one long row (two blocks of the lowered limit).
+LOW_SHAPES = [(4, 3), (3, 17), (2, 300)]
+#: case: (parameter dtype, stochastic rounding, correction dtype or None)
+LOW_PRECISION = {
+    "sr-bf16": (torch.bfloat16, True, None),
+    "sr-fp16": (torch.float16, True, None),
+    "master32": (torch.bfloat16, False, torch.int16),
+    "master32-sr": (torch.bfloat16, True, torch.int16),
+    "master24": (torch.bfloat16, False, torch.int8),
+    "master24-sr": (torch.bfloat16, True, torch.int8),
+}
+
+
+#: Under the interpreter every sum is numpy's, whatever the dtypes. Compiled for a GPU, the fp32
+#: launch and the bf16/fp16 one may lay a row out differently (vector widths follow the element
+#: size) and so sum it in another order: their fp32 results then differ by ulps, a 32-bit master
+#: keeps that, and a stochastic store rounds the other way in rare elements.
+EXACT = torch.device(DEVICE).type == "cpu"
+
+
+def _assert_stored(param, correction, expected, expected_correction, what):
+    """The engine's stored parameter (and correction) against the reference's rounding of the
+    engine's fp32 result: bit for bit, or (EXACT false) to the layouts' rounding."""
+    if EXACT:
+        assert torch.equal(param, expected), what + ("parameter",)
+        if correction is not None:
+            assert torch.equal(correction, expected_correction), what + ("correction",)
+        return
+    differ = param != expected
+    assert differ.float().mean() <= 0.01, what + (f"parameter: {int(differ.sum())} of {param.numel()} differ",)
+    ulp = torch.finfo(param.dtype).eps
+    assert ((param.double() - expected.double()).abs() <= 2 * ulp * expected.double().abs() + 1e-30).all(), \
+        what + ("parameter",)
+    if correction is not None:
+        rtol = 2.0**-15 if correction.dtype == torch.int8 else 1e-6
+        torch.testing.assert_close(combine(param, correction), combine(expected, expected_correction),
+                                   rtol=rtol, atol=1e-30)
+
+
+class _Capture(Rounder):
+    """The reference's Rounder, keeping the fp32 parameter rotate_ hands it to store."""
+
+    def store_param(self, param, w):
+        self.w = w.clone()
+        super().store_param(param, w)
+
+
+def _rotational_call(name, params, grads, st, first, *, projected, momentum, **extra):
+    backend.rotational(name, params, grads, st["state1"], st["state2"], st["steps"], st["norms"], st["avgs"],
+                       st["rsteps"], _first_steps(first, len(params)), lr=0.03, momentum=momentum, nesterov=False,
+                       angle=0.05, norm_decay=0.9, rotational_eps=1e-8, zero_mean=True, projected=projected,
+                       maximize=False, **extra, **HYPER[name])
+
+
+def _low_precision_steps(name, case, *, projected, steps=3, per_neuron=(True, True, True), telemetry=False,
+                         wrong_key=False, seed=0):
+    """``steps`` engine steps of ``case`` (LOW_PRECISION), each checked against the reference from
+    the same inputs (module comment above). ``wrong_key``: the reference draws with another key."""
+    dtype, stochastic, correction_dtype = LOW_PRECISION[case]
+    shapes, n = LOW_SHAPES, len(LOW_SHAPES)
+    momentum = 0.9 if name == "sgd" else 0.0
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype) for s in shapes]
+    for p, flag in zip(params, per_neuron):
+        rv.centre_(p, flag)
+    corrections = []
+    if correction_dtype is not None:  # arbitrary low bits: a load that dropped them would show
+        info = torch.iinfo(correction_dtype)
+        corrections = [torch.randint(info.min, info.max + 1, s, generator=gen).to(DEVICE, correction_dtype)
+                       for s in shapes]
+    # [key, count, index base]; a nonzero base on one tensor (a shard's first element).
+    rngs = [torch.tensor([int(torch.randint(0, 2**32, (), generator=gen)), 5 + i, 1000 if i == 1 else 0],
+                         dtype=torch.int64, device=DEVICE) for i in range(n)] if stochastic else []
+    low = dict(rng=rngs, correction=corrections)
+    st = _state(name, dtype, shapes, momentum, list(per_neuron))
+    h = HYPER[name]
+    for k in range(steps):
+        grads = [((torch.randn(s, generator=gen, dtype=torch.float64) + (1.0 if k == 0 else 0.2))
+                  * 10.0 ** (i % 3 - 1)).to(device=DEVICE, dtype=dtype) for i, s in enumerate(shapes)]
+        masters = [combine(p, corrections[i]) if corrections else p.float() for i, p in enumerate(params)]
+        before = {key: [t.clone() for t in ts] for key, ts in st.items()}
+        params_before, corrections_before = [p.clone() for p in params], [c.clone() for c in corrections]
+        rngs_before = [r.clone() for r in rngs]
+        # The engine's fp32 result: the same step on fp32 copies (exact stores).
+        exact = {key: [t.float() if key in ("state1", "state2") else t.clone() for t in ts]
+                 for key, ts in before.items()}
+        w = [m.clone() for m in masters]
+        _rotational_call(name, w, [g.float() for g in grads], exact, k == 0, projected=projected, momentum=momentum)
+        buffers = [torch.full((s[0], 4), float("nan"), dtype=torch.float64, device=DEVICE) for s in shapes] \
+            if telemetry else []
+        _rotational_call(name, params, grads, st, k == 0, projected=projected, momentum=momentum,
+                         telemetry=buffers, **low)
+        for i in range(n):
+            rng = rngs_before[i].clone() if stochastic else None
+            if rng is not None and wrong_key:
+                rng[0] ^= 1
+            # The reference from the same inputs, its Rounder shared by the direction and rotate_.
+            p_ref = params_before[i].clone()
+            store = _Capture(rng, p_ref, corrections_before[i].clone() if corrections else None)
+            s1, s2 = (before[key][i].clone() if before[key] else None for key in ("state1", "state2"))
+            if name == "adamw":
+                u = rv.adamw_direction(grads[i], s1, s2, int(before["steps"][i]) + 1, beta1=h["beta1"],
+                                       beta2=h["beta2"], eps=h["eps"], maximize=False, grad_scale=None, store=store)
+            elif name == "lion":
+                u = rv.lion_direction(grads[i], s1, beta1=h["beta1"], beta2=h["beta2"], maximize=False,
+                                      grad_scale=None, store=store)
+            else:
+                u = rv.sgd_direction(grads[i], s1, k == 0, momentum=momentum, nesterov=False, maximize=False,
+                                     grad_scale=None, store=store)
+            ref_state = dict(rotational_norm=before["norms"][i].clone(), update_norm_avg=before["avgs"][i].clone(),
+                             rotational_step=before["rsteps"][i].clone())
+            rv.rotate_(p_ref, u, ref_state, angle=0.05, lr=0.03, norm_decay=0.9, eps=1e-8, zero_mean=True,
+                       per_neuron=per_neuron[i], mode="projected" if projected else "equilibrium", store=store)
+            # Bit for bit: the engine's stores are the reference's rounding of its fp32 result.
+            expected = params_before[i].clone()
+            expected_correction = corrections_before[i].clone() if corrections else None
+            Rounder(rng, expected, expected_correction).store_param(expected, w[i])
+            what = (case, name, k, i)
+            _assert_stored(params[i], corrections[i] if corrections else None, expected, expected_correction, what)
+            for key, ref in (("state1", s1), ("state2", s2)):
+                if ref is not None:  # element-wise: bit for bit on a GPU too
+                    assert torch.equal(st[key][i], ref), what + (key,)
+            for key in ("norms", "avgs"):
+                if EXACT:
+                    assert torch.equal(st[key][i], exact[key][i]), what + (key,)
+                else:
+                    torch.testing.assert_close(st[key][i], exact[key][i], rtol=2e-6, atol=0)
+            assert float(st["rsteps"][i]) == float(ref_state["rotational_step"]) == k + 1
+            if name == "adamw":
+                assert float(st["steps"][i]) == k + 1
+            if stochastic:  # read on the device, never advanced by the kernel
+                assert torch.equal(rngs[i], rngs_before[i])
+            # The engine's fp32 result is rotate_'s to fp32 rounding (the sums' order).
+            ref_w = store.w.reshape(w[i].shape)
+            assert ((w[i] - ref_w).abs().max() <= 1e-6 * ref_w.abs().max()).item(), what
+            torch.testing.assert_close(st["norms"][i], ref_state["rotational_norm"], rtol=2e-6, atol=0)
+            if not projected:
+                torch.testing.assert_close(st["avgs"][i], ref_state["update_norm_avg"], rtol=1e-4, atol=0)
+            if telemetry:  # of the master weights, in the kernel or (a per-tensor sphere) from a snapshot
+                after = combine(params[i], corrections[i]) if corrections else params[i]
+                torch.testing.assert_close(buffers[i], row_sums(masters[i], after, grads[i], shapes[i][0], None),
+                                           rtol=1e-10, atol=1e-300)
+        for r in rngs:  # the driver's advance after the step: [key, count + 1, base]
+            r[1] += 1
+
+
+@pytest.mark.parametrize("case", list(LOW_PRECISION))
+def test_rotational_low_precision_matches_reference_bit_for_bit(case):
+    """Stochastic rounding (bf16, fp16) and compensated bf16 (32- and 24-bit masters, with and
+    without stochastic rounding) for each base optimizer, on- and off-chip rows. The mode only
+    changes the step's scale, not a load or a store: each case takes both, each optimizer both
+    in three cases (the whole product would double the interpreter's time)."""
+    for j, name in enumerate(("adamw", "sgd", "lion")):
+        _low_precision_steps(name, case, projected=(list(LOW_PRECISION).index(case) + j) % 2 == 1)
+
+
+def test_rotational_low_precision_telemetry_measures_master_weights():
+    """In-kernel telemetry (per-neuron rows, on chip and long) and a per-tensor sphere monitored
+    per neuron (snapshot) both measure the master weights."""
+    _low_precision_steps("adamw", "master24-sr", projected=False, steps=2, per_neuron=(False, True, True),
+                         telemetry=True)
+
+
+def test_rotational_low_precision_wrong_key_is_detected():
+    """The comparison can fail: the reference drawing with another key disagrees."""
+    with pytest.raises(AssertionError, match="parameter|state1"):
+        _low_precision_steps("adamw", "sr-bf16", projected=False, steps=1, wrong_key=True)
+
+
+def test_rotational_low_precision_arguments_validated_before_writing():
+    """Malformed rng or correction lists are refused (ValueError) before a launch writes anything,
+    the step counts included."""
+    params = [torch.randn(s, device=DEVICE).to(torch.bfloat16) for s in LOW_SHAPES]
+    half = [p.to(torch.float16) for p in params]
+    st, half_st = (_state("lion", p[0].dtype, LOW_SHAPES, 0.0, True) for p in (params, half))
+    grads = [torch.randn_like(p) for p in params]
+    every = lambda: [t.clone() for s in (st, half_st) for key in s for t in s[key]] + \
+        [p.clone() for p in params + half]  # noqa: E731
+    before = every()
+    rng = lambda: [torch.zeros(3, dtype=torch.int64, device=DEVICE) for _ in params]  # noqa: E731
+    bad = [
+        dict(rng=rng()[:2]),
+        dict(rng=[r.to(torch.int32) for r in rng()]),
+        dict(correction=[torch.zeros(p.shape, dtype=torch.int32, device=DEVICE) for p in params]),
+        dict(correction=[torch.zeros(p.shape, dtype=torch.int16, device=DEVICE) for p in params[:2]]),
+        dict(correction=[torch.zeros(p.shape, dtype=torch.int16 if i else torch.int8, device=DEVICE)
+                         for i, p in enumerate(params)]),
+        dict(correction=[torch.zeros(p.shape[::-1], dtype=torch.int16, device=DEVICE) for p in params]),
+    ]
+    for extra in bad:
+        with pytest.raises(ValueError):
+            _rotational_call("lion", params, grads, st, True, projected=False, momentum=0.0, **extra)
+    corrections = [torch.zeros(p.shape, dtype=torch.int16, device=DEVICE) for p in half]
+    with pytest.raises(ValueError):  # compensation is for bf16 parameters only
+        _rotational_call("lion", half, [g.to(torch.float16) for g in grads], half_st, True, projected=False,
+                         momentum=0.0, correction=corrections)
+    for a, b in zip(before, every()):
+        assert torch.equal(a, b)
+
+
+def test_rotational_rng_leaves_fp32_rounded_to_nearest():
+    """fp32 stores are exact: with rng the step is the one without, and the rng is left as it was."""
+    runs = []
+    for rng in ([], [torch.tensor([12345, 3, 0], dtype=torch.int64, device=DEVICE) for _ in LOW_SHAPES]):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).to(DEVICE) for s in LOW_SHAPES]
+        for p in params:
+            rv.centre_(p, True)
+        st = _state("adamw", torch.float32, LOW_SHAPES, 0.0, True)
+        _rotational_call("adamw", params, [torch.randn(s, generator=gen).to(DEVICE) for s in LOW_SHAPES], st, True,
+                         projected=False, momentum=0.0, rng=rng)
+        assert all(int(r[1]) == 3 for r in rng)
+        runs.append(params + st["state1"] + st["state2"] + st["norms"] + st["avgs"])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # ---------------------------------------------------------------- telemetry of the base steps
