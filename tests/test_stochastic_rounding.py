@@ -355,3 +355,25 @@ def test_bad_options_and_state_are_refused():
     with pytest.raises(RuntimeError, match="'rng'.*int64"):
         opt.step()
     assert torch.equal(p, before)
+
+
+def test_an_old_two_word_rng_resumes_the_same_bits():
+    """A state dict saved when rng was [key, count] (before the index base): upgraded to
+    [key, count, 0] at the next step, which draws the bits an uninterrupted run draws."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(0)).bfloat16())
+    q = torch.nn.Parameter(p.detach().clone())
+    a, b = (wdopt.FusedAdamW([x], stochastic_rounding=True) for x in (p, q))
+    g = torch.randn(300, generator=torch.Generator().manual_seed(1)).bfloat16()
+    p.grad = g.clone()
+    a.step()
+    saved = copy.deepcopy(a.state_dict())
+    saved["state"][0]["rng"] = saved["state"][0]["rng"][:2].clone()
+    with torch.no_grad():
+        q.copy_(p)
+    b.load_state_dict(saved)
+    for opt, x in ((a, p), (b, q)):
+        x.grad = g.clone()
+        opt.step()
+    assert torch.equal(p, q) and b.state[q]["rng"].tolist() == a.state[p]["rng"].tolist()
