@@ -152,6 +152,85 @@ def test_kernels_equal_the_reference_bit_for_bit(backend, device, case, storage)
         torch.testing.assert_close(ours[name].cpu(), theirs[name], rtol=1e-5, atol=1e-12)
 
 
+def _edge_gradients(scale: float, signed: bool) -> torch.Tensor:
+    """Gradients whose first AdamW moments (betas (0, 0): m = g, v = g² rounded) sit on and next
+    to every code's decoded value at block scale ``scale``: where a guessed bracket is most often
+    off by one. Each run of 256 is a block with ``scale`` as its largest magnitude."""
+    top = Q.SIGNED_MAX if signed else Q.UNSIGNED_MAX
+    q = torch.arange(top + 1, dtype=torch.int64)
+    edges = Q._decode_flat(q, torch.full((top + 1,), scale), signed).abs()
+    values = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.full((), 2 * scale))])
+    values = values[values <= scale]
+    g = values if signed else values.sqrt()  # v = fl(g²): on or within a few ulps of the edges
+    g = torch.where(torch.arange(g.numel()) % 2 == 0, g, -g) if signed else g
+    blocks = list(g.split(Q.BLOCK - 1))
+    peak = torch.tensor([scale if signed else scale**0.5])
+    return torch.cat([torch.cat([b, peak]) for b in blocks])
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_codes_at_every_bracket_edge_equal_the_reference(backend, device, stochastic):
+    """Every code's edges and their neighbouring floats, at scales from 1 to the subnormal range,
+    through a kernel: the same codes and scales as the reference's (the CPU kernel guesses the
+    bracket by a cheaper route and must detect every wrong guess)."""
+    grads = [_edge_gradients(scale, signed) for scale in (1.0, 3.7e-3, 1e-30, 2e-39) for signed in (True, False)]
+    grads = [g for g in grads if torch.isfinite(g).all()]
+    runs = []
+    for b in ("reference", backend):
+        params = [torch.zeros(g.numel(), device=device if b == backend else "cpu", requires_grad=True) for g in grads]
+        opt = wdopt.FusedAdamW(params, lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, backend=b, state_bits=8,
+                               stochastic_rounding=stochastic)
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.device)
+        opt.step()
+        runs.append((params, opt))
+    (ref_params, ref_opt), (params, opt) = runs
+    for i, (a, r) in enumerate(zip(params, ref_params)):
+        assert torch.equal(a.detach().cpu(), r.detach()), f"param {i}"
+        for key, value in ref_opt.state[r].items():
+            assert torch.equal(_bits(opt.state[a][key].cpu()), _bits(value)), f"param {i} {key}"
+
+
+def test_a_wrong_guess_is_caught_where_it_changes_the_code():
+    """The CPU kernel guesses each bracket from |x|·(1/s) and checks the guess against the decoded
+    neighbours; just below a code's value the guess is often one too high, which only changes the
+    code where a stochastic word says "down" (r = 0). A block of such values at 64 scales, with a
+    rounding seed whose words hit r = 0 on a wrong guess: the kernel must match the reference."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.rand(64, generator=g) * 10.0 ** (-8 * torch.rand(64, generator=g))
+    q = torch.arange(1, Q.SIGNED_MAX + 1, dtype=torch.int64)
+    blocks = []
+    for s in scales:
+        edges = Q._decode_flat(q, s.expand(q.shape), True)
+        below = torch.nextafter(edges, torch.zeros(()))
+        blocks.append(torch.cat([below, edges, -below[5:7]]))  # 256 values, the largest s
+    x = torch.cat(blocks)
+    s = scales.repeat_interleave(Q.BLOCK)
+    # The unchecked guess (float32 as the kernel computes it) and the true lower code.
+    guess = torch.clamp(torch.trunc(torch.sqrt(x.abs() * (1.0 / s)) * float(Q.SIGNED_MAX)), max=Q.SIGNED_MAX - 1)
+    lower = torch.clamp(torch.floor(torch.sqrt(x.abs() / s) * Q.SIGNED_MAX), max=Q.SIGNED_MAX - 1)
+    true_lower = torch.where(Q._decode_flat(lower.long(), s, True) > x.abs(), lower - 1, lower)
+    wrong = guess > true_lower
+    index = torch.arange(x.numel())
+    seed = next(seed for seed in range(1000)
+                if ((R.element_bits(R.stream(R.parameter_key(seed, 0), 0, 1), index) & 0xFFFF == 0) & wrong).any())
+    bits = R.element_bits(R.stream(R.parameter_key(seed, 0), 0, 1), index)
+    teeth = (bits & 0xFFFF == 0) & wrong
+    runs = []
+    for backend in ("reference", "cpu"):
+        p = torch.zeros(x.numel(), requires_grad=True)
+        opt = wdopt.FusedAdamW([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_bits=8,
+                               stochastic_rounding=True, rounding_seed=seed)
+        p.grad = x.clone()
+        opt.step()
+        runs.append(opt.state[p])
+    ref, ours = runs
+    codes = ref["exp_avg"].to(torch.int64).abs()
+    assert torch.equal(codes[teeth], true_lower[teeth].long()), "the case has no teeth: the reference went up"
+    assert torch.equal(ours["exp_avg"], ref["exp_avg"]) and torch.equal(ours["exp_avg_scale"], ref["exp_avg_scale"])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_training_follows_fp32_states(case, dtype):
@@ -273,8 +352,8 @@ def test_bad_combinations_are_refused():
     for bits in (4, 16, "8", True):
         with pytest.raises(ValueError, match="state_bits"):
             wdopt.FusedSGD([p], state_bits=bits)
-    with pytest.raises(ValueError, match="does not support state_bits"):
-        wdopt.RotationalAdamW([p], state_bits=8)
+    with pytest.raises(ValueError, match="state_bits=8 quantizes"):  # rotational too (tests/test_rotational_quantized.py)
+        wdopt.RotationalAdamW([torch.randn(4, 3, dtype=torch.float64, requires_grad=True)], state_bits=8)
     opt = wdopt.FusedLion([p], state_bits=8, backend="reference")
     p.grad = torch.ones_like(p)
     opt.step()

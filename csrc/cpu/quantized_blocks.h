@@ -13,7 +13,8 @@ template <bool SIGNED> void decode_block(const void* codes, float scale, float* 
 
 // Encodes x[0..n) into ``codes`` with the block's new scale, which it returns: the largest
 // magnitude, or NaN if any value is not finite (the block is poisoned). With ``stochastic``, the
-// words are rounding_bits(stream, first + j) (element first + j of the tensor); else to nearest.
+// words are rounding_bits(stream, first + j) (element first + j of the tensor), ``first`` a
+// block's start (a multiple of 256: the run crosses no multiple of 2^32); else to nearest.
 template <bool SIGNED>
 float encode_block(const float* x, void* codes, int64_t n, bool stochastic, uint32_t stream, int64_t first);
 

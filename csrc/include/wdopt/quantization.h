@@ -36,24 +36,22 @@ template <bool SIGNED> struct StateCode {
     return v < 0.0f ? -m : m;
   }
 
-  // x's code at its block's usable scale s (|x| ≤ s): the bracket lo ≤ |x| < hi from the
-  // truncated root (the floor: it is ≥ 0), moved by one either way where the decoded neighbours
-  // disagree, then to nearest (ties down) or, with STOCHASTIC, up iff (|x| − lo)·2^16 ≥
-  // (2^16 − r)·(hi − lo), r the word's low 16 bits (rounding.h's rule). Selects on floats only,
-  // no branches: the CPU loops vectorize (built with -fno-trapping-math). Equal to the
-  // reference's steps: a decrement never applies at lo = 0 (magnitude 0 ≤ |x|), and an
-  // increment past top − 1 is clamped back, where the reference does not make it.
-  template <bool STOCHASTIC> WDOPT_HD static code_t encode(float x, float s, uint32_t bits) {
-    constexpr float top = static_cast<float>(kTop), last = static_cast<float>(kTop - 1);
-    const float a = x < 0.0f ? -x : x;
-    const float ratio = a / s;
+  // The first guess of |x|'s bracket from ratio = |x|/s (at most 1, or an ulp or so above it
+  // when the caller multiplies by 1/s): the truncated real code top·ratio^½ (signed) or
+  // top·ratio^¼, clamped to top − 1. Within one of the bracket, which the decoded neighbours
+  // decide, whatever the roots' last bits.
+  WDOPT_HD static float guess(float ratio) {
     const float root = SIGNED ? sqrtf(ratio) : sqrtf(sqrtf(ratio));
-    float lo = static_cast<float>(static_cast<int32_t>(root * top));
-    lo = lo < last ? lo : last;
-    lo = magnitude(lo, s) > a ? lo - 1.0f : lo;
-    lo = magnitude(lo + 1.0f, s) <= a ? lo + 1.0f : lo;
-    lo = lo < last ? lo : last;
-    const float d_lo = magnitude(lo, s), d_hi = magnitude(lo + 1.0f, s);
+    const float lo = static_cast<float>(static_cast<int32_t>(root * static_cast<float>(kTop)));  // ≥ 0: the floor
+    return lo < static_cast<float>(kTop - 1) ? lo : static_cast<float>(kTop - 1);
+  }
+
+  // The code of x, |x| = a, in its bracket lo ≤ a < hi (d_lo, d_hi: their magnitudes; a ≥ hi only
+  // at lo = top − 1, where |x| = s): to nearest (ties down) or, with STOCHASTIC, up iff
+  // (a − lo)·2^16 ≥ (2^16 − r)·(hi − lo), r the word's low 16 bits (rounding.h's rule). Selects
+  // on floats only, no branches: the CPU loops vectorize (built with -fno-trapping-math).
+  template <bool STOCHASTIC>
+  WDOPT_HD static code_t round_in(float x, float a, float lo, float d_lo, float d_hi, uint32_t bits) {
     float up;
     if constexpr (STOCHASTIC) {
       const float r = static_cast<float>(static_cast<int32_t>(bits & 0xFFFFu));  // signed: vectorizes
@@ -64,6 +62,21 @@ template <bool SIGNED> struct StateCode {
     up = a >= d_hi ? 1.0f : up;
     const float q = lo + up;
     return static_cast<code_t>(static_cast<int32_t>(SIGNED && x < 0.0f ? -q : q));
+  }
+
+  // x's code at its block's usable scale s (|x| ≤ s), the reference's steps: the guess from
+  // |x|/s, moved by one either way where the decoded neighbours disagree, then round_in. (A
+  // decrement never applies at lo = 0, magnitude 0 ≤ |x|; an increment past top − 1 is clamped
+  // back, where the reference does not make it.) The CPU encodes most blocks a cheaper way with
+  // the same result (csrc/cpu/quantized_blocks.cpp).
+  template <bool STOCHASTIC> WDOPT_HD static code_t encode(float x, float s, uint32_t bits) {
+    constexpr float last = static_cast<float>(kTop - 1);
+    const float a = x < 0.0f ? -x : x;
+    float lo = guess(a / s);
+    lo = magnitude(lo, s) > a ? lo - 1.0f : lo;
+    lo = magnitude(lo + 1.0f, s) <= a ? lo + 1.0f : lo;
+    lo = lo < last ? lo : last;
+    return round_in<STOCHASTIC>(x, a, lo, magnitude(lo, s), magnitude(lo + 1.0f, s), bits);
   }
 };
 
