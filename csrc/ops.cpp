@@ -57,14 +57,16 @@ TORCH_LIBRARY(wdopt, m) {
   // correctly rounded, so the driver hands over the square and every path gets the host's bits).
   // ``rng`` and ``correction`` as for adamw_: stochastic rounding of the parameter (lane 0) and of
   // state1/state2 (lanes 1, 2) when bf16/fp16, compensated bf16 parameters (their master weight is
-  // what rotates, and what the row norms and telemetry see).
+  // what rotates, and what the row norms and telemetry see). ``scales`` as for adamw_ (state1's,
+  // then state2's): 8-bit states, taken by the "cpu" kernel only (the "cuda" one refuses them);
+  // it rotates the rows with the new states, then encodes them block by block.
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "
       "Tensor(g!)[] rotational_steps, Tensor?[] first_steps, Tensor(h!)[] telemetry, *, float lr, float beta1, float beta2, float eps, "
       "float momentum, bool nesterov, float angle, float norm_decay, float rotational_eps, bool zero_mean, "
       "bool projected, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? rate_tensor=None, Tensor[] rng, Tensor(i!)[] correction) -> ()");
+      "Tensor? rate_tensor=None, Tensor[] rng, Tensor(i!)[] correction, Tensor(j!)[] scales) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] telemetry, *, float lr, float beta1, "
       "float beta2, float weight_decay, float decay_lr_scale, bool maximize, Tensor? lr_tensor=None, "

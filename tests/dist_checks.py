@@ -655,6 +655,13 @@ def _add_low_precision_checks():
         _low_precision_bitwise(cls, kw, "cpu", "master24_sr_bf16")
     fn.__name__ = "low_precision_rotational_sgd_master24_sr_bf16_cpu_sharded_equals_unsharded"
     check(fn)
+    # 8-bit states of rotational rows: (512, 3) has rows of 3 in 256-element blocks that straddle
+    # them; each rank rotates its 256 rows, then encodes its 3 whole blocks (CPU kernel and reference).
+    for backend in [b for b in ("cpu", "reference") if b in BACKENDS]:
+        def fn(backend=backend):
+            _low_precision_bitwise(*ROTATIONAL["rotational_adamw"], backend, "master24_sr_8bit_bf16")
+        fn.__name__ = f"low_precision_rotational_adamw_master24_sr_8bit_bf16_{backend}_sharded_equals_unsharded"
+        check(fn)
 
 
 _add_low_precision_checks()

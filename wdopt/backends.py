@@ -176,6 +176,18 @@ def quantizes(module: ModuleType, device) -> bool:
     return module.__name__ == "wdopt.reference" or _device_type(device) in getattr(module, "QUANTIZED_STATES", ())
 
 
+def quantizes_rotational(module: ModuleType, device) -> bool:
+    """Whether a loaded backend updates the 8-bit states of rotational tensors on ``device``
+    (``ROTATIONAL_QUANTIZED_STATES``: the device types whose rotational kernel does; the reference
+    everywhere)."""
+    return module.__name__ == "wdopt.reference" or \
+        _device_type(device) in getattr(module, "ROTATIONAL_QUANTIZED_STATES", ())
+
+
+#: The backends whose rotational steps take 8-bit states, for error messages.
+ROTATIONAL_QUANTIZED_BACKENDS = ("reference", "cpu")
+
+
 # Dtypes each backend's kernels handle (complex parameters are viewed as real pairs first).
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_DTYPES = {"reference": _FLOATS, "triton": _FLOATS, "cpu": _FLOATS, "cuda": _FLOATS}

@@ -44,11 +44,13 @@ struct TensorTable {
 };
 
 // The operators' checks of ``rng`` (one int64 [key, count, index base] CPU tensor per parameter,
-// or none) and ``correction`` (one int16 or int8 tensor laid out like each bf16 parameter, or none:
-// returns the master weight's bits, 16 for plain parameters), shared by fused_cpu.cpp and
-// rotational_cpu.cpp.
+// or none), ``correction`` (one int16 or int8 tensor laid out like each bf16 parameter, or none:
+// returns the master weight's bits, 16 for plain parameters) and ``scales`` (8-bit states: none,
+// or per state list in order one float32 vector of block scales per parameter; returns whether
+// the states are 8-bit), shared by fused_cpu.cpp and rotational_cpu.cpp.
 void check_rng(const at::TensorList& rng, const at::TensorList& params);
 int check_correction(const at::TensorList& correction, const at::TensorList& params);
+bool check_scales(const at::TensorList& scales, const at::TensorList& params, size_t lists);
 
 // AdamW: state1 = exp_avg, state2 = exp_avg_sq, state3 = max_exp_avg_sq (amsgrad).
 void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double beta1, double beta2, double eps,

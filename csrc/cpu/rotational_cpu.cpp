@@ -7,6 +7,19 @@
 // Rotation telemetry (a monitored step) is summed in the last pass, while the row is written.
 // Low precision (stochastic rounding, compensated bf16 parameters) enters through storage.h, as in
 // fused_cpu.cpp: every read of p is its master weight, every store rounds in its lane.
+//
+// 8-bit states (state_bits=8, wdopt/reference/quantization.py) are blocks of 256 elements in the
+// tensor's memory order, each with one scale: a block may straddle rows that different threads
+// rotate, and its new scale is the max over all of its new values. So the step takes two phases.
+// The row phase decodes each row's old codes into thread buffers (decoding is element-wise and
+// reads only: any thread may decode any element), computes the new states in fp32 and uses them,
+// unrounded as the reference does, for the direction and the rotation, and writes the parameter,
+// but no state. Once every row is done, the block phase (walk.h's for_each_block, the element-wise
+// kernels' own walk, parallel over whole blocks) decodes the old codes again, recomputes the same
+// new states from the gradient (adamw_moments, lion_momentum, sgd_direction_momentum: the same
+// operations on the same inputs, so the same bits) and encodes them with each block's new scale,
+// to nearest or with the state's lane's words. That costs one more read of the gradient and the
+// codes, against a bf16/fp32 state's read and write of 2 or 4 bytes per element per state.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -23,9 +37,11 @@
 #include "../include/wdopt/sgd.h"
 #include "first_step.h"
 #include "fused_cpu.h"
+#include "quantized_blocks.h"
 #include "scratch.h"
 #include "storage.h"
 #include "telemetry.h"
+#include "walk.h"
 
 // Vectorized loops (as _Pragma: they sit inside AT_DISPATCH's macro argument), with sums.
 #define WDOPT_SIMD _Pragma("omp simd")
@@ -146,6 +162,53 @@ void rotate_row(const Row& p_arg, int64_t size, const Direction& direction_arg,
 // The longest row whose copy lives in a thread's scratch memory (see the walk below).
 constexpr int64_t kScratchRow = 1 << 20;
 
+// A thread's buffer of ``longest`` elements for a row: its scratch (``Use``) for rows up to
+// kScratchRow elements (a row of 65,536 fp32 columns is 256 KB); a longer one (a whole-tensor
+// sphere) gets a buffer of its own, ``own``, which the scratch would otherwise keep for the life
+// of the process — its work dwarfs the page faults of a fresh allocation anyway.
+template <typename T, int Use> T* row_buffer(int64_t longest, std::vector<T>& own) {
+  if (longest <= kScratchRow) return scratch<T, Use>(longest);
+  own.resize(longest);
+  return own.data();
+}
+
+// Where a row's direction reads its optimizer states' old values (LANE 1: state1, 2: state2) and
+// puts the new ones, at the row's element j. In the parameter's dtype, the state arrays, read and
+// stored back (rounded in their lanes) as the row is walked ...
+template <typename scalar_t, typename Storage> struct StoredStates {
+  using opmath = opmath_t<scalar_t>;
+  Storage st;
+  scalar_t* s1;
+  scalar_t* s2;
+  int64_t offset;  // the row's first element in its tensor
+  template <int LANE> WDOPT_INLINE opmath load(int64_t j) const {
+    return static_cast<opmath>((LANE == 1 ? s1 : s2)[offset + j]);
+  }
+  template <int LANE> WDOPT_INLINE void store(int64_t j, opmath x) const {
+    (LANE == 1 ? s1 : s2)[offset + j] = st.template store<LANE>(offset + j, x);
+  }
+};
+
+// ... or, 8-bit, the row's old values decoded into the thread's buffers, the new ones dropped:
+// the block phase computes them again and encodes them (see the top of this file).
+struct DecodedStates {
+  const float* s1;
+  const float* s2;
+  template <int LANE> WDOPT_INLINE float load(int64_t j) const { return (LANE == 1 ? s1 : s2)[j]; }
+  template <int LANE> WDOPT_INLINE void store(int64_t, float) const {}
+};
+
+// Elements [first, first + n) of a tensor's 8-bit state (``codes``, its block ``scales``) into
+// out[0, n), block by block.
+template <bool SIGNED> void decode_run(const void* codes, const float* scales, int64_t first, int64_t n, float* out) {
+  const auto* bytes = static_cast<const int8_t*>(codes);
+  for (int64_t i = first, end = first + n; i < end;) {
+    const int64_t block = i / kQuantBlock, stop = std::min(end, (block + 1) * kQuantBlock);
+    decode_block<SIGNED>(bytes + i, scales[block], out + (i - first), stop - i);
+    i = stop;
+  }
+}
+
 // Every row of the call, in order (scratch memory: a large model has 100,000 rows or more).
 std::pair<const Row*, size_t> plan_rows(const at::TensorList& params, const at::TensorList& norms) {
   size_t n = 0;
@@ -173,16 +236,21 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                  at::TensorList telemetry, double lr, double beta1, double beta2, double eps, double momentum, bool nesterov, double angle,
                  double norm_decay, double rotational_eps, bool zero_mean, bool projected, bool maximize,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                 const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction) {
+                 const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction,
+                 at::TensorList scales) {
   if (params.empty()) return;
   check_rng(rng, params);
   const int master_bits = check_correction(correction, params);
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
+  const bool has_state1 = !sgd || momentum != 0;
   const bool has_rate = rate_tensor.has_value() && rate_tensor->defined();
   TORCH_CHECK(!has_rate || (rate_tensor->device().is_cpu() && rate_tensor->numel() == 1 &&
                             rate_tensor->scalar_type() == at::kDouble),
               "wdopt rotational: rate_tensor must be a one-element float64 CPU tensor");
   TORCH_CHECK(adamw || sgd || lion, "wdopt rotational: unknown optimizer ", optimizer);
+  // 8-bit states: scales for each state list (AdamW's two, else one; none for SGD without
+  // momentum), whose tensors then hold codes, int8 (exp_avg, momentum_buffer) and uint8 (exp_avg_sq).
+  const bool quantized = check_scales(scales, params, adamw ? 2 : (has_state1 ? 1 : 0));
   const size_t n_tensors = params.size();
   for (size_t t = 0; t < n_tensors; ++t) {
     const auto& p = params[t];
@@ -195,15 +263,17 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                     rotational_norms[t].numel() == update_norm_avgs[t].numel() &&
                     rotational_steps[t].scalar_type() == at::kFloat,
                 "wdopt rotational: rotational state ", t, " must have the math dtype and one value per row");
-    if (!sgd || momentum != 0) {
+    if (has_state1) {
       TORCH_CHECK(state1[t].is_contiguous() && state1[t].sizes() == p.sizes() &&
-                      state1[t].scalar_type() == p.scalar_type(),
-                  "wdopt rotational: state of parameter ", t, " does not match it");
+                      state1[t].scalar_type() == (quantized ? at::kChar : p.scalar_type()),
+                  "wdopt rotational: state of parameter ", t, " does not match it", quantized ? " (int8 codes)" : "");
     }
     if (adamw) {
       TORCH_CHECK(state2[t].is_contiguous() && state2[t].sizes() == p.sizes() &&
-                      state2[t].scalar_type() == p.scalar_type() && steps[t].scalar_type() == at::kFloat,
-                  "wdopt rotational: AdamW state of parameter ", t, " does not match it");
+                      state2[t].scalar_type() == (quantized ? at::kByte : p.scalar_type()) &&
+                      steps[t].scalar_type() == at::kFloat,
+                  "wdopt rotational: AdamW state of parameter ", t, " does not match it",
+                  quantized ? " (uint8 codes)" : "");
     }
   }
   TORCH_CHECK(telemetry.empty() || telemetry.size() == n_tensors, "wdopt rotational: one telemetry buffer per parameter");
@@ -238,13 +308,13 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     }
   }
   const RotationOptions options{angle, lr, norm_decay, rotational_eps, zero_mean, projected};
-  const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
-  const double sign = maximize ? -1.0 : 1.0;
   const std::vector<char> fresh = first_step_flags(first_steps, "wdopt::rotational_");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "wdopt_rotational", [&] {
     using opmath = opmath_t<scalar_t>;
-    const opmath g_scale = static_cast<opmath>(inv_scale), g_sign = static_cast<opmath>(sign);
+    // The gradient as the optimizer sees it, as the element-wise kernels unscale it (walk.h): the
+    // row and block phases compute the same states from it.
+    const GradTransform<opmath> transform = grad_transform<opmath>(grad_scale, maximize);
     // Per-tensor AdamW scalars, once per step (the reference's roundings).
     AdamWCoefficients<opmath>* const adamw_c = scratch<AdamWCoefficients<opmath>>(adamw ? n_tensors : 0);
     opmath* const inv_bc1 = scratch<opmath, 2>(adamw ? n_tensors : 0);
@@ -258,7 +328,7 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     int64_t longest = 0;
     for (size_t i = 0; i < n_rows; ++i) longest = std::max(longest, rows[i].size);
     // One contiguous run of rows per thread, of equal element counts (rows differ in length).
-    int64_t* const row_start = scratch<int64_t, 2>(n_rows + 1);  // 0 and 1: fused_cpu.cpp's walk
+    int64_t* const row_start = scratch<int64_t, 2>(n_rows + 1);  // 0 and 1: walk.h's (the block phase)
     row_start[0] = 0;
     for (size_t i = 0; i < n_rows; ++i) row_start[i + 1] = row_start[i] + rows[i].size;
     const int64_t total = row_start[n_rows];
@@ -268,12 +338,12 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     };
     dispatch_storage<scalar_t>(!rng.empty(), master_bits, [&](auto SR, auto MASTER) {
       at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-        // This thread's copy of a row: the thread's scratch for rows up to kScratchRow elements (a
-        // row of 65,536 fp32 columns is 256 KB); a longer one (a whole-tensor sphere) gets a buffer
-        // of its own, which the scratch would otherwise keep for the life of the process — its work
-        // dwarfs the page faults of a fresh allocation anyway.
+        // This thread's copy of a row, and (8-bit states) its decoded old states.
         std::vector<opmath> own;
-        opmath* const buffer = longest <= kScratchRow ? scratch<opmath, 3>(longest) : (own.resize(longest), own.data());
+        std::vector<float> own1, own2;
+        opmath* const buffer = row_buffer<opmath, 3>(longest, own);
+        float* const old1 = quantized ? row_buffer<float, 4>(longest, own1) : nullptr;
+        float* const old2 = quantized && adamw ? row_buffer<float, 5>(longest, own2) : nullptr;
         for (int64_t k = first_row(part_begin); k < first_row(part_end); ++k) {
           const Row& r = rows[k];
           const int64_t t = r.tensor, offset = r.row * r.size;
@@ -287,48 +357,124 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
           opmath* s_avg = ptr<opmath>(update_norm_avgs[t]) + r.row;
           // Captures by value (pointers, coefficients): the row loops then see plain local pointers and
           // vectorize with contiguous loads; through captured references they fell back to gathers.
-          const auto grad_at = [=](int64_t j) { return (static_cast<opmath>(g[j]) * g_scale) * g_sign; };
+          const auto grad_at = [=](int64_t j) { return transform(static_cast<opmath>(g[j])); };
           double* sums = telemetry.empty() ? nullptr : ptr<double>(telemetry[t]) + 4 * r.row;
-          if (adamw) {
-            scalar_t* m = ptr<scalar_t>(state1[t]);
-            scalar_t* v = ptr<scalar_t>(state2[t]);
-            const auto c = adamw_c[t];
-            const opmath inv_bias_correction1 = inv_bc1[t];
-            rotate_row(p, r.size, [=](int64_t j) {
-              const int64_t i = offset + j;
-              opmath mj = m[i], vj = v[i];
-              const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
-              m[i] = st.template store<1>(i, mj);
-              v[i] = st.template store<2>(i, vj);
-              return u;
-            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-          } else if (lion) {
-            scalar_t* m = ptr<scalar_t>(state1[t]);
-            rotate_row(p, r.size, [=](int64_t j) {
-              const int64_t i = offset + j;
-              opmath mj = m[i];
-              const opmath u = lion_direction(grad_at(j), mj, lion_c);
-              m[i] = st.template store<1>(i, mj);
-              return u;
-            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-          } else if (momentum != 0) {
-            scalar_t* b = ptr<scalar_t>(state1[t]);
-            const bool first_step = fresh[t];
-            rotate_row(p, r.size, [=](int64_t j) {
-              const int64_t i = offset + j;
-              opmath bj = b[i];
-              const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
-                                        : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
-              b[i] = st.template store<1>(i, bj);
-              return u;
-            }, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
-          } else {
-            rotate_row(p, r.size, [=](int64_t j) { return grad_at(j); }, buffer, norm,
-                       s_avg, norm_decay_bias_correction[t], first[t], options, sums, grad_at);
+          // The row with its direction, u_j from the element's states (``states``: StoredStates or
+          // DecodedStates, which read the old values and keep the new ones, or not).
+          const auto rotate = [&](const auto& states) {
+            const auto with = [&](const auto& direction) {
+              rotate_row(p, r.size, direction, buffer, norm, s_avg, norm_decay_bias_correction[t], first[t], options,
+                         sums, grad_at);
+            };
+            if (adamw) {
+              const auto c = adamw_c[t];
+              const opmath inv_bias_correction1 = inv_bc1[t];
+              with([=](int64_t j) {
+                opmath mj = states.template load<1>(j), vj = states.template load<2>(j);
+                const opmath u = adamw_direction(grad_at(j), mj, vj, inv_bias_correction1, c);
+                states.template store<1>(j, mj);
+                states.template store<2>(j, vj);
+                return u;
+              });
+            } else if (lion) {
+              with([=](int64_t j) {
+                opmath mj = states.template load<1>(j);
+                const opmath u = lion_direction(grad_at(j), mj, lion_c);
+                states.template store<1>(j, mj);
+                return u;
+              });
+            } else if (momentum != 0) {
+              const bool first_step = fresh[t];
+              with([=](int64_t j) {
+                opmath bj = states.template load<1>(j);
+                const opmath u = nesterov ? sgd_direction<true, true>(grad_at(j), bj, first_step, mu)
+                                          : sgd_direction<true, false>(grad_at(j), bj, first_step, mu);
+                states.template store<1>(j, bj);
+                return u;
+              });
+            } else {
+              with([=](int64_t j) { return grad_at(j); });
+            }
+          };
+          if constexpr (!std::is_same_v<scalar_t, double>) {
+            if (quantized) {
+              decode_run<true>(state1[t].const_data_ptr(), ptr<float>(scales[t]), offset, r.size, old1);
+              if (adamw) {
+                decode_run<false>(state2[t].const_data_ptr(), ptr<float>(scales[n_tensors + t]), offset, r.size, old2);
+              }
+              rotate(DecodedStates{old1, old2});
+              continue;
+            }
           }
+          rotate(StoredStates<scalar_t, std::remove_const_t<decltype(st)>>{
+              st, has_state1 ? ptr<scalar_t>(state1[t]) : nullptr, adamw ? ptr<scalar_t>(state2[t]) : nullptr,
+              offset});
         }
       });
     });
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (quantized) {
+        // The block phase (see the top of this file), after every row's parameter is written. (Its
+        // loops are written in opmath, float here, so that the discarded fp64 instance compiles.)
+        TensorTable table;
+        table.resize(n_tensors);
+        for (size_t t = 0; t < n_tensors; ++t) {
+          table.numel[t] = params[t].numel();
+          table.param[t] = params[t].data_ptr();
+          table.grad[t] = grads[t].const_data_ptr();
+          table.state1[t] = state1[t].data_ptr();
+          if (adamw) table.state2[t] = state2[t].data_ptr();
+        }
+        for (const auto& words : rng) table.rng.push_back(words.const_data_ptr<int64_t>());
+        for (size_t j = 0; j < scales.size(); ++j) table.scales[j / n_tensors].push_back(ptr<float>(scales[j]));
+        const auto gradient = [&](int64_t k) { return static_cast<const scalar_t*>(table.grad[k]); };
+        // Each loop's scalars are local copies: the stores into the float buffers could alias them
+        // through the captured references, and the loops would not vectorize.
+        if (adamw) {
+          for_each_block<true, false>(table, [&](int64_t k, int64_t begin, int64_t end, double*, auto states) {
+            float* __restrict__ m = states[0];
+            float* __restrict__ v = states[1];
+            const scalar_t* __restrict__ g = gradient(k);
+            const auto c = adamw_c[k];
+            const auto un = transform;
+            WDOPT_SIMD
+            for (int64_t i = begin; i < end; ++i) {
+              opmath mi = m[i], vi = v[i];
+              adamw_moments(un(static_cast<opmath>(g[i])), mi, vi, c);
+              m[i] = mi;
+              v[i] = vi;
+            }
+          });
+        } else if (lion) {
+          for_each_block<true>(table, [&](int64_t k, int64_t begin, int64_t end, double*, auto states) {
+            float* __restrict__ m = states[0];
+            const scalar_t* __restrict__ g = gradient(k);
+            const auto un = transform;
+            const auto c = lion_c;
+            WDOPT_SIMD
+            for (int64_t i = begin; i < end; ++i) {
+              opmath mi = m[i];
+              lion_momentum(un(static_cast<opmath>(g[i])), mi, c);
+              m[i] = mi;
+            }
+          });
+        } else {
+          for_each_block<true>(table, [&](int64_t k, int64_t begin, int64_t end, double*, auto states) {
+            float* __restrict__ b = states[0];
+            const scalar_t* __restrict__ g = gradient(k);
+            const bool first_step = fresh[k];
+            const auto un = transform;
+            const opmath momentum_k = mu;
+            WDOPT_SIMD
+            for (int64_t i = begin; i < end; ++i) {
+              opmath bi = b[i];
+              sgd_direction_momentum(un(static_cast<opmath>(g[i])), bi, first_step, momentum_k);
+              b[i] = bi;
+            }
+          });
+        }
+      }
+    }
   });
 }
 

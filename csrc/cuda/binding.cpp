@@ -474,9 +474,12 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                      double beta2, double eps, double momentum, bool nesterov, double angle, double norm_decay,
                      double rotational_eps, bool zero_mean, bool projected, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction) {
+                     const std::optional<at::Tensor>& rate_tensor, at::TensorList rng, at::TensorList correction,
+                     at::TensorList scales) {
   constexpr const char* op = "wdopt::rotational_";
   if (params.empty()) return;
+  TORCH_CHECK(scales.empty(), op, ": 8-bit states (state_bits=8) of rotational tensors run on the 'cpu' and "
+              "'reference' backends only; the CUDA rotational kernel keeps states in the parameter's dtype");
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
   TORCH_CHECK(adamw || sgd || lion, op, ": unknown optimizer ", optimizer);
   check_params(op, params);

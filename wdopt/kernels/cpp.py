@@ -329,6 +329,10 @@ QUANTIZED_STATES = ("cpu", "cuda")
 #: Device types whose rotational kernel takes ``rng`` and ``correction`` (elsewhere the driver
 #: rotates such tensors with the reference).
 ROTATIONAL_LOW_PRECISION = ("cpu", "cuda")
+#: Device types whose rotational kernel takes 8-bit states (``scales``): the CPU kernel's row phase
+#: rotates with the new states and its block phase encodes them (csrc/cpu/rotational_cpu.cpp). The
+#: CUDA one does not: the driver refuses state_bits=8 for rotational tensors there.
+ROTATIONAL_QUANTIZED_STATES = ("cpu",)
 
 
 def _scale_list(scales) -> list:
@@ -387,13 +391,14 @@ def rotational_available(device: torch.device) -> bool:
 def rotational(optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
                first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean,
                projected, maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None, rng=(),
-               correction=()) -> None:
+               correction=(), scales=None) -> None:
     """The rotational step of ``optimizer`` ("adamw", "sgd", "lion") on contiguous tensors.
     ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp); ``rng``,
-    ``correction``: stochastic rounding and compensated bf16 parameters, as for adamw."""
+    ``correction``, ``scales``: stochastic rounding, compensated bf16 parameters and 8-bit states
+    (``ROTATIONAL_QUANTIZED_STATES``), as for adamw."""
     torch.ops.wdopt.rotational_(
         optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
         list(first_steps), list(telemetry), lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
         nesterov=nesterov, angle=angle, norm_decay=norm_decay, rotational_eps=rotational_eps, zero_mean=zero_mean,
         projected=projected, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, rate_tensor=rate_tensor,
-        rng=list(rng), correction=list(correction))
+        rng=list(rng), correction=list(correction), scales=_scale_list(scales))

@@ -10,18 +10,24 @@ fused rotational kernel where it has one (``backend.rotational``: csrc/cpu/rotat
 csrc/cuda, wdopt/kernels/triton/rotational.py), else (strided or complex buckets, the reference
 backend) by the reference implementation. State dicts, GradScaler and LR schedulers work as for
 the base optimizers.
+
+Low precision: ``stochastic_rounding`` and ``master_weight_bits`` on every backend's rotational
+kernel (``ROTATIONAL_LOW_PRECISION``); ``state_bits=8`` on the "reference" and "cpu" backends
+(``ROTATIONAL_QUANTIZED_STATES``: the CPU kernel rotates its rows with the new states, then encodes
+them in a separate pass over memory-order blocks of 256), refused on "triton" and "cuda" at the step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import theory
+from .. import backends, theory
 from ..reference import rotational as rv
 from ..reference import telemetry as tm
 from ..reference._common import step_skipped
 from ..reference.rounding import Rounder
 from . import _dtensor
+from ._base import SPARSE
 from .adamw import FusedAdamW
 from .lion import FusedLion
 from .sgd import FusedSGD
@@ -34,7 +40,6 @@ class _Rotational:
     the split of each step into rotational and base updates."""
 
     _fast_kind = None  # every step through the validation path: the rotational driver is Python
-    _state_bits_supported = False  # 8-bit states: the rotational kernels keep states in the parameter's dtype
     _statistics_in_buffers = False  # its kernels take (K, 4) buffers: statistics are read before the step
 
     def _init_rotational(self, options: dict) -> None:
@@ -101,6 +106,26 @@ class _Rotational:
         next step (base hyperparameters, e.g. betas, by ``_check_group``). The per-tensor checks
         (zero rows, sharding) are construction-time only: they read every parameter."""
         self._check_rotational_options(group)
+
+    def _plan(self):
+        """The base optimizer's checks, plus (before anything is written) that the backend of each
+        bucket with rotational tensors takes their 8-bit states (``state_bits=8``)."""
+        plan = super()._plan()
+        for group, backend, params, _ in plan:
+            if group["state_bits"] != 8 or backend is None or backend is SPARSE:  # meta, sparse: no kernel
+                continue
+            device = params[0].device
+            if backends.quantizes_rotational(backend, device) or \
+                    not any(self._is_rotational(p, group) for p in params):
+                continue
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            name = "triton" if "triton" in backend.__name__ else device.type  # wdopt.kernels.cpp: cpu or cuda
+            supported = " and ".join(repr(b) for b in backends.ROTATIONAL_QUANTIZED_BACKENDS)
+            raise NotImplementedError(
+                f"param group {index}: {type(self).__name__} has no 8-bit states (state_bits=8) for rotational "
+                f"tensors on backend {name!r} ({device.type} tensors) yet: they run on backends {supported} "
+                "('cpu' for CPU tensors, 'reference' on any device); use one of those, or state_bits=None")
+        return plan
 
     def _check_rotational_options(self, group: dict) -> None:
         self._check_variant_options(group)
@@ -219,6 +244,8 @@ class _Rotational:
         if fused and (self._rngs(group, params) or group["master_weight_bits"] != 16):
             # Stochastic rounding or compensation: where the backend's rotational kernel has them.
             fused = params[0].device.type in getattr(backend, "ROTATIONAL_LOW_PRECISION", ())
+        if fused and group["state_bits"] == 8:  # 8-bit states: likewise (others were refused by _plan)
+            fused = params[0].device.type in getattr(backend, "ROTATIONAL_QUANTIZED_STATES", ())
         # The kernels gather telemetry per rotational row: per neuron, the rows the monitor asks for.
         if fused and (not telemetry or group["per_neuron"]):
             self._rotate_fused(group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry)
@@ -234,10 +261,13 @@ class _Rotational:
             angle = self._angle(group)
             rngs = self._rngs(group, params)
             corrections = self._corrections(group, params)
+            scales = self._scales(group, params, self._rotational_state_keys(group))
             for i, (p, g) in enumerate(zip(params, grads)):
                 state = self.state[p]
-                # One Rounder for the direction's states and the parameter: the same (key, count).
-                store = Rounder(rngs[i] if rngs else None, p, corrections[i] if corrections else None)
+                # One Rounder for the direction's states and the parameter: the same (key, count);
+                # 8-bit states are decoded and encoded through it with their block scales.
+                store = Rounder(rngs[i] if rngs else None, p, corrections[i] if corrections else None,
+                                {lane: s[i] for lane, s in scales.items()})
                 rv.rotate_(p, self._direction(p, g, state, group, grad_scale, store), state, angle=angle,
                            lr=_float(group["lr"]), norm_decay=group["update_norm_decay_factor"],
                            eps=group["rotational_eps"], zero_mean=group["zero_mean"],
@@ -260,6 +290,9 @@ class _Rotational:
             low_precision["rng"] = rngs
         if group["master_weight_bits"] != 16:
             low_precision["correction"] = self._corrections(group, params)
+        scales = self._scales(group, params, self._rotational_state_keys(group))
+        if scales:
+            low_precision["scales"] = scales
         backend.rotational(
             name, params, grads, state1, state2, steps, [s["rotational_norm"] for s in states],
             [s["update_norm_avg"] for s in states], [s["rotational_step"] for s in states], first_steps,
@@ -345,6 +378,10 @@ class RotationalAdamW(_Rotational, FusedAdamW):
         if group["amsgrad"]:
             raise ValueError("RotationalAdamW does not support amsgrad")
 
+    @staticmethod
+    def _rotational_state_keys(group):
+        return ("exp_avg", "exp_avg_sq")  # the kernel's state lists: lanes 1 and 2
+
     def _fused_arguments(self, group, params, states):
         beta1, beta2 = group["betas"]
         return ("adamw", [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -381,6 +418,10 @@ class RotationalSGD(_Rotational, FusedSGD):
         if group["dampening"] != 0:
             raise ValueError("RotationalSGD does not support dampening (its momentum is b <- mu*b + g)")
 
+    @staticmethod
+    def _rotational_state_keys(group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
     def _fused_arguments(self, group, params, states):
         if group["momentum"] == 0:
             return "sgd", [], [], [], [], dict(_NO_HYPER)
@@ -411,6 +452,10 @@ class RotationalLion(_Rotational, FusedLion):
     @staticmethod
     def _rotation_factor(group):
         return theory.lion_rotation_factor(group["betas"])
+
+    @staticmethod
+    def _rotational_state_keys(group):
+        return ("exp_avg",)
 
     def _fused_arguments(self, group, params, states):
         beta1, beta2 = group["betas"]

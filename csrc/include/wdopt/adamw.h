@@ -34,12 +34,20 @@ WDOPT_HD AdamWCoefficients<T> adamw_coefficients(const AdamWHyper& h, double lr,
       static_cast<T>(h.eps)};
 }
 
+// The moments alone, m ← m + (1−β1)(g − m) and v ← β2·v + (1−β2)·g²: the state update of
+// adamw_update and adamw_direction, and all of it where a kernel stores the states apart from the
+// parameter (the rotational CPU kernel's 8-bit block phase recomputes them so, bit for bit).
+template <typename T>
+WDOPT_HD void adamw_moments(T g, T& m, T& v, const AdamWCoefficients<T>& c) {
+  m = m + c.one_minus_beta1 * (g - m);
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+}
+
 // One element: p, m, v (and v_max with amsgrad) updated in place; g already unscaled/negated.
 template <bool AMSGRAD, typename T>
 WDOPT_HD void adamw_update(T& p, T g, T& m, T& v, T& v_max, const AdamWCoefficients<T>& c) {
   p = p * c.decay;
-  m = m + c.one_minus_beta1 * (g - m);
-  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  adamw_moments(g, m, v, c);
   T second_moment = v;
   if (AMSGRAD) {
     v_max = max_nan(v_max, v);
@@ -69,8 +77,7 @@ namespace wdopt {
 // inv_bias_correction1 is 1/(1−β1^t) rounded as the reference rounds it.
 template <typename T>
 WDOPT_HD T adamw_direction(T g, T& m, T& v, T inv_bias_correction1, const AdamWCoefficients<T>& c) {
-  m = m + c.one_minus_beta1 * (g - m);
-  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  adamw_moments(g, m, v, c);
   return (m * inv_bias_correction1) / (sqrt(v) * c.inv_bias_correction2_sqrt + c.eps);
 }
 

@@ -30,11 +30,19 @@ WDOPT_HD T lion_sign(T c) {
   return c > T(0) ? T(1) : (c < T(0) ? T(-1) : c);
 }
 
+// The momentum alone, m ← m + (1−β2)(g − m): the state update of lion_update and lion_direction,
+// and all of it where a kernel stores the state apart from the parameter (the rotational CPU
+// kernel's 8-bit block phase).
+template <typename T>
+WDOPT_HD void lion_momentum(T g, T& m, const LionCoefficients<T>& c) {
+  m = m + c.one_minus_beta2 * (g - m);
+}
+
 template <typename T>
 WDOPT_HD void lion_update(T& p, T g, T& m, const LionCoefficients<T>& c) {
   const T direction = lion_sign(m + c.one_minus_beta1 * (g - m));
   p = p * c.decay - c.lr * direction;
-  m = m + c.one_minus_beta2 * (g - m);
+  lion_momentum(g, m, c);
 }
 
 // Direction statistics: n = c = m + (1−β1)(ĝ − m), whose sign is the update, and s = m before the step.
@@ -52,7 +60,7 @@ namespace wdopt {
 template <typename T>
 WDOPT_HD T lion_direction(T g, T& m, const LionCoefficients<T>& c) {
   const T direction = lion_sign(m + c.one_minus_beta1 * (g - m));
-  m = m + c.one_minus_beta2 * (g - m);
+  lion_momentum(g, m, c);
   return direction;
 }
 

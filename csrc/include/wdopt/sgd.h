@@ -55,12 +55,20 @@ WDOPT_HD Direction<T> sgd_direction_statistics(T g, T b, bool first_step) {
 
 namespace wdopt {
 
-// The rotational variant's direction: SGD's momentum fed with g only (no L2, no dampening):
-// b <- g on the first step, else mu*b + g; u = g + mu*b with nesterov, else b (g without momentum).
+// The rotational variant's momentum, fed with g only (no L2, no dampening): b <- g on the first
+// step, else mu*b + g. The state update of sgd_direction, and all of it where a kernel stores the
+// state apart from the direction (the rotational CPU kernel's 8-bit block phase).
+template <typename T>
+WDOPT_HD void sgd_direction_momentum(T g, T& b, bool first_step, T momentum) {
+  b = first_step ? g : b * momentum + g;
+}
+
+// The rotational variant's direction: u = g + mu*b with nesterov, else b (g without momentum),
+// with b updated by sgd_direction_momentum.
 template <bool HAS_MOMENTUM, bool NESTEROV, typename T>
 WDOPT_HD T sgd_direction(T g, T& b, bool first_step, T momentum) {
   if (!HAS_MOMENTUM) return g;
-  b = first_step ? g : b * momentum + g;
+  sgd_direction_momentum(g, b, first_step, momentum);
   return NESTEROV ? g + momentum * b : b;
 }
 
