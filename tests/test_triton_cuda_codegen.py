@@ -159,7 +159,30 @@ def _cases():
                 num_warps=LONG_WARPS if long else _tile_warps(rows, block),
                 constexprs=dict(OPTIMIZER=optimizer, ZERO_MEAN=True, PROJECTED=False, MAXIMIZE=True,
                                 HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True, LONG=long,
-                                STOCHASTIC=stochastic, MASTER=master, ROWS=rows, BLOCK=block, **extra)))
+                                STOCHASTIC=stochastic, MASTER=master, QUANTIZED=False, ROWS=rows, BLOCK=block,
+                                **extra)))
+    # 8-bit states (AdamW, the most registers): the row kernels reading them decoded, on chip and
+    # long, fp32 and the bf16 + stochastic 24-bit master; the block phase that encodes them, for
+    # each optimizer (to nearest at the element-wise block, stochastically at 512).
+    for long, rows, block, dtype, stochastic, master in [(False, 16, 128, "fp32", False, 16),
+                                                         (True, 1, 1024, "fp32", False, 16),
+                                                         (True, 1, 1024, "bf16", True, 24)]:
+        suffix = "-sr-master24" if stochastic else ""
+        cases.append(dict(
+            id=f"rotational-0-{'long' if long else f'tile{rows}x{block}'}-{dtype}{suffix}-states8",
+            module="rotational", kernel="_rotational_kernel", dtype=dtype, arch=90,
+            num_warps=LONG_WARPS if long else _tile_warps(rows, block),
+            constexprs=dict(OPTIMIZER=0, HAS_MOMENTUM=False, NESTEROV=False, HAS_RATE=True, ZERO_MEAN=True,
+                            PROJECTED=False, MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TELEMETRY=True,
+                            LONG=long, STOCHASTIC=stochastic, MASTER=master, QUANTIZED=True, ROWS=rows,
+                            BLOCK=block)))
+    for optimizer, extra in ROTATIONAL.items():
+        for dtype, stochastic, block in [("fp32", False, 1024)] + ([("bf16", True, 512)] if optimizer == 0 else []):
+            cases.append(dict(
+                id=f"rotational-{optimizer}-blocks-{dtype}{'-sr' if stochastic else ''}-states8", module="rotational",
+                kernel="_rotational_states_kernel", dtype=dtype, arch=90, num_warps=ELEMENTWISE_WARPS,
+                constexprs=dict(OPTIMIZER=optimizer, MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True,
+                                STOCHASTIC=stochastic, CHUNK=16384, BLOCK=block, **extra)))
     cases.append(dict(id="rotational-coefficients", module="rotational", kernel="_rotational_coefficients_kernel",
                       arch=90, constexprs=dict(ADAMW_STEPS=True, HAS_FOUND_INF=True, HAS_RATE=True, PROJECTED=False,
                                                ROWS=128)))

@@ -502,3 +502,157 @@ def test_base_telemetry_matches_row_sums_and_changes_nothing(name, dtype, monkey
 
 def test_backend_advertises_rotational_and_telemetry():
     assert backend.TELEMETRY is True and callable(backend.rotational)
+
+
+# ------------------------------------------------------------------------------- 8-bit states
+#
+# state_bits=8 through the optimizer classes on the Triton backend, in lock step with the reference
+# (each step from the reference's weights and states): codes, block scales, rng streams and step
+# counts bit for bit. The parameters are compared as above: fp32 ones to fp32 rounding of their
+# row sums; a bf16 one with a stochastic 24-bit master bit for bit (EXACT) against the reference's
+# Rounder applied to the engine's own fp32 result, an fp32 "oracle" run of the same step (fp32
+# parameters = the master weights, the same 8-bit states and streams), itself checked against the
+# reference's master weights to their 24-bit rounding.
+
+QUANTIZED_CLASSES = {
+    "adamw": ("RotationalAdamW", {"lr": 1e-2, "weight_decay": 0.1}),
+    "sgd": ("RotationalSGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    "lion": ("RotationalLion", {"lr": 1e-3, "weight_decay": 1.0}),
+}
+QUANTIZED_STORAGES = {
+    "fp32": (torch.float32, {}),
+    "bf16-master24-sr": (torch.bfloat16, {"master_weight_bits": 24, "stochastic_rounding": True}),
+    "oracle": (torch.float32, {"stochastic_rounding": True}),  # fp32 copies of the master weights
+}
+#: Rows of 301 (over the lowered on-chip limit: two passes), 21 and 40, none a multiple of 256, so
+#: blocks straddle rows and tensors; a bias in a group of its own (the base optimizer's 8-bit step).
+QUANTIZED_SHAPES = [(6, 301), (5, 3, 7), (9, 40), (11,)]
+
+
+def _quantized_model(name, storage, backend, per_neuron):
+    import wdopt
+
+    cls, hyper = QUANTIZED_CLASSES[name]
+    dtype, options = QUANTIZED_STORAGES[storage]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.5).to(DEVICE, dtype)) for s in QUANTIZED_SHAPES]
+    groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]
+    opt = getattr(wdopt, cls)(groups, backend=backend, per_neuron=per_neuron, state_bits=8, rounding_seed=99,
+                              **hyper, **options)
+    return opt, params
+
+
+def _quantized_lock_step(name, storage, per_neuron, steps=3):
+    ours, ps = _quantized_model(name, storage, "triton", per_neuron)
+    ref, qs = _quantized_model(name, storage, "reference", per_neuron)
+    compensated = storage != "fp32"
+    oracle, ws = _quantized_model(name, "oracle", "triton", per_neuron) if compensated else (None, [])
+    if compensated:
+        with torch.no_grad():
+            for w, q in zip(ws, qs):
+                w.copy_(ref.master_weight(q))
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        # A GradScaler scale of 3 at step 1 (not a power of two: all unscale by its float32 reciprocal).
+        scale = 3.0 if step == 1 else 1.0
+        grads = [(torch.randn(q.shape, generator=g) * scale).to(DEVICE, q.dtype) for q in qs]
+        before = [(q.detach().clone(), {k: v.clone() for k, v in ref.state[q].items()}) for q in qs]
+        for opt, params in ((ours, ps), (ref, qs), (oracle, ws)):
+            if opt is None:
+                continue
+            for p, grad in zip(params, grads):
+                p.grad = grad.to(p.dtype)
+            if step == 1:
+                opt.grad_scale = torch.tensor(scale, device=DEVICE)
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            sa, sb = ours.state[p], ref.state[q]
+            what = (name, storage, step, i)
+            assert sorted(sa) == sorted(sb), what + (sorted(sa), sorted(sb))
+            assert sa["exp_avg" if name != "sgd" else "momentum_buffer"].dtype == torch.int8, what
+            for key, value in sb.items():
+                if key in ("rotational_norm", "update_norm_avg"):
+                    torch.testing.assert_close(sa[key], value, rtol=1e-4, atol=1e-6)
+                elif key != "correction":  # codes, scales, rng, step counts; the correction below
+                    assert sa[key].dtype == value.dtype and torch.equal(sa[key], value), what + (key,)
+            if not compensated:
+                a, b = p.detach().double(), q.detach().double()
+                rows = b.reshape(b.shape[0], -1) if per_neuron and b.dim() > 1 else b.reshape(1, -1)
+                bound = 16 * torch.finfo(torch.float32).eps * rows.norm(dim=1, keepdim=True)
+                assert ((a - b).reshape(rows.shape).abs() <= bound).all(), what + ((a - b).abs().max(),)
+                continue
+            w, so = ws[i], oracle.state[ws[i]]
+            for key, value in sb.items():  # the oracle ran the same step on the same states
+                if key not in ("rotational_norm", "update_norm_avg", "correction"):
+                    assert torch.equal(so[key], value), what + ("oracle", key)
+            q_before, s_before = before[i]
+            expected = q_before.clone()
+            # The correction starts at zero (the master weight is the bf16 parameter); the driver
+            # advances the stream's count after the step.
+            expected_correction = s_before.get("correction", torch.zeros_like(q_before, dtype=torch.int8)).clone()
+            rng = sb["rng"].clone()
+            rng[1] -= 1
+            Rounder(rng, expected, expected_correction).store_param(expected, w.detach())
+            _assert_stored(p.detach(), sa["correction"], expected, expected_correction, what)
+            # The reference's stochastic 24-bit master of its own fp32 result: to that rounding.
+            torch.testing.assert_close(w.detach().double(), ref.master_weight(q).double(), rtol=2.0**-15, atol=1e-6)
+        with torch.no_grad():  # the next step from the same weights and states
+            for opt, params in ((ours, ps), (oracle, ws)):
+                if opt is None:
+                    continue
+                for p, q in zip(params, qs):
+                    p.copy_(ref.master_weight(q) if p.dtype != q.dtype else q)
+                    for key, value in ref.state[q].items():
+                        if key in opt.state[p]:
+                            opt.state[p][key].copy_(value)
+    rng = ours.state[ps[0]].get("rng")
+    assert (rng is not None and int(rng[1]) == steps) == compensated
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16-master24-sr"])
+@pytest.mark.parametrize("name", list(QUANTIZED_CLASSES))
+def test_rotational_8_bit_states_match_the_reference_in_lock_step(name, storage):
+    """RotationalAdamW, RotationalSGD and RotationalLion with state_bits=8, fp32 and bf16 with a
+    stochastic 24-bit master, per-neuron rows on chip and long (module comment above)."""
+    _quantized_lock_step(name, storage, per_neuron=True)
+
+
+def test_rotational_8_bit_states_whole_tensor_spheres():
+    """Per-tensor spheres: one long row per tensor, its blocks inside it."""
+    _quantized_lock_step("adamw", "bf16-master24-sr", per_neuron=False, steps=2)
+
+
+def test_rotational_8_bit_skipped_step_and_bad_scales_write_nothing():
+    """GradScaler's inf skip leaves parameters, codes, scales and streams as they were (the block
+    phase skips too); scales or codes that do not fit are refused (ValueError) before a launch
+    writes anything, the step counts included."""
+    opt, ps = _quantized_model("adamw", "bf16-master24-sr", "triton", True)
+    gen = torch.Generator().manual_seed(1)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype)
+    opt.step()
+    def every():
+        return [p.detach().clone() for p in ps] + [v.clone() for p in ps for v in opt.state[p].values()]
+
+    before = every()
+    opt.grad_scale, opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert all(torch.equal(a, b) for a, b in zip(before, every()))
+    params = ps[:3]
+    states = [opt.state[p] for p in params]
+    st = {"state1": [s["exp_avg"] for s in states], "state2": [s["exp_avg_sq"] for s in states],
+          "steps": [s["step"] for s in states], "norms": [s["rotational_norm"] for s in states],
+          "avgs": [s["update_norm_avg"] for s in states], "rsteps": [s["rotational_step"] for s in states]}
+    scales = {1: [s["exp_avg_scale"] for s in states], 2: [s["exp_avg_sq_scale"] for s in states]}
+    low = {"rng": [s["rng"] for s in states], "correction": [s["correction"] for s in states]}
+    for bad in ({1: scales[1]}, {1: scales[1], 2: [t[:-1] for t in scales[2]]}, {**scales, 2: scales[2][:2]}):
+        with pytest.raises(ValueError, match="scale"):
+            _rotational_call("adamw", params, [p.grad for p in params], st, False, projected=False, momentum=0.0,
+                             scales=bad, **low)
+    swapped = {**st, "state1": st["state2"], "state2": st["state1"]}  # uint8 exp_avg, int8 exp_avg_sq
+    with pytest.raises(ValueError, match="state"):
+        _rotational_call("adamw", params, [p.grad for p in params], swapped, False, projected=False, momentum=0.0,
+                         scales=scales, **low)
+    assert all(torch.equal(a, b) for a, b in zip(before, every()))

@@ -12,9 +12,10 @@ backend) by the reference implementation. State dicts, GradScaler and LR schedul
 the base optimizers.
 
 Low precision: ``stochastic_rounding`` and ``master_weight_bits`` on every backend's rotational
-kernel (``ROTATIONAL_LOW_PRECISION``); ``state_bits=8`` on the "reference" and "cpu" backends
-(``ROTATIONAL_QUANTIZED_STATES``: the CPU kernel rotates its rows with the new states, then encodes
-them in a separate pass over memory-order blocks of 256), refused on "triton" and "cuda" at the step.
+kernel (``ROTATIONAL_LOW_PRECISION``); ``state_bits=8`` on the "reference", "cpu" and "triton"
+backends (``ROTATIONAL_QUANTIZED_STATES``: the CPU kernel and the Triton row kernels rotate their
+rows with the new states, then encode them in a separate pass over memory-order blocks of 256),
+refused on "cuda" at the step.
 """
 
 from __future__ import annotations
@@ -120,11 +121,13 @@ class _Rotational:
                 continue
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             name = "triton" if "triton" in backend.__name__ else device.type  # wdopt.kernels.cpp: cpu or cuda
-            supported = " and ".join(repr(b) for b in backends.ROTATIONAL_QUANTIZED_BACKENDS)
+            *others, last = (repr(b) for b in backends.ROTATIONAL_QUANTIZED_BACKENDS)
+            supported = ", ".join(others) + " and " + last
             raise NotImplementedError(
                 f"param group {index}: {type(self).__name__} has no 8-bit states (state_bits=8) for rotational "
                 f"tensors on backend {name!r} ({device.type} tensors) yet: they run on backends {supported} "
-                "('cpu' for CPU tensors, 'reference' on any device); use one of those, or state_bits=None")
+                "('cpu' for CPU tensors, 'triton' for CUDA tensors, 'reference' on any device); use one of those, "
+                "or state_bits=None")
         return plan
 
     def _check_rotational_options(self, group: dict) -> None:

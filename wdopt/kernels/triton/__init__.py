@@ -30,10 +30,10 @@ QUANTIZED_STATES = ("cpu", "cuda")
 #: Device types whose rotational kernel takes ``rng`` and ``correction`` (elsewhere the driver
 #: rotates such tensors with the reference).
 ROTATIONAL_LOW_PRECISION = ("cpu", "cuda")
-#: Device types whose rotational kernel takes 8-bit states: none yet (the row kernel would need the
-#: CPU kernel's separate block phase, csrc/cpu/rotational_cpu.cpp); the driver refuses
-#: state_bits=8 for rotational tensors on this backend.
-ROTATIONAL_QUANTIZED_STATES = ()
+#: Device types whose rotational kernel takes 8-bit states (``scales``): the row kernels rotate with
+#: the new states, decoded, and write none; a block-phase launch encodes them (rotational.py, as
+#: csrc/cpu/rotational_cpu.cpp). The same tl operations compiled or interpreted.
+ROTATIONAL_QUANTIZED_STATES = ("cpu", "cuda")
 
 __all__ = ["COMPENSATION", "INTERPRETED", "QUANTIZED_STATES", "ROTATIONAL_LOW_PRECISION",
            "ROTATIONAL_QUANTIZED_STATES", "STATISTICS",

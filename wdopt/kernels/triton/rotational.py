@@ -21,6 +21,17 @@ The per-optimizer direction is the base kernels' own math (``adamw_direction``, 
 Low precision goes through rounding.py as in the base kernels: p is read with ``load_param`` (a
 compensated parameter's master weight) in every pass and written with ``store_param``, the states
 with ``rounded`` in their lanes (1, 2), each element's bits taken at its offset in its tensor.
+
+8-bit states (quantization.py: codes and a scale per 256-element block in memory order) take two
+phases, as csrc/cpu/rotational_cpu.cpp: a block may straddle rows of different programs, and its
+new scale is the max over all of its new values. The row kernels (QUANTIZED) read the old codes
+decoded (read-only), compute the new states in fp32 and rotate with them unrounded, as the
+reference does, and write the parameter but no state. Then one more launch, the block phase
+(``_rotational_states_kernel``, chunks of whole blocks as the element-wise kernels' walk), decodes
+the old codes again, recomputes the same new states from the gradient with the same function
+(``_direction``: the same operations on the same inputs, the same bits) and encodes them with each
+block's new scale (``store_state``: to nearest, or stochastically with the state lane's words).
+It costs one more read of the gradient and the codes.
 """
 
 from __future__ import annotations
@@ -35,10 +46,12 @@ from . import INTERPRETED
 from .adamw import adamw_direction, power
 from .lion import lion_direction
 from .multi_tensor import (
-    TRITON_DTYPES, cdiv, check_first_steps, compute_dtype, div, f64, f64_bits, first_step_flag, launch, master_bits,
-    optional, sqrt, stochastic_rounding, table_value, telemetry_add, tensor_pointer, unscale, work_item, work_table,
+    CHUNK, QBLOCK, QUANTIZED_ROUNDED_GPU_BLOCK, TRITON_DTYPES, block_size, cdiv, check_first_steps, compute_dtype, div,
+    f64, f64_bits, first_step_flag, launch, master_bits, optional, quantized_states, sqrt, stochastic_rounding,
+    table_value, telemetry_add, tensor_pointer, unscale, work_item, work_table,
 )
-from .rounding import correction_pointer, load_param, rounded, rounding_words, store_param
+from .quantization import load_state, scale_pointer, state_pointer, store_state
+from .rounding import correction_pointer, load_param, rounding_words, store_param
 from .sgd import sgd_direction
 
 #: Rows up to this many elements are held on chip (one read, one write); longer rows take two
@@ -62,10 +75,12 @@ OPTIMIZERS = {"adamw": ADAMW, "lion": LION, "sgd": SGD}
 
 # Row table columns; the row count is the last column (NCOL - 1), so that ``work_item`` hands a
 # program ROWS rows. TENSOR is the tensor's row in the coefficient buffer; RNG the address of its
-# [key, count, index base] (stochastic rounding), CORRECTION that of a compensated one's correction.
+# [key, count, index base] (stochastic rounding), CORRECTION that of a compensated one's correction,
+# STATE1_SCALE and STATE2_SCALE those of 8-bit states' block scales. The block phase of 8-bit states
+# takes a table of the same columns whose last one is the element count (work items: chunks).
 (PARAM, GRAD, STATE1, STATE2, NORM, UPDATE_NORM_AVG, TELEMETRY_COLUMN, FIRST_STEP, TENSOR,
- ROW_SIZE, RNG, CORRECTION) = (tl.constexpr(i) for i in range(12))
-NCOL = tl.constexpr(13)
+ ROW_SIZE, RNG, CORRECTION, STATE1_SCALE, STATE2_SCALE) = (tl.constexpr(i) for i in range(14))
+NCOL = tl.constexpr(15)
 # Coefficient table: the rotational step count and AdamW's step count, per tensor.
 ROTATIONAL_STEP, STEP = tl.constexpr(0), tl.constexpr(1)
 COEF_NCOL = tl.constexpr(3)
@@ -113,37 +128,87 @@ def _rotational_coefficients_kernel(
 
 
 @triton.jit
-def _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
+def _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
                inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                momentum, words, OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, STORE: tl.constexpr,
-               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """The base optimizer's direction u (0 on masked lanes) and the stored gradient; the state is
-    written only when STORE (pass 1 of a long row computes u without writing), in lanes 1 and 2
-    of ``words`` (rounding_words)."""
+               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, STOCHASTIC: tl.constexpr, QUANTIZED: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """The base optimizer's direction u (0 on masked lanes) and the stored gradient, the one
+    statement of the states' update for both phases. The states are read through quantization.py
+    (QUANTIZED: decoded from their codes and block scales) and written only when STORE, in lanes
+    1 and 2 of ``words`` (rounding_words): pass 1 of a long row computes u without writing; the row
+    kernel never writes 8-bit states, which the block phase (``_rotational_states_kernel``, offs
+    BLOCK elements from a block boundary) encodes with their blocks' new scales."""
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     g = unscale(grad.to(COMPUTE), grad_scale_ptr, HAS_GRAD_SCALE, MAXIMIZE, COMPUTE)
     if OPTIMIZER == 0:  # ADAMW
-        m = tl.load(state1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        v = tl.load(state2_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        m = load_state(state1_ptr, scale1_ptr, offs, mask, COMPUTE, QUANTIZED, True)
+        v = load_state(state2_ptr, scale2_ptr, offs, mask, COMPUTE, QUANTIZED, False)
         u, m, v = adamw_direction(g, m, v, inv_bias_correction1, inv_bias_correction2_sqrt,
                                   one_minus_beta1, beta2, one_minus_beta2, eps, COMPUTE)
         if STORE:
-            tl.store(state1_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
-            tl.store(state2_ptr + offs, rounded(v, DTYPE, words[2], offs, STOCHASTIC), mask=mask)
+            store_state(state1_ptr, scale1_ptr, offs, mask, m, DTYPE, words[1], STOCHASTIC, QUANTIZED, True, BLOCK)
+            store_state(state2_ptr, scale2_ptr, offs, mask, v, DTYPE, words[2], STOCHASTIC, QUANTIZED, False, BLOCK)
     elif OPTIMIZER == 1:  # LION
-        m = tl.load(state1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        m = load_state(state1_ptr, scale1_ptr, offs, mask, COMPUTE, QUANTIZED, True)
         u, m = lion_direction(g, m, one_minus_beta1, one_minus_beta2)
         if STORE:
-            tl.store(state1_ptr + offs, rounded(m, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+            store_state(state1_ptr, scale1_ptr, offs, mask, m, DTYPE, words[1], STOCHASTIC, QUANTIZED, True, BLOCK)
     else:  # SGD, fed with g only and without dampening
         b = g
         if HAS_MOMENTUM:
-            b = tl.load(state1_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+            b = load_state(state1_ptr, scale1_ptr, offs, mask, COMPUTE, QUANTIZED, True)
         u, b = sgd_direction(g, b, sgd_first_step, momentum, 1.0, HAS_MOMENTUM, NESTEROV)
         if STORE and HAS_MOMENTUM:
-            tl.store(state1_ptr + offs, rounded(b, DTYPE, words[1], offs, STOCHASTIC), mask=mask)
+            store_state(state1_ptr, scale1_ptr, offs, mask, b, DTYPE, words[1], STOCHASTIC, QUANTIZED, True, BLOCK)
     return tl.where(mask, u, 0.0), grad
+
+
+@triton.jit
+def _direction_coefficients(coef, beta1_bits, beta2_bits, eps_bits, momentum_bits, COMPUTE: tl.constexpr):
+    """The directions' scalars, rounded once to the math type (both phases take these)."""
+    # 1/x from x rounded to the math type, as the reference's ``reciprocal``.
+    inv_bias_correction1 = div(1.0, tl.load(coef + BIAS_CORRECTION1).to(COMPUTE), COMPUTE)
+    inv_bias_correction2_sqrt = div(1.0, tl.load(coef + BIAS_CORRECTION2_SQRT).to(COMPUTE), COMPUTE)
+    beta2_64 = f64(beta2_bits)
+    one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
+    one_minus_beta2 = (1.0 - beta2_64).to(COMPUTE)
+    beta2 = beta2_64.to(COMPUTE)
+    eps = f64(eps_bits).to(COMPUTE)
+    momentum = f64(momentum_bits).to(COMPUTE)
+    return inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, momentum
+
+
+@triton.jit(do_not_specialize=["beta1_bits", "beta2_bits", "eps_bits", "momentum_bits"])
+def _rotational_states_kernel(
+    table_ptr, work_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, beta1_bits, beta2_bits, eps_bits, momentum_bits,
+    OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The block phase of 8-bit states, after every row kernel of the call: elements [start, end)
+    of a tensor (a chunk of whole blocks of scale, BLOCK at a time), their old states decoded and
+    their new ones computed again by ``_direction`` from the gradient (the same operations on the
+    same inputs as the row kernel's: the same bits; its u is dropped), then encoded with each
+    block's new scale, to nearest or with the state lane's words."""
+    tensor, start, end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, CHUNK, HAS_FOUND_INF)
+    grad_ptr = tensor_pointer(table_ptr, tensor, GRAD, NCOL, DTYPE, False)
+    state1_ptr = state_pointer(table_ptr, tensor, STATE1, NCOL, DTYPE, False, True, True)
+    state2_ptr = state_pointer(table_ptr, tensor, STATE2, NCOL, DTYPE, False, True, False)
+    scale1_ptr = scale_pointer(table_ptr, tensor, STATE1_SCALE, NCOL)
+    scale2_ptr = scale_pointer(table_ptr, tensor, STATE2_SCALE, NCOL)
+    sgd_first_step = first_step_flag(table_ptr, tensor, FIRST_STEP, NCOL)
+    words = rounding_words(table_ptr, tensor, RNG, NCOL, STOCHASTIC)
+    coef = coef_ptr + table_value(table_ptr, tensor, TENSOR, NCOL) * NCOEF
+    inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, momentum = \
+        _direction_coefficients(coef, beta1_bits, beta2_bits, eps_bits, momentum_bits, COMPUTE)
+    for block_start in range(start, end, BLOCK):  # chunks start on block boundaries (CHUNK: whole blocks)
+        offs = block_start + tl.arange(0, BLOCK)
+        _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, offs, offs < end, grad_scale_ptr,
+                   sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
+                   one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE,
+                   True, DTYPE, COMPUTE, STOCHASTIC, True, BLOCK)
 
 
 @triton.jit(do_not_specialize=["rate_bits", "beta1_bits", "beta2_bits", "eps_bits", "momentum_bits", "norm_decay_bits",
@@ -154,15 +219,19 @@ def _rotational_kernel(
     OPTIMIZER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ZERO_MEAN: tl.constexpr,
     PROJECTED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_RATE: tl.constexpr, TELEMETRY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, LONG: tl.constexpr,
-    STOCHASTIC: tl.constexpr, MASTER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, MASTER: tl.constexpr, QUANTIZED: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # Rows [row_start, row_end) of ``tensor``; none when GradScaler found an inf.
+    # Rows [row_start, row_end) of ``tensor``; none when GradScaler found an inf. QUANTIZED: the
+    # states are read decoded and never written (the block phase encodes them).
     tensor, row_start, row_end = work_item(table_ptr, work_ptr, found_inf_ptr, NCOL, ROWS, HAS_FOUND_INF)
     size = table_value(table_ptr, tensor, ROW_SIZE, NCOL)
     param_ptr = tensor_pointer(table_ptr, tensor, PARAM, NCOL, DTYPE, False)
     grad_ptr = tensor_pointer(table_ptr, tensor, GRAD, NCOL, DTYPE, False)
-    state1_ptr = tensor_pointer(table_ptr, tensor, STATE1, NCOL, DTYPE, False)
-    state2_ptr = tensor_pointer(table_ptr, tensor, STATE2, NCOL, DTYPE, False)
+    state1_ptr = state_pointer(table_ptr, tensor, STATE1, NCOL, DTYPE, False, QUANTIZED, True)
+    state2_ptr = state_pointer(table_ptr, tensor, STATE2, NCOL, DTYPE, False, QUANTIZED, False)
+    scale1_ptr = scale_pointer(table_ptr, tensor, STATE1_SCALE, NCOL)
+    scale2_ptr = scale_pointer(table_ptr, tensor, STATE2_SCALE, NCOL)
     norm_ptr = tensor_pointer(table_ptr, tensor, NORM, NCOL, COMPUTE, False)
     avg_ptr = tensor_pointer(table_ptr, tensor, UPDATE_NORM_AVG, NCOL, COMPUTE, False)
     telemetry_ptr = tensor_pointer(table_ptr, tensor, TELEMETRY_COLUMN, NCOL, tl.float64, False)
@@ -172,15 +241,8 @@ def _rotational_kernel(
     coef = coef_ptr + table_value(table_ptr, tensor, TENSOR, NCOL) * NCOEF
     first = tl.load(coef + FIRST) != 0.0
     norm_decay_bias_correction = tl.load(coef + NORM_DECAY_BIAS_CORRECTION).to(COMPUTE)
-    # 1/x from x rounded to the math type, as the reference's ``reciprocal``.
-    inv_bias_correction1 = div(1.0, tl.load(coef + BIAS_CORRECTION1).to(COMPUTE), COMPUTE)
-    inv_bias_correction2_sqrt = div(1.0, tl.load(coef + BIAS_CORRECTION2_SQRT).to(COMPUTE), COMPUTE)
-    beta2_64 = f64(beta2_bits)
-    one_minus_beta1 = (1.0 - f64(beta1_bits)).to(COMPUTE)
-    one_minus_beta2 = (1.0 - beta2_64).to(COMPUTE)
-    beta2 = beta2_64.to(COMPUTE)
-    eps = f64(eps_bits).to(COMPUTE)
-    momentum = f64(momentum_bits).to(COMPUTE)
+    inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, momentum = \
+        _direction_coefficients(coef, beta1_bits, beta2_bits, eps_bits, momentum_bits, COMPUTE)
     rate = f64(rate_bits).to(COMPUTE)  # lr (projected) or the angle η_r, a host float, unless HAS_RATE
     norm_decay64 = f64(norm_decay_bits)
     norm_decay = norm_decay64.to(COMPUTE)
@@ -196,10 +258,10 @@ def _rotational_kernel(
         mask = row_ok[:, None] & (cols < size)[None, :]
         stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)  # a master weight
         p = stored.to(COMPUTE)
-        u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
-                             inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
+        u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, offs, mask, grad_scale_ptr,
+                             sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
                              one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                             HAS_GRAD_SCALE, True, DTYPE, COMPUTE, STOCHASTIC)
+                             HAS_GRAD_SCALE, not QUANTIZED, DTYPE, COMPUTE, STOCHASTIC, QUANTIZED, BLOCK)
         if ZERO_MEAN:
             centred = tl.where(mask, p - div(tl.sum(p, axis=1), count, COMPUTE)[:, None], 0.0)
             fresh = sqrt(tl.sum(centred * centred, axis=1), COMPUTE)
@@ -245,10 +307,11 @@ def _rotational_kernel(
         # nothing to a nearly constant u (Adam's first step on same-signed gradients).
         shift = tl.zeros((), COMPUTE)
         if ZERO_MEAN:
-            u0, grad0 = _direction(grad_ptr, state1_ptr, state2_ptr, base + cols, cols < end, grad_scale_ptr,
-                               sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1,
-                               beta2, one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV,
-                               MAXIMIZE, HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC)
+            u0, grad0 = _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, base + cols, cols < end,
+                                   grad_scale_ptr, sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt,
+                                   one_minus_beta1, beta2, one_minus_beta2, eps, momentum, words, OPTIMIZER,
+                                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC,
+                                   QUANTIZED, BLOCK)
             shift = div(tl.sum(u0, axis=0), tl.maximum(tl.minimum(end, BLOCK), 1).to(COMPUTE), COMPUTE)
         acc_u = tl.zeros((BLOCK,), COMPUTE)
         acc_uu, acc_p, acc_pp, acc_up = acc_u, acc_u, acc_u, acc_u
@@ -259,10 +322,10 @@ def _rotational_kernel(
             mask = start + cols < end
             stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)
             p = stored.to(COMPUTE)
-            u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
-                                 inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
-                                 one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                                 HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC)
+            u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, offs, mask, grad_scale_ptr,
+                                 sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1,
+                                 beta2, one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV,
+                                 MAXIMIZE, HAS_GRAD_SCALE, False, DTYPE, COMPUTE, STOCHASTIC, QUANTIZED, BLOCK)
             us = tl.where(mask, u - shift, 0.0)
             acc_u += us
             acc_uu += us * us
@@ -321,10 +384,10 @@ def _rotational_kernel(
             mask = start + cols < end
             stored = tl.where(mask, load_param(param_ptr, correction_ptr, offs, mask, MASTER), 0.0)
             p = stored.to(COMPUTE)
-            u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, offs, mask, grad_scale_ptr, sgd_first_step,
-                                 inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1, beta2,
-                                 one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                                 HAS_GRAD_SCALE, True, DTYPE, COMPUTE, STOCHASTIC)
+            u, grad = _direction(grad_ptr, state1_ptr, state2_ptr, scale1_ptr, scale2_ptr, offs, mask, grad_scale_ptr,
+                                 sgd_first_step, inv_bias_correction1, inv_bias_correction2_sqrt, one_minus_beta1,
+                                 beta2, one_minus_beta2, eps, momentum, words, OPTIMIZER, HAS_MOMENTUM, NESTEROV,
+                                 MAXIMIZE, HAS_GRAD_SCALE, not QUANTIZED, DTYPE, COMPUTE, STOCHASTIC, QUANTIZED, BLOCK)
             t = u - mean_u - p * radial
             q = p - scale * t
             new = store_param(param_ptr, correction_ptr, offs, mask, (q - mean_q) * to_sphere, DTYPE, words[0],
@@ -351,13 +414,17 @@ def _num_warps(rows: int, block: int) -> int:
 def rotational(
     optimizer, params, grads, state1, state2, steps, rotational_norms, update_norm_avgs, rotational_steps,
     first_steps, *, lr, beta1, beta2, eps, momentum, nesterov, angle, norm_decay, rotational_eps, zero_mean, projected,
-    maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None, rng=(), correction=(),
+    maximize, grad_scale=None, found_inf=None, telemetry=(), rate_tensor=None, rng=(), correction=(), scales=None,
 ) -> None:
     """One rotational step on tensors of one device and dtype (the contract of ``wdopt::rotational_``,
     csrc/ops.cpp): 1 + (number of row-length classes) launches, whatever the number of tensors.
     ``telemetry``: [] or one float64 (K, 4) buffer per parameter (wdopt/reference/telemetry.py);
     ``rate_tensor``: None, or a float64 0-d tensor read instead of lr/angle (csrc/ops.cpp); ``rng``
-    and ``correction``: stochastic rounding and compensated bf16 parameters, as for ``adamw``."""
+    and ``correction``: stochastic rounding and compensated bf16 parameters, as for ``adamw``;
+    ``scales``: {lane: one float32 vector of block scales per parameter} for 8-bit states (lanes 1
+    and 2 for AdamW, 1 for Lion and SGD with momentum; state1 int8 codes, state2 uint8), as for
+    ``adamw``: the row kernels then read the states decoded and write none, and one more launch,
+    the block phase (``_rotational_states_kernel``), encodes them."""
     if not params:
         return
     if optimizer not in OPTIMIZERS:
@@ -370,6 +437,11 @@ def rotational(
     if has_momentum:
         check_first_steps(first_steps)
     with_state1 = kind != SGD or has_momentum
+    quantized = bool(scales)
+    if quantized and dtype == torch.float64:
+        raise ValueError("wdopt rotational: 8-bit states are for float32, bfloat16 and float16 parameters")
+    # 8-bit states: int8 codes (exp_avg, momentum_buffer) and uint8 (exp_avg_sq).
+    dtype1, dtype2 = (torch.int8, torch.uint8) if quantized else (dtype, dtype)
     rows, sizes = [], []
     for i, p in enumerate(params):
         k = rotational_norms[i].numel()
@@ -378,9 +450,9 @@ def rotational(
                              "and dtype")
         if grads[i].shape != p.shape or grads[i].dtype != dtype or not grads[i].is_contiguous():
             raise ValueError(f"wdopt rotational: gradient {i} does not match its parameter")
-        if with_state1 and (state1[i].shape != p.shape or state1[i].dtype != dtype or not state1[i].is_contiguous()):
+        if with_state1 and (state1[i].shape != p.shape or state1[i].dtype != dtype1 or not state1[i].is_contiguous()):
             raise ValueError(f"wdopt rotational: state of parameter {i} does not match it")
-        if kind == ADAMW and (state2[i].shape != p.shape or state2[i].dtype != dtype
+        if kind == ADAMW and (state2[i].shape != p.shape or state2[i].dtype != dtype2
                               or not state2[i].is_contiguous() or steps[i].dtype != torch.float32):
             raise ValueError(f"wdopt rotational: AdamW state of parameter {i} does not match it")
         if (rotational_norms[i].dtype != math_dtype or update_norm_avgs[i].dtype != math_dtype
@@ -395,7 +467,11 @@ def rotational(
         if telemetry and (telemetry[i].dtype != torch.float64 or not telemetry[i].is_contiguous()
                           or tuple(telemetry[i].shape[1:]) != (4,) or params[i].numel() % telemetry[i].shape[0]):
             raise ValueError(f"wdopt rotational: telemetry buffer {i} must be a contiguous float64 (K, 4) tensor")
-    stochastic = stochastic_rounding(rng, params)  # validates them (ValueError) before anything is written
+    # Validated (ValueError) before anything is written: the scales (one per state lane kept), the
+    # streams (which round 8-bit states' codes of float32 parameters too) and the corrections.
+    lanes = [state1 if with_state1 else None, state2 if kind == ADAMW else None]
+    quantized = quantized and quantized_states(scales, lanes, params)
+    stochastic = stochastic_rounding(rng, params, quantized)
     master = master_bits(correction, params)
     # Telemetry is gathered in the kernel when its rows are the rotation rows (per-neuron spheres);
     # otherwise (a per-tensor sphere monitored per neuron) from a snapshot, at the cost of a copy.
@@ -419,8 +495,9 @@ def rotational(
 
     on_chip = ON_CHIP
     # fp64, and the stochastic or compensated loads and stores (60 bytes of spills at sm_90 over
-    # 2,048 elements, tests/test_triton_cuda_codegen.py), take half the loop width.
-    narrow = dtype == torch.float64 or stochastic or master != 16
+    # 2,048 elements, tests/test_triton_cuda_codegen.py), take half the loop width; so do 8-bit
+    # states' decoding loads (fp32 AdamW: 72 bytes of spills over 2,048 elements).
+    narrow = dtype == torch.float64 or stochastic or master != 16 or quantized
     widest = LONG_BLOCK if not narrow or INTERPRETED else LONG_BLOCK // 2
     long_block = max(16, min(widest, 1 << (max(on_chip, 16).bit_length() - 1)))
     # Launch classes: (BLOCK, or 0 for long rows; whether the kernel gathers telemetry).
@@ -428,6 +505,10 @@ def rotational(
     for i, size in enumerate(sizes):
         block = 0 if size > on_chip else max(2, triton.next_power_of_2(size))
         classes.setdefault((block, in_kernel[i]), []).append(i)
+    def scale_columns(members):  # STATE1_SCALE, STATE2_SCALE
+        return [[scales[lane][i] for i in members] if quantized and lane in scales else [None] * len(members)
+                for lane in (1, 2)]
+
     for (block, monitored), members in sorted(classes.items()):
         long = block == 0
         if long:
@@ -445,7 +526,8 @@ def rotational(
              column(update_norm_avgs), [telemetry[i] if in_kernel[i] else None for i in members],
              [first_steps[i] if has_momentum else None for i in members], members, column(sizes),
              [rng[i].data_ptr() for i in members] if stochastic else [None] * len(members),
-             column(correction) if master != 16 else [None] * len(members)],
+             column(correction) if master != 16 else [None] * len(members),
+             *scale_columns(members)],
             column(rows), device, chunk=rows_per_program,
         )
         options = dict(num_warps=warps) if device.type == "cuda" else {}
@@ -458,7 +540,28 @@ def rotational(
             PROJECTED=bool(projected), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, HAS_RATE=rate_tensor is not None, TELEMETRY=monitored,
             DTYPE=TRITON_DTYPES[dtype], COMPUTE=compute_dtype(dtype), LONG=long, STOCHASTIC=stochastic, MASTER=master,
-            ROWS=rows_per_program, BLOCK=block, **options,
+            QUANTIZED=quantized, ROWS=rows_per_program, BLOCK=block, **options,
+        )
+
+    if quantized:  # the block phase, after every row kernel has read the old codes
+        members = list(range(count))
+        table = work_table(
+            [params, grads, state1, state2 if kind == ADAMW else none, none, none, none,
+             [first_steps[i] if has_momentum else None for i in members], members, none,
+             [r.data_ptr() for r in rng] if stochastic else none, none, *scale_columns(members)],
+            [p.numel() for p in params], device, chunk=CHUNK,
+        )
+        # An iteration holds whole blocks of scale; on the GPU as the element-wise 8-bit kernels.
+        block = max(block_size(table.max_numel), QBLOCK)
+        if not INTERPRETED and stochastic:
+            block = QUANTIZED_ROUNDED_GPU_BLOCK
+        launch(
+            _rotational_states_kernel, (table.programs,), device,
+            table.table, table.work, coef, optional(grad_scale, coef), optional(found_inf, coef),
+            f64_bits(beta1), f64_bits(beta2), f64_bits(eps), f64_bits(momentum),
+            OPTIMIZER=kind, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, DTYPE=TRITON_DTYPES[dtype],
+            COMPUTE=compute_dtype(dtype), STOCHASTIC=stochastic, CHUNK=CHUNK, BLOCK=block,
         )
 
     if snapshots:
