@@ -155,6 +155,62 @@ def test_24_bit_master_keeps_decay_that_bf16_loses(backend):
     assert abs((out[24] / expected).mean().item() - 1) < 1e-4
 
 
+@pytest.mark.parametrize("cls,kw", [(wdopt.FusedAdamW, {}), (wdopt.FusedLion, {}), (wdopt.FusedSGD, dict(momentum=0.9))],
+                         ids=["adamw", "lion", "sgd"])
+def test_an_fp32_checkpoint_set_before_the_first_step_trains(cls, kw):
+    """set_master_weight on a fresh optimizer (an fp32 checkpoint into a bf16 model), then steps:
+    the same master weights and states as an optimizer whose parameters were bf16 with that fp32
+    master all along (set after a first step with a zero learning rate)."""
+    w32 = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for warm in (False, True):
+        p = torch.nn.Parameter(w32.bfloat16())
+        opt = cls([p], lr=1e-2, weight_decay=0.1, master_weight_bits=32, backend="cpu", **kw)
+        if warm:  # state made by a step that changes nothing, then the master set
+            p.grad = torch.zeros_like(p)
+            lr = opt.param_groups[0]["lr"]
+            opt.param_groups[0]["lr"] = 0.0
+            opt.step()
+            opt.param_groups[0]["lr"] = lr
+            for key, value in opt.state[p].items():  # forget the warm-up step's history
+                if key in ("step", "exp_avg", "exp_avg_sq", "momentum_buffer"):
+                    opt.state[p][key] = torch.zeros_like(value)
+            opt.state[p].pop("momentum_buffer", None)
+        opt.set_master_weight(p, w32)
+        for step in range(3):
+            p.grad = torch.randn(8, 300, generator=torch.Generator().manual_seed(step)).bfloat16()
+            opt.step()
+        runs.append((opt.master_weight(p), p.detach().clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_a_rotational_optimizer_starts_from_a_master_set_before_its_first_step():
+    """The rotational norm frozen at the first step is the fp32 master's, set before it."""
+    w32 = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
+    p = torch.nn.Parameter(w32.bfloat16())
+    opt = wdopt.RotationalAdamW([p], lr=1e-2, weight_decay=0.1, master_weight_bits=32, backend="cpu", zero_mean=False)
+    opt.set_master_weight(p, w32)
+    p.grad = torch.randn(8, 300).bfloat16()
+    opt.step()
+    norms = opt.state[p]["rotational_norm"].reshape(-1)
+    torch.testing.assert_close(norms, w32.norm(dim=1), rtol=1e-6, atol=0)
+    assert not torch.allclose(norms, w32.bfloat16().float().norm(dim=1), rtol=1e-6, atol=0)  # not the bf16 rows
+
+
+def test_sparse_gradients_refuse_what_torchs_sparse_ops_cannot_keep():
+    """FusedSGD hands sparse gradients to torch's ops, which update a bf16 parameter without its
+    correction and keep momentum as floats: refused before anything changes."""
+    for options in (dict(master_weight_bits=32), dict(state_bits=8, momentum=0.9)):
+        dense, sparse = torch.nn.Parameter(torch.randn(4, 8).bfloat16()), torch.nn.Parameter(torch.randn(4, 8).bfloat16())
+        opt = wdopt.FusedSGD([dense, sparse], lr=0.1, backend="cpu", **options)
+        dense.grad = torch.ones_like(dense)
+        sparse.grad = torch.ones(4, 8).bfloat16().to_sparse()
+        before = dense.detach().clone()
+        with pytest.raises(RuntimeError, match="sparse gradient"):
+            opt.step()
+        assert torch.equal(dense.detach(), before)
+
+
 def test_master_weight_export_and_import():
     """master_weight hands out the fp32 master; set_master_weight takes one (an fp32 checkpoint)
     and a torch.optim run started from the export continues from the same weights."""

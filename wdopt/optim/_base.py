@@ -563,6 +563,10 @@ class FusedOptimizer(Optimizer):
                     state[key] = _dtensor.like(value, decoded)
             for key in [k for k in state if k.endswith("_scale") or k in _INTEGER_STATE]:
                 del state[key]
+        # The groups without the options, or loading it would bring them back (torch restores the
+        # saved groups' options).
+        out["param_groups"] = [{**group, "stochastic_rounding": False, "master_weight_bits": 16, "state_bits": None}
+                               if "state_bits" in group else group for group in out["param_groups"]]
         return out
 
     def _advance_rng(self, rngs: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
@@ -948,7 +952,8 @@ class FusedOptimizer(Optimizer):
         no longer matches (a model moved with .to() after its first step, a mismatched checkpoint).
         Returns whether every state tensor is contiguous; None when one is sparse (FusedSGD's
         momentum buffer after a sparse gradient, as torch's), which is checked at every step."""
-        missing = [key for key in self._required_state if key not in state]
+        # A state with no history yet (set_master_weight's correction only) is made whole at this step.
+        missing = [] if _fresh(state) else [key for key in self._required_state if key not in state]
         if missing:
             raise RuntimeError(
                 f"state of parameter {param_index} of param group {group_index} has no "
@@ -968,13 +973,28 @@ class FusedOptimizer(Optimizer):
             elif contiguous is not None:
                 contiguous = contiguous and t.is_contiguous()
             if t.dtype in quantization.CODE_DTYPES and t.shape == p.shape and t.device == p.device:
+                where = f"state {key!r} of parameter {param_index} of param group {group_index}"
+                if t.dtype != self._quantized_states.get(key):
+                    raise RuntimeError(f"{where} is {t.dtype} codes; {type(self).__name__} codes it as "
+                                       f"{self._quantized_states.get(key)} (an edited or foreign state dict?)")
                 scale = state.get(key + "_scale")
                 if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device == p.device
-                        and scale.dim() == 1 and scale.numel() == quantization.blocks(p.numel())):
+                        and scale.dim() == 1 and scale.numel() == quantization.blocks(p.numel())
+                        and _dtensor.local(scale).is_contiguous()):
                     raise RuntimeError(
-                        f"state {key!r} of parameter {param_index} of param group {group_index} is 8-bit codes, but "
-                        f"{key + '_scale'!r} is not a float32 vector of {quantization.blocks(p.numel())} block scales "
-                        f"on {p.device}")
+                        f"{where} is 8-bit codes, but {key + '_scale'!r} is not a contiguous float32 vector of "
+                        f"{quantization.blocks(p.numel())} block scales on {p.device}")
+                # Blocks are runs of the codes' memory: codes laid out otherwise than the parameter
+                # (its memory format changed after the state was made) would be decoded with other
+                # blocks' scales.
+                lt, lp = _dtensor.local(t), _dtensor.local(p)
+                expected = torch.empty_like(lp, dtype=lt.dtype, device="meta")  # as the optimizer makes codes
+                if any(n > 1 and a != b for n, a, b in zip(lt.shape, lt.stride(), expected.stride())):
+                    raise RuntimeError(
+                        f"{where} is 8-bit codes laid out with strides {lt.stride()}, the parameter with "
+                        f"{lp.stride()}: its memory format changed after the state was made. Change it back, or "
+                        f"convert the state: opt.load_state_dict(opt.to_torch_state_dict()), then set the group's "
+                        f"state_bits=8 again (the states are encoded anew at the next step)")
                 if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(t):
                     where = f"parameter {param_index} of param group {group_index}"
                     _dtensor.check_state(p, key, t, where)
@@ -1175,6 +1195,16 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     if t is None or t.device == device:
         return t
     return t.to(device, non_blocking=True)
+
+
+# What a parameter's state may hold before its first step: set_master_weight's correction (an fp32
+# checkpoint loaded into a fresh bf16 model) and the rounding stream.
+_BEFORE_FIRST_STEP = frozenset({"correction", "rng"})
+
+
+def _fresh(state: dict) -> bool:
+    """Whether ``state`` has no optimizer history yet: _init_state makes all of it."""
+    return not (state.keys() - _BEFORE_FIRST_STEP)
 
 
 def _step_tensor(step, device: torch.device) -> torch.Tensor:

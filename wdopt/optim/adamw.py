@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _step_tensor, check_betas, check_common, check_rounding
+from ._base import FusedOptimizer, _fresh, _step_tensor, check_betas, check_common, check_rounding
 
 
 class FusedAdamW(FusedOptimizer):
@@ -101,7 +101,7 @@ class FusedAdamW(FusedOptimizer):
 
     def _init_state(self, p, group):
         state = self.state[p]
-        if not state:
+        if _fresh(state):
             state["step"] = _step_tensor(0.0, p.device)
             state["exp_avg"] = self._zeros_state(p, group, "exp_avg")
             state["exp_avg_sq"] = self._zeros_state(p, group, "exp_avg_sq")

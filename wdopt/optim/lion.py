@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, check_betas, check_common, check_rounding
+from ._base import FusedOptimizer, _fresh, check_betas, check_common, check_rounding
 
 
 class FusedLion(FusedOptimizer):
@@ -78,7 +78,7 @@ class FusedLion(FusedOptimizer):
 
     def _init_state(self, p, group):
         state = self.state[p]
-        if not state:
+        if _fresh(state):
             state["exp_avg"] = self._zeros_state(p, group, "exp_avg")
 
     _fast_kind = "lion"

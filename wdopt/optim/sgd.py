@@ -160,6 +160,12 @@ class FusedSGD(FusedOptimizer):
         if group["stochastic_rounding"] and p.dtype in (torch.bfloat16, torch.float16):
             raise RuntimeError(f"FusedSGD: stochastic_rounding with a sparse gradient ({where}) is not supported: "
                                "torch's sparse ops update the parameter, rounding to nearest")
+        if group["master_weight_bits"] != 16 and p.dtype == torch.bfloat16:
+            raise RuntimeError(f"FusedSGD: master_weight_bits with a sparse gradient ({where}) is not supported: "
+                               "torch's sparse ops update the bf16 parameter and not its correction")
+        if group["state_bits"] == 8 and group["momentum"] != 0:
+            raise RuntimeError(f"FusedSGD: state_bits=8 with a sparse gradient ({where}) is not supported: "
+                               "torch's sparse ops keep the momentum buffer as floats")
         if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
             raise RuntimeError(f"FusedSGD: weight_decay with a sparse gradient ({where}): torch.optim.SGD refuses "
                                "it too (add(sparse, dense) is not supported); use weight_decay=0 or "

@@ -26,6 +26,15 @@ keeps the state unbiased, so a slowly decaying average is not frozen at a code. 
 from the real code c = 127·sqrt(|x|/s) (255·(|x|/s)^¼), floored, then moved by one where the
 decoded neighbours say the floor was off (so it never depends on how a root rounds).
 
+Floor. A nonzero exp_avg_sq below its smallest code (s·2.4e-10) encodes to that code, 1, never to 0,
+to nearest and stochastically alike: v is biased up there, never down to a zero that Adam would
+divide by. Without it, an element whose gradient is 10^-5 of its block's largest keeps v at 0
+while its exp_avg, a sqrt-spaced code (s·6e-5), rounds to a nonzero code (stochastically, every
+so often), and its step is m/ε: 10^4–10^6 × lr on heavy-tailed gradients. With it, what is left
+is the coarseness of both moments' lowest codes (m's first codes a factor 4 apart, v's 16): with
+gradient scales spread over e^±9 within a block, steps of tens of lr on a few elements in 10^4
+(tests/test_quantized_states.py::test_heavy_tailed_gradients_take_bounded_steps).
+
 Non-finite values: a block with a NaN or an infinity gets a NaN scale and decodes to NaN
 throughout: the state is poisoned, as an fp32 state would be in that element, but for the whole
 block of 256 (and the parameters it updates become NaN, as they would).
@@ -106,6 +115,8 @@ def encode(x: torch.Tensor, code_dtype: torch.dtype, like: torch.Tensor, bits: t
         r = (_memory_order(bits, index) & 0xFFFF).to(torch.float32)
         up = (a - d_lo) * 65536.0 >= (65536.0 - r) * (d_hi - d_lo)
     up = up | (a >= d_hi)  # |x| = s: the top code
+    if not signed:  # a nonzero second moment never encodes to 0 (the docstring's "Floor")
+        up = up | ((lo == 0) & (a > 0))
     q = torch.where(up, lo + 1, lo)
     q = torch.where(torch.isfinite(s) & (s > 0), q, torch.zeros_like(q))
     if signed:

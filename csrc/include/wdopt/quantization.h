@@ -47,7 +47,8 @@ template <bool SIGNED> struct StateCode {
   }
 
   // The code of x, |x| = a, in its bracket lo ≤ a < hi (d_lo, d_hi: their magnitudes; a ≥ hi only
-  // at lo = top − 1, where |x| = s): to nearest (ties down) or, with STOCHASTIC, up iff
+  // at lo = top − 1, where |x| = s): to nearest (ties down), up from an unsigned code 0 where
+  // a > 0, or, with STOCHASTIC, up iff
   // (a − lo)·2^16 ≥ (2^16 − r)·(hi − lo), r the word's low 16 bits (rounding.h's rule). Selects
   // on floats only, no branches: the CPU loops vectorize (built with -fno-trapping-math).
   template <bool STOCHASTIC>
@@ -60,6 +61,8 @@ template <bool SIGNED> struct StateCode {
       up = (a - d_lo) > (d_hi - a) ? 1.0f : 0.0f;
     }
     up = a >= d_hi ? 1.0f : up;
+    // A nonzero second moment never encodes to 0 (quantization.py's "Floor"): Adam divides by it.
+    if constexpr (!SIGNED) up = lo == 0.0f && a > 0.0f ? 1.0f : up;
     const float q = lo + up;
     return static_cast<code_t>(static_cast<int32_t>(SIGNED && x < 0.0f ? -q : q));
   }

@@ -107,6 +107,8 @@ def encode(x, s, bits, SIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):
     else:
         up = (a - d_lo) > (d_hi - a)
     up = up | (a >= d_hi)
+    if not SIGNED:  # a nonzero second moment never encodes to 0 (reference/quantization.py's "Floor")
+        up = up | ((lo == 0.0) & (a > 0.0))
     q = tl.where(usable, lo + tl.where(up, 1.0, 0.0), 0.0)
     if SIGNED:
         q = tl.where(x < 0.0, -q, q)
