@@ -274,3 +274,22 @@ def test_bad_combinations_are_refused():
     with pytest.raises(RuntimeError, match="'correction'.*int16 or int8"):
         opt.step()
     assert torch.equal(p, before)
+
+
+def test_a_parameter_with_gaps_in_memory_keeps_its_master_weight():
+    """A strided view (not dense) with a 24-bit master: its correction is row-major (the kernels
+    work on a contiguous copy of such a parameter) and later steps accept it; cpu equals the
+    reference bit for bit over three steps."""
+    out = []
+    for backend in ("reference", "cpu"):
+        base = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).bfloat16()
+        p = base[:, ::2]
+        opt = wdopt.FusedAdamW([p], lr=1e-2, weight_decay=0.1, master_weight_bits=24, stochastic_rounding=True,
+                               backend=backend)
+        for step in range(3):
+            p.grad = torch.randn(6, 20, generator=torch.Generator().manual_seed(step)).bfloat16()
+            opt.step()
+        out.append((p.clone(), opt.state[p]["correction"].clone(), base.clone()))
+    (p0, c0, b0), (p1, c1, b1) = out
+    assert torch.equal(p0.view(torch.int16), p1.view(torch.int16)) and torch.equal(c0, c1)
+    assert torch.equal(b0[:, 1::2], b1[:, 1::2])  # the gaps untouched

@@ -469,3 +469,23 @@ def test_a_skipped_step_changes_nothing(backend):
     for index, state in before[1]["state"].items():
         for key, value in state.items():
             assert torch.equal(after["state"][index][key], value), key
+
+
+def test_a_bf16_8_bit_state_dict_that_went_through_torch_optim_resumes():
+    """torch.optim casts a bf16 parameter's float32 block scales (and codes) to bf16: taken back,
+    the codes as codes and the scales as float32 (their rounding kept), and the step runs."""
+    p = torch.nn.Parameter(torch.randn(300).bfloat16())
+    opt = wdopt.FusedAdamW([p], lr=1e-2, state_bits=8, backend="cpu")
+    p.grad = torch.randn(300).bfloat16()
+    opt.step()
+    codes = opt.state[p]["exp_avg"].clone()
+    q = torch.nn.Parameter(p.detach().clone())
+    relay = torch.optim.AdamW([q], lr=1e-2)
+    relay.load_state_dict(opt.state_dict())
+    assert relay.state[q]["exp_avg_scale"].dtype == torch.bfloat16  # what torch did to them
+    back = wdopt.FusedAdamW([p], lr=1e-2, state_bits=8, backend="cpu")
+    back.load_state_dict(relay.state_dict())
+    assert torch.equal(back.state[p]["exp_avg"], codes)
+    assert back.state[p]["exp_avg_scale"].dtype == torch.float32
+    back.step()
+    assert back.state[p]["exp_avg"].dtype == torch.int8

@@ -377,3 +377,19 @@ def test_an_old_two_word_rng_resumes_the_same_bits():
         x.grad = g.clone()
         opt.step()
     assert torch.equal(p, q) and b.state[q]["rng"].tolist() == a.state[p]["rng"].tolist()
+
+
+@pytest.mark.parametrize("backend", [b for b, d in backend_device_pairs() if d == "cpu" and b not in ("reference", "triton")])
+def test_non_finite_results_have_the_references_bits(backend):
+    """NaN stored stochastically in bf16 is the canonical 0x7FC0 in the reference too (a torch
+    conversion keeps the sign and payload on some platforms): bit for bit across backends."""
+    out = []
+    for b in ("reference", backend):
+        p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+        opt = wdopt.FusedAdamW([p], backend=b, lr=1e-2, stochastic_rounding=True)
+        p.grad = torch.tensor([float("nan"), float("-inf"), float("inf"), 1, -1, 0, 2, 3], dtype=torch.bfloat16)
+        opt.step()
+        out.append([t.view(torch.int16) for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
+    for a, r in zip(*out):
+        assert torch.equal(a, r)
+    assert int(out[0][0][0]) == 0x7FC0

@@ -244,7 +244,9 @@ class FusedOptimizer(Optimizer):
                 if not value.is_floating_point() and not value.is_complex():
                     integer_state[(p, key)] = value
                 elif key.endswith("_scale") and key[:-len("_scale")] in self._quantized_states:
-                    integer_state[(p, key)] = value  # float32 block scales of a bf16 parameter: not rounded to bf16
+                    # float32 block scales of a bf16 parameter: not rounded to bf16 (scales that went
+                    # through torch.optim already were: taken back as float32, the rounding kept)
+                    integer_state[(p, key)] = value.to(torch.float32)
                 elif key in _INTEGER_STATE:
                     integer_state[(p, key)] = None
                 elif key in self._quantized_states and key + "_scale" in saved and value.shape == p.shape:
@@ -988,8 +990,7 @@ class FusedOptimizer(Optimizer):
                 # (its memory format changed after the state was made) would be decoded with other
                 # blocks' scales.
                 lt, lp = _dtensor.local(t), _dtensor.local(p)
-                expected = torch.empty_like(lp, dtype=lt.dtype, device="meta")  # as the optimizer makes codes
-                if any(n > 1 and a != b for n, a, b in zip(lt.shape, lt.stride(), expected.stride())):
+                if not _laid_out_as_made(lt, lp):
                     raise RuntimeError(
                         f"{where} is 8-bit codes laid out with strides {lt.stride()}, the parameter with "
                         f"{lp.stride()}: its memory format changed after the state was made. Change it back, or "
@@ -1018,7 +1019,7 @@ class FusedOptimizer(Optimizer):
         if correction is not None and not (isinstance(correction, torch.Tensor) and type(correction) in _PLAIN
                                            and correction.dtype in (torch.int8, torch.int16)
                                            and correction.shape == lp.shape and correction.device == lp.device
-                                           and correction.stride() == lp.stride()):
+                                           and _laid_out_as_made(correction, lp)):
             raise RuntimeError(f"state 'correction' of parameter {param_index} of param group {group_index} must be an "
                                f"int16 or int8 tensor shaped and laid out like the parameter ({tuple(p.shape)} on "
                                f"{p.device}), got {correction!r:.200}")
@@ -1200,6 +1201,14 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 # What a parameter's state may hold before its first step: set_master_weight's correction (an fp32
 # checkpoint loaded into a fresh bf16 model) and the rounding stream.
 _BEFORE_FIRST_STEP = frozenset({"correction", "rng"})
+
+
+def _laid_out_as_made(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``t`` (codes, a correction) is laid out as the optimizer makes it for ``p``: as p
+    where p is dense, row-major where it has gaps (its kernels then work on a contiguous copy).
+    A size-1 dimension's stride is arbitrary."""
+    made = torch.empty_like(p, dtype=t.dtype, device="meta")
+    return all(n == 1 or a == b for n, a, b in zip(t.shape, t.stride(), made.stride()))
 
 
 def _fresh(state: dict) -> bool:

@@ -123,7 +123,10 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) ->
         u = x.view(torch.int32).to(torch.int64) & MASK32
         y = (u + r) & 0xFFFF0000
         y = torch.where(y >= 2**31, y - 2**32, y).to(torch.int32).view(torch.float32).to(torch.bfloat16)
-        return torch.where(torch.isnan(x), x.to(torch.bfloat16), y)
+        # NaN: bf16's canonical quiet NaN, 0x7FC0, as the kernels store it (rounding.h's
+        # bf16_bits_stochastic); a conversion keeps or drops the sign and payload by platform.
+        nan = torch.tensor(0x7FC0, dtype=torch.int16, device=x.device).view(torch.bfloat16)
+        return torch.where(torch.isnan(x), nan, y)
     if dtype == torch.float16:
         t = x.to(torch.float16)
         t_bits = t.view(torch.int16).to(torch.int64) & 0xFFFF
