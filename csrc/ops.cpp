@@ -58,8 +58,8 @@ TORCH_LIBRARY(wdopt, m) {
   // ``rng`` and ``correction`` as for adamw_: stochastic rounding of the parameter (lane 0) and of
   // state1/state2 (lanes 1, 2) when bf16/fp16, compensated bf16 parameters (their master weight is
   // what rotates, and what the row norms and telemetry see). ``scales`` as for adamw_ (state1's,
-  // then state2's): 8-bit states, taken by the "cpu" kernel only (the "cuda" one refuses them);
-  // it rotates the rows with the new states, then encodes them block by block.
+  // then state2's): 8-bit states, taken by the "cpu" and "cuda" kernels: they rotate the rows with
+  // the new states, then encode them block by block.
   m.def(
       "rotational_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
       "Tensor(c!)[] state2, Tensor(d!)[] steps, Tensor(e!)[] rotational_norms, Tensor(f!)[] update_norm_avgs, "

@@ -14,7 +14,7 @@ wc::Telemetry g_telemetry;  // applied to the next adamw/sgd/lion calls (emu_set
 const int64_t* const* g_rng = nullptr;  // stochastic rounding of the next adamw/sgd/lion/rotational calls (emu_set_rng)
 void* const* g_corrections = nullptr;   // compensated parameters of the next calls (emu_set_corrections)
 int g_master_bits = 32;
-float* const* g_scales = nullptr;       // 8-bit states of the next calls (emu_set_scales)
+float* const* g_scales = nullptr;       // 8-bit states of the next calls, rotational too (emu_set_scales)
 wc::DeviceScalar scalar(const void* p, int is_double) {
   wc::DeviceScalar s;
   s.ptr = p;
@@ -117,6 +117,7 @@ int emu_rotational(int dtype, int optimizer, int64_t n, const int64_t* numels, c
   a.rng = g_rng;
   a.corrections = g_corrections;
   a.master_bits = g_master_bits;
+  a.scales = g_scales;
   a.grad = grad(gs, gs_d, fi, fi_d, maximize);
   a.telemetry = g_telemetry;
   a.scratch = scratch;

@@ -214,12 +214,17 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
     # QUANT, one for 4 and 8 columns) only where the parameter's rounding differs (not fp32's).
     quantized = 5 * (2 + 2 + 6)
     measuring = 5 * (1 + 2 + 6)
-    assert sum("QuantizedKernel" in k for k in entries) == quantized
+    # the rotational block phase (states-only Ops: AdamW, SGD, Lion) for fp32, fp16 and bf16, each
+    # to nearest and stochastic
+    rotation_states = 3 * 3 * 2
+    assert sum("QuantizedKernel" in k for k in entries) == quantized + rotation_states
+    assert sum("QuantizedKernel" in k and "States" in k for k in entries) == rotation_states
     # the monitored twins (TelemetryKernel: 4 columns, 8 with the direction statistics) and the
     # rotational row kernels (4 dtypes x 5 directions, bf16/fp16 x 5 with stochastic rounding, and
-    # bf16 x 5 compensated: 24- and 32-bit masters, each to nearest and stochastic)
+    # bf16 x 5 compensated: 24- and 32-bit masters, each to nearest and stochastic), and their 8-bit
+    # twins (QUANT: the 4 directions with a state, for fp32, fp16 and bf16 as above)
     assert sum("TelemetryKernel" in k for k in entries) == 2 * kernels + measuring
-    assert sum("RotationalRowKernel" in k for k in entries) == 4 * 5 + 2 * 5 + 4 * 5
+    assert sum("RotationalRowKernel" in k for k in entries) == 4 * 5 + 2 * 5 + 4 * 5 + 4 * (1 + 2 + 6)
     assert sum("RotationPrologueKernel" in k for k in entries) == 2
     for name, body in entries.items():
         if "RotationalRowKernel" in name or "TelemetryKernel" in name or "QuantizedKernel" in name:
@@ -237,11 +242,12 @@ def test_kernel_ptx_is_vectorized_and_exact(nvcc_build, arch):
         for access in (vector_load, vector_store):
             assert len(re.findall(access, updates[name])) == len(re.findall(access, twin)) + 1, (name, access)
     # The 8-bit kernels move parameters and gradients as 16-byte vectors and a thread's 8 codes of
-    # each state as one 8-byte access.
+    # each state as one 8-byte access (the rotational block phase stores no parameter).
     for name, body in entries.items():
         if "QuantizedKernel" in name:
             assert re.search(r"ld\.global(\.nc)?\.v2\.[bu]64", body), f"{name}: no 16-byte vector load"
-            assert re.search(r"st\.global(\.wb)?\.v2\.[bu]64", body), f"{name}: no 16-byte vector store"
+            if "States" not in name:
+                assert re.search(r"st\.global(\.wb)?\.v2\.[bu]64", body), f"{name}: no 16-byte vector store"
             assert re.search(r"ld\.global(\.nc)?\.[bu]64", body), f"{name}: no 8-byte code load"
             assert re.search(r"st\.global\.[bu]64", body), f"{name}: no 8-byte code store"
             assert not re.search(r"\b(div|sqrt)\.full", body), f"{name}: approximate division"
@@ -1402,7 +1408,7 @@ def _rot_state(w, mdt):
 
 
 def _emu_rotational(emu, name, dtype, params, grads, states, hyper, *, zero_mean=True, projected=False,
-                    on_chip_bytes=0):
+                    on_chip_bytes=0, found_inf=None):
     """One emulated rotational call (no GradScaler, not maximized); steps each state's "first"."""
     n = len(params)
     sgd_momentum = name == "sgd" and hyper["momentum"] != 0
@@ -1418,9 +1424,11 @@ def _emu_rotational(emu, name, dtype, params, grads, states, hyper, *, zero_mean
         _ptrs([st["step"] for st in states]) if name == "adamw" else None,
         _ptrs([st["rotational_norm"] for st in states]), _ptrs([st["update_norm_avg"] for st in states]),
         _ptrs([st["rotational_step"] for st in states]), first if sgd_momentum else None, h,
-        hyper.get("nesterov", False), zero_mean, projected, False, None, 0, None, 0, scratch.data_ptr(),
+        hyper.get("nesterov", False), zero_mean, projected, False, None, 0, *_scalar(found_inf), scratch.data_ptr(),
         on_chip_bytes)
     assert err == 0
+    if found_inf is not None and found_inf.item() != 0:
+        return
     for st in states:
         st["first"] = False
 
@@ -1658,15 +1666,16 @@ def _rot_lp_weights(side):
     return (side["p"] if side["c"] is None else rounding.combine(side["p"], side["c"])).to(torch.float32)
 
 
-def _rot_lp_assert_matches(storage, name, got, want, first):
+def _rot_lp_assert_matches(storage, name, got, want, first, spec=None):
     """The emulated step against the specification's. The states (lanes 1, 2) are functions of the
     gradient and their old values only: bit for bit. The weights are the rotation's, whose row sums
     the kernel takes in its own order and its own arrangement (closed forms on the two-pass path;
     test_emulated_rotational_matches_reference compares plain calls to rounding for that reason):
     the stored values round alike but where the two straddle a rounding boundary, so they are
     equal in all but a few elements, and within a few fp32 ulps of their row's largest weight (plus
-    one unit of the stored precision where they differ)."""
-    dtype, _, correction = ROT_LP_STORAGES[storage]
+    one unit of the stored precision where they differ). ``spec``: the storage's (dtype, stochastic
+    rounding, correction dtype), if not one of ROT_LP_STORAGES'."""
+    dtype, _, correction = spec or ROT_LP_STORAGES[storage]
     for i, (a, b) in enumerate(zip(got, want)):
         what = f"{storage} {name} {ROT_LP_SHAPES[i]}"
         for key in ("s1", "s2", "step") if name == "adamw" else ("s1",):
@@ -1688,10 +1697,11 @@ def _rot_lp_assert_matches(storage, name, got, want, first):
         bound = unit * wb.abs() + 8 * 2.0**-24 * wb.abs().amax(dim=1, keepdim=True)
         excess = (wa - wb).abs() - bound
         assert (excess <= 0).all(), f"{what}: weights apart by up to {float(excess.max())} beyond their bound"
-        if correction != torch.int16:
+        if correction != torch.int16 and dtype != torch.float32:
             # Rounded to 16 or 24 bits, the two values round alike but where they straddle a rounding
             # boundary (0.3-0.7% of a 24-bit master's, fewer for bf16/fp16; other bits: about half).
-            # A 32-bit master keeps every last bit of its sums (30-55% of them differ): its bound only.
+            # A 32-bit master (or an fp32 parameter) keeps every last bit of its sums (30-55% of them
+            # differ): its bound only.
             differ = int((wa != wb).sum())
             assert differ <= 0.02 * wa.numel() + 2, f"{what}: {differ} of {wa.numel()} weights differ"
 
@@ -1834,3 +1844,162 @@ def test_emulated_rotational_rng_leaves_float32_rounded_to_nearest(emu):
     for a, b in zip(*results):
         for key in ("p", "s1", "rotational_norm", "update_norm_avg"):
             assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------ rotational, 8-bit states
+
+# Storages of the 8-bit rotational tests: (dtype, stochastic rounding, correction dtype or None):
+# fp32 parameters with codes to nearest, or stochastic (rng: the parameter still to nearest, as the
+# reference's Rounder), and bf16 with a 24-bit master, stochastic rounding of the parameter (lane 0)
+# and stochastic codes (lanes 1, 2). ROT_LP_SHAPES: 30, 903 and 3202 elements, so 256-element
+# blocks straddle rows (rotated on chip and on the two-pass path) and end short.
+ROT_Q_STORAGES = {
+    "fp32": (torch.float32, False, None),
+    "fp32-sr": (torch.float32, True, None),
+    "bf16-master24-sr": (torch.bfloat16, True, torch.int8),
+}
+
+
+def _rot_q_problem(storage, name, seed=5):
+    """_rot_lp_problem's weights with 8-bit states: s1 int8 codes, s2 uint8 codes (AdamW), and
+    their block scales k1, k2, all zero (a fresh state)."""
+    dtype, _, correction = ROT_Q_STORAGES[storage]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, c in ROT_LP_SHAPES:
+        w = torch.randn(k, c, generator=gen) + 0.1
+        side = _rot_state(w.to(dtype), torch.float32)
+        side["s1"], side["s2"] = torch.zeros(k, c, dtype=torch.int8), torch.zeros(k, c, dtype=torch.uint8)
+        side["k1"], side["k2"] = (torch.zeros(quantization.blocks(k * c)) for _ in range(2))
+        if correction is None:
+            side["p"], side["c"] = w.to(dtype), None
+        else:
+            side["p"], side["c"] = rounding.split(w, correction)
+        out.append(side)
+    return out
+
+
+def _rot_q_reference(name, sides, grads, rng, projected, rounder=rounding.Rounder):
+    """The specification's step, each tensor's Rounder holding its block scales (lane 1: s1's,
+    lane 2: s2's; encoded stochastically with its rng where given)."""
+    for i, (side, g) in enumerate(zip(sides, grads)):
+        scales = {1: side["k1"], 2: side["k2"]} if name == "adamw" else {1: side["k1"]}
+        store = rounder(rng[i] if rng is not None else None, side["p"], side["c"], scales)
+        _rot_reference_step(name, side["p"], g, side, ROT_LP_HYPER, True, projected, False, None, side["p"].shape[0],
+                            store=store)
+        side["first"] = False
+
+
+def _rot_q_emulated(emu, storage, name, sides, grads, rng, projected, found_inf=None, dtype=None, hyper=ROT_LP_HYPER):
+    _, sr, correction = ROT_Q_STORAGES[storage]
+    scales = [s["k1"] for s in sides] + ([s["k2"] for s in sides] if name == "adamw" else [])
+    keep = (_ptrs(rng) if sr else None, _ptrs([s["c"] for s in sides]) if correction is not None else None,
+            _ptrs(scales, ctypes.c_void_p))
+    emu.emu_set_rng(keep[0])
+    emu.emu_set_corrections(keep[1], 32 if correction == torch.int16 else 24)
+    emu.emu_set_scales(keep[2])
+    try:
+        _emu_rotational(emu, name, dtype or ROT_Q_STORAGES[storage][0], [s["p"] for s in sides], grads, sides,
+                        hyper, projected=projected, on_chip_bytes=ROT_LP_ON_CHIP, found_inf=found_inf)
+    finally:
+        emu.emu_set_rng(None)
+        emu.emu_set_corrections(None, 32)
+        emu.emu_set_scales(None)
+
+
+def _rot_q_copy(into, source):
+    _rot_lp_copy(into, source)
+    for a, b in zip(into, source):
+        a["k1"].copy_(b["k1"])
+        a["k2"].copy_(b["k2"])
+
+
+def _rot_q_assert_matches(storage, name, got, want, first):
+    """Codes (s1, s2) and block scales bit for bit, the rest as _rot_lp_assert_matches compares it."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        for key in ("k1", "k2") if name == "adamw" else ("k1",):
+            assert torch.equal(a[key], b[key]), f"{storage} {name} {ROT_LP_SHAPES[i]}: scales {key} differ"
+    _rot_lp_assert_matches(storage, name, got, want, first, spec=ROT_Q_STORAGES[storage])
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("storage", list(ROT_Q_STORAGES))
+def test_emulated_rotational_8_bit_states_match_reference(emu, storage, name):
+    """The rotational kernel with 8-bit states (scales given): its row phase decodes the old codes
+    with the old scales and rotates with the new fp32 states, its block phase (QuantizedKernel,
+    states only) recomputes them and encodes them with each 256-element block's new scale. Three
+    steps in lock step with wdopt.reference.rotational through a Rounder holding the scales (each
+    step from the reference's weights, codes and scales; the rng's count advanced between steps):
+    codes, scales and step counts bit for bit, the weights as the low-precision test compares
+    them; on chip and on the two-pass path in one call, the middle step monitored."""
+    sr = ROT_Q_STORAGES[storage][1]
+    dtype = ROT_Q_STORAGES[storage][0]
+    rng = _rng_states(len(ROT_LP_SHAPES))
+    want, got = _rot_q_problem(storage, name), _rot_q_problem(storage, name)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        grads = _rot_lp_grads(gen, dtype)
+        _rot_q_copy(got, want)
+        before = [_rot_lp_weights(s).clone() for s in got]  # (an fp32 parameter's is itself)
+        _rot_q_reference(name, want, grads, rng if sr else None, False)
+        monitored = step == 1
+        if monitored:
+            tel_rows = [k for k, _ in ROT_LP_SHAPES]
+            bufs, _keep = _telemetry(emu, [s["p"] for s in got], tel_rows)
+        try:
+            _rot_q_emulated(emu, storage, name, got, grads, rng, False)
+        finally:
+            emu.emu_set_telemetry(None, None)
+        _rot_q_assert_matches(storage, name, got, want, first=step == 0)
+        assert all(s["k1"].gt(0).all() for s in got), "every block's state is nonzero"
+        if monitored:
+            _assert_telemetry(bufs, before, [_rot_lp_weights(s) for s in got], grads, tel_rows)
+        for r in rng:
+            r[1] += 1
+
+
+def test_emulated_rotational_8_bit_states_check_can_fail(emu):
+    """The comparison above fails against the specification with another key (stochastic codes
+    and parameter), or with the states encoded to nearest, and the emulated codes are not those of
+    a to-nearest encoding."""
+    storage = "bf16-master24-sr"
+    grads = _rot_lp_grads(torch.Generator().manual_seed(2), torch.bfloat16)
+    rng = _rng_states(len(ROT_LP_SHAPES))
+    got = _rot_q_problem(storage, "adamw")
+    _rot_q_emulated(emu, storage, "adamw", got, grads, rng, False)
+    want = _rot_q_problem(storage, "adamw")
+    _rot_q_reference("adamw", want, grads, rng, False)
+    _rot_q_assert_matches(storage, "adamw", got, want, first=True)
+    wrong_key = [r.clone() for r in rng]
+    for r in wrong_key:
+        r[0] += 1
+
+    class ToNearestStates(rounding.Rounder):
+        def bits(self, lane, device):
+            return super().bits(lane, device) if lane == 0 else None
+
+    for key, rounder in ((wrong_key, rounding.Rounder), (rng, ToNearestStates)):
+        want = _rot_q_problem(storage, "adamw")
+        _rot_q_reference("adamw", want, grads, key, False, rounder)
+        with pytest.raises(AssertionError):
+            _rot_q_assert_matches(storage, "adamw", got, want, first=True)
+
+
+def test_emulated_rotational_8_bit_states_found_inf_and_invalid_write_nothing(emu):
+    """A skipped step (found_inf) writes nothing: no parameter, code, scale or count. Scales with
+    float64, or with SGD without momentum (no state): an invalid value before any launch."""
+    storage = "fp32"
+    grads = _rot_lp_grads(torch.Generator().manual_seed(3), torch.float32)
+    sides = _rot_q_problem(storage, "adamw")
+    _rot_q_emulated(emu, storage, "adamw", sides, grads, None, False)  # nonzero codes and scales
+    before = [{k: v.clone() for k, v in side.items() if isinstance(v, torch.Tensor)} for side in sides]
+    _rot_q_emulated(emu, storage, "adamw", sides, grads, None, False, found_inf=torch.tensor(1.0))
+    launches = emu.emu_launches()
+    for name, dtype, hyper in (("adamw", torch.float64, ROT_LP_HYPER),
+                               ("sgd", torch.float32, dict(ROT_LP_HYPER, momentum=0.0))):
+        with pytest.raises(AssertionError):  # _emu_rotational asserts err == 0
+            _rot_q_emulated(emu, storage, name, sides, grads, None, False, dtype=dtype, hyper=hyper)
+    assert emu.emu_launches() == launches
+    for side, old in zip(sides, before):
+        for key, value in old.items():
+            assert torch.equal(side[key], value), key

@@ -2,8 +2,9 @@
 the C++ CPU kernel (a row phase that rotates with the new states, then a block phase that encodes
 them in memory-order blocks of 256, csrc/cpu/rotational_cpu.cpp) against the reference in lock
 step; a state dict resumed; a skipped step and bad operator arguments writing nothing; the refusal
-on the backend without it (CUDA; Triton's: tests/test_triton_rotational.py); and how closely the
-8-bit states follow fp32 ones."""
+of a backend without it (the "cpu" backend told it has none; CUDA's kernels: tests/test_cuda_sources.py
+in emulation, Triton's: tests/test_triton_rotational.py); and how closely the 8-bit states follow
+fp32 ones."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import io
 
 import pytest
 import torch
-from conftest import backend_device_pairs
 
 import wdopt
 from wdopt import backends
@@ -189,34 +189,18 @@ def test_a_skipped_step_and_bad_arguments_write_nothing():
         assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
 
 
-REFUSING = [(b, d) for b, d in backend_device_pairs() if b == "cuda"]
-
-
-@pytest.mark.parametrize("backend,device", REFUSING or [pytest.param("cuda", "cuda", marks=pytest.mark.skip(
-    reason="the CUDA backend cannot run here"))])
-def test_backends_without_it_refuse_before_writing(backend, device):
-    """CUDA has no 8-bit states in its rotational kernel: the step says which backends have them
-    and changes nothing (no state is made)."""
-    w = torch.nn.Parameter(torch.randn(6, 40, device=device))
-    opt = wdopt.RotationalAdamW([w], lr=1e-2, weight_decay=0.1, state_bits=8, backend=backend)
-    w.grad = torch.randn_like(w)
-    before = w.detach().clone()
-    with pytest.raises(NotImplementedError, match="'reference', 'cpu' and 'triton'"):
-        opt.step()
-    assert torch.equal(w.detach(), before) and not opt.state[w]
-
-
 def test_capabilities_and_the_drivers_check():
-    """Which backends advertise 8-bit rotational states (the reference, "cpu" on CPU tensors,
-    "triton" on both; tests/test_triton_rotational.py runs it), and that the driver asks the loaded
-    backend (``ROTATIONAL_QUANTIZED_STATES``): the "cpu" backend told it has none refuses as
-    "cuda" does."""
+    """Which backends advertise 8-bit rotational states (the reference, the C++ backend on CPU and
+    CUDA tensors (tests/test_cuda_sources.py runs the CUDA kernels in emulation), "triton" on both;
+    tests/test_triton_rotational.py runs it), and that the driver asks the loaded backend
+    (``ROTATIONAL_QUANTIZED_STATES``): the "cpu" backend told it has none refuses before writing,
+    naming the backends that have them."""
     reference = backends.load("reference")
     assert backends.quantizes_rotational(reference, "cpu") and backends.quantizes_rotational(reference, "cuda")
     from wdopt.kernels import cpp
 
-    assert cpp.ROTATIONAL_QUANTIZED_STATES == ("cpu",)
-    assert not backends.quantizes_rotational(cpp, "cuda")
+    assert cpp.ROTATIONAL_QUANTIZED_STATES == ("cpu", "cuda")
+    assert backends.quantizes_rotational(cpp, "cuda")
     if importlib.util.find_spec("triton") is not None:
         triton_backend = importlib.import_module("wdopt.kernels.triton")
         assert triton_backend.ROTATIONAL_QUANTIZED_STATES == ("cpu", "cuda")
@@ -229,7 +213,7 @@ def test_capabilities_and_the_drivers_check():
     kept = cpp.ROTATIONAL_QUANTIZED_STATES
     try:
         cpp.ROTATIONAL_QUANTIZED_STATES = ()
-        with pytest.raises(NotImplementedError, match="no 8-bit states .* on backend 'cpu'"):
+        with pytest.raises(NotImplementedError, match="no 8-bit states .* on backend 'cpu'.*'cpu', 'cuda' and 'triton'"):
             opt.step()
     finally:
         cpp.ROTATIONAL_QUANTIZED_STATES = kept

@@ -185,7 +185,7 @@ def quantizes_rotational(module: ModuleType, device) -> bool:
 
 
 #: The backends whose rotational steps take 8-bit states, for error messages.
-ROTATIONAL_QUANTIZED_BACKENDS = ("reference", "cpu", "triton")
+ROTATIONAL_QUANTIZED_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
 # Dtypes each backend's kernels handle (complex parameters are viewed as real pairs first).

@@ -478,16 +478,20 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
                      at::TensorList scales) {
   constexpr const char* op = "wdopt::rotational_";
   if (params.empty()) return;
-  TORCH_CHECK(scales.empty(), op, ": 8-bit states (state_bits=8) of rotational tensors run on the 'cpu' and "
-              "'reference' backends only; the CUDA rotational kernel keeps states in the parameter's dtype");
   const bool adamw = optimizer == "adamw", sgd = optimizer == "sgd", lion = optimizer == "lion";
   TORCH_CHECK(adamw || sgd || lion, op, ": unknown optimizer ", optimizer);
   check_params(op, params);
   check_like(op, "grads", grads, params);
   const bool has_state1 = !sgd || momentum != 0;
-  if (has_state1) check_like(op, "state1", state1, params);
+  // 8-bit states (state1's scales, then state2's): checked with the rest, before anything is
+  // written; state1 then holds int8 codes, state2 uint8 codes (rotational.cuh's two phases).
+  const char* const state_names = adamw ? "state1, state2" : (has_state1 ? "state1" : "momentum 0");
+  const std::vector<float*> quantized =
+      scale_pointers(op, scales, params, adamw ? 2 : (has_state1 ? 1 : 0), state_names);
+  const bool q = !quantized.empty();
+  if (has_state1) check_like(op, "state1", state1, params, q ? std::optional(at::kChar) : std::nullopt);
   if (adamw) {
-    check_like(op, "state2", state2, params);
+    check_like(op, "state2", state2, params, q ? std::optional(at::kByte) : std::nullopt);
     TORCH_CHECK(steps.size() == params.size(), op, ": expected ", params.size(), " steps, got ", steps.size());
   }
   if (sgd && momentum != 0) {
@@ -586,6 +590,7 @@ void rotational_cuda(const std::string& optimizer, at::TensorList params, at::Te
   a.rng = rounding.empty() ? nullptr : rounding.data();
   a.corrections = compensation.pointers.empty() ? nullptr : compensation.pointers.data();
   a.master_bits = compensation.master_bits;
+  a.scales = q ? quantized.data() : nullptr;
   a.scratch = scratch.mutable_data_ptr();
   check_launch(op, wc::rotational(a, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
   for (auto& [t, buffer] : finer) {

@@ -6,8 +6,9 @@
 // engine; rows.cuh and telemetry.cuh, monitored updates row by row; quantized.cuh, 8-bit states;
 // rotational.cuh, the rotational row engine), the optimizers' Ops in optimizers.cuh, and the
 // launchers of launchers.h in the .cu files that instantiate the kernels: adamw.cu, sgd.cu (with
-// sgd_l2.cu, SGD's L2 kernels), lion.cu and rotational.cu. One file held them all until its nvcc
-// run alone outlasted the rest of a 16-core build (84 s); torch's builder runs nvcc once per file,
+// sgd_l2.cu, SGD's L2 kernels), lion.cu, rotational.cu and rotational_quantized.cu (the rotational
+// kernels with 8-bit states). One file held them all until its nvcc run alone outlasted the rest
+// of a 16-core build (84 s); torch's builder runs nvcc once per file,
 // in parallel, and the files are cut to cost it about the same (15 to 20 s each on one core, 80 in
 // all as before, 2026-11-28). Everything in these headers is in an anonymous namespace (each file
 // its own copy, no symbol shared between files by accident) except the launch counter below, of

@@ -174,6 +174,14 @@ struct RotationalArgs {
   // telemetry) and stores them split; bf16 only (another dtype with corrections is invalid).
   void* const* corrections = nullptr;
   int master_bits = 32;
+  // 8-bit states, as for adamw (Float32, Float16 or BFloat16; Float64, or SGD without momentum, is
+  // an invalid value): state1 holds int8 codes, state2 uint8 codes, laid out as params[i];
+  // scales[i] is state1's ceil(numels[i] / 256) float32 block scales, scales[n_tensors + i]
+  // state2's (AdamW). Two phases: the row kernel rotates with the decoded old states' successors
+  // (unrounded) and writes the parameters only; then a block phase recomputes the new states and
+  // encodes them with each block's new scale, to nearest or, with ``rng`` (any of the three dtypes),
+  // stochastically with the state's lane. found_inf: nothing is written.
+  float* const* scales = nullptr;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, momentum = 0;
   bool nesterov = false;
   double angle = 0, norm_decay = 0, rotational_eps = 0;

@@ -24,6 +24,9 @@
 // loops are not unrolled (each element is several IEEE divisions and roots: decode, update,
 // encode); launched with kThreads threads and a 64-register bound (4 blocks per SM).
 //
+// States only (an Op with kStatesOnly, the rotational kernels' block phase, rotational.cuh): the
+// same sweeps without the parameter, neither loaded nor stored; the Op updates the states alone.
+//
 // Monitored steps (telemetry rows need not be multiples of 256): first TelemetryKernel in its
 // measuring mode (QUANT), which decodes the states with the old scales, computes the update and
 // the parameter's stored value and sums the telemetry, writing nothing else; then this kernel.
@@ -149,19 +152,29 @@ template <int DEPTH, bool SR, int MASTER> struct QuantTable {
   void* correction[MASTER != 16 ? kCapacity : 1];
 };
 
+// Whether an Op updates the states alone (Op::kStatesOnly, the rotational kernels' block phase:
+// rotational.cuh): the kernel then neither reads nor writes the parameter (stream 0), whose x[0]
+// the Op must not use, and encodes the new states as for any Op.
+template <class Op, class = void> struct StatesOnly : std::false_type {};
+template <class Op>
+struct StatesOnly<Op, std::void_t<decltype(Op::kStatesOnly)>> : std::bool_constant<Op::kStatesOnly> {};
+
 template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
   using M = opmath_t<T>;
   using Table = QuantTable<Op::kDepth, SR, MASTER>;
   using Master = Compensation<MASTER>;
   using C = typename Master::C;
   static constexpr int D = Op::kDepth, S = D - 2;
-  static constexpr bool kParamSR = SR && kLowPrecision<T>;
+  static constexpr bool kParam = !StatesOnly<Op>::value;  // the parameter read and written
+  static constexpr bool kParamSR = SR && kLowPrecision<T> && kParam;
   // Shared memory: the new states [S][8][kThreads], then each thread's largest magnitudes [S][kThreads].
   static constexpr size_t kSharedBytes = static_cast<size_t>(S) * (kQuantElements + 1) * kThreads * sizeof(float);
   static constexpr int kMinBlocks = 4;  // __launch_bounds__ hint: resident blocks per SM (64 registers)
   static_assert(kQuantizable<T> && S >= 1, "8-bit states of float32, float16 or bfloat16 tensors");
   static_assert(kSharedBytes <= 48 * 1024, "within the shared memory every device grants without opting in");
-  static_assert(Op::kWrites == (((1u << D) - 1u) & ~2u), "the parameter and every state are written");
+  static_assert(Op::kWrites == (((1u << D) - 1u) & (kParam ? ~2u : ~3u)),
+                "every state is written, and the parameter unless states only");
+  static_assert(kParam || MASTER == 16, "a states-only kernel has no parameter to compensate");
   static_assert(!Master::kOn || std::is_same_v<T, __nv_bfloat16>, "a compensated parameter is bf16");
 
   WDOPT_BLOCK static void run_block(const Table& table, const Op& op, const GradOptions& grad, int64_t block,
@@ -171,11 +184,11 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
     const int64_t first = (block - table.block_begin[e]) * int64_t{kChunk<T>};
     const int64_t left = table.numel[e] - first;
     const int n = left < kChunk<T> ? static_cast<int>(left) : kChunk<T>;
-    T* const param = static_cast<T*>(table.ptr[0][e]) + first;
+    T* const param = kParam ? static_cast<T*>(table.ptr[0][e]) + first : nullptr;
     const T* const grads = static_cast<const T*>(table.ptr[1][e]) + first;
     // Vectors when every stream is aligned (parameter and gradient 16 bytes, codes 8, corrections
     // a vector's), else the scalar path for the whole chunk.
-    bool aligned = aligned16(param) && aligned16(grads);
+    bool aligned = (!kParam || aligned16(param)) && aligned16(grads);
     WDOPT_UNROLL
     for (int s = 0; s < S; ++s) aligned = aligned && reinterpret_cast<uintptr_t>(codes_of(table, s, e, first)) % 8 == 0;
     if constexpr (Master::kOn) aligned = aligned && Master::aligned(static_cast<C*>(table.correction[e]) + first);
@@ -205,14 +218,15 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
           const bool vector = aligned && count == kQuantElements;
           const int64_t index = first + base;  // the element's offset in its tensor (rounding bits)
           C* const correction = Master::kOn ? static_cast<C*>(table.correction[e]) + index : nullptr;
-          Eight<T> p{}, g{};  // zeros: the scalar path sets count of the 8 elements
+          [[maybe_unused]] Eight<T> p{};  // zeros: the scalar path sets count of the 8 elements
+          Eight<T> g{};
           Eight<uint8_t> q[S] = {};
           [[maybe_unused]] Eight<C> low{};
           float old_scale[S];
           WDOPT_UNROLL
           for (int s = 0; s < S; ++s) old_scale[s] = table.scales[s][e][index / kQuantBlock];
           if (vector) {
-            p.load(param + base);
+            if constexpr (kParam) p.load(param + base);
             g.load(grads + base);
             WDOPT_UNROLL
             for (int s = 0; s < S; ++s) q[s].load(codes_of(table, s, e, index));
@@ -220,7 +234,7 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
           } else {
             WDOPT_NO_UNROLL
             for (int i = 0; i < count; ++i) {
-              p.set(i, param[base + i]);
+              if constexpr (kParam) p.set(i, param[base + i]);
               g.set(i, grads[base + i]);
               WDOPT_UNROLL
               for (int s = 0; s < S; ++s) q[s].set(i, codes_of(table, s, e, index)[i]);
@@ -232,8 +246,10 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
             M x[D];
             if constexpr (Master::kOn) {
               x[0] = Master::load(p.get(i), low.get(i));
-            } else {
+            } else if constexpr (kParam) {
               x[0] = to_math(p.get(i));
+            } else {
+              x[0] = M(0);  // unused (states only)
             }
             x[1] = to_math(g.get(i));
             WDOPT_UNROLL
@@ -247,7 +263,7 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
               Master::store(rounding, index + i, x[0], stored, stored_low);
               p.set(i, stored);
               low.set(i, stored_low);
-            } else {
+            } else if constexpr (kParam) {
               p.set(i, rounding.store(0, index + i, x[0]));
             }
             WDOPT_UNROLL
@@ -257,14 +273,16 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
               top[s] = a != a ? INFINITY : (a > top[s] ? a : top[s]);  // NaN: as an infinity, poisons the block
             }
           }
-          if (vector) {
-            p.store(param + base);
-            if constexpr (Master::kOn) low.store(correction);
-          } else {
-            WDOPT_NO_UNROLL
-            for (int i = 0; i < count; ++i) {
-              param[base + i] = p.get(i);
-              if constexpr (Master::kOn) correction[i] = low.get(i);
+          if constexpr (kParam) {
+            if (vector) {
+              p.store(param + base);
+              if constexpr (Master::kOn) low.store(correction);
+            } else {
+              WDOPT_NO_UNROLL
+              for (int i = 0; i < count; ++i) {
+                param[base + i] = p.get(i);
+                if constexpr (Master::kOn) correction[i] = low.get(i);
+              }
             }
           }
         }

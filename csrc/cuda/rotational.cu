@@ -17,6 +17,9 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
   const bool adamw = a.optimizer == RotationalOptimizer::AdamW, lion = a.optimizer == RotationalOptimizer::Lion;
   const bool sgd = a.optimizer == RotationalOptimizer::SGD;
   if (!adamw && !lion && !sgd) return cudaErrorInvalidValue;
+  // 8-bit states: of float32, float16 or bfloat16 tensors, and of a call that has states.
+  const bool quantized = a.scales != nullptr;
+  if (quantized && (a.dtype == DType::Float64 || (sgd && a.momentum == 0))) return cudaErrorInvalidValue;
   if ((adamw && (a.state1 == nullptr || a.state2 == nullptr || a.steps == nullptr)) ||
       (lion && a.state1 == nullptr) || (sgd && a.momentum != 0 && (a.state1 == nullptr || a.first_steps == nullptr))) {
     return cudaErrorInvalidValue;
@@ -45,25 +48,10 @@ cudaError_t rotational(const RotationalArgs& a, cudaStream_t stream) {
                                                                   prologue, a.grad.found_inf);
         if (err != cudaSuccess) return err;
       }
-      RotationArgs<M> args{};
-      args.angle = a.angle;
-      args.lr = a.lr;
-      args.rate = a.rate;
-      args.norm_decay = a.norm_decay;
-      args.eps = a.rotational_eps;
-      args.coefficients = coefficients;
-      args.lion = lion_coefficients<M>(LionHyper{a.lr, a.beta1, a.beta2, 0.0, 1.0}, a.lr);
-      args.momentum = static_cast<M>(a.momentum);
-      args.on_chip = 0;
-      args.zero_mean = a.zero_mean;
-      args.projected = a.projected;
-      // Bytes of the row buffers per block (rotational_rows turns them into elements, a multiple of
-      // kThreads; 0: every row takes two passes), within what this device lets a block opt in to
-      // (99 KB on sm_86/89, 227 KB on sm_90, 64 KB on sm_75): on a smaller device longer rows take
-      // the two-pass path instead of failing to launch.
-      const int64_t wanted = a.on_chip_bytes > 0 ? a.on_chip_bytes : kRowBufferBytes;
-      const int64_t bytes = std::max<int64_t>(0, std::min<int64_t>(wanted, shared_memory_optin_bytes() -
-                                                                               static_cast<int64_t>(kRowHeaderBytes)));
+      // 8-bit states: the row and block phases (rotational_quantized.cu).
+      if (quantized) return rotational_quantized(a, stream);
+      const RotationArgs<M> args = rotation_args<M>(a);
+      const int64_t bytes = row_buffer_bytes(a);
       return dispatch_rounding<T>(a.rng, [&](auto sr) -> cudaError_t {
         constexpr bool SR = decltype(sr)::value;
         if (adamw) return rotational_rows<T, kAdamW, SR, MASTER>(a, args, bytes, stream);

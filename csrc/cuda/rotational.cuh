@@ -5,7 +5,7 @@
 // as in the update engines: the sums, norms and order of operations are those of a plain call.
 #pragma once
 
-#include "rows.cuh"
+#include "quantized.cuh"
 
 namespace wdopt {
 namespace cuda {
@@ -63,8 +63,10 @@ template <typename M> struct RotationPrologueKernel {
 };
 
 // The rotational tensors of one row launch. ``tel_split``: telemetry rows per rotation row.
-struct RotationTable {
-  static constexpr int kRowBytes = 9 * 8 + 8 + 8 + 8 + 4 + 4 + 1;
+// QUANT (8-bit states): state1/state2 hold codes (int8, uint8), and scale1/scale2 their old block
+// scales, which the row kernel reads only (the block phase writes the new ones).
+template <bool QUANT = false> struct RotationTable {
+  static constexpr int kRowBytes = 9 * 8 + 8 + 8 + 8 + 4 + 4 + 1 + (QUANT ? 16 : 0);
   static constexpr int kCapacity = static_cast<int>((kParamBytes - kOtherParamBytes - 32) / kRowBytes);
 
   void* param[kCapacity];
@@ -81,6 +83,8 @@ struct RotationTable {
   int32_t tel_split[kCapacity];
   int32_t block_begin[kCapacity + 1];
   FirstStepFlag flag[kCapacity];  // SGD: fresh momentum buffer
+  const float* scale1[QUANT ? kCapacity : 1];
+  const float* scale2[QUANT ? kCapacity : 1];
   int32_t n_tensors;
   int32_t first_tensor;
   uint8_t group_log2[kCapacity];
@@ -106,16 +110,32 @@ template <typename T> struct DirectionContext {
   bool first_step;
   T* state1;
   T* state2;
+  const float* scale1;  // QUANT: state1/state2 hold codes, decoded with these old block scales
+  const float* scale2;
 };
+
+// State ``LANE``'s old value at element j: stored, or (QUANT) its code decoded with its block's
+// old scale (quantized.cuh's decode, as the block phase decodes it).
+template <int LANE, bool QUANT, typename T> WDOPT_HD opmath_t<T> old_state(const DirectionContext<T>& c, int64_t j) {
+  if constexpr (QUANT) {
+    const uint8_t* const codes = reinterpret_cast<const uint8_t*>(LANE == 1 ? c.state1 : c.state2);
+    return decode_state(LANE == 1, codes[j], (LANE == 1 ? c.scale1 : c.scale2)[j / kQuantBlock]);
+  } else {
+    return to_math((LANE == 1 ? c.state1 : c.state2)[j]);
+  }
+}
 
 // u_j from the unscaled gradient g_j (csrc/include/wdopt/*.h), the state written back if ``write``,
 // stored through ``rounding`` (state1 in lane 1, state2 in lane 2; j: the element's tensor offset).
-template <typename T, int KIND, class R>
+// QUANT (8-bit states): the old states decoded, the new ones used unrounded and never written (the
+// block phase computes them again and encodes them).
+template <typename T, int KIND, bool QUANT, class R>
 WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, const R& rounding, opmath_t<T> g, int64_t j,
                                bool write) {
   using M = opmath_t<T>;
+  write = write && !QUANT;
   if constexpr (KIND == kAdamW) {
-    M m = to_math(c.state1[j]), v = to_math(c.state2[j]);
+    M m = old_state<1, QUANT>(c, j), v = old_state<2, QUANT>(c, j);
     const M u = adamw_direction(g, m, v, c.inv_bias_correction1, c.adamw);
     if (write) {
       c.state1[j] = rounding.store(1, j, m);
@@ -123,7 +143,7 @@ WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, const R& rounding, 
     }
     return u;
   } else if constexpr (KIND == kLion) {
-    M m = to_math(c.state1[j]);
+    M m = old_state<1, QUANT>(c, j);
     const M u = lion_direction(g, m, c.lion);
     if (write) c.state1[j] = rounding.store(1, j, m);
     return u;
@@ -131,7 +151,7 @@ WDOPT_HD opmath_t<T> direction(const DirectionContext<T>& c, const R& rounding, 
     (void)c, (void)rounding, (void)j, (void)write;
     return g;
   } else {
-    M b = to_math(c.state1[j]);
+    M b = old_state<1, QUANT>(c, j);
     const M u = sgd_direction<true, KIND == kSGDNesterov>(g, b, c.first_step, c.momentum);
     if (write) c.state1[j] = rounding.store(1, j, b);
     return u;
@@ -175,24 +195,31 @@ template <typename T, int MASTER> size_t rotation_shared_bytes(int64_t on_chip) 
 // frozen norm, the tangent projection, the update, telemetry's ω) is its master weight, and the
 // new value is stored split (Compensation): the kernel rotates the master weights as a plain call
 // rotates fp32 ones.
-template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel {
+// QUANT: 8-bit states, read decoded and not written (the block phase below encodes them).
+template <typename T, int KIND, bool SR, int MASTER, bool QUANT = false> struct RotationalRowKernel {
   using M = opmath_t<T>;
+  using Table = RotationTable<QUANT>;
   using Master = Compensation<MASTER>;
   using P = RowParam<T, MASTER>;  // p as the on-chip buffer holds it
   static_assert(!Master::kOn || std::is_same_v<T, __nv_bfloat16>, "a compensated parameter is a bf16 one");
-  // The lanes whose words Rounding hashes: those this KIND stores (the direction's states), less
-  // the parameter's where a 32-bit master is split exactly (common.cuh, rounded_lanes).
+  // The lanes whose words Rounding hashes: those this KIND stores (the direction's states, none
+  // with QUANT), less the parameter's where a 32-bit master is split exactly (common.cuh, rounded_lanes).
   static constexpr unsigned kLanes =
-      (KIND == kAdamW ? 0x7u : (KIND == kSGDPlain ? 0x1u : 0x3u)) & (MASTER == 32 ? ~1u : ~0u);
+      (QUANT ? 0x1u : (KIND == kAdamW ? 0x7u : (KIND == kSGDPlain ? 0x1u : 0x3u))) & (MASTER == 32 ? ~1u : ~0u);
+  static_assert(!QUANT || (kQuantizable<T> && KIND != kSGDPlain), "8-bit states of float32, float16 or bfloat16");
   // __launch_bounds__ hint: 3 resident blocks per SM caps registers at 80 per thread. Where ptxas
   // (CUDA 13, sm_80/sm_90) meets that without spilling, ask for it: 16-bit storage (64-77
   // registers unhinted) and fp32 Lion / plain SGD (90-96). fp32 AdamW and momentum SGD (96-108)
   // and fp64 (104-124) would spill 20-104 bytes (24-88 byte stack frames): left unhinted, at 2
   // blocks per SM (which is also what full-size row buffers allow: about 77 KB of shared memory
   // per block).
+  // QUANT (decoding the states: a few registers more; sm_90, CUDA 13): 16-bit storage but AdamW
+  // hinted (68-76 registers); 16-bit AdamW unhinted (86-92: at 80, bf16 with a 32-bit master spilled
+  // 8 bytes) and fp32 unhinted (90-102: at 80, Lion spilled 28 bytes).
   static constexpr int kMinBlocks =
-      (sizeof(T) == 2 || (sizeof(T) == 4 && (KIND == kLion || KIND == kSGDPlain))) ? 3 : 1;
-  WDOPT_BLOCK static void run_block(const RotationTable& table, const RotationArgs<M>& args, const GradOptions& grad,
+      QUANT ? (sizeof(T) == 2 && KIND != kAdamW ? 3 : 1)
+            : ((sizeof(T) == 2 || (sizeof(T) == 4 && (KIND == kLion || KIND == kSGDPlain))) ? 3 : 1);
+  WDOPT_BLOCK static void run_block(const Table& table, const RotationArgs<M>& args, const GradOptions& grad,
                                     int64_t block, unsigned char* shared) {
     if (step_skipped(grad.found_inf)) return;
     const int e = find_entry(table.block_begin, table.n_tensors, block);
@@ -203,7 +230,8 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
     const RotationCoefficients<M> rc = args.coefficients[table.first_tensor + e];
     const bool first = rc.first != 0;
     const DirectionContext<T> dc{rc.adamw, rc.inv_bias_correction1, args.lion, args.momentum, is_first_step(table.flag[e]),
-                                 static_cast<T*>(table.state1[e]), static_cast<T*>(table.state2[e])};
+                                 static_cast<T*>(table.state1[e]), static_cast<T*>(table.state2[e]),
+                                 QUANT ? table.scale1[e] : nullptr, QUANT ? table.scale2[e] : nullptr};
     const Rounding<T, SR> rounding(SR ? table.rng[e] : nullptr, kLanes);
     T* const p = static_cast<T*>(table.param[e]);
     [[maybe_unused]] typename Master::C* const correction =
@@ -283,7 +311,7 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
           P* const bp = buf_p + (t >> lg) * share;
           const int64_t base = row * cols;
           for (int64_t j = t & (G - 1); j < cols; j += G) {
-            const M u = direction<T, KIND>(dc, rounding, grad_at(base + j), base + j, true);
+            const M u = direction<T, KIND, QUANT>(dc, rounding, grad_at(base + j), base + j, true);
             const P pt = param_at(base + j);
             const M pj = to_math(pt);
             bu[j] = u;
@@ -402,11 +430,11 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
       const int64_t row = row_of(t);
       if (row >= 0) {
         const int64_t base = row * cols;
-        const M ku = direction<T, KIND>(dc, rounding, grad_at(base), base, false);
+        const M ku = direction<T, KIND, QUANT>(dc, rounding, grad_at(base), base, false);
         const M kp = to_math(param_at(base));
         for (int64_t j = base + (t & (G - 1)); j < base + cols; j += G) {
-          const double a =
-              static_cast<double>(direction<T, KIND>(dc, rounding, grad_at(j), j, false)) - static_cast<double>(ku);
+          const double a = static_cast<double>(direction<T, KIND, QUANT>(dc, rounding, grad_at(j), j, false)) -
+                           static_cast<double>(ku);
           const double b = static_cast<double>(to_math(param_at(j))) - static_cast<double>(kp);
           sa += a;
           sb += b;
@@ -477,7 +505,7 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
       const RowScalars<M>& r = rs[t >> lg];
       const M pj = to_math(param_at(base + j));
       old = pj;
-      const M u = direction<T, KIND>(dc, rounding, grad_at(base + j), base + j, true);
+      const M u = direction<T, KIND, QUANT>(dc, rounding, grad_at(base + j), base + j, true);
       const M q = pj - r.step * (u - r.mean_u - pj * r.radial);
       return (q - r.mean_q) * r.to_sphere;
     });
@@ -488,7 +516,7 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
   // 0) or split into p and its correction; the telemetry sums per telemetry row (tel_split of them
   // per rotation row) measure ω and Δω as loaded and stored (master weights when compensated).
   template <class F>
-  WDOPT_BLOCK static void write_rows(const Block& blk, const RotationTable& table, int e, int lg, int64_t first_row,
+  WDOPT_BLOCK static void write_rows(const Block& blk, const Table& table, int e, int lg, int64_t first_row,
                                      unsigned char* shared, const GradOptions& grad, const Rounding<T, SR>& rounding,
                                      F&& value) {
     const int G = 1 << lg;
@@ -542,13 +570,13 @@ template <typename T, int KIND, bool SR, int MASTER> struct RotationalRowKernel 
 
 // ``buffer_bytes``: what a block's on-chip row buffers may take (rotational.cu), of which the rows'
 // elements take rotation_element_bytes each (more with compensated parameters: p as its master).
-template <typename T, int KIND, bool SR, int MASTER>
+template <typename T, int KIND, bool SR, int MASTER, bool QUANT = false>
 cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& base_args, int64_t buffer_bytes,
                             cudaStream_t stream) {
   // Elements of the row buffers per block: a multiple of kThreads (0: every row takes two passes).
   const int64_t limit =
       buffer_bytes / static_cast<int64_t>(rotation_element_bytes<T, MASTER>()) / kThreads * kThreads;
-  RotationTable table;  // deliberately not zeroed: rows past n_tensors are never read
+  RotationTable<QUANT> table;  // deliberately not zeroed: rows past n_tensors are never read
   int64_t on_chip = 0;   // elements of this launch's row buffers (the widest on-chip row group needs)
   // Telemetry rows per rotation row; 0: invalid arguments.
   auto split_of = [&](int64_t i, int64_t rows, int64_t cols) -> int64_t {
@@ -590,6 +618,10 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
         table.tel_split[r] = static_cast<int32_t>(split_of(i, rows, cols));
         table.group_log2[r] = static_cast<uint8_t>(lg);
         table.flag[r] = a.first_steps != nullptr ? a.first_steps[i] : nullptr;
+        if constexpr (QUANT) {  // launchers.h: state1's scales, then state2's (AdamW)
+          table.scale1[r] = a.scales[i];
+          table.scale2[r] = KIND == kAdamW ? a.scales[a.n_tensors + i] : nullptr;
+        }
         // Row buffers: as much of the limit as this launch's on-chip rows need (cols per group).
         const int64_t need = cols << (kLog2Threads - lg);
         if (need <= limit && need > on_chip) on_chip = (need + kThreads - 1) / kThreads * kThreads;
@@ -597,13 +629,122 @@ cudaError_t rotational_rows(const RotationalArgs& a, const RotationArgs<opmath_t
       [&](int64_t blocks) {
         RotationArgs<opmath_t<T>> args = base_args;
         args.on_chip = static_cast<int32_t>(on_chip);
-        const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND, SR, MASTER>>(
+        const cudaError_t err = launch_rows<RotationalRowKernel<T, KIND, SR, MASTER, QUANT>>(
             blocks, rotation_shared_bytes<T, MASTER>(on_chip), stream, table, args, a.grad);
         on_chip = 0;
         return err;
       });
 }
 
+// ------------------------------------------------------------------------------------ 8-bit states
+
+// 8-bit states (launchers.h) are blocks of 256 elements in the tensor's memory order, each with
+// one scale, and a block may straddle rows that different thread blocks rotate; its new scale is
+// the max over all of its new values. So the step takes two phases (csrc/cpu/rotational_cpu.cpp
+// and the Triton kernels do the same). The row phase (RotationalRowKernel with QUANT) decodes the
+// old codes with the old scales, computes the new states in fp32 and uses them, unrounded as the
+// reference does, for the direction and the rotation, and writes the parameter only. Once every
+// row is done (the next launch on the stream), the block phase (quantized.cuh's QuantizedKernel
+// with a states-only Op below: a warp per block, the block's max in shared memory) decodes the old
+// codes again, recomputes the same new states from the gradient (adamw_moments, lion_momentum,
+// sgd_direction_momentum: the operations the directions make, on the same inputs, so the same
+// bits) and encodes them with each block's new scale, to nearest or with the state lane's words.
+
+// The states-only Ops: streams param (never read), grad, state1 (, state2); the step's
+// coefficients as the row phase reads them (the prologue's, or the call's Lion and momentum).
+template <typename M> struct RotationAdamWStates {
+  static constexpr int kDepth = 4;
+  static constexpr unsigned kWrites = 0b1100u;
+  static constexpr bool kStatesOnly = true;
+  using Context = AdamWCoefficients<M>;
+  const RotationCoefficients<M>* coefficients;
+
+  WDOPT_HD Context context(int tensor, FirstStepFlag) const { return coefficients[tensor].adamw; }
+  WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const { adamw_moments(x[1], x[2], x[3], c); }
+};
+
+template <typename M> struct RotationLionStates {
+  static constexpr int kDepth = 3;
+  static constexpr unsigned kWrites = 0b100u;
+  static constexpr bool kStatesOnly = true;
+  using Context = LionCoefficients<M>;
+  LionCoefficients<M> lion;
+
+  WDOPT_HD Context context(int, FirstStepFlag) const { return lion; }
+  WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const { lion_momentum(x[1], x[2], c); }
+};
+
+template <typename M> struct RotationSGDStates {
+  static constexpr int kDepth = 3;
+  static constexpr unsigned kWrites = 0b100u;
+  static constexpr bool kStatesOnly = true;
+  struct Context {
+    M momentum;
+    bool first_step;
+  };
+  M momentum;
+
+  WDOPT_HD Context context(int, FirstStepFlag first_step) const { return Context{momentum, is_first_step(first_step)}; }
+  WDOPT_HD void update(const Context& c, M (&x)[kDepth]) const {
+    sgd_direction_momentum(x[1], x[2], c.first_step, c.momentum);
+  }
+};
+
+// The block phase of a call: every tensor's states, after its row launches.
+template <typename T>
+cudaError_t rotational_states(const RotationalArgs& a, const RotationArgs<opmath_t<T>>& args, cudaStream_t stream) {
+  using M = opmath_t<T>;
+  const void* const* columns[] = {a.params, a.grads, a.state1, a.state2};
+  return dispatch_quantized<T>(a.rng, [&](auto sr) -> cudaError_t {
+    constexpr bool SR = decltype(sr)::value;
+    switch (a.optimizer) {
+      case RotationalOptimizer::AdamW:
+        return quantized_all<T, SR, 16>(columns, a.n_tensors, a.numels, nullptr, a.rng, nullptr, a.scales,
+                                        RotationAdamWStates<M>{args.coefficients}, a.grad, stream);
+      case RotationalOptimizer::Lion:
+        return quantized_all<T, SR, 16>(columns, a.n_tensors, a.numels, nullptr, a.rng, nullptr, a.scales,
+                                        RotationLionStates<M>{args.lion}, a.grad, stream);
+      case RotationalOptimizer::SGD:
+        return quantized_all<T, SR, 16>(columns, a.n_tensors, a.numels, a.first_steps, a.rng, nullptr, a.scales,
+                                        RotationSGDStates<M>{args.momentum}, a.grad, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+// The row kernels' arguments of a call (``coefficients``: the prologue's, in a.scratch).
+template <typename M> RotationArgs<M> rotation_args(const RotationalArgs& a) {
+  RotationArgs<M> args{};
+  args.angle = a.angle;
+  args.lr = a.lr;
+  args.rate = a.rate;
+  args.norm_decay = a.norm_decay;
+  args.eps = a.rotational_eps;
+  args.coefficients = static_cast<const RotationCoefficients<M>*>(a.scratch);
+  args.lion = lion_coefficients<M>(LionHyper{a.lr, a.beta1, a.beta2, 0.0, 1.0}, a.lr);
+  args.momentum = static_cast<M>(a.momentum);
+  args.on_chip = 0;
+  args.zero_mean = a.zero_mean;
+  args.projected = a.projected;
+  return args;
+}
+
+// Bytes of the row buffers per block (rotational_rows turns them into elements, a multiple of
+// kThreads; 0: every row takes two passes), within what this device lets a block opt in to (99 KB
+// on sm_86/89, 227 KB on sm_90, 64 KB on sm_75): on a smaller device longer rows take the two-pass
+// path instead of failing to launch.
+inline int64_t row_buffer_bytes(const RotationalArgs& a) {
+  const int64_t wanted = a.on_chip_bytes > 0 ? a.on_chip_bytes : kRowBufferBytes;
+  return std::max<int64_t>(
+      0, std::min<int64_t>(wanted, shared_memory_optin_bytes() - static_cast<int64_t>(kRowHeaderBytes)));
+}
+
 }  // namespace
+
+// The row and block phases of a call with 8-bit states (rotational_quantized.cu: a translation
+// unit of its own, built in parallel with rotational.cu), once the prologue has run; a.scales
+// given, the dtype float32, float16 or bfloat16 (else an invalid value), corrections valid.
+cudaError_t rotational_quantized(const RotationalArgs& a, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace wdopt

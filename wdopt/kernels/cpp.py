@@ -329,10 +329,10 @@ QUANTIZED_STATES = ("cpu", "cuda")
 #: Device types whose rotational kernel takes ``rng`` and ``correction`` (elsewhere the driver
 #: rotates such tensors with the reference).
 ROTATIONAL_LOW_PRECISION = ("cpu", "cuda")
-#: Device types whose rotational kernel takes 8-bit states (``scales``): the CPU kernel's row phase
-#: rotates with the new states and its block phase encodes them (csrc/cpu/rotational_cpu.cpp). The
-#: CUDA one does not: the driver refuses state_bits=8 for rotational tensors there.
-ROTATIONAL_QUANTIZED_STATES = ("cpu",)
+#: Device types whose rotational kernel takes 8-bit states (``scales``): the row phase rotates with
+#: the new states and the block phase encodes them (csrc/cpu/rotational_cpu.cpp; on CUDA
+#: csrc/cuda/rotational.cuh's QUANT row kernels, then quantized.cuh's kernel with a states-only Op).
+ROTATIONAL_QUANTIZED_STATES = ("cpu", "cuda")
 
 
 def _scale_list(scales) -> list:

@@ -12,10 +12,10 @@ backend) by the reference implementation. State dicts, GradScaler and LR schedul
 the base optimizers.
 
 Low precision: ``stochastic_rounding`` and ``master_weight_bits`` on every backend's rotational
-kernel (``ROTATIONAL_LOW_PRECISION``); ``state_bits=8`` on the "reference", "cpu" and "triton"
-backends (``ROTATIONAL_QUANTIZED_STATES``: the CPU kernel and the Triton row kernels rotate their
-rows with the new states, then encode them in a separate pass over memory-order blocks of 256),
-refused on "cuda" at the step.
+kernel (``ROTATIONAL_LOW_PRECISION``); ``state_bits=8`` on every backend too
+(``ROTATIONAL_QUANTIZED_STATES``: the CPU, CUDA and Triton row kernels rotate their rows with the
+new states, then encode them in a separate pass over memory-order blocks of 256); a backend
+without it would refuse at the step.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ class _Rotational:
             raise NotImplementedError(
                 f"param group {index}: {type(self).__name__} has no 8-bit states (state_bits=8) for rotational "
                 f"tensors on backend {name!r} ({device.type} tensors) yet: they run on backends {supported} "
-                "('cpu' for CPU tensors, 'triton' for CUDA tensors, 'reference' on any device); use one of those, "
-                "or state_bits=None")
+                "('cpu' for CPU tensors, 'cuda' and 'triton' for CUDA tensors, 'reference' on any device); use one of "
+                "those, or state_bits=None")
         return plan
 
     def _check_rotational_options(self, group: dict) -> None:
