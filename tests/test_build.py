@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -404,3 +406,31 @@ def test_auto_on_cuda_takes_a_finished_build_from_the_cache(monkeypatch):
         warnings.simplefilter("always")
         assert backends.auto_backend("cuda") == "cuda"
     assert loaded and not [w for w in caught if "not built" in str(w.message)]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("g++") and shutil.which("objdump")),
+                    reason="an x86 check of GCC's output")
+def test_the_8_bit_codec_loops_are_vectorized(tmp_path):
+    """quantized_blocks.cpp's loops vectorize only while every select in the codes' math is a
+    single float select (a bool && in round_in once kept the exp_avg_sq encode scalar, 9x slower,
+    which no result shows): compiled with the extension's flags, each codec function must hold
+    packed divisions (decode, encode) and roots (encode)."""
+    source = Path(cpp.__file__).resolve().parents[2] / "csrc" / "cpu" / "quantized_blocks.cpp"
+    if not source.exists():
+        pytest.skip("no C++ sources in this install")
+    obj = tmp_path / "quantized_blocks.o"
+    subprocess.run(["g++", "-std=c++17", *cpp.CXX_FLAGS, *cpp.NATIVE_FLAGS, "-c", str(source), "-o", str(obj)], check=True)
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(obj)], check=True, capture_output=True,
+                             text=True).stdout
+    functions = {}
+    for block in listing.split("\n\n"):
+        head = block.strip().splitlines()[0] if block.strip() else ""
+        for kind in ("encode_codes<", "encode_block<", "decode_block<"):
+            if f"wdopt::cpu::{kind}" in head:
+                functions[head[head.index(kind):head.index(">", head.index(kind)) + 1]] = block
+    # encode_block<S> holds its to-nearest encode_codes inlined (or GCC emits that on its own).
+    assert {"encode_block<true>", "encode_block<false>", "decode_block<true>", "decode_block<false>"} <= set(functions)
+    for name, body in functions.items():
+        assert "vdivps" in body, f"{name}: no packed division (the loop stayed scalar)"
+        if name.startswith("encode"):
+            assert "vsqrtps" in body, f"{name}: no packed square root (the loop stayed scalar)"

@@ -62,7 +62,8 @@ template <bool SIGNED> struct StateCode {
     }
     up = a >= d_hi ? 1.0f : up;
     // A nonzero second moment never encodes to 0 (quantization.py's "Floor"): Adam divides by it.
-    if constexpr (!SIGNED) up = lo == 0.0f && a > 0.0f ? 1.0f : up;
+    // lo = 0 < a as one float select: written with && it kept GCC's encode loop scalar (9x slower).
+    if constexpr (!SIGNED) up = lo < (a > 0.0f ? 1.0f : 0.0f) ? 1.0f : up;
     const float q = lo + up;
     return static_cast<code_t>(static_cast<int32_t>(SIGNED && x < 0.0f ? -q : q));
   }
