@@ -1,5 +1,5 @@
 """RotationalAdamW step time on the C++ CPU backend, eight (1024, 1024) weights: bf16 storage options
-against fp32 storage, measured in the same run (median of 15 steps after 3 warm-up steps).
+and 8-bit states against fp32 storage, measured in the same run (median of 15 steps after 3 warm-up steps).
 
 Usage: python benchmarks/rotational_low_precision.py
 """
@@ -19,6 +19,9 @@ ARMS = [
     ("bf16 stochastic", torch.bfloat16, dict(stochastic_rounding=True)),
     ("bf16 master32", torch.bfloat16, dict(master_weight_bits=32)),
     ("bf16 master24+stochastic", torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True)),
+    ("fp32 + 8-bit states", torch.float32, dict(state_bits=8)),
+    ("bf16 master24+stochastic + 8-bit states", torch.bfloat16,
+     dict(master_weight_bits=24, stochastic_rounding=True, state_bits=8)),
 ]
 
 
