@@ -1599,10 +1599,10 @@ ROT_LP_HYPER = dict(lr=0.02, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.9, nest
 ROT_LP_STATE = ("s1", "s2", "step", "first", "rotational_norm", "update_norm_avg", "rotational_step")
 
 
-def _rot_lp_problem(storage, seed=5):
+def _rot_lp_problem(storage, seed=5, storages=ROT_LP_STORAGES):
     """Weights (not centred: the first step freezes the centred norm of the master weights) split
     into parameters and corrections, and fresh rotational states."""
-    dtype, _, correction = ROT_LP_STORAGES[storage]
+    dtype, _, correction = storages[storage]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for k, c in ROT_LP_SHAPES:
@@ -1863,19 +1863,11 @@ ROT_Q_STORAGES = {
 def _rot_q_problem(storage, name, seed=5):
     """_rot_lp_problem's weights with 8-bit states: s1 int8 codes, s2 uint8 codes (AdamW), and
     their block scales k1, k2, all zero (a fresh state)."""
-    dtype, _, correction = ROT_Q_STORAGES[storage]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for k, c in ROT_LP_SHAPES:
-        w = torch.randn(k, c, generator=gen) + 0.1
-        side = _rot_state(w.to(dtype), torch.float32)
+    out = _rot_lp_problem(storage, seed, ROT_Q_STORAGES)
+    for side in out:
+        k, c = side["p"].shape
         side["s1"], side["s2"] = torch.zeros(k, c, dtype=torch.int8), torch.zeros(k, c, dtype=torch.uint8)
         side["k1"], side["k2"] = (torch.zeros(quantization.blocks(k * c)) for _ in range(2))
-        if correction is None:
-            side["p"], side["c"] = w.to(dtype), None
-        else:
-            side["p"], side["c"] = rounding.split(w, correction)
-        out.append(side)
     return out
 
 
