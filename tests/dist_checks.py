@@ -627,8 +627,8 @@ def _low_precision_bitwise(cls, kw, backend, name):
     if options.get("master_weight_bits", 16) != 16:
         assert isinstance(state["correction"], DTensor) and state["correction"].placements == (Shard(0),)
     if options.get("state_bits"):
-        assert isinstance(state["exp_avg_scale"], DTensor) and state["exp_avg_scale"].shape == (6,)
-        assert state["exp_avg_scale"].to_local().shape == (3,)
+        assert isinstance(state["exp_avg_block_scale"], DTensor) and state["exp_avg_block_scale"].shape == (6,)
+        assert state["exp_avg_block_scale"].to_local().shape == (3,)
     if options.get("stochastic_rounding") and dtype != torch.float32:
         assert state["rng"].tolist()[2] == 768 * rank(), state["rng"]  # this shard's first element
     _assert_low_equal(opt_d, dparams, opt_p, plain)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -412,12 +413,15 @@ def test_auto_on_cuda_takes_a_finished_build_from_the_cache(monkeypatch):
                     reason="an x86 check of GCC's output")
 def test_the_8_bit_codec_loops_are_vectorized(tmp_path):
     """quantized_blocks.cpp's loops vectorize only while every select in the codes' math is a
-    single float select (a bool && in round_in once kept the exp_avg_sq encode scalar, 9x slower,
-    which no result shows): compiled with the extension's flags, each codec function must hold
-    packed divisions (decode, encode) and roots (encode)."""
+    single float select (a bool && in the encode once kept a loop scalar, 9x slower, which no
+    result shows): compiled with the extension's flags, each codec function must hold packed
+    products on vector registers, and packed shifts of the codes' bit patterns (left to decode,
+    right to encode)."""
     source = Path(cpp.__file__).resolve().parents[2] / "csrc" / "cpu" / "quantized_blocks.cpp"
     if not source.exists():
         pytest.skip("no C++ sources in this install")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the check reads x86 vector instructions")
     obj = tmp_path / "quantized_blocks.o"
     subprocess.run(["g++", "-std=c++17", *cpp.CXX_FLAGS, *cpp.NATIVE_FLAGS, "-c", str(source), "-o", str(obj)], check=True)
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(obj)], check=True, capture_output=True,
@@ -430,7 +434,11 @@ def test_the_8_bit_codec_loops_are_vectorized(tmp_path):
                 functions[head[head.index(kind):head.index(">", head.index(kind)) + 1]] = block
     # encode_block<S> holds its to-nearest encode_codes inlined (or GCC emits that on its own).
     assert {"encode_block<true>", "encode_block<false>", "decode_block<true>", "decode_block<false>"} <= set(functions)
+
+    def packed(body: str, op: str) -> bool:
+        return re.search(rf"\s{op}\s+[^\n]*%[xyz]mm", body) is not None
+
     for name, body in functions.items():
-        assert "vdivps" in body, f"{name}: no packed division (the loop stayed scalar)"
-        if name.startswith("encode"):
-            assert "vsqrtps" in body, f"{name}: no packed square root (the loop stayed scalar)"
+        assert packed(body, "vmulps"), f"{name}: no packed product (the loop stayed scalar)"
+        shift = "vpsrld" if name.startswith("encode") else "vpslld"
+        assert packed(body, shift), f"{name}: no packed {shift} (the loop stayed scalar)"

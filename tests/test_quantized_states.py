@@ -161,12 +161,18 @@ def test_kernels_equal_the_reference_bit_for_bit(backend, device, case, storage)
 
 def _edge_gradients(scale: float, signed: bool) -> torch.Tensor:
     """Gradients whose first AdamW moments (betas (0, 0): m = g, v = g² rounded) sit on and next
-    to every code's decoded value at block scale ``scale``: where a guessed bracket is most often
-    off by one. Each run of 256 is a block with ``scale`` as its largest magnitude."""
+    to every code's decoded value at block scale ``scale``, on the ties halfway between codes
+    (exact ties in the ratio at scale 1), and below the first code, where it rounds linearly to 0
+    or 1. Each run of 256 is a block with ``scale`` as its largest magnitude."""
     top = Q.SIGNED_MAX if signed else Q.UNSIGNED_MAX
     q = torch.arange(top + 1, dtype=torch.int64)
     edges = Q._decode_flat(q, torch.full((top + 1,), scale), signed).abs()
-    values = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.full((), 2 * scale))])
+    # the midpoints: g(q) with bit 19 set, times the scale
+    ties = R._floats(((Q.ONE - top + q[1:]) << Q.SHIFT) + (1 << (Q.SHIFT - 1))) * scale
+    first = Q.first_code(signed) * scale
+    linear = torch.tensor([0.25, 0.5, 0.75, 0.99]) * first
+    values = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.full((), 2 * scale)),
+                        ties, torch.nextafter(ties, torch.zeros(())), linear, torch.nextafter(linear, torch.zeros(()))])
     values = values[values <= scale]
     g = values if signed else values.sqrt()  # v = fl(g²): on or within a few ulps of the edges
     g = torch.where(torch.arange(g.numel()) % 2 == 0, g, -g) if signed else g
@@ -178,9 +184,9 @@ def _edge_gradients(scale: float, signed: bool) -> torch.Tensor:
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 def test_codes_at_every_bracket_edge_equal_the_reference(backend, device, stochastic):
-    """Every code's edges and their neighbouring floats, at scales from 1 to the subnormal range,
-    through a kernel: the same codes and scales as the reference's (the CPU kernel guesses the
-    bracket by a cheaper route and must detect every wrong guess)."""
+    """Every code's value, the ties between codes and the linear range below the first code, with
+    their neighbouring floats, at scales from 1 to below fp32's smallest normal (a block stored as
+    zeros), through a kernel: the same codes and scales as the reference's."""
     grads = [_edge_gradients(scale, signed) for scale in (1.0, 3.7e-3, 1e-30, 2e-39) for signed in (True, False)]
     grads = [g for g in grads if torch.isfinite(g).all()]
     runs = []
@@ -197,45 +203,6 @@ def test_codes_at_every_bracket_edge_equal_the_reference(backend, device, stocha
         assert torch.equal(a.detach().cpu(), r.detach()), f"param {i}"
         for key, value in ref_opt.state[r].items():
             assert torch.equal(_bits(opt.state[a][key].cpu()), _bits(value)), f"param {i} {key}"
-
-
-def test_a_wrong_guess_is_caught_where_it_changes_the_code():
-    """The CPU kernel guesses each bracket from |x|·(1/s) and checks the guess against the decoded
-    neighbours; just below a code's value the guess is often one too high, which only changes the
-    code where a stochastic word says "down" (r = 0). A block of such values at 64 scales, with a
-    rounding seed whose words hit r = 0 on a wrong guess: the kernel must match the reference."""
-    g = torch.Generator().manual_seed(0)
-    scales = torch.rand(64, generator=g) * 10.0 ** (-8 * torch.rand(64, generator=g))
-    q = torch.arange(1, Q.SIGNED_MAX + 1, dtype=torch.int64)
-    blocks = []
-    for s in scales:
-        edges = Q._decode_flat(q, s.expand(q.shape), True)
-        below = torch.nextafter(edges, torch.zeros(()))
-        blocks.append(torch.cat([below, edges, -below[5:7]]))  # 256 values, the largest s
-    x = torch.cat(blocks)
-    s = scales.repeat_interleave(Q.BLOCK)
-    # The unchecked guess (float32 as the kernel computes it) and the true lower code.
-    guess = torch.clamp(torch.trunc(torch.sqrt(x.abs() * (1.0 / s)) * float(Q.SIGNED_MAX)), max=Q.SIGNED_MAX - 1)
-    lower = torch.clamp(torch.floor(torch.sqrt(x.abs() / s) * Q.SIGNED_MAX), max=Q.SIGNED_MAX - 1)
-    true_lower = torch.where(Q._decode_flat(lower.long(), s, True) > x.abs(), lower - 1, lower)
-    wrong = guess > true_lower
-    index = torch.arange(x.numel())
-    seed = next(seed for seed in range(1000)
-                if ((R.element_bits(R.stream(R.parameter_key(seed, 0), 0, 1), index) & 0xFFFF == 0) & wrong).any())
-    bits = R.element_bits(R.stream(R.parameter_key(seed, 0), 0, 1), index)
-    teeth = (bits & 0xFFFF == 0) & wrong
-    runs = []
-    for backend in ("reference", "cpu"):
-        p = torch.zeros(x.numel(), requires_grad=True)
-        opt = wdopt.FusedAdamW([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_bits=8,
-                               stochastic_rounding=True, rounding_seed=seed)
-        p.grad = x.clone()
-        opt.step()
-        runs.append(opt.state[p])
-    ref, ours = runs
-    codes = ref["exp_avg"].to(torch.int64).abs()
-    assert torch.equal(codes[teeth], true_lower[teeth].long()), "the case has no teeth: the reference went up"
-    assert torch.equal(ours["exp_avg"], ref["exp_avg"]) and torch.equal(ours["exp_avg_scale"], ref["exp_avg_scale"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -263,9 +230,10 @@ def test_training_follows_fp32_states(case, dtype):
 def test_exp_avg_sq_decays_after_the_gradient_scale_drops():
     """After a 10x drop in gradient scale, the 8-bit exp_avg_sq decays as the fp32 one does.
     Measured (β2 = 0.99, 4 time constants after the drop): stochastic rounding stays within 1% of
-    the fp32 run's mean at every checkpoint (measured: -0.1%, +0.1%, +0.0%); to nearest, a decay of
-    1% per step is below the codes' spacing (2% and more) and their rounding bias accumulates
-    (measured: -0.3%, -1.8%, -4.7%; bound 6%)."""
+    the fp32 run's mean at every checkpoint (measured: +0.74%, +0.33%, +0.86%); to nearest, a decay
+    of 1% per step is below the codes' spacing (6% and more), so the codes stick and follow their
+    block's largest element, whose own average they then track (measured: +3.5%, +2.7%, -0.5%;
+    bound 6%)."""
     n = 1024
     g = torch.Generator().manual_seed(4)
     grads = [torch.randn(n, generator=g) * (1.0 if t < 100 else 0.1) for t in range(500)]
@@ -281,7 +249,7 @@ def test_exp_avg_sq_decays_after_the_gradient_scale_drops():
             opt.step()
             if t in checkpoints:
                 state = opt.state[p]
-                v = state["exp_avg_sq"] if bits is None else Q.decode(state["exp_avg_sq"], state["exp_avg_sq_scale"])
+                v = state["exp_avg_sq"] if bits is None else Q.decode(state["exp_avg_sq"], state["exp_avg_sq_block_scale"])
                 means[name].append(v.double().mean().item())
     assert means["fp32"][-1] < 0.1 * means["fp32"][0]  # it did decay: the test can tell
     for name, tolerance in (("8-bit", 0.06), ("8-bit stochastic", 0.01)):
@@ -294,8 +262,10 @@ def test_heavy_tailed_gradients_take_bounded_steps(backend):
     """Per-element gradient scales spread over e^±9 within a block (g = randn·exp(3·randn), fixed
     per element): fp32 AdamW's steps stay near lr. Before exp_avg_sq's floor (a nonzero v never
     encodes to 0), an element 10^-5 below its block's largest kept v = 0 while its m rounded to a
-    nonzero code, and stepped by m/ε: 3.6e6 × lr here. Now the coarse low codes leave a few steps
-    of tens of lr (the two moments' roundings compound), on a few elements in 10^4."""
+    nonzero code, and stepped by m/ε: 3.6e6 × lr here. The first, sqrt-spaced code still left steps
+    of tens of lr on a few elements in 10^4 (its lowest codes a factor 4 (m) and 16 (v) apart);
+    this one's steps of 1/16–1/8 down to 2^-16 (m) and 2^-32 (v) of the block's largest keep every
+    step within 1.2 × lr (measured; bound 5 × lr)."""
     g = torch.Generator().manual_seed(0)
     n, lr = 256 * 64, 1e-3
     scale = torch.exp(3.0 * torch.randn(n, generator=g))
@@ -309,7 +279,7 @@ def test_heavy_tailed_gradients_take_bounded_steps(backend):
         if step >= 50:
             u = (p.detach() - before).abs() / lr
             worst, share = max(worst, u.max().item()), max(share, (u > 10).float().mean().item())
-    assert worst < 100 and share < 1e-3, (worst, share)
+    assert worst < 5 and share == 0, (worst, share)
 
 
 def test_a_changed_memory_format_is_refused_then_converted():
@@ -345,7 +315,7 @@ def test_foreign_codes_and_scales_are_refused_before_any_group_changes(edit):
     if edit == "swapped codes":
         state["exp_avg_sq"] = state["exp_avg_sq"].view(torch.int8)
     else:
-        state["exp_avg_scale"] = torch.stack([state["exp_avg_scale"]] * 2, dim=1)[:, 0]
+        state["exp_avg_block_scale"] = torch.stack([state["exp_avg_block_scale"]] * 2, dim=1)[:, 0]
     before = a.detach().clone()
     with pytest.raises(RuntimeError, match="codes"):
         opt.step()
@@ -375,7 +345,7 @@ def test_bf16_state_dict_keeps_float32_block_scales():
     copy_ = params[0].detach().clone().requires_grad_(True)
     resumed = wdopt.FusedAdamW([copy_], state_bits=8, stochastic_rounding=True, backend="reference")
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert resumed.state[copy_]["exp_avg_scale"].dtype == torch.float32
+    assert resumed.state[copy_]["exp_avg_block_scale"].dtype == torch.float32
     for o, p in ((opt, params[0]), (resumed, copy_)):
         p.grad = torch.ones_like(p)
         o.step()
@@ -401,14 +371,14 @@ def test_state_dicts_move_to_and_from_torch_layout():
     ours.step()
     state = ours.state[params[0]]
     assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_sq"].dtype == torch.uint8
-    assert state["exp_avg_scale"].shape == (Q.blocks(33 * 17),)
+    assert state["exp_avg_block_scale"].shape == (Q.blocks(33 * 17),)
     exported = ours.to_torch_state_dict()
     assert sorted(exported["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
     assert exported["state"][0]["exp_avg"].dtype == torch.float32
     back = torch.optim.AdamW([p.detach().clone().requires_grad_(True) for p in params], **hyper)
     back.load_state_dict(exported)
     torch.testing.assert_close(back.state_dict()["state"][0]["exp_avg"],
-                               Q.decode(state["exp_avg"], state["exp_avg_scale"]))
+                               Q.decode(state["exp_avg"], state["exp_avg_block_scale"]))
     saved = copy.deepcopy(ours.state_dict())  # as torch.save/torch.load would (no tensor shared)
     resumed = wdopt.FusedAdamW([p.detach().clone().requires_grad_(True) for p in params], backend="reference",
                                **hyper)
@@ -420,11 +390,11 @@ def test_state_dicts_move_to_and_from_torch_layout():
         opt.step()
     for a, b in zip(ours.param_groups[0]["params"], resumed.param_groups[0]["params"]):
         assert torch.equal(a, b)
-        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_block_scale", "exp_avg_sq_block_scale"):
             assert torch.equal(ours.state[a][key], resumed.state[b][key])
     ours.param_groups[0]["state_bits"] = None
     ours.step()
-    assert ours.state[params[0]]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in ours.state[params[0]]
+    assert ours.state[params[0]]["exp_avg"].dtype == torch.float32 and "exp_avg_block_scale" not in ours.state[params[0]]
 
 
 def test_bad_combinations_are_refused():
@@ -440,7 +410,7 @@ def test_bad_combinations_are_refused():
     opt = wdopt.FusedLion([p], state_bits=8, backend="reference")
     p.grad = torch.ones_like(p)
     opt.step()
-    del opt.state[p]["exp_avg_scale"]
+    del opt.state[p]["exp_avg_block_scale"]
     opt.__setstate__(opt.__getstate__())
     before = p.detach().clone()
     with pytest.raises(RuntimeError, match="block scales"):
@@ -482,10 +452,54 @@ def test_a_bf16_8_bit_state_dict_that_went_through_torch_optim_resumes():
     q = torch.nn.Parameter(p.detach().clone())
     relay = torch.optim.AdamW([q], lr=1e-2)
     relay.load_state_dict(opt.state_dict())
-    assert relay.state[q]["exp_avg_scale"].dtype == torch.bfloat16  # what torch did to them
+    assert relay.state[q]["exp_avg_block_scale"].dtype == torch.bfloat16  # what torch did to them
     back = wdopt.FusedAdamW([p], lr=1e-2, state_bits=8, backend="cpu")
     back.load_state_dict(relay.state_dict())
     assert torch.equal(back.state[p]["exp_avg"], codes)
-    assert back.state[p]["exp_avg_scale"].dtype == torch.float32
+    assert back.state[p]["exp_avg_block_scale"].dtype == torch.float32
     back.step()
     assert back.state[p]["exp_avg"].dtype == torch.int8
+
+
+def test_a_state_dict_of_the_first_code_loads_decoded():
+    """wdopt's first 8-bit code kept its block scales in ``key + "_scale"`` (sqrt-spaced codes):
+    such a state dict loads with its states decoded by that code (quantization.decode_legacy),
+    and the next step encodes them in this one; the caller's dict is left as it was."""
+    torch.manual_seed(0)
+    p = torch.randn(300, requires_grad=True)
+    opt = wdopt.FusedAdamW([p], lr=1e-3, state_bits=8)
+    p.grad = torch.randn(300)
+    opt.step()
+    saved = opt.state_dict()
+    legacy = {"int8": torch.randint(-127, 128, (300,), dtype=torch.int8),
+              "uint8": torch.randint(0, 256, (300,), dtype=torch.uint8)}
+    state = saved["state"][0]
+    for key, codes in (("exp_avg", legacy["int8"]), ("exp_avg_sq", legacy["uint8"])):
+        state[key] = codes
+        del state[key + "_block_scale"]
+        state[key + "_scale"] = torch.tensor([0.5, 3e-3], dtype=torch.float32)
+    expected = {key: Q.decode_legacy(state[key], state[key + "_scale"]) for key in ("exp_avg", "exp_avg_sq")}
+    # the first code's values, by hand: q = ±127 is ±s, q = 64 is s·fl(4096/16129), v's q = 255 is s
+    assert Q.decode_legacy(torch.tensor([127, -127, 64, 0], dtype=torch.int8), torch.tensor([0.5])).tolist() == \
+        [0.5, -0.5, 0.5 * float(torch.tensor(4096.0) / 16129.0), 0.0]
+    assert Q.decode_legacy(torch.tensor([255, 1], dtype=torch.uint8), torch.tensor([2.0]))[0] == 2.0
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = wdopt.FusedAdamW([q], lr=1e-3, state_bits=8)
+    resumed.load_state_dict(saved)
+    assert "exp_avg_scale" in saved["state"][0] and saved["state"][0]["exp_avg"].dtype == torch.int8
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert resumed.state[q][key].dtype == torch.float32 and key + "_scale" not in resumed.state[q]
+        assert torch.equal(resumed.state[q][key], expected[key])
+    q.grad = torch.randn(300)
+    reference = wdopt.FusedAdamW([torch.nn.Parameter(q.detach().clone())], lr=1e-3, state_bits=8, backend="reference")
+    r = reference.param_groups[0]["params"][0]
+    reference.state[r].update({"step": resumed.state[q]["step"].clone(),
+                               **{key: expected[key].clone() for key in ("exp_avg", "exp_avg_sq")}})
+    r.grad = q.grad.clone()
+    resumed.step()
+    reference.step()
+    assert torch.equal(q, r)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert resumed.state[q][key].dtype in Q.CODE_DTYPES
+        assert torch.equal(resumed.state[q][key], reference.state[r][key])
+        assert torch.equal(resumed.state[q][key + "_block_scale"], reference.state[r][key + "_block_scale"])

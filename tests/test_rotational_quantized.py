@@ -141,7 +141,7 @@ def test_state_dict_resumes_the_same_bits(backend):
     resumed.load_state_dict(saved["opt"])
     state = resumed.state[rs[0]]
     assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_sq"].dtype == torch.uint8
-    assert state["exp_avg_scale"].dtype == torch.float32 and state["exp_avg_scale"].shape == (Q.blocks(37 * 301),)
+    assert state["exp_avg_block_scale"].dtype == torch.float32 and state["exp_avg_block_scale"].shape == (Q.blocks(37 * 301),)
     for grads in stream[2:]:
         for r, grad in zip(rs, grads):
             r.grad = grad.clone()
@@ -180,7 +180,7 @@ def test_a_skipped_step_and_bad_arguments_write_nothing():
     lists = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
              [s["rotational_norm"] for s in states], [s["update_norm_avg"] for s in states],
              [s["rotational_step"] for s in states], [])
-    short = {1: [s["exp_avg_scale"] for s in states], 2: [s["exp_avg_sq_scale"][:-1] for s in states]}
+    short = {1: [s["exp_avg_block_scale"] for s in states], 2: [s["exp_avg_sq_block_scale"][:-1] for s in states]}
     for bad in (short, {1: short[1]}):
         with pytest.raises(RuntimeError, match="scales"):
             cpp.rotational("adamw", params, [p.grad for p in params], *lists, **kw, scales=bad)
@@ -228,10 +228,12 @@ def test_8_bit_second_moment_follows_the_fp32_one(backend):
     not depend on the weights, so the states see the same inputs), their scale dropped 10x after
     step 20: by step 60 exp_avg_sq has decayed to 14% of its value at the drop, through its codes.
     With stochastic rounding the 8-bit exp_avg_sq's row means stay within 1.5% of the fp32 run's
-    and their mean within 0.5% (measured: 0.53% and 0.06%); rounded to nearest, the decay below
-    the codes' spacing leaves a bias this test sees (measured: -1.45%, bound -0.5%), so stochastic
-    rounding must reach the block phase's encoding. The weights stay within 6% of the distance the
-    fp32 run rotated them (measured: 2.9% stochastic, 2.1% to nearest)."""
+    and their mean within 0.5% (measured: 1.35% and -0.19%); rounded to nearest, the decay below
+    the codes' spacing leaves a bias this test sees (measured: -3.5%, bound -0.5%), so stochastic
+    rounding must reach the block phase's encoding. The weights stay within 15% of the distance the
+    fp32 run rotated them (measured: 10.3% stochastic, 7.4% to nearest: 3 significant bits of m
+    and v near each block's largest, where the first, sqrt-spaced code had about 6 and gave 2.9%
+    and 2.1%, but no resolution left 4 decades down; quantization.py)."""
     g = torch.Generator().manual_seed(3)
     start = torch.randn(16, 300, generator=g)
     grads = [torch.randn(16, 300, generator=g) * (1.0 if t < 20 else 0.1) for t in range(60)]
@@ -244,7 +246,7 @@ def test_8_bit_second_moment_follows_the_fp32_one(backend):
             w.grad = grad.clone()
             opt.step()
             state = opt.state[w]
-            v = state["exp_avg_sq"] if bits is None else Q.decode(state["exp_avg_sq"], state["exp_avg_sq_scale"])
+            v = state["exp_avg_sq"] if bits is None else Q.decode(state["exp_avg_sq"], state["exp_avg_sq_block_scale"])
             if t == 19:
                 at_drop = v.double().mean()
         runs[name] = (w.detach().double(), v.double().mean(dim=1))
@@ -257,4 +259,4 @@ def test_8_bit_second_moment_follows_the_fp32_one(backend):
     moved = (w32 - centred).norm()
     assert moved > 1.0  # they did rotate
     for w in (w8, wn):
-        assert (w - w32).norm() < 0.06 * moved, ((w - w32).norm() / moved).item()
+        assert (w - w32).norm() < 0.15 * moved, ((w - w32).norm() / moved).item()

@@ -645,7 +645,7 @@ def test_rotational_8_bit_skipped_step_and_bad_scales_write_nothing():
     st = {"state1": [s["exp_avg"] for s in states], "state2": [s["exp_avg_sq"] for s in states],
           "steps": [s["step"] for s in states], "norms": [s["rotational_norm"] for s in states],
           "avgs": [s["update_norm_avg"] for s in states], "rsteps": [s["rotational_step"] for s in states]}
-    scales = {1: [s["exp_avg_scale"] for s in states], 2: [s["exp_avg_sq_scale"] for s in states]}
+    scales = {1: [s["exp_avg_block_scale"] for s in states], 2: [s["exp_avg_sq_block_scale"] for s in states]}
     low = {"rng": [s["rng"] for s in states], "correction": [s["correction"] for s in states]}
     for bad in ({1: scales[1]}, {1: scales[1], 2: [t[:-1] for t in scales[2]]}, {**scales, 2: scales[2][:2]}):
         with pytest.raises(ValueError, match="scale"):

@@ -1,6 +1,6 @@
 // The 8-bit state blocks of quantized_blocks.h. -fno-trapping-math for this file only: without it
-// GCC keeps the float selects of the encoding as branches and the loops stay scalar (8 times
-// slower); it changes no result (no reassociation or contraction, only the assumption that no
+// GCC keeps the float selects of the encoding as branches and the loops stay scalar (several
+// times slower); it changes no result (no reassociation or contraction, only the assumption that no
 // floating-point exception traps, which torch never enables), and the rest of the extension
 // keeps the default (it would vectorize more loops there, and take half as long again to build).
 #pragma GCC optimize("no-trapping-math")
@@ -21,38 +21,19 @@ template <bool SIGNED> void decode_block(const void* codes, float scale, float* 
   for (int64_t j = 0; j < n; ++j) out[j] = Code::decode(q[j], scale);
 }
 
-// A block's codes at its usable scale, to nearest or stochastically, as StateCode::encode gives
-// them, most blocks at two thirds of its cost: the guess from |x|·(1/s), no division per element;
-// the code decided between the guess and the guess + 1, which saves the two neighbours the
-// guess is corrected with; and a check that every guess was the bracket. A block where one was
-// not (its root within a few ulps of an integer: about one element in 10^6) is encoded again
-// the reference's way. The words come from the block's folded stream (a block is 256-aligned,
-// so it crosses no multiple of 2^32: rounding.h's rounding_bits_within).
+// A block's codes at its usable scale, to nearest or stochastically. The words come from the
+// block's folded stream (a block is 256-aligned, so it crosses no multiple of 2^32: rounding.h's
+// rounding_bits_within).
 template <bool SIGNED, bool STOCHASTIC>
 void encode_codes(const float* __restrict__ x, typename StateCode<SIGNED>::code_t* __restrict__ q, int64_t n,
                   float scale, uint32_t stream, int64_t first) {
   using Code = StateCode<SIGNED>;
-  constexpr float last = static_cast<float>(Code::kTop - 1);
   const uint32_t word = STOCHASTIC ? fold_index_base(stream, first) : 0u;
-  if (scale >= 0x1p-100f) {  // 1/scale is finite, so are the ratios
-    const float inverse = 1.0f / scale;
-    int missed = 0;
-#pragma omp simd reduction(| : missed)
-    for (int64_t j = 0; j < n; ++j) {
-      const float a = x[j] < 0.0f ? -x[j] : x[j];
-      const float lo = Code::guess(a * inverse);
-      const float d_lo = Code::magnitude(lo, scale), d_hi = Code::magnitude(lo + 1.0f, scale);
-      // One condition in one select: as two (or as bools or'ed) GCC kept this loop scalar.
-      missed |= (d_lo > a || (a >= d_hi && lo < last)) ? 1 : 0;
-      q[j] = Code::template round_in<STOCHASTIC>(
-          x[j], a, lo, d_lo, d_hi, STOCHASTIC ? rounding_bits_within(word, static_cast<uint32_t>(j)) : 0u);
-    }
-    if (!missed) return;
-  }
+  const float inverse = 1.0f / scale;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     q[j] = Code::template encode<STOCHASTIC>(
-        x[j], scale, STOCHASTIC ? rounding_bits_within(word, static_cast<uint32_t>(j)) : 0u);
+        x[j], inverse, STOCHASTIC ? rounding_bits_within(word, static_cast<uint32_t>(j)) : 0u);
   }
 }
 
@@ -69,7 +50,7 @@ float encode_block(const float* __restrict__ x, void* codes, int64_t n, bool sto
     nan |= a != a;
     top = a > top ? a : top;
   }
-  const float scale = nan || top > 3.4028234663852886e38f ? __builtin_nanf("") : top;
+  const float scale = Code::scale_of(nan || top > 3.4028234663852886e38f ? __builtin_nanf("") : top);
   if (!Code::usable(scale)) {  // all zeros, or poisoned: zero codes (a NaN scale decodes to NaN)
     std::fill(q, q + n, typename Code::code_t(0));
   } else if (stochastic) {

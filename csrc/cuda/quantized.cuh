@@ -21,8 +21,8 @@
 // outlives a phase is in shared memory, so the host emulation (rows.cuh's Block) runs it exactly;
 // the barriers (two per sweep, reached by every thread: the sweep loop is uniform) and the shared
 // memory size (9 KiB per state, under the 48 KiB default) are only proved on a GPU. The element
-// loops are not unrolled (each element is several IEEE divisions and roots: decode, update,
-// encode); launched with kThreads threads and a 64-register bound (4 blocks per SM).
+// loops are not unrolled (each element is the update's IEEE divisions and roots, and the codes'
+// integer operations); launched with kThreads threads and a 64-register bound (4 blocks per SM).
 //
 // States only (an Op with kStatesOnly, the rotational kernels' block phase, rotational.cuh): the
 // same sweeps without the parameter, neither loaded nor stored; the Op updates the states alone.
@@ -128,9 +128,10 @@ template <typename E> struct Eight {
   }
 };
 
-template <bool STOCHASTIC> WDOPT_HD uint8_t encode_state(bool is_signed, float x, float s, uint32_t bits) {
-  return is_signed ? static_cast<uint8_t>(StateCode<true>::template encode<STOCHASTIC>(x, s, bits))
-                   : StateCode<false>::template encode<STOCHASTIC>(x, s, bits);
+// ``inverse``: 1/s of the block's usable scale s, correctly rounded (once per block).
+template <bool STOCHASTIC> WDOPT_HD uint8_t encode_state(bool is_signed, float x, float inverse, uint32_t bits) {
+  return is_signed ? static_cast<uint8_t>(StateCode<true>::template encode<STOCHASTIC>(x, inverse, bits))
+                   : StateCode<false>::template encode<STOCHASTIC>(x, inverse, bits);
 }
 
 // The tensors of one 8-bit launch: UpdateTable's columns (the state columns hold codes) plus each
@@ -305,15 +306,17 @@ template <typename T, bool SR, int MASTER, class Op> struct QuantizedKernel {
             const float v = tops[s * kThreads + warp + l];
             top = v > top ? v : top;
           }
-          // The largest magnitude, or NaN for a block with a value that is not finite.
-          const float scale = top <= 3.4028234663852886e38f ? top : NAN;
+          // The largest magnitude (0 below fp32's smallest normal), or NaN for a block with a
+          // value that is not finite.
+          const float scale = StateCode<true>::scale_of(top <= 3.4028234663852886e38f ? top : NAN);
           if (t == warp) table.scales[s][e][index / kQuantBlock] = scale;
           const bool usable = StateCode<true>::usable(scale);  // else zero codes
+          const float inverse = usable ? 1.0f / scale : 1.0f;
           const bool is_signed = signed_codes(2 + s);
           Eight<uint8_t> codes{};
           WDOPT_NO_UNROLL
           for (int i = 0; i < count; ++i) {
-            codes.set(i, usable ? encode_state<SR>(is_signed, values[(s * kQuantElements + i) * kThreads + t], scale,
+            codes.set(i, usable ? encode_state<SR>(is_signed, values[(s * kQuantElements + i) * kThreads + t], inverse,
                                                    SR ? rounding_bits(stream[s], index + i) : 0u)
                                 : uint8_t{0});
           }

@@ -234,6 +234,7 @@ class FusedOptimizer(Optimizer):
         # that went through torch.optim, 8-bit codes (small integers, exact as floats) are taken
         # back; an rng or a correction is dropped and made anew (a correction as zero: the master
         # weight is then the bf16 parameter).
+        state_dict = self._upgrade_legacy_codes(state_dict)
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
         integer_state = {}
         for i, p in zip(saved_ids, (p for group in self.param_groups for p in group["params"])):
@@ -243,13 +244,13 @@ class FusedOptimizer(Optimizer):
                     continue
                 if not value.is_floating_point() and not value.is_complex():
                     integer_state[(p, key)] = value
-                elif key.endswith("_scale") and key[:-len("_scale")] in self._quantized_states:
+                elif key.endswith(_SCALE) and key[:-len(_SCALE)] in self._quantized_states:
                     # float32 block scales of a bf16 parameter: not rounded to bf16 (scales that went
                     # through torch.optim already were: taken back as float32, the rounding kept)
                     integer_state[(p, key)] = value.to(torch.float32)
                 elif key in _INTEGER_STATE:
                     integer_state[(p, key)] = None
-                elif key in self._quantized_states and key + "_scale" in saved and value.shape == p.shape:
+                elif key in self._quantized_states and key + _SCALE in saved and value.shape == p.shape:
                     integer_state[(p, key)] = value.round().to(self._quantized_states[key])
         super().load_state_dict(state_dict)
         for group, backend in zip(self.param_groups, chosen):
@@ -259,6 +260,32 @@ class FusedOptimizer(Optimizer):
                 self.state[p].pop(key, None)
             else:
                 self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _upgrade_legacy_codes(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict whose 8-bit states have wdopt's first code (block scales in ``key +
+        "_scale"``, quantization.decode_legacy) with those states decoded to float32 (a copy; the
+        caller's dict is not changed): loaded like torch.optim's layout, they are encoded in this
+        code at the next step where the group keeps state_bits=8."""
+        legacy = quantization.LEGACY_SCALE_SUFFIX
+        states = state_dict.get("state", {})
+        if not any(key in self._quantized_states and key + legacy in saved and key + _SCALE not in saved
+                   for saved in states.values() for key in saved):
+            return state_dict
+        upgraded = {}
+        for index, saved in states.items():
+            saved = dict(saved)
+            for key, code_dtype in self._quantized_states.items():
+                codes, scales = saved.get(key), saved.get(key + legacy)
+                if not (isinstance(codes, torch.Tensor) and isinstance(scales, torch.Tensor)) or key + _SCALE in saved:
+                    continue
+                local = _dtensor.local(codes)
+                # torch.optim casts codes to its parameter's dtype: small integers, exact as floats
+                local = local.round().to(code_dtype) if local.is_floating_point() else local
+                decoded = quantization.decode_legacy(local, _dtensor.local(scales))
+                saved[key] = _dtensor.like(codes, decoded)
+                del saved[key + legacy]
+            upgraded[index] = saved
+        return {**state_dict, "state": upgraded}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -507,14 +534,14 @@ class FusedOptimizer(Optimizer):
 
     def _zeros_state(self, p: torch.Tensor, group: dict[str, Any], key: str) -> torch.Tensor:
         """A new state tensor ``key`` of ``p``: zeros in p's dtype, or (``state_bits=8``) zero codes,
-        with their block scales in state ``key + "_scale"``."""
+        with their block scales in state ``key + "_block_scale"``."""
         if group["state_bits"] == 8 and key in self._quantized_states:
             if _dtensor.is_dtensor(p):  # this rank's blocks, placed along the global tensor's
                 scales = torch.zeros(quantization.blocks(_dtensor.local(p).numel()), dtype=torch.float32,
                                      device=p.device)
-                self.state[p][key + "_scale"] = _dtensor.wrap_scales(p, scales)
+                self.state[p][key + _SCALE] = _dtensor.wrap_scales(p, scales)
             else:
-                self.state[p][key + "_scale"] = torch.zeros(quantization.blocks(p.numel()), dtype=torch.float32,
+                self.state[p][key + _SCALE] = torch.zeros(quantization.blocks(p.numel()), dtype=torch.float32,
                                                             device=p.device)
             return torch.zeros_like(p, dtype=self._quantized_states[key], memory_format=torch.preserve_format)
         return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -535,9 +562,9 @@ class FusedOptimizer(Optimizer):
                 lp, lt = _dtensor.local(p).detach(), _dtensor.local(t).detach()
                 if quantize and t.is_floating_point():
                     codes, scales = quantization.encode(lt.float(), code_dtype, lp)
-                    state[key], state[key + "_scale"] = _dtensor.like(p, codes), _dtensor.wrap_scales(p, scales)
+                    state[key], state[key + _SCALE] = _dtensor.like(p, codes), _dtensor.wrap_scales(p, scales)
                 elif not quantize and t.dtype in quantization.CODE_DTYPES:
-                    decoded = quantization.decode(lt, _dtensor.local(state.pop(key + "_scale")))
+                    decoded = quantization.decode(lt, _dtensor.local(state.pop(key + _SCALE)))
                     kept = torch.empty_like(lp, memory_format=torch.preserve_format).copy_(decoded)
                     state[key] = _dtensor.like(p, kept)
 
@@ -546,7 +573,7 @@ class FusedOptimizer(Optimizer):
         lists from 1), or {}."""
         if group["state_bits"] != 8 or not params:
             return {}
-        return {lane: [self.state[p][key + "_scale"] for p in params]
+        return {lane: [self.state[p][key + _SCALE] for p in params]
                 for lane, key in enumerate(keys, 1) if key in self._quantized_states}
 
     def to_torch_state_dict(self) -> dict[str, Any]:
@@ -560,10 +587,10 @@ class FusedOptimizer(Optimizer):
             for key in list(state):
                 value = state[key]
                 if isinstance(value, torch.Tensor) and value.dtype in quantization.CODE_DTYPES and \
-                        key + "_scale" in state:
-                    decoded = quantization.decode(_dtensor.local(value), _dtensor.local(state[key + "_scale"]))
+                        key + _SCALE in state:
+                    decoded = quantization.decode(_dtensor.local(value), _dtensor.local(state[key + _SCALE]))
                     state[key] = _dtensor.like(value, decoded)
-            for key in [k for k in state if k.endswith("_scale") or k in _INTEGER_STATE]:
+            for key in [k for k in state if k.endswith(_SCALE) or k in _INTEGER_STATE]:
                 del state[key]
         # The groups without the options, or loading it would bring them back (torch restores the
         # saved groups' options).
@@ -722,7 +749,7 @@ class FusedOptimizer(Optimizer):
         state = {k: v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v for k, v in self.state[p].items()}
         for key in self._quantized_states:  # 8-bit states: their values
             if isinstance(state.get(key), torch.Tensor) and state[key].dtype in quantization.CODE_DTYPES:
-                state[key] = quantization.decode(state[key], state[key + "_scale"])
+                state[key] = quantization.decode(state[key], state[key + _SCALE])
         p = self._weight(p)  # a compensated parameter's master weight
         if p.is_complex():
             p, g = torch.view_as_real(p), torch.view_as_real(g)
@@ -979,12 +1006,12 @@ class FusedOptimizer(Optimizer):
                 if t.dtype != self._quantized_states.get(key):
                     raise RuntimeError(f"{where} is {t.dtype} codes; {type(self).__name__} codes it as "
                                        f"{self._quantized_states.get(key)} (an edited or foreign state dict?)")
-                scale = state.get(key + "_scale")
+                scale = state.get(key + _SCALE)
                 if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device == p.device
                         and scale.dim() == 1 and scale.numel() == quantization.blocks(p.numel())
                         and _dtensor.local(scale).is_contiguous()):
                     raise RuntimeError(
-                        f"{where} is 8-bit codes, but {key + '_scale'!r} is not a contiguous float32 vector of "
+                        f"{where} is 8-bit codes, but {key + _SCALE!r} is not a contiguous float32 vector of "
                         f"{quantization.blocks(p.numel())} block scales on {p.device}")
                 # Blocks are runs of the codes' memory: codes laid out otherwise than the parameter
                 # (its memory format changed after the state was made) would be decoded with other
@@ -999,7 +1026,7 @@ class FusedOptimizer(Optimizer):
                 if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(t):
                     where = f"parameter {param_index} of param group {group_index}"
                     _dtensor.check_state(p, key, t, where)
-                    _dtensor.check_state(p, key + "_scale", scale, where, _dtensor.scale_placements(p))
+                    _dtensor.check_state(p, key + _SCALE, scale, where, _dtensor.scale_placements(p))
                 continue
             if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
                 raise RuntimeError(
@@ -1156,6 +1183,7 @@ FusedOptimizer.step = _hooked_only_when_needed(FusedOptimizer.step)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: State kept in integer dtypes, which torch.optim's load_state_dict would cast to the parameter's.
 _INTEGER_STATE = ("rng", "correction")
+_SCALE = quantization.SCALE_SUFFIX  # state key + this: an 8-bit state's block scales
 
 
 def _float(x) -> float:

@@ -54,71 +54,76 @@ def scale_pointer(table_ptr, row, COLUMN: tl.constexpr, NCOL: tl.constexpr):
 
 
 @triton.jit
-def magnitude(q, s, SIGNED: tl.constexpr):
-    """|value| of code magnitude ``q`` (fp32 holding an integer: q² is exact) at scale ``s``: q²/top²
-    correctly rounded, then s·t (signed) or s·t²."""
+def _offset(SIGNED: tl.constexpr):
+    """0x3F8 − TOP (uint32): g(q), the ratio of code q ≥ 1 to its scale, has bit pattern (offset + q) << 20."""
     if SIGNED:
-        return s * tl.div_rn(q * q, 16129.0)  # 127²
+        return tl.full((), 0x3F8 - 127, tl.uint32)
     else:
-        t = tl.div_rn(q * q, 65025.0)  # 255²
-        return s * (t * t)
+        return tl.full((), 0x3F8 - 255, tl.uint32)
+
+
+@triton.jit
+def decode(q, s, SIGNED: tl.constexpr):
+    """The value of int32 codes ``q`` at scale ``s`` (StateCode::decode): sign(q)·fl(g(|q|)·s),
+    code 0 zero (NaN at a NaN scale, 0 at scale 0: a product)."""
+    a = tl.abs(q).to(tl.uint32)
+    g = tl.where(a == 0, 0.0, ((_offset(SIGNED) + a) << 20).to(tl.float32, bitcast=True))
+    m = g * s
+    return tl.where(q < 0, -m, m)
 
 
 @triton.jit
 def load_state(ptr, scale_ptr, offs, mask, COMPUTE: tl.constexpr, QUANTIZED: tl.constexpr, SIGNED: tl.constexpr):
     """A state in the math dtype: as stored, or decoded from its codes and its block's scale."""
     if QUANTIZED:
-        q = tl.load(ptr + offs, mask=mask).to(tl.float32)
+        q = tl.load(ptr + offs, mask=mask).to(tl.int32)
         s = tl.load(scale_ptr + offs // QBLOCK, mask=mask)
-        m = magnitude(tl.abs(q), s, SIGNED)
-        return tl.where(q < 0.0, -m, m).to(COMPUTE)
+        return decode(q, s, SIGNED).to(COMPUTE)
     else:
         return tl.load(ptr + offs, mask=mask).to(COMPUTE)
 
 
 @triton.jit
-def encode(x, s, bits, SIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """fp32 ``x``'s code at its block's scale ``s`` (quantization.h StateCode::encode, step for step):
-    the bracket lo ≤ |x| < hi from the truncated root, moved by one where the decoded neighbours
-    disagree, then to nearest (ties down) or, STOCHASTIC, up iff (|x| − lo)·2^16 ≥ (2^16 − r)·(hi − lo)
-    with r the low 16 bits of the element's word. Zero codes where the scale is 0 or NaN."""
-    if SIGNED:
-        top = 127.0
-    else:
-        top = 255.0
+def encode(x, s, inverse, bits, SIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """fp32 ``x``'s code at its block's scale ``s`` (``inverse``: 1/s correctly rounded;
+    quantization.h StateCode::encode, step for step): the ratio ρ = |x|·inverse rounded at bit 20
+    of its bit pattern (to nearest, ties away from zero, or with the low 20 bits of the element's
+    word), at most TOP; below g(1), 0 or 1 (up iff 2ρ > g(1), or ρ·2^16 ≥ (2^16 − r)·g(1) with r
+    the word's low 16 bits); exp_avg_sq's floor. Zero codes where the scale is 0 or NaN."""
     usable = (s > 0.0) & (s <= FLT_MAX)
-    s = tl.where(usable, s, 1.0)  # unused lanes: keep the arithmetic finite
     a = tl.where(usable, tl.abs(x), 0.0)
-    ratio = tl.div_rn(a, s)
-    if SIGNED:
-        root = tl.sqrt_rn(ratio)
+    ratio = a * tl.where(usable, inverse, 1.0)
+    offset = _offset(SIGNED)
+    first = ((offset + 1) << 20).to(tl.float32, bitcast=True)
+    if STOCHASTIC:
+        carry = bits & 0xFFFFF
     else:
-        root = tl.sqrt_rn(tl.sqrt_rn(ratio))
-    lo = (root * top).to(tl.int32).to(tl.float32)  # ≥ 0: truncation is the floor
-    lo = tl.minimum(lo, top - 1.0)
-    lo = tl.where(magnitude(lo, s, SIGNED) > a, lo - 1.0, lo)
-    lo = tl.where(magnitude(lo + 1.0, s, SIGNED) <= a, lo + 1.0, lo)
-    lo = tl.minimum(lo, top - 1.0)
-    d_lo = magnitude(lo, s, SIGNED)
-    d_hi = magnitude(lo + 1.0, s, SIGNED)
+        carry = tl.full(a.shape, 0x80000, tl.uint32)
+    grid = (((ratio.to(tl.uint32, bitcast=True) + carry) >> 20) - offset).to(tl.int32, bitcast=True)
+    if SIGNED:
+        grid = tl.minimum(grid, 127)
+    else:
+        grid = tl.minimum(grid, 255)
     if STOCHASTIC:
         r = (bits & 0xFFFF).to(tl.int32).to(tl.float32)
-        up = (a - d_lo) * 65536.0 >= (65536.0 - r) * (d_hi - d_lo)
+        up = ratio * 65536.0 >= (65536.0 - r) * first
     else:
-        up = (a - d_lo) > (d_hi - a)
-    up = up | (a >= d_hi)
+        up = ratio * 2.0 > first
     if not SIGNED:  # a nonzero second moment never encodes to 0 (reference/quantization.py's "Floor")
-        up = up | ((lo == 0.0) & (a > 0.0))
-    q = tl.where(usable, lo + tl.where(up, 1.0, 0.0), 0.0)
+        up = up | (a > 0.0)
+    q = tl.where(ratio >= first, grid, tl.where(up, 1, 0))
+    q = tl.where(usable, q, 0)
     if SIGNED:
         q = tl.where(x < 0.0, -q, q)
-    return q.to(tl.int32)
+    return q
 
 
 @triton.jit
 def block_scales(x, mask, BLOCK: tl.constexpr):
-    """Each element's block scale: the largest |x| of its block of QBLOCK (masked lanes count as 0),
-    NaN for a block holding a NaN or an infinity. ``x``: BLOCK values starting on a block boundary."""
+    """Each element's block scale and its reciprocal (correctly rounded, one division a block):
+    the largest |x| of its block of QBLOCK (masked lanes count as 0), 0 when that is below fp32's
+    smallest normal, NaN for a block holding a NaN or an infinity. ``x``: BLOCK values starting on
+    a block boundary."""
     a = tl.abs(x)
     finite = a <= FLT_MAX  # NaN fails the comparison too
     bad = tl.where(mask & ~finite, 1, 0)
@@ -126,8 +131,11 @@ def block_scales(x, mask, BLOCK: tl.constexpr):
     rows: tl.constexpr = BLOCK // QBLOCK
     largest = tl.max(tl.reshape(a, (rows, QBLOCK)), axis=1)
     poisoned = tl.max(tl.reshape(bad, (rows, QBLOCK)), axis=1) > 0
+    largest = tl.where(largest < 1.1754943508222875e-38, 0.0, largest)  # 2^-126
+    inverse = tl.div_rn(tl.full(largest.shape, 1.0, tl.float32), tl.where(largest > 0.0, largest, 1.0))
     largest = tl.where(poisoned, float("nan"), largest)
-    return tl.reshape(tl.broadcast_to(largest[:, None], (rows, QBLOCK)), (BLOCK,))
+    return (tl.reshape(tl.broadcast_to(largest[:, None], (rows, QBLOCK)), (BLOCK,)),
+            tl.reshape(tl.broadcast_to(inverse[:, None], (rows, QBLOCK)), (BLOCK,)))
 
 
 @triton.jit
@@ -140,11 +148,11 @@ def store_state(ptr, scale_ptr, offs, mask, x, DTYPE: tl.constexpr, word, STOCHA
             lanes = offs >= 0
         else:
             lanes = mask
-        s = block_scales(x, lanes, BLOCK)
+        s, inverse = block_scales(x, lanes, BLOCK)
         bits = word
         if STOCHASTIC:
             bits = rounding_bits(word, offs)
-        codes = encode(x.to(tl.float32), s, bits, SIGNED, STOCHASTIC)
+        codes = encode(x.to(tl.float32), s, inverse, bits, SIGNED, STOCHASTIC)
         if SIGNED:
             tl.store(ptr + offs, codes.to(tl.int8), mask=mask)
         else:
