@@ -170,7 +170,7 @@ def _edge_gradients(scale: float, signed: bool) -> torch.Tensor:
     # the midpoints: g(q) with bit 19 set, times the scale
     ties = R._floats(((Q.ONE - top + q[1:]) << Q.SHIFT) + (1 << (Q.SHIFT - 1))) * scale
     first = Q.first_code(signed) * scale
-    linear = torch.tensor([0.25, 0.5, 0.75, 0.99]) * first
+    linear = torch.cat([torch.tensor([0.25, 0.5, 0.75, 0.99]) * first, torch.tensor([1e-40, 1.4e-45])])  # + subnormals
     values = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.full((), 2 * scale)),
                         ties, torch.nextafter(ties, torch.zeros(())), linear, torch.nextafter(linear, torch.zeros(()))])
     values = values[values <= scale]
@@ -184,10 +184,13 @@ def _edge_gradients(scale: float, signed: bool) -> torch.Tensor:
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in PAIRS if b != "reference"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 def test_codes_at_every_bracket_edge_equal_the_reference(backend, device, stochastic):
-    """Every code's value, the ties between codes and the linear range below the first code, with
-    their neighbouring floats, at scales from 1 to below fp32's smallest normal (a block stored as
-    zeros), through a kernel: the same codes and scales as the reference's."""
-    grads = [_edge_gradients(scale, signed) for scale in (1.0, 3.7e-3, 1e-30, 2e-39) for signed in (True, False)]
+    """Every code's value, the ties between codes, the linear range below the first code and
+    subnormal values, with their neighbouring floats, at scales from 1.5·2^126 (a subnormal
+    reciprocal) to below fp32's smallest normal (a block stored as zeros), through a kernel: the
+    same codes and scales as the reference's."""
+    # 1.5·2^126: the reciprocal is subnormal; 2^-126: the smallest scale kept; 2e-39: stored as zeros
+    grads = [_edge_gradients(scale, signed) for scale in (1.0, 3.7e-3, 1e-30, 1.5 * 2.0**126, 2.0**-126, 2e-39)
+             for signed in (True, False)]
     grads = [g for g in grads if torch.isfinite(g).all()]
     runs = []
     for b in ("reference", backend):
@@ -461,45 +464,78 @@ def test_a_bf16_8_bit_state_dict_that_went_through_torch_optim_resumes():
     assert back.state[p]["exp_avg"].dtype == torch.int8
 
 
-def test_a_state_dict_of_the_first_code_loads_decoded():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_state_dict_of_the_first_code_loads_re_encoded(dtype):
     """wdopt's first 8-bit code kept its block scales in ``key + "_scale"`` (sqrt-spaced codes):
-    such a state dict loads with its states decoded by that code (quantization.decode_legacy),
-    and the next step encodes them in this one; the caller's dict is left as it was."""
+    such a state dict loads with its states decoded by that code (quantization.decode_legacy) and
+    encoded in this one at once, to nearest, never held in the parameter's dtype (an fp16
+    parameter would make exp_avg_sq's 1e6 inf); the next step runs from them as the reference
+    does; the caller's dict is left as it was."""
     torch.manual_seed(0)
-    p = torch.randn(300, requires_grad=True)
+    p = torch.randn(300, dtype=dtype, requires_grad=True)
     opt = wdopt.FusedAdamW([p], lr=1e-3, state_bits=8)
-    p.grad = torch.randn(300)
+    p.grad = torch.randn(300, dtype=dtype)
     opt.step()
     saved = opt.state_dict()
-    legacy = {"int8": torch.randint(-127, 128, (300,), dtype=torch.int8),
-              "uint8": torch.randint(0, 256, (300,), dtype=torch.uint8)}
     state = saved["state"][0]
-    for key, codes in (("exp_avg", legacy["int8"]), ("exp_avg_sq", legacy["uint8"])):
+    legacy = {"exp_avg": torch.randint(-127, 128, (300,), dtype=torch.int8),
+              "exp_avg_sq": torch.randint(0, 256, (300,), dtype=torch.uint8)}
+    for key, codes in legacy.items():
         state[key] = codes
         del state[key + "_block_scale"]
-        state[key + "_scale"] = torch.tensor([0.5, 3e-3], dtype=torch.float32)
-    expected = {key: Q.decode_legacy(state[key], state[key + "_scale"]) for key in ("exp_avg", "exp_avg_sq")}
+        state[key + "_scale"] = torch.tensor([0.5, 3e-3] if key == "exp_avg" else [1e6, 3e-9], dtype=torch.float32)
     # the first code's values, by hand: q = ±127 is ±s, q = 64 is s·fl(4096/16129), v's q = 255 is s
     assert Q.decode_legacy(torch.tensor([127, -127, 64, 0], dtype=torch.int8), torch.tensor([0.5])).tolist() == \
         [0.5, -0.5, 0.5 * float(torch.tensor(4096.0) / 16129.0), 0.0]
     assert Q.decode_legacy(torch.tensor([255, 1], dtype=torch.uint8), torch.tensor([2.0]))[0] == 2.0
+    expected = {key: Q.encode(Q.decode_legacy(state[key], state[key + "_scale"]), code.dtype, p.detach())
+                for key, code in legacy.items()}
     q = torch.nn.Parameter(p.detach().clone())
     resumed = wdopt.FusedAdamW([q], lr=1e-3, state_bits=8)
     resumed.load_state_dict(saved)
-    assert "exp_avg_scale" in saved["state"][0] and saved["state"][0]["exp_avg"].dtype == torch.int8
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert resumed.state[q][key].dtype == torch.float32 and key + "_scale" not in resumed.state[q]
-        assert torch.equal(resumed.state[q][key], expected[key])
-    q.grad = torch.randn(300)
+    assert "exp_avg_scale" in saved["state"][0] and "exp_avg_block_scale" not in saved["state"][0]
+    for key, (codes, scales) in expected.items():
+        assert key + "_scale" not in resumed.state[q]
+        assert torch.equal(resumed.state[q][key], codes)
+        assert torch.equal(resumed.state[q][key + "_block_scale"], scales)
+    assert torch.isfinite(Q.decode(*expected["exp_avg_sq"])).all() and expected["exp_avg_sq"][1][0] == 1e6
     reference = wdopt.FusedAdamW([torch.nn.Parameter(q.detach().clone())], lr=1e-3, state_bits=8, backend="reference")
     r = reference.param_groups[0]["params"][0]
-    reference.state[r].update({"step": resumed.state[q]["step"].clone(),
-                               **{key: expected[key].clone() for key in ("exp_avg", "exp_avg_sq")}})
+    reference.load_state_dict(copy.deepcopy(saved))  # torch shares the dict's tensors (the step count)
+    q.grad = torch.randn(300, dtype=dtype)
     r.grad = q.grad.clone()
     resumed.step()
     reference.step()
-    assert torch.equal(q, r)
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert resumed.state[q][key].dtype in Q.CODE_DTYPES
+    assert torch.equal(q, r) and torch.isfinite(q).all()
+    for key in legacy:
         assert torch.equal(resumed.state[q][key], reference.state[r][key])
         assert torch.equal(resumed.state[q][key + "_block_scale"], reference.state[r][key + "_block_scale"])
+
+
+def test_a_first_code_state_dict_that_does_not_fit_is_refused():
+    """First-code codes of the wrong kind (unsigned under a signed state) or with too few or too
+    many block scales: a clear error, and the optimizer's state unchanged; a state with both
+    kinds of scales keeps the new one."""
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = wdopt.FusedAdamW([p], lr=1e-3, state_bits=8)
+    p.grad = torch.randn(300)
+    opt.step()
+    saved = opt.state_dict()
+    before = copy.deepcopy(opt.state[p])
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["exp_avg"] = torch.zeros(300, dtype=torch.uint8)
+    bad["state"][0]["exp_avg_scale"] = bad["state"][0].pop("exp_avg_block_scale")
+    with pytest.raises(RuntimeError, match="torch.uint8 codes"):
+        opt.load_state_dict(bad)
+    for scales in (torch.ones(1), torch.ones(3)):
+        bad = copy.deepcopy(saved)
+        bad["state"][0]["exp_avg_scale"] = scales
+        del bad["state"][0]["exp_avg_block_scale"]
+        with pytest.raises(RuntimeError, match="block scales"):
+            opt.load_state_dict(bad)
+    assert all(torch.equal(before[k], opt.state[p][k]) for k in before)
+    both = copy.deepcopy(saved)
+    both["state"][0]["exp_avg_scale"] = torch.ones(2)
+    opt.load_state_dict(both)
+    assert "exp_avg_scale" not in opt.state[p] and torch.equal(opt.state[p]["exp_avg_block_scale"],
+                                                               saved["state"][0]["exp_avg_block_scale"])

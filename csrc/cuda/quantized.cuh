@@ -43,8 +43,8 @@ namespace cuda {
 namespace {
 
 // A loop the device compiler must not unroll: a thread's 8 elements stay one loop body (unrolled,
-// the 8-bit kernels' divisions and roots made them several times as long to build). (Device
-// passes only; host compilers warn on the pragma.)
+// the update's divisions and roots, with the first 8-bit code's, made the kernels several times as
+// long to build). (Device passes only; host compilers warn on the pragma.)
 #if defined(__CUDA_ARCH__)
 #define WDOPT_NO_UNROLL _Pragma("unroll 1")
 #else

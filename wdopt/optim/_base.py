@@ -234,10 +234,11 @@ class FusedOptimizer(Optimizer):
         # that went through torch.optim, 8-bit codes (small integers, exact as floats) are taken
         # back; an rng or a correction is dropped and made anew (a correction as zero: the master
         # weight is then the bf16 parameter).
-        state_dict = self._upgrade_legacy_codes(state_dict)
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        state_dict = self._upgrade_legacy_codes(state_dict, params)
         integer_state = {}
-        for i, p in zip(saved_ids, (p for group in self.param_groups for p in group["params"])):
+        for i, p in params.items():
             saved = state_dict.get("state", {}).get(i, {})
             for key, value in saved.items():
                 if not isinstance(value, torch.Tensor):
@@ -261,29 +262,42 @@ class FusedOptimizer(Optimizer):
             else:
                 self.state[p][key] = value.to(device=p.device, copy=True)
 
-    def _upgrade_legacy_codes(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _upgrade_legacy_codes(self, state_dict: dict[str, Any], params: dict) -> dict[str, Any]:
         """A state dict whose 8-bit states have wdopt's first code (block scales in ``key +
-        "_scale"``, quantization.decode_legacy) with those states decoded to float32 (a copy; the
-        caller's dict is not changed): loaded like torch.optim's layout, they are encoded in this
-        code at the next step where the group keeps state_bits=8."""
+        "_scale"``, quantization.decode_legacy) with those states re-encoded in this code, to
+        nearest, scales in ``key + "_block_scale"`` (a copy; the caller's dict is not changed):
+        they then load as any 8-bit state does, never held as floats of the parameter's dtype
+        (an fp16 parameter's would overflow or flush exp_avg_sq). ``params``: saved id ->
+        parameter. A key with both scales keeps the new one."""
         legacy = quantization.LEGACY_SCALE_SUFFIX
         states = state_dict.get("state", {})
-        if not any(key in self._quantized_states and key + legacy in saved and key + _SCALE not in saved
+        if not any(key in self._quantized_states and key + legacy in saved
                    for saved in states.values() for key in saved):
             return state_dict
         upgraded = {}
         for index, saved in states.items():
             saved = dict(saved)
+            p = params.get(index)
             for key, code_dtype in self._quantized_states.items():
-                codes, scales = saved.get(key), saved.get(key + legacy)
-                if not (isinstance(codes, torch.Tensor) and isinstance(scales, torch.Tensor)) or key + _SCALE in saved:
+                codes, scales = saved.get(key), saved.pop(key + legacy, None)
+                if key + _SCALE in saved or not isinstance(scales, torch.Tensor):
                     continue
-                local = _dtensor.local(codes)
+                where = f"state {key!r} of saved parameter {index}"
+                if p is None or not isinstance(codes, torch.Tensor) or codes.shape != p.shape:
+                    raise RuntimeError(f"{where} has first-code block scales ({key + legacy!r}) but no codes "
+                                       f"shaped like its parameter")
+                local, lp = _dtensor.local(codes), _dtensor.local(p).detach()
                 # torch.optim casts codes to its parameter's dtype: small integers, exact as floats
                 local = local.round().to(code_dtype) if local.is_floating_point() else local
-                decoded = quantization.decode_legacy(local, _dtensor.local(scales))
-                saved[key] = _dtensor.like(codes, decoded)
-                del saved[key + legacy]
+                local_scales = _dtensor.local(scales)
+                if local.dtype != code_dtype or local_scales.numel() != quantization.blocks(local.numel()):
+                    raise RuntimeError(
+                        f"{where} is {local.dtype} codes with {local_scales.numel()} block scales; "
+                        f"{type(self).__name__} codes it as {code_dtype} with {quantization.blocks(local.numel())} "
+                        f"(an edited or foreign state dict?)")
+                decoded = quantization.decode_legacy(local, local_scales).to(lp.device)
+                new_codes, new_scales = quantization.encode(decoded, code_dtype, lp)
+                saved[key], saved[key + _SCALE] = _dtensor.like(p, new_codes), _dtensor.wrap_scales(p, new_scales)
             upgraded[index] = saved
         return {**state_dict, "state": upgraded}
 

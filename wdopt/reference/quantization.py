@@ -19,7 +19,7 @@ binades of 8 codes) or s·1.25·2^-32 (second moments: 32 binades; sqrt(v), whic
 by, keeps 16). That is a blockwise float code (bitsandbytes' dynamic code and fp8 with a block
 scale are cousins) chosen so that encoding is one product and integer operations on its bit
 pattern, exact on every backend, with no per-element division or root: x's ratio
-ρ = fl(|x| · fl(1/s)) (ρ ≤ 1 + 2^-23; the reciprocal once per block) is rounded at bit 20 of its
+ρ = fl(|x| · fl(1/s)) (ρ ≤ 1 + 2^-23: at most TOP; the reciprocal once per block) is rounded at bit 20 of its
 bit pattern,
 
     to nearest:      q = (bits(ρ) + 2^19) >> 20 − (0x3F8 − TOP)              (ties away from zero)
@@ -28,8 +28,9 @@ bit pattern,
 at most TOP, with r the element's random word (rounding.py's rule: P(up) is the dropped
 fraction to 2^-20). Below g(1) the code is 0 or 1, linearly: up iff 2ρ > g(1) to nearest (ties
 down), or, stochastically, up iff ρ·2^16 ≥ (2^16 − (r & 0xFFFF))·g(1) (every product exact:
-g(1) has 4 significant bits). The block's largest value decodes to itself (its ρ rounds to 1 but
-for a 2^-20 chance when stochastic), so the scale follows it exactly from step to step.
+g(1) has 4 significant bits). The block's largest value decodes to itself (its ρ is within two
+ulps of 1 and rounds to 1, but for a chance of order 2^-20 when stochastic), so the scale follows
+it exactly from step to step.
 
 A block whose largest magnitude is below 2^-126 (fp32's smallest normal) is stored as zeros,
 scale 0: its reciprocal would overflow. A state that small does not move Adam's steps (ε is
