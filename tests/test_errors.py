@@ -193,6 +193,24 @@ def test_failed_step_drops_grad_scaler_attributes():
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
 
 
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf"])
+def test_a_grad_scale_that_is_not_a_tensor_is_refused(name):
+    """GradScaler's attributes are tensors; a float set by hand (before or after the state is
+    made, on the validation path or the fast one) is a clear TypeError that changes nothing."""
+    p = leaf(3)
+    p.grad = torch.ones(3)
+    opt = wdopt.FusedAdamW([p])
+    for _ in range(3):  # the state made, and the fast path built
+        opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    setattr(opt, name, 2.0)
+    with pytest.raises(TypeError, match=f"FusedAdamW.{name} must be a tensor"):
+        opt.step()
+    assert torch.equal(p, before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.step()  # and the next step runs
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_conjugated_complex_gradient(backend, device):
     p = torch.randn(5, dtype=torch.complex64, device=device, requires_grad=True)

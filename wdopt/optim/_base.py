@@ -346,6 +346,10 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         fast = self.__dict__.get("_fast")
         try:
+            for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+                if value is not None and not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{type(self).__name__}.{name} must be a tensor, as torch.amp.GradScaler "
+                                    f"sets it (a float32 scalar tensor), got {type(value).__name__}")
             if fast is not None:
                 # A TorchDispatchMode (a FLOP counter, a tracer) would not see the fast path's CPU
                 # kernels, called from C++ below the dispatcher: the validation path's operators it sees.
