@@ -4,6 +4,7 @@ and small updates that round-to-nearest bf16 loses act on average."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -393,3 +394,32 @@ def test_non_finite_results_have_the_references_bits(backend):
     for a, r in zip(*out):
         assert torch.equal(a, r)
     assert int(out[0][0][0]) == 0x7FC0
+
+
+def test_an_edited_rounding_seed_takes_effect():
+    """``rounding_seed`` edited after the streams exist: from the next step the group draws the
+    new seed's streams (key of the new seed, count from 0), as an optimizer made with that seed
+    would; left alone, or set to the same value, the streams go on."""
+    torch.manual_seed(0)
+    params = [torch.randn(37, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    opt = wdopt.FusedAdamW(params, lr=1e-3, stochastic_rounding=True, rounding_seed=1)
+    for p in params:
+        p.grad = torch.randn(37, dtype=torch.bfloat16)
+    opt.step()
+    opt.param_groups[0]["rounding_seed"] = 1
+    opt.step()
+    assert [opt.state[p]["rng"].tolist() for p in params] == [[R.parameter_key(1, i), 2, 0] for i in range(2)]
+    twin = wdopt.FusedAdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3,
+                            stochastic_rounding=True, rounding_seed=7)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin.param_groups[0]["rounding_seed"] = 7  # the loaded group said 1
+    for i, q in enumerate(twin.param_groups[0]["params"]):
+        twin.state[q]["rng"][:2] = torch.tensor([R.parameter_key(7, i), 0])
+    opt.param_groups[0]["rounding_seed"] = 7
+    for q, p in zip(twin.param_groups[0]["params"], params):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert [opt.state[p]["rng"].tolist() for p in params] == [[R.parameter_key(7, i), 1, 0] for i in range(2)]
+    for p, q in zip(params, twin.param_groups[0]["params"]):
+        assert torch.equal(p, q)

@@ -254,6 +254,7 @@ class FusedOptimizer(Optimizer):
                 elif key in self._quantized_states and key + _SCALE in saved and value.shape == p.shape:
                     integer_state[(p, key)] = value.round().to(self._quantized_states[key])
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_stream_seeds", None)  # the loaded streams are the saved groups' seeds'
         for group, backend in zip(self.param_groups, chosen):
             group["backend"] = backend
         for (p, key), value in integer_state.items():
@@ -448,6 +449,7 @@ class FusedOptimizer(Optimizer):
         base 0 (a DTensor shard: the global index of its first element, _dtensor.py)."""
         if not group["stochastic_rounding"]:
             return
+        self._reseed_if_edited(group)
         missing = []
         for p in params:
             state = self.state[p]
@@ -467,6 +469,25 @@ class FusedOptimizer(Optimizer):
             self.state[p]["rng"] = torch.tensor([key, 0, 0], dtype=torch.int64, device=p.device)
             if _dtensor.is_dtensor(p):
                 _dtensor.set_index_base(p, self.state[p])
+
+    def _reseed_if_edited(self, group: dict[str, Any]) -> None:
+        """A group whose ``rounding_seed`` was edited since its last stochastically rounded step
+        draws the new seed's streams from here on: each stream of the group gets the key of the
+        new seed and count 0 (its index base kept), as if the optimizer had been made with it.
+        The seed each group's streams were made from is kept here, by group, on the host (no
+        device read): a loaded state dict's groups start from their saved seed."""
+        seeds = self.__dict__.setdefault("_stream_seeds", {})
+        seed = group["rounding_seed"]
+        made = seeds.get(id(group))
+        seeds[id(group)] = (group, seed)
+        if made is None or made[0] is not group or made[1] == seed:
+            return
+        position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        for p in group["params"]:
+            rng = self.state.get(p, {}).get("rng")
+            if isinstance(rng, torch.Tensor) and rng.numel() == 3:
+                fresh = torch.tensor([rounding.parameter_key(seed, position[id(p)]), 0], dtype=torch.int64)
+                rng[:2].copy_(fresh.to(rng.device, non_blocking=True))
 
     def _init_correction(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """State ``correction`` of each parameter of a group with ``master_weight_bits`` 24 or 32:
