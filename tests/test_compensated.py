@@ -293,3 +293,29 @@ def test_a_parameter_with_gaps_in_memory_keeps_its_master_weight():
     (p0, c0, b0), (p1, c1, b1) = out
     assert torch.equal(p0.view(torch.int16), p1.view(torch.int16)) and torch.equal(c0, c1)
     assert torch.equal(b0[:, 1::2], b1[:, 1::2])  # the gaps untouched
+
+
+def test_a_changed_memory_format_is_refused_with_a_recipe_that_works():
+    """A compensated parameter turned channels-last after its correction was made: the step is
+    refused before anything changes, and the error's recipe keeps the master weight whole."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(torch.bfloat16))
+    opt = wdopt.FusedAdamW([w], lr=1e-2, master_weight_bits=32)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    master = opt.master_weight(w)
+    w.data = w.data.to(memory_format=torch.channels_last)
+    w.grad = w.grad.to(memory_format=torch.channels_last)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="memory format changed") as error:
+        opt.step()
+    assert torch.equal(w, before)
+    assert "opt.set_master_weight(p, w)" in str(error.value)
+    p = w
+    w_ = opt.master_weight(p)
+    del opt.state[p]["correction"]
+    opt.set_master_weight(p, w_)
+    assert torch.equal(opt.master_weight(p), master)
+    assert opt.state[p]["correction"].stride() == p.stride()
+    opt.step()  # and it steps again
+    assert not torch.equal(opt.master_weight(p), master)

@@ -1086,9 +1086,17 @@ class FusedOptimizer(Optimizer):
                                            and correction.dtype in (torch.int8, torch.int16)
                                            and correction.shape == lp.shape and correction.device == lp.device
                                            and _laid_out_as_made(correction, lp)):
-            raise RuntimeError(f"state 'correction' of parameter {param_index} of param group {group_index} must be an "
-                               f"int16 or int8 tensor shaped and laid out like the parameter ({tuple(p.shape)} on "
-                               f"{p.device}), got {correction!r:.200}")
+            where = f"state 'correction' of parameter {param_index} of param group {group_index}"
+            if isinstance(correction, torch.Tensor) and type(correction) in _PLAIN and correction.shape == lp.shape \
+                    and correction.dtype in (torch.int8, torch.int16) and correction.device == lp.device:
+                # The parameter's memory format changed after the state was made: the master
+                # weight is still whole element by element, and can be set again.
+                raise RuntimeError(
+                    f"{where} is laid out with strides {correction.stride()}, the parameter with {lp.stride()}: its "
+                    f"memory format changed after the state was made. Change it back, or keep the master weight: "
+                    f"w = opt.master_weight(p); del opt.state[p]['correction']; opt.set_master_weight(p, w)")
+            raise RuntimeError(f"{where} must be an int16 or int8 tensor shaped and laid out like the parameter "
+                               f"({tuple(p.shape)} on {p.device}), got {correction!r:.200}")
         rng = state.get("rng")
         if rng is not None and not (isinstance(rng, torch.Tensor) and type(rng) in _PLAIN and rng.dtype == torch.int64
                                     and rng.shape in ((2,), (3,)) and rng.device == p.device and rng.is_contiguous()):
