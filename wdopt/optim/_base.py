@@ -463,12 +463,17 @@ class FusedOptimizer(Optimizer):
                 state["rng"] = torch.cat([rng, rng.new_zeros(1)])
         if not missing:
             return
-        position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        position = self._positions()
         for p in missing:
             key = rounding.parameter_key(group["rounding_seed"], position[id(p)])
             self.state[p]["rng"] = torch.tensor([key, 0, 0], dtype=torch.int64, device=p.device)
             if _dtensor.is_dtensor(p):
                 _dtensor.set_index_base(p, self.state[p])
+
+    def _positions(self) -> dict[int, int]:
+        """id(parameter) -> its position in the optimizer (as in its state dict): with the group's
+        ``rounding_seed``, what a parameter's stream key is drawn from."""
+        return {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
 
     def _reseed_if_edited(self, group: dict[str, Any]) -> None:
         """A group whose ``rounding_seed`` was edited since its last stochastically rounded step
@@ -482,7 +487,7 @@ class FusedOptimizer(Optimizer):
         seeds[id(group)] = (group, seed)
         if made is None or made[0] is not group or made[1] == seed:
             return
-        position = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        position = self._positions()
         for p in group["params"]:
             rng = self.state.get(p, {}).get("rng")
             if isinstance(rng, torch.Tensor) and rng.numel() == 3:
@@ -1082,13 +1087,11 @@ class FusedOptimizer(Optimizer):
             where = f"parameter {param_index} of param group {group_index}"
             _dtensor.check_state(p, "correction", correction, where)  # placed as the parameter
             lp, correction = _dtensor.local(p), _dtensor.local(correction)  # then laid out as it
-        if correction is not None and not (isinstance(correction, torch.Tensor) and type(correction) in _PLAIN
-                                           and correction.dtype in (torch.int8, torch.int16)
-                                           and correction.shape == lp.shape and correction.device == lp.device
-                                           and _laid_out_as_made(correction, lp)):
+        fits = isinstance(correction, torch.Tensor) and type(correction) in _PLAIN and correction.shape == lp.shape \
+            and correction.dtype in (torch.int8, torch.int16) and correction.device == lp.device
+        if correction is not None and not (fits and _laid_out_as_made(correction, lp)):
             where = f"state 'correction' of parameter {param_index} of param group {group_index}"
-            if isinstance(correction, torch.Tensor) and type(correction) in _PLAIN and correction.shape == lp.shape \
-                    and correction.dtype in (torch.int8, torch.int16) and correction.device == lp.device:
+            if fits:
                 # The parameter's memory format changed after the state was made: the master
                 # weight is still whole element by element, and can be set again.
                 raise RuntimeError(
