@@ -156,8 +156,8 @@ def test_state_dict_resumes_the_same_bits(backend):
 @needs_cpu
 def test_a_skipped_step_and_bad_arguments_write_nothing():
     """GradScaler's inf skip leaves parameters, codes, scales and streams as they were; an
-    operator call whose scales do not fit raises before it writes anything (parameters, codes,
-    scales, steps, rotational steps)."""
+    operator call whose scales do not fit, or whose rng crosses 2^32 within a tensor, raises
+    before it writes anything (parameters, codes, scales, steps, rotational steps)."""
     opt, ps = _model("adamw", "bf16-master24-sr", "cpu", True)
     g = torch.Generator().manual_seed(1)
     for p, grad in zip(ps, _grads(g, ps)):
@@ -184,6 +184,12 @@ def test_a_skipped_step_and_bad_arguments_write_nothing():
     for bad in (short, {1: short[1]}):
         with pytest.raises(RuntimeError, match="scales"):
             cpp.rotational("adamw", params, [p.grad for p in params], *lists, **kw, scales=bad)
+    # A row is stored through one run of 32-bit indices (csrc/cpu/storage.h): a shard whose
+    # indices base + i cross a multiple of 2^32, which the driver never makes, is refused.
+    crossing = [torch.tensor([int(r[0]), int(r[1]), 2**32 - 3]) for r in kw["rng"]]
+    scales = {1: [s["exp_avg_block_scale"] for s in states], 2: [s["exp_avg_sq_block_scale"] for s in states]}
+    with pytest.raises(RuntimeError, match="cross a multiple of 2\\^32"):
+        cpp.rotational("adamw", params, [p.grad for p in params], *lists, **{**kw, "rng": crossing}, scales=scales)
     for p, (before, state) in zip(ps, snapshot):
         assert torch.equal(p, before)
         assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())

@@ -196,6 +196,36 @@ def test_a_shard_with_an_index_base_draws_the_whole_tensors_bits(backend, device
     assert not torch.equal(whole[1][4:], other[1]) and not torch.equal(whole[2][4:], other[2])
 
 
+@pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
+def test_the_cpu_walk_draws_the_references_bits_across_2_to_the_32(monitored):
+    """The CPU kernels hash 32-bit indices within runs whose indices base + i share their high word
+    (csrc/cpu/storage.h): a tensor whose indices cross 2^32 (base 2^32 − 300: the cut falls inside
+    row 2 of 8) or lie past it (base 3·2^32 + 7) is cut there and still draws the reference's bits:
+    bf16 parameter and states bit for bit, and (monitored) the rows' telemetry, the cut row's
+    added from its two parts."""
+    cpu, ref = backends.load("cpu"), backends.load("reference")
+    from wdopt.reference import telemetry as T
+
+    for base in (2**32 - 300, 3 * 2**32 + 7):
+        outs = []
+        for module in (ref, cpu):
+            g = torch.Generator().manual_seed(4)
+            p = torch.randn(8, 128, generator=g).bfloat16()
+            grad = torch.randn(8, 128, generator=g).bfloat16()
+            m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())
+            rng = torch.tensor([R.parameter_key(9, 0), 5, base])
+            extra = {"telemetry": [torch.zeros(8, 4, dtype=torch.float64)]} if monitored and module is cpu else {}
+            for _ in range(2):
+                before = p.clone()
+                module.adamw([p], [grad], [m], [v], (), [step], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                             weight_decay=0.1, decay_lr_scale=1.0, amsgrad=False, maximize=False, rng=[rng], **extra)
+            outs.append((p, m, v))
+        for a, b in zip(*outs):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), base
+        if monitored:
+            torch.testing.assert_close(extra["telemetry"][0], T.row_sums(before, p, grad, 8), rtol=1e-5, atol=0)
+
+
 def test_rounding_differs_from_nearest_and_by_seed():
     cls, hyper = CASES["adamw"]
     a, _ = _trajectory(cls, hyper, "reference", "cpu", torch.bfloat16, [(4096,)], seed=1)

@@ -107,9 +107,9 @@ double read_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
 // ------------------------------------------------------------------ the parallel walk (walk.h)
 
 // Calls body(tensor_index, begin, end, sums, states) over every element of every tensor (see
-// for_each_slice), ``states`` the tensor's state arrays (scalar_t*). Without telemetry, ``sums``
-// is null. With it (one float64 (K, 4) or (K, 8) buffer per tensor), body is called once per row
-// with that row's sums to fill.
+// for_each_slice), ``states`` the tensor's state arrays (scalar_t*), each call within one run of
+// storage_for. Without telemetry, ``sums`` is null. With it (one float64 (K, 4) or (K, 8) buffer
+// per tensor), body is called once per row with that row's sums to fill.
 template <typename scalar_t, typename Body>
 void for_each_range(const TensorTable& table, const Body& body) {
   const bool monitored = !table.telemetry.empty();
@@ -120,12 +120,23 @@ void for_each_range(const TensorTable& table, const Body& body) {
     const std::array<scalar_t*, 3> states{static_cast<scalar_t*>(table.state1[k]),
                                           static_cast<scalar_t*>(table.state2[k]),
                                           static_cast<scalar_t*>(table.state3[k])};
+    const int64_t* rng = table.rng.empty() ? nullptr : table.rng[k];
     if (!monitored) {
-      body(k, begin, end, nullptr, states);
+      for_each_run(rng, begin, end, [&](int64_t first, int64_t last) { body(k, first, last, nullptr, states); });
       return;
     }
     for (int64_t row = begin; row < end; row += rows[k]) {
-      body(k, row, row + rows[k], table.telemetry[k] + row / rows[k] * table.columns, states);
+      double* const sums = table.telemetry[k] + row / rows[k] * table.columns;
+      // A row that a run's end cuts (a tensor past 2^32 elements): its parts' sums, added.
+      for_each_run(rng, row, row + rows[k], [&](int64_t first, int64_t last) {
+        if (first == row && last == row + rows[k]) {
+          body(k, first, last, sums, states);
+          return;
+        }
+        double part[8];
+        body(k, first, last, part, states);
+        for (int64_t c = 0; c < table.columns; ++c) sums[c] = first == row ? part[c] : sums[c] + part[c];
+      });
     }
   });
 }
@@ -226,10 +237,20 @@ void check_telemetry(const at::TensorList& telemetry, const at::TensorList& para
   }
 }
 
-// Tensor k's storage for this step.
+// Each tensor's stochastic-rounding streams for this step (nullptr: to nearest), computed once
+// before the walk: its bodies run once per 256-element block with 8-bit states.
+const Streams* step_streams(const TensorTable& t) {
+  if (t.rng.empty()) return nullptr;
+  Streams* const out = scratch<Streams>(t.size());
+  for (size_t k = 0; k < t.size(); ++k) out[k] = streams_of(t.rng[k]);
+  return out;
+}
+
+// Tensor k's storage for the run of its elements from ``begin`` (the walks of for_each_state_range
+// hand the bodies whole runs).
 template <typename scalar_t, bool SR, int MASTER>
-Storage<scalar_t, SR, MASTER> storage_of(const TensorTable& t, int64_t k) {
-  return storage_for<scalar_t, SR, MASTER>(t.rng.empty() ? nullptr : t.rng[k],
+Storage<scalar_t, SR, MASTER> storage_of(const TensorTable& t, const Streams* streams, int64_t k, int64_t begin) {
+  return storage_for<scalar_t, SR, MASTER>(streams == nullptr ? nullptr : streams + k, begin,
                                            t.correction.empty() ? nullptr : t.correction[k]);
 }
 
@@ -309,6 +330,7 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
     }
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
     dispatch_bool(amsgrad, [&](auto AMSGRAD) {
+     const Streams* const streams = step_streams(t);
      dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
       const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
         using S = element_of<decltype(states)>;
@@ -316,7 +338,7 @@ void adamw_table(const TensorTable& t, at::ScalarType dtype, double lr, double b
         S* __restrict__ v = states[1];
         S* __restrict__ v_max = AMSGRAD ? states[2] : nullptr;
         const auto c = coefficients[k];
-        const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+        const auto r = storage_of<scalar_t, SR, MASTER>(t, streams, k, begin);
         update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
                         sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i], vi = v[i];
@@ -357,12 +379,13 @@ void sgd_table(const TensorTable& t, at::ScalarType dtype, double lr, double wei
     dispatch_bool(has_momentum, [&](auto HAS_MOMENTUM) {
       // L2 with λ = 0 adds nothing, as in the reference: not even 0·p (inf·0 would be NaN).
       dispatch_bool(decoupled_weight_decay || weight_decay == 0.0, [&](auto DECOUPLED) {
+       const Streams* const streams = step_streams(t);
        dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
         const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
           using S = element_of<decltype(states)>;
           S* __restrict__ b = HAS_MOMENTUM ? states[0] : nullptr;
           const bool first = HAS_MOMENTUM && t.first[k];
-          const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+          const auto r = storage_of<scalar_t, SR, MASTER>(t, streams, k, begin);
           update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
                           sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
             opmath bi = HAS_MOMENTUM ? static_cast<opmath>(b[i]) : opmath(0);
@@ -395,11 +418,12 @@ void lion_table(const TensorTable& t, at::ScalarType dtype, double lr, double be
     using opmath = opmath_t<scalar_t>;
     const auto c = lion_coefficients<opmath>(hyper, hyper.lr);
     const auto transform = grad_transform<opmath>(grad_scale, maximize);
+    const Streams* const streams = step_streams(t);
     dispatch_storage<scalar_t>(!t.rng.empty(), t.master_bits, [&](auto SR, auto MASTER) {
       const auto body = [&](int64_t k, int64_t begin, int64_t end, double* sums, auto states) {
         using S = element_of<decltype(states)>;
         S* __restrict__ m = states[0];
-        const auto r = storage_of<scalar_t, SR, MASTER>(t, k);
+        const auto r = storage_of<scalar_t, SR, MASTER>(t, streams, k, begin);
         update_elements(r.param(data<scalar_t>(t.param[k])), data<scalar_t>(t.grad[k]), begin, end, transform,
                         sums, t.columns, [=](int64_t i, opmath pi, opmath gi) {
           opmath mi = m[i];

@@ -282,6 +282,15 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
                     telemetry[t].size(0) == rotational_norms[t].numel() && telemetry[t].size(1) == 4,
                 "wdopt rotational: telemetry[", t, "] must be a contiguous float64 (K, 4) tensor, one row per neuron");
   }
+  // Each row is stored through one run of storage_for (storage.h): a shard's indices base + i may
+  // not cross a multiple of 2^32, which the driver's shards never do (an unsharded tensor would
+  // need 2^32 elements).
+  const bool rounds = !rng.empty() && (params[0].scalar_type() == at::kBFloat16 || params[0].scalar_type() == at::kHalf);
+  for (size_t t = 0; rounds && t < n_tensors; ++t) {
+    const int64_t base = rng[t].const_data_ptr<int64_t>()[2];
+    TORCH_CHECK(run_end(base, 0) >= params[t].numel(), "wdopt rotational: stochastic rounding of parameter ", t,
+                " whose element indices ", base, " + i cross a multiple of 2^32: not supported");
+  }
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
 
   const auto [rows, n_rows] = plan_rows(params, rotational_norms);
@@ -336,6 +345,9 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
     auto first_row = [&](int64_t part) {
       return static_cast<int64_t>(std::lower_bound(row_start, row_start + n_rows, total * part / parts) - row_start);
     };
+    // Each tensor's stochastic-rounding streams, once per step (one run: checked above).
+    Streams* const streams = rng.empty() ? nullptr : scratch<Streams>(n_tensors);
+    for (size_t t = 0; streams != nullptr && t < n_tensors; ++t) streams[t] = streams_of(rng[t].const_data_ptr<int64_t>());
     dispatch_storage<scalar_t>(!rng.empty(), master_bits, [&](auto SR, auto MASTER) {
       at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
         // This thread's copy of a row, and (8-bit states) its decoded old states.
@@ -347,10 +359,9 @@ void rotational_(const std::string& optimizer, at::TensorList params, at::Tensor
         for (int64_t k = first_row(part_begin); k < first_row(part_end); ++k) {
           const Row& r = rows[k];
           const int64_t t = r.tensor, offset = r.row * r.size;
-          // The tensor's storage: its stream words and correction; the row reads them at offset + j.
-          const int64_t* words = rng.empty() ? nullptr : rng[t].const_data_ptr<int64_t>();
+          // The tensor's storage (one run: its words and correction); the row reads them at offset + j.
           void* const low_bits = correction.empty() ? nullptr : correction[t].data_ptr();
-          const auto st = storage_for<scalar_t, SR, MASTER>(words, low_bits);
+          const auto st = storage_for<scalar_t, SR, MASTER>(streams == nullptr ? nullptr : streams + t, 0, low_bits);
           const RowOf<typename decltype(st)::Param> p{st.param(ptr<scalar_t>(params[t])), offset};
           const scalar_t* g = ptr<scalar_t>(grads[t]) + offset;
           opmath* norm = ptr<opmath>(rotational_norms[t]) + r.row;

@@ -107,7 +107,9 @@ inline int64_t row_size(const TensorTable& t, int64_t k) { return std::max<int64
 // boundaries (monitored: on multiples of both the block and the row). Per block of 256, the
 // states' codes are decoded into float buffers, body(k, begin, end, sums, states) updates the
 // block with ``states`` pointing into them (once per row segment when monitored, each segment's
-// sums added into its row's), and the new values are encoded with the block's new scale. SIGNED:
+// sums added into its row's), and the new values are encoded with the block's new scale. A block
+// lies within one run of storage_for (storage.h): 256-aligned, it crosses no multiple of 2^32 of an
+// unsharded tensor, and a shard crosses none at all (wdopt/optim/_dtensor.py). SIGNED:
 // per state list, whether its codes are signed (int8) or a second moment's (uint8).
 template <bool... SIGNED, typename Body>
 void for_each_block(const TensorTable& table, const Body& body) {

@@ -51,6 +51,21 @@ WDOPT_HD uint32_t fold_index_base(uint32_t stream, int64_t base) {
 // each, and no 64-bit arithmetic in a vectorized loop.
 WDOPT_HD uint32_t rounding_bits_within(uint32_t word, uint32_t j) { return fmix32(word + j * 0x9E3779B9u); }
 
+// The same for a run of elements of a tensor whose element 0 is element ``base`` of the whole
+// tensor: rounding_bits_within(run_word(stream, base, i0), uint32(i)) == rounding_bits(stream,
+// base + i) for every i in [i0, run_end(base, i0)), the elements whose index base + i has the high
+// word of base + i0 (the low words add modulo 2^32 whatever the carry). The CPU loops draw their
+// words so: a 32-bit multiply-add and the hash per element, no 64-bit index arithmetic.
+WDOPT_HD uint32_t run_word(uint32_t stream, int64_t base, int64_t i0) {
+  const uint64_t high = static_cast<uint64_t>(base + i0) >> 32;
+  return stream + static_cast<uint32_t>(static_cast<uint64_t>(base)) * 0x9E3779B9u +
+         static_cast<uint32_t>(high) * 0x85EBCA77u;
+}
+
+WDOPT_HD int64_t run_end(int64_t base, int64_t i0) {
+  return static_cast<int64_t>(((static_cast<uint64_t>(base + i0) >> 32) + 1) << 32) - base;
+}
+
 WDOPT_HD uint32_t float_bits(float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof u);
