@@ -539,3 +539,32 @@ def test_a_first_code_state_dict_that_does_not_fit_is_refused():
     opt.load_state_dict(both)
     assert "exp_avg_scale" not in opt.state[p] and torch.equal(opt.state[p]["exp_avg_block_scale"],
                                                                saved["state"][0]["exp_avg_block_scale"])
+
+
+def test_values_no_step_writes_are_refused_at_load():
+    """A state dict whose values no step could have written (a corrupted or hand-edited one): a
+    negative, infinite or subnormal block scale, the int8 code -128, a negative rng count or index
+    base. Each is refused at load with an error naming it, and the optimizer keeps its state;
+    a NaN scale (a poisoned block) and a zero one (an all-zero block) load."""
+    p = torch.nn.Parameter(torch.randn(600).bfloat16())
+    opt = wdopt.FusedAdamW([p], lr=1e-3, state_bits=8, stochastic_rounding=True)
+    p.grad = torch.randn(600).bfloat16()
+    opt.step()
+    saved = opt.state_dict()
+    before = copy.deepcopy(opt.state[p])
+    edits = [("exp_avg_sq_block_scale", 1, -1.0, "scale is -1.0"), ("exp_avg_block_scale", 2, float("inf"), "inf"),
+             ("exp_avg_block_scale", 0, 1e-40, "block 0.s scale is 9.99"), ("exp_avg", 5, -128, "code -128"),
+             ("rng", 1, -1, "never negative"), ("rng", 2, -256, "never negative")]
+    for key, index, value, message in edits:
+        bad = copy.deepcopy(saved)
+        bad["state"][0][key][index] = value
+        with pytest.raises(RuntimeError, match=message):
+            opt.load_state_dict(bad)
+        assert sorted(before) == sorted(opt.state[p])
+        assert all(torch.equal(before[k], opt.state[p][k]) for k in before if isinstance(before[k], torch.Tensor))
+    for value in (float("nan"), 0.0):
+        fine = copy.deepcopy(saved)
+        fine["state"][0]["exp_avg_block_scale"][1] = value
+        opt.load_state_dict(fine)
+        assert torch.equal(opt.state[p]["exp_avg_block_scale"], fine["state"][0]["exp_avg_block_scale"]) == (value == 0)
+        assert opt.state[p]["exp_avg_block_scale"][1].item() == value or value != value

@@ -253,6 +253,7 @@ class FusedOptimizer(Optimizer):
                     integer_state[(p, key)] = None
                 elif key in self._quantized_states and key + _SCALE in saved and value.shape == p.shape:
                     integer_state[(p, key)] = value.round().to(self._quantized_states[key])
+        self._check_saved_values(integer_state)
         super().load_state_dict(state_dict)
         self.__dict__.pop("_stream_seeds", None)  # the loaded streams are the saved groups' seeds'
         for group, backend in zip(self.param_groups, chosen):
@@ -262,6 +263,31 @@ class FusedOptimizer(Optimizer):
                 self.state[p].pop(key, None)
             else:
                 self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _check_saved_values(self, integer_state: dict) -> None:
+        """Values no step writes, refused before anything loads (a corrupted or hand-edited state
+        dict; metadata is checked at the next step): a block scale that is negative, infinite or
+        below 2^-126 (a scale is a block's largest magnitude, 0, or NaN for a poisoned block:
+        quantization.py), an int8 code -128 (codes reach ±127), an rng count or index base below 0.
+        One read of each such tensor, at load only."""
+        for (p, key), value in integer_state.items():
+            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+                continue
+            v = _dtensor.local(value)
+            where = f"state {key!r} of the parameter of shape {tuple(p.shape)}"
+            if key.endswith(_SCALE) and v.dtype == torch.float32:
+                bad = ~(torch.isnan(v) | (v == 0) | ((v >= 2.0**-126) & (v <= torch.finfo(torch.float32).max)))
+                if bool(bad.any()):
+                    block = int(bad.nonzero()[0, 0])
+                    raise RuntimeError(f"{where}: block {block}'s scale is {v[block].item()!r}; block scales are 0, NaN "
+                                       f"or in [2^-126, 3.4e38] (a corrupted or edited state dict?)")
+            elif key in self._quantized_states and v.dtype == torch.int8 and bool((v == -128).any()):
+                raise RuntimeError(f"{where} holds the int8 code -128; codes reach ±127 (a corrupted or edited state "
+                                   f"dict?)")
+            elif key == "rng" and v.dtype == torch.int64 and v.dim() == 1 and v.numel() in (2, 3) \
+                    and bool((v[1:] < 0).any()):
+                raise RuntimeError(f"{where} is {v.tolist()}: its count and index base are never negative (a "
+                                   f"corrupted or edited state dict?)")
 
     def _upgrade_legacy_codes(self, state_dict: dict[str, Any], params: dict) -> dict[str, Any]:
         """A state dict whose 8-bit states have wdopt's first code (block scales in ``key +
