@@ -147,6 +147,13 @@ struct Bucket {
   // A monitored step's telemetry, per member: its first row in the device's flat (N, 4) buffer
   // and its row count (set_telemetry_layout).
   std::vector<int64_t> telemetry_offsets, telemetry_rows;
+  // Low-precision storage (set_low_precision), each list empty or one tensor per member:
+  // stochastic rounding's int64 [key, count, index base], compensated parameters' corrections,
+  // and per state list the 8-bit states' block scales. Checked by ready() as the states are.
+  std::vector<at::Tensor> rng, correction;
+  std::vector<std::vector<at::Tensor>> scales;
+  std::vector<Seen> seen_low;  // rng, correction, then every scale tensor
+  at::Tensor increment;        // kOperator: [0, 1, 0] on the device, rng's count advance
 };
 
 struct GroupPlan : torch::CustomClassHolder {
@@ -312,15 +319,86 @@ struct GroupPlan : torch::CustomClassHolder {
         return false;
       }
     }
-    return b.steps.empty() || each_prefetched(b.steps, begin, end, [&](size_t j) {
-      void* address;
-      if (!seen[k + j].same(b.steps[j], address)) return false;
-      if (cpu_table) t.step[j] = static_cast<float*>(address);
-      return true;
-    });
+    if (!b.steps.empty() && !each_prefetched(b.steps, begin, end, [&](size_t j) {
+          void* address;
+          if (!seen[k + j].same(b.steps[j], address)) return false;
+          if (cpu_table) t.step[j] = static_cast<float*>(address);
+          return true;
+        })) {
+      return false;
+    }
+    // Low-precision storage: the same checks, its addresses into the table.
+    const Seen* low = b.seen_low.data();
+    if (!b.rng.empty() && !each_prefetched(b.rng, begin, end, [&](size_t j) {
+          void* address;
+          if (!low[j].same(b.rng[j], address)) return false;
+          if (cpu_table) t.rng[j] = static_cast<const int64_t*>(address);
+          return true;
+        })) {
+      return false;
+    }
+    low += b.rng.size();
+    if (!b.correction.empty() && !each_prefetched(b.correction, begin, end, [&](size_t j) {
+          void* address;
+          if (!low[j].same(b.correction[j], address)) return false;
+          if (cpu_table) t.correction[j] = address;
+          return true;
+        })) {
+      return false;
+    }
+    low += b.correction.size();
+    for (size_t s = 0; s < b.scales.size(); ++s, low += n) {
+      if (!each_prefetched(b.scales[s], begin, end, [&](size_t j) {
+            void* address;
+            if (!low[j].same(b.scales[s][j], address)) return false;
+            if (cpu_table) t.scales[s][j] = static_cast<float*>(address);
+            return true;
+          })) {
+        return false;
+      }
+    }
+    return true;
   }
 
   int64_t n_buckets() const { return static_cast<int64_t>(buckets_.size()); }
+
+  // A bucket's low-precision storage (see Bucket), set once after add_bucket: ``rng`` and
+  // ``correction`` [] or one tensor per member, ``scales`` [] or one list per state list, each one
+  // tensor per member (the operators' checks ran on them at the validated step). run() passes
+  // them to the kernels and then advances each rng's count, as the validation path does
+  // (FusedOptimizer._advance_rng): not on a step GradScaler skips. A bucket launched from Python
+  // (Triton) has them checked only: its table holds their addresses, its driver advances the counts.
+  void set_low_precision(int64_t bucket, std::vector<at::Tensor> rng, std::vector<at::Tensor> correction,
+                         std::vector<std::vector<at::Tensor>> scales) {
+    TORCH_CHECK(bucket >= 0 && bucket < n_buckets(), "GroupPlan: no bucket ", bucket);
+    Bucket& b = buckets_[bucket];
+    const size_t n = b.members.size();
+    TORCH_CHECK(rng.empty() || rng.size() == n, "GroupPlan: one rng per member");
+    TORCH_CHECK(correction.empty() || correction.size() == n, "GroupPlan: one correction per member");
+    TORCH_CHECK(scales.empty() || scales.size() == b.states.size(), "GroupPlan: one scale list per state list");
+    b.seen_low.clear();
+    for (const auto& t : rng) {
+      TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 3 && t.is_contiguous(), "GroupPlan: bad rng");
+      b.seen_low.emplace_back(t);
+    }
+    for (const auto& t : correction) b.seen_low.emplace_back(t);
+    for (const auto& list : scales) {
+      TORCH_CHECK(list.size() == n, "GroupPlan: one scale tensor per member");
+      for (const auto& t : list) b.seen_low.emplace_back(t);
+    }
+    if (b.mode == Mode::kCpuTable) {
+      cpu::TensorTable& t = b.table;
+      t.rng.assign(rng.empty() ? 0 : n, nullptr);
+      t.correction.assign(correction.empty() ? 0 : n, nullptr);
+      t.master_bits = correction.empty() ? 16 : (correction[0].scalar_type() == at::kShort ? 32 : 24);
+      for (size_t s = 0; s < 3; ++s) t.scales[s].assign(s < scales.size() ? n : 0, nullptr);
+    } else if (b.mode == Mode::kOperator && !rng.empty()) {
+      b.increment = at::tensor(std::vector<int64_t>{0, 1, 0}, at::TensorOptions().dtype(at::kLong)).to(rng[0].device());
+    }
+    b.rng = std::move(rng);
+    b.correction = std::move(correction);
+    b.scales = std::move(scales);
+  }
 
   // A bucket launched from Python (Mode::kAddresses): the int64 CPU tensor in which ready() keeps
   // its gradients' addresses (Triton's table column), the same tensor at every step (allocating
@@ -395,6 +473,10 @@ struct GroupPlan : torch::CustomClassHolder {
         }
       }
       run_cpu(b, lr, lr_tensor, decay_lr_scale, grad_scale, found_inf);
+      // The counts advance unless GradScaler skipped the step (the kernels wrote nothing).
+      if (!t.rng.empty() && !(found_inf.has_value() && found_inf->item<double>() != 0.0)) {
+        for (const int64_t* rng : t.rng) ++const_cast<int64_t*>(rng)[1];
+      }
       return;
     }
     std::vector<at::Tensor> telemetry;  // the operator takes one (K, 4) or (K, 8) buffer per member
@@ -416,6 +498,8 @@ struct GroupPlan : torch::CustomClassHolder {
     // the boxed autograd fallback would copy every list.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::vector<at::Tensor> none;
+    std::vector<at::Tensor> scales;  // the operators take the state lists' scales concatenated
+    for (const auto& list : b.scales) scales.insert(scales.end(), list.begin(), list.end());
     if (optimizer_ == "adamw") {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::adamw_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -425,7 +509,7 @@ struct GroupPlan : torch::CustomClassHolder {
       const bool amsgrad = flags_[0];
       op.call(b.params, b.grads, b.states[0], b.states[1], amsgrad ? at::TensorList(b.states[2]) : at::TensorList(none),
               b.steps, telemetry, lr, constants_[0], constants_[1], constants_[2], constants_[3], decay_lr_scale, amsgrad,
-              flags_[1], lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
+              flags_[1], lr_tensor, grad_scale, found_inf, b.rng, b.correction, scales);
     } else if (optimizer_ == "sgd") {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::sgd_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList,
@@ -434,14 +518,20 @@ struct GroupPlan : torch::CustomClassHolder {
       const bool has_momentum = constants_[1] != 0.0;
       op.call(b.params, b.grads, has_momentum ? at::TensorList(b.states[0]) : at::TensorList(none), b.first_steps,
               telemetry, lr, constants_[0], constants_[1], constants_[2], flags_[0], flags_[1], decay_lr_scale, flags_[2],
-              lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
+              lr_tensor, grad_scale, found_inf, b.rng, b.correction, scales);
     } else {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("wdopt::lion_", "").typed<void(
           at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, double, double, double, bool,
           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
           at::TensorList, at::TensorList, at::TensorList)>();
       op.call(b.params, b.grads, b.states[0], telemetry, lr, constants_[0], constants_[1], constants_[2], decay_lr_scale,
-              flags_[0], lr_tensor, grad_scale, found_inf, none, none, none);  // rng, correction, scales: such steps run on the validation path
+              flags_[0], lr_tensor, grad_scale, found_inf, b.rng, b.correction, scales);
+    }
+    // The counts advance on the device, by 0 where GradScaler skipped the step (no read of
+    // found_inf: a CUDA graph's replay advances them too), as FusedOptimizer._advance_rng.
+    if (!b.rng.empty()) {
+      const at::Tensor one = found_inf.has_value() && found_inf->defined() ? b.increment * found_inf->eq(0) : b.increment;
+      at::_foreach_add_(b.rng, std::vector<at::Tensor>(b.rng.size(), one));
     }
   }
 
@@ -490,6 +580,7 @@ TORCH_LIBRARY_FRAGMENT(wdopt, m) {
       .def("n_buckets", &GroupPlan::n_buckets)
       .def("addresses", &GroupPlan::addresses)
       .def("set_telemetry_layout", &GroupPlan::set_telemetry_layout)
+      .def("set_low_precision", &GroupPlan::set_low_precision)
       .def("run", &GroupPlan::run)
       .def("release", &GroupPlan::release);
 }

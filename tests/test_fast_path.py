@@ -788,3 +788,127 @@ def test_a_failed_fast_step_drops_grad_scalers_tensors():
     with pytest.raises(ValueError):
         opt_a.step()
     assert not hasattr(opt_a, "grad_scale") and not hasattr(opt_a, "found_inf")
+
+
+# ---------------------------------------------------------------------------- low-precision storage
+
+LOW = {  # name: (parameter dtype, options)
+    "sr": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "master24-sr": (torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True)),
+    "master32": (torch.bfloat16, dict(master_weight_bits=32)),
+    "states8": (torch.bfloat16, dict(state_bits=8)),
+    "master24-sr-states8": (torch.bfloat16, dict(master_weight_bits=24, stochastic_rounding=True, state_bits=8)),
+    "fp32-sr-states8": (torch.float32, dict(stochastic_rounding=True, state_bits=8)),
+}
+
+
+def rng_counts(opt):
+    return [opt.state[p]["rng"][1].item() for group in opt.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize("kind", ["adamw", "adamw-amsgrad-maximize", "sgd", "lion"])
+def test_low_precision_steps_take_the_fast_path(kind, low):
+    """Stochastic rounding, compensated bf16 parameters and 8-bit states: after the first step
+    every step is a fast one (the plan holds the streams, corrections and block scales as it holds
+    the states, and advances the streams' counts), bit for bit the validation path's: parameters
+    and every state tensor, counts included."""
+    dtype, options = LOW[low]
+    opt = check_fast_equals_validated(kind, dtype, **options)
+    if options.get("stochastic_rounding"):
+        assert rng_counts(opt) == [6] * len(SHAPES)
+
+
+@pytest.mark.parametrize("operator", [False, True], ids=["cpu-table", "operator"])
+@pytest.mark.parametrize("low", ["sr", "master24-sr-states8"])
+def test_low_precision_fast_steps_with_grad_scaler(monkeypatch, low, operator):
+    """GradScaler's scale and a skipped step (found_inf) on the fast path, on the CPU table and
+    through the operator (the CUDA backend's call, csrc/step_plan.cpp Mode::kOperator, run here
+    on CPU tensors): the skipped step writes nothing and leaves the counts, as the validation
+    path does."""
+    if operator:
+        monkeypatch.setattr(_fast, "_mode", lambda cpp, device: 0 if cpp else 2)
+    dtype, options = LOW[low]
+    a, opt_a, b, opt_b = pair("adamw", dtype, **options)
+    counted = Counted(opt_a)
+    for step in range(5):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(float(step == 2))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+    assert rng_counts(opt_a) == [4] * len(SHAPES)
+
+
+def edit_seed(opt, ps):
+    opt.param_groups[0]["rounding_seed"] = 123  # new streams from the next step
+
+
+def edit_bits(opt, ps):
+    opt.param_groups[0]["master_weight_bits"] = 32  # the correction widened
+    opt.param_groups[0]["state_bits"] = None  # the states decoded
+
+
+def edit_rng(opt, ps):
+    rng = opt.state[ps[1]]["rng"].clone()
+    rng[1] += 5
+    opt.state[ps[1]]["rng"] = rng
+
+
+def edit_rng_in_place(opt, ps):
+    opt.state[ps[2]]["rng"][1] += 7  # read by the kernels: no fallback needed
+
+
+def moved_scales(opt, ps):
+    scales = opt.state[ps[0]]["exp_avg_block_scale"]
+    scales.data = scales.data.clone()
+
+
+def edit_correction(opt, ps):
+    opt.state[ps[0]]["correction"] = opt.state[ps[0]]["correction"].clone().fill_(3)
+
+
+def loaded_low_state(opt, ps):
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        s["exp_avg_block_scale"].mul_(0.5)
+        s["rng"][1] += 3
+    opt.load_state_dict(sd)
+
+
+LOW_EDITS = [edit_seed, edit_bits, edit_rng, edit_rng_in_place, moved_scales, edit_correction, loaded_low_state]
+
+
+@pytest.mark.parametrize("edit", LOW_EDITS, ids=lambda f: f.__name__)
+def test_every_low_precision_change_is_seen(edit):
+    """The edits a low-precision step depends on, after 3 steps (fast from step 2): each gives
+    what the validation path gives (which makes new streams for a new seed, converts corrections
+    and states for new widths, and reads replaced tensors)."""
+    dtype, options = LOW["master24-sr-states8"]
+    a, opt_a, b, opt_b = pair("adamw", dtype, **options)
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 3)
+    steps(opt_b, b, 0, 3)
+    assert counted.n == 1
+    for step in range(3, 6):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            set_grads(ps, step)
+            if step == 3:
+                edit(opt, ps)
+            opt.step()
+    assert_same(opt_a, a, opt_b, b)
+    assert counted.n == (1 if edit is edit_rng_in_place else 2)
+
+
+@needs_triton
+@pytest.mark.parametrize("low", ["sr", "master24-sr-states8", "fp32-sr-states8"])
+def test_triton_low_precision_fast_steps(low):
+    """The same on the Triton backend: its prepared table holds the streams', corrections' and
+    scales' addresses, the driver advances the counts after each launch."""
+    dtype, options = LOW[low]
+    opt = check_fast_equals_validated("adamw", dtype, n_steps=4, backend="triton", **options)
+    assert opt._fast.groups[0].runs[0][1].launch.table is not None
+    assert rng_counts(opt) == [4] * len(SHAPES)

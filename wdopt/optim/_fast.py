@@ -17,6 +17,12 @@ gradients moved. A later step re-uses it when
   one, of its dtype, shape and device, dense and contiguous; no parameter or state tensor moved
   (``.data =``, ``set_``, ``resize_``) or changed shape.
 
+Low-precision storage counts as state: stochastic rounding's ``rng`` tensors, compensated
+parameters' ``correction`` and 8-bit states' block scales are held by the plan
+(``GroupPlan.set_low_precision``) and checked with the states, and the plan advances the rng
+counts after its kernels as ``FusedOptimizer._advance_rng`` does (after a Triton bucket's launch,
+the driver calls it: the prepared table holds the rng tensors' addresses, read on the device).
+
 Gradients are keyed by what they are, not by which tensor they are: the default loop
 (``zero_grad(set_to_none=True)``) makes new gradient tensors every step, which the plan reads
 afresh. Anything else falls back to the validation path, which raises a clear error or builds a
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import quantization
 
 #: Group values read at every step, fast or not (tensors allowed): the rest are plan constants.
 _READ_PER_STEP = ("params", "lr", "initial_lr", "decay_initial_lr")
@@ -37,10 +44,11 @@ class _TritonBucket:
     (wdopt/kernels/tables.py), whose gradient column is kept up to date, and the group's
     hyperparameters fixed (they are checked unchanged before each fast step)."""
 
-    __slots__ = ("params", "lists", "steps", "first_steps", "launch", "addresses")
+    __slots__ = ("params", "lists", "steps", "first_steps", "launch", "addresses", "rngs")
 
-    def __init__(self, params, lists, steps, first_steps):
+    def __init__(self, params, lists, steps, first_steps, rngs):
         self.params, self.lists, self.steps, self.first_steps = params, lists, steps, first_steps
+        self.rngs = rngs  # stochastic rounding's streams, whose counts the driver advances after a launch
         self.launch = None  # multi_tensor.PreparedLaunch: .table, called with (lr, scale, grad_scale, found_inf)
         self.addresses = None  # the plan's int64 tensor of the gradients' addresses (GroupPlan.addresses)
 
@@ -90,12 +98,6 @@ class FastStep:
                 return None
         # A parameter listed in two groups (possible by editing group["params"]) is updated by
         # each; the validation path orders what happens between them (SGD's first-step flags).
-        # Stochastic rounding's counts are advanced after each launch (FusedOptimizer._advance_rng),
-        # and compensated parameters add a correction list, neither of which the C++ step plan
-        # does: such groups stay on the validation path.
-        if any(group.get("stochastic_rounding") or group.get("master_weight_bits", 16) != 16 or
-               group.get("state_bits") is not None for group in optimizer.param_groups):
-            return None
         listed = [id(p) for group in optimizer.param_groups for p in group["params"]]
         if len(set(listed)) != len(listed):
             return None
@@ -133,23 +135,39 @@ class FastStep:
             for backend, bucket in buckets:
                 dicts = [state[p] for p in bucket]
                 lists, steps, first_steps = optimizer._state_lists(group, bucket, dicts)
-                keys = tuple(lists) + (("step",) if steps else ())
+                # Low-precision storage (stochastic rounding's streams, corrections, 8-bit states'
+                # block scales): held by the plan as the states are, and checked as them.
+                low = {}
+                rngs, corrections = optimizer._rngs(group, bucket), optimizer._corrections(group, bucket)
+                if rngs:
+                    low["rng"] = rngs
+                if corrections:
+                    low["correction"] = corrections
+                scales = optimizer._scales(group, bucket, lists)
+                for lane in sorted(scales):
+                    low[list(lists)[lane - 1] + quantization.SCALE_SUFFIX] = scales[lane]
+                columned = {**lists, **low}
+                keys = tuple(columned) + (("step",) if steps else ())
                 if keys:
                     column = columns.setdefault(keys, ([], []))
                     column[0].extend(dicts)
-                    column[1].extend(t for values in zip(*lists.values(), *([steps] if steps else [])) for t in values)
+                    column[1].extend(t for values in zip(*columned.values(), *([steps] if steps else []))
+                                     for t in values)
                 members = [i for i, flag in enumerate(first_steps) if flag is not None]
                 index = group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
                                               [first_steps[i] for i in members], members,
                                               _mode(backend is cpp, bucket[0].device))
+                if low:
+                    group_plan.set_low_precision(index, rngs, corrections, [scales[lane] for lane in sorted(scales)])
                 self.finish.extend(first_steps[i] for i in members)
                 triton = None
                 if backend is not cpp:
                     # The bucket's own table, made now (outside any graph capture: a step captured
                     # after this one uploads nothing), from this step's gradients.
-                    triton = _TritonBucket(bucket, lists, steps, first_steps)
+                    triton = _TritonBucket(bucket, lists, steps, first_steps, rngs)
+                    extra = {k: v for k, v in (("rng", rngs), ("correction", corrections), ("scales", scales)) if v}
                     triton.launch = optimizer._launch(backend, group, bucket, [p.grad for p in bucket], lists, steps,
-                                                      first_steps, 0.0, 1.0, None, None, table="prepare")
+                                                      first_steps, 0.0, 1.0, None, None, table="prepare", **extra)
                     triton.addresses = group_plan.addresses(index, triton.launch.table.aligned)
                 runs.append((bucket[0].device, triton, backend))
             checks = _GroupChecks(group)
@@ -254,6 +272,7 @@ class FastStep:
                         continue
                     # The bucket's own table (its gradient column set by ``usable``) and constants.
                     triton.launch(lr, scale, *scaler)
+                    optimizer._advance_rng(triton.rngs, scaler[1])
         except BaseException:
             for cached in self.groups:
                 cached.plan.release()  # no gradient is held past a failed step
