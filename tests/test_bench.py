@@ -158,10 +158,13 @@ def test_overhead_benchmark_runs_and_judges_its_targets(tmp_path):
 
     out = tmp_path / "overhead.json"
     assert overhead.main(["--device", "cpu", "--tensors", "3", "150", "--warmup", "1", "--iters", "3",
-                          "--out", str(out)]) == 0
+                          "--low-precision", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = {row["competitor"] for row in result["rows"]}
     assert "torch fused (float lr)" in names and any(n.startswith("wdopt") for n in names)
+    fast = {row["competitor"]: row["fast_path"] for row in result["rows"]}
+    # the low-precision arms: one on the fast path, the other held on the validation path
+    assert fast["wdopt cpu bf16 + 24-bit master + SR + 8-bit"] and not fast["wdopt cpu the same, validation path only"]
     for row in result["rows"]:
         assert row["us_per_step"] > 0 and row["us_per_tensor"] == row["us_per_step"] / row["tensors"]
         if row["competitor"].startswith("wdopt"):

@@ -7,7 +7,10 @@ outside the timed region); only ``opt.step()`` is timed (with Python's cyclic ga
 paused), median of ``--iters`` steps after ``--warmup``, every competitor in the same run. The baseline is ``torch.optim.AdamW(fused=True)``
 with a float lr (on CPU, torch's fused CPU kernel).
 
-Competitors: the C++ backend of the device ("cpu"/"cuda"), and the Triton backend. Without a GPU
+Competitors: the C++ backend of the device ("cpu"/"cuda"), and the Triton backend; with
+``--low-precision`` also the C++ backend on bf16 parameters with the low-precision options
+(24-bit master weights, stochastic rounding, 8-bit states: a stream, a correction and block
+scales per tensor more), on the fast path and, for comparison, held on the validation path. Without a GPU
 the Triton backend's host side is timed with its kernel launches replaced by a no-op (tables are
 still packed and uploaded): the interpreter would otherwise time Python emulating a GPU. On CUDA
 the host time is real (the step is timed without a device sync; the queue is drained before).
@@ -49,9 +52,11 @@ def triton_launches_skipped():
             m.launch = launch
 
 
-def time_steps(make_optimizer, n: int, device: str, warmup: int, iters: int) -> list[float]:
-    """Seconds per ``step()`` in the default loop, one per timed step."""
-    params = [torch.zeros(1, device=device, requires_grad=True) for _ in range(n)]
+def time_steps(make_optimizer, n: int, device: str, warmup: int, iters: int,
+               dtype: torch.dtype = torch.float32) -> tuple[list[float], bool]:
+    """Seconds per ``step()`` in the default loop, one per timed step; and whether the optimizer
+    ended on wdopt's fast path (``_fast.py``; torch's: False)."""
+    params = [torch.zeros(1, device=device, dtype=dtype, requires_grad=True) for _ in range(n)]
     opt = make_optimizer(params)
     cuda = device == "cuda"
     times = []
@@ -72,24 +77,41 @@ def time_steps(make_optimizer, n: int, device: str, warmup: int, iters: int) -> 
         opt.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    return times
+    return times, opt.__dict__.get("_fast") is not None
 
 
-def competitors(device: str) -> dict:
+#: The low-precision options ``--low-precision`` times (bf16 parameters).
+LOW_PRECISION = {"master_weight_bits": 24, "stochastic_rounding": True, "state_bits": 8}
+
+
+def _validation_path_only(opt):
+    opt._fast_kind = None  # never builds a fast step (FusedOptimizer.step)
+    return opt
+
+
+def competitors(device: str, low_precision: bool = False) -> dict:
+    """{name: (make optimizer, context, parameter dtype)}, the baseline first."""
     import wdopt
 
-    out = {"torch fused (float lr)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), contextlib.nullcontext)}
+    plain = contextlib.nullcontext
+    out = {"torch fused (float lr)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), plain, torch.float32)}
     cpp = "cuda" if device == "cuda" else "cpu"
     if cpp in wdopt.available_backends(device):
-        out[f"wdopt {cpp}"] = (lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp), contextlib.nullcontext)
+        out[f"wdopt {cpp}"] = (lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp), plain, torch.float32)
+        if low_precision:
+            make = lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp, **LOW_PRECISION)  # noqa: E731
+            out[f"wdopt {cpp} bf16 + 24-bit master + SR + 8-bit"] = (make, plain, torch.bfloat16)
+            out[f"wdopt {cpp} the same, validation path only"] = (lambda ps: _validation_path_only(make(ps)), plain,
+                                                                 torch.bfloat16)
     if device == "cuda" and "triton" in wdopt.available_backends(device):
-        out["wdopt triton"] = (lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend="triton"), contextlib.nullcontext)
+        out["wdopt triton"] = (lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend="triton"), plain, torch.float32)
     elif device == "cpu":
         import importlib.util
 
         if importlib.util.find_spec("triton") is not None:
             out["wdopt triton (host side, launches skipped)"] = (
-                lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend="triton", capturable=False), triton_launches_skipped)
+                lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend="triton", capturable=False), triton_launches_skipped,
+                torch.float32)
     return out
 
 
@@ -101,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--low-precision", action="store_true",
+                        help="also time bf16 parameters with 24-bit masters, stochastic rounding and 8-bit states")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.tensors:
         baseline = None
-        for name, (make, context) in competitors(args.device).items():
+        for name, (make, context, dtype) in competitors(args.device, args.low_precision).items():
             with context():
-                times = time_steps(make, n, args.device, args.warmup, args.iters)
+                times, fast = time_steps(make, n, args.device, args.warmup, args.iters, dtype)
             us = statistics.median(times) * 1e6
             baseline = us if baseline is None else baseline
-            row = dict(tensors=n, competitor=name, us_per_step=us, us_per_tensor=us / n, x_torch_fused=us / baseline)
+            row = dict(tensors=n, competitor=name, us_per_step=us, us_per_tensor=us / n, x_torch_fused=us / baseline,
+                       fast_path=fast)
             if name.startswith("wdopt") and args.device == "cpu":
                 budget = ABSOLUTE_US[0] + ABSOLUTE_US[1] * n
                 row["absolute_target_us"] = budget
