@@ -99,7 +99,7 @@ def competitors(device: str, low_precision: bool = False) -> dict:
     if cpp in wdopt.available_backends(device):
         out[f"wdopt {cpp}"] = (lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp), plain, torch.float32)
         if low_precision:
-            make = lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp, **LOW_PRECISION)  # noqa: E731
+            make = lambda ps: wdopt.FusedAdamW(ps, lr=1e-3, backend=cpp, **LOW_PRECISION)
             out[f"wdopt {cpp} bf16 + 24-bit master + SR + 8-bit"] = (make, plain, torch.bfloat16)
             out[f"wdopt {cpp} the same, validation path only"] = (lambda ps: _validation_path_only(make(ps)), plain,
                                                                  torch.bfloat16)
