@@ -232,15 +232,20 @@ def check_host_overhead(ctx) -> str:
     steps = 8 if ctx.smoke else 55
     for count in (150, ctx.size(10000)):
         params = [torch.nn.Parameter(torch.zeros(1, device=ctx.device)) for _ in range(count)]
+        low = [torch.nn.Parameter(torch.zeros(1, device=ctx.device, dtype=torch.bfloat16)) for _ in range(count)]
         makers = {f"wdopt {b}": (lambda b=b: wdopt.FusedAdamW(params, lr=1e-3, backend=b)) for b in backends}
+        # bf16 with a 24-bit master, stochastic rounding and 8-bit states: a stream, a correction
+        # and two block-scale tensors per parameter more for the fast path to hold and check
+        makers.update({f"wdopt {b} bf16+24-bit master+SR+8-bit": (lambda b=b: wdopt.FusedAdamW(
+            low, lr=1e-3, backend=b, master_weight_bits=24, stochastic_rounding=True, state_bits=8)) for b in backends})
         makers["torch fused"] = lambda: torch.optim.AdamW(params, lr=1e-3, fused=True)
         times = {}
         for label, make in makers.items():
             opt = make()
             samples = []
             for i in range(steps):
-                for p in params:
-                    p.grad = torch.ones(1, device=ctx.device)
+                for p in opt.param_groups[0]["params"]:
+                    p.grad = torch.ones(1, device=ctx.device, dtype=p.dtype)
                 if ctx.device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
