@@ -912,3 +912,22 @@ def test_triton_low_precision_fast_steps(low):
     opt = check_fast_equals_validated("adamw", dtype, n_steps=4, backend="triton", **options)
     assert opt._fast.groups[0].runs[0][1].launch.table is not None
     assert rng_counts(opt) == [4] * len(SHAPES)
+
+
+@pytest.mark.parametrize("statistics", [False, True], ids=["sums", "statistics"])
+def test_monitored_low_precision_fast_steps_record_the_same(statistics):
+    """A RotationMonitor on compensated bf16 with stochastic rounding and 8-bit states: every
+    step fast and counted, the recorded ones filled by the kernels (of the master weights), the
+    same records as the validation path's."""
+    dtype, options = LOW["master24-sr-states8"]
+    a, opt_a, b, opt_b = pair("adamw", dtype, **options)
+    monitors = [wdopt.RotationMonitor(opt, every=2, statistics=statistics) for opt in (opt_a, opt_b)]
+    counted = Counted(opt_a)
+    steps(opt_a, a, 0, 6)
+    steps(opt_b, b, 0, 6)
+    assert counted.n == 1
+    assert_same(opt_a, a, opt_b, b)
+    assert [r.step for r in monitors[0].history] == [r.step for r in monitors[1].history] == [2, 4, 6]
+    for ra, rb in zip(monitors[0].history, monitors[1].history):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
