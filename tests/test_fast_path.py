@@ -931,3 +931,39 @@ def test_monitored_low_precision_fast_steps_record_the_same(statistics):
     for ra, rb in zip(monitors[0].history, monitors[1].history):
         for p, q in zip(a, b):
             torch.testing.assert_close(ra._request[id(p)], rb._request[id(q)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("edit", ["none", "scales moved", "rng replaced"])
+def test_many_low_precision_tensors_split_between_threads(edit):
+    """ready() splits a bucket of 1,600 tensors between threads (csrc/step_plan.cpp): the streams, corrections
+    and block scales are checked in each thread's range as the states are (a bf16 group with
+    24-bit masters, an fp32 one whose streams round only the 8-bit codes); a change late in the
+    second range still sends the step to the validation path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(6)
+        sizes = [1 + (i * 5) % 13 for i in range(2400)]  # 1,600 bf16 tensors: one bucket split in two
+        dtypes = [torch.bfloat16 if i % 3 else torch.float32 for i in range(2400)]
+        a = [torch.randn(n, generator=g).to(dt).requires_grad_() for n, dt in zip(sizes, dtypes)]
+        b = [t.detach().clone().requires_grad_() for t in a]
+        def make(ps):  # the bf16 parameters compensated (24-bit masters), the fp32 ones not
+            groups = [{"params": [p for p in ps if p.dtype == torch.bfloat16], "master_weight_bits": 24},
+                      {"params": [p for p in ps if p.dtype == torch.float32]}]
+            return wdopt.FusedAdamW(groups, lr=1e-2, backend="cpu", stochastic_rounding=True, state_bits=8)
+
+        opt_a, opt_b = make(a), never_fast(make(b))
+        counted = Counted(opt_a)
+        for step in range(4):
+            for opt, ps in ((opt_a, a), (opt_b, b)):
+                set_grads(ps, step)
+                if step == 2 and edit == "scales moved":
+                    scales = opt.state[ps[-2]]["exp_avg_sq_block_scale"]
+                    scales.data = scales.data.clone()
+                elif step == 2 and edit == "rng replaced":
+                    opt.state[ps[-1]]["rng"] = opt.state[ps[-1]]["rng"].clone()
+                opt.step()
+        assert counted.n == (1 if edit == "none" else 2)
+        assert_same(opt_a, a, opt_b, b)
+    finally:
+        torch.set_num_threads(threads)
