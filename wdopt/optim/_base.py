@@ -627,13 +627,15 @@ class FusedOptimizer(Optimizer):
                 t = state.get(key)
                 if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                     continue
+                if not (t.is_floating_point() if quantize else t.dtype in quantization.CODE_DTYPES):
+                    continue  # already as asked, as on most steps: nothing made (every DTensor step runs this)
                 # A DTensor's shard is encoded and decoded on its own: its blocks are the global
                 # tensor's (checked by _dtensor.check_low_precision).
                 lp, lt = _dtensor.local(p).detach(), _dtensor.local(t).detach()
-                if quantize and t.is_floating_point():
+                if quantize:
                     codes, scales = quantization.encode(lt.float(), code_dtype, lp)
                     state[key], state[key + _SCALE] = _dtensor.like(p, codes), _dtensor.wrap_scales(p, scales)
-                elif not quantize and t.dtype in quantization.CODE_DTYPES:
+                else:
                     decoded = quantization.decode(lt, _dtensor.local(state.pop(key + _SCALE)))
                     kept = torch.empty_like(lp, memory_format=torch.preserve_format).copy_(decoded)
                     state[key] = _dtensor.like(p, kept)
