@@ -319,3 +319,30 @@ def test_a_changed_memory_format_is_refused_with_a_recipe_that_works():
     assert opt.state[p]["correction"].stride() == p.stride()
     opt.step()  # and it steps again
     assert not torch.equal(opt.master_weight(p), master)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_a_parameter_whose_dtype_changed_under_its_correction_is_refused(backend, dtype):
+    """bf16 with a 24-bit master and 8-bit states (whose codes do not show the parameter's dtype),
+    then p.data cast to fp16 or fp32: the next step refuses before anything changes (the
+    reference combined fp16 bits with the correction as if they were bf16). With the group set
+    back to master_weight_bits=16 the correction is dropped and the step runs."""
+    if backend not in wdopt.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available")
+    g = torch.Generator().manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(300, generator=g).bfloat16())
+    opt = wdopt.FusedAdamW([p], lr=1e-3, backend=backend, master_weight_bits=24, state_bits=8)
+    for _ in range(2):
+        p.grad = torch.randn(300, generator=g).bfloat16()
+        opt.step()
+    p.data = p.data.to(dtype)
+    p.grad = torch.randn(300, generator=g).to(dtype)
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(RuntimeError, match="its dtype changed after the state was made"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+    opt.param_groups[0]["master_weight_bits"] = 16
+    opt.step()
+    assert "correction" not in opt.state[p] and torch.isfinite(p).all()

@@ -1115,6 +1115,16 @@ class FusedOptimizer(Optimizer):
             where = f"parameter {param_index} of param group {group_index}"
             _dtensor.check_state(p, "correction", correction, where)  # placed as the parameter
             lp, correction = _dtensor.local(p), _dtensor.local(correction)  # then laid out as it
+        if isinstance(correction, torch.Tensor) and lp.dtype != torch.bfloat16 and \
+                self.param_groups[group_index].get("master_weight_bits", 16) != 16:
+            # Only a bf16 parameter's bits combine with it (8-bit states, not in the parameter's
+            # dtype, would not show a dtype change otherwise). A group set back to 16 bits drops it.
+            raise RuntimeError(
+                f"state 'correction' of parameter {param_index} of param group {group_index} holds the low bits of "
+                f"a bfloat16 parameter's master weight, but the parameter is {lp.dtype}: its dtype changed after "
+                f"the state was made. Change it back, or move the master weight first (w = opt.master_weight(p) "
+                f"while p is bfloat16), or drop it (del opt.state[p]['correction']) and set the group's "
+                f"master_weight_bits=16")
         fits = isinstance(correction, torch.Tensor) and type(correction) in _PLAIN and correction.shape == lp.shape \
             and correction.dtype in (torch.int8, torch.int16) and correction.device == lp.device
         if correction is not None and not (fits and _laid_out_as_made(correction, lp)):
