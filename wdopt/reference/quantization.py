@@ -48,9 +48,12 @@ stochastically alike: v is biased up there, never down to a zero that Adam would
 (with exp_avg a nonzero code, the step would be m/ε: 10^4–10^6 × lr on heavy-tailed gradients).
 
 Non-finite values: a block with a NaN or an infinity gets a NaN scale and decodes to NaN
-throughout: the state is poisoned, as an fp32 state would be in that element, but for the whole
-block of 256 (and the parameters it updates become NaN, as they would). A block of zeros has
-scale 0 and zero codes.
+throughout: the state is poisoned for the whole block of 256, and the parameters it updates
+become NaN. For a NaN that is what an fp32 state does to its element's parameter; an infinity is
+harsher here: an fp32 exp_avg_sq of inf (from a finite gradient of order 1e20 or more)
+only stops its element (m/sqrt(inf) = 0), where this code makes the block's 256 parameters NaN
+(found by a probe, 2026-11-28; an inf-saturating scale would freeze the block instead, a change
+of format not made). A block of zeros has scale 0 and zero codes.
 
 Format history: wdopt's first 8-bit code (square-root-spaced codes, x = s·sign(q)·q²/127² and
 s·(q²/255²)²) kept its block scales in ``key + "_scale"``; this code's are ``key +
