@@ -307,55 +307,30 @@ struct GroupPlan : torch::CustomClassHolder {
       return true;
     });
     if (!ok) return false;
-    size_t k = n;
+    // A list of tensors, one per member or none (no steps, no streams), seen at ``seen_at`` (seen_at[j] for
+    // member j): each checked unmoved, and on a CPU table its address kept by keep(j, address).
+    const auto column = [&](const std::vector<at::Tensor>& list, const Seen* seen_at, const auto& keep) {
+      return list.empty() || each_prefetched(list, begin, end, [&](size_t j) {
+        void* address;
+        if (!seen_at[j].same(list[j], address)) return false;
+        if (cpu_table) keep(j, address);
+        return true;
+      });
+    };
+    const Seen* seen_at = seen + n;
     std::vector<void*>* columns[] = {&t.state1, &t.state2, &t.state3};
-    for (size_t s = 0; s < b.states.size(); ++s, k += n) {
-      if (!each_prefetched(b.states[s], begin, end, [&](size_t j) {
-            void* address;
-            if (!seen[k + j].same(b.states[s][j], address)) return false;
-            if (cpu_table) (*columns[s])[j] = address;
-            return true;
-          })) {
-        return false;
-      }
+    for (size_t s = 0; s < b.states.size(); ++s, seen_at += n) {
+      if (!column(b.states[s], seen_at, [&](size_t j, void* a) { (*columns[s])[j] = a; })) return false;
     }
-    if (!b.steps.empty() && !each_prefetched(b.steps, begin, end, [&](size_t j) {
-          void* address;
-          if (!seen[k + j].same(b.steps[j], address)) return false;
-          if (cpu_table) t.step[j] = static_cast<float*>(address);
-          return true;
-        })) {
-      return false;
-    }
+    if (!column(b.steps, seen_at, [&](size_t j, void* a) { t.step[j] = static_cast<float*>(a); })) return false;
     // Low-precision storage: the same checks, its addresses into the table.
-    const Seen* low = b.seen_low.data();
-    if (!b.rng.empty() && !each_prefetched(b.rng, begin, end, [&](size_t j) {
-          void* address;
-          if (!low[j].same(b.rng[j], address)) return false;
-          if (cpu_table) t.rng[j] = static_cast<const int64_t*>(address);
-          return true;
-        })) {
-      return false;
-    }
-    low += b.rng.size();
-    if (!b.correction.empty() && !each_prefetched(b.correction, begin, end, [&](size_t j) {
-          void* address;
-          if (!low[j].same(b.correction[j], address)) return false;
-          if (cpu_table) t.correction[j] = address;
-          return true;
-        })) {
-      return false;
-    }
-    low += b.correction.size();
-    for (size_t s = 0; s < b.scales.size(); ++s, low += n) {
-      if (!each_prefetched(b.scales[s], begin, end, [&](size_t j) {
-            void* address;
-            if (!low[j].same(b.scales[s][j], address)) return false;
-            if (cpu_table) t.scales[s][j] = static_cast<float*>(address);
-            return true;
-          })) {
-        return false;
-      }
+    seen_at = b.seen_low.data();
+    if (!column(b.rng, seen_at, [&](size_t j, void* a) { t.rng[j] = static_cast<const int64_t*>(a); })) return false;
+    seen_at += b.rng.size();
+    if (!column(b.correction, seen_at, [&](size_t j, void* a) { t.correction[j] = a; })) return false;
+    seen_at += b.correction.size();
+    for (size_t s = 0; s < b.scales.size(); ++s, seen_at += n) {
+      if (!column(b.scales[s], seen_at, [&](size_t j, void* a) { t.scales[s][j] = static_cast<float*>(a); })) return false;
     }
     return true;
   }

@@ -80,6 +80,18 @@ def assert_same(opt_a, ps_a, opt_b, ps_b):
                 torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
 
 
+def scaled_steps(*runs, n_steps=5, skipped=2):
+    """``n_steps`` steps of each (optimizer, params) run in turn with GradScaler's tensors as it
+    sets them: scale 2, and an inf found at step ``skipped`` (which writes nothing)."""
+    for step in range(n_steps):
+        for opt, ps in runs:
+            set_grads(ps, step)
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(float(step == skipped))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+
+
 def steps(opt, ps, first, last, **kw):
     for step in range(first, last):
         set_grads(ps, step, **kw)
@@ -604,13 +616,7 @@ def test_operator_mode_on_cpu(monkeypatch, kind):
     a, opt_a, b, opt_b = pair(kind)
     monitors = [wdopt.RotationMonitor(opt_a, every=2), wdopt.RotationMonitor(opt_b, every=2)]
     counted = Counted(opt_a)
-    for step in range(5):
-        for opt, ps in ((opt_a, a), (opt_b, b)):
-            set_grads(ps, step)
-            opt.grad_scale = torch.tensor(2.0)
-            opt.found_inf = torch.tensor(float(step == 2))
-            opt.step()
-            del opt.grad_scale, opt.found_inf
+    scaled_steps((opt_a, a), (opt_b, b))
     assert counted.n == 1
     assert_same(opt_a, a, opt_b, b)
     assert len(monitors[0].history) == 2
@@ -831,13 +837,7 @@ def test_low_precision_fast_steps_with_grad_scaler(monkeypatch, low, operator):
     dtype, options = LOW[low]
     a, opt_a, b, opt_b = pair("adamw", dtype, **options)
     counted = Counted(opt_a)
-    for step in range(5):
-        for opt, ps in ((opt_a, a), (opt_b, b)):
-            set_grads(ps, step)
-            opt.grad_scale = torch.tensor(2.0)
-            opt.found_inf = torch.tensor(float(step == 2))
-            opt.step()
-            del opt.grad_scale, opt.found_inf
+    scaled_steps((opt_a, a), (opt_b, b))
     assert counted.n == 1
     assert_same(opt_a, a, opt_b, b)
     assert rng_counts(opt_a) == [4] * len(SHAPES)
