@@ -260,7 +260,14 @@ class _Rotational:
                 if found_inf is not None:  # a skipped step leaves the buffer as it was (no host read)
                     sums = torch.where(found_inf.to(b.device) != 0, b, sums)
                 b.copy_(sums)
-        elif not step_skipped(found_inf):  # the reference's rotation (it reads scalars on the host)
+        else:  # the reference's rotation (it reads scalars on the host)
+            # The rotational state first, as the fused kernels take it before they read found_inf on
+            # the device: a step GradScaler skips leaves the same state (its keys included) either way.
+            for p in params:
+                if "rotational_norm" not in self.state[p]:
+                    rv.init_state(p, self.state[p], group["per_neuron"])
+            if step_skipped(found_inf):
+                return
             angle = self._angle(group)
             rngs = self._rngs(group, params)
             corrections = self._corrections(group, params)
