@@ -1,7 +1,7 @@
 """Low-precision AdamW: resident bytes per parameter and step time of each configuration against
 torch's fused fp32 AdamW, in the same run.
 
-    python benchmarks/low_precision.py [--iters 10] [--device cpu|cuda] [--shapes gpt2|cache|all]
+    python benchmarks/low_precision.py [--iters 10] [--device cpu|cuda] [--shapes gpt2|cache|all] [--threads N]
 
 Arms: torch.optim.AdamW(fused=True) in fp32 (the baseline); wdopt FusedAdamW in fp32; bf16
 parameters, gradients and states rounded to nearest; the same with stochastic rounding; with
@@ -15,7 +15,9 @@ FlashAdamW where it is installed (bf16 with a 24-bit master and quantized states
 Shape sets: GPT-2 small (124M parameters, 148 tensors: memory-bound) and a cache-resident set
 (16 × 16,384 elements, 1 MiB of fp32 parameters: the compute floor, where bytes do not matter).
 The arms step in turn within each iteration (interleaved), so a machine's drifting speed falls on
-all of them alike; the table gives each arm's median and its ratio to the baseline's median.
+all of them alike; the table gives each arm's median and its ratio to the baseline's median, and
+on the CPU the median in nanoseconds per parameter per thread (``--threads 1`` on the cache-resident
+set: the cost of one element's arithmetic on one core, which no memory system can lower).
 
 Resident bytes per parameter are measured from the tensors (parameter + every state tensor,
 including stochastic rounding's 24-byte [key, count, index base] per tensor; gradients counted separately).
@@ -191,6 +193,7 @@ def bench(shape_set: str, device: str, iters: int) -> list[dict]:
         median = statistics.median(times[name])
         resident = resident_bytes(opt, params)
         rows.append({"arm": name, "median_ms": 1e3 * median, "ratio": median / base, "resident_B_per_param": resident,
+                     "ns_per_param_thread": 1e9 * median * torch.get_num_threads() / sum(p.numel() for p in params),
                      # every resident byte read and written once, the gradient read
                      "moved_B_per_param": 2 * resident + params[0].element_size()})
     return rows
@@ -201,7 +204,10 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=(*SHAPES, "all"), default="all")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"# low-precision AdamW, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else cpu_model()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -211,16 +217,17 @@ def main(argv=None) -> None:
     print(f"# wdopt arms without '(backend)': backend='auto' = {backends.resolve('auto', args.device)!r}")
     for shape_set in (SHAPES if args.shapes == "all" else [args.shapes]):
         print(f"\n## {shape_set} ({args.iters} interleaved iterations)\n")
-        print("| arm | median ms | × torch fused fp32 | resident B/param | moved B/param |")
-        print("|---|---|---|---|---|")
+        print("| arm | median ms | × torch fused fp32 | ns/param·thread | resident B/param | moved B/param |")
+        print("|---|---|---|---|---|---|")
         for row in bench(shape_set, args.device, args.iters):
             if "skipped" in row:
-                print(f"| {row['arm']} | not run: {row['skipped']} | | | |")
+                print(f"| {row['arm']} | not run: {row['skipped']} | | | | |")
             elif row["median_ms"] is None:
-                print(f"| {row['arm']} | not timed | | {row['resident_B_per_param']:.2f} | "
+                print(f"| {row['arm']} | not timed | | | {row['resident_B_per_param']:.2f} | "
                       f"{row['moved_B_per_param']:.1f} |")
             else:
-                print(f"| {row['arm']} | {row['median_ms']:.2f} | {row['ratio']:.2f} | "
+                per_thread = f"{row['ns_per_param_thread']:.2f}" if args.device == "cpu" else ""
+                print(f"| {row['arm']} | {row['median_ms']:.2f} | {row['ratio']:.2f} | {per_thread} | "
                       f"{row['resident_B_per_param']:.2f} | {row['moved_B_per_param']:.1f} |")
 
 
