@@ -118,6 +118,10 @@ def arms(device):
     out["wdopt fp32 + 8-bit states"] = (torch.float32, lambda ps: wdopt.FusedAdamW(ps, state_bits=8, **hyper))
     out["wdopt bf16 + 24-bit master + 8-bit states"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
         ps, master_weight_bits=24, state_bits=8, stochastic_rounding=True, **hyper))
+    # Issue 11's configuration by its letter (it names no rounding): to nearest, which costs the
+    # three random words an element of the stochastic arm above.
+    out["wdopt bf16 + 24-bit master + 8-bit states, to nearest"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
+        ps, master_weight_bits=24, state_bits=8, **hyper))
     out["wdopt bf16 + 32-bit master + 8-bit states"] = (torch.bfloat16, lambda ps: wdopt.FusedAdamW(
         ps, master_weight_bits=32, state_bits=8, **hyper))
     if device == "cuda":
