@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -453,3 +454,49 @@ def test_an_edited_rounding_seed_takes_effect():
     assert [opt.state[p]["rng"].tolist() for p in params] == [[R.parameter_key(7, i), 1, 0] for i in range(2)]
     for p, q in zip(params, twin.param_groups[0]["params"]):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "load_state_dict", "edited before a deepcopy",
+                                 "edited before saving"])
+def test_an_edited_rounding_seed_survives_copies_and_loads(how, backend):
+    """An edit of ``rounding_seed`` takes effect at the next step whatever happened between: the
+    optimizer deep-copied, pickled or loaded from its state dict, before or after the edit (the
+    driver once kept the seed its streams were made from only by group object: the copy's or the
+    loaded groups took the edited seed for it, and went on with the old streams)."""
+    def run(interrupt):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(5, 3), (7,)]]
+        opt = wdopt.FusedAdamW(params, lr=1e-2, backend=backend, stochastic_rounding=True, rounding_seed=3)
+        for step in range(4):
+            if step == 2:
+                opt = interrupt(opt)
+            grads = torch.Generator().manual_seed(100 + step)
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.randn(p.shape, generator=grads).to(p.dtype)
+            opt.step()
+        params = opt.param_groups[0]["params"]
+        return [opt.state[p]["rng"].tolist() for p in params], [p.detach().clone() for p in params]
+
+    def edit(opt):
+        opt.param_groups[0]["rounding_seed"] = 7
+        return opt
+
+    def saved_and_loaded(opt):
+        fresh = wdopt.FusedAdamW([torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]],
+                                 lr=1e-2, backend=backend, stochastic_rounding=True, rounding_seed=3)
+        fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+        return fresh
+
+    interrupt = {
+        "deepcopy": lambda opt: edit(copy.deepcopy(opt)),
+        "pickle": lambda opt: edit(pickle.loads(pickle.dumps(opt))),
+        "load_state_dict": lambda opt: edit(saved_and_loaded(opt)),
+        "edited before a deepcopy": lambda opt: copy.deepcopy(edit(opt)),
+        "edited before saving": lambda opt: saved_and_loaded(edit(opt)),
+    }[how]
+    want_rng, want = run(edit)
+    assert [r[:2] for r in want_rng] == [[R.parameter_key(7, i), 2] for i in range(2)]
+    got_rng, got = run(interrupt)
+    assert got_rng == want_rng
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -328,8 +328,25 @@ class FusedOptimizer(Optimizer):
             upgraded[index] = saved
         return {**state_dict, "state": upgraded}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A deepcopy or a pickle carries, per group, the seed its streams were made from
+        # (_reseed_if_edited): an edit not yet stepped then takes effect in the copy too.
+        state = super().__getstate__()
+        seeds = self.__dict__.get("_stream_seeds", {})
+        made = [seeds.get(id(group)) for group in self.param_groups]
+        state[_MADE_SEEDS] = [m[1] if m is not None and m[0] is group else None
+                              for m, group in zip(made, self.param_groups)]
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict comes here too, without the seeds: its groups are new to the record, and
+        # their streams' keys are read at the next step.
+        made = state.pop(_MADE_SEEDS, None)
         super().__setstate__(state)
+        self.__dict__.pop("_stream_seeds", None)
+        if made is not None:
+            self._stream_seeds = {id(group): (group, seed) for group, seed in zip(self.param_groups, made)
+                                  if seed is not None}
         # Loaded state is checked again at the next step (required keys, layout, overlaps).
         self._fresh_caches()
         self.__dict__.pop("_fast", None)
@@ -502,23 +519,33 @@ class FusedOptimizer(Optimizer):
         return {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
 
     def _reseed_if_edited(self, group: dict[str, Any]) -> None:
-        """A group whose ``rounding_seed`` was edited since its last stochastically rounded step
-        draws the new seed's streams from here on: each stream of the group gets the key of the
-        new seed and count 0 (its index base kept), as if the optimizer had been made with it.
-        The seed each group's streams were made from is kept here, by group, on the host (no
-        device read): a loaded state dict's groups start from their saved seed."""
+        """A group whose ``rounding_seed`` was edited since its streams were made draws the new
+        seed's streams from here on: each stream of the group gets the key of the new seed and
+        count 0 (its index base kept), as if the optimizer had been made with it.
+
+        The seed each group's streams were made from is kept here, by group, on the host, so a step
+        reads nothing from the device. A group this record does not know (the first step of this
+        optimizer object: after ``load_state_dict``, a deepcopy or unpickling as after construction)
+        has its existing streams' keys read once and compared with the seed's: a seed edited after
+        loading or copying, before the next step, takes effect as it would have without them."""
         seeds = self.__dict__.setdefault("_stream_seeds", {})
         seed = group["rounding_seed"]
         made = seeds.get(id(group))
         seeds[id(group)] = (group, seed)
-        if made is None or made[0] is not group or made[1] == seed:
+        known = made is not None and made[0] is group
+        if known and made[1] == seed:
             return
         position = self._positions()
-        for p in group["params"]:
-            rng = self.state.get(p, {}).get("rng")
-            if isinstance(rng, torch.Tensor) and rng.numel() == 3:
-                fresh = torch.tensor([rounding.parameter_key(seed, position[id(p)]), 0], dtype=torch.int64)
-                rng[:2].copy_(fresh.to(rng.device, non_blocking=True))
+        streams = [(p, rng) for p in group["params"]
+                   if isinstance(rng := self.state.get(p, {}).get("rng"), torch.Tensor) and rng.numel() == 3]
+        if not known:  # which streams another seed made (one host read per stream, once)
+            if any(rng.is_cuda for _, rng in streams) and torch.cuda.is_current_stream_capturing():
+                return  # no host read while a graph is captured: the streams go on as they are
+            streams = [(p, rng) for p, rng in streams
+                       if int(rng[0]) != rounding.parameter_key(seed, position[id(p)])]
+        for p, rng in streams:
+            fresh = torch.tensor([rounding.parameter_key(seed, position[id(p)]), 0], dtype=torch.int64)
+            rng[:2].copy_(fresh.to(rng.device, non_blocking=True))
 
     def _init_correction(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """State ``correction`` of each parameter of a group with ``master_weight_bits`` 24 or 32:
@@ -1272,6 +1299,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: State kept in integer dtypes, which torch.optim's load_state_dict would cast to the parameter's.
 _INTEGER_STATE = ("rng", "correction")
 _SCALE = quantization.SCALE_SUFFIX  # state key + this: an 8-bit state's block scales
+#: __getstate__'s key for the seeds each group's streams were made from (not a torch.optim key).
+_MADE_SEEDS = "_wdopt_stream_seeds"
 
 
 def _float(x) -> float:
