@@ -389,6 +389,53 @@ def test_bad_changes_raise_and_change_nothing(case):
         torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
 
 
+
+LOW_ERRORS = {
+    # Edits of low-precision state the validation path's cache of checked states once missed: the
+    # step then failed in the second group's kernel, after the first group was written.
+    "scales resized": (lambda opt, ps: opt.state[ps[1]]["exp_avg_block_scale"].resize_(0), "exp_avg_block_scale"),
+    "codes re-laid out": (lambda opt, ps: setattr(opt.state[ps[0]]["exp_avg"], "data",
+                                                  opt.state[ps[0]]["exp_avg"].data.t().contiguous().t()), "exp_avg"),
+    "codes replaced": (lambda opt, ps: opt.state[ps[1]].__setitem__("exp_avg_sq", opt.state[ps[1]]["exp_avg_sq"].to(
+        torch.int8)), "exp_avg_sq"),
+    "rng replaced": (lambda opt, ps: opt.state[ps[1]].__setitem__("rng", opt.state[ps[1]]["rng"].to(torch.int32)),
+                     "rng"),
+    "correction moved": (lambda opt, ps: setattr(opt.state[ps[0]]["correction"], "data",
+                                                 opt.state[ps[0]]["correction"].data.t().contiguous().t()),
+                         "correction"),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", [*ERRORS, *LOW_ERRORS])
+def test_bad_changes_after_validated_steps_raise_and_change_nothing(case, backend):
+    """As above, after steps that took the validation path once the state existed (a parameter
+    without a gradient), which caches its checks of each parameter's state: an edited, replaced or
+    moved state tensor is checked again and refused before the first group is written."""
+    low = case in LOW_ERRORS
+    edit, error, words = (*LOW_ERRORS[case][:1], RuntimeError, LOW_ERRORS[case][1]) if low else ERRORS[case]
+    options = dict(master_weight_bits=24, stochastic_rounding=True, state_bits=8) if low else {}
+    dtype = torch.bfloat16 if low else torch.float32
+    ps = params(dtype)
+    other = [torch.randn(300, dtype=dtype, requires_grad=True)]
+    opt = wdopt.FusedAdamW([{"params": other}, {"params": ps}], lr=1e-2, backend=backend, **options)
+    for step in range(3):
+        set_grads(ps + other, step)
+        if step == 1:
+            ps[2].grad = None  # the validation path, with every other parameter's state made
+        opt.step()
+    set_grads(ps + other, 3)
+    edit(opt, ps)
+    before = [t.detach().clone() for t in other + ps]
+    state_before = {k: v.clone() for k, v in opt.state[other[0]].items()}
+    with pytest.raises(error, match=words):
+        opt.step()
+    for t, t0 in zip(other + ps, before):
+        if t.dtype == t0.dtype:
+            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0)
+    for k, v in state_before.items():
+        torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
+
 def test_other_backends_and_classes_keep_the_validation_path():
     """Only the C++ backends' element-wise classes have a fast path; the others are unchanged."""
     ps = params()
