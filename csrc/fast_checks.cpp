@@ -81,8 +81,8 @@ int wdopt_same_items(PyObject* mapping, PyObject* keys, PyObject* values) {
 }
 
 // Each dict of the list ``dicts`` maps each string of the tuple ``keys`` to the object the flat list
-// ``expected`` holds for it: expected[i * len(keys) + j] is dicts[i][keys[j]]. A missing key differs.
-// Other entries of the dicts are not looked at.
+// ``expected`` holds for it: expected[i * len(keys) + j] is dicts[i][keys[j]], and holds nothing
+// else. A missing key differs, and so does an added one.
 int wdopt_same_columns(PyObject* dicts, PyObject* keys, PyObject* expected) {
   if (!PyList_Check(dicts) || !PyTuple_Check(keys) || !PyList_Check(expected) ||
       PyList_GET_SIZE(expected) != PyList_GET_SIZE(dicts) * PyTuple_GET_SIZE(keys)) {
@@ -98,7 +98,7 @@ int wdopt_same_columns(PyObject* dicts, PyObject* keys, PyObject* expected) {
     if (i + kAhead < n) __builtin_prefetch(items[i + kAhead]);
     if (i + kAhead / 2 < n) prefetch_dict_table(items[i + kAhead / 2]);
     PyObject* d = items[i];
-    if (!PyDict_Check(d)) return 0;
+    if (!PyDict_Check(d) || PyDict_GET_SIZE(d) != k) return 0;
     for (Py_ssize_t j = 0; j < k; ++j) {
       // A borrowed reference, NULL when missing; looking a str up may run a key's __eq__ (a user's
       // non-str key of the same hash), which can raise.

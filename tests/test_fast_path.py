@@ -318,9 +318,10 @@ def test_object_checks_compare_identity_only():
     assert checks.same_items(d, [t, u], ["a", "b"]) == 1
     assert checks.same_items(d, [u, t], ["b", "a"]) == 0  # order counts
     assert checks.same_items(d, [t], ["a"]) == 0 and checks.same_items([], [], []) == 0
-    dicts = [{"x": t, "y": u, "other": 1}, {"x": u, "y": t}]
+    dicts = [{"x": t, "y": u}, {"x": u, "y": t}]
     assert checks.same_columns(dicts, ("x", "y"), [t, u, u, t]) == 1
     assert checks.same_columns(dicts, ("x", "y"), [t, u, u, u]) == 0
+    assert checks.same_columns([{**dicts[0], "other": 1}, dicts[1]], ("x", "y"), [t, u, u, t]) == 0  # an added key
     assert checks.same_columns(dicts, ("x", "z"), [t, u, u, t]) == 0  # a missing key
     assert checks.same_columns([dicts[0], 5], ("x",), [t, u]) == 0  # not a dict
     with pytest.raises(TypeError, match="same_columns"):
@@ -1014,3 +1015,37 @@ def test_many_low_precision_tensors_split_between_threads(edit):
         assert_same(opt_a, a, opt_b, b)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("extra", ["correction", "unused"])
+def test_an_entry_added_to_a_state_dict_leaves_the_fast_path(extra):
+    """A state entry the plan does not use, added by hand between fast steps, is seen: the step
+    runs the validation path, which drops a stray ``correction`` from a group without master
+    weights as the reference does (the fast path once kept it, and folded it into the weights
+    when the group later took master_weight_bits=24)."""
+    def run(backend):
+        ps = params(torch.bfloat16)
+        opt = wdopt.FusedAdamW(ps, lr=1e-2, backend=backend, stochastic_rounding=True)
+        counted = Counted(opt)
+        keys, runs = [], []
+        for step in range(6):
+            set_grads(ps, step)
+            if step == 2:
+                opt.state[ps[0]][extra] = torch.full(ps[0].shape, 100, dtype=torch.int8)
+            if step == 4:
+                opt.param_groups[0]["master_weight_bits"] = 24
+            before = counted.n
+            opt.step()
+            runs.append(counted.n - before)
+            keys.append(sorted(opt.state[ps[0]]))
+        return opt, ps, keys, runs
+    fast, a, keys_a, runs = run("cpu")
+    ref, b, keys_b, _ = run("reference")
+    assert keys_a == keys_b
+    # Validated: the first step, the one after the edit, the one after the group's edit; fast in
+    # between (an entry the validation path keeps is then held by the new plan).
+    assert runs == [1, 0, 1, 0, 1, 0]
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for k, v in ref.state[q].items():
+            assert torch.equal(fast.state[p][k], v), k

@@ -270,7 +270,8 @@ class ObjectChecks:
         self.same_objects = bind("wdopt_same_objects", 2)
         #: same_items(dict, keys, values): exactly these keys mapped to these values, in order.
         self.same_items = bind("wdopt_same_items", 3)
-        #: same_columns(dicts, keys, expected): expected[i * len(keys) + j] is dicts[i][keys[j]].
+        #: same_columns(dicts, keys, expected): expected[i * len(keys) + j] is dicts[i][keys[j]], and
+        #: each dict holds only those keys.
         self.same_columns = bind("wdopt_same_columns", 3)
 
 

@@ -148,11 +148,15 @@ class FastStep:
                     low[list(lists)[lane - 1] + quantization.SCALE_SUFFIX] = scales[lane]
                 columned = {**lists, **low}
                 keys = tuple(columned) + (("step",) if steps else ())
-                if keys:
-                    column = columns.setdefault(keys, ([], []))
-                    column[0].extend(dicts)
-                    column[1].extend(t for values in zip(*columned.values(), *([steps] if steps else []))
-                                     for t in values)
+                # Every entry of each state dict is compared, and nothing may be added: an entry
+                # the plan does not use (a stray ``correction`` in a 16-bit group, which the
+                # validation path drops) is held by identity with the plan's own.
+                for d, values in zip(dicts, zip(*columned.values(), *([steps] if steps else [])) if keys
+                                     else [()] * len(dicts)):
+                    extra = tuple(k for k in d if k not in keys)
+                    column = columns.setdefault(keys + extra, ([], []))
+                    column[0].append(d)
+                    column[1].extend((*values, *(d[k] for k in extra)))
                 members = [i for i, flag in enumerate(first_steps) if flag is not None]
                 index = group_plan.add_bucket([position[id(p)] for p in bucket], list(lists.values()), steps,
                                               [first_steps[i] for i in members], members,
