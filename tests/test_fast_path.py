@@ -365,6 +365,22 @@ ERRORS = {
 }
 
 
+def assert_refused_unchanged(opt, other, ps, edit, error, words):
+    """``edit`` made before the next step: the step raises ``error`` matching ``words``, and the
+    first group (``other``, stepped first) and the parameters are as they were."""
+    set_grads(ps + other, 3)
+    edit(opt, ps)
+    before = [t.detach().clone() for t in other + ps]
+    state_before = {k: v.clone() for k, v in opt.state[other[0]].items()}
+    with pytest.raises(error, match=words):
+        opt.step()
+    for t, t0 in zip(other + ps, before):
+        if t.dtype == t0.dtype:
+            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0)
+    for k, v in state_before.items():
+        torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ERRORS)
 def test_bad_changes_raise_and_change_nothing(case):
     """The edit is refused at the next step with the validation path's error, before any tensor
@@ -377,17 +393,7 @@ def test_bad_changes_raise_and_change_nothing(case):
         set_grads(ps + other, step)
         opt.step()
     assert opt.__dict__.get("_fast") is not None
-    set_grads(ps + other, 3)
-    edit(opt, ps)
-    before = [t.detach().clone() for t in other + ps]
-    state_before = {k: v.clone() for k, v in opt.state[other[0]].items()}
-    with pytest.raises(error, match=words):
-        opt.step()
-    for t, t0 in zip(other + ps, before):
-        if t.dtype == t0.dtype:
-            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0)
-    for k, v in state_before.items():
-        torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
+    assert_refused_unchanged(opt, other, ps, edit, error, words)
 
 
 
@@ -415,7 +421,7 @@ def test_bad_changes_after_validated_steps_raise_and_change_nothing(case, backen
     moved state tensor is checked again and refused before the first group is written."""
     low = case in LOW_ERRORS
     edit, error, words = (*LOW_ERRORS[case][:1], RuntimeError, LOW_ERRORS[case][1]) if low else ERRORS[case]
-    options = dict(master_weight_bits=24, stochastic_rounding=True, state_bits=8) if low else {}
+    options = {"master_weight_bits": 24, "stochastic_rounding": True, "state_bits": 8} if low else {}
     dtype = torch.bfloat16 if low else torch.float32
     ps = params(dtype)
     other = [torch.randn(300, dtype=dtype, requires_grad=True)]
@@ -425,17 +431,8 @@ def test_bad_changes_after_validated_steps_raise_and_change_nothing(case, backen
         if step == 1:
             ps[2].grad = None  # the validation path, with every other parameter's state made
         opt.step()
-    set_grads(ps + other, 3)
-    edit(opt, ps)
-    before = [t.detach().clone() for t in other + ps]
-    state_before = {k: v.clone() for k, v in opt.state[other[0]].items()}
-    with pytest.raises(error, match=words):
-        opt.step()
-    for t, t0 in zip(other + ps, before):
-        if t.dtype == t0.dtype:
-            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0)
-    for k, v in state_before.items():
-        torch.testing.assert_close(opt.state[other[0]][k], v, rtol=0, atol=0)
+    assert_refused_unchanged(opt, other, ps, edit, error, words)
+
 
 def test_other_backends_and_classes_keep_the_validation_path():
     """Only the C++ backends' element-wise classes have a fast path; the others are unchanged."""

@@ -567,4 +567,4 @@ def test_a_skipped_first_step_leaves_the_same_state_on_every_backend(name):
         torch.testing.assert_close(other_weight, weight, rtol=1e-4, atol=1e-5)
         assert sorted(other_state) == sorted(state), backend
         for k in state:
-            torch.testing.assert_close(other_state[k], state[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(other_state[k], state[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

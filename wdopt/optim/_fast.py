@@ -151,8 +151,8 @@ class FastStep:
                 # Every entry of each state dict is compared, and nothing may be added: an entry
                 # the plan does not use (a stray ``correction`` in a 16-bit group, which the
                 # validation path drops) is held by identity with the plan's own.
-                for d, values in zip(dicts, zip(*columned.values(), *([steps] if steps else [])) if keys
-                                     else [()] * len(dicts)):
+                rows = zip(*columned.values(), *([steps] if steps else [])) if keys else [()] * len(dicts)
+                for d, values in zip(dicts, rows):
                     extra = tuple(k for k in d if k not in keys)
                     column = columns.setdefault(keys + extra, ([], []))
                     column[0].append(d)

@@ -263,9 +263,7 @@ class _Rotational:
         else:  # the reference's rotation (it reads scalars on the host)
             # The rotational state first, as the fused kernels take it before they read found_inf on
             # the device: a step GradScaler skips leaves the same state (its keys included) either way.
-            for p in params:
-                if "rotational_norm" not in self.state[p]:
-                    rv.init_state(p, self.state[p], group["per_neuron"])
+            self._init_rotational_state(group, params)
             if step_skipped(found_inf):
                 return
             angle = self._angle(group)
@@ -284,14 +282,19 @@ class _Rotational:
                            per_neuron=group["per_neuron"], mode=group["mode"], store=store)
             self._advance_rng(rngs, None)
 
+    def _init_rotational_state(self, group, params) -> None:
+        """The rotational state (rv.init_state) of each of ``params`` that has none yet."""
+        for p in params:
+            state = self.state[p]
+            if "rotational_norm" not in state:
+                rv.init_state(p, state, group["per_neuron"])
+
     def _rotate_fused(self, group, backend, params, grads, angle, rate, grad_scale, found_inf, telemetry) -> None:
         """All rotational tensors of a bucket in one call of the backend's fused rotational kernel;
         ``rate``: None, or the device's rate (``_rate_tensor``), read by the kernel instead of
         ``angle`` or lr (which are then not read on the host)."""
+        self._init_rotational_state(group, params)
         states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if "rotational_norm" not in state:
-                rv.init_state(p, state, group["per_neuron"])
         name, state1, state2, steps, first_steps, hyper = self._fused_arguments(group, params, states)
         projected = group["mode"] == "projected"
         rngs = self._rngs(group, params)
